@@ -1,0 +1,39 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv first.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTHON ?= python3
+
+# Flower must never phone home or install dependencies at run time.
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+# Two cores: OpenMP spin-waits make parallel processes crawl.
+export OMP_WAIT_POLICY := PASSIVE
+
+.PHONY: setup demo test bench lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first, pinned to the CPU wheel, so nothing later pulls a CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/fedlm demo $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check fedlm tests bench
+	$(VENV)/bin/mypy fedlm
+
+test: lint
+	$(VENV)/bin/pytest -q tests $(ARGS)
+
+bench: setup
+	$(PY) -m bench.run $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,311 @@
+"""Typed run configuration: one dataclass per section, TOML files holding only overrides.
+
+    cfg = load_config("run.toml", overrides=["train.lr=3e-4", "model.preset=small"])
+    save_config(cfg, "RUN/config.toml")   # the resolved config; load_config accepts it as is
+
+Unknown sections or keys and bad values raise `UserError` naming the key (and file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fedlm.errors import UserError
+from fedlm.fileio import write_text
+
+# Presets for the model's shape; explicit keys in a config override them.
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    # ~1.3 M parameters at vocab 4096: the tests' and the quick demo's size.
+    "tiny": {"d_model": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 4, "d_ff": 352},
+    # ~17 M parameters at vocab 8192: the benchmark size.
+    "small": {"d_model": 384, "n_layers": 8, "n_heads": 6, "n_kv_heads": 6, "d_ff": 1024},
+}
+
+
+@dataclass
+class DataConfig:
+    workspace: str = "workspace"
+    """Workspace directory made by `fedlm data ...`: WS/tokenizer.json and WS/silos/NAME/."""
+    silos: list[str] = field(default_factory=list)
+    """Silos to train on; several are pooled. Empty means every silo in the workspace."""
+
+    def __post_init__(self) -> None:
+        if not self.workspace:
+            raise ValueError("data.workspace must name a directory")
+
+
+@dataclass
+class ModelConfig:
+    preset: Literal["tiny", "small", "custom"] = "tiny"
+    """Shape preset; the size keys below override it when set (non-zero)."""
+    d_model: int = 0
+    """Hidden size."""
+    n_layers: int = 0
+    """Number of decoder blocks."""
+    n_heads: int = 0
+    """Attention heads."""
+    n_kv_heads: int = 0
+    """Key/value heads (grouped-query attention when < n_heads); 0 means n_heads."""
+    d_ff: int = 0
+    """SwiGLU hidden size."""
+    vocab_size: int = 0
+    """Vocabulary size; 0 means take it from the workspace's tokenizer."""
+    max_seq_len: int = 256
+    """Longest context, in tokens."""
+    rope_theta: float = 10000.0
+    """Rotary embedding base."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = True
+    """Share the input embedding and the output head."""
+
+    def __post_init__(self) -> None:
+        if self.preset != "custom":
+            if self.preset not in MODEL_PRESETS:
+                raise ValueError(f"model.preset must be one of {[*MODEL_PRESETS, 'custom']}")
+            for key, value in MODEL_PRESETS[self.preset].items():
+                if getattr(self, key) == 0:
+                    setattr(self, key, value)
+        if self.n_kv_heads == 0:
+            self.n_kv_heads = self.n_heads
+        for key in ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"model.{key} must be > 0 (set it, or pick a model.preset)")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.n_kv_heads})"
+            )
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError("model.d_model / model.n_heads must be even (rotary embeddings)")
+        if self.vocab_size < 0:
+            raise ValueError("model.vocab_size must be >= 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Sequences per micro-batch."""
+    seq_len: int = 128
+    """Tokens per training sequence (<= model.max_seq_len)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr: float = 3e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 20
+    """Linear warm-up steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (matrices only; norms and embeddings are not decayed)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """fp32, or bf16 autocast (weights and optimizer state stay fp32)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass to save memory."""
+    seed: int = 1337
+    """Seeds the weights, the data order and dropout-free sampling."""
+    log_every: int = 10
+    """Log a metrics line every this many steps."""
+    checkpoint_every: int = 50
+    """Write a resumable checkpoint every this many steps (and at the end)."""
+    eval_batches: int = 20
+    """Validation batches for the loss logged at checkpoints."""
+    threads: int = 0
+    """torch threads; 0 leaves torch's default."""
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "checkpoint_every"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"train.{key} must be > 0")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError("train.lr must be a positive number")
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError("train.min_lr must be between 0 and train.lr")
+        if self.warmup_steps < 0:
+            raise ValueError("train.warmup_steps must be >= 0")
+        if self.grad_clip < 0:
+            raise ValueError("train.grad_clip must be >= 0 (0 disables clipping)")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError("train.beta1 and train.beta2 must be in [0, 1)")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"train.seq_len ({self.train.seq_len}) must be <= model.max_seq_len ({self.model.max_seq_len})"
+            )
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check/convert one TOML (or --set string) value to the field's type; name the key if wrong."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise UserError(f"{key} = {value!r} is not one of {list(choices)}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise UserError(f"{key} must be a list, got {value!r}")
+        return [_coerce(key, v, item_tp) for v in value]
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise UserError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise UserError(f"{key} must be an integer, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise UserError(f"{key} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type for {key}: {tp}")  # a bug in this file
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _merge(raw: dict[str, dict[str, Any]], table: dict[str, Any], where: str) -> None:
+    sections = _section_types()
+    for name, body in table.items():
+        if name not in sections:
+            raise UserError(f"{where}: unknown section [{name}]; known: {', '.join(sections)}")
+        if not isinstance(body, dict):
+            raise UserError(f"{where}: [{name}] must be a table of keys")
+        known = {f.name for f in dataclasses.fields(sections[name])}
+        for key, value in body.items():
+            if key not in known:
+                raise UserError(
+                    f"{where}: unknown key {name}.{key}; known keys of [{name}]: {', '.join(sorted(known))}"
+                )
+            raw.setdefault(name, {})[key] = value
+
+
+def _parse_set(item: str) -> tuple[str, str, Any]:
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise UserError(f"--set {item!r}: expected section.key=value, e.g. train.lr=3e-4")
+    path, value = item.split("=", 1)
+    section, key = path.strip().split(".", 1)
+    try:  # accept TOML literals (numbers, booleans, lists, quoted strings) ...
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:  # ... and bare strings
+        parsed = value
+    return section, key, parsed
+
+
+def build_config(raw: dict[str, dict[str, Any]], where: str = "config") -> Config:
+    """Build and validate a Config from {section: {key: value}}."""
+    sections = _section_types()
+    built: dict[str, Any] = {}
+    for name, cls in sections.items():
+        hints = typing.get_type_hints(cls)
+        kwargs = {
+            key: _coerce(f"{name}.{key}", value, hints[key])
+            for key, value in raw.get(name, {}).items()
+        }
+        try:
+            built[name] = cls(**kwargs)
+        except ValueError as e:
+            raise UserError(f"{where}: {e}") from None
+    try:
+        return Config(**built)
+    except ValueError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML file of overrides (or none) and apply `section.key=value` overrides."""
+    raw: dict[str, dict[str, Any]] = {}
+    where = "config"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such config file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: cannot read config ({e})") from None
+        try:
+            table = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"{path}: not valid TOML ({e})") from None
+        _merge(raw, table, where)
+    for item in overrides or []:
+        section, key, value = _parse_set(item)
+        _merge(raw, {section: {key: value}}, f"--set {item}")
+    return build_config(raw, where)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def config_to_toml(cfg: Config) -> str:
+    lines: list[str] = []
+    for section in dataclasses.fields(cfg):
+        lines.append(f"[{section.name}]")
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            lines.append(f"{f.name} = {_toml_value(getattr(getattr(cfg, section.name), f.name))}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config; `load_config(path)` gives the same Config back."""
+    write_text(path, config_to_toml(cfg))
