@@ -131,6 +131,9 @@ class TrainConfig:
     """Validation batches for the loss logged at checkpoints."""
     threads: int = 0
     """torch threads; 0 leaves torch's default."""
+    mode: Literal["centralised", "federated", "local-only"] = "centralised"
+    """centralised: the silos pooled in one run; federated: across silos (see [federation]);
+    local-only: each silo trains alone (a baseline)."""
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "checkpoint_every"):
@@ -149,10 +152,64 @@ class TrainConfig:
 
 
 @dataclass
+class FederationConfig:
+    engine: Literal["inprocess", "flower"] = "inprocess"
+    """inprocess: every silo in this process; flower: Flower's SuperLink + one SuperNode per silo."""
+    rounds: int = 10
+    """Federated rounds."""
+    local_steps: int = 5
+    """Optimizer steps each silo takes per round (with train.batch_size, train.seq_len)."""
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
+    """Server aggregation: FedAvg (weighted by tokens), FedProx, or a server optimiser."""
+    fraction: float = 1.0
+    """Share of the silos sampled each round."""
+    min_silos: int = 1
+    """A round completes when at least this many sampled silos replied in time."""
+    server_lr: float = 1.0
+    """Server learning rate applied to the aggregated update."""
+    server_beta1: float = 0.9
+    """FedAdam/FedYogi first-moment decay."""
+    server_beta2: float = 0.99
+    """FedAdam/FedYogi second-moment decay."""
+    server_tau: float = 1e-3
+    """FedAdam/FedYogi adaptivity (epsilon)."""
+    prox_mu: float = 0.01
+    """FedProx proximal weight (strategy = "fedprox")."""
+    aggregation: Literal["mean", "trimmed_mean", "median"] = "mean"
+    """Robust coordinate-wise aggregation instead of the weighted mean."""
+    trim_fraction: float = 0.1
+    """Share trimmed from each end for aggregation = "trimmed_mean"."""
+    max_update_norm: float = 0.0
+    """Reject (do not average) an update whose L2 norm exceeds this; 0 disables."""
+    secure_aggregation: bool = False
+    """Mask updates so the server learns only their sum."""
+    round_timeout: float = 600.0
+    """Seconds to wait for the silos each round; late silos are dropped from the round."""
+    personalize_steps: int = 0
+    """After the run, each silo fine-tunes the global model this many steps on its own shards."""
+
+    def __post_init__(self) -> None:
+        for key in ("rounds", "local_steps", "min_silos"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"federation.{key} must be > 0")
+        if not 0 < self.fraction <= 1:
+            raise ValueError("federation.fraction must be in (0, 1]")
+        if self.server_lr <= 0 or self.server_tau <= 0 or self.prox_mu < 0:
+            raise ValueError("federation.server_lr and server_tau must be > 0, prox_mu >= 0")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ValueError("federation.trim_fraction must be in [0, 0.5)")
+        if self.max_update_norm < 0 or self.round_timeout <= 0 or self.personalize_steps < 0:
+            raise ValueError(
+                "federation.max_update_norm and personalize_steps must be >= 0, round_timeout > 0"
+            )
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
 
     def __post_init__(self) -> None:
         if self.train.seq_len > self.model.max_seq_len:
