@@ -1,0 +1,116 @@
+"""Text generation with a KV cache: greedy, temperature, top-k and top-p, streamed token by token.
+
+    for token_id in generate(model, prompt_ids, max_new_tokens=64, temperature=0.8,
+                             top_p=0.95, eos_id=eos, seed=0):
+        print(tokenizer.decode([token_id]), end="", flush=True)
+
+The prompt is prefilled in one forward pass; each new token then costs one single-position
+forward that reads the cache. Sampling uses its own `torch.Generator`, so a seed reproduces
+the same tokens whatever else touched torch's global RNG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from fedlm.errors import UserError
+from fedlm.model import KVCache, Transformer
+
+
+def filter_logits(logits: Tensor, *, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Set to -inf every logit outside the top k and outside the top-p nucleus (V,) or (B, V).
+
+    The nucleus is the smallest set of most likely tokens whose probability reaches top_p
+    (the token that crosses it is kept), as in transformers' TopPLogitsWarper.
+    """
+    logits = logits.clone()
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (..., 1)
+        logits[logits < kth] = float("-inf")
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly better tokens
+        drop_sorted = mass_before >= top_p
+        drop_sorted[..., 0] = False  # always keep the most likely token
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits[drop] = float("-inf")
+    return logits
+
+
+def sample_next(
+    logits: Tensor,
+    *,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    generator: torch.Generator | None,
+) -> int:
+    """One token id from next-token logits (V,): argmax at temperature 0, else a filtered draw."""
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    logits = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p)
+    probs = logits.softmax(dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def generate(
+    model: Transformer,
+    prompt_ids: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    seed: int | None = None,
+) -> Iterator[int]:
+    """Stream up to `max_new_tokens` new token ids after `prompt_ids`; EOS ends it unyielded."""
+    context = model.cfg.max_seq_len
+    if not prompt_ids:
+        raise UserError("the prompt is empty: give at least one token of text")
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise UserError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k < 0:
+        raise UserError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+    if len(prompt_ids) + max_new_tokens > context:
+        raise UserError(
+            f"the prompt is {len(prompt_ids)} tokens and {max_new_tokens} new tokens are asked for, "
+            f"but the model's context is {context} tokens: shorten the prompt to at most "
+            f"{max(context - max_new_tokens, 0)} tokens or lower --max-new-tokens"
+        )
+    vocab = model.cfg.vocab_size
+    bad = [t for t in prompt_ids if not 0 <= t < vocab]
+    if bad:
+        raise UserError(f"prompt token id {bad[0]} is outside the model's vocabulary of {vocab}")
+    if max_new_tokens == 0:
+        return
+
+    device = model.tok_emb.weight.device
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    cache = KVCache.for_model(model, max_len=len(prompt_ids) + max_new_tokens)
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
+    for step in range(max_new_tokens):
+        # inference_mode per step, not around the loop: it must not stay on while the caller
+        # runs between yields.
+        with torch.inference_mode():
+            logits = model(idx, cache=cache, last_only=True)[0, -1]  # (V,)
+            token = sample_next(
+                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            )
+        if token == eos_id:
+            return
+        yield token
+        if step + 1 < max_new_tokens:
+            idx = torch.tensor([[token]], dtype=torch.long, device=device)  # (1, 1)

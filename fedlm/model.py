@@ -1,0 +1,248 @@
+"""The decoder: a Llama-architecture Transformer with a KV cache, in plain PyTorch.
+
+    model = Transformer(ModelConfig(preset="tiny", vocab_size=4096))
+    logits = model(idx)                      # idx (B, T) int64 -> logits (B, T, V)
+    cache = KVCache.for_model(model, batch_size=1, max_len=64)
+    logits = model(prompt, cache=cache)      # prefill; later calls continue at cache.pos
+
+Llama's architecture, weight for weight: pre-norm RMSNorm (computed in fp32, as Hugging Face
+does, so bf16 autocast stays faithful), rotary position embeddings in the `rotate_half`
+convention (first half / second half of each head), grouped-query attention through
+`scaled_dot_product_attention`, a SwiGLU MLP, no biases, tied or untied embeddings.
+Two fusions for speed: q/k/v are one Linear (`wqkv`) and gate/up are one Linear (`w13`);
+`fedlm.hf` splits and merges them when it exports or imports Hugging Face weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from fedlm.config import ModelConfig
+
+
+class KVCache:
+    """Preallocated keys/values for every layer, (B, n_kv_heads, max_len, head_dim) each.
+
+    `pos` counts the tokens already written; `Transformer.forward` writes the new keys and
+    values at `pos` and advances it, so decoding never reallocates or concatenates.
+    """
+
+    def __init__(
+        self,
+        *,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.max_len = max_len
+        self.pos = 0
+
+    @classmethod
+    def for_model(
+        cls, model: Transformer, *, batch_size: int = 1, max_len: int | None = None
+    ) -> KVCache:
+        """A cache shaped for `model` (its dtype and device), `max_len` defaulting to its context."""
+        cfg = model.cfg
+        weight = model.tok_emb.weight
+        return cls(
+            n_layers=cfg.n_layers,
+            batch_size=batch_size,
+            n_kv_heads=cfg.n_kv_heads,
+            max_len=max_len or cfg.max_seq_len,
+            head_dim=cfg.head_dim,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, KV, T, D) at `pos`; return all keys/values so far (B, KV, pos+T, D)."""
+        end = self.pos + k.shape[2]
+        self.k[layer][:, :, self.pos : end] = k
+        self.v[layer][:, :, self.pos : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 and cast back (Hugging Face's LlamaRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos, sin tables (max_len, head_dim) for rotary embeddings, computed as transformers does."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    freqs = torch.arange(max_len, dtype=torch.float)[:, None] * inv_freq  # (L, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (L, D): the same angle for both halves
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (B, H, T, D) by position: pairs are (i, i + D/2), the `rotate_half` layout."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with grouped-query heads and rotary positions."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.split = (q_dim, kv_dim, kv_dim)
+        self.wqkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=False)
+        self.wo = nn.Linear(q_dim, cfg.d_model, bias=False)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, layer: int
+    ) -> Tensor:
+        B, T, _ = x.shape
+        H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.wqkv(x).split(self.split, dim=-1)  # (B, T, H*D), (B, T, KV*D) x2
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
+        v = v.view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        mask: Tensor | None = None
+        is_causal = T > 1
+        if cache is not None:
+            start = cache.pos
+            k, v = cache.update(layer, k, v)  # (B, KV, start+T, D)
+            if T > 1 and start > 0:
+                # Query i sits at position start+i and may see keys 0..start+i.
+                keys = torch.arange(start + T, device=x.device)
+                queries = torch.arange(start, start + T, device=x.device)
+                mask = keys[None, :] <= queries[:, None]  # (T, start+T) bool
+                is_causal = False
+        # softmax(q kᵀ / √D) v, each query head reading key/value head h // (H / KV).
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=KV != H
+        )  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
+        return self.wo(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(x W_gate) * (x W_up)), gate and up fused into one matmul."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.w13 = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=False)  # [gate; up]
+        self.w2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)  # (B, T, F) each
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, self.layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (> 0) before building the model")
+        self.cfg = cfg
+        self.activation_checkpointing = False
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        # Derived from the config, so not saved with the weights.
+        self.rope_cos = nn.Buffer(cos, persistent=False)  # (max_seq_len, D)
+        self.rope_sin = nn.Buffer(sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 / Llama init: N(0, 0.02), residual projections scaled by 1/√(2·n_layers)."""
+        std = 0.02
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        for block in self.layers:
+            assert isinstance(block, Block)
+            for proj in (block.attn.wo, block.mlp.w2):
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
+
+    def forward(
+        self, idx: Tensor, *, cache: KVCache | None = None, last_only: bool = False
+    ) -> Tensor:
+        """Logits (B, T, V) for idx (B, T); with a cache, positions start at cache.pos.
+
+        `last_only` computes the head for the last position only (B, 1, V): a prefill that
+        only needs the next token skips T-1 rows of the largest matmul.
+        """
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        limit = cache.max_len if cache is not None else self.cfg.max_seq_len
+        if start + T > min(limit, self.cfg.max_seq_len):
+            limit = min(limit, self.cfg.max_seq_len)
+            raise ValueError(f"{start + T} positions exceed the context of {limit} tokens")
+        # Rotary tables in the dtype q and k are computed in (bf16 under autocast).
+        device = idx.device.type
+        dtype = self.tok_emb.weight.dtype
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+        cos = self.rope_cos[start : start + T].to(dtype)  # (T, D)
+        sin = self.rope_sin[start : start + T].to(dtype)
+
+        x = self.tok_emb(idx)  # (B, T, C)
+        for block in self.layers:
+            if self.activation_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.pos += T
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
+        return self.lm_head(self.norm(x))  # (B, T, V)
+
+
+def num_params(model: nn.Module) -> int:
+    """Parameters in `model`, a tied embedding counted once."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,168 @@
+"""fedlm's model directory: save it atomically, load it (or a Hugging Face Llama dir) with checks.
+
+    save_model(model, RUN / "model", tokenizer_path=WS / "tokenizer.json")
+    model, tokenizer_json = load_model(RUN)   # a run dir, a model dir, or an HF Llama dir
+
+A model directory holds `model.safetensors` (fedlm parameter names; a tied head is stored
+once, as `tok_emb.weight`), `config.json` (the ModelConfig fields plus "format": "fedlm")
+and, when given, a copy of `tokenizer.json`. Every way a directory can be wrong — missing
+files, a truncated or corrupt safetensors file, another model's config, wrong shapes — is a
+UserError naming the file and the mismatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from fedlm.config import ModelConfig
+from fedlm.errors import UserError
+from fedlm.fileio import atomic_dir, write_json
+from fedlm.model import Transformer
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
+
+
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    """All tensors of a safetensors file; a missing, truncated or corrupt file is a UserError."""
+    if not path.is_file():
+        raise UserError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(
+            f"{path}: not a readable safetensors file ({e}); it is truncated or corrupt — "
+            "re-save or re-export the model"
+        ) from None
+
+
+def _shape(t: Tensor | torch.Size) -> str:
+    dims = tuple(t.shape if isinstance(t, Tensor) else t)
+    return "(" + ", ".join(str(d) for d in dims) + ")"
+
+
+def assign_weights(model: Transformer, tensors: dict[str, Tensor], *, where: str) -> None:
+    """Copy `tensors` into `model` after checking names and shapes against its config."""
+    expected = _stored_state(model)
+    missing = [name for name in expected if name not in tensors]
+    unexpected = [name for name in tensors if name not in expected]
+    if missing:
+        raise UserError(
+            f"{where}: missing {len(missing)} tensor(s) the config expects, e.g. {missing[0]!r}; "
+            "the weights do not belong to this config.json"
+        )
+    if unexpected:
+        raise UserError(
+            f"{where}: {len(unexpected)} tensor(s) the config does not expect, e.g. "
+            f"{unexpected[0]!r}; the weights do not belong to this config.json"
+        )
+    for name, param in expected.items():
+        if tensors[name].shape != param.shape:
+            key = name.removesuffix(".weight")
+            raise UserError(
+                f"{where}: {key} has shape {_shape(tensors[name])}, config expects "
+                f"{_shape(param)}; the weights do not belong to this config.json"
+            )
+    with torch.no_grad():
+        for name, param in expected.items():
+            param.copy_(tensors[name])
+
+
+def _stored_state(model: Transformer) -> dict[str, Tensor]:
+    """The tensors a model directory stores: the state dict, a tied head only once."""
+    state = model.state_dict()
+    if model.cfg.tie_embeddings:
+        state.pop("lm_head.weight")
+    return state
+
+
+def save_model(model: Transformer, out_dir: Path, *, tokenizer_path: Path | None = None) -> None:
+    """Write `out_dir` (weights, config, tokenizer) as a whole or not at all."""
+    out_dir = Path(out_dir)
+    tensors = {name: t.detach().contiguous() for name, t in _stored_state(model).items()}
+    config = dataclasses.asdict(model.cfg) | {"format": "fedlm"}
+    with atomic_dir(out_dir) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        write_json(tmp / CONFIG, config)
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+
+
+def find_model_dir(path: Path) -> Path:
+    """The model directory for `path`: itself when it holds config.json, else `path/model`."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such model directory")
+    if not path.is_dir():
+        raise UserError(f"{path}: expected a model directory (or a run directory), got a file")
+    for candidate in (path, path / "model"):
+        if (candidate / CONFIG).is_file():
+            return candidate
+    raise UserError(
+        f"{path}: no model here (expected {CONFIG} + {WEIGHTS}, or a run directory with model/)"
+    )
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
+def config_from_json(data: dict[str, Any], where: Path) -> ModelConfig:
+    """A ModelConfig from a fedlm config.json, with errors that name the key."""
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "format":
+            continue
+        if key not in fields:
+            raise UserError(f"{where}: unknown key {key!r}; known: {', '.join(fields)}")
+        kwargs[key] = value
+    try:
+        return ModelConfig(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def load_model(
+    path: Path, *, dtype: torch.dtype = torch.float32
+) -> tuple[Transformer, Path | None]:
+    """The model (eval mode) in a run dir, fedlm model dir or HF Llama dir, and its tokenizer.json."""
+    model_dir = find_model_dir(path)
+    config_path = model_dir / CONFIG
+    data = _read_config(config_path)
+    tokenizer = model_dir / TOKENIZER
+    tokenizer_path = tokenizer if tokenizer.is_file() else None
+    if data.get("format") != "fedlm":
+        if "model_type" in data:
+            # Imported here: fedlm.hf builds on this module's readers.
+            from fedlm.hf import load_hf
+
+            return load_hf(model_dir, dtype=dtype), tokenizer_path
+        raise UserError(
+            f'{config_path}: neither a fedlm model config ("format": "fedlm") '
+            'nor a Hugging Face config ("model_type")'
+        )
+    cfg = config_from_json(data, config_path)
+    if cfg.vocab_size <= 0:
+        raise UserError(f"{config_path}: vocab_size must be > 0")
+    tensors = read_safetensors(model_dir / WEIGHTS)
+    with torch.random.fork_rng(devices=[]):  # building the model must not move the caller's RNG
+        model = Transformer(cfg)
+    assign_weights(model, tensors, where=str(model_dir / WEIGHTS))
+    return model.to(dtype).eval(), tokenizer_path
