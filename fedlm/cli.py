@@ -1,0 +1,258 @@
+"""The `fedlm` command: one subcommand per user task (see DESIGN.md for the contract).
+
+Bad input raises `UserError`; `main` prints its one line and exits 2 (`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedlm.errors import UserError
+from fedlm.progress import console, progress_bar
+
+app = typer.Typer(
+    name="fedlm",
+    help="Train one language model across data silos without moving their text.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Prepare silo data: clean, agree a tokenizer, shard.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+_out = typer.echo
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+) -> None:
+    """fedlm: federated training, evaluation and serving of Transformer language models."""
+
+
+# ---------------------------------------------------------------------------------------
+# data
+
+
+@data_app.command("prepare")
+def data_prepare(
+    sources: Annotated[list[Path], typer.Argument(help="Files or folders of .txt .md .rst .jsonl .csv .parquet")],
+    silo: Annotated[str, typer.Option(help="Name of the silo to write.")],
+    workspace: Annotated[Path, typer.Option(help="Workspace directory (WS/silos/NAME is written).")],
+    text_field: Annotated[str, typer.Option(help="JSONL field holding the text.")] = "text",
+    text_column: Annotated[str, typer.Option(help="CSV/Parquet column holding the text.")] = "text",
+    near_dup_threshold: Annotated[float, typer.Option(help="MinHash Jaccard threshold for near duplicates.")] = 0.8,
+) -> None:
+    """Read, normalise, PII-scrub, deduplicate and filter raw files into a silo (+ card.json)."""
+    from fedlm.data.prepare import prepare_silo
+
+    _check_silo_name(silo)
+    with progress_bar(f"prepare {silo}", unit="bytes") as update:
+        card = prepare_silo(
+            list(sources), silo=silo, workspace=workspace, text_field=text_field,
+            text_column=text_column, near_dup_threshold=near_dup_threshold, on_progress=update,
+        )
+    for err in card.get("errors", []):
+        console.print(f"[yellow]skipped[/] {err['path']}: {err['reason']}", highlight=False)
+    dups = card.get("duplicates_removed", {})
+    _out(
+        f"{silo}: {card['documents_out']}/{card['documents_in']} documents kept, "
+        f"{card['bytes_out']:,} bytes; PII replaced: {sum(card.get('pii', {}).values())}; "
+        f"duplicates removed: {sum(dups.values()) if isinstance(dups, dict) else dups}; "
+        f"errors: {len(card.get('errors', []))} -> {workspace / 'silos' / silo}"
+    )
+
+
+@data_app.command("tokenizer")
+def data_tokenizer(
+    workspace: Annotated[Path, typer.Option(help="Workspace whose silos agree on the tokenizer.")],
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary size, special tokens included.")] = 4096,
+    epsilon: Annotated[float | None, typer.Option(help="Per-silo ε for the private counts; omit for exact counts.")] = None,
+    delta: Annotated[float, typer.Option(help="Per-silo δ for the private counts.")] = 1e-6,
+    seed: Annotated[int | None, typer.Option(help="Seed for the privacy noise (tests only).")] = None,
+) -> None:
+    """Agree one byte-level BPE tokenizer from each silo's privatised pre-token counts."""
+    from fedlm.data.tokenizer import agree_tokenizer
+
+    with progress_bar("count + train BPE") as update:
+        record = agree_tokenizer(workspace, vocab_size=vocab_size, epsilon=epsilon, delta=delta,
+                                 seed=seed, on_progress=update)
+    if epsilon is None:
+        _out("exact counts, no privacy: each silo released its exact pre-token counts")
+    for silo, rec in record.get("silos", {}).items():
+        if epsilon is not None:
+            _out(f"{silo}: ε = {rec.get('epsilon')}, δ = {rec.get('delta')}, released {rec.get('released')} pre-tokens")
+    _out(f"tokenizer -> {workspace / 'tokenizer.json'} (vocab {vocab_size})")
+
+
+@data_app.command("shard")
+def data_shard(
+    workspace: Annotated[Path, typer.Option(help="Workspace with tokenizer.json and prepared silos.")],
+    silo: Annotated[str | None, typer.Option(help="Shard only this silo (default: all).")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Share of documents held out for validation.")] = 0.05,
+    seed: Annotated[int, typer.Option(help="Seed of the validation split.")] = 0,
+) -> None:
+    """Tokenize silos into train.bin / val.bin memmaps + meta.json."""
+    from fedlm.data.shards import list_silos, shard_silo
+
+    silos = [silo] if silo else list_silos(workspace)
+    if not silos:
+        raise UserError(f"{workspace}: no prepared silos; run `fedlm data prepare` first")
+    for name in silos:
+        with progress_bar(f"shard {name}", unit="bytes") as update:
+            meta = shard_silo(workspace, name, val_fraction=val_fraction, seed=seed, on_progress=update)
+        _out(f"{name}: {meta['tokens']['train']:,} train / {meta['tokens']['val']:,} val tokens ({meta['dtype']})")
+
+
+def _check_silo_name(silo: str) -> None:
+    if not silo or "/" in silo or silo.startswith("."):
+        raise UserError(f"--silo {silo!r}: use a plain name (letters, digits, - and _)")
+
+
+# ---------------------------------------------------------------------------------------
+# train / eval / generate / export
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="TOML config (overrides of the defaults) or a run's config.toml.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value (repeatable).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out (default: the config's folder).")] = False,
+    out: Annotated[Path | None, typer.Option(help="Run directory (default: runs/<config>-<time>).")] = None,
+) -> None:
+    """Train on one silo, several pooled, or federated across silos, as the config says."""
+    from fedlm.config import load_config
+    from fedlm.train import train as run_train
+
+    cfg = load_config(config, set_ or [])
+    if out is None:
+        out = config.parent if resume else Path("runs") / f"{config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with progress_bar("train", unit="steps") as update:
+        def on_step(step: int, total: int, row: dict[str, float]) -> None:
+            update(step, total, info=f"loss {row['loss']:.3f}")
+
+        summary = run_train(cfg, out, resume=resume, on_step=on_step)
+    _out(f"trained {summary['steps']} steps, final loss {summary['loss']:.4f}, "
+         f"{summary['tokens_per_s']:,.0f} tokens/s -> {out}")
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[Path, typer.Argument(help="Run directory or model directory.")],
+    data: Annotated[Path, typer.Option(help="Silo directory: WS/silos/NAME (sharded).")],
+    split: Annotated[str, typer.Option(help="val or train.")] = "val",
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Perplexity, bits per byte, next-token accuracy on a silo's validation split."""
+    from fedlm.evaluate import evaluate_silo
+    from fedlm.modelio import load_model
+
+    if split not in ("val", "train"):
+        raise UserError(f"--split {split!r}: use val or train")
+    net, tok_path = load_model(model)
+    with progress_bar("eval", unit="tokens") as update:
+        result = evaluate_silo(net, tok_path, data, split=split, on_progress=update)
+    if json_:
+        _out(json.dumps(result))
+    else:
+        _out(f"perplexity {result['perplexity']:.3f}  bits/byte {result['bits_per_byte']:.4f}  "
+             f"accuracy {result['token_accuracy']:.4f}  tokens {result['tokens']:,}")
+
+
+@app.command()
+def generate(
+    model: Annotated[Path, typer.Argument(help="Run directory or model directory.")],
+    prompt: Annotated[str, typer.Argument(help="Text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.8,
+    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0 = all).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
+) -> None:
+    """Continue PROMPT, streaming tokens as they come."""
+    from tokenizers import Tokenizer
+
+    from fedlm.data.tokenizer import EOS
+    from fedlm.generate import generate as gen
+    from fedlm.modelio import load_model
+
+    if max_new_tokens <= 0:
+        raise UserError("--max-new-tokens must be > 0")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise UserError("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0")
+    net, tok_path = load_model(model)
+    if tok_path is None:
+        raise UserError(f"{model}: no tokenizer.json beside the model")
+    tok = Tokenizer.from_file(str(tok_path))
+    ids: list[int] = tok.encode(prompt).ids
+    eos = tok.token_to_id(EOS)
+    sys.stdout.write(prompt)
+    printed = ""
+    new: list[int] = []
+    for token in gen(net, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                     top_p=top_p, eos_id=eos, seed=seed):
+        new.append(token)
+        text = tok.decode(new)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+    sys.stdout.write(tok.decode(new)[len(printed):] + "\n")
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Argument(help="Run directory or model directory.")],
+    out: Annotated[Path, typer.Option(help="Directory to write.")],
+    format: Annotated[str, typer.Option(help="Export format: hf (Hugging Face Llama).")] = "hf",
+) -> None:
+    """Export a model for other tools (hf: loads as transformers' LlamaForCausalLM)."""
+    from fedlm.hf import export_hf
+    from fedlm.modelio import load_model
+
+    if format != "hf":
+        raise UserError(f"--format {format!r}: only 'hf' is supported")
+    net, tok_path = load_model(model)
+    export_hf(net, out, tokenizer_path=tok_path)
+    _out(f"exported -> {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+
+
+@app.command()
+def demo(
+    quick: Annotated[bool, typer.Option(help="A small run that finishes in about two minutes.")] = False,
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("demo-out"),
+) -> None:
+    """The whole flow on the bundled corpus: prepare, tokenizer, shard, train, evaluate, generate."""
+    from fedlm.demo import run_demo
+
+    run_demo(out, quick=quick)
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv[1:]
+    try:
+        app()
+    except UserError as e:
+        if debug:
+            raise
+        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]")
+        sys.exit(130)
+    except Exception as e:  # a bug, not bad input: say so, keep the traceback for --debug
+        if debug:
+            raise
+        console.print(f"[red]internal error:[/] {type(e).__name__}: {e} (run with --debug for the traceback)",
+                      highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

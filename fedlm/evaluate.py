@@ -1,0 +1,84 @@
+"""Evaluation: perplexity, bits per byte, next-token accuracy over a silo's whole validation split.
+
+Bits per byte divides the summed negative log-likelihood (in bits) by the UTF-8 bytes of the
+predicted tokens, so models with different tokenizers compare on the same text.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedlm.data.shards import iter_eval_windows, open_split
+from fedlm.data.tokenizer import load_tokenizer, token_byte_lengths, tokenizer_hash
+from fedlm.errors import UserError
+
+
+@torch.no_grad()
+def evaluate_tokens(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    token_bytes: np.ndarray,
+    *,
+    seq_len: int,
+    batch_size: int = 8,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict[str, float | int]:
+    """Score every token of `tokens` (after the first of each window) with `model`."""
+    was_training = model.training
+    model.eval()
+    byte_len = torch.from_numpy(token_bytes.astype(np.int64))
+    nll = 0.0
+    correct = 0
+    count = 0
+    n_bytes = 0
+    done = 0
+    for x, y in iter_eval_windows(tokens, seq_len=seq_len, batch_size=batch_size):
+        logits = model(x).float()  # (B, T, V)
+        mask = y >= 0  # windows shorter than seq_len are padded with -1 targets
+        target = y.clamp(min=0)
+        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view_as(y)
+        nll += float(loss[mask].sum())
+        correct += int((logits.argmax(-1) == y)[mask].sum())
+        count += int(mask.sum())
+        n_bytes += int(byte_len[target][mask].sum())
+        done += x.numel()
+        if on_progress is not None:
+            on_progress(min(done, len(tokens)), len(tokens))
+    model.train(was_training)
+    if count == 0:
+        raise UserError("nothing to evaluate: the validation split has fewer than 2 tokens")
+    return {
+        "perplexity": math.exp(nll / count),
+        "bits_per_byte": nll / math.log(2) / max(n_bytes, 1),
+        "token_accuracy": correct / count,
+        "tokens": count,
+    }
+
+
+def evaluate_silo(
+    model: torch.nn.Module,
+    model_tokenizer: Path | None,
+    silo_dir: Path,
+    *,
+    split: str = "val",
+    batch_size: int = 8,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict[str, float | int]:
+    """Evaluate on a silo's shards; the model's tokenizer must be the one the shards were made with."""
+    tok_path = silo_dir.parent.parent / "tokenizer.json"
+    if model_tokenizer is not None and tokenizer_hash(model_tokenizer) != tokenizer_hash(tok_path):
+        raise UserError(
+            f"{silo_dir}: its shards use {tok_path}, not the model's tokenizer ({model_tokenizer}); "
+            "evaluate on a workspace sharded with the model's tokenizer"
+        )
+    tokens = open_split(silo_dir, split, expect_tokenizer_sha256=tokenizer_hash(tok_path))  # type: ignore[arg-type]
+    token_bytes = token_byte_lengths(load_tokenizer(tok_path))
+    seq_len = int(model.cfg.max_seq_len)  # type: ignore[union-attr]
+    return evaluate_tokens(model, tokens, token_bytes, seq_len=seq_len, batch_size=batch_size,
+                           on_progress=on_progress)

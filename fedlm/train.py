@@ -1,0 +1,414 @@
+"""The local training loop: AdamW, warm-up + cosine, accumulation, clipping, bf16, checkpoints.
+
+    summary = train(load_config("run.toml"), Path("runs/a"))            # one silo or several pooled
+    summary = train(load_config("runs/a/config.toml"), Path("runs/a"), resume=True)
+
+The run directory holds config.toml, metrics.jsonl, model/ and checkpoint/ (see DESIGN.md).
+A run killed at any moment and resumed ends bitwise-equal to an uninterrupted one: the
+checkpoint holds the weights, the optimizer state, the step, the global RNG and the data
+sampler's generator (the data position), and is replaced atomically.
+
+The pieces (`make_optimizer`, `lr_at`, `train_step`, `SiloBatches`) are reused by federated
+local training, which runs the same steps from the global weights each round.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from fedlm.config import Config, TrainConfig, load_config, save_config
+from fedlm.data.shards import list_silos, open_split, sample_batch
+from fedlm.data.tokenizer import load_tokenizer, tokenizer_hash
+from fedlm.errors import UserError
+from fedlm.fileio import append_jsonl, atomic_dir, write_json, write_text
+from fedlm.model import Transformer
+from fedlm.modelio import save_model
+
+StepCallback = Callable[[int, int, dict[str, float]], None]
+
+
+# ---------------------------------------------------------------------------------------
+# data: random windows from one silo's shards, or from several silos pooled
+
+
+@dataclass
+class SiloBatches:
+    """Samples training batches from one or more silos' train splits; the generator is the position."""
+
+    splits: list[np.ndarray]
+    weights: torch.Tensor  # (S,) sampling weight per silo: its share of the tokens
+    generator: torch.Generator
+
+    @classmethod
+    def open(cls, silo_dirs: Sequence[Path], *, seed: int, tokenizer_sha256: str | None) -> SiloBatches:
+        splits = [open_split(d, "train", expect_tokenizer_sha256=tokenizer_sha256) for d in silo_dirs]
+        weights = torch.tensor([float(len(s)) for s in splits], dtype=torch.float64)
+        generator = torch.Generator().manual_seed(seed)
+        return cls(splits, weights, generator)
+
+    def next(self, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(self.splits) == 1:
+            return sample_batch(
+                self.splits[0], batch_size=batch_size, seq_len=seq_len, generator=self.generator
+            )
+        # pooled: each row comes from a silo drawn in proportion to its tokens
+        rows = torch.multinomial(self.weights, batch_size, replacement=True, generator=self.generator)
+        xs, ys = [], []
+        for s in range(len(self.splits)):
+            n = int((rows == s).sum())
+            if n:
+                x, y = sample_batch(
+                    self.splits[s], batch_size=n, seq_len=seq_len, generator=self.generator
+                )
+                xs.append(x)
+                ys.append(y)
+        return torch.cat(xs), torch.cat(ys)
+
+
+def resolve_silos(workspace: Path, silos: Sequence[str]) -> list[Path]:
+    """The silo directories a config names (all of the workspace's when empty)."""
+    available = list_silos(workspace)
+    names = list(silos) or available
+    if not names:
+        raise UserError(
+            f"{workspace}: no prepared silos; run `fedlm data prepare SRC --silo NAME --workspace {workspace}`"
+        )
+    for name in names:
+        if name not in available:
+            raise UserError(
+                f"data.silos: silo {name!r} not found in {workspace}/silos (found: {', '.join(available) or 'none'})"
+            )
+    return [workspace / "silos" / name for name in names]
+
+
+# ---------------------------------------------------------------------------------------
+# optimisation
+
+
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
+    """AdamW that decays matrices only (not norms, and not the embedding)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": tc.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), foreach=True)
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Linear warm-up to tc.lr, then cosine decay to tc.min_lr at tc.steps (step counts from 0)."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    span = max(1, tc.steps - tc.warmup_steps)
+    progress = min(1.0, (step - tc.warmup_steps) / span)
+    return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def autocast(precision: str) -> Any:
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str) -> torch.Tensor:
+    with autocast(precision):
+        logits = model(x)  # (B, T, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    *,
+    lr: float,
+    grad_accum: int,
+    grad_clip: float,
+    precision: str,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """One optimizer step over `grad_accum` micro-batches; returns loss and grad norm."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for _ in range(grad_accum):
+        x, y = next_batch()
+        loss = lm_loss(model, x, y, precision) / grad_accum
+        if extra_loss is not None:
+            loss = loss + extra_loss() / grad_accum
+        loss.backward()
+        total += float(loss)
+    params = [p for p in model.parameters() if p.grad is not None]
+    if grad_clip > 0:
+        norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True))
+    else:
+        norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))  # type: ignore[union-attr]
+    if not math.isfinite(total):
+        raise FloatingPointError(f"loss is {total}; lower train.lr or use train.precision = 'fp32'")
+    optimizer.step()
+    return {"loss": total, "grad_norm": norm}
+
+
+@torch.no_grad()
+def val_loss(model: torch.nn.Module, splits: Sequence[np.ndarray], *, batches: int, batch_size: int,
+             seq_len: int, precision: str, seed: int = 0) -> float:
+    """Mean loss over a fixed (seeded) set of validation windows from each split."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for tokens in splits:
+        if len(tokens) <= seq_len:
+            continue
+        for _ in range(batches):
+            x, y = sample_batch(tokens, batch_size=batch_size, seq_len=seq_len, generator=gen)
+            losses.append(float(lm_loss(model, x, y, precision)))
+    model.train(was_training)
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def local_update(
+    model: torch.nn.Module,
+    global_state: dict[str, torch.Tensor],
+    data: SiloBatches,
+    tc: TrainConfig,
+    *,
+    first_step: int,
+    steps: int,
+    prox_mu: float = 0.0,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Train `steps` steps from the global weights; return the update (local − global) and metrics.
+
+    Stateless between calls (a fresh AdamW each time), so a silo can run in a fresh process
+    each round. The learning rate follows tc's schedule at `first_step + i`; the caller seeds
+    `data.generator` (e.g. from seed, silo and round) so the run is reproducible. With
+    `prox_mu` > 0 the FedProx term (mu/2)·||w − w_global||² is added to the loss.
+    """
+    model.load_state_dict(global_state)
+    model.train()
+    optimizer = make_optimizer(model, tc)
+    anchors = [global_state[name].detach() for name, _ in model.named_parameters()]
+
+    def proximal() -> torch.Tensor:
+        params = list(model.parameters())
+        return 0.5 * prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))  # type: ignore[return-value]
+
+    t0 = time.perf_counter()
+    losses = []
+    for i in range(steps):
+        row = train_step(
+            model, optimizer, lambda: data.next(tc.batch_size, tc.seq_len),
+            lr=lr_at(first_step + i, tc), grad_accum=tc.grad_accum, grad_clip=tc.grad_clip,
+            precision=tc.precision, extra_loss=proximal if prox_mu > 0 else None,
+        )
+        losses.append(row["loss"])
+    local = model.state_dict()
+    update = {name: (local[name] - global_state[name]).detach() for name in global_state}
+    num_tokens = steps * tc.grad_accum * tc.batch_size * tc.seq_len
+    return update, {
+        "loss": float(np.mean(losses)),
+        "num_tokens": float(num_tokens),
+        "train_seconds": time.perf_counter() - t0,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# checkpoints: safetensors for tensors (no pickle), JSON for the rest
+
+
+def save_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    step: int, generator: torch.Generator, extra: dict[str, Any] | None = None) -> None:
+    """Write model, optimizer, RNG and data position; replaces the old checkpoint atomically."""
+    opt_state = optimizer.state_dict()
+    opt_tensors: dict[str, torch.Tensor] = {}
+    for idx, state in opt_state["state"].items():
+        for key, value in state.items():
+            opt_tensors[f"{idx}.{key}"] = torch.as_tensor(value).contiguous()
+    with atomic_dir(ckpt_dir) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        save_file(
+            {"torch_rng": torch.get_rng_state(), "data_rng": generator.get_state()},
+            str(tmp / "rng.safetensors"),
+        )
+        write_json(tmp / "state.json", {
+            "step": step,
+            "param_groups": opt_state["param_groups"],
+            **(extra or {}),
+        })
+
+
+def load_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    generator: torch.Generator) -> dict[str, Any]:
+    """Restore what save_checkpoint wrote; returns state.json (with "step")."""
+    try:
+        state = json.loads((ckpt_dir / "state.json").read_text())
+        weights = load_file(str(ckpt_dir / "model.safetensors"))
+        opt_tensors = load_file(str(ckpt_dir / "optimizer.safetensors"))
+        rng = load_file(str(ckpt_dir / "rng.safetensors"))
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise UserError(f"{ckpt_dir}: checkpoint is missing or corrupt ({e}); start without --resume") from None
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise UserError(f"{ckpt_dir}/model.safetensors does not match the config's model: {first}") from None
+    opt_state: dict[str, Any] = {"state": {}, "param_groups": state["param_groups"]}
+    for key, value in opt_tensors.items():
+        idx, name = key.split(".", 1)
+        opt_state["state"].setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict(opt_state)
+    torch.set_rng_state(rng["torch_rng"])
+    generator.set_state(rng["data_rng"])
+    return state
+
+
+# ---------------------------------------------------------------------------------------
+# the run
+
+
+def build_model(cfg: Config, vocab_size: int) -> Transformer:
+    """A freshly initialised model for `cfg` (seeded from cfg.train.seed)."""
+    if cfg.model.vocab_size and cfg.model.vocab_size != vocab_size:
+        raise UserError(
+            f"model.vocab_size = {cfg.model.vocab_size} but the workspace tokenizer has {vocab_size} tokens; "
+            "set model.vocab_size = 0 to take the tokenizer's"
+        )
+    cfg.model.vocab_size = vocab_size
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(cfg.model)
+    model.activation_checkpointing = cfg.train.activation_checkpointing
+    return model
+
+
+def _check_resume_config(cfg: Config, out_dir: Path) -> None:
+    saved = out_dir / "config.toml"
+    if saved.exists() and load_config(saved) != cfg:
+        raise UserError(
+            f"{saved} differs from the config given to --resume; resume with `fedlm train {saved} --resume`"
+        )
+
+
+def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCallback | None = None) -> dict[str, Any]:
+    """Train one model on the config's silos (pooled); returns a summary. Ctrl-C checkpoints first."""
+    tc = cfg.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    workspace = Path(cfg.data.workspace)
+    tok_path = workspace / "tokenizer.json"
+    tokenizer = load_tokenizer(tok_path)
+    tok_sha = tokenizer_hash(tok_path)
+    silo_dirs = resolve_silos(workspace, cfg.data.silos)
+    model = build_model(cfg, tokenizer.get_vocab_size())
+    model.train()
+    optimizer = make_optimizer(model, tc)
+    data = SiloBatches.open(silo_dirs, seed=tc.seed, tokenizer_sha256=tok_sha)
+    val_splits = [open_split(d, "val", expect_tokenizer_sha256=tok_sha) for d in silo_dirs]
+
+    ckpt_dir = out_dir / "checkpoint"
+    metrics_path = out_dir / "metrics.jsonl"
+    start = 0
+    if resume:
+        if not ckpt_dir.exists():
+            raise UserError(f"{out_dir}: no checkpoint to resume from; run without --resume")
+        _check_resume_config(cfg, out_dir)
+        start = int(load_checkpoint(ckpt_dir, model=model, optimizer=optimizer, generator=data.generator)["step"])
+        _truncate_metrics(metrics_path, start)
+    else:
+        if ckpt_dir.exists():
+            raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path.unlink(missing_ok=True)
+    save_config(cfg, out_dir / "config.toml")
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(ckpt_dir, model=model, optimizer=optimizer, step=step, generator=data.generator)
+
+    tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
+    step = start
+    t0 = time.perf_counter()
+    last = {"loss": float("nan"), "grad_norm": float("nan")}
+    with _interrupt_flag() as interrupted:
+        while step < tc.steps:
+            t_step = time.perf_counter()
+            last = train_step(
+                model, optimizer, lambda: data.next(tc.batch_size, tc.seq_len),
+                lr=lr_at(step, tc), grad_accum=tc.grad_accum, grad_clip=tc.grad_clip,
+                precision=tc.precision,
+            )
+            step += 1
+            row = {**last, "step": step, "lr": lr_at(step - 1, tc),
+                   "tokens_per_s": tokens_per_step / (time.perf_counter() - t_step)}
+            if step % tc.log_every == 0 or step == tc.steps:
+                append_jsonl(metrics_path, row)
+            if step % tc.checkpoint_every == 0 or step == tc.steps:
+                row["val_loss"] = val_loss(model, val_splits, batches=tc.eval_batches,
+                                           batch_size=tc.batch_size, seq_len=tc.seq_len,
+                                           precision=tc.precision)
+                append_jsonl(metrics_path, {"step": step, "val_loss": row["val_loss"]})
+                checkpoint(step)
+            if on_step is not None:
+                on_step(step, tc.steps, row)
+            if interrupted():
+                checkpoint(step)
+                raise UserError(
+                    f"interrupted at step {step}/{tc.steps}; checkpoint saved — resume with "
+                    f"`fedlm train {out_dir / 'config.toml'} --resume`"
+                )
+    elapsed = time.perf_counter() - t0
+    save_model(model, out_dir / "model", tokenizer_path=tok_path)
+    summary = {
+        "steps": step,
+        "loss": last["loss"],
+        "seconds": elapsed,
+        "tokens": (step - start) * tokens_per_step,
+        "tokens_per_s": (step - start) * tokens_per_step / max(elapsed, 1e-9),
+        "silos": [d.name for d in silo_dirs],
+    }
+    write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+@contextmanager
+def _interrupt_flag() -> Iterator[Callable[[], bool]]:
+    """Turn Ctrl-C into a flag checked between steps, so a checkpoint never holds half a step."""
+    hit = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield hit.is_set
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: hit.set())
+    try:
+        yield hit.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError):
+            continue  # a torn last line from a kill
+    write_text(path, "".join(line + "\n" for line in keep))

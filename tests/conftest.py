@@ -1,0 +1,62 @@
+"""Shared fixtures: a small real workspace (three bundled silos, trimmed) with tokenizer and shards."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+# Two cores: tests that start processes must not fight over OpenMP threads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+TEST_SILOS = ("legal", "technical", "drama")
+
+
+def _docs_from_corpus(folder: Path, limit_bytes: int) -> list[str]:
+    """Plain-text documents from an extracted corpus folder (txt/rst files), up to limit_bytes."""
+    docs, size = [], 0
+    for path in sorted(folder.rglob("*")):
+        if path.suffix not in (".txt", ".rst") or not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")[:20_000]
+        docs.append(text)
+        size += len(text.encode())
+        if size >= limit_bytes:
+            break
+    return docs
+
+
+def build_workspace(root: Path, *, silos: tuple[str, ...] = TEST_SILOS, limit_bytes: int = 120_000,
+                    vocab_size: int = 512) -> Path:
+    """A workspace of trimmed real silos: docs.jsonl per silo, an exact-count tokenizer, shards."""
+    from fedlm.corpus import extract
+    from fedlm.data.shards import shard_silo
+    from fedlm.data.tokenizer import agree_tokenizer
+
+    raw = extract(root / "raw", silos)
+    ws = root / "ws"
+    for silo in silos:
+        d = ws / "silos" / silo
+        d.mkdir(parents=True)
+        with open(d / "docs.jsonl", "w", encoding="utf-8") as f:
+            for text in _docs_from_corpus(raw[silo], limit_bytes):
+                f.write(json.dumps({"text": text, "source": silo}) + "\n")
+    agree_tokenizer(ws, vocab_size=vocab_size, epsilon=None)
+    for silo in silos:
+        shard_silo(ws, silo, val_fraction=0.1, seed=0)
+    return ws
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_workspace(tmp_path_factory.mktemp("ws"))
