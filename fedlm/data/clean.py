@@ -1,0 +1,111 @@
+"""Normalise text (NFKC, control characters, whitespace), tell its script, and filter by quality.
+
+`normalize(text)` is what every document goes through first; `quality_reason(text)` says why
+a document should be dropped (or None to keep it); `script_of(text)` says whether it is
+mostly Latin, CJK or another script, for the card's language mix and dedup's shingling.
+
+The filter defaults are deliberately conservative: they keep ordinary prose, code-heavy
+reStructuredText, one-line ICD-10 entries ("A00.0 Cholera due to Vibrio cholerae 01") and
+short Chinese poems, and drop what is clearly not text: nearly empty documents, runs of
+symbols, and documents that are mostly the same line repeated.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import Literal
+
+Script = Literal["latin", "cjk", "other"]
+
+MIN_CHARS = 8
+"""Drop documents with fewer non-space characters than this."""
+MAX_SYMBOL_RATIO = 0.5
+"""Drop documents where more than this share of non-space characters are neither letters,
+digits nor marks (punctuation and symbols); prose is ~3-5%, code-heavy docs 15-35%."""
+MAX_REPEATED_LINES_RATIO = 0.6
+"""Drop documents (of >= 6 lines) where more than this share of the characters is in lines
+that repeat an earlier line of the same document."""
+
+# C0/C1 controls except tab and newline, plus zero-width space, BOM, soft hyphen.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f-\x9f\u200b\ufeff\u00ad]")
+_TRAILING_SPACE = re.compile(r"[ \t]+\n")
+_BLANK_RUNS = re.compile(r"\n{3,}")
+_CJK = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
+_LATIN = re.compile("[A-Za-z\u00c0-\u024f]")
+_NOT_WORD_OR_SPACE = re.compile(r"[^\w\s]|_")
+_ASCII_WORD_OR_SPACE = bytes(
+    c for c in range(128) if chr(c).isalnum() or chr(c).isspace())
+
+
+def normalize(text: str) -> str:
+    """NFKC, drop control characters, unify newlines, strip trailing spaces and blank runs."""
+    if not text.isascii() and not unicodedata.is_normalized("NFKC", text):
+        text = unicodedata.normalize("NFKC", text)
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROL.sub("", text)
+    text = _TRAILING_SPACE.sub("\n", text)
+    text = _BLANK_RUNS.sub("\n\n", text)
+    return text.strip()
+
+
+def script_of(text: str, sample: int = 20_000) -> Script:
+    """The main script of `text` (from its first `sample` characters): latin, cjk or other."""
+    head = text[:sample]
+    if head.isascii():
+        return "latin"
+    cjk = len(_CJK.findall(head))
+    latin = len(_LATIN.findall(head))
+    letters = sum(1 for c in head if c.isalpha()) if cjk + latin < len(head) // 4 else cjk + latin
+    if cjk >= 0.3 * max(letters, 1) and cjk > 0:
+        return "cjk"
+    if latin >= 0.5 * max(letters, 1):
+        return "latin"
+    return "other"
+
+
+def symbol_ratio(text: str) -> float:
+    """Share of non-space characters that are neither letters, digits nor marks."""
+    if text.isascii():
+        raw = text.encode("ascii")
+        nonspace = len(raw) - sum(raw.count(c) for c in b" \t\n")
+        symbols = len(raw.translate(None, _ASCII_WORD_OR_SPACE))
+    else:
+        nonspace = len(text) - sum(text.count(c) for c in " \t\n")
+        symbols = len(text) - len(_NOT_WORD_OR_SPACE.sub("", text))
+    return symbols / max(nonspace, 1)
+
+
+def repeated_lines_ratio(text: str) -> tuple[float, int]:
+    """(share of characters in lines repeating an earlier line, number of non-empty lines)."""
+    seen: set[str] = set()
+    repeated = total = lines = 0
+    for line in text.split("\n"):
+        line = line.strip()
+        if not line:
+            continue
+        lines += 1
+        total += len(line)
+        if line in seen:
+            repeated += len(line)
+        else:
+            seen.add(line)
+    return repeated / max(total, 1), lines
+
+
+def quality_reason(text: str, *, min_chars: int = MIN_CHARS,
+                   max_symbol_ratio: float = MAX_SYMBOL_RATIO,
+                   max_repeated_lines_ratio: float = MAX_REPEATED_LINES_RATIO) -> str | None:
+    """Why this normalised document should be dropped ('too_short', 'symbols',
+    'repeated_lines'), or None to keep it."""
+    if len(text) < min_chars or (
+            len(text) < 64 * min_chars and len("".join(text.split())) < min_chars):
+        return "too_short"
+    if symbol_ratio(text) > max_symbol_ratio:
+        return "symbols"
+    if "\n" in text:
+        ratio, lines = repeated_lines_ratio(text)
+        if lines >= 6 and ratio > max_repeated_lines_ratio:
+            return "repeated_lines"
+    return None
