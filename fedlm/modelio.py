@@ -89,6 +89,8 @@ def _stored_state(model: Transformer) -> dict[str, Tensor]:
 def save_model(model: Transformer, out_dir: Path, *, tokenizer_path: Path | None = None) -> None:
     """Write `out_dir` (weights, config, tokenizer) as a whole or not at all."""
     out_dir = Path(out_dir)
+    if tokenizer_path is not None and not Path(tokenizer_path).is_file():
+        raise UserError(f"{tokenizer_path}: no such tokenizer file")
     tensors = {name: t.detach().contiguous() for name, t in _stored_state(model).items()}
     config = dataclasses.asdict(model.cfg) | {"format": "fedlm"}
     with atomic_dir(out_dir) as tmp:
