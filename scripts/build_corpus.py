@@ -419,6 +419,8 @@ def build_chinese(law_root: Path, fortune_root: Path, cap: int) -> Files:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["article", "part", "chapter", "section", "text"])
     for row in rows:
+        if not row["article_content"].strip():  # the package's CSV has a few blank rows
+            continue
         article = row["article_code"] + (
             f".{row['article_sub_code']}" if row["article_sub_code"] else ""
         )

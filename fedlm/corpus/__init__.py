@@ -45,7 +45,13 @@ def extract(dest: Path, silos: Sequence[str] | None = None) -> dict[str, Path]:
         with archive(silo).open("rb") as fh, tarfile.open(fileobj=fh, mode="r:xz") as tf:
             with atomic_dir(target) as tmp:
                 tmp.chmod(0o755)  # mkdtemp makes it private; the silo folder is ordinary data
-                tf.extractall(tmp, filter=_strip_prefix(silo))
+                try:
+                    tf.extractall(tmp, filter=_strip_prefix(silo))
+                except tarfile.FilterError as exc:
+                    raise UserError(
+                        f"corpus archive {silo}.tar.xz: unsafe member ({exc}); "
+                        "rebuild it with scripts/build_corpus.py"
+                    ) from exc
         out[silo] = target
     return out
 
