@@ -53,9 +53,12 @@ def shingle_hashes(text: str, script: str) -> np.ndarray:
     return np.unique((h ^ (h >> np.uint64(32))).astype(np.uint32))
 
 
-def minhash(hashes: np.ndarray, num_perm: int = NUM_PERM) -> MinHash:
-    """A datasketch MinHash of pre-hashed 32-bit shingles, fed in batches to bound memory."""
-    m = MinHash(num_perm=num_perm, hashfunc=_identity)
+def minhash(hashes: np.ndarray, template: MinHash) -> MinHash:
+    """A datasketch MinHash of pre-hashed 32-bit shingles, fed in batches to bound memory.
+
+    `template` is an empty MinHash whose permutations are reused (building them is costly).
+    """
+    m = template.copy()
     for i in range(0, len(hashes), _BATCH):
         m.update_batch(hashes[i: i + _BATCH].tolist())
     return m
@@ -77,6 +80,7 @@ class Deduper:
         self._exact: set[bytes] = set()
         self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         self._sigs: dict[int, np.ndarray] = {}
+        self._template = MinHash(num_perm=num_perm, hashfunc=_identity)
 
     def check(self, text: str, script: str = "latin") -> str | None:
         """None if `text` is new (and remember it), else 'exact' or 'near'."""
@@ -84,7 +88,7 @@ class Deduper:
         if key in self._exact:
             return "exact"
         self._exact.add(key)
-        m = minhash(shingle_hashes(text, script), self.num_perm)
+        m = minhash(shingle_hashes(text, script), self._template)
         for cand in self._lsh.query(m):
             if np.count_nonzero(self._sigs[cand] == m.hashvalues) >= self.threshold * self.num_perm:
                 return "near"

@@ -89,29 +89,32 @@ _EMAIL = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![\w-])", _F)
 _IBAN = re.compile(r"[A-Z](?<![\w][A-Z])[A-Z]\d{2}(?: ?[A-Z0-9]){11,32}(?![\w])", _F)
 _CN_ID = re.compile(
-    r"[1-9](?<![\w][1-9])\d{5} ?(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01]) ?"
-    r"\d{3}[\dXx](?![\w])", _F)
+    r"[1-9](?<![\w.][1-9])\d{5} ?(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01]) ?"
+    r"\d{3}[\dXx](?![\w]|\.\d)", _F)
 _CARD = re.compile(
-    r"\d(?<![\w-]\d)(?:\d{12,18}|\d{3}([ -])\d{4}\1\d{4}\1\d{4}(?:\1\d{1,3})?"
+    r"\d(?<![\w.-]\d)(?:\d{12,18}|\d{3}([ -])\d{4}\1\d{4}\1\d{4}(?:\1\d{1,3})?"
     r"|\d{3}([ -])\d{6}\2\d{4,5})(?![\w-]|[.,]\d)", _F)
-_CN_MOBILE = r"1[3-9]\d(?:[ -]?\d{4}){2}(?![\w-])"
-_CN_PHONE = re.compile(r"1(?<![\w+]1)" + _CN_MOBILE[1:], _F)
+_CN_MOBILE = r"1[3-9]\d(?:[ -]?\d{4}){2}(?![\w-]|[.,]\d)"
+_CN_PHONE = re.compile(r"1(?<![\w+.]1)" + _CN_MOBILE[1:], _F)
 _CN_PHONE_PREFIXED = re.compile(
-    r"[+08](?<![\w+][+08])(?:(?<=\+)86|(?<=0)086|(?<=8)6)[ -]?" + _CN_MOBILE, _F)
+    r"[+08](?<![\w+.][+08])(?:(?<=\+)86|(?<=0)086|(?<=8)6)[ -]?" + _CN_MOBILE, _F)
 _END = r"(?![\w-]|[.,]\d)"
 _PHONE_INTL = re.compile(
     r"\+(?<![\w+]\+)[1-9]\d{0,2}(?:[ .-]?(?:\(\d{1,4}\)|\d{1,5})){2,6}" + _END, _F)
 _PHONE_NANP = re.compile(
     r"[1-9(](?<![\w+.-][1-9(])"
-    r"(?:(?<=1)[ .-](?:\([2-9]\d\d\) ?|[2-9]\d\d[ .-])|(?<=\()[2-9]\d\d\) ?|(?<=[2-9])\d\d[ .-])"
-    r"[2-9]\d\d[ .-]\d{4}" + _END, _F)
+    # 1-800-555-0199, (415) 555-0132, 415-555-0132, 415.555.0132: one separator kind, not a
+    # space (space-separated 3-3-4 digits are as often a list of numbers)
+    r"(?:(?<=1)([.-])(?:\([2-9]\d\d\) ?[2-9]\d\d[ .-]|[2-9]\d\d\1[2-9]\d\d\1)"
+    r"|(?<=1) \([2-9]\d\d\) ?[2-9]\d\d[ .-]"
+    r"|(?<=\()[2-9]\d\d\) ?[2-9]\d\d[ .-]|(?<=[2-9])\d\d([.-])[2-9]\d\d\2)\d{4}" + _END, _F)
 _PHONE_CN_LANDLINE = re.compile(
     r"[(0](?<![\w+.-][(0])(?:(?<=\()0\d{2,3}\) ?|(?<=0)\d{2,3}[ -])\d{3,4}[ -]?\d{4}" + _END, _F)
 _IPV4 = re.compile(r"\d(?<![\w.]\d)\d{0,2}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?![\w]|\.\d)", _F)
 _IPV6 = re.compile(
     r"[0-9A-Fa-f:](?<![\w:.][0-9A-Fa-f:])[0-9A-Fa-f]{0,3}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])", _F)
 _NOT_IP_CONTEXT = re.compile(
-    r"(?:version|ver\.?|v|release|section|sec\.?|§|chapter|clause|article|art\.|rule|step|"
+    r"(?:[=<>~]=?|@|version|ver\.?|v|release|section|sec\.?|§|chapter|clause|article|art\.|rule|step|"
     r"table|figure|fig\.|item|paragraph|para\.?|no\.|isbn|oid)\s*$", re.IGNORECASE)
 
 _CARD_PREFIX = re.compile(r"4|5[1-5]|2[2-7]|3[47]|3[0689]|6(?:011|5|4[4-9]|2)|35", _F)
@@ -157,8 +160,14 @@ def _ipv4_len(m: re.Match[str]) -> int:
         ipaddress.IPv4Address(m.group(0))  # octets 0-255, no leading zeros
     except ValueError:
         return 0
-    before = m.string[max(0, m.start() - 16): m.start()]
-    return 0 if _NOT_IP_CONTEXT.search(before) else len(m.group(0))
+    s = m.string
+    before = s[max(0, m.start() - 16): m.start()]
+    if _NOT_IP_CONTEXT.search(before):
+        return 0
+    line_start = s.rfind("\n", 0, m.start()) + 1
+    if not s[line_start: m.start()].strip() and s[m.end(): m.end() + 1] in (".", ")"):
+        return 0  # "2.1.1.1. As a result ..." at the start of a line: a section number
+    return len(m.group(0))
 
 
 def _ipv6_len(m: re.Match[str]) -> int:
