@@ -1,0 +1,594 @@
+"""The OpenAI-compatible HTTP API over a fedlm model (FastAPI), and `serve_forever` for the CLI.
+
+    app = create_app(Path("runs/demo"), api_key="secret", quantize="int8")
+    serve_forever(Path("runs/demo"), host="127.0.0.1", port=8000)   # `fedlm serve`
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream as server-sent
+events ending with `data: [DONE]`), GET /v1/models, GET /health (503 while the model loads,
+200 after), GET /metrics (Prometheus text). The model loads on a background thread, so the
+port answers at once. Every error is a 4xx (or 503 while loading) in OpenAI's shape,
+{"error": {"message", "type", "param", "code"}}; limits on body size, prompt length,
+max_tokens, n and concurrent requests keep one client from starving the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from tokenizers import Tokenizer
+
+from fedlm.errors import UserError
+from fedlm.serve.engine import Engine, Event, SamplingParams, Sequence, quantize_int8
+from fedlm.serve.metrics import Metrics
+from fedlm.serve.schemas import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelList,
+)
+from fedlm.serve.text import FEDLM_STOPS, chat_template, eos_ids, render_chat
+
+Quantize = Literal["none", "int8"]
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+@dataclass
+class Limits:
+    """What one request may ask for; beyond these it gets a 4xx, never a 500 or a hang."""
+
+    max_prompt_tokens: int = 4096
+    """Tokens in one prompt (also capped by the model's context)."""
+    max_tokens: int = 1024
+    """Largest `max_tokens` a request may ask for."""
+    max_n: int = 16
+    """Sequences one request may ask for (n times the number of prompts)."""
+    max_body_bytes: int = 1_000_000
+    """Largest request body."""
+    max_concurrent: int = 64
+    """Requests in flight at once; more get 429."""
+    max_batch: int = 16
+    """Sequences decoded together in one step."""
+
+
+class ApiError(Exception):
+    """An error the client caused (or a 503 while loading), sent in OpenAI's error shape."""
+
+    def __init__(
+        self, status: int, message: str, *, type: str = "invalid_request_error",
+        param: str | None = None, code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, type=self.type, param=self.param,
+                              code=self.code)
+
+
+def error_response(
+    status: int, message: str, *, type: str = "invalid_request_error",
+    param: str | None = None, code: str | None = None,
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+class ServerState:
+    """The model being served, once loaded, and what the handlers share."""
+
+    def __init__(self, *, model_name: str, api_key: str | None, limits: Limits) -> None:
+        self.model_name = model_name
+        self.api_key = api_key
+        self.limits = limits
+        self.metrics = Metrics()
+        self.engine: Engine | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.load_error: str | None = None
+        self.created = int(time.time())
+        self.in_flight = 0
+        self.lock = threading.Lock()
+
+    def ready(self) -> Engine:
+        if self.engine is None:
+            message = f"the model failed to load: {self.load_error}" if self.load_error else (
+                "the model is still loading; retry shortly")
+            raise ApiError(503, message, type="server_error", code="model_not_ready")
+        return self.engine
+
+    def acquire(self) -> None:
+        with self.lock:
+            if self.in_flight >= self.limits.max_concurrent:
+                raise ApiError(429, f"too many requests in flight (limit {self.limits.max_concurrent}); "
+                               "retry shortly", type="rate_limit_error", code="rate_limit_exceeded")
+            self.in_flight += 1
+
+    def release(self) -> None:
+        with self.lock:
+            self.in_flight -= 1
+
+
+def _load(state: ServerState, model_dir: Path, *, quantize: Quantize, threads: int | None) -> None:
+    """Load the model and start its engine (runs on a background thread)."""
+    try:
+        from fedlm.modelio import load_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        model, tokenizer_path = load_model(model_dir)
+        if tokenizer_path is None:
+            raise UserError(f"{model_dir}: no tokenizer.json beside the weights; serving needs it")
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        served: Any = quantize_int8(model) if quantize == "int8" else model
+        engine = Engine(served, tokenizer, max_batch=state.limits.max_batch,
+                        max_len=min(model.cfg.max_seq_len, state.limits.max_prompt_tokens
+                                    + state.limits.max_tokens),
+                        eos_ids=eos_ids(tokenizer))
+        engine.start()
+        state.tokenizer = tokenizer
+        state.engine = engine
+    except Exception as e:  # reported on /health and every endpoint, never a crash
+        state.load_error = f"{type(e).__name__}: {e}"
+
+
+class _Guard:
+    """ASGI middleware: metrics for every request, API key, and the body-size limit."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+        path = scope["path"]
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, send_status, path)
+        finally:
+            endpoint = path if path in ENDPOINTS else "other"
+            self.state.metrics.request(endpoint, status, seconds=time.perf_counter() - start)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        state = self.state
+        headers = dict(scope["headers"])
+        if state.api_key is not None and path != "/health":
+            given = headers.get(b"authorization", b"")
+            expected = b"Bearer " + state.api_key.encode()
+            if not hmac.compare_digest(given, expected):
+                await error_response(401, "missing or wrong API key: send 'Authorization: "
+                                     "Bearer <key>'", code="invalid_api_key")(scope, receive, send)
+                return
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        limit = state.limits.max_body_bytes
+        too_large = error_response(413, f"the request body is over the limit of {limit} bytes",
+                                   code="request_too_large")
+        try:
+            declared = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            declared = 0
+        if declared > limit:
+            await too_large(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                await too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class _StreamWithCleanup(StreamingResponse):
+    """A stream that runs `cleanup` however it ends: finished, failed or the client gone."""
+
+    def __init__(self, content: AsyncIterator[str], cleanup: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._cleanup = cleanup
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._cleanup()
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+@dataclass
+class _Job:
+    """One request's sequences: what to submit, and where their events arrive."""
+
+    prompts: list[list[int]]
+    """Token ids per prompt."""
+    n: int
+    params: SamplingParams
+    echo: list[str] | None = None
+
+
+def create_app(
+    model_path: Path,
+    *,
+    api_key: str | None = None,
+    quantize: Quantize = "none",
+    model_name: str | None = None,
+    limits: Limits | None = None,
+    threads: int | None = None,
+) -> FastAPI:
+    """The FastAPI app serving the model at `model_path`; loading starts now, in the background."""
+    if quantize not in ("none", "int8"):
+        raise UserError(f"--quantize must be 'none' or 'int8', got {quantize!r}")
+    from fedlm.modelio import find_model_dir
+
+    model_dir = find_model_dir(model_path)  # a wrong path is a UserError now, not a 503 later
+    if model_name is None:
+        resolved = model_dir.resolve()
+        model_name = resolved.parent.name if resolved.name == "model" else resolved.name
+    state = ServerState(model_name=model_name or "fedlm", api_key=api_key, limits=limits or Limits())
+    threading.Thread(target=_load, args=(state, model_dir), name="fedlm-load", daemon=True,
+                     kwargs={"quantize": quantize, "threads": threads}).start()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if state.engine is not None:
+            state.engine.stop()
+
+    app = FastAPI(title="fedlm", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible completions over a fedlm model.")
+    app.state.fedlm = state
+    app.add_middleware(_Guard, state=state)
+    _install_error_handlers(app)
+    _install_routes(app, state)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        if first.get("type") == "json_invalid":
+            return error_response(400, "the request body is not valid JSON", code="invalid_json")
+        where = ".".join(loc) or "body"
+        message = f"{where}: {first.get('msg', 'invalid value')}"
+        return error_response(400, message, param=loc[0] if loc else None, code="invalid_value")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(exc.status_code, str(exc.detail), code=code)
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, exc: Exception) -> Response:
+        return error_response(500, f"internal error: {type(exc).__name__}", type="server_error")
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)
+}
+
+
+def _install_routes(app: FastAPI, state: ServerState) -> None:
+    limits = state.limits
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.engine is not None:
+            return JSONResponse({"status": "ok", "model": state.model_name})
+        status = "error" if state.load_error else "loading"
+        return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> Response:
+        running, waiting = state.engine.load() if state.engine is not None else (0, 0)
+        return PlainTextResponse(state.metrics.render(running=running, waiting=waiting),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
+    async def models() -> Response:
+        state.ready()
+        return JSONResponse({"object": "list", "data": [_card(state)]})
+
+    @app.get("/v1/models/{model}", responses=ERRORS)
+    async def model_card(model: str) -> Response:
+        state.ready()
+        _check_model(state, model)
+        return JSONResponse(_card(state))
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        engine = state.ready()
+        _check_model(state, body.model)
+        texts = body.prompts()
+        prompts = await asyncio.to_thread(lambda: [_encode(state, engine, t) for t in texts])
+        max_tokens = _max_tokens(body.max_tokens, 16, prompts, engine, limits)
+        params = _sampling(body, max_tokens, body.stop_list())
+        job = _Job(prompts, body.n or 1, params, echo=texts if body.echo else None)
+        return await _run(request, state, engine, job, chat=False,
+                          stream=bool(body.stream), usage_chunk=_include_usage(body))
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
+    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+        engine = state.ready()
+        _check_model(state, body.model)
+        tokenizer = engine.tokenizer
+        template = chat_template(tokenizer)
+        text = render_chat([(m.role, m.text()) for m in body.messages], template)
+        prompt = await asyncio.to_thread(_encode, state, engine, text)
+        room = engine.max_len - len(prompt)
+        asked = body.max_completion_tokens or body.max_tokens
+        max_tokens = _max_tokens(asked, max(1, min(limits.max_tokens, room)), [prompt], engine,
+                                 limits)
+        stops = body.stop_list() + (list(FEDLM_STOPS) if template == "fedlm" else [])
+        params = _sampling(body, max_tokens, stops)
+        job = _Job([prompt], body.n or 1, params)
+        return await _run(request, state, engine, job, chat=True,
+                          stream=bool(body.stream), usage_chunk=_include_usage(body))
+
+
+def _card(state: ServerState) -> dict[str, Any]:
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "fedlm"}
+
+
+def _check_model(state: ServerState, model: str) -> None:
+    if model != state.model_name:
+        raise ApiError(404, f"the model {model!r} does not exist; this server serves "
+                       f"{state.model_name!r} (see GET /v1/models)", param="model",
+                       code="model_not_found")
+
+
+def _encode(state: ServerState, engine: Engine, text: str) -> list[int]:
+    """Token ids of a prompt, checked against the prompt limit; "" becomes the EOS token."""
+    ids: list[int] = engine.tokenizer.encode(text).ids
+    if not ids:
+        if not engine.eos_ids:
+            raise ApiError(400, "the prompt is empty", param="prompt", code="empty_prompt")
+        ids = [min(engine.eos_ids)]
+    limit = min(state.limits.max_prompt_tokens, engine.max_len - 1)
+    if len(ids) > limit:
+        raise ApiError(400, f"the prompt is {len(ids)} tokens; this server takes at most {limit}",
+                       param="prompt", code="context_length_exceeded")
+    return ids
+
+
+def _max_tokens(asked: int | None, default: int, prompts: list[list[int]], engine: Engine,
+                limits: Limits) -> int:
+    max_tokens = asked if asked is not None else default
+    if max_tokens > limits.max_tokens:
+        raise ApiError(400, f"max_tokens is {max_tokens}; this server allows at most "
+                       f"{limits.max_tokens}", param="max_tokens", code="invalid_value")
+    longest = max(len(p) for p in prompts)
+    if longest + max_tokens > engine.max_len:
+        raise ApiError(400, f"the prompt ({longest} tokens) plus max_tokens ({max_tokens}) exceeds "
+                       f"the context of {engine.max_len} tokens; lower max_tokens or shorten "
+                       "the prompt", param="max_tokens", code="context_length_exceeded")
+    return max_tokens
+
+
+def _sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int,
+              stops: list[str]) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=body.seed,
+        stop=stops,
+    )
+
+
+def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
+async def _run(request: Request, state: ServerState, engine: Engine, job: _Job, *, chat: bool,
+               stream: bool, usage_chunk: bool) -> Response:
+    """Submit the job's sequences and answer with one JSON body or a stream of events."""
+    total = len(job.prompts) * job.n
+    if total > state.limits.max_n:
+        raise ApiError(400, f"{total} sequences asked for (n × prompts); this server allows "
+                       f"at most {state.limits.max_n} per request", param="n", code="invalid_value")
+    state.acquire()
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+    seqs: list[Sequence] = []
+
+    def cleanup() -> None:
+        for seq in seqs:
+            seq.cancel()
+        state.release()
+
+    try:
+        for i in range(total):
+            params = job.params
+            if params.seed is not None and i:
+                params = SamplingParams(**{**params.__dict__, "seed": params.seed + i})
+
+            def on_event(event: Event, i: int = i) -> None:
+                loop.call_soon_threadsafe(queue.put_nowait, (i, event))
+
+            seqs.append(engine.submit(job.prompts[i // job.n], params, on_event))
+    except BaseException:
+        cleanup()
+        raise
+    prompt_tokens = sum(len(p) for p in job.prompts)
+    state.metrics.tokens(prompt=prompt_tokens)
+    meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+            "model": state.model_name}
+
+    def note(event: Event, i: int) -> None:
+        state.metrics.tokens(completion=event.tokens)
+        seq = seqs[i]
+        if event.tokens and seq.generated == 1 and seq.first_token_at is not None:
+            state.metrics.first_token(seq.first_token_at - seq.submitted)
+
+    if stream:
+        return _StreamWithCleanup(_stream(queue, job, total, meta, chat, usage_chunk,
+                                          prompt_tokens, note), cleanup)
+    try:
+        return await _collect(request, queue, job, total, meta, chat, prompt_tokens, note)
+    finally:
+        cleanup()
+
+
+async def _collect(request: Request, queue: asyncio.Queue[tuple[int, Event]], job: _Job,
+                   total: int, meta: dict[str, Any], chat: bool, prompt_tokens: int,
+                   note: Callable[[Event, int], None]) -> Response:
+    texts = [job.echo[i // job.n] if job.echo else "" for i in range(total)]
+    reasons: list[str | None] = [None] * total
+    completion_tokens = 0
+    done = 0
+    while done < total:
+        try:
+            i, event = await asyncio.wait_for(queue.get(), timeout=0.5)
+        except TimeoutError:
+            if await request.is_disconnected():
+                return Response(status_code=499)  # nobody is listening; free the rows
+            continue
+        note(event, i)
+        texts[i] += event.text
+        completion_tokens += event.tokens
+        if event.finish_reason is not None:
+            if event.finish_reason == "error":
+                raise ApiError(500, f"generation failed: {event.error}", type="server_error")
+            reasons[i] = event.finish_reason
+            done += 1
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    if chat:
+        choices: list[dict[str, Any]] = [
+            {"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
+             "finish_reason": reasons[i]} for i in range(total)]
+        return JSONResponse({**meta, "object": "chat.completion", "choices": choices, "usage": usage})
+    choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": reasons[i]}
+               for i in range(total)]
+    return JSONResponse({**meta, "object": "text_completion", "choices": choices, "usage": usage})
+
+
+async def _stream(queue: asyncio.Queue[tuple[int, Event]], job: _Job, total: int,
+                  meta: dict[str, Any], chat: bool, usage_chunk: bool, prompt_tokens: int,
+                  note: Callable[[Event, int], None]) -> AsyncIterator[str]:
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(i: int, text: str | None, finish: str | None, first: bool = False) -> str:
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else (
+                {} if text is None else {"content": text})
+            choice: dict[str, Any] = {"index": i, "delta": delta, "logprobs": None,
+                                      "finish_reason": finish}
+        else:
+            choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return _sse({**meta, "object": obj, "choices": [choice]})
+
+    for i in range(total):
+        if chat:
+            yield chunk(i, None, None, first=True)
+        elif job.echo:
+            yield chunk(i, job.echo[i // job.n], None)
+    completion_tokens = 0
+    done = 0
+    while done < total:
+        i, event = await queue.get()
+        note(event, i)
+        completion_tokens += event.tokens
+        if event.finish_reason == "error":
+            yield _sse({"error": {"message": f"generation failed: {event.error}",
+                                  "type": "server_error", "param": None, "code": None}})
+            break
+        if event.text:
+            yield chunk(i, event.text, None)
+        if event.finish_reason is not None:
+            yield chunk(i, None, event.finish_reason)
+            done += 1
+    if usage_chunk:
+        yield _sse({**meta, "object": obj, "choices": [], "usage": {
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}})
+    yield "data: [DONE]\n\n"
+
+
+def serve_forever(
+    model: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key_file: Path | None = None,
+    quantize: Quantize = "none",
+    max_batch: int = 16,
+    max_concurrent: int = 64,
+    max_prompt_tokens: int = 4096,
+    max_tokens: int = 1024,
+    max_body_bytes: int = 1_000_000,
+    threads: int | None = None,
+    model_name: str | None = None,
+) -> None:
+    """Run the server until interrupted (what `fedlm serve` does)."""
+    import uvicorn
+
+    api_key = None
+    if api_key_file is not None:
+        try:
+            api_key = Path(api_key_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{api_key_file}: cannot read the API key file ({e})") from None
+        if not api_key:
+            raise UserError(f"{api_key_file}: the API key file is empty; put the key on one line")
+    limits = Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens,
+                    max_body_bytes=max_body_bytes, max_concurrent=max_concurrent,
+                    max_batch=max_batch)
+    app = create_app(model, api_key=api_key, quantize=quantize, limits=limits, threads=threads,
+                     model_name=model_name)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+
