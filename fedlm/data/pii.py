@@ -112,7 +112,7 @@ _PHONE_CN_LANDLINE = re.compile(
     r"[(0](?<![\w+.-][(0])(?:(?<=\()0\d{2,3}\) ?|(?<=0)\d{2,3}[ -])\d{3,4}[ -]?\d{4}" + _END, _F)
 _IPV4 = re.compile(r"\d(?<![\w.]\d)\d{0,2}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?![\w]|\.\d)", _F)
 _IPV6 = re.compile(
-    r"[0-9A-Fa-f:](?<![\w:.][0-9A-Fa-f:])[0-9A-Fa-f]{0,3}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])", _F)
+    r"[0-9A-Fa-f:](?<![\w.][0-9A-Fa-f:])(?<![0-9A-Fa-f]:[0-9A-Fa-f:])[0-9A-Fa-f]{0,3}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])", _F)
 _NOT_IP_CONTEXT = re.compile(
     r"(?:[=<>~]=?|@|version|ver\.?|v|release|section|sec\.?|§|chapter|clause|article|art\.|rule|step|"
     r"table|figure|fig\.|item|paragraph|para\.?|no\.|isbn|oid)\s*$", re.IGNORECASE)
