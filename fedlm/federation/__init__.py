@@ -1,0 +1,1 @@
+"""Federation: strategies and server optimisers, robust aggregation, secure aggregation, and the Flower apps."""
