@@ -179,7 +179,14 @@ def decode(data: bytes) -> tuple[str, str]:
         raise ValueError("binary file (NUL bytes, no UTF-16/32 byte-order mark)")
     from charset_normalizer import from_bytes
 
-    best = from_bytes(data[: 1 << 20]).best()
+    results = from_bytes(data[: 1 << 20])
+    best = results.best()
+    for match in results:
+        # charset-normalizer often ranks DOS/Baltic code pages first on Western text; when
+        # Windows-1252 (a superset of Latin-1's letters) is about as clean, it is the one
+        if best is not None and "cp1252" in match.could_be_from_charset \
+                and match.chaos <= best.chaos + 0.05:
+            return data.decode("cp1252", errors="replace"), "cp1252"
     if best is None or best.encoding in ("utf_8", "ascii"):
         raise ValueError(f"not valid UTF-8 (byte {utf8_error.start}) and no other text "
                          f"encoding detected: binary or corrupt; convert it to UTF-8")
