@@ -1,0 +1,171 @@
+"""The Flower ClientApp: one silo's side of a round, a thin wrapper over `fedlm.train.local_update`.
+
+    [tool.flwr.app.components] clientapp = "fedlm.federation.client_app:app"
+
+The silo is named by the node: `--node-config 'workspace="WS" silo="NAME"'` on a SuperNode,
+or the node config the in-process Grid gives each virtual node. Message types:
+
+- `query`: before round 1 the server asks each silo to open its shards against the run's
+  tokenizer hash; the reply names the silo and counts its tokens (or is an error saying why).
+- `train`: load the global weights from the message, train `federation.local_steps` steps on
+  the silo's train split from them, reply with the update (local − global; an ArrayRecord
+  keyed by the model's parameter names) and numeric metrics (loss, num_tokens,
+  train_seconds). Nothing else leaves the silo: no text, no token ids, no file names.
+
+The data order is seeded from (train.seed, silo, round), so a silo's update depends only on
+the global weights and the round, on either engine and after a resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import threading
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlm.config import Config, TrainConfig, build_config
+from fedlm.data.shards import open_split
+from fedlm.errors import UserError
+from fedlm.model import Transformer
+from fedlm.train import SiloBatches, build_model, local_update
+
+app = ClientApp()
+
+_MODELS: dict[tuple[int, str], Transformer] = {}  # (node, config) -> model, reused in one process
+_MODELS_LOCK = threading.Lock()
+
+
+# ---------------------------------------------------------------------------------------
+# helpers shared with the server (fedlm.federation.runner)
+
+
+def wire_names(model: torch.nn.Module) -> list[str]:
+    """The state-dict names that travel: a tied array (embedding = head) only once."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    names = []
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            names.append(name)
+    return names
+
+
+def expand_state(model: torch.nn.Module, arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The full state dict for `model` from its wire arrays (tied names filled from their twin)."""
+    owner: dict[tuple[int, tuple[int, ...]], str] = {}
+    full = {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), tuple(t.shape))
+        full[name] = arrays[owner.setdefault(key, name)]
+    return full
+
+
+def round_seed(seed: int, silo: str, round_idx: int) -> int:
+    """The data-order seed of `silo` in round `round_idx` (stable across processes, unlike hash())."""
+    digest = hashlib.sha256(f"{seed}/{silo}/{round_idx}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def federated_train_config(cfg: Config) -> TrainConfig:
+    """The local trainer's config in a federated run: its lr schedule spans rounds × local steps."""
+    total = cfg.federation.rounds * cfg.federation.local_steps
+    return dataclasses.replace(cfg.train, steps=total, warmup_steps=min(cfg.train.warmup_steps, total))
+
+
+def silo_dir(nc: Mapping[str, str | int | float | bool]) -> Path:
+    """WS/silos/NAME from the node config's `workspace` and `silo`."""
+    if "workspace" not in nc or "silo" not in nc:
+        raise UserError(
+            "this SuperNode has no silo: start it with --node-config 'workspace=\"WS\" silo=\"NAME\"' "
+            "(`fedlm node --workspace WS --silo NAME`)"
+        )
+    path = Path(str(nc["workspace"])) / "silos" / str(nc["silo"])
+    if not path.is_dir():
+        raise UserError(f"silo {nc['silo']!r}: no directory {path}; run `fedlm data prepare` there first")
+    return path
+
+
+def check_silo(path: Path, *, tokenizer_sha256: str) -> dict[str, int | float]:
+    """Open a silo's train and val shards against the run's tokenizer; their token counts."""
+    try:
+        train = open_split(path, "train", expect_tokenizer_sha256=tokenizer_sha256)
+        val = open_split(path, "val", expect_tokenizer_sha256=tokenizer_sha256)
+    except UserError as e:
+        raise UserError(f"silo {path.name!r}: {e}") from None
+    if len(train) == 0:
+        raise UserError(f"silo {path.name!r}: no training tokens; run `fedlm data shard --silo {path.name}`")
+    return {"train_tokens": len(train), "val_tokens": len(val)}
+
+
+def _model(node_id: int, config_text: str, cfg: Config) -> Transformer:
+    with _MODELS_LOCK:
+        model = _MODELS.get((node_id, config_text))
+        if model is None:
+            if len(_MODELS) > 64:
+                _MODELS.clear()
+            with torch.random.fork_rng():  # building seeds the global RNG; keep ours untouched
+                model = build_model(cfg, cfg.model.vocab_size)
+            _MODELS[(node_id, config_text)] = model
+        return model
+
+
+def train_silo(
+    global_arrays: dict[str, torch.Tensor], *, cfg: Config, config_text: str, round_idx: int,
+    path: Path, tokenizer_sha256: str, node_id: int = 0,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """One silo's local training for one round: the update in wire names, and metrics."""
+    torch.set_num_threads(1)  # one thread per silo: bitwise-equal results on either engine
+    model = _model(node_id, config_text, cfg)
+    names = wire_names(model)
+    data = SiloBatches.open([path], seed=0, tokenizer_sha256=tokenizer_sha256)
+    data.generator.manual_seed(round_seed(cfg.train.seed, path.name, round_idx))
+    fed = cfg.federation
+    update, metrics = local_update(
+        model, expand_state(model, global_arrays), data, federated_train_config(cfg),
+        first_step=round_idx * fed.local_steps, steps=fed.local_steps,
+        prox_mu=fed.prox_mu if fed.strategy == "fedprox" else 0.0,
+    )
+    return {name: update[name].contiguous() for name in names}, metrics
+
+
+def _config(msg: Message) -> tuple[ConfigRecord, Config, str]:
+    record = msg.content.config_records["config"]
+    text = str(record["fedlm-config"])
+    return record, build_config(tomllib.loads(text), "federated run config"), text
+
+
+# ---------------------------------------------------------------------------------------
+# the message handlers
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Check this silo's shards before round 1; reply with its name and token counts."""
+    path = silo_dir(context.node_config)
+    sha = str(msg.content.config_records["config"]["tokenizer-sha256"])
+    counts = check_silo(path, tokenizer_sha256=sha)
+    return Message(
+        RecordDict({"silo": ConfigRecord({"silo": path.name}), "metrics": MetricRecord(dict(counts))}),
+        reply_to=msg,
+    )
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train on this silo from the global weights; reply with the update and metrics."""
+    record, cfg, text = _config(msg)
+    arrays = msg.content.array_records["arrays"].to_torch_state_dict()
+    update, metrics = train_silo(
+        arrays, cfg=cfg, config_text=text, round_idx=int(record["round"]),  # type: ignore[arg-type]
+        path=silo_dir(context.node_config), tokenizer_sha256=str(record["tokenizer-sha256"]),
+        node_id=context.node_id,
+    )
+    content = RecordDict({"arrays": ArrayRecord(update), "metrics": MetricRecord(metrics)})  # type: ignore[arg-type]
+    return Message(content, reply_to=msg)

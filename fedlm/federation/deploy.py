@@ -1,0 +1,334 @@
+"""Flower's deployment engine: a SuperLink and SuperNodes as processes, and `flwr run` to submit.
+
+    run_on_flower(cfg, Path("runs/fed"))          # SuperLink + one SuperNode per silo on 127.0.0.1
+    run_on_flower(cfg, out, superlink="10.0.0.5:9092", root_certificates=Path("ca.pem"))
+    run_node("10.0.0.5:9092", Path("ws"), "legal", root_certificates=Path("ca.pem"))  # `fedlm node`
+
+Everything Flower starts gets `FLOWER_ENV` (no telemetry, no update check, no `uv sync` of
+the app's dependencies) and the venv's bin/ first on PATH (the SuperLink starts
+`flower-superexec` by name). Each started process gets its own FLWR_HOME, so installed app
+bundles never leak between runs. Readiness is checked before use and every wait is bounded;
+a SuperLink that cannot be reached or whose TLS certificate does not verify is a `UserError`
+naming the endpoint and the fix. Processes are stopped (SIGTERM, then SIGKILL) in `finally`.
+
+The ServerApp runs on the SuperLink's machine and writes the run directory there; this
+module waits for its summary.json (or error.json) and replays rounds.jsonl to `on_round`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from fedlm.config import Config
+from fedlm.errors import UserError
+from fedlm.federation.runner import FLOWER_ENV, RoundCallback, run_silos
+
+APP_DIR = Path(__file__).parent / "flwr_app"
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class ServerTls:
+    """The SuperLink's TLS files (PEM): CA certificate, server certificate, server key."""
+
+    ca_certfile: Path
+    certfile: Path
+    keyfile: Path
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """The environment for a Flower process: FLOWER_ENV, its own FLWR_HOME, the venv on PATH."""
+    env = dict(os.environ)
+    env.update(FLOWER_ENV)
+    env.setdefault("FLWR_LOG_LEVEL", "WARNING")
+    env["FLWR_HOME"] = str(flwr_home)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start(cmd: list[str], *, log_path: Path, flwr_home: Path) -> subprocess.Popen[bytes]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=flower_env(flwr_home), start_new_session=True)
+
+
+def stop(procs: Sequence[subprocess.Popen[bytes]], *, grace: float = 5.0) -> None:
+    """SIGTERM each process group, then SIGKILL what is left after `grace` seconds."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=5)
+
+
+def _name(p: subprocess.Popen[bytes]) -> str:
+    args = p.args if isinstance(p.args, list) else [p.args]
+    return Path(str(args[0])).name
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------------------------------
+# SuperLink
+
+
+def start_superlink(*, port: int, log_path: Path, flwr_home: Path, host: str = "127.0.0.1",
+                    tls: ServerTls | None = None) -> subprocess.Popen[bytes]:
+    """Start `flower-superlink` (Fleet, Control and Runtime APIs on one HTTP(S) port)."""
+    cmd = [str(BIN / "flower-superlink"), "--host", host, "--port", str(port),
+           "--disable-runtime-dependency-installation"]
+    if tls is None:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--ssl-ca-certfile", str(tls.ca_certfile), "--ssl-certfile", str(tls.certfile),
+                "--ssl-keyfile", str(tls.keyfile)]
+    return _start(cmd, log_path=log_path, flwr_home=flwr_home)
+
+
+def wait_superlink(address: str, *, root_certificates: Path | None = None, insecure: bool = False,
+                   timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None,
+                   log_path: Path | None = None) -> None:
+    """Wait until the SuperLink at HOST:PORT answers GET /health; UserError naming the fix if not."""
+    _check_tls_args(root_certificates, insecure)
+    url = f"{'http' if insecure else 'https'}://{address}/health"
+    verify: ssl.SSLContext | bool = False
+    if not insecure:
+        assert root_certificates is not None
+        try:
+            verify = ssl.create_default_context(cafile=str(root_certificates))
+        except (OSError, ssl.SSLError) as e:
+            raise UserError(f"--root-certificates {root_certificates}: not a readable PEM CA certificate ({e})") from None
+    deadline = time.monotonic() + timeout
+    last = ""
+    while True:
+        if proc is not None and proc.poll() is not None:
+            tail = _tail(log_path) if log_path else ""
+            raise UserError(f"the SuperLink on {address} exited (code {proc.returncode}) before it was ready: {tail}")
+        try:
+            r = httpx.get(url, verify=verify, timeout=2.0)
+            if r.status_code < 500:
+                return
+            last = f"HTTP {r.status_code}"
+        except httpx.ConnectError as e:
+            if isinstance(e.__cause__, ssl.SSLError) or "CERTIFICATE" in str(e).upper() or "SSL" in str(e).upper():
+                raise UserError(
+                    f"SuperLink {address}: its TLS certificate does not verify against "
+                    f"{root_certificates} ({e}); pass the CA that signed the SuperLink's certificate"
+                ) from None
+            last = str(e)
+        except httpx.HTTPError as e:
+            last = str(e)
+        if time.monotonic() > deadline:
+            raise UserError(
+                f"SuperLink {address} is unreachable after {timeout:.0f} s ({last}); start it "
+                f"(`flower-superlink --port PORT ...`) or fix the address and firewall"
+            )
+        time.sleep(0.25)
+
+
+def _check_tls_args(root_certificates: Path | None, insecure: bool) -> None:
+    if insecure and root_certificates is not None:
+        raise UserError("pass either --root-certificates FILE or --insecure, not both")
+    if not insecure and root_certificates is None:
+        raise UserError("the SuperLink uses TLS: pass --root-certificates CA.pem (or --insecure for a test on loopback)")
+    if root_certificates is not None and not Path(root_certificates).is_file():
+        raise UserError(f"--root-certificates {root_certificates}: no such file")
+
+
+# ---------------------------------------------------------------------------------------
+# SuperNodes (one per silo)
+
+
+def supernode_command(superlink: str, workspace: Path, silo: str, *, port: int,
+                      root_certificates: Path | None = None, insecure: bool = False) -> list[str]:
+    """The `flower-supernode` command that serves `silo` of `workspace` to `superlink`."""
+    node_config = f'workspace="{Path(workspace).resolve()}" silo="{silo}"'
+    cmd = [str(BIN / "flower-supernode"), "--superlink", superlink, "--port", str(port),
+           "--node-config", node_config]
+    if insecure:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(root_certificates)]
+    return cmd
+
+
+def _check_silo_dir(workspace: Path, silo: str) -> None:
+    path = Path(workspace) / "silos" / silo
+    if not path.is_dir():
+        raise UserError(f"silo {silo!r}: no directory {path}; prepare and shard it with `fedlm data ...` first")
+
+
+def start_supernode(superlink: str, workspace: Path, silo: str, *, port: int, log_path: Path,
+                    flwr_home: Path, root_certificates: Path | None = None,
+                    insecure: bool = False) -> subprocess.Popen[bytes]:
+    """Start one silo's SuperNode (it registers with the SuperLink by itself)."""
+    _check_silo_dir(workspace, silo)
+    cmd = supernode_command(superlink, workspace, silo, port=port,
+                            root_certificates=root_certificates, insecure=insecure)
+    return _start(cmd, log_path=log_path, flwr_home=flwr_home)
+
+
+def run_node(superlink: str, workspace: Path, silo: str, *, root_certificates: Path | None = None,
+             insecure: bool = False, port: int | None = None, ready_timeout: float = 30.0) -> int:
+    """`fedlm node`: check the SuperLink and the silo, then run its SuperNode until it exits or Ctrl-C."""
+    _check_silo_dir(workspace, silo)
+    wait_superlink(superlink, root_certificates=root_certificates, insecure=insecure, timeout=ready_timeout)
+    flwr_home = Path(workspace) / "silos" / silo / ".flwr"
+    cmd = supernode_command(superlink, workspace, silo, port=port or free_port(),
+                            root_certificates=root_certificates, insecure=insecure)
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(cmd, env=flower_env(flwr_home), start_new_session=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop([proc])
+
+
+# ---------------------------------------------------------------------------------------
+# submitting and following a run
+
+
+def _write_connection(flwr_home: Path, superlink: str, *, root_certificates: Path | None,
+                      insecure: bool) -> None:
+    lines = ["[superlink]", 'default = "fedlm"', "", "[superlink.fedlm]", f'address = "{superlink}"']
+    if insecure:
+        lines.append("insecure = true")
+    else:
+        lines.append(f'root-certificates = "{Path(str(root_certificates)).resolve()}"')
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def submit_run(superlink: str, run_config: dict[str, Any], *, flwr_home: Path,
+               root_certificates: Path | None = None, insecure: bool = False,
+               app_dir: Path = APP_DIR, timeout: float = 60.0) -> int:
+    """`flwr run APP_DIR` against `superlink`; returns the run id."""
+    _write_connection(flwr_home, superlink, root_certificates=root_certificates, insecure=insecure)
+    pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+    cmd = [str(BIN / "flwr"), "run", str(app_dir), "fedlm", "--format", "json", "--run-config", pairs]
+    try:
+        out = subprocess.run(cmd, env=flower_env(flwr_home), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"`flwr run` against SuperLink {superlink} did not answer in {timeout:.0f} s") from None
+    try:
+        payload = json.loads(out.stdout.strip().splitlines()[-1])
+        return int(payload["run-id"])
+    except (IndexError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        detail = (out.stderr or out.stdout).strip().replace("\n", " ")[-300:]
+        raise UserError(f"`{shlex.join(cmd)}` failed against SuperLink {superlink}: {detail}") from None
+
+
+def stop_run(superlink: str, run_id: int, *, flwr_home: Path) -> None:
+    """`flwr stop RUN_ID` (best effort: used when a run must not keep waiting)."""
+    subprocess.run([str(BIN / "flwr"), "stop", str(run_id), "fedlm"], env=flower_env(flwr_home),
+                   capture_output=True, timeout=30)
+
+
+def follow_run(run_dir: Path, *, timeout: float, on_round: RoundCallback | None = None,
+               procs: Sequence[subprocess.Popen[bytes]] = (), rounds: int = 0) -> dict[str, Any]:
+    """Wait (bounded) for the ServerApp's summary.json or error.json; replay new rounds to `on_round`."""
+    deadline = time.monotonic() + timeout
+    seen = 0
+    rounds_path = run_dir / "rounds.jsonl"
+    while True:
+        if rounds_path.exists():
+            lines = rounds_path.read_text().splitlines()
+            for line in lines[seen:]:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a line being written: read it next time
+                seen += 1
+                if on_round is not None:
+                    on_round(int(row["round"]), rounds, row)
+        if (run_dir / "error.json").exists():
+            raise UserError(json.loads((run_dir / "error.json").read_text())["error"])
+        if (run_dir / "summary.json").exists():
+            return dict(json.loads((run_dir / "summary.json").read_text()))
+        for p in procs:
+            if p.poll() is not None:
+                raise UserError(f"a Flower process ({_name(p)}) exited with code {p.returncode} mid-run")
+        if time.monotonic() > deadline:
+            raise UserError(f"the federated run did not finish within {timeout:.0f} s; see the logs beside {run_dir}")
+        time.sleep(0.5)
+
+
+def run_on_flower(cfg: Config, out_dir: Path, *, resume: bool = False, on_round: RoundCallback | None = None,
+                  superlink: str | None = None, root_certificates: Path | None = None,
+                  insecure: bool = False, logs_dir: Path | None = None) -> dict[str, Any]:
+    """Run a prepared run directory on the deployment engine (see module docstring)."""
+    out_dir = out_dir.resolve()
+    for stale in ("summary.json", "error.json"):
+        (out_dir / stale).unlink(missing_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="fedlm-flower-"))
+    logs = logs_dir or home / "logs"
+    procs: list[subprocess.Popen[bytes]] = []
+    fed = cfg.federation
+    try:
+        if superlink is None:  # a federation on this machine: loopback, no TLS needed
+            insecure, root_certificates = True, None
+            port = free_port()
+            superlink = f"127.0.0.1:{port}"
+            link = start_superlink(port=port, log_path=logs / "superlink.log", flwr_home=home / "superlink")
+            procs.append(link)
+            wait_superlink(superlink, insecure=True, proc=link, log_path=logs / "superlink.log")
+            workspace = Path(cfg.data.workspace)
+            for silo in run_silos(cfg):
+                procs.append(start_supernode(superlink, workspace, silo, port=free_port(),
+                                             log_path=logs / f"supernode-{silo}.log",
+                                             flwr_home=home / f"node-{silo}", insecure=True))
+        else:
+            wait_superlink(superlink, root_certificates=root_certificates, insecure=insecure)
+        run_id = submit_run(superlink, {"run-dir": str(out_dir), "resume": resume}, flwr_home=home / "cli",
+                            root_certificates=root_certificates, insecure=insecure)
+        # Per round: the wait, plus Flower's per-message process start and polling (≈20 s here).
+        budget = fed.round_timeout * (fed.rounds + 1) + 60.0 * (fed.rounds + 2)
+        try:
+            return follow_run(out_dir, timeout=budget, on_round=on_round, procs=procs, rounds=fed.rounds)
+        except BaseException:
+            stop_run(superlink, run_id, flwr_home=home / "cli")
+            raise
+    finally:
+        stop(procs)

@@ -1,0 +1,336 @@
+"""Federated runs: the server's rounds loop over a Flower `Grid`, on either engine.
+
+    summary = run_federated(load_config("fed.toml"), Path("runs/fed"))               # in process
+    summary = run_federated(cfg, Path("runs/fed"), resume=True)                       # after a stop
+    summary = run_federated(cfg, out, superlink="10.0.0.5:9092", root_certificates=ca)  # engine flower
+
+`run_rounds(grid, ...)` is the ServerApp's body, the same on both engines: ask every silo to
+check its shards (errors name the silo, before any round), then per round sample silos, send
+the global weights, wait at most `federation.round_timeout` seconds, drop silos that failed
+or timed out and reject bad updates (NaN/Inf, wrong names or shapes, norm above
+`federation.max_update_norm`), aggregate the rest if at least `federation.min_silos`
+remain, apply the server optimiser, write the round checkpoint atomically and one line to
+rounds.jsonl (who took part, loss, tokens, bytes each way, who dropped and why).
+
+A run directory holds config.toml, rounds.jsonl, checkpoint/ (global weights, server
+optimiser state, round), model/ and summary.json. A run stopped anywhere resumes from its
+last round checkpoint and ends bitwise-equal to an uninterrupted run: every silo's data
+order is seeded from (seed, silo, round) and the sample from (seed, round).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from safetensors.torch import load_file, save_file
+
+from fedlm.config import Config, config_to_toml, load_config, save_config
+from fedlm.data.shards import list_silos
+from fedlm.data.tokenizer import load_tokenizer, tokenizer_hash
+from fedlm.errors import UserError
+from fedlm.federation.client_app import expand_state, wire_names
+from fedlm.federation.grid import InProcessGrid, WireTap, wire_bytes
+from fedlm.federation.robust import aggregate, check_update
+from fedlm.federation.strategies import ServerOptimizer, sample_silos
+from fedlm.fileio import append_jsonl, atomic_dir, write_json, write_text
+from fedlm.modelio import save_model
+from fedlm.train import build_model
+
+log = logging.getLogger("fedlm.federation")
+
+RoundCallback = Callable[[int, int, dict[str, Any]], None]
+"""Called after each completed round with (round, rounds, the rounds.jsonl row)."""
+
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
+"""Set wherever Flower runs: no telemetry, no update check, no `uv sync` of a multi-GB torch."""
+
+
+# ---------------------------------------------------------------------------------------
+# the run directory
+
+
+def prepare_run_dir(cfg: Config, out_dir: Path, *, resume: bool) -> None:
+    """Check `out_dir` for a new run or a resume, and write the resolved config there."""
+    ckpt = out_dir / "checkpoint"
+    if resume:
+        if not ckpt.exists():
+            raise UserError(f"{out_dir}: no round checkpoint to resume from; run without --resume")
+        saved = out_dir / "config.toml"
+        if saved.exists() and load_config(saved) != cfg:
+            raise UserError(
+                f"{saved} differs from the config given to --resume; resume with `fedlm train {saved} --resume`"
+            )
+    elif ckpt.exists():
+        raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.toml")
+
+
+def save_round(ckpt_dir: Path, *, global_state: dict[str, torch.Tensor], optimizer: ServerOptimizer,
+               round_idx: int) -> None:
+    """Global weights, server optimiser state and the number of rounds done, replaced atomically."""
+    with atomic_dir(ckpt_dir) as tmp:
+        save_file({k: v.contiguous() for k, v in global_state.items()}, str(tmp / "global.safetensors"))
+        save_file({k: v.contiguous() for k, v in optimizer.state_dict().items()},
+                  str(tmp / "server_optimizer.safetensors"))
+        write_json(tmp / "state.json", {"round": round_idx})
+
+
+def load_round(ckpt_dir: Path, *, optimizer: ServerOptimizer) -> tuple[dict[str, torch.Tensor], int]:
+    """Restore what save_round wrote; returns (global weights, rounds done)."""
+    try:
+        state = json.loads((ckpt_dir / "state.json").read_text())
+        weights = load_file(str(ckpt_dir / "global.safetensors"))
+        optimizer.load_state_dict(load_file(str(ckpt_dir / "server_optimizer.safetensors")))
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise UserError(f"{ckpt_dir}: round checkpoint is missing or corrupt ({e}); start without --resume") from None
+    return weights, int(state["round"])
+
+
+def _truncate_rounds(path: Path, done: int) -> None:
+    """Keep the rounds.jsonl lines of the rounds a resume starts after (drop a torn last line)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["round"] <= done:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    write_text(path, "".join(line + "\n" for line in keep))
+
+
+def run_silos(cfg: Config) -> list[str]:
+    """The silos a federated config trains on: data.silos, or every silo of the workspace."""
+    workspace = Path(cfg.data.workspace)
+    silos = list(cfg.data.silos) or list_silos(workspace)
+    if not silos:
+        raise UserError(
+            f"{workspace}: no silos; list them in data.silos or prepare them with "
+            f"`fedlm data prepare SRC --silo NAME --workspace {workspace}`"
+        )
+    return silos
+
+
+# ---------------------------------------------------------------------------------------
+# before round 1: which node serves which silo, and are its shards usable
+
+
+def _reason(msg: Message) -> str:
+    """The exception text from a Flower error reply ("<class 'X'>:<'text'>" -> text)."""
+    reason = str(msg.error.reason)
+    if ":<'" in reason and reason.endswith("'>"):
+        return reason.split(":<'", 1)[1][:-2]
+    return reason
+
+
+def connect_silos(grid: Grid, silos: list[str], *, tokenizer_sha256: str, timeout: float) -> dict[str, int]:
+    """Wait (bounded) for the nodes, ask each to check its shards; {silo: node_id} or UserError."""
+    deadline = time.monotonic() + timeout
+    while len(list(grid.get_node_ids())) < len(silos):
+        if time.monotonic() > deadline:
+            found = len(list(grid.get_node_ids()))
+            raise UserError(
+                f"only {found} of {len(silos)} silos' SuperNodes connected within {timeout:.0f} s; "
+                f"start one per silo with `fedlm node --superlink HOST:PORT --workspace WS --silo NAME`"
+            )
+        time.sleep(0.5)
+    nodes = list(grid.get_node_ids())
+    config = ConfigRecord({"tokenizer-sha256": tokenizer_sha256})
+    msgs = [Message(RecordDict({"config": config}), node, "query", group_id="connect") for node in nodes]
+    replies = list(grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())))
+    node_of: dict[str, int] = {}
+    for reply in replies:
+        if reply.has_error():
+            raise UserError(_reason(reply))
+        name = str(reply.content.config_records["silo"]["silo"])
+        if name in node_of:
+            raise UserError(f"silo {name!r} is served by two SuperNodes; stop one of them")
+        node_of[name] = reply.metadata.src_node_id
+    missing = [s for s in silos if s not in node_of]
+    if missing:
+        raise UserError(
+            f"silo {missing[0]!r} did not answer within {timeout:.0f} s (answered: {', '.join(sorted(node_of)) or 'none'}); "
+            f"check its SuperNode (`fedlm node ... --silo {missing[0]}`) and its shards"
+        )
+    return {s: node_of[s] for s in silos}
+
+
+# ---------------------------------------------------------------------------------------
+# the rounds loop (the ServerApp's body on both engines)
+
+
+def run_rounds(grid: Grid, cfg: Config, run_dir: Path, *, resume: bool = False,
+               on_round: RoundCallback | None = None) -> dict[str, Any]:
+    """Run the config's federated rounds over `grid`; writes the run directory, returns the summary."""
+    fed = cfg.federation
+    workspace = Path(cfg.data.workspace)
+    tok_path = workspace / "tokenizer.json"
+    tok_sha = tokenizer_hash(tok_path)
+    silos = run_silos(cfg)
+    if fed.min_silos > len(silos):
+        raise UserError(f"federation.min_silos = {fed.min_silos} but the run has {len(silos)} silos; lower it")
+    model = build_model(cfg, load_tokenizer(tok_path).get_vocab_size())
+    names = wire_names(model)
+    state = model.state_dict()
+    global_state = {n: state[n].detach().clone() for n in names}
+    expected = {n: tuple(t.shape) for n, t in global_state.items()}
+    optimizer = ServerOptimizer(fed.strategy, lr=fed.server_lr, beta1=fed.server_beta1,
+                                beta2=fed.server_beta2, tau=fed.server_tau)
+    config_text = config_to_toml(cfg)  # vocab_size resolved: every silo builds the same model
+
+    ckpt_dir = run_dir / "checkpoint"
+    rounds_path = run_dir / "rounds.jsonl"
+    done = 0
+    if resume:
+        global_state, done = load_round(ckpt_dir, optimizer=optimizer)
+        _truncate_rounds(rounds_path, done)
+    else:
+        rounds_path.unlink(missing_ok=True)
+
+    node_of = connect_silos(grid, silos, tokenizer_sha256=tok_sha, timeout=fed.round_timeout)
+    silo_of = {node: silo for silo, node in node_of.items()}
+    t_run = time.perf_counter()
+    last_loss = float("nan")
+    for r in range(done, fed.rounds):
+        t0 = time.perf_counter()
+        sampled = sample_silos(silos, fraction=fed.fraction, round_idx=r, seed=cfg.train.seed)
+        config = ConfigRecord({"round": r, "fedlm-config": config_text, "tokenizer-sha256": tok_sha})
+        arrays = ArrayRecord(global_state)
+        msgs = [Message(RecordDict({"arrays": arrays, "config": config}), node_of[s], "train", group_id=str(r))
+                for s in sampled]
+        per_silo: dict[str, dict[str, float]] = {s: {"bytes_down": float(wire_bytes(m))} for s, m in zip(sampled, msgs, strict=True)}
+        replies = list(grid.send_and_receive(msgs, timeout=fed.round_timeout))
+
+        dropped: dict[str, str] = {}
+        accepted: dict[str, tuple[dict[str, torch.Tensor], float]] = {}
+        for reply in replies:
+            silo = silo_of.get(reply.metadata.src_node_id)
+            if silo is None or silo not in per_silo:
+                continue
+            per_silo[silo]["bytes_up"] = float(wire_bytes(reply))
+            if reply.has_error():
+                dropped[silo] = f"failed: {_reason(reply)}"
+                continue
+            update, metrics, why = _read_update(reply, expected, fed.max_update_norm)
+            per_silo[silo].update(metrics)
+            if why is not None:
+                dropped[silo] = f"rejected: {why}"
+            else:
+                accepted[silo] = (update, metrics["num_tokens"])
+        for silo in sampled:
+            if silo not in dropped and silo not in accepted:
+                dropped[silo] = f"timeout: no reply within {fed.round_timeout:g} s"
+        for silo, why in sorted(dropped.items()):
+            log.warning("round %d: silo %s dropped (%s)", r + 1, silo, why)
+
+        completed = len(accepted) >= fed.min_silos
+        if completed:
+            order = sorted(accepted)  # a fixed order: the sum is bitwise the same on both engines
+            agg = aggregate([accepted[s][0] for s in order], [accepted[s][1] for s in order],
+                            method=fed.aggregation, trim_fraction=fed.trim_fraction)
+            global_state = optimizer.apply(global_state, agg)
+            tokens = sum(accepted[s][1] for s in order)
+            last_loss = sum(per_silo[s]["loss"] * accepted[s][1] for s in order) / tokens
+        else:
+            log.warning("round %d skipped: %d of the %d sampled silos replied usable updates, "
+                        "federation.min_silos = %d", r + 1, len(accepted), len(sampled), fed.min_silos)
+        save_round(ckpt_dir, global_state=global_state, optimizer=optimizer, round_idx=r + 1)
+        seconds = time.perf_counter() - t0
+        slowest = max((per_silo[s].get("train_seconds", 0.0) for s in accepted), default=0.0)
+        row = {
+            "round": r + 1, "seconds": seconds, "completed": completed,
+            "overhead_seconds": seconds - slowest if completed else None,
+            "sampled": sampled, "silos": per_silo, "dropped": dropped,
+            "loss": last_loss if completed else None,
+        }
+        append_jsonl(rounds_path, row)
+        if on_round is not None:
+            on_round(r + 1, fed.rounds, row)
+
+    model.load_state_dict(expand_state(model, global_state))
+    save_model(model, run_dir / "model", tokenizer_path=tok_path)
+    summary = {
+        "mode": "federated", "engine": fed.engine, "rounds": fed.rounds, "rounds_run": fed.rounds - done,
+        "silos": silos, "strategy": fed.strategy, "loss": last_loss,
+        "seconds": time.perf_counter() - t_run,
+    }
+    write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def _read_update(reply: Message, expected: dict[str, tuple[int, ...]], max_norm: float
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, float], str | None]:
+    """The update and numeric metrics in a train reply, and why to reject it (None: accept)."""
+    content = reply.content
+    if set(content.keys()) != {"arrays", "metrics"} or "arrays" not in content.array_records \
+            or "metrics" not in content.metric_records:
+        return {}, {}, f"unexpected records {sorted(content.keys())}"
+    metrics: dict[str, float] = {}
+    for key, value in content.metric_records["metrics"].items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return {}, {}, f"non-numeric metric {key}"
+        metrics[key] = float(value)
+    tokens = metrics.get("num_tokens", float("nan"))
+    if not (math.isfinite(tokens) and tokens > 0):
+        return {}, metrics, f"num_tokens = {tokens}"
+    metrics.setdefault("loss", float("nan"))
+    update = content.array_records["arrays"].to_torch_state_dict()
+    return update, metrics, check_update(update, expected=expected, max_norm=max_norm)
+
+
+# ---------------------------------------------------------------------------------------
+# the entry point for `fedlm train` with train.mode = "federated"
+
+
+def run_federated(
+    cfg: Config, out_dir: Path, *, resume: bool = False, on_round: RoundCallback | None = None,
+    superlink: str | None = None, root_certificates: Path | None = None, insecure: bool = False,
+    client_app: ClientApp | None = None, on_wire: WireTap | None = None,
+) -> dict[str, Any]:
+    """Run a federated config on its engine; writes `out_dir` and returns the summary.
+
+    engine "inprocess": every silo of `cfg.data.workspace` trains in this process (one torch
+    thread each). engine "flower": starts a SuperLink and one SuperNode per silo on 127.0.0.1,
+    or uses the running SuperLink `superlink` (HOST:PORT, with `root_certificates` or
+    `insecure`), and submits the run with `flwr run`. `client_app` and `on_wire` are for
+    tests (a silo that misbehaves; a tap on every message) and apply in process only.
+    """
+    for key, value in FLOWER_ENV.items():
+        os.environ.setdefault(key, value)
+    prepare_run_dir(cfg, out_dir, resume=resume)
+    if cfg.federation.engine == "flower":
+        # deploy starts processes: imported only when used
+        from fedlm.federation.deploy import run_on_flower
+
+        return run_on_flower(cfg, out_dir, resume=resume, on_round=on_round, superlink=superlink,
+                             root_certificates=root_certificates, insecure=insecure)
+    from fedlm.federation.client_app import app as default_app
+
+    workspace = Path(cfg.data.workspace)
+    silos = run_silos(cfg)
+    nodes = {i + 1: {"workspace": str(workspace), "silo": s} for i, s in enumerate(silos)}
+    grid = InProcessGrid(client_app or default_app, nodes, on_wire=on_wire)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_rounds(grid, cfg, out_dir, resume=resume, on_round=on_round)
+    finally:
+        grid.close()
+        torch.set_num_threads(threads)

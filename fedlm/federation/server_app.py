@@ -1,0 +1,41 @@
+"""The Flower ServerApp: the rounds loop of `fedlm.federation.runner.run_rounds` behind `@app.main()`.
+
+    [tool.flwr.app.components] serverapp = "fedlm.federation.server_app:app"
+    flwr run fedlm/federation/flwr_app LINK --run-config 'run-dir="/abs/RUN" resume=false'
+
+The run directory (on the SuperLink's machine) already holds the resolved config.toml,
+written by `run_federated`; the ServerApp writes rounds.jsonl, checkpoint/, model/ and
+summary.json there, or error.json with the one-line message when the run fails on bad
+input (a silo with no shards, a tokenizer mismatch, too few SuperNodes), so the process
+that submitted the run can report it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedlm.config import load_config
+from fedlm.errors import UserError
+from fedlm.federation.runner import run_rounds
+from fedlm.fileio import write_json
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federated rounds the run directory's config.toml describes."""
+    logging.basicConfig(level=logging.INFO)
+    torch.set_num_threads(1)  # as in process: the server's arithmetic is the same bit for bit
+    run_dir = Path(str(context.run_config["run-dir"]))
+    resume = bool(context.run_config.get("resume", False))
+    try:
+        run_rounds(grid, load_config(run_dir / "config.toml"), run_dir, resume=resume)
+    except UserError as e:
+        write_json(run_dir / "error.json", {"error": str(e)})
+        raise
