@@ -61,6 +61,8 @@ class Event:
     finish_reason: str | None = None
     """None while running; "stop" (EOS or a stop string), "length", "cancelled" or "error"."""
     error: str | None = None
+    token_id: int | None = None
+    """The token generated in this step, if any (EOS included)."""
 
 
 class Sequence:
@@ -298,19 +300,19 @@ class Engine:
             seq.first_token_at = time.perf_counter()
         if token in self.eos_ids:
             seq.finished = True
-            self._emit(seq, Event(seq.decoder.flush(), 1, "stop"))
+            self._emit(seq, Event(seq.decoder.flush(), 0, "stop", token_id=token))
             return
         seq.generated += 1
         seq.last_token = token
         text, stopped = seq.decoder.push(token)
         if stopped:
             seq.finished = True
-            self._emit(seq, Event(text, 1, "stop"))
+            self._emit(seq, Event(text, 1, "stop", token_id=token))
         elif seq.generated >= p.max_tokens or seq.pos + 1 > self.max_len:
             seq.finished = True
-            self._emit(seq, Event(text + seq.decoder.flush(), 1, "length"))
+            self._emit(seq, Event(text + seq.decoder.flush(), 1, "length", token_id=token))
         else:
-            self._emit(seq, Event(text, 1))
+            self._emit(seq, Event(text, 1, token_id=token))
 
     def _emit(self, seq: Sequence, event: Event) -> None:
         if event.finish_reason is not None:
