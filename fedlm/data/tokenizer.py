@@ -1,0 +1,364 @@
+"""One byte-level BPE tokenizer that the silos agree on without showing each other their text.
+
+    agree_tokenizer(WS, vocab_size=8192, epsilon=1.0)   # -> WS/tokenizer.json, WS/tokenizer_privacy.json
+
+Each silo pre-tokenises its own `docs.jsonl` (GPT-2 style: the ByteLevel regex, then bytes mapped
+to 256 printable characters) and releases only pre-token counts:
+
+- `epsilon=None`: the exact occurrence counts (no privacy; the record says so). Training on the
+  sum of these gives exactly the tokenizer that training on the pooled raw text gives.
+- `epsilon=E`: document-level (E, delta)-DP counts. Each document counts once for each distinct
+  pre-token it contains, and for at most `max_pretokens_per_doc` (k) of them (its k most
+  frequent; ties broken by the pre-token), so adding or removing one document changes the
+  count vector by at most sqrt(k) in L2. The silo adds Gaussian noise calibrated for
+  (E, delta/2) and drops every pre-token whose noisy count is below a threshold that a
+  pre-token seen in a single document passes with probability <= delta/2 in total:
+  `fedlm.privacy.mechanisms.release_sparse_histogram` (Gopi et al. 2020, "Differentially
+  Private Set Union"; Korolova et al. 2009). The counts are then document frequencies, not
+  occurrence counts; BPE only needs their relative sizes. Each silo's data is disjoint, so each
+  silo spends (E, delta) on its own documents (parallel composition), once.
+
+The released counts are summed and BPE is trained on the sum with HF `tokenizers`. `tokenizers`
+has no API to train from counts, so each pre-token (already in the byte-level alphabet, which
+holds no whitespace) is fed `count` times, space-separated, to a trainer whose pre-tokenizer
+splits on whitespace: the trainer's word counts are then exactly the released counts. The
+trained model gets the ByteLevel pre-tokenizer and decoder back; the initial alphabet is all
+256 bytes, so any text encodes. `EOS` is the only special token, id 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from fedlm.errors import UserError
+from fedlm.fileio import write_json, write_text
+from fedlm.privacy.mechanisms import release_sparse_histogram
+
+EOS = "<|endoftext|>"
+"""End of text: id 0, the only special token; separates documents in shards."""
+
+DEFAULT_MAX_PRETOKENS_PER_DOC = 256
+"""Contribution bound k for DP counts: a document counts towards at most k distinct pre-tokens."""
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+"""The pre-tokenisation regex of `tokenizers`' ByteLevel (GPT-2's)."""
+
+_FEED_CHUNK_CHARS = 1 << 22  # strings handed to the trainer at a time (memory bound)
+
+
+def _byte_pre_tokenizer() -> pre_tokenizers.ByteLevel:
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (the ByteLevel alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
+
+
+BYTE_TO_CHAR = _bytes_to_unicode()
+CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a silo's documents
+
+
+def silo_docs_paths(workspace: Path) -> list[Path]:
+    """WS/silos/<silo>/docs.jsonl for every silo that has one, sorted by silo name."""
+    root = Path(workspace) / "silos"
+    if not root.is_dir():
+        return []
+    return sorted(p / "docs.jsonl" for p in root.iterdir() if (p / "docs.jsonl").is_file())
+
+
+def read_texts(docs_path: Path, on_bytes: Callable[[int], None] | None = None) -> Iterator[str]:
+    """Yield the `text` of each line of a docs.jsonl; `on_bytes(n)` after each line of n bytes."""
+    fix = "re-run `fedlm data prepare` for this silo"
+    with open(docs_path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if on_bytes is not None:
+                on_bytes(len(line))
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{docs_path}:{lineno}: not a JSON object with a 'text' field ({e}); {fix}") from e
+            if not isinstance(text, str):
+                raise UserError(f"{docs_path}:{lineno}: 'text' is not a string; {fix}")
+            yield text
+
+
+# ---------------------------------------------------------------------------------------------
+# Local counting (inside a silo)
+
+
+def count_pretokens(texts: Iterable[str], *, max_per_doc: int | None = None) -> Counter[str]:
+    """Pre-token counts of `texts`, pre-tokens in the ByteLevel alphabet (e.g. 'Ġthe').
+
+    max_per_doc None: occurrence counts. An int k: document counts, each document counting once
+    for each of its k most frequent distinct pre-tokens (ties broken by the pre-token itself,
+    so the choice depends on that document alone: the contribution bound DP needs).
+    """
+    split = _byte_pre_tokenizer().pre_tokenize_str
+    counts: Counter[str] = Counter()
+    for text in texts:
+        pieces = [p for p, _ in split(text)]
+        if max_per_doc is None:
+            counts.update(pieces)
+            continue
+        in_doc = Counter(pieces)
+        if len(in_doc) > max_per_doc:
+            kept = heapq.nsmallest(max_per_doc, in_doc.items(), key=lambda kv: (-kv[1], kv[0]))
+            counts.update(p for p, _ in kept)
+        else:
+            counts.update(in_doc.keys())
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Training from (released) counts
+
+
+def _new_bpe_trainer(vocab_size: int) -> trainers.BpeTrainer:
+    return trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+
+
+def _finish(tok: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    tok.pre_tokenizer = _byte_pre_tokenizer()
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def train_from_texts(texts: Iterable[str], *, vocab_size: int) -> tokenizers.Tokenizer:
+    """Byte-level BPE trained on raw text (the pooled reference; not private)."""
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = _byte_pre_tokenizer()
+    tok.train_from_iterator(texts, _new_bpe_trainer(vocab_size))
+    return _finish(tok)
+
+
+def _feed(counts: dict[str, int]) -> Iterator[str]:
+    """Each pre-token `count` times, space separated, in strings of about 4 M characters."""
+    buf: list[str] = []
+    size = 0
+    for piece, count in counts.items():
+        unit = piece + " "
+        per_chunk = max(1, _FEED_CHUNK_CHARS // len(unit))
+        while count > 0:
+            n = min(count, per_chunk)
+            buf.append(unit * n)
+            size += n * len(unit)
+            count -= n
+            if size >= _FEED_CHUNK_CHARS:
+                yield "".join(buf)
+                buf, size = [], 0
+    if buf:
+        yield "".join(buf)
+
+
+def train_from_counts(counts: dict[str, int], *, vocab_size: int) -> tokenizers.Tokenizer:
+    """Byte-level BPE trained on pre-token counts (pre-tokens in the ByteLevel alphabet)."""
+    tok = tokenizers.Tokenizer(models.BPE())
+    # The ByteLevel alphabet has no whitespace, so splitting on whitespace recovers each piece.
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.train_from_iterator(_feed(counts), _new_bpe_trainer(vocab_size))
+    return _finish(tok)
+
+
+# ---------------------------------------------------------------------------------------------
+# The agreement
+
+
+def agree_tokenizer(
+    workspace: Path,
+    *,
+    vocab_size: int,
+    epsilon: float | None = None,
+    delta: float = 1e-6,
+    seed: int | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    max_pretokens_per_doc: int = DEFAULT_MAX_PRETOKENS_PER_DOC,
+) -> dict:
+    """Train WS/tokenizer.json on the sum of each silo's released counts; return the privacy record.
+
+    epsilon None releases exact counts (no privacy). `seed` fixes the DP noise (tests only: a
+    known seed lets anyone subtract the noise, so it is never written to the record).
+    """
+    workspace = Path(workspace)
+    if vocab_size < 257:
+        raise UserError(
+            f"--vocab-size {vocab_size} is too small: a byte-level tokenizer needs at least "
+            f"257 (256 bytes + {EOS}); use e.g. 4096"
+        )
+    if epsilon is not None and not (epsilon > 0 and math.isfinite(epsilon)):
+        raise UserError(f"--epsilon {epsilon} must be a number > 0 (or leave it off for exact counts)")
+    if not 0.0 < delta < 1.0:
+        raise UserError(f"delta {delta} must be in (0, 1), e.g. 1e-6")
+    if max_pretokens_per_doc < 1:
+        raise UserError(f"max_pretokens_per_doc {max_pretokens_per_doc} must be >= 1")
+    paths = silo_docs_paths(workspace)
+    if not paths:
+        raise UserError(
+            f"no silos with docs.jsonl under {workspace / 'silos'}: run "
+            f"`fedlm data prepare SRC --silo NAME --workspace {workspace}` first"
+        )
+    start = time.perf_counter()
+    total_bytes = sum(p.stat().st_size for p in paths)
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if on_progress is not None:
+            on_progress(done, total_bytes)
+
+    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(paths))]
+    summed: Counter[str] = Counter()
+    silos: dict[str, dict] = {}
+    for path, rng in zip(paths, rngs, strict=True):
+        silo = path.parent.name
+        texts = read_texts(path, on_bytes=advance)
+        if epsilon is None:
+            released = count_pretokens(texts)
+            summed.update(released)
+            silos[silo] = {
+                "mechanism": "exact counts, no privacy",
+                "epsilon": None,
+                "delta": None,
+                "released_pretokens": len(released),
+            }
+            continue
+        doc_counts = count_pretokens(texts, max_per_doc=max_pretokens_per_doc)
+        rel = release_sparse_histogram(
+            doc_counts, epsilon=epsilon, delta=delta, max_keys=max_pretokens_per_doc, rng=rng
+        )
+        del doc_counts  # never leaves the silo
+        # Rounding is post-processing; every released count is > threshold >= 1.
+        summed.update({k: max(1, round(v)) for k, v in rel.counts.items()})
+        silos[silo] = {
+            "mechanism": "Gaussian sparse histogram with threshold (document-level DP)",
+            "epsilon": rel.epsilon,
+            "epsilon_requested": epsilon,
+            "delta": rel.delta,
+            "delta_noise": rel.delta_noise,
+            "delta_threshold": rel.delta_threshold,
+            "contribution_bound": {
+                "max_pretokens_per_doc": rel.max_keys,
+                "max_count_per_pretoken": rel.max_count,
+                "l2_sensitivity": rel.l2_sensitivity,
+            },
+            "noise_sigma": rel.sigma,
+            "threshold": rel.threshold,
+            "released_pretokens": len(rel.counts),
+        }
+    tok = train_from_counts(dict(summed), vocab_size=vocab_size)
+    tok_path = workspace / "tokenizer.json"
+    write_text(tok_path, tok.to_str(pretty=True))
+    record = {
+        "mode": "exact" if epsilon is None else "dp",
+        "note": "exact counts, no privacy"
+        if epsilon is None
+        else f"each silo released document-level ({epsilon}, {delta})-DP pre-token counts",
+        "vocab_size_requested": vocab_size,
+        "vocab_size": tok.get_vocab_size(),
+        "pretokens_summed": len(summed),
+        "tokenizer_sha256": tokenizer_hash(tok_path),
+        "seconds": round(time.perf_counter() - start, 3),
+        "silos": silos,
+    }
+    write_json(workspace / "tokenizer_privacy.json", record)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Using the agreed tokenizer
+
+
+def load_tokenizer(path: Path) -> tokenizers.Tokenizer:
+    """Load a fedlm tokenizer.json (UserError if missing, corrupt, or without EOS = id 0)."""
+    path = Path(path)
+    fix = "run `fedlm data tokenizer --workspace WS --vocab-size N`"
+    if not path.is_file():
+        raise UserError(f"no tokenizer at {path}: {fix}")
+    try:
+        tok = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        raise UserError(f"{path} is not a valid tokenizer.json ({e}); {fix} again") from e
+    if tok.token_to_id(EOS) != 0:
+        raise UserError(f"{path} has no {EOS} token with id 0, so it is not a fedlm tokenizer; {fix}")
+    return tok
+
+
+def tokenizer_hash(path: Path) -> str:
+    """sha256 of the canonical JSON (sorted keys, compact) of a tokenizer.json: formatting-proof."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read tokenizer {path} ({e}); run `fedlm data tokenizer` again") from e
+    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def token_byte_lengths(tok: tokenizers.Tokenizer) -> np.ndarray:
+    """UTF-8 byte length of each token id, shape (vocab_size,), int64; special tokens (EOS) are 0.
+
+    For bits per byte: sum over targets of these lengths is the byte length of the text.
+    """
+    special = set(tok.get_added_tokens_decoder())
+    out = np.zeros(tok.get_vocab_size(), dtype=np.int64)
+    for token, idx in tok.get_vocab().items():
+        if idx in special:
+            continue
+        if any(c not in CHAR_TO_BYTE for c in token):
+            raise UserError(f"token {token!r} (id {idx}) is not byte-level; not a fedlm tokenizer")
+        out[idx] = len(token)  # one ByteLevel character per byte
+    return out
+
+
+def bpe_ranks(tok: tokenizers.Tokenizer) -> tuple[dict[bytes, int], np.ndarray]:
+    """The tokenizer as tiktoken-style ranks: (bytes -> rank, rank -> token id).
+
+    Bytes rank 0..255; the result of merge m ranks 256 + m (the first merge that makes a
+    string wins, as in `tokenizers`' vocabulary). Used by shards' fast encoder.
+    """
+    model = json.loads(tok.to_str())["model"]
+    vocab: dict[str, int] = model["vocab"]
+    merges: list[list[str]] = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+    ranks: dict[bytes, int] = {}
+    rank_to_id = np.zeros(256 + len(merges), dtype=np.int64)
+    for b in range(256):
+        ranks[bytes([b])] = b
+        rank_to_id[b] = vocab[BYTE_TO_CHAR[b]]
+    for m, (left, right) in enumerate(merges):
+        key = bytes(CHAR_TO_BYTE[c] for c in left + right)
+        if key not in ranks:
+            ranks[key] = 256 + m
+            rank_to_id[256 + m] = vocab[left + right]
+    return ranks, rank_to_id
