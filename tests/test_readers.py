@@ -66,7 +66,7 @@ def test_jsonl_keeps_good_lines_and_reports_bad_ones(tmp_path: Path) -> None:
     docs, report = _docs(p, text_field="body")
     assert [d.split()[1] for d in docs] == ["0", "1", "4", "5", "6", "8", "9"]
     assert any("lines 3-4: not valid JSON" in e for e in report.errors)
-    assert any("lines 8: no string field 'body'" in e for e in report.errors)
+    assert any("line 8: no string field 'body'" in e for e in report.errors)
 
 
 def test_csv_column_and_missing_column(tmp_path: Path) -> None:

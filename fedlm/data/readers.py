@@ -233,6 +233,10 @@ def line_ranges(numbers: list[int], limit: int = 20) -> str:
     return ", ".join(ranges[:limit]) + more
 
 
+def _lines(numbers: list[int]) -> str:
+    return f"line{'s' if len(numbers) > 1 else ''} {line_ranges(numbers)}"
+
+
 def _read_bytes(path: Path) -> bytes:
     with open(path, "rb") as f:
         return f.read()
@@ -296,10 +300,10 @@ def _iter_json(text: str, suffix: str, text_field: str, report: FileReport,
         good += 1
         yield from _long_pieces(value, f"line {lineno}: ", report, max_doc_chars)
     if bad_json:
-        report.errors.append(f"lines {line_ranges(bad_json)}: not valid JSON, skipped "
+        report.errors.append(f"{_lines(bad_json)}: not valid JSON, skipped "
                              f"({good} good lines kept)")
     if no_field:
-        report.errors.append(f"lines {line_ranges(no_field)}: no string field {text_field!r}, "
+        report.errors.append(f"{_lines(no_field)}: no string field {text_field!r}, "
                              f"skipped ({good} good lines kept; set the text field)")
 
 
@@ -332,7 +336,7 @@ def _iter_csv(text: str, suffix: str, text_column: str, report: FileReport,
             continue
         yield from _long_pieces(row[col], f"line {reader.line_num}: ", report, max_doc_chars)
     if bad:
-        report.errors.append(f"lines {line_ranges(bad)}: malformed CSV rows or no "
+        report.errors.append(f"{_lines(bad)}: malformed CSV rows or no "
                              f"{text_column!r} value, skipped")
 
 
