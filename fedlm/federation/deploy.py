@@ -253,7 +253,7 @@ def submit_run(superlink: str, run_config: dict[str, Any], *, flwr_home: Path,
     except subprocess.TimeoutExpired:
         raise UserError(f"`flwr run` against SuperLink {superlink} did not answer in {timeout:.0f} s") from None
     try:
-        payload = json.loads(out.stdout.strip().splitlines()[-1])
+        payload = json.loads(out.stdout[out.stdout.index("{"):])
         return int(payload["run-id"])
     except (IndexError, json.JSONDecodeError, KeyError, TypeError, ValueError):
         detail = (out.stderr or out.stdout).strip().replace("\n", " ")[-300:]

@@ -1,0 +1,272 @@
+"""Federated runs in one process: the in-process Grid, the rounds loop, drop-outs, resume, the wire.
+
+Each test builds a throw-away workspace of three small silos and a model of a few thousand
+parameters, so a 2-3 round run takes about a second.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from safetensors.torch import load_file
+
+from fedlm.config import Config, build_config
+from fedlm.data.shards import shard_silo
+from fedlm.data.tokenizer import agree_tokenizer, load_tokenizer, tokenizer_hash
+from fedlm.errors import UserError
+from fedlm.federation import client_app as ca
+from fedlm.federation.grid import deserialise
+from fedlm.federation.runner import run_federated
+from fedlm.train import SiloBatches, build_model, local_update
+
+CANARY = "zqxCANARYvw7731"
+WORDS = {
+    "a": "court appeal judge statute contract tort verdict law".split(),
+    "b": "patient dose clinic symptom therapy nurse fever scan".split(),
+    "c": "kernel thread socket buffer compiler cache pointer heap".split(),
+}
+
+
+def make_ws(ws: Path, silos: tuple[str, ...] = ("a", "b", "c"), *, canary: str | None = None,
+            docs: int = 60) -> Path:
+    """A workspace of small silos (docs.jsonl, agreed tokenizer, shards); `canary` goes in the first."""
+    rng = random.Random(0)
+    for s in silos:
+        d = ws / "silos" / s
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / "docs.jsonl", "w") as f:
+            for i in range(docs):
+                text = " ".join(rng.choice(WORDS[s]) for _ in range(80))
+                if canary and s == silos[0] and i == 3:
+                    text += f" {canary} "
+                f.write(json.dumps({"text": text}) + "\n")
+    agree_tokenizer(ws, vocab_size=512)
+    for s in silos:
+        shard_silo(ws, s)
+    return ws
+
+
+def tiny_cfg(ws: Path, **fed: object) -> Config:
+    return build_config({
+        "data": {"workspace": str(ws)},
+        "model": {"preset": "custom", "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64,
+                  "max_seq_len": 32},
+        "train": {"batch_size": 4, "seq_len": 16, "mode": "federated", "warmup_steps": 2, "seed": 7},
+        "federation": {"rounds": 3, "local_steps": 2, "round_timeout": 30.0, **fed},
+    })
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_ws(tmp_path_factory.mktemp("ws"), canary=CANARY)
+
+
+def vocab(ws: Path) -> int:
+    return load_tokenizer(ws / "tokenizer.json").get_vocab_size()
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoint" / "global.safetensors"))
+
+
+def rounds(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
+
+
+def wrap(behave: dict[str, str], delay: float = 3.0) -> ClientApp:
+    """A ClientApp that delegates to fedlm's, except per silo: "raise", "nan" or "slow" in train."""
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return ca.app(msg, context)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        how = behave.get(str(context.node_config["silo"]))
+        if how == "raise":
+            raise RuntimeError("disk on fire")
+        if how == "slow":
+            time.sleep(delay)
+        reply = ca.app(msg, context)
+        if how == "nan":
+            arrays = reply.content.array_records["arrays"]
+            name = next(iter(arrays))
+            bad = arrays[name].numpy().copy()
+            bad.flat[0] = np.nan
+            from flwr.app import Array
+            arrays[name] = Array(bad)
+        return reply
+
+    return app
+
+
+def test_one_round_equals_fedavg_of_local_updates(ws: Path, tmp_path: Path) -> None:
+    """Round 1's global weights = w0 + mean of the silos' local updates weighted by tokens (numpy)."""
+    cfg = tiny_cfg(ws, rounds=1)
+    run_federated(cfg, tmp_path / "run")
+    got = weights(tmp_path / "run")
+
+    # Reference: the foundation's trainer run by hand for each silo, averaged with numpy.
+    ref_cfg = tiny_cfg(ws, rounds=1)
+    sha = tokenizer_hash(ws / "tokenizer.json")
+    model = build_model(ref_cfg, vocab(ws))
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    tc = ca.federated_train_config(ref_cfg)
+    updates, tokens = [], []
+    torch.set_num_threads(1)
+    for silo in ("a", "b", "c"):
+        data = SiloBatches.open([ws / "silos" / silo], seed=0, tokenizer_sha256=sha)
+        data.generator.manual_seed(ca.round_seed(7, silo, 0))
+        upd, m = local_update(build_model(ref_cfg, model.cfg.vocab_size), w0, data, tc, first_step=0, steps=2)
+        updates.append(upd)
+        tokens.append(m["num_tokens"])
+    for name, value in got.items():
+        ref = w0[name].numpy() + np.average(np.stack([u[name].numpy() for u in updates]), axis=0,
+                                            weights=tokens)
+        np.testing.assert_allclose(value.numpy(), ref, rtol=0, atol=1e-6)
+    assert set(got) == set(ca.wire_names(model))  # the tied head travels once
+
+
+def test_same_seed_bitwise_equal_and_resume(ws: Path, tmp_path: Path) -> None:
+    """Two runs with one seed give identical weights; a run stopped after round 1 and resumed too."""
+    cfg = tiny_cfg(ws, strategy="fedadam", server_lr=0.01)
+    run_federated(cfg, tmp_path / "full")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_1(r: int, total: int, row: dict) -> None:
+        if r == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_federated(tiny_cfg(ws, strategy="fedadam", server_lr=0.01), tmp_path / "cut", on_round=stop_after_1)
+    assert json.loads((tmp_path / "cut/checkpoint/state.json").read_text())["round"] == 1
+    with pytest.raises(UserError, match="--resume"):
+        run_federated(tiny_cfg(ws, strategy="fedadam", server_lr=0.01), tmp_path / "cut")
+    summary = run_federated(tiny_cfg(ws, strategy="fedadam", server_lr=0.01), tmp_path / "cut", resume=True)
+    assert summary["rounds_run"] == 2
+    full, cut = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+    assert [r["round"] for r in rounds(tmp_path / "cut")] == [1, 2, 3]
+    # and the saved model holds the same weights
+    model = load_file(str(next((tmp_path / "cut/model").glob("*.safetensors"))))
+    assert torch.equal(model["tok_emb.weight"], full["tok_emb.weight"])
+    # a third, uninterrupted run with the same seed
+    run_federated(tiny_cfg(ws, strategy="fedadam", server_lr=0.01), tmp_path / "again")
+    again = weights(tmp_path / "again")
+    assert all(torch.equal(full[k], again[k]) for k in full)
+
+
+def test_nan_update_rejected_and_logged(ws: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "fedlm.federation")
+    run_federated(tiny_cfg(ws, rounds=1, min_silos=2), tmp_path / "run", client_app=wrap({"b": "nan"}))
+    row = rounds(tmp_path / "run")[0]
+    assert row["completed"] and row["dropped"]["b"].startswith("rejected: non-finite")
+    assert "silo b dropped (rejected: non-finite" in caplog.text
+    assert all(torch.isfinite(t).all() for t in weights(tmp_path / "run").values())
+
+
+def test_crash_dropped_round_completes_or_skips(ws: Path, tmp_path: Path) -> None:
+    """A silo that raises is dropped; >= min_silos left completes the round, fewer skip it."""
+    run_federated(tiny_cfg(ws, rounds=1, min_silos=2), tmp_path / "ok", client_app=wrap({"c": "raise"}))
+    row = rounds(tmp_path / "ok")[0]
+    assert row["completed"] and set(row["dropped"]) == {"c"} and "disk on fire" in row["dropped"]["c"]
+    assert set(row["silos"]["a"]) >= {"loss", "num_tokens", "train_seconds", "bytes_up", "bytes_down"}
+
+    run_federated(tiny_cfg(ws, rounds=1, min_silos=3), tmp_path / "skip", client_app=wrap({"c": "raise"}))
+    assert not rounds(tmp_path / "skip")[0]["completed"]
+    cfg = tiny_cfg(ws, rounds=1)
+    w0 = build_model(cfg, vocab(ws)).state_dict()
+    assert all(torch.equal(w0[k], v) for k, v in weights(tmp_path / "skip").items())
+
+
+def test_timeout_drops_the_slow_silo(ws: Path, tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    run_federated(tiny_cfg(ws, rounds=1, min_silos=2, round_timeout=1.5), tmp_path / "run",
+                  client_app=wrap({"a": "slow"}, delay=4.0))
+    assert time.monotonic() - t0 < 4.0  # bounded by the timeout, not by the slow silo
+    row = rounds(tmp_path / "run")[0]
+    assert row["completed"] and row["dropped"]["a"].startswith("timeout")
+
+
+def test_what_crosses_the_wire(ws: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                               capfd: pytest.CaptureFixture[str]) -> None:
+    """Replies hold only the model's arrays (names, shapes) and numeric metrics; the canary is nowhere."""
+    caplog.set_level(logging.DEBUG)
+    wire: list[tuple[str, int, dict[str, bytes]]] = []
+    cfg = tiny_cfg(ws, rounds=2)
+    run_federated(cfg, tmp_path / "run", on_wire=lambda d, n, objs: wire.append((d, n, objs)))
+    model = build_model(tiny_cfg(ws), vocab(ws))
+    expected = {n: tuple(model.state_dict()[n].shape) for n in ca.wire_names(model)}
+    ups = [objs for d, _, objs in wire if d == "up"]
+    assert len(ups) == 3 + 3 * 2  # one check and two train replies per silo
+    canary = CANARY.encode()
+    for d, _, objs in wire:
+        assert not any(canary in b for b in objs.values()), f"canary in a {d} message"
+    trains = 0
+    for objs in ups:
+        root = next(oid for oid, b in objs.items() if b.startswith(b"Message"))
+        msg = deserialise(objs, root, "x")
+        assert not msg.has_error()
+        if msg.metadata.message_type == "train":
+            trains += 1
+            assert set(msg.content.keys()) == {"arrays", "metrics"}
+            arrays = msg.content.array_records["arrays"]
+            assert {k: tuple(a.shape) for k, a in arrays.items()} == expected
+            metrics = dict(msg.content.metric_records["metrics"])
+            assert set(metrics) == {"loss", "num_tokens", "train_seconds"}
+            assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values())
+        else:  # the pre-round check: the silo's name and token counts
+            assert msg.metadata.message_type == "query"
+            assert set(msg.content.keys()) == {"silo", "metrics"}
+            assert all(isinstance(v, (int, float)) for v in msg.content.metric_records["metrics"].values())
+    assert trains == 6
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file():
+            assert canary not in path.read_bytes(), f"canary in {path}"
+    out, err = capfd.readouterr()
+    assert CANARY not in caplog.text + out + err
+    for row in rounds(tmp_path / "run"):
+        for silo in "abc":
+            param_bytes = 4 * sum(math.prod(s) for s in expected.values())
+            assert row["silos"][silo]["bytes_down"] > param_bytes
+            assert row["silos"][silo]["bytes_up"] > param_bytes
+
+
+def test_bad_input_before_round_one(tmp_path: Path) -> None:
+    ws = make_ws(tmp_path / "ws", docs=30)
+    # a silo with no shards
+    (ws / "silos" / "d").mkdir()
+    (ws / "silos" / "d" / "docs.jsonl").write_text('{"text": "hello"}\n')
+    with pytest.raises(UserError, match="'d'"):
+        run_federated(tiny_cfg(ws, rounds=1), tmp_path / "r1")
+    assert not (tmp_path / "r1" / "rounds.jsonl").exists()
+    import shutil
+    shutil.rmtree(ws / "silos" / "d")
+    # a tokenizer mismatch: silo b's shards claim another tokenizer
+    meta_path = ws / "silos" / "b" / "meta.json"
+    good = meta_path.read_text()
+    meta = json.loads(good)
+    meta["tokenizer_sha256"] = "0" * 64
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="'b'.*tokenizer"):
+        run_federated(tiny_cfg(ws, rounds=1), tmp_path / "r2")
+    meta_path.write_text(good)
+    # corrupted shards: silo c's train.bin cut short
+    train_bin = ws / "silos" / "c" / "train.bin"
+    train_bin.write_bytes(train_bin.read_bytes()[:101])
+    with pytest.raises(UserError, match="'c'"):
+        run_federated(tiny_cfg(ws, rounds=1), tmp_path / "r3")
+    assert not (tmp_path / "r3" / "rounds.jsonl").exists()
