@@ -1,0 +1,111 @@
+"""Flower's deployment engine: real SuperLink and SuperNode processes on 127.0.0.1, and their errors.
+
+The slow test runs the same federated config in process and on a real SuperLink with three
+SuperNodes and checks the global weights are bitwise equal.
+"""
+
+from __future__ import annotations
+
+import datetime
+import http.server
+import ssl
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from safetensors.torch import load_file
+
+from fedlm.errors import UserError
+from fedlm.federation.deploy import free_port, supernode_command, wait_superlink
+from fedlm.federation.runner import run_federated
+from tests.test_federation import make_ws, rounds, tiny_cfg
+
+
+def _self_signed(dir: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (it is its own CA) and its key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    import ipaddress
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = dir / f"{name}.pem", dir / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_unreachable_superlink_names_the_endpoint() -> None:
+    address = f"127.0.0.1:{free_port()}"
+    with pytest.raises(UserError, match=f"SuperLink {address} is unreachable"):
+        wait_superlink(address, insecure=True, timeout=1.0)
+
+
+def test_tls_certificate_that_does_not_match(tmp_path: Path) -> None:
+    """A SuperLink whose certificate is not signed by the given CA: an error naming both, and the fix."""
+    server_cert, server_key = _self_signed(tmp_path, "server")
+    other_ca, _ = _self_signed(tmp_path, "other")
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), _Health)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(server_cert, server_key)
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    address = f"127.0.0.1:{httpd.server_address[1]}"
+    try:
+        wait_superlink(address, root_certificates=server_cert, timeout=5.0)  # the right CA: ready
+        with pytest.raises(UserError, match=f"SuperLink {address}: its TLS certificate does not verify"):
+            wait_superlink(address, root_certificates=other_ca, timeout=5.0)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    with pytest.raises(UserError, match="either --root-certificates FILE or --insecure"):
+        wait_superlink(address, root_certificates=server_cert, insecure=True)
+    with pytest.raises(UserError, match="no such file"):
+        wait_superlink(address, root_certificates=tmp_path / "missing.pem")
+
+
+def test_supernode_command_carries_the_silo(tmp_path: Path) -> None:
+    cmd = supernode_command("10.0.0.5:9092", tmp_path, "legal", port=9101, root_certificates=tmp_path / "ca.pem")
+    assert cmd[cmd.index("--node-config") + 1] == f'workspace="{tmp_path.resolve()}" silo="legal"'
+    assert cmd[cmd.index("--root-certificates") + 1] == str(tmp_path / "ca.pem")
+    assert "--insecure" not in cmd
+
+
+@pytest.mark.slow
+def test_flower_engine_bitwise_equal_to_in_process(tmp_path: Path) -> None:
+    """A real SuperLink + three SuperNodes on 127.0.0.1, 2 rounds: same global weights as in process."""
+    ws = make_ws(tmp_path / "ws")
+    run_federated(tiny_cfg(ws, rounds=2), tmp_path / "inprocess")
+    seen: list[int] = []
+    summary = run_federated(tiny_cfg(ws, rounds=2, engine="flower"), tmp_path / "flower",
+                            on_round=lambda r, n, row: seen.append(r))
+    assert summary["engine"] == "flower" and seen == [1, 2]
+    a = load_file(str(tmp_path / "inprocess/checkpoint/global.safetensors"))
+    b = load_file(str(tmp_path / "flower/checkpoint/global.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for row in rounds(tmp_path / "flower"):
+        assert row["completed"] and not row["dropped"]
+        assert all(s["bytes_up"] > 0 and s["bytes_down"] > 0 for s in row["silos"].values())
