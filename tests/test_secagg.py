@@ -1,0 +1,274 @@
+"""Secure aggregation: masks cancel, one masked update looks like uniform noise to the server,
+the sum equals plain FedAvg within the stated quantisation error, dropouts are recovered, and
+too few survivors is a clear error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from fedlm.federation.secagg import (
+    SecAggError,
+    SecAggServer,
+    client_masked_input,
+    client_setup,
+    client_share_keys,
+    client_unmask,
+    flatten,
+    prg,
+    run_secagg_round,
+    unflatten,
+)
+
+
+def _updates(n: int, dim: int, seed: int, scale: float = 0.01) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {f"silo{i}": (scale * rng.standard_normal(dim)).astype(np.float32) for i in range(n)}
+
+
+def _plain_sum(updates: dict[str, np.ndarray], silos: list[str]) -> np.ndarray:
+    return np.sum([updates[s].astype(np.float64) for s in silos], axis=0)
+
+
+def test_flatten_unflatten_round_trip() -> None:
+    u = {"b": torch.randn(3), "a.w": torch.randn(2, 4), "c": torch.randn(1, 1, 2)}
+    vec = flatten(u)
+    assert vec.dtype == np.float32 and vec.shape == (13,)
+    assert np.array_equal(vec[:8], u["a.w"].numpy().reshape(-1))  # sorted name order
+    back = unflatten(vec, {k: tuple(v.shape) for k, v in u.items()})
+    assert all(torch.equal(back[k], u[k]) for k in u)
+    with pytest.raises(ValueError):
+        unflatten(vec[:-1], {k: tuple(v.shape) for k, v in u.items()})
+
+
+@pytest.mark.parametrize("size", [1, 7, 65536, 200_001])
+def test_prg_is_the_aes_ctr_keystream(size: int) -> None:
+    """The blockwise PRG equals one-shot AES-256-CTR from `cryptography`."""
+    key = bytes(range(32))
+    enc = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+    ref = np.frombuffer(enc.update(bytes(4 * size)), dtype="<u4")
+    assert np.array_equal(prg(key, size), ref)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    n=st.integers(2, 5),
+    dim=st.integers(1, 300),
+    bits=st.integers(12, 32),
+    seed=st.integers(0, 2**16),
+)
+def test_masks_cancel_exactly(n: int, dim: int, bits: int, seed: int) -> None:
+    """Property: the unmasked sum is exactly the sum of the silos' quantised values.
+
+    The reference quantises each update in numpy by the stated rule, round(x / step), so any
+    mask residue (even one unit mod 2^bits) would show up as a difference.
+    """
+    ups = _updates(n, dim, seed, scale=0.3)
+    total, st_ = run_secagg_round(ups, clip_range=1.0, bits=bits)
+    step = 1.0 / ((2 ** (bits - 1) - 1) // n)
+    assert st_["step"] == step
+    q = sum(
+        np.rint(np.clip(u.astype(np.float64), -1, 1) / step).astype(np.int64) for u in ups.values()
+    )
+    np.testing.assert_array_equal(np.rint(total / step).astype(np.int64), q)
+    assert np.abs(total - q * step).max() <= 1e-9 * max(1.0, np.abs(total).max())
+
+
+def _stages_until_masked(
+    updates: dict[str, np.ndarray],
+) -> tuple[SecAggServer, dict[str, dict], dict[str, dict]]:
+    """Run stages 0-2 by hand; return the server, client states and masked replies."""
+    silos = sorted(updates)
+    dim = next(iter(updates.values())).size
+    server = SecAggServer(silos, dim=dim, clip_range=1.0)
+    req = server.setup_request()
+    states, replies = {}, {}
+    for s in silos:
+        states[s], replies[s] = client_setup(s, req)
+    req = server.receive_setup(replies)
+    for s in silos:
+        states[s], replies[s] = client_share_keys(states[s], req)
+    reqs = server.receive_share_keys(replies)
+    for s in silos:
+        states[s], replies[s] = client_masked_input(states[s], reqs[s], updates[s])
+    return server, states, replies
+
+
+def test_one_masked_update_is_uniform_noise_to_the_server() -> None:
+    """The server's view of one silo is uniform mod 2^32 and uncorrelated with its update,
+    both as received and after the server removed that silo's self mask at unmasking."""
+    dim = 50_000
+    ramp = np.linspace(-0.9, 0.9, dim, dtype=np.float32)  # a very structured update
+    ups = {"a": ramp, "b": np.zeros(dim, np.float32), "c": -ramp}
+    server, states, replies = _stages_until_masked(ups)
+    y = replies["a"]["masked"]
+    assert y.dtype == np.uint32 and y.shape == (dim,)
+    after_unmask = y - prg(states["a"]["b"], dim)  # what the server can compute once b_a is known
+    for view in (y, after_unmask):
+        u = view.astype(np.float64) / 2**32
+        assert stats.kstest(u, "uniform").pvalue > 1e-3
+        counts = np.bincount(view >> 24, minlength=256)  # top byte: 256 equal buckets
+        assert stats.chisquare(counts).pvalue > 1e-3
+        assert abs(np.corrcoef(u, ramp)[0, 1]) < 0.03
+    # whereas without masks the quantised ramp is anything but uniform
+    plain = np.rint(ramp / server.step).astype(np.int64).astype(np.uint32)
+    assert stats.kstest(plain.astype(np.float64) / 2**32, "uniform").pvalue < 1e-6
+    # and the protocol still finishes with the right sum
+    unmask_req = server.receive_masked_inputs(replies)
+    total = server.receive_unmask({s: client_unmask(states[s], unmask_req) for s in ups})
+    assert np.abs(total - _plain_sum(ups, list(ups))).max() <= 3 * server.step / 2
+
+
+def test_weighted_aggregate_equals_plain_fedavg_within_the_stated_bound() -> None:
+    """Silos mask w_i * x_i with public weights w_i = tokens_i / max tokens; the server divides
+    by the survivors' weight sum; the result is numpy.average within error_bound / weight_sum."""
+    ups = _updates(4, 20_000, seed=1, scale=0.05)
+    tokens = {"silo0": 4096, "silo1": 1024, "silo2": 2048, "silo3": 3000}
+    w = {s: t / max(tokens.values()) for s, t in tokens.items()}
+    total, st_ = run_secagg_round(ups, weights=w, clip_range=0.5)
+    assert st_["clipped_values"] == 0
+    fedavg = total / st_["weight_sum"]
+    silos = sorted(ups)
+    ref = np.average(
+        np.stack([ups[s] for s in silos]).astype(np.float64),
+        axis=0,
+        weights=[tokens[s] for s in silos],
+    )
+    err = np.abs(fedavg - ref).max()
+    assert err <= st_["error_bound"] / st_["weight_sum"] * (1 + 1e-6)
+    assert st_["error_bound"] < 1e-8  # 32 bits, 4 silos, clip 0.5
+
+
+@pytest.mark.parametrize("bits", [32, 24, 16])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_error_bound_holds_for_each_rounding_and_width(bits: int, rounding: str) -> None:
+    ups = _updates(3, 5000, seed=bits, scale=0.2)
+    total, st_ = run_secagg_round(ups, clip_range=1.0, bits=bits, rounding=rounding, seed=3)  # type: ignore[arg-type]
+    err = np.abs(total - _plain_sum(ups, sorted(ups))).max()
+    assert err <= st_["error_bound"] * (1 + 1e-6)
+    assert st_["error_bound"] == pytest.approx(
+        3 * (0.5 if rounding == "nearest" else 1.0) * st_["step"]
+    )
+
+
+def test_clipping_is_counted_and_bounded() -> None:
+    ups = {
+        "a": np.array([2.0, -3.0, 0.5], np.float32),
+        "b": np.zeros(3, np.float32),
+        "c": np.zeros(3, np.float32),
+    }
+    total, st_ = run_secagg_round(ups, clip_range=1.0)
+    assert st_["clipped_values"] == 2
+    np.testing.assert_allclose(total, [1.0, -1.0, 0.5], atol=st_["error_bound"])
+
+
+@pytest.mark.parametrize("dropped", ["silo0", "silo1", "silo2"])
+def test_one_of_three_dropping_after_masking_is_recovered(dropped: str) -> None:
+    """A silo that shared keys but whose masked vector never arrives: the server rebuilds its
+    pairwise masks from the other two silos' shares; the sum is the other two's, exactly."""
+    ups = _updates(3, 10_000, seed=5)
+    total, st_ = run_secagg_round(ups, dropouts_after_masking={dropped}, clip_range=1.0)
+    kept = [s for s in sorted(ups) if s != dropped]
+    assert st_["counted"] == kept and st_["dropped"] == [dropped] and st_["threshold"] == 2
+    assert np.abs(total - _plain_sum(ups, kept)).max() <= st_["error_bound"] * (1 + 1e-6)
+    assert st_["error_bound"] == pytest.approx(2 * 0.5 * st_["step"])
+
+
+def test_a_silo_vanishing_at_unmask_still_counts() -> None:
+    """Its masked vector arrived; its self mask comes from the other silos' shares of b."""
+    ups = _updates(3, 10_000, seed=6)
+    total, st_ = run_secagg_round(ups, dropouts_at_unmask={"silo1"}, clip_range=1.0)
+    assert st_["counted"] == sorted(ups)
+    assert np.abs(total - _plain_sum(ups, sorted(ups))).max() <= st_["error_bound"] * (1 + 1e-6)
+
+
+def test_six_silos_two_dropped_with_threshold_four() -> None:
+    ups = _updates(6, 3000, seed=7)
+    total, st_ = run_secagg_round(ups, dropouts_after_masking={"silo2", "silo5"}, clip_range=1.0)
+    kept = ["silo0", "silo1", "silo3", "silo4"]
+    assert st_["threshold"] == 4 and st_["counted"] == kept
+    assert np.abs(total - _plain_sum(ups, kept)).max() <= st_["error_bound"] * (1 + 1e-6)
+
+
+def test_fewer_survivors_than_the_threshold_is_a_clear_error() -> None:
+    ups = _updates(3, 100, seed=8)
+    with pytest.raises(
+        SecAggError, match=r"1 of 3 silos sent masked updates, fewer than the threshold 2"
+    ):
+        run_secagg_round(ups, dropouts_after_masking={"silo0", "silo2"}, clip_range=1.0)
+    with pytest.raises(
+        SecAggError, match=r"answered the unmask request, fewer than the threshold 3"
+    ):
+        run_secagg_round(ups, threshold=3, dropouts_at_unmask={"silo1"}, clip_range=1.0)
+
+
+def test_an_honest_silo_refuses_to_help_unmask_one_silo() -> None:
+    """A silo never unmasks with fewer than t survivors, nor when counted as dropped itself;
+    for each peer it reveals either the share of b or of the mask key, never both."""
+    ups = _updates(3, 50, seed=9)
+    _server, states, _ = _stages_until_masked(ups)
+    with pytest.raises(SecAggError, match="fewer than the threshold"):
+        client_unmask(states["silo0"], {"survivors": ["silo0"]})
+    with pytest.raises(SecAggError, match="counts this silo as dropped"):
+        client_unmask(states["silo0"], {"survivors": ["silo1", "silo2"]})
+    rep = client_unmask(states["silo0"], {"survivors": ["silo0", "silo1"]})
+    assert rep["b_src"] == ["silo0", "silo1"] and rep["sk_src"] == ["silo2"]
+    assert not set(rep["b_src"]) & set(rep["sk_src"])
+
+
+@pytest.mark.parametrize(
+    ("silos", "threshold", "bits", "needle"),
+    [
+        (["a"], None, 32, "at least 2 silos"),
+        (["a", "b", "c", "d"], 2, 32, "threshold 2 must be in (2, 4]"),
+        (["a", "b", "c"], 4, 32, "threshold 4"),
+        (["a", "b", "c"], None, 40, "bits = 40"),
+    ],
+)
+def test_bad_parameters_are_named(
+    silos: list[str], threshold: int | None, bits: int, needle: str
+) -> None:
+    with pytest.raises(SecAggError) as e:
+        SecAggServer(silos, dim=4, clip_range=1.0, threshold=threshold, bits=bits)
+    assert needle in str(e.value)
+
+
+def test_tampered_messages_are_refused() -> None:
+    ups = _updates(3, 10, seed=10)
+    silos = sorted(ups)
+    server = SecAggServer(silos, dim=10, clip_range=1.0)
+    req = server.setup_request()
+    states, replies = {}, {}
+    for s in silos:
+        states[s], replies[s] = client_setup(s, req)
+    bcast = server.receive_setup(replies)
+    swapped = {**bcast, "c_pk": [bcast["c_pk"][1], bcast["c_pk"][0], bcast["c_pk"][2]]}
+    with pytest.raises(SecAggError, match="wrong public key"):
+        client_share_keys(states["silo0"], swapped)
+    dup = {**bcast, "s_pk": [bcast["s_pk"][0]] * 3}
+    with pytest.raises(SecAggError, match="not distinct"):
+        client_share_keys(states["silo0"], dup)
+    for s in silos:
+        states[s], replies[s] = client_share_keys(states[s], bcast)
+    reqs = server.receive_share_keys(replies)
+    with pytest.raises(SecAggError, match="update has 9 values"):
+        client_masked_input(states["silo0"], reqs["silo0"], np.zeros(9, np.float32))
+    with pytest.raises(SecAggError, match="non-finite"):
+        client_masked_input(states["silo0"], reqs["silo0"], np.full(10, np.nan, np.float32))
+    misrouted = {"src": reqs["silo0"]["src"], "ciphertexts": reqs["silo1"]["ciphertexts"]}
+    with pytest.raises(Exception):  # noqa: B017 - a share for another silo does not decrypt
+        client_masked_input(states["silo0"], misrouted, ups["silo0"])
+
+
+def test_round_stats_report_bytes_and_seconds() -> None:
+    ups = _updates(3, 1000, seed=11)
+    _, st_ = run_secagg_round(ups, clip_range=1.0)
+    for s in ups:
+        assert st_["bytes_up"][s] >= 4 * 1000  # the masked vector
+        assert st_["bytes_down"][s] > 0 and st_["client_seconds"][s] > 0
+    assert st_["server_seconds"] > 0
