@@ -11,6 +11,8 @@ the same tokens whatever else touched torch's global RNG.
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -18,6 +20,24 @@ from torch import Tensor
 
 from fedlm.errors import UserError
 from fedlm.model import KVCache, Transformer
+
+
+def quantize_int8(model: Transformer) -> Transformer:
+    """A copy of `model` for fast CPU decoding: every Linear's weights in int8 (dynamic quantisation).
+
+    Decoding at batch 1 reads every weight once per token, so it runs at memory speed;
+    int8 weights are 4x fewer bytes than fp32 (about 2x the tokens/s of the fp32 model on a
+    laptop-class CPU). Logits move by about 1-5%, so greedy text can differ from fp32's.
+    """
+    # torch.ao.quantization is deprecated in favour of torchao but still works and needs
+    # no extra package; its warning is not the user's concern.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8
+        )
+    assert isinstance(quantized, Transformer)
+    return quantized.eval()
 
 
 def filter_logits(logits: Tensor, *, top_k: int = 0, top_p: float = 1.0) -> Tensor:

@@ -9,7 +9,7 @@ import torch
 
 from fedlm.config import ModelConfig
 from fedlm.errors import UserError
-from fedlm.generate import filter_logits, generate, sample_next
+from fedlm.generate import filter_logits, generate, quantize_int8, sample_next
 from fedlm.model import KVCache, Transformer
 
 
@@ -144,3 +144,16 @@ def test_sampling_frequencies_follow_the_renormalised_distribution() -> None:
     assert counts[0] == counts[2] == counts[4] == 0
     assert abs(counts[1].item() / 4000 - 5 / 7) < 0.03  # ~4 standard errors
     assert sample_next(logits, temperature=0, top_k=0, top_p=1.0, generator=None) == 1
+
+
+def test_int8_copy_stays_close_and_leaves_the_original() -> None:
+    torch.manual_seed(0)  # the standard init: activations of a realistic scale
+    model = Transformer(make_model().cfg).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    q = quantize_int8(model)
+    idx = torch.randint(0, 97, (1, 20))
+    with torch.no_grad():
+        ref, got = model(idx), q(idx)
+    assert (got - ref).abs().max() < 0.1 * ref.abs().max()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert len(list(generate(q, [1, 2, 3], max_new_tokens=5, temperature=0))) == 5
