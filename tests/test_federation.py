@@ -270,3 +270,30 @@ def test_bad_input_before_round_one(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="'c'"):
         run_federated(tiny_cfg(ws, rounds=1), tmp_path / "r3")
     assert not (tmp_path / "r3" / "rounds.jsonl").exists()
+
+
+def test_secure_aggregation_equals_fedavg_and_survives_a_dropout(ws: Path, tmp_path: Path) -> None:
+    """SecAgg rounds give plain FedAvg's weights within the quantisation error, also when one silo of
+    three drops after sharing its keys (its pairwise masks are rebuilt from the others' shares)."""
+    run_federated(tiny_cfg(ws, rounds=1), tmp_path / "plain")
+    run_federated(tiny_cfg(ws, rounds=1, secure_aggregation=True), tmp_path / "secagg")
+    plain, sec = weights(tmp_path / "plain"), weights(tmp_path / "secagg")
+    # 3 silos, 32 bits, clip 1.0: step = 1 / ((2**31 - 1) // 3) ≈ 1.4e-9, far below fp32 rounding of w
+    for k in plain:
+        np.testing.assert_allclose(sec[k].numpy(), plain[k].numpy(), rtol=1e-6, atol=1e-7)
+    row = rounds(tmp_path / "secagg")[0]
+    assert row["completed"] and not row["dropped"] and row["silos"]["a"]["num_tokens"] == 128
+
+    def drop_c_after_keys(msg: Message, context: Context) -> Message:
+        if context.node_config["silo"] == "c" and msg.metadata.message_type in ("train", "train.secagg_input"):
+            raise RuntimeError("link down")
+        return ca.app(msg, context)
+
+    run_federated(tiny_cfg(ws, rounds=1, min_silos=2), tmp_path / "plain-ab", client_app=drop_c_after_keys)
+    run_federated(tiny_cfg(ws, rounds=1, min_silos=2, secure_aggregation=True), tmp_path / "secagg-ab",
+                  client_app=drop_c_after_keys)
+    row = rounds(tmp_path / "secagg-ab")[0]
+    assert row["completed"] and set(row["dropped"]) == {"c"} and "secagg_input" in row["dropped"]["c"]
+    plain, sec = weights(tmp_path / "plain-ab"), weights(tmp_path / "secagg-ab")
+    for k in plain:
+        np.testing.assert_allclose(sec[k].numpy(), plain[k].numpy(), rtol=1e-6, atol=1e-7)

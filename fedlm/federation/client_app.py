@@ -11,6 +11,12 @@ or the node config the in-process Grid gives each virtual node. Message types:
   the silo's train split from them, reply with the update (local − global; an ArrayRecord
   keyed by the model's parameter names) and numeric metrics (loss, num_tokens,
   train_seconds). Nothing else leaves the silo: no text, no token ids, no file names.
+- `train.secagg_setup`, `train.secagg_keys`, `train.secagg_input`, `train.secagg_unmask`:
+  the four stages of secure aggregation (`fedlm.federation.secagg`) when
+  `federation.secure_aggregation` is on. `secagg_input` trains as `train` does, checks the
+  update itself (the server cannot), and replies with it masked and quantised instead.
+  The silo's secrets between stages live in `Context.state` (kept on the node; the only
+  state that survives between messages on the deployment engine).
 
 The data order is seeded from (train.seed, silo, round), so a silo's update depends only on
 the global weights and the round, on either engine and after a resume.
@@ -25,13 +31,16 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlm.config import Config, TrainConfig, build_config
 from fedlm.data.shards import open_split
 from fedlm.errors import UserError
+from fedlm.federation import secagg
+from fedlm.federation.robust import check_update
 from fedlm.model import Transformer
 from fedlm.train import SiloBatches, build_model, local_update
 
@@ -169,3 +178,80 @@ def train(msg: Message, context: Context) -> Message:
     )
     content = RecordDict({"arrays": ArrayRecord(update), "metrics": MetricRecord(metrics)})  # type: ignore[arg-type]
     return Message(content, reply_to=msg)
+
+
+# ---------------------------------------------------------------------------------------
+# secure aggregation: the protocol's messages (dicts of bytes, str, numbers, lists, ndarrays)
+# travel as a ConfigRecord "secagg" plus an ArrayRecord "secagg-arrays" for the ndarrays
+
+
+def to_records(msg: secagg.Msg) -> RecordDict:
+    """A secagg message as Flower records."""
+    arrays = {k: Array(np.ascontiguousarray(v)) for k, v in msg.items() if isinstance(v, np.ndarray)}
+    rest = {k: v for k, v in msg.items() if not isinstance(v, np.ndarray)}
+    out = RecordDict({"secagg": ConfigRecord(rest)})
+    if arrays:
+        out["secagg-arrays"] = ArrayRecord(arrays)
+    return out
+
+
+def from_records(content: RecordDict) -> secagg.Msg:
+    """The secagg message in a message's content (inverse of `to_records`)."""
+    msg: secagg.Msg = dict(content.config_records["secagg"])
+    if "secagg-arrays" in content.array_records:
+        msg.update({k: a.numpy() for k, a in content.array_records["secagg-arrays"].items()})
+    return msg
+
+
+def _secagg_state(context: Context) -> secagg.Msg:
+    if "secagg" not in context.state.config_records:
+        raise secagg.SecAggError("secure aggregation stage out of order: this silo has no keys for the round")
+    return dict(context.state.config_records["secagg"])
+
+
+@app.train("secagg_setup")
+def secagg_setup(msg: Message, context: Context) -> Message:
+    """Stage 0: fresh key pairs and self-mask seed for this round; reply with the public keys."""
+    state, reply = secagg.client_setup(silo_dir(context.node_config).name, from_records(msg.content))
+    context.state["secagg"] = ConfigRecord(state)
+    return Message(to_records(reply), reply_to=msg)
+
+
+@app.train("secagg_keys")
+def secagg_keys(msg: Message, context: Context) -> Message:
+    """Stage 1: Shamir-share the secrets, each share encrypted for its holder."""
+    state, reply = secagg.client_share_keys(_secagg_state(context), from_records(msg.content))
+    context.state["secagg"] = ConfigRecord(state)
+    return Message(to_records(reply), reply_to=msg)
+
+
+@app.train("secagg_input")
+def secagg_input(msg: Message, context: Context) -> Message:
+    """Stage 2: train, check the update, reply with weight × update masked (and the metrics)."""
+    record, cfg, text = _config(msg)
+    arrays = msg.content.array_records["arrays"].to_torch_state_dict()
+    update, metrics = train_silo(
+        arrays, cfg=cfg, config_text=text, round_idx=int(record["round"]),  # type: ignore[arg-type]
+        path=silo_dir(context.node_config), tokenizer_sha256=str(record["tokenizer-sha256"]),
+        node_id=context.node_id,
+    )
+    why = check_update(update, expected={k: tuple(v.shape) for k, v in arrays.items()},
+                       max_norm=cfg.federation.max_update_norm)
+    if why is not None:
+        raise ValueError(f"update rejected before masking: {why}")
+    weight = metrics["num_tokens"] / float(record["weight-ref"])  # type: ignore[arg-type]
+    state, reply = secagg.client_masked_input(
+        _secagg_state(context), from_records(msg.content), secagg.flatten(update), weight=weight
+    )
+    context.state["secagg"] = ConfigRecord(state)
+    content = to_records(reply)
+    content["metrics"] = MetricRecord(metrics)  # type: ignore[arg-type]
+    return Message(content, reply_to=msg)
+
+
+@app.train("secagg_unmask")
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    """Stage 3: shares of the survivors' self-mask seeds and of the dropped silos' mask keys."""
+    reply = secagg.client_unmask(_secagg_state(context), from_records(msg.content))
+    del context.state["secagg"]  # the round's secrets are not needed again
+    return Message(to_records(reply), reply_to=msg)

@@ -68,7 +68,7 @@ class InProcessGrid(Grid):
 
     def __init__(
         self,
-        client_app: ClientApp,
+        client_app: ClientApp | Callable[[Message, Context], Message],
         nodes: Mapping[int, NodeConfig],
         *,
         run_id: int = 1,

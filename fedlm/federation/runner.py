@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from safetensors.torch import load_file, save_file
@@ -39,10 +39,11 @@ from fedlm.config import Config, config_to_toml, load_config, save_config
 from fedlm.data.shards import list_silos
 from fedlm.data.tokenizer import load_tokenizer, tokenizer_hash
 from fedlm.errors import UserError
-from fedlm.federation.client_app import expand_state, wire_names
+from fedlm.federation import secagg
+from fedlm.federation.client_app import expand_state, from_records, to_records, wire_names
 from fedlm.federation.grid import InProcessGrid, WireTap, wire_bytes
 from fedlm.federation.robust import aggregate, check_update
-from fedlm.federation.strategies import ServerOptimizer, sample_silos
+from fedlm.federation.strategies import ServerOptimizer, num_sampled, sample_silos
 from fedlm.fileio import append_jsonl, atomic_dir, write_json, write_text
 from fedlm.modelio import save_model
 from fedlm.train import build_model
@@ -204,56 +205,38 @@ def run_rounds(grid: Grid, cfg: Config, run_dir: Path, *, resume: bool = False,
     else:
         rounds_path.unlink(missing_ok=True)
 
+    if fed.secure_aggregation:
+        if fed.aggregation != "mean":
+            raise UserError(f"federation.aggregation = {fed.aggregation!r} needs each silo's update, which "
+                            "secure aggregation hides; use aggregation = \"mean\" or turn secure_aggregation off")
+        if num_sampled(len(silos), fed.fraction) < 2:
+            raise UserError("federation.secure_aggregation needs at least 2 silos per round; raise federation.fraction")
+    planned_tokens = fed.local_steps * cfg.train.grad_accum * cfg.train.batch_size * cfg.train.seq_len
     node_of = connect_silos(grid, silos, tokenizer_sha256=tok_sha, timeout=fed.round_timeout)
-    silo_of = {node: silo for silo, node in node_of.items()}
     t_run = time.perf_counter()
     last_loss = float("nan")
     for r in range(done, fed.rounds):
         t0 = time.perf_counter()
         sampled = sample_silos(silos, fraction=fed.fraction, round_idx=r, seed=cfg.train.seed)
-        config = ConfigRecord({"round": r, "fedlm-config": config_text, "tokenizer-sha256": tok_sha})
+        config = ConfigRecord({"round": r, "fedlm-config": config_text, "tokenizer-sha256": tok_sha,
+                               "weight-ref": float(planned_tokens)})
         arrays = ArrayRecord(global_state)
-        msgs = [Message(RecordDict({"arrays": arrays, "config": config}), node_of[s], "train", group_id=str(r))
-                for s in sampled]
-        per_silo: dict[str, dict[str, float]] = {s: {"bytes_down": float(wire_bytes(m))} for s, m in zip(sampled, msgs, strict=True)}
-        replies = list(grid.send_and_receive(msgs, timeout=fed.round_timeout))
-
-        dropped: dict[str, str] = {}
-        accepted: dict[str, tuple[dict[str, torch.Tensor], float]] = {}
-        for reply in replies:
-            silo = silo_of.get(reply.metadata.src_node_id)
-            if silo is None or silo not in per_silo:
-                continue
-            per_silo[silo]["bytes_up"] = float(wire_bytes(reply))
-            if reply.has_error():
-                dropped[silo] = f"failed: {_reason(reply)}"
-                continue
-            update, metrics, why = _read_update(reply, expected, fed.max_update_norm)
-            per_silo[silo].update(metrics)
-            if why is not None:
-                dropped[silo] = f"rejected: {why}"
-            else:
-                accepted[silo] = (update, metrics["num_tokens"])
-        for silo in sampled:
-            if silo not in dropped and silo not in accepted:
-                dropped[silo] = f"timeout: no reply within {fed.round_timeout:g} s"
+        exchange = _secagg_round if fed.secure_aggregation else _plain_round
+        agg, tokens_of, per_silo, dropped = exchange(
+            grid, r, sampled, node_of=node_of, arrays=arrays, config=config, expected=expected, cfg=cfg)
         for silo, why in sorted(dropped.items()):
             log.warning("round %d: silo %s dropped (%s)", r + 1, silo, why)
-
-        completed = len(accepted) >= fed.min_silos
-        if completed:
-            order = sorted(accepted)  # a fixed order: the sum is bitwise the same on both engines
-            agg = aggregate([accepted[s][0] for s in order], [accepted[s][1] for s in order],
-                            method=fed.aggregation, trim_fraction=fed.trim_fraction)
+        completed = agg is not None
+        if agg is not None:
             global_state = optimizer.apply(global_state, agg)
-            tokens = sum(accepted[s][1] for s in order)
-            last_loss = sum(per_silo[s]["loss"] * accepted[s][1] for s in order) / tokens
+            tokens = sum(tokens_of.values())
+            last_loss = sum(per_silo[s]["loss"] * n for s, n in tokens_of.items()) / tokens
         else:
-            log.warning("round %d skipped: %d of the %d sampled silos replied usable updates, "
-                        "federation.min_silos = %d", r + 1, len(accepted), len(sampled), fed.min_silos)
+            log.warning("round %d skipped: %d of the %d sampled silos sent usable updates, "
+                        "federation.min_silos = %d", r + 1, len(tokens_of), len(sampled), fed.min_silos)
         save_round(ckpt_dir, global_state=global_state, optimizer=optimizer, round_idx=r + 1)
         seconds = time.perf_counter() - t0
-        slowest = max((per_silo[s].get("train_seconds", 0.0) for s in accepted), default=0.0)
+        slowest = max((per_silo[s].get("train_seconds", 0.0) for s in tokens_of), default=0.0)
         row = {
             "round": r + 1, "seconds": seconds, "completed": completed,
             "overhead_seconds": seconds - slowest if completed else None,
@@ -273,6 +256,117 @@ def run_rounds(grid: Grid, cfg: Config, run_dir: Path, *, resume: bool = False,
     }
     write_json(run_dir / "summary.json", summary)
     return summary
+
+
+Exchange = tuple[dict[str, torch.Tensor] | None, dict[str, float], dict[str, dict[str, float]], dict[str, str]]
+"""(aggregated update or None when the round is skipped, {counted silo: tokens}, per-silo log, dropped)."""
+
+
+def _plain_round(grid: Grid, r: int, sampled: list[str], *, node_of: dict[str, int], arrays: ArrayRecord,
+                 config: ConfigRecord, expected: dict[str, tuple[int, ...]], cfg: Config) -> Exchange:
+    """Send the global weights, collect and check the updates, aggregate the accepted ones."""
+    fed = cfg.federation
+    silo_of = {node: silo for silo, node in node_of.items()}
+    msgs = [Message(RecordDict({"arrays": arrays, "config": config}), node_of[s], "train", group_id=str(r))
+            for s in sampled]
+    per_silo = {s: {"bytes_down": float(wire_bytes(m)), "bytes_up": 0.0} for s, m in zip(sampled, msgs, strict=True)}
+    replies = list(grid.send_and_receive(msgs, timeout=fed.round_timeout))
+    dropped: dict[str, str] = {}
+    accepted: dict[str, tuple[dict[str, torch.Tensor], float]] = {}
+    for reply in replies:
+        silo = silo_of.get(reply.metadata.src_node_id)
+        if silo is None or silo not in per_silo:
+            continue
+        per_silo[silo]["bytes_up"] = float(wire_bytes(reply))
+        if reply.has_error():
+            dropped[silo] = f"failed: {_reason(reply)}"
+            continue
+        update, metrics, why = _read_update(reply, expected, fed.max_update_norm)
+        per_silo[silo].update(metrics)
+        if why is not None:
+            dropped[silo] = f"rejected: {why}"
+        else:
+            accepted[silo] = (update, metrics["num_tokens"])
+    for silo in sampled:
+        if silo not in dropped and silo not in accepted:
+            dropped[silo] = f"timeout: no reply within {fed.round_timeout:g} s"
+    tokens_of = {s: accepted[s][1] for s in sorted(accepted)}
+    if len(accepted) < fed.min_silos:
+        return None, tokens_of, per_silo, dropped
+    order = sorted(accepted)  # a fixed order: the sum is bitwise the same on both engines
+    agg = aggregate([accepted[s][0] for s in order], [accepted[s][1] for s in order],
+                    method=fed.aggregation, trim_fraction=fed.trim_fraction)
+    return agg, tokens_of, per_silo, dropped
+
+
+def _secagg_round(grid: Grid, r: int, sampled: list[str], *, node_of: dict[str, int], arrays: ArrayRecord,
+                  config: ConfigRecord, expected: dict[str, tuple[int, ...]], cfg: Config) -> Exchange:
+    """The same exchange under secure aggregation: four message stages; the server sees only the sum.
+
+    Each silo masks weight × update with weight = its tokens / the planned tokens per round
+    (public numbers), so the server divides the unmasked sum by the survivors' weights: the
+    token-weighted mean, within the quantisation error. A silo that drops after sharing its
+    keys is recovered from the others' shares. Updates are checked by the silos themselves
+    (NaN/Inf, norm bound) before masking; the server checks the aggregate.
+    """
+    fed = cfg.federation
+    silo_of = {node: silo for silo, node in node_of.items()}
+    per_silo: dict[str, dict[str, float]] = {s: {"bytes_down": 0.0, "bytes_up": 0.0} for s in sampled}
+    dropped: dict[str, str] = {}
+
+    def stage(action: str, requests: dict[str, RecordDict]) -> dict[str, secagg.Msg]:
+        msgs = {s: Message(rd, node_of[s], f"train.{action}", group_id=str(r)) for s, rd in requests.items()}
+        for s, m in msgs.items():
+            per_silo[s]["bytes_down"] += wire_bytes(m)
+        got: dict[str, secagg.Msg] = {}
+        for reply in grid.send_and_receive(list(msgs.values()), timeout=fed.round_timeout):
+            silo = silo_of.get(reply.metadata.src_node_id)
+            if silo is None or silo not in msgs:
+                continue
+            per_silo[silo]["bytes_up"] += wire_bytes(reply)
+            if reply.has_error():
+                dropped[silo] = f"failed at {action}: {_reason(reply)}"
+                continue
+            got[silo] = from_records(reply.content)
+            if "metrics" in reply.content.metric_records:
+                per_silo[silo].update({k: float(v) for k, v in reply.content.metric_records["metrics"].items()
+                                       if isinstance(v, (int, float))})
+        for s in msgs:
+            if s not in got and s not in dropped:
+                dropped[s] = f"timeout at {action}: no reply within {fed.round_timeout:g} s"
+        return got
+
+    clip = fed.max_update_norm if fed.max_update_norm > 0 else 1.0
+    dim = sum(math.prod(shape) for shape in expected.values())
+    server = secagg.SecAggServer(sampled, dim=dim, clip_range=clip)
+    tokens_of: dict[str, float] = {}
+    try:
+        replies = stage("secagg_setup", {s: to_records(server.setup_request()) for s in sampled})
+        keys = server.receive_setup(replies)
+        replies = stage("secagg_keys", {s: to_records(keys) for s in server.u1})
+        inbox = server.receive_share_keys(replies)
+        requests = {}
+        for s in server.u2:
+            requests[s] = to_records(inbox[s])
+            requests[s]["arrays"], requests[s]["config"] = arrays, config
+        replies = stage("secagg_input", requests)
+        unmask = server.receive_masked_inputs(replies)
+        replies = stage("secagg_unmask", {s: to_records(unmask) for s in server.u3})
+        total = server.receive_unmask(replies)
+    except secagg.SecAggError as e:
+        log.warning("round %d: secure aggregation failed: %s", r + 1, e)
+        return None, tokens_of, per_silo, dropped
+    ref = float(config["weight-ref"])  # type: ignore[arg-type]
+    tokens_of = {s: per_silo[s].get("num_tokens", float("nan")) for s in server.u3}
+    weight_sum = sum(n / ref for n in tokens_of.values())
+    if len(server.u3) < fed.min_silos or not weight_sum > 0:
+        return None, tokens_of, per_silo, dropped
+    agg = secagg.unflatten(total / weight_sum, expected)
+    why = check_update(agg, expected=expected, max_norm=0.0)
+    if why is not None:
+        log.warning("round %d: the securely aggregated update is unusable (%s)", r + 1, why)
+        return None, tokens_of, per_silo, dropped
+    return agg, tokens_of, per_silo, dropped
 
 
 def _read_update(reply: Message, expected: dict[str, tuple[int, ...]], max_norm: float
@@ -302,7 +396,7 @@ def _read_update(reply: Message, expected: dict[str, tuple[int, ...]], max_norm:
 def run_federated(
     cfg: Config, out_dir: Path, *, resume: bool = False, on_round: RoundCallback | None = None,
     superlink: str | None = None, root_certificates: Path | None = None, insecure: bool = False,
-    client_app: ClientApp | None = None, on_wire: WireTap | None = None,
+    client_app: ClientApp | Callable[[Message, Context], Message] | None = None, on_wire: WireTap | None = None,
 ) -> dict[str, Any]:
     """Run a federated config on its engine; writes `out_dir` and returns the summary.
 
