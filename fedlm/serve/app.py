@@ -490,12 +490,17 @@ async def _collect(request: Request, queue: asyncio.Queue[tuple[int, Event]], jo
     reasons: list[str | None] = [None] * total
     completion_tokens = 0
     done = 0
+    checked = time.monotonic()
     while done < total:
         try:
-            i, event = await asyncio.wait_for(queue.get(), timeout=0.5)
+            i, event = await asyncio.wait_for(queue.get(), timeout=0.25)
         except TimeoutError:
+            event = None
+        if time.monotonic() - checked > 0.25:  # events may never pause: check on the clock
+            checked = time.monotonic()
             if await request.is_disconnected():
                 return Response(status_code=499)  # nobody is listening; free the rows
+        if event is None:
             continue
         note(event, i)
         texts[i] += event.text
