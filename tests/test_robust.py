@@ -43,7 +43,7 @@ def test_weighted_mean_is_numpy_average(n: int, seed: int, tokens: list[int]) ->
         np.testing.assert_allclose(got[k].numpy(), ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("n", [1, 2, 5, 6, 10])
+@pytest.mark.parametrize("n", [1, 2, 5, 6, 10, 20])
 @pytest.mark.parametrize("trim", [0.0, 0.1, 0.2, 0.34, 0.49])
 def test_trimmed_mean_is_scipys(n: int, trim: float) -> None:
     ups = _updates(np.random.default_rng(n), n)
@@ -53,7 +53,7 @@ def test_trimmed_mean_is_scipys(n: int, trim: float) -> None:
         np.testing.assert_allclose(got[k].numpy(), ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 17])
 def test_median_is_numpys(n: int) -> None:
     """Coordinate-wise median, the mean of the middle two for an even count, like numpy."""
     ups = _updates(np.random.default_rng(10 + n), n)
