@@ -129,15 +129,26 @@ def train(
     """Train on one silo, several pooled, or federated across silos, as the config says."""
     from fedlm.config import load_config
     from fedlm.train import train as run_train
+    from fedlm.train import train_local_only
 
     cfg = load_config(config, set_ or [])
     if out is None:
         out = config.parent if resume else Path("runs") / f"{config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if cfg.train.mode == "federated":
+        from fedlm.federation.runner import run_federated
+
+        with progress_bar("federated", unit="rounds") as update:
+            summary = run_federated(cfg, out, resume=resume, on_round=lambda r, n, row: update(r, n))
+        _out(f"federated: {summary.get('rounds', cfg.federation.rounds)} rounds -> {out}")
+        return
     with progress_bar("train", unit="steps") as update:
         def on_step(step: int, total: int, row: dict[str, float]) -> None:
             update(step, total, info=f"loss {row['loss']:.3f}")
 
-        summary = run_train(cfg, out, resume=resume, on_step=on_step)
+        if cfg.train.mode == "local-only":
+            summary = train_local_only(cfg, out, resume=resume, on_step=on_step)
+        else:
+            summary = run_train(cfg, out, resume=resume, on_step=on_step)
     _out(f"trained {summary['steps']} steps, final loss {summary['loss']:.4f}, "
          f"{summary['tokens_per_s']:,.0f} tokens/s -> {out}")
 

@@ -53,7 +53,7 @@ def _shape(t: Tensor | torch.Size) -> str:
 
 def assign_weights(model: Transformer, tensors: dict[str, Tensor], *, where: str) -> None:
     """Copy `tensors` into `model` after checking names and shapes against its config."""
-    expected = _stored_state(model)
+    expected = stored_state(model)
     missing = [name for name in expected if name not in tensors]
     unexpected = [name for name in tensors if name not in expected]
     if missing:
@@ -78,7 +78,7 @@ def assign_weights(model: Transformer, tensors: dict[str, Tensor], *, where: str
             param.copy_(tensors[name])
 
 
-def _stored_state(model: Transformer) -> dict[str, Tensor]:
+def stored_state(model: Transformer) -> dict[str, Tensor]:
     """The tensors a model directory stores: the state dict, a tied head only once."""
     state = model.state_dict()
     if model.cfg.tie_embeddings:
@@ -91,7 +91,7 @@ def save_model(model: Transformer, out_dir: Path, *, tokenizer_path: Path | None
     out_dir = Path(out_dir)
     if tokenizer_path is not None and not Path(tokenizer_path).is_file():
         raise UserError(f"{tokenizer_path}: no such tokenizer file")
-    tensors = {name: t.detach().contiguous() for name, t in _stored_state(model).items()}
+    tensors = {name: t.detach().contiguous() for name, t in stored_state(model).items()}
     config = dataclasses.asdict(model.cfg) | {"format": "fedlm"}
     with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})

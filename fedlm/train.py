@@ -14,6 +14,7 @@ local training, which runs the same steps from the global weights each round.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -36,7 +37,7 @@ from fedlm.data.tokenizer import load_tokenizer, tokenizer_hash
 from fedlm.errors import UserError
 from fedlm.fileio import append_jsonl, atomic_dir, write_json, write_text
 from fedlm.model import Transformer
-from fedlm.modelio import save_model
+from fedlm.modelio import assign_weights, save_model, stored_state
 
 StepCallback = Callable[[int, int, dict[str, float]], None]
 
@@ -154,7 +155,7 @@ def train_step(
         if extra_loss is not None:
             loss = loss + extra_loss() / grad_accum
         loss.backward()
-        total += float(loss)
+        total += float(loss.detach())
     params = [p for p in model.parameters() if p.grad is not None]
     if grad_clip > 0:
         norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True))
@@ -242,7 +243,8 @@ def save_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.
         for key, value in state.items():
             opt_tensors[f"{idx}.{key}"] = torch.as_tensor(value).contiguous()
     with atomic_dir(ckpt_dir) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        save_file({k: v.detach().contiguous() for k, v in stored_state(model).items()},  # type: ignore[arg-type]
+                  str(tmp / "model.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         save_file(
             {"torch_rng": torch.get_rng_state(), "data_rng": generator.get_state()},
@@ -265,11 +267,7 @@ def load_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.
         rng = load_file(str(ckpt_dir / "rng.safetensors"))
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise UserError(f"{ckpt_dir}: checkpoint is missing or corrupt ({e}); start without --resume") from None
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[-1].strip()
-        raise UserError(f"{ckpt_dir}/model.safetensors does not match the config's model: {first}") from None
+    assign_weights(model, weights, where=f"{ckpt_dir}/model.safetensors")  # type: ignore[arg-type]
     opt_state: dict[str, Any] = {"state": {}, "param_groups": state["param_groups"]}
     for key, value in opt_tensors.items():
         idx, name = key.split(".", 1)
@@ -412,3 +410,21 @@ def _truncate_metrics(path: Path, step: int) -> None:
         except (json.JSONDecodeError, KeyError):
             continue  # a torn last line from a kill
     write_text(path, "".join(line + "\n" for line in keep))
+
+
+def train_local_only(cfg: Config, out_dir: Path, *, resume: bool = False,
+                     on_step: StepCallback | None = None) -> dict[str, Any]:
+    """The local-only baseline: each silo trains alone, with the config's steps, in out_dir/local-SILO."""
+    silo_dirs = resolve_silos(Path(cfg.data.workspace), cfg.data.silos)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.toml")
+    runs = {}
+    for d in silo_dirs:
+        one = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, silos=[d.name]))
+        run = out_dir / f"local-{d.name}"
+        runs[d.name] = train(one, run, resume=resume and (run / "checkpoint").exists(), on_step=on_step)
+    summary = {"mode": "local-only", "runs": {silo: str(out_dir / f"local-{silo}") for silo in runs},
+               "steps": cfg.train.steps, "loss": float(np.mean([r["loss"] for r in runs.values()])),
+               "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in runs.values()]))}
+    write_json(out_dir / "summary.json", summary)
+    return summary
