@@ -261,8 +261,14 @@ def test_tampered_messages_are_refused() -> None:
     with pytest.raises(SecAggError, match="non-finite"):
         client_masked_input(states["silo0"], reqs["silo0"], np.full(10, np.nan, np.float32))
     misrouted = {"src": reqs["silo0"]["src"], "ciphertexts": reqs["silo1"]["ciphertexts"]}
-    with pytest.raises(Exception):  # noqa: B017 - a share for another silo does not decrypt
+    with pytest.raises(SecAggError, match="addressed to someone else"):
         client_masked_input(states["silo0"], misrouted, ups["silo0"])
+    forged = {
+        "src": reqs["silo0"]["src"],
+        "ciphertexts": [b"x" + c[1:] for c in reqs["silo0"]["ciphertexts"]],
+    }
+    with pytest.raises(SecAggError, match="does not decrypt"):
+        client_masked_input(states["silo0"], forged, ups["silo0"])
 
 
 def test_round_stats_report_bytes_and_seconds() -> None:

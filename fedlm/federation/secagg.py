@@ -65,6 +65,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from cryptography.fernet import InvalidToken
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
@@ -341,9 +342,11 @@ def client_masked_input(
         if src not in silos or src == me or src in share_src:
             raise SecAggError(f"silo {me}: unexpected share from {src!r}")
         j = silos.index(src)
-        p_src, p_dst, b_share, sk_share = _unpack_share(
-            decrypt(_shared_key(c_sk, state["c_pks"][j]), ct)
-        )
+        try:
+            plain = decrypt(_shared_key(c_sk, state["c_pks"][j]), bytes(ct))
+        except InvalidToken:
+            raise SecAggError(f"silo {me}: the share from {src} does not decrypt") from None
+        p_src, p_dst, b_share, sk_share = _unpack_share(plain)
         if (p_src, p_dst) != (j, i):
             raise SecAggError(f"silo {me}: share from {src} is addressed to someone else")
         share_src.append(src)
