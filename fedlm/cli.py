@@ -245,6 +245,31 @@ def demo(
     run_demo(out, quick=quick)
 
 
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Argument(help="Run directory or model directory.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key_file: Annotated[Path | None, typer.Option(
+        help="File holding the API key; then every endpoint but /health needs it.")] = None,
+    quantize: Annotated[str, typer.Option(help="none, or int8 (dynamic, CPU).")] = "none",
+    max_batch: Annotated[int, typer.Option(help="Sequences decoded together.")] = 16,
+    max_concurrent: Annotated[int, typer.Option(help="Requests in flight; more get 429.")] = 64,
+    max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt, in tokens.")] = 4096,
+    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask.")] = 1024,
+    threads: Annotated[int | None, typer.Option(help="Torch threads (default: torch's).")] = None,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (completions, chat, streaming)."""
+    from fedlm.serve.app import serve_forever
+
+    if quantize not in ("none", "int8"):
+        raise UserError(f"--quantize {quantize!r}: use 'none' or 'int8'")
+    serve_forever(model, host=host, port=port, api_key_file=api_key_file,
+                  quantize="int8" if quantize == "int8" else "none", max_batch=max_batch,
+                  max_concurrent=max_concurrent, max_prompt_tokens=max_prompt_tokens,
+                  max_tokens=max_tokens, threads=threads)
+
+
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
     try:
