@@ -590,6 +590,11 @@ def serve_forever(
             raise UserError(f"{api_key_file}: cannot read the API key file ({e})") from None
         if not api_key:
             raise UserError(f"{api_key_file}: the API key file is empty; put the key on one line")
+    for flag, value in (("--max-batch", max_batch), ("--max-concurrent", max_concurrent),
+                        ("--max-prompt-tokens", max_prompt_tokens), ("--max-tokens", max_tokens),
+                        ("--max-body-bytes", max_body_bytes)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
     limits = Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens,
                     max_body_bytes=max_body_bytes, max_concurrent=max_concurrent,
                     max_batch=max_batch)
