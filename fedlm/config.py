@@ -131,6 +131,8 @@ class TrainConfig:
     """Validation batches for the loss logged at checkpoints."""
     threads: int = 0
     """torch threads; 0 leaves torch's default."""
+    init_from: str = ""
+    """Start from this model (run or model directory) instead of fresh weights: fine-tuning."""
     mode: Literal["centralised", "federated", "local-only"] = "centralised"
     """centralised: the silos pooled in one run; federated: across silos (see [federation]);
     local-only: each silo trains alone (a baseline)."""

@@ -1,23 +1,32 @@
 """`fedlm demo`: the whole flow on the bundled corpus, with no network.
 
-extract the corpus -> prepare each silo -> agree a tokenizer -> shard -> train -> evaluate every
-model on every silo -> print the table and write OUT/summary.json -> generate a sample.
+extract the corpus -> prepare each silo -> agree a tokenizer privately -> shard -> train
+federated, centralised (pooled) and local-only with the same token budget -> personalise the
+federated model on each silo -> evaluate every model on every silo -> print the table, write
+OUT/summary.json -> generate a sample.
+
+Budgets are equal by construction: federated = rounds × local_steps steps on each silo;
+centralised = that many steps per silo, pooled; local-only = rounds × local_steps +
+personalize_steps steps on one silo, the same per-silo compute as federated + personalised.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
-from fedlm.config import load_config
+from fedlm.config import Config, load_config
 from fedlm.corpus import SILOS, extract
 from fedlm.data.prepare import prepare_silo
 from fedlm.data.shards import shard_silo
 from fedlm.data.tokenizer import EOS, agree_tokenizer, load_tokenizer
 from fedlm.evaluate import evaluate_silo
+from fedlm.federation.runner import run_federated
 from fedlm.fileio import write_json
 from fedlm.generate import generate
 from fedlm.modelio import load_model
@@ -25,59 +34,129 @@ from fedlm.progress import console, progress_bar
 from fedlm.train import train
 
 
-def _presets(quick: bool) -> dict[str, Any]:
-    if quick:
-        return {"vocab_size": 2048, "steps": 60, "batch_size": 8, "seq_len": 128}
-    return {"vocab_size": 4096, "steps": 600, "batch_size": 16, "seq_len": 128}
+@dataclass(frozen=True)
+class DemoSize:
+    vocab_size: int
+    rounds: int
+    local_steps: int
+    personalize_steps: int
+    batch_size: int
+    seq_len: int
+    eval_tokens: int  # per silo and model; the same prefix of each validation split for all
 
 
-def prepare_workspace(out: Path, *, vocab_size: int) -> Path:
-    """Extract the bundled corpus and build a sharded workspace with an agreed tokenizer."""
+QUICK = DemoSize(vocab_size=1024, rounds=6, local_steps=4, personalize_steps=8, batch_size=8, seq_len=64,
+                 eval_tokens=4096)
+FULL = DemoSize(vocab_size=4096, rounds=30, local_steps=5, personalize_steps=20, batch_size=8,
+                seq_len=128, eval_tokens=32768)
+
+
+def prepare_workspace(out: Path, *, vocab_size: int, epsilon: float = 8.0) -> Path:
+    """Extract the bundled corpus and build a sharded workspace with a privately agreed tokenizer."""
     ws = out / "workspace"
     raw = extract(out / "raw")
     for silo in SILOS:
         with progress_bar(f"prepare {silo}", unit="bytes") as update:
             card = prepare_silo([raw[silo]], silo=silo, workspace=ws, on_progress=update)
-        console.print(f"  {silo}: {card['documents_out']} documents, {card['bytes_out']:,} bytes")
+        console.print(f"  {silo}: {card['documents_out']} documents, {card['bytes_out']:,} bytes, "
+                      f"{sum(card['pii'].values())} PII replaced, "
+                      f"{sum(card['duplicates_removed'].values())} duplicates removed")
     with progress_bar("tokenizer") as update:
-        agree_tokenizer(ws, vocab_size=vocab_size, epsilon=8.0, seed=0, on_progress=update)
+        agree_tokenizer(ws, vocab_size=vocab_size, epsilon=epsilon, seed=0, on_progress=update)
+    console.print(f"  tokenizer agreed from DP pre-token counts (ε = {epsilon} per silo)")
     for silo in SILOS:
         with progress_bar(f"shard {silo}", unit="bytes") as update:
             shard_silo(ws, silo, on_progress=update)
     return ws
 
 
-def _train_run(ws: Path, run_dir: Path, silos: list[str], p: dict[str, Any]) -> Path:
-    cfg = load_config(None, [
-        f"data.workspace={str(ws)!r}",
-        f"data.silos={silos!r}".replace("'", '"'),
-        f"train.steps={p['steps']}",
-        f"train.batch_size={p['batch_size']}",
-        f"train.seq_len={p['seq_len']}",
-        f"train.checkpoint_every={p['steps']}",
-    ])
-    with progress_bar(f"train {run_dir.name}", unit="steps") as update:
+def demo_sets(ws: Path, size: DemoSize, *, seed: int = 1337) -> list[str]:
+    """The federated config of the demo as `section.key=value` overrides; baselines add to it."""
+    steps = size.rounds * size.local_steps
+    return [
+        f"data.workspace={json.dumps(str(ws))}",
+        "model.preset=tiny",
+        f"model.max_seq_len={size.seq_len}",
+        f"train.seq_len={size.seq_len}",
+        f"train.batch_size={size.batch_size}",
+        f"train.steps={steps}",
+        f"train.warmup_steps={max(1, steps // 20)}",
+        f"train.checkpoint_every={steps}",
+        f"train.log_every={max(1, steps // 20)}",
+        f"train.seed={seed}",
+        "train.mode=federated",
+        f"federation.rounds={size.rounds}",
+        f"federation.local_steps={size.local_steps}",
+        f"federation.personalize_steps={size.personalize_steps}",
+    ]
+
+
+def _with(base: list[str], **sets: Any) -> Config:
+    """The config of `base` plus `section.key` overrides (JSON values are valid TOML literals)."""
+    return load_config(None, base + [f"{k}={json.dumps(v)}" for k, v in sets.items()])
+
+
+def _train(cfg: Config, run_dir: Path, label: str) -> Path:
+    with progress_bar(label, unit="steps") as update:
         train(cfg, run_dir, on_step=lambda s, t, row: update(s, t, info=f"loss {row['loss']:.3f}"))
     return run_dir
 
 
-def evaluate_everywhere(run_dir: Path, ws: Path) -> dict[str, float]:
+def run_all(base: list[str], out: Path) -> dict[str, Path]:
+    """Train federated, centralised, local-only and personalised models; return their run dirs."""
+    cfg = load_config(None, base)
+    fed, n = cfg.federation, len(SILOS)
+    per_silo = fed.rounds * fed.local_steps
+    runs: dict[str, Path] = {}
+
+    with progress_bar("federated", unit="rounds") as update:
+        run_federated(cfg, out / "federated", on_round=lambda r, total, row: update(r, total))
+    runs["federated"] = out / "federated"
+
+    central = _with(base, **{"train.mode": "centralised", "train.steps": per_silo * n,
+                            "train.checkpoint_every": per_silo * n, "train.warmup_steps": max(1, per_silo * n // 20)})
+    runs["centralised"] = _train(central, out / "centralised", "centralised")
+
+    for silo in SILOS:
+        steps = per_silo + fed.personalize_steps
+        local = _with(base, **{"train.mode": "centralised", "data.silos": [silo], "train.steps": steps,
+                              "train.checkpoint_every": steps})
+        runs[f"local:{silo}"] = _train(local, out / f"local-{silo}", f"local {silo}")
+    if fed.personalize_steps:
+        for silo in SILOS:
+            p = fed.personalize_steps
+            pers = _with(base, **{"train.mode": "centralised", "data.silos": [silo], "train.steps": p,
+                                 "train.checkpoint_every": p, "train.warmup_steps": 1,
+                                 "train.lr": cfg.train.lr / 3, "train.min_lr": cfg.train.min_lr / 3,
+                                 "train.init_from": str(out / "federated")})
+            runs[f"personalised:{silo}"] = _train(pers, out / f"personalised-{silo}", f"personalise {silo}")
+    return runs
+
+
+def evaluate_everywhere(run_dir: Path, ws: Path, *, max_tokens: int) -> dict[str, float]:
     """Bits per byte of one model on every silo's validation split, plus the mean."""
     model, tok = load_model(run_dir)
-    bpb = {silo: float(evaluate_silo(model, tok, ws / "silos" / silo)["bits_per_byte"]) for silo in SILOS}
+    bpb = {silo: float(evaluate_silo(model, tok, ws / "silos" / silo, max_tokens=max_tokens)["bits_per_byte"])
+           for silo in SILOS}
     bpb["mean"] = sum(bpb.values()) / len(SILOS)
     return bpb
 
 
-def run_demo(out: Path, *, quick: bool = False) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    p = _presets(quick)
-    ws = prepare_workspace(out, vocab_size=p["vocab_size"])
-    runs = {"centralised": _train_run(ws, out / "runs" / "centralised", list(SILOS), p)}
-    models = {name: {"run_dir": str(d), "bits_per_byte": evaluate_everywhere(d, ws)} for name, d in runs.items()}
-    summary = {"models": models, "seconds": time.perf_counter() - t0, "quick": quick}
-    write_json(out / "summary.json", summary)
+def findings(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The comparisons the demo exists to show (issue targets beside them)."""
+    bpb = {name: m["bits_per_byte"] for name, m in models.items()}
+    local_mean = sum(bpb[f"local:{s}"]["mean"] for s in SILOS) / len(SILOS)
+    out: dict[str, Any] = {
+        "federated_vs_centralised": bpb["federated"]["mean"] / bpb["centralised"]["mean"],
+        "federated_vs_local_only_mean": bpb["federated"]["mean"] / local_mean,
+    }
+    if f"personalised:{SILOS[0]}" in bpb:
+        wins = [s for s in SILOS if bpb[f"personalised:{s}"][s] < bpb[f"local:{s}"][s]]
+        out["personalised_beats_local_on_own_silo"] = {"count": len(wins), "of": len(SILOS), "silos": wins}
+    return out
 
+
+def print_table(models: dict[str, dict[str, Any]], found: dict[str, Any]) -> None:
     table = Table(title="bits per byte on each silo's validation set (lower is better)")
     table.add_column("model")
     for col in [*SILOS, "mean"]:
@@ -85,12 +164,37 @@ def run_demo(out: Path, *, quick: bool = False) -> dict[str, Any]:
     for name, m in models.items():
         table.add_row(name, *(f"{m['bits_per_byte'][c]:.3f}" for c in [*SILOS, "mean"]))
     console.print(table)
+    console.print(f"federated / centralised = {found['federated_vs_centralised']:.3f} (target ≤ 1.10); "
+                  f"federated / local-only mean = {found['federated_vs_local_only_mean']:.3f} (target ≤ 0.80)")
+    if "personalised_beats_local_on_own_silo" in found:
+        w = found["personalised_beats_local_on_own_silo"]
+        console.print(f"personalised beats local-only on its own silo: {w['count']} of {w['of']} (target ≥ 5)")
 
-    model, tok_path = load_model(runs["centralised"])
-    tok = load_tokenizer(tok_path)  # type: ignore[arg-type]
-    prompt = "The patient"
-    ids = list(generate(model, tok.encode(prompt).ids, max_new_tokens=40, temperature=0.8, top_k=50,
-                        eos_id=tok.token_to_id(EOS), seed=0))
-    console.print(f"[bold]sample:[/] {prompt}{tok.decode(ids)}", highlight=False)
+
+def run_demo(out: Path, *, quick: bool = False, seed: int = 1337) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    size = QUICK if quick else FULL
+    out.mkdir(parents=True, exist_ok=True)
+    ws = prepare_workspace(out, vocab_size=size.vocab_size)
+    runs = run_all(demo_sets(ws, size, seed=seed), out / "runs")
+    models: dict[str, dict[str, Any]] = {}
+    with progress_bar("evaluate", unit="models") as update:
+        for i, (name, run_dir) in enumerate(runs.items()):
+            models[name] = {"run_dir": str(run_dir),
+                            "bits_per_byte": evaluate_everywhere(run_dir, ws, max_tokens=size.eval_tokens)}
+            update(i + 1, len(runs))
+    found = findings(models)
+    summary = {"models": models, "findings": found, "seconds": time.perf_counter() - t0, "quick": quick,
+               "seed": seed}
+    write_json(out / "summary.json", summary)
+    print_table(models, found)
+
+    model, tok_path = load_model(runs["federated"])
+    if tok_path is not None:
+        tok = load_tokenizer(tok_path)
+        prompt = "The patient"
+        ids = list(generate(model, tok.encode(prompt).ids, max_new_tokens=40, temperature=0.8, top_k=50,
+                            eos_id=tok.token_to_id(EOS), seed=0))
+        console.print(f"[bold]sample (federated):[/] {prompt}{tok.decode(ids)}", highlight=False)
     console.print(f"demo finished in {summary['seconds']:.0f} s -> {out / 'summary.json'}")
     return summary

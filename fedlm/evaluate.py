@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from fedlm.data.shards import iter_eval_windows, open_split
 from fedlm.data.tokenizer import load_tokenizer, token_byte_lengths, tokenizer_hash
 from fedlm.errors import UserError
+from fedlm.model import Transformer
 
 
 @torch.no_grad()
@@ -62,15 +63,20 @@ def evaluate_tokens(
 
 
 def evaluate_silo(
-    model: torch.nn.Module,
+    model: Transformer,
     model_tokenizer: Path | None,
     silo_dir: Path,
     *,
     split: str = "val",
     batch_size: int = 8,
+    max_tokens: int = 0,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, float | int]:
-    """Evaluate on a silo's shards; the model's tokenizer must be the one the shards were made with."""
+    """Evaluate on a silo's shards; the model's tokenizer must be the one the shards were made with.
+
+    `max_tokens` > 0 scores only the split's first max_tokens targets (the same prefix for every
+    model, so comparisons stay fair).
+    """
     tok_path = silo_dir.parent.parent / "tokenizer.json"
     if model_tokenizer is not None and tokenizer_hash(model_tokenizer) != tokenizer_hash(tok_path):
         raise UserError(
@@ -78,7 +84,9 @@ def evaluate_silo(
             "evaluate on a workspace sharded with the model's tokenizer"
         )
     tokens = open_split(silo_dir, split, expect_tokenizer_sha256=tokenizer_hash(tok_path))  # type: ignore[arg-type]
+    if max_tokens > 0:
+        tokens = tokens[: max_tokens + 1]
     token_bytes = token_byte_lengths(load_tokenizer(tok_path))
-    seq_len = int(model.cfg.max_seq_len)  # type: ignore[union-attr]
+    seq_len = int(model.cfg.max_seq_len)
     return evaluate_tokens(model, tokens, token_bytes, seq_len=seq_len, batch_size=batch_size,
                            on_progress=on_progress)

@@ -37,7 +37,7 @@ from fedlm.data.tokenizer import load_tokenizer, tokenizer_hash
 from fedlm.errors import UserError
 from fedlm.fileio import append_jsonl, atomic_dir, write_json, write_text
 from fedlm.model import Transformer
-from fedlm.modelio import assign_weights, save_model, stored_state
+from fedlm.modelio import assign_weights, load_model, save_model, stored_state
 
 StepCallback = Callable[[int, int, dict[str, float]], None]
 
@@ -102,7 +102,8 @@ def resolve_silos(workspace: Path, silos: Sequence[str]) -> list[Path]:
 
 def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
     """AdamW that decays matrices only (not norms, and not the embedding)."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -283,15 +284,32 @@ def load_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.
 
 
 def build_model(cfg: Config, vocab_size: int) -> Transformer:
-    """A freshly initialised model for `cfg` (seeded from cfg.train.seed)."""
-    if cfg.model.vocab_size and cfg.model.vocab_size != vocab_size:
-        raise UserError(
-            f"model.vocab_size = {cfg.model.vocab_size} but the workspace tokenizer has {vocab_size} tokens; "
-            "set model.vocab_size = 0 to take the tokenizer's"
-        )
-    cfg.model.vocab_size = vocab_size
-    torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model)
+    """The model a run starts from: fresh (seeded from cfg.train.seed) or `train.init_from`'s weights.
+
+    With init_from, the loaded model's shape replaces cfg.model, so the run's resolved config
+    says what was trained; its tokenizer must be the workspace's.
+    """
+    if cfg.train.init_from:
+        model, tok = load_model(Path(cfg.train.init_from))
+        ws_tok = Path(cfg.data.workspace) / "tokenizer.json"
+        if tok is not None and ws_tok.exists() and tokenizer_hash(tok) != tokenizer_hash(ws_tok):
+            raise UserError(
+                f"train.init_from = {cfg.train.init_from!r} uses another tokenizer than {ws_tok}; "
+                "shard the workspace with the model's tokenizer"
+            )
+        cfg.model = model.cfg
+        model.train()
+    else:
+        if cfg.model.vocab_size and cfg.model.vocab_size != vocab_size:
+            raise UserError(
+                f"model.vocab_size = {cfg.model.vocab_size} but the workspace tokenizer has {vocab_size} tokens; "
+                "set model.vocab_size = 0 to take the tokenizer's"
+            )
+        cfg.model.vocab_size = vocab_size
+        torch.manual_seed(cfg.train.seed)
+        model = Transformer(cfg.model)
+    if model.cfg.vocab_size != vocab_size:
+        raise UserError(f"the model has {model.cfg.vocab_size} tokens, the workspace tokenizer {vocab_size}")
     model.activation_checkpointing = cfg.train.activation_checkpointing
     return model
 
