@@ -2,6 +2,7 @@
 
     from fedlm.serve.app import create_app, serve_forever
 
-app.py holds the HTTP layer, engine.py the batched decoder, schemas.py the request and
-response bodies, text.py chat templates and streamed detokenization, metrics.py /metrics.
+app.py: the HTTP layer (routes, auth, limits); engine.py: the batched decoder;
+responses.py: errors, JSON answers and server-sent events; schemas.py: request and response
+bodies; text.py: chat templates and streamed detokenization; metrics.py: /metrics.
 """

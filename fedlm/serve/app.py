@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any, Literal
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tokenizers import Tokenizer
@@ -36,6 +35,8 @@ from tokenizers import Tokenizer
 from fedlm.errors import UserError
 from fedlm.serve.engine import Engine, Event, SamplingParams, Sequence, quantize_int8
 from fedlm.serve.metrics import Metrics
+from fedlm.serve.responses import ApiError, Job, StreamWithCleanup, error_response, sse_events
+from fedlm.serve.responses import collect as collect_body
 from fedlm.serve.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -66,29 +67,6 @@ class Limits:
     """Requests in flight at once; more get 429."""
     max_batch: int = 16
     """Sequences decoded together in one step."""
-
-
-class ApiError(Exception):
-    """An error the client caused (or a 503 while loading), sent in OpenAI's error shape."""
-
-    def __init__(
-        self, status: int, message: str, *, type: str = "invalid_request_error",
-        param: str | None = None, code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, type=self.type, param=self.param,
-                              code=self.code)
-
-
-def error_response(
-    status: int, message: str, *, type: str = "invalid_request_error",
-    param: str | None = None, code: str | None = None,
-) -> JSONResponse:
-    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
 
 
 class ServerState:
@@ -223,36 +201,6 @@ class _Guard:
         await self.app(scope, replay, send)
 
 
-class _StreamWithCleanup(StreamingResponse):
-    """A stream that runs `cleanup` however it ends: finished, failed or the client gone."""
-
-    def __init__(self, content: AsyncIterator[str], cleanup: Callable[[], None]) -> None:
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._cleanup = cleanup
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._cleanup()
-
-
-def _sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-@dataclass
-class _Job:
-    """One request's sequences: what to submit, and where their events arrive."""
-
-    prompts: list[list[int]]
-    """Token ids per prompt."""
-    n: int
-    params: SamplingParams
-    echo: list[str] | None = None
-
-
 def create_app(
     model_path: Path,
     *,
@@ -356,7 +304,7 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         prompts = await asyncio.to_thread(lambda: [_encode(state, engine, t) for t in texts])
         max_tokens = _max_tokens(body.max_tokens, 16, prompts, engine, limits)
         params = _sampling(body, max_tokens, body.stop_list())
-        job = _Job(prompts, body.n or 1, params, echo=texts if body.echo else None)
+        job = Job(prompts, body.n or 1, params, echo=texts if body.echo else None)
         return await _run(request, state, engine, job, chat=False,
                           stream=bool(body.stream), usage_chunk=_include_usage(body))
 
@@ -374,7 +322,7 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
                                  limits)
         stops = body.stop_list() + (list(FEDLM_STOPS) if template == "fedlm" else [])
         params = _sampling(body, max_tokens, stops)
-        job = _Job([prompt], body.n or 1, params)
+        job = Job([prompt], body.n or 1, params)
         return await _run(request, state, engine, job, chat=True,
                           stream=bool(body.stream), usage_chunk=_include_usage(body))
 
@@ -433,7 +381,7 @@ def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
     return body.stream_options is not None and body.stream_options.include_usage
 
 
-async def _run(request: Request, state: ServerState, engine: Engine, job: _Job, *, chat: bool,
+async def _run(request: Request, state: ServerState, engine: Engine, job: Job, *, chat: bool,
                stream: bool, usage_chunk: bool) -> Response:
     """Submit the job's sequences and answer with one JSON body or a stream of events."""
     total = len(job.prompts) * job.n
@@ -475,93 +423,12 @@ async def _run(request: Request, state: ServerState, engine: Engine, job: _Job, 
             state.metrics.first_token(seq.first_token_at - seq.submitted)
 
     if stream:
-        return _StreamWithCleanup(_stream(queue, job, total, meta, chat, usage_chunk,
-                                          prompt_tokens, note), cleanup)
+        return StreamWithCleanup(sse_events(
+            queue, job, total, meta, chat, usage_chunk, prompt_tokens, note), cleanup)
     try:
-        return await _collect(request, queue, job, total, meta, chat, prompt_tokens, note)
+        return await collect_body(request, queue, job, total, meta, chat, prompt_tokens, note)
     finally:
         cleanup()
-
-
-async def _collect(request: Request, queue: asyncio.Queue[tuple[int, Event]], job: _Job,
-                   total: int, meta: dict[str, Any], chat: bool, prompt_tokens: int,
-                   note: Callable[[Event, int], None]) -> Response:
-    texts = [job.echo[i // job.n] if job.echo else "" for i in range(total)]
-    reasons: list[str | None] = [None] * total
-    completion_tokens = 0
-    done = 0
-    checked = time.monotonic()
-    while done < total:
-        try:
-            i, event = await asyncio.wait_for(queue.get(), timeout=0.25)
-        except TimeoutError:
-            event = None
-        if time.monotonic() - checked > 0.25:  # events may never pause: check on the clock
-            checked = time.monotonic()
-            if await request.is_disconnected():
-                return Response(status_code=499)  # nobody is listening; free the rows
-        if event is None:
-            continue
-        note(event, i)
-        texts[i] += event.text
-        completion_tokens += event.tokens
-        if event.finish_reason is not None:
-            if event.finish_reason == "error":
-                raise ApiError(500, f"generation failed: {event.error}", type="server_error")
-            reasons[i] = event.finish_reason
-            done += 1
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-             "total_tokens": prompt_tokens + completion_tokens}
-    if chat:
-        choices: list[dict[str, Any]] = [
-            {"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
-             "finish_reason": reasons[i]} for i in range(total)]
-        return JSONResponse({**meta, "object": "chat.completion", "choices": choices, "usage": usage})
-    choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": reasons[i]}
-               for i in range(total)]
-    return JSONResponse({**meta, "object": "text_completion", "choices": choices, "usage": usage})
-
-
-async def _stream(queue: asyncio.Queue[tuple[int, Event]], job: _Job, total: int,
-                  meta: dict[str, Any], chat: bool, usage_chunk: bool, prompt_tokens: int,
-                  note: Callable[[Event, int], None]) -> AsyncIterator[str]:
-    obj = "chat.completion.chunk" if chat else "text_completion"
-
-    def chunk(i: int, text: str | None, finish: str | None, first: bool = False) -> str:
-        if chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else (
-                {} if text is None else {"content": text})
-            choice: dict[str, Any] = {"index": i, "delta": delta, "logprobs": None,
-                                      "finish_reason": finish}
-        else:
-            choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
-        return _sse({**meta, "object": obj, "choices": [choice]})
-
-    for i in range(total):
-        if chat:
-            yield chunk(i, None, None, first=True)
-        elif job.echo:
-            yield chunk(i, job.echo[i // job.n], None)
-    completion_tokens = 0
-    done = 0
-    while done < total:
-        i, event = await queue.get()
-        note(event, i)
-        completion_tokens += event.tokens
-        if event.finish_reason == "error":
-            yield _sse({"error": {"message": f"generation failed: {event.error}",
-                                  "type": "server_error", "param": None, "code": None}})
-            break
-        if event.text:
-            yield chunk(i, event.text, None)
-        if event.finish_reason is not None:
-            yield chunk(i, None, event.finish_reason)
-            done += 1
-    if usage_chunk:
-        yield _sse({**meta, "object": obj, "choices": [], "usage": {
-            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}})
-    yield "data: [DONE]\n\n"
 
 
 def serve_forever(
