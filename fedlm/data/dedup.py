@@ -1,25 +1,37 @@
 """Exact and near-duplicate detection for a stream of documents.
 
-`Deduper.check(text, script)` returns None for a document seen for the first time, or
-"exact" / "near" for a duplicate of an earlier one (which is kept). Exact: a hash of the
-text lower-cased with whitespace collapsed. Near: MinHash (datasketch, `num_perm`
-permutations) of the document's shingles, indexed with MinHash LSH at `threshold`; an LSH
-candidate counts only if its estimated Jaccard similarity also reaches the threshold.
+`Deduper.check_batch(texts, scripts)` returns, per document, None for one seen for the first
+time, or "exact" / "near" for a duplicate of an earlier one (which is kept); `check(text,
+script)` does one. Exact: a hash of the text lower-cased with whitespace collapsed. Near: a
+`num_perm`-value MinHash-style signature of the document's shingles, indexed with datasketch's
+`MinHashLSH` at `threshold`; an LSH candidate counts only if its estimated Jaccard similarity
+(the share of equal signature values) also reaches the threshold.
 
-Shingles: word 5-grams for Latin and other space-separated scripts, character 3-grams
-(spaces removed) for CJK text, which has no spaces between words. Shingles are hashed with
-CRC-32 (deterministic across runs, unlike Python's `hash`), so the same input always
-gives the same documents out.
+Shingles: word 5-grams for Latin and other space-separated scripts (words as `\\w+` of the
+lower-cased text), character 3-grams (spaces removed) for CJK text, which has no spaces
+between words. A document with fewer units than that is one shingle. Shingles are hashed with
+a fixed 64-bit polynomial hash and MurmurHash3's finaliser (deterministic across runs, unlike
+Python's `hash`), so the same input always gives the same documents out.
+
+The signature is densified one-permutation hashing (Shrivastava, "Optimal densification for
+fast and accurate minwise hashing", ICML 2017): each shingle's hash picks one of `num_perm`
+bins and a value; a bin keeps its smallest value; an empty bin borrows the value of the first
+non-empty bin along a fixed pseudo-random sequence of bins. For two documents each value is
+equal with probability exactly their Jaccard similarity, as for `num_perm` MinHash
+permutations, but it costs O(shingles + num_perm) instead of O(shingles * num_perm): the
+datasketch permutations `(a*h + b) % p` cost more CPU than the whole rest of `prepare`. All
+documents of a batch are hashed at once in numpy (no Python loop per word or per shingle).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
-import zlib
+from collections.abc import Sequence
 
 import numpy as np
-from datasketch import MinHash, MinHashLSH
+from datasketch import LeanMinHash, MinHash, MinHashLSH
 
 WORD_SHINGLE = 5
 CHAR_SHINGLE = 3
@@ -27,36 +39,177 @@ NUM_PERM = 128
 _BATCH = 8192
 _WORD = re.compile(r"\w+")
 _MIX = np.uint64(0x9E3779B97F4A7C15)
+_MIX_INV = np.uint64(pow(0x9E3779B97F4A7C15, -1, 1 << 64))
+_U32 = np.uint64(0xFFFFFFFF)
+_EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)  # an empty bin (values are < 2**32)
+_EMPTY_DOC_KEY = np.uint64(0x5BD1E9955BD1E995)  # the one "shingle" of a document without units
+_BORROW_TRIES = 32
+_ASCII_WORD = np.array([chr(c).isalnum() or c == 95 for c in range(128)], dtype=bool)
+_word_table: np.ndarray | None = None
+_powers: tuple[np.ndarray, np.ndarray] = (np.ones(1, np.uint64), np.ones(1, np.uint64))
 
 
-def _identity(x: int) -> int:
-    return x
+def _fmix64(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finaliser (a bijection that spreads every input bit), uint64."""
+    h = h ^ (h >> np.uint64(33))
+    h *= np.uint64(0xFF51AFD7ED558CCD)
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(0xC4CEB9FE1A85EC53)
+    h ^= h >> np.uint64(33)
+    return h
+
+
+def _unicode_word_table() -> np.ndarray:
+    """A bool per code point: is it a `\\w` character (`str.isalnum()` or '_'), as `re` says."""
+    global _word_table
+    if _word_table is None:
+        chars = "".join(map(chr, range(0x110000)))
+        marks = np.zeros(0x110001, dtype=np.int8)
+        spans = np.array([m.span() for m in _WORD.finditer(chars)], dtype=np.int64)
+        np.add.at(marks, spans[:, 0], 1)
+        np.add.at(marks, spans[:, 1], -1)
+        _word_table = np.cumsum(marks[:-1], dtype=np.int8).astype(bool)
+    return _word_table
+
+
+def _power_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(_MIX**i, _MIX**-i) mod 2**64 for i < n (cached, grown by doubling)."""
+    global _powers
+    if len(_powers[0]) < n:
+        size = max(n, 2 * len(_powers[0]), 1 << 16)
+        up = np.full(size, _MIX, dtype=np.uint64)
+        down = np.full(size, _MIX_INV, dtype=np.uint64)
+        up[0] = down[0] = 1
+        _powers = (np.cumprod(up, dtype=np.uint64), np.cumprod(down, dtype=np.uint64))
+    return _powers[0][:n], _powers[1][:n]
+
+
+def _codepoints(text: str) -> np.ndarray:
+    if text.isascii():
+        return np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
+def _word_units(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Hashes of the `\\w+` words of each lower-cased text, concatenated, and words per text."""
+    lowered = [t.lower() for t in texts]
+    joined = "\n".join(lowered)  # "\n" is not a word character: words never span two texts
+    cp = _codepoints(joined)
+    is_word = _ASCII_WORD[cp] if cp.dtype == np.uint8 else _unicode_word_table()[cp]
+    edges = np.flatnonzero(np.diff(is_word.view(np.int8), prepend=0, append=0))
+    starts, ends = edges[0::2], edges[1::2]  # word i is cp[starts[i]:ends[i]]
+    up, down = _power_tables(len(cp))
+    prefix = np.zeros(len(cp) + 1, dtype=np.uint64)
+    np.cumsum(cp.astype(np.uint64) * up, out=prefix[1:])
+    # polynomial hash sum_j cp[s + j] * _MIX**j of each word, mod 2**64
+    words = (prefix[ends] - prefix[starts]) * down[starts]
+    words = _fmix64(words ^ (ends - starts).astype(np.uint64))
+    text_starts = np.cumsum([0] + [len(t) + 1 for t in lowered[:-1]], dtype=np.int64)
+    counts = np.diff(np.searchsorted(starts, text_starts), append=len(starts))
+    return words, counts
+
+
+def _char_units(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Code points of each lower-cased text with whitespace removed, concatenated, and counts."""
+    squeezed = ["".join(t.lower().split()) for t in texts]
+    cp = np.frombuffer("".join(squeezed).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    return cp.astype(np.uint64), np.array([len(s) for s in squeezed], dtype=np.int64)
+
+
+def _shingles(units: np.ndarray, counts: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit hashes of every k-gram of units within each document, and each one's document.
+
+    A document of 0 < u < k units is one u-gram; one of no units is one fixed key.
+    """
+    n = len(units)
+    ends = np.cumsum(counts)
+    starts = ends - counts
+    padded = np.concatenate([units, np.zeros(k, dtype=np.uint64)])
+    h = np.zeros(n, dtype=np.uint64)
+    short_keys: list[np.ndarray] = []
+    short_docs: list[np.ndarray] = []
+    for t in range(k):
+        h = h * _MIX + padded[t: t + n]
+        if t + 1 < k:
+            docs = np.flatnonzero(counts == t + 1)
+            short_keys.append(h[starts[docs]])
+            short_docs.append(docs)
+    doc_of_unit = np.repeat(np.arange(len(counts)), counts)
+    valid = np.arange(n) - starts[doc_of_unit] <= counts[doc_of_unit] - k
+    empty = np.flatnonzero(counts == 0)
+    keys = np.concatenate([h[valid], *short_keys, np.full(len(empty), _EMPTY_DOC_KEY)])
+    docs = np.concatenate([doc_of_unit[valid], *short_docs, empty])
+    return _fmix64(keys), docs
+
+
+@functools.lru_cache(maxsize=4)
+def _borrow_table(num_perm: int) -> np.ndarray:
+    """(num_perm, tries) bins an empty bin borrows from, in order: pseudo-random, then every
+    other bin in turn (so a non-empty one is always found). The same for every document."""
+    j = np.arange(num_perm, dtype=np.uint64)[:, None]
+    t = np.arange(_BORROW_TRIES, dtype=np.uint64)[None, :]
+    rand = (_fmix64(j * np.uint64(_BORROW_TRIES) + t + np.uint64(1)) % np.uint64(num_perm))
+    turn = (j + np.arange(1, num_perm, dtype=np.uint64)[None, :]) % np.uint64(num_perm)
+    return np.concatenate([rand, turn], axis=1).astype(np.int64)
+
+
+def signatures(keys: np.ndarray, docs: np.ndarray, n_docs: int,
+               num_perm: int = NUM_PERM) -> np.ndarray:
+    """Densified one-permutation MinHash of each document's shingle keys: (n_docs, num_perm) uint32.
+
+    `keys` are well-mixed 64-bit shingle hashes, `docs` the document (0..n_docs-1) of each;
+    every document needs at least one key. Repeated keys don't matter (a set is sketched).
+    """
+    slot = docs.astype(np.uint64) * np.uint64(num_perm) + (
+        ((keys >> np.uint64(32)) * np.uint64(num_perm)) >> np.uint64(32))
+    packed = np.sort((slot << np.uint64(32)) | (keys & _U32))
+    first = np.ones(len(packed), dtype=bool)
+    first[1:] = (packed[1:] >> np.uint64(32)) != (packed[:-1] >> np.uint64(32))
+    packed = packed[first]  # the smallest value of each (document, bin)
+    sig = np.full(n_docs * num_perm, _EMPTY, dtype=np.uint64)
+    sig[(packed >> np.uint64(32)).astype(np.int64)] = packed & _U32
+    sig = sig.reshape(n_docs, num_perm)
+    rows, cols = np.nonzero(sig == _EMPTY)
+    if len(rows):
+        borrow = _borrow_table(num_perm)
+        filled = sig.copy()
+        for t in range(borrow.shape[1]):
+            vals = sig[rows, borrow[cols, t]]
+            ok = vals != _EMPTY
+            filled[rows[ok], cols[ok]] = vals[ok]
+            rows, cols = rows[~ok], cols[~ok]
+            if not len(rows):
+                break
+        sig = filled
+    return sig.astype(np.uint32)
+
+
+def _keys(texts: Sequence[str], scripts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Shingle keys of all `texts` and the index of the text of each."""
+    cjk = [i for i, s in enumerate(scripts) if s == "cjk"]
+    words = [i for i, s in enumerate(scripts) if s != "cjk"]
+    parts_k: list[np.ndarray] = []
+    parts_d: list[np.ndarray] = []
+    for idx, unit_fn, k in ((words, _word_units, WORD_SHINGLE), (cjk, _char_units, CHAR_SHINGLE)):
+        if idx:
+            units, counts = unit_fn([texts[i] for i in idx])
+            keys, docs = _shingles(units, counts, k)
+            parts_k.append(keys)
+            parts_d.append(np.asarray(idx, dtype=np.int64)[docs])
+    return np.concatenate(parts_k), np.concatenate(parts_d)
 
 
 def shingle_hashes(text: str, script: str) -> np.ndarray:
     """32-bit hashes of the distinct shingles of `text` (word 5-grams, or char 3-grams for CJK)."""
-    if script == "cjk":
-        units = np.frombuffer("".join(text.lower().split()).encode("utf-32-le"), dtype=np.uint32)
-        k = CHAR_SHINGLE
-    else:
-        words = _WORD.findall(text.lower())
-        units = np.fromiter(map(zlib.crc32, map(str.encode, words)), dtype=np.uint32,
-                            count=len(words))
-        k = WORD_SHINGLE
-    if len(units) == 0:
-        return np.zeros(1, dtype=np.uint32)
-    k = min(k, len(units))
-    h = np.zeros(len(units) - k + 1, dtype=np.uint64)
-    for i in range(k):  # polynomial hash of k consecutive units, wrapping mod 2**64
-        h = h * _MIX + units[i: len(units) - k + 1 + i].astype(np.uint64)
-    h ^= h >> np.uint64(29)
-    return np.unique((h ^ (h >> np.uint64(32))).astype(np.uint32))
+    keys, _ = _keys([text], [script])
+    return np.unique((keys >> np.uint64(32)).astype(np.uint32))
 
 
 def minhash(hashes: np.ndarray, template: MinHash) -> MinHash:
     """A datasketch MinHash of pre-hashed 32-bit shingles, fed in batches to bound memory.
 
     `template` is an empty MinHash whose permutations are reused (building them is costly).
+    The classic k-permutation sketch: a reference for `signatures`, not used by `Deduper`.
     """
     m = template.copy()
     for i in range(0, len(hashes), _BATCH):
@@ -66,7 +219,8 @@ def minhash(hashes: np.ndarray, template: MinHash) -> MinHash:
 
 def exact_key(text: str) -> bytes:
     """Hash of the text lower-cased with whitespace collapsed."""
-    return hashlib.blake2b(" ".join(text.lower().split()).encode("utf-8"), digest_size=16).digest()
+    return hashlib.blake2b(" ".join(text.lower().split()).encode("utf-8", "surrogatepass"),
+                           digest_size=16).digest()
 
 
 class Deduper:
@@ -80,19 +234,33 @@ class Deduper:
         self._exact: set[bytes] = set()
         self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         self._sigs: dict[int, np.ndarray] = {}
-        self._template = MinHash(num_perm=num_perm, hashfunc=_identity)
 
     def check(self, text: str, script: str = "latin") -> str | None:
         """None if `text` is new (and remember it), else 'exact' or 'near'."""
-        key = exact_key(text)
-        if key in self._exact:
-            return "exact"
-        self._exact.add(key)
-        m = minhash(shingle_hashes(text, script), self._template)
-        for cand in self._lsh.query(m):
-            if np.count_nonzero(self._sigs[cand] == m.hashvalues) >= self.threshold * self.num_perm:
-                return "near"
-        idx = len(self._sigs)
-        self._sigs[idx] = m.hashvalues
-        self._lsh.insert(idx, m)
-        return None
+        return self.check_batch([text], [script])[0]
+
+    def check_batch(self, texts: Sequence[str], scripts: Sequence[str]) -> list[str | None]:
+        """`check` for each text in order (a text may duplicate an earlier one of the batch)."""
+        out: list[str | None] = [None] * len(texts)
+        fresh: list[int] = []
+        for i, text in enumerate(texts):
+            key = exact_key(text)
+            if key in self._exact:
+                out[i] = "exact"
+            else:
+                self._exact.add(key)
+                fresh.append(i)
+        if not fresh:
+            return out
+        keys, docs = _keys([texts[i] for i in fresh], [scripts[i] for i in fresh])
+        sigs = signatures(keys, docs, len(fresh), self.num_perm)
+        need = self.threshold * self.num_perm
+        for i, sig in zip(fresh, sigs, strict=True):
+            m = LeanMinHash(seed=0, hashvalues=sig, scheme="affine32")
+            if any(np.count_nonzero(self._sigs[c] == sig) >= need for c in self._lsh.query(m)):
+                out[i] = "near"
+                continue
+            idx = len(self._sigs)
+            self._sigs[idx] = sig
+            self._lsh.insert(idx, m, check_duplication=False)
+        return out
