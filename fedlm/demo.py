@@ -176,7 +176,9 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 1337) -> dict[str, A
     size = QUICK if quick else FULL
     out.mkdir(parents=True, exist_ok=True)
     ws = prepare_workspace(out, vocab_size=size.vocab_size)
+    t_data = time.perf_counter()
     runs = run_all(demo_sets(ws, size, seed=seed), out / "runs")
+    t_train = time.perf_counter()
     models: dict[str, dict[str, Any]] = {}
     with progress_bar("evaluate", unit="models") as update:
         for i, (name, run_dir) in enumerate(runs.items()):
@@ -184,8 +186,9 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 1337) -> dict[str, A
                             "bits_per_byte": evaluate_everywhere(run_dir, ws, max_tokens=size.eval_tokens)}
             update(i + 1, len(runs))
     found = findings(models)
-    summary = {"models": models, "findings": found, "seconds": time.perf_counter() - t0, "quick": quick,
-               "seed": seed}
+    now = time.perf_counter()
+    summary = {"models": models, "findings": found, "seconds": now - t0, "quick": quick, "seed": seed,
+               "phase_seconds": {"data": t_data - t0, "train": t_train - t_data, "evaluate": now - t_train}}
     write_json(out / "summary.json", summary)
     print_table(models, found)
 
