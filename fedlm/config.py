@@ -189,6 +189,10 @@ class FederationConfig:
     """Seconds to wait for the silos each round; late silos are dropped from the round."""
     personalize_steps: int = 0
     """After the run, each silo fine-tunes the global model this many steps on its own shards."""
+    compression: Literal["none", "fp16", "int8", "topk"] = "none"
+    """Codec applied to each update before it is sent (undone on the server)."""
+    topk_fraction: float = 0.1
+    """Share of coordinates sent with compression = "topk" (the rest is carried as error feedback)."""
 
     def __post_init__(self) -> None:
         for key in ("rounds", "local_steps", "min_silos"):
@@ -200,10 +204,53 @@ class FederationConfig:
             raise ValueError("federation.server_lr and server_tau must be > 0, prox_mu >= 0")
         if not 0 <= self.trim_fraction < 0.5:
             raise ValueError("federation.trim_fraction must be in [0, 0.5)")
+        if not 0 < self.topk_fraction <= 1:
+            raise ValueError("federation.topk_fraction must be in (0, 1]")
         if self.max_update_norm < 0 or self.round_timeout <= 0 or self.personalize_steps < 0:
             raise ValueError(
                 "federation.max_update_norm and personalize_steps must be >= 0, round_timeout > 0"
             )
+
+
+@dataclass
+class PrivacyConfig:
+    mode: Literal["none", "record", "client"] = "none"
+    """record: DP-SGD inside each silo (Opacus); client: clipped updates + Gaussian noise on the aggregate."""
+    target_epsilon: float = 8.0
+    """ε each silo may spend over the whole run; the noise multiplier is derived from it."""
+    delta: float = 1e-5
+    """δ of the guarantee; must be < 1/N for N records (record) or silos (client)."""
+    clip: float = 1.0
+    """Per-sample gradient norm bound (record) or per-silo update norm bound (client)."""
+    accountant: Literal["rdp", "prv"] = "rdp"
+    """Privacy accountant."""
+
+    def __post_init__(self) -> None:
+        if self.mode != "none":
+            if not self.target_epsilon > 0:
+                raise ValueError(f"privacy.target_epsilon must be > 0 when privacy.mode = {self.mode!r}")
+            if not 0 < self.delta < 1:
+                raise ValueError(f"privacy.delta must be in (0, 1) when privacy.mode = {self.mode!r}")
+            if not self.clip > 0:
+                raise ValueError(f"privacy.clip must be > 0 when privacy.mode = {self.mode!r}")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0
+    """LoRA rank; 0 trains all weights. With rank > 0 only adapters train and cross the wire."""
+    alpha: float = 16.0
+    """LoRA scaling numerator (scale = alpha / rank)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    targets: list[str] = field(default_factory=lambda: ["wqkv", "wo", "w13", "w2"])
+    """Module names that get adapters."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 0 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ValueError("lora.rank must be >= 0, lora.alpha > 0, lora.dropout in [0, 1)")
+        if self.rank and not self.targets:
+            raise ValueError("lora.targets must name at least one module when lora.rank > 0")
 
 
 @dataclass
@@ -212,6 +259,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         if self.train.seq_len > self.model.max_seq_len:
