@@ -347,6 +347,8 @@ def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCall
         _check_resume_config(cfg, out_dir)
         start = int(load_checkpoint(ckpt_dir, model=model, optimizer=optimizer, generator=data.generator)["step"])
         _truncate_metrics(metrics_path, start)
+        if start >= tc.steps and (out_dir / "summary.json").exists() and (out_dir / "model").exists():
+            return dict(json.loads((out_dir / "summary.json").read_text()))  # already complete
     else:
         if ckpt_dir.exists():
             raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
