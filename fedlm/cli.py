@@ -76,10 +76,20 @@ def data_tokenizer(
     epsilon: Annotated[float | None, typer.Option(help="Per-silo ε for the private counts; omit for exact counts.")] = None,
     delta: Annotated[float, typer.Option(help="Per-silo δ for the private counts.")] = 1e-6,
     seed: Annotated[int | None, typer.Option(help="Seed for the privacy noise (tests only).")] = None,
+    counts: Annotated[list[Path] | None, typer.Option(
+        "--counts", help="Silos on other machines: one `fedlm data counts` file per silo (repeat).")] = None,
 ) -> None:
     """Agree one byte-level BPE tokenizer from each silo's privatised pre-token counts."""
-    from fedlm.data.tokenizer import agree_tokenizer
+    from fedlm.data.tokenizer import agree_tokenizer, agree_tokenizer_from_counts
 
+    if counts:
+        if epsilon is not None or seed is not None:
+            raise UserError("--epsilon/--seed apply where counts are made (`fedlm data counts`), not with --counts")
+        record = agree_tokenizer_from_counts(workspace, list(counts), vocab_size=vocab_size)
+        for silo, rec in record["silos"].items():
+            _out(f"{silo}: ε = {rec.get('epsilon')}, δ = {rec.get('delta')}, released {rec.get('released_pretokens')} pre-tokens")
+        _out(f"tokenizer -> {workspace / 'tokenizer.json'} (vocab {vocab_size}); send it to every silo")
+        return
     with progress_bar("count + train BPE") as update:
         record = agree_tokenizer(workspace, vocab_size=vocab_size, epsilon=epsilon, delta=delta,
                                  seed=seed, on_progress=update)
@@ -89,6 +99,26 @@ def data_tokenizer(
         if epsilon is not None:
             _out(f"{silo}: ε = {rec.get('epsilon')}, δ = {rec.get('delta')}, released {rec.get('released')} pre-tokens")
     _out(f"tokenizer -> {workspace / 'tokenizer.json'} (vocab {vocab_size})")
+
+
+@data_app.command("counts")
+def data_counts(
+    workspace: Annotated[Path, typer.Option(help="This silo's workspace (WS/silos/NAME/docs.jsonl).")],
+    silo: Annotated[str, typer.Option(help="The silo whose counts to release.")],
+    out: Annotated[Path, typer.Option(help="JSON file to send to the coordinator.")],
+    epsilon: Annotated[float | None, typer.Option(help="ε for the private counts; omit for exact counts.")] = None,
+    delta: Annotated[float, typer.Option(help="δ for the private counts.")] = 1e-6,
+) -> None:
+    """Release this silo's pre-token counts for a tokenizer agreed across machines."""
+    from fedlm.data.tokenizer import release_silo_counts
+    from fedlm.fileio import write_json
+
+    _check_silo_name(silo)
+    released = release_silo_counts(workspace, silo, epsilon=epsilon, delta=delta)
+    write_json(out, released)
+    rec = released["privacy"]
+    privacy = "exact counts, no privacy" if epsilon is None else f"ε = {rec['epsilon']}, δ = {rec['delta']}"
+    _out(f"{silo}: {len(released['counts']):,} pre-tokens ({privacy}) -> {out}; send it to the coordinator")
 
 
 @data_app.command("shard")
@@ -125,6 +155,11 @@ def train(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value (repeatable).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out (default: the config's folder).")] = False,
     out: Annotated[Path | None, typer.Option(help="Run directory (default: runs/<config>-<time>).")] = None,
+    superlink: Annotated[str | None, typer.Option(
+        help="HOST:PORT of a running SuperLink (federation.engine = \"flower\"; run on its machine).")] = None,
+    root_certificates: Annotated[Path | None, typer.Option(
+        help="CA certificate (PEM) that signed the SuperLink's certificate.")] = None,
+    insecure: Annotated[bool, typer.Option(help="Talk to --superlink without TLS (tests on loopback).")] = False,
 ) -> None:
     """Train on one silo, several pooled, or federated across silos, as the config says."""
     from fedlm.config import load_config
@@ -132,13 +167,21 @@ def train(
     from fedlm.train import train_local_only
 
     cfg = load_config(config, set_ or [])
+    if (superlink or root_certificates or insecure) and (
+            cfg.train.mode != "federated" or cfg.federation.engine != "flower"):
+        raise UserError("--superlink/--root-certificates/--insecure need train.mode = \"federated\" and "
+                        "federation.engine = \"flower\"; add --set federation.engine=flower")
+    if (root_certificates or insecure) and not superlink:
+        raise UserError("--root-certificates/--insecure need --superlink HOST:PORT (without it fedlm starts "
+                        "its own SuperLink on 127.0.0.1)")
     if out is None:
         out = config.parent if resume else Path("runs") / f"{config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if cfg.train.mode == "federated":
         from fedlm.federation.runner import run_federated
 
         with progress_bar("federated", unit="rounds") as update:
-            summary = run_federated(cfg, out, resume=resume, on_round=lambda r, n, row: update(r, n))
+            summary = run_federated(cfg, out, resume=resume, on_round=lambda r, n, row: update(r, n),
+                                    superlink=superlink, root_certificates=root_certificates, insecure=insecure)
         _out(f"federated: {summary.get('rounds', cfg.federation.rounds)} rounds -> {out}")
         return
     with progress_bar("train", unit="steps") as update:
@@ -268,6 +311,48 @@ def serve(
                   quantize="int8" if quantize == "int8" else "none", max_batch=max_batch,
                   max_concurrent=max_concurrent, max_prompt_tokens=max_prompt_tokens,
                   max_tokens=max_tokens, threads=threads)
+
+
+@app.command()
+def node(
+    superlink: Annotated[str, typer.Option(help="HOST:PORT of the SuperLink.")],
+    workspace: Annotated[Path, typer.Option(help="This silo's workspace (sharded WS/silos/NAME).")],
+    silo: Annotated[str, typer.Option(help="The silo this machine serves.")],
+    root_certificates: Annotated[Path | None, typer.Option(
+        help="CA certificate (PEM) that signed the SuperLink's certificate.")] = None,
+    insecure: Annotated[bool, typer.Option(help="No TLS (tests on loopback only).")] = False,
+    port: Annotated[int | None, typer.Option(help="Local port for the SuperNode's ClientApp API (default: free).")] = None,
+) -> None:
+    """Serve one silo to a federation: a Flower SuperNode that trains on its shards when asked."""
+    from fedlm.federation.deploy import run_node
+
+    _check_silo_name(silo)
+    _out(f"silo {silo}: SuperNode for {superlink} ({'no TLS' if insecure else 'TLS'}); Ctrl-C to stop")
+    code = run_node(superlink, workspace, silo, root_certificates=root_certificates, insecure=insecure, port=port)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+def superlink(
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The one port for SuperNodes, `fedlm train` and the ServerApp.")] = 9092,
+    ssl_ca_certfile: Annotated[Path | None, typer.Option(help="CA certificate (PEM).")] = None,
+    ssl_certfile: Annotated[Path | None, typer.Option(help="The SuperLink's certificate (PEM), signed by the CA.")] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="The SuperLink's private key (PEM).")] = None,
+    insecure: Annotated[bool, typer.Option(help="No TLS (tests on loopback only).")] = False,
+) -> None:
+    """Run the federation's coordinator: a Flower SuperLink (TLS) until Ctrl-C."""
+    from fedlm.federation.deploy import ServerTls, run_superlink
+
+    files = (ssl_ca_certfile, ssl_certfile, ssl_keyfile)
+    if insecure == any(f is not None for f in files) or (not insecure and None in files):
+        raise UserError("pass --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile (or --insecure alone)")
+    tls = None if insecure else ServerTls(*(Path(str(f)) for f in files))
+    code = run_superlink(host=host, port=port, tls=tls, on_ready=lambda a: _out(
+        f"SuperLink ready on {host}:{port} ({'no TLS' if tls is None else 'TLS'}); Ctrl-C to stop"))
+    if code:
+        raise typer.Exit(code)
 
 
 def main() -> None:

@@ -362,3 +362,113 @@ def bpe_ranks(tok: tokenizers.Tokenizer) -> tuple[dict[bytes, int], np.ndarray]:
             ranks[key] = 256 + m
             rank_to_id[256 + m] = vocab[left + right]
     return ranks, rank_to_id
+
+
+# ---------------------------------------------------------------------------------------------
+# The agreement across machines: each silo releases a counts file, the coordinator sums them
+
+COUNTS_FORMAT = "fedlm-pretoken-counts/1"
+"""The `format` field of a released counts file (`fedlm data counts`)."""
+
+
+def release_silo_counts(
+    workspace: Path,
+    silo: str,
+    *,
+    epsilon: float | None = None,
+    delta: float = 1e-6,
+    seed: int | None = None,
+    max_pretokens_per_doc: int = DEFAULT_MAX_PRETOKENS_PER_DOC,
+) -> dict:
+    """What one silo releases for the tokenizer, run on the silo's own machine.
+
+    Returns `{"format", "silo", "privacy", "counts"}`, the content of the file the silo sends
+    to the coordinator: the same counts and per-silo privacy record `agree_tokenizer` uses
+    (exact counts when `epsilon` is None, else document-level (epsilon, delta)-DP counts).
+    """
+    docs = Path(workspace) / "silos" / silo / "docs.jsonl"
+    if not docs.is_file():
+        raise UserError(f"silo {silo!r}: no {docs}; run `fedlm data prepare SRC --silo {silo} --workspace {workspace}` first")
+    if epsilon is not None and not (epsilon > 0 and math.isfinite(epsilon)):
+        raise UserError(f"--epsilon {epsilon} must be a number > 0 (or leave it off for exact counts)")
+    if not 0.0 < delta < 1.0:
+        raise UserError(f"delta {delta} must be in (0, 1), e.g. 1e-6")
+    texts = read_texts(docs)
+    if epsilon is None:
+        counts = dict(count_pretokens(texts))
+        record: dict = {"mechanism": "exact counts, no privacy", "epsilon": None, "delta": None,
+                        "released_pretokens": len(counts)}
+    else:
+        doc_counts = count_pretokens(texts, max_per_doc=max_pretokens_per_doc)
+        rel = release_sparse_histogram(doc_counts, epsilon=epsilon, delta=delta,
+                                       max_keys=max_pretokens_per_doc, rng=np.random.default_rng(seed))
+        del doc_counts  # never leaves the silo
+        counts = {k: max(1, round(v)) for k, v in rel.counts.items()}
+        record = {
+            "mechanism": "Gaussian sparse histogram with threshold (document-level DP)",
+            "epsilon": rel.epsilon, "epsilon_requested": epsilon, "delta": rel.delta,
+            "delta_noise": rel.delta_noise, "delta_threshold": rel.delta_threshold,
+            "contribution_bound": {"max_pretokens_per_doc": rel.max_keys, "max_count_per_pretoken": rel.max_count,
+                                   "l2_sensitivity": rel.l2_sensitivity},
+            "noise_sigma": rel.sigma, "threshold": rel.threshold, "released_pretokens": len(counts),
+        }
+    return {"format": COUNTS_FORMAT, "silo": silo, "privacy": record, "counts": counts}
+
+
+def _read_counts_file(path: Path) -> dict:
+    fix = "make it again with `fedlm data counts --workspace WS --silo NAME --out FILE` on that silo"
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"--counts {path}: cannot read it as JSON ({e}); {fix}") from None
+    if not isinstance(obj, dict) or obj.get("format") != COUNTS_FORMAT:
+        raise UserError(f"--counts {path}: not a fedlm counts file (format {COUNTS_FORMAT!r}); {fix}")
+    counts = obj.get("counts")
+    if not isinstance(obj.get("silo"), str) or not isinstance(counts, dict) or not isinstance(obj.get("privacy"), dict):
+        raise UserError(f"--counts {path}: needs 'silo', 'privacy' and 'counts'; {fix}")
+    for piece, n in counts.items():
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1 or any(c not in CHAR_TO_BYTE for c in piece):
+            raise UserError(f"--counts {path}: pre-token {piece!r} has count {n!r}; counts must be integers >= 1 "
+                            f"of byte-level pre-tokens; {fix}")
+    return obj
+
+
+def agree_tokenizer_from_counts(workspace: Path, count_files: list[Path], *, vocab_size: int) -> dict:
+    """Train WS/tokenizer.json on the sum of released counts files; write and return the privacy record.
+
+    The counts are summed in silo-name order, as `agree_tokenizer` does, so exact counts from
+    every silo give exactly the tokenizer `agree_tokenizer` trains on one machine.
+    """
+    workspace = Path(workspace)
+    if vocab_size < 257:
+        raise UserError(f"--vocab-size {vocab_size} is too small: a byte-level tokenizer needs at least "
+                        f"257 (256 bytes + {EOS}); use e.g. 4096")
+    if not count_files:
+        raise UserError("no --counts files: make one per silo with `fedlm data counts` and pass each")
+    start = time.perf_counter()
+    released: dict[str, dict] = {}
+    for path in count_files:
+        obj = _read_counts_file(path)
+        if obj["silo"] in released:
+            raise UserError(f"--counts {path}: silo {obj['silo']!r} is given twice; pass one file per silo")
+        released[obj["silo"]] = obj
+    summed: Counter[str] = Counter()
+    for silo in sorted(released):
+        summed.update(released[silo]["counts"])
+    modes = {r["privacy"].get("epsilon") is None for r in released.values()}
+    tok = train_from_counts(dict(summed), vocab_size=vocab_size)
+    tok_path = workspace / "tokenizer.json"
+    workspace.mkdir(parents=True, exist_ok=True)
+    write_text(tok_path, tok.to_str(pretty=True))
+    record = {
+        "mode": "exact" if modes == {True} else "dp" if modes == {False} else "mixed",
+        "note": "counts released per silo with `fedlm data counts`; see each silo's record",
+        "vocab_size_requested": vocab_size,
+        "vocab_size": tok.get_vocab_size(),
+        "pretokens_summed": len(summed),
+        "tokenizer_sha256": tokenizer_hash(tok_path),
+        "seconds": round(time.perf_counter() - start, 3),
+        "silos": {silo: released[silo]["privacy"] for silo in sorted(released)},
+    }
+    write_json(workspace / "tokenizer_privacy.json", record)
+    return record

@@ -3,6 +3,7 @@
     run_on_flower(cfg, Path("runs/fed"))          # SuperLink + one SuperNode per silo on 127.0.0.1
     run_on_flower(cfg, out, superlink="10.0.0.5:9092", root_certificates=Path("ca.pem"))
     run_node("10.0.0.5:9092", Path("ws"), "legal", root_certificates=Path("ca.pem"))  # `fedlm node`
+    run_superlink(host="0.0.0.0", port=9092, tls=ServerTls(ca, cert, key))            # `fedlm superlink`
 
 Everything Flower starts gets `FLOWER_ENV` (no telemetry, no update check, no `uv sync` of
 the app's dependencies) and the venv's bin/ first on PATH (the SuperLink starts
@@ -17,6 +18,7 @@ module waits for its summary.json (or error.json) and replays rounds.jsonl to `o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -26,8 +28,9 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +97,24 @@ def stop(procs: Sequence[subprocess.Popen[bytes]], *, grace: float = 5.0) -> Non
             except ProcessLookupError:
                 pass
             p.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a service manager, `kill`) stops a foreground command like Ctrl-C, so its
+    `finally` stops the Flower process it started instead of leaving it orphaned."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _name(p: subprocess.Popen[bytes]) -> str:
@@ -175,6 +196,59 @@ def _check_tls_args(root_certificates: Path | None, insecure: bool) -> None:
         raise UserError(f"--root-certificates {root_certificates}: no such file")
 
 
+def _local_host(host: str) -> str:
+    """Where the SuperLink's own ServerApp process connects for HOST (bind-all -> loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+def run_superlink(*, host: str, port: int, tls: ServerTls | None, flwr_home: Path | None = None,
+                  ready_timeout: float = 30.0, on_ready: Callable[[str], None] | None = None) -> int:
+    """`fedlm superlink`: start `flower-superlink`, check it answers, wait until it exits or Ctrl-C.
+
+    With TLS the check connects the way the SuperLink's own ServerApp will (to 127.0.0.1 when
+    bound to 0.0.0.0) and verifies the certificate against the CA, so a certificate that
+    does not name that address fails here, with the fix, instead of hanging the first run.
+    """
+    if tls is not None:
+        for flag, path in (("--ssl-ca-certfile", tls.ca_certfile), ("--ssl-certfile", tls.certfile),
+                           ("--ssl-keyfile", tls.keyfile)):
+            if not Path(path).is_file():
+                raise UserError(f"{flag} {path}: no such file")
+    local = _local_host(host)
+    address = f"[{local}]:{port}" if ":" in local else f"{local}:{port}"
+    with tempfile.TemporaryDirectory(prefix="fedlm-superlink-") as tmp, _sigterm_as_interrupt():
+        home = flwr_home or Path(tmp)
+        home.mkdir(parents=True, exist_ok=True)
+        cmd = [str(BIN / "flower-superlink"), "--host", host, "--port", str(port),
+               "--disable-runtime-dependency-installation"]
+        if tls is None:
+            cmd.append("--insecure")
+        else:
+            cmd += ["--ssl-ca-certfile", str(tls.ca_certfile), "--ssl-certfile", str(tls.certfile),
+                    "--ssl-keyfile", str(tls.keyfile)]
+        proc = subprocess.Popen(cmd, env=flower_env(home), stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            try:
+                wait_superlink(address, root_certificates=None if tls is None else tls.ca_certfile,
+                               insecure=tls is None, timeout=ready_timeout, proc=proc)
+            except UserError as e:
+                if "does not verify" not in str(e):
+                    raise
+                raise UserError(
+                    f"the SuperLink on {address}: {tls.certfile if tls else ''} does not verify against "
+                    f"{tls.ca_certfile if tls else ''} for {local}; it must be signed by that CA and name "
+                    f"{local} (the SuperLink's own ServerApp connects there) and every address silos dial "
+                    f"in its subjectAltName"
+                ) from None
+            if on_ready is not None:
+                on_ready(address)
+            return proc.wait()
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            stop([proc])
+
+
 # ---------------------------------------------------------------------------------------
 # SuperNodes (one per silo)
 
@@ -217,13 +291,14 @@ def run_node(superlink: str, workspace: Path, silo: str, *, root_certificates: P
     cmd = supernode_command(superlink, workspace, silo, port=port or free_port(),
                             root_certificates=root_certificates, insecure=insecure)
     flwr_home.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(cmd, env=flower_env(flwr_home), start_new_session=True)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        stop([proc])
+    with _sigterm_as_interrupt():
+        proc = subprocess.Popen(cmd, env=flower_env(flwr_home), start_new_session=True)
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            stop([proc])
 
 
 # ---------------------------------------------------------------------------------------
@@ -297,8 +372,14 @@ def follow_run(run_dir: Path, *, timeout: float, on_round: RoundCallback | None 
 
 def run_on_flower(cfg: Config, out_dir: Path, *, resume: bool = False, on_round: RoundCallback | None = None,
                   superlink: str | None = None, root_certificates: Path | None = None,
-                  insecure: bool = False, logs_dir: Path | None = None) -> dict[str, Any]:
-    """Run a prepared run directory on the deployment engine (see module docstring)."""
+                  insecure: bool = False, logs_dir: Path | None = None,
+                  connect_timeout: float = 10.0) -> dict[str, Any]:
+    """Run a prepared run directory on the deployment engine (see module docstring).
+
+    With `superlink` the run directory must be readable and writable by the SuperLink's
+    machine at the same path (run this on that machine): the ServerApp reads config.toml
+    there and writes rounds, checkpoints and the model beside it.
+    """
     out_dir = out_dir.resolve()
     for stale in ("summary.json", "error.json"):
         (out_dir / stale).unlink(missing_ok=True)
@@ -319,8 +400,9 @@ def run_on_flower(cfg: Config, out_dir: Path, *, resume: bool = False, on_round:
                 procs.append(start_supernode(superlink, workspace, silo, port=free_port(),
                                              log_path=logs / f"supernode-{silo}.log",
                                              flwr_home=home / f"node-{silo}", insecure=True))
-        else:
-            wait_superlink(superlink, root_certificates=root_certificates, insecure=insecure)
+        else:  # a running SuperLink (`fedlm superlink`): it should answer at once
+            wait_superlink(superlink, root_certificates=root_certificates, insecure=insecure,
+                           timeout=connect_timeout)
         run_id = submit_run(superlink, {"run-dir": str(out_dir), "resume": resume}, flwr_home=home / "cli",
                             root_certificates=root_certificates, insecure=insecure)
         # Per round: the wait, plus Flower's per-message process start and polling (≈20 s here).
