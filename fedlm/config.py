@@ -223,9 +223,16 @@ class PrivacyConfig:
     clip: float = 1.0
     """Per-sample gradient norm bound (record) or per-silo update norm bound (client)."""
     accountant: Literal["rdp", "prv"] = "rdp"
-    """Privacy accountant."""
+    """Privacy accountant for record-level DP (Opacus's RDP or PRV); client-level DP always uses RDP."""
+    noise_multiplier: float = 0.0
+    """Noise std / clip; 0 derives it from target_epsilon over all steps/rounds. Set, the run is
+    refused when the configured steps/rounds would spend more than target_epsilon."""
+    sample_rate: float = 0.0
+    """Record DP: Poisson sampling rate of training windows per step; 0 means train.batch_size / N."""
 
     def __post_init__(self) -> None:
+        if self.noise_multiplier < 0 or not 0 <= self.sample_rate <= 1:
+            raise ValueError("privacy.noise_multiplier must be >= 0 and privacy.sample_rate in [0, 1]")
         if self.mode != "none":
             if not self.target_epsilon > 0:
                 raise ValueError(f"privacy.target_epsilon must be > 0 when privacy.mode = {self.mode!r}")
@@ -267,6 +274,37 @@ class Config:
             raise ValueError(
                 f"train.seq_len ({self.train.seq_len}) must be <= model.max_seq_len ({self.model.max_seq_len})"
             )
+        self._check_privacy()
+
+    def _check_privacy(self) -> None:
+        """Refuse options that would void the DP guarantee asked for (or that it does not account)."""
+        mode, fed = self.privacy.mode, self.federation
+        if mode == "none":
+            return
+        where = f"privacy.mode = {mode!r}"
+        if mode == "client":
+            if self.train.mode != "federated":
+                raise ValueError(f"{where} protects silos in a federation: set train.mode = \"federated\" "
+                                 "(or use privacy.mode = \"record\")")
+            if fed.aggregation != "mean":
+                raise ValueError(f"{where} bounds each silo's influence on a sum; federation.aggregation = "
+                                 f"{fed.aggregation!r} has another sensitivity: use \"mean\"")
+            if 0 < fed.max_update_norm < self.privacy.clip:
+                raise ValueError(f"{where}: federation.max_update_norm = {fed.max_update_norm:g} < privacy.clip = "
+                                 f"{self.privacy.clip:g} rejects updates depending on their data; set it to 0 "
+                                 "or >= privacy.clip")
+            if fed.compression != "none":
+                raise ValueError(f"{where}: federation.compression = {fed.compression!r} changes what is sent "
+                                 "after clipping (norm no longer bounded); use compression = \"none\"")
+        if fed.personalize_steps > 0 and self.train.mode == "federated" and mode == "record":
+            raise ValueError(f"{where}: federation.personalize_steps trains on the silo's records outside "
+                             "DP-SGD's accounting; set it to 0")
+        if mode == "record":
+            if self.train.grad_accum != 1:
+                raise ValueError(f"{where}: each DP-SGD step is one Poisson batch; set train.grad_accum = 1 "
+                                 "(raise train.batch_size or privacy.sample_rate instead)")
+            if self.lora.rank > 0:
+                raise ValueError(f"{where} with lora.rank > 0 is not supported yet; set lora.rank = 0")
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:

@@ -36,8 +36,19 @@ from fedlm.data.shards import list_silos, open_split, sample_batch
 from fedlm.data.tokenizer import load_tokenizer, tokenizer_hash
 from fedlm.errors import UserError
 from fedlm.fileio import append_jsonl, atomic_dir, write_json, write_text
+from fedlm.lora import apply_lora
 from fedlm.model import Transformer
-from fedlm.modelio import assign_weights, load_model, save_model, stored_state
+from fedlm.modelio import assign_weights, save_model, stored_state
+from fedlm.pretrained import load_pretrained, tokenizer_json_hash
+from fedlm.privacy.dpsgd import (
+    DPSGD,
+    PoissonRecords,
+    RecordPlan,
+    dp_train_steps,
+    num_records,
+    plan_record_dp,
+    privacy_record,
+)
 
 StepCallback = Callable[[int, int, dict[str, float]], None]
 
@@ -195,17 +206,36 @@ def local_update(
     first_step: int,
     steps: int,
     prox_mu: float = 0.0,
+    dp_plan: RecordPlan | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Train `steps` steps from the global weights; return the update (local − global) and metrics.
 
     Stateless between calls (a fresh AdamW each time), so a silo can run in a fresh process
     each round. The learning rate follows tc's schedule at `first_step + i`; the caller seeds
     `data.generator` (e.g. from seed, silo and round) so the run is reproducible. With
-    `prox_mu` > 0 the FedProx term (mu/2)·||w − w_global||² is added to the loss.
+    `prox_mu` > 0 the FedProx term (mu/2)·||w − w_global||² is added to the loss. With
+    `dp_plan`, the steps are record-level DP-SGD (`fedlm.privacy.dpsgd`) on Poisson-sampled
+    windows of the silo's split; num_tokens is then the expected count (it must not leak N).
     """
     model.load_state_dict(global_state)
     model.train()
     optimizer = make_optimizer(model, tc)
+    if dp_plan is not None:  # record-level DP: Opacus per-sample clipping + noise, Poisson sampling
+        if prox_mu > 0:
+            raise UserError("federation.strategy = 'fedprox' is not supported with privacy.mode = 'record'")
+        t0 = time.perf_counter()
+        records = PoissonRecords(data.splits, seq_len=tc.seq_len, sample_rate=dp_plan.sample_rate,
+                                 generator=data.generator)
+        dp_losses = dp_train_steps(model, optimizer, records, plan=dp_plan, precision=tc.precision,
+                                   lrs=[lr_at(first_step + i, tc) for i in range(steps)])
+        local = model.state_dict()
+        return {name: (local[name] - global_state[name]).detach() for name in global_state}, {
+            "loss": float(np.nanmean(dp_losses)) if not all(map(math.isnan, dp_losses)) else float("nan"),
+            "num_tokens": float(steps * dp_plan.expected_batch_size * tc.seq_len),
+            "train_seconds": time.perf_counter() - t0,
+            "dp_noise_multiplier": dp_plan.noise_multiplier, "dp_sample_rate": dp_plan.sample_rate,
+            "dp_steps": float(steps),
+        }
     anchors = [global_state[name].detach() for name, _ in model.named_parameters()]
 
     def proximal() -> torch.Tensor:
@@ -222,7 +252,8 @@ def local_update(
         )
         losses.append(row["loss"])
     local = model.state_dict()
-    update = {name: (local[name] - global_state[name]).detach() for name in global_state}
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    update = {name: (local[name] - global_state[name]).detach() for name in global_state if name not in frozen}
     num_tokens = steps * tc.grad_accum * tc.batch_size * tc.seq_len
     return update, {
         "loss": float(np.mean(losses)),
@@ -290,12 +321,14 @@ def build_model(cfg: Config, vocab_size: int) -> Transformer:
     says what was trained; its tokenizer must be the workspace's.
     """
     if cfg.train.init_from:
-        model, tok = load_model(Path(cfg.train.init_from))
+        # a run/model/HF dir, a .gguf or "smollm2"; a LoRA base is frozen, so its copies share memory
+        model, tok = load_pretrained(cfg.train.init_from, share_frozen=cfg.lora.rank > 0)
         ws_tok = Path(cfg.data.workspace) / "tokenizer.json"
-        if tok is not None and ws_tok.exists() and tokenizer_hash(tok) != tokenizer_hash(ws_tok):
+        if tok is not None and ws_tok.exists() and tokenizer_json_hash(tok) != tokenizer_hash(ws_tok):
             raise UserError(
                 f"train.init_from = {cfg.train.init_from!r} uses another tokenizer than {ws_tok}; "
-                "shard the workspace with the model's tokenizer"
+                f"shard the workspace with the model's tokenizer (`fedlm data tokenizer --workspace "
+                f"{cfg.data.workspace} --from-model {cfg.train.init_from}`, then `fedlm data shard`)"
             )
         cfg.model = model.cfg
         model.train()
@@ -311,6 +344,11 @@ def build_model(cfg: Config, vocab_size: int) -> Transformer:
     if model.cfg.vocab_size != vocab_size:
         raise UserError(f"the model has {model.cfg.vocab_size} tokens, the workspace tokenizer {vocab_size}")
     model.activation_checkpointing = cfg.train.activation_checkpointing
+    if cfg.lora.rank > 0:  # only the adapters train (and, federated, cross the wire)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed + 1)  # the adapters' A: the same on every silo and the server
+            apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                       targets=cfg.lora.targets)
     return model
 
 
@@ -337,6 +375,11 @@ def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCall
     optimizer = make_optimizer(model, tc)
     data = SiloBatches.open(silo_dirs, seed=tc.seed, tokenizer_sha256=tok_sha)
     val_splits = [open_split(d, "val", expect_tokenizer_sha256=tok_sha) for d in silo_dirs]
+    dp_plan = None
+    if cfg.privacy.mode == "record":  # DP-SGD over Poisson-sampled windows of the (pooled) silos
+        dp_plan = plan_record_dp(
+            num_records=sum(num_records(len(s), tc.seq_len) for s in data.splits), batch_size=tc.batch_size,
+            steps=tc.steps, privacy=cfg.privacy, where="+".join(d.name for d in silo_dirs))
 
     ckpt_dir = out_dir / "checkpoint"
     metrics_path = out_dir / "metrics.jsonl"
@@ -358,6 +401,16 @@ def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCall
 
     def checkpoint(step: int) -> None:
         save_checkpoint(ckpt_dir, model=model, optimizer=optimizer, step=step, generator=data.generator)
+        if dp_plan is not None:
+            write_json(out_dir / "privacy.json", privacy_record(dp_plan, steps_done=step,
+                                                               silos=[d.name for d in silo_dirs],
+                                                               seq_len=tc.seq_len))
+
+    dp = records = None
+    if dp_plan is not None:
+        records = PoissonRecords(data.splits, seq_len=tc.seq_len, sample_rate=dp_plan.sample_rate,
+                                 generator=data.generator)
+        dp = DPSGD(model, optimizer, plan=dp_plan, generator=data.generator)
 
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
     step = start
@@ -366,11 +419,15 @@ def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCall
     with _interrupt_flag() as interrupted:
         while step < tc.steps:
             t_step = time.perf_counter()
-            last = train_step(
-                model, optimizer, lambda: data.next(tc.batch_size, tc.seq_len),
-                lr=lr_at(step, tc), grad_accum=tc.grad_accum, grad_clip=tc.grad_clip,
-                precision=tc.precision,
-            )
+            if dp is not None and records is not None:
+                last = {"loss": dp.step(*records.next(), lr=lr_at(step, tc), precision=tc.precision),
+                        "grad_norm": float("nan")}  # the clean gradient's norm is not released
+            else:
+                last = train_step(
+                    model, optimizer, lambda: data.next(tc.batch_size, tc.seq_len),
+                    lr=lr_at(step, tc), grad_accum=tc.grad_accum, grad_clip=tc.grad_clip,
+                    precision=tc.precision,
+                )
             step += 1
             row = {**last, "step": step, "lr": lr_at(step - 1, tc),
                    "tokens_per_s": tokens_per_step / (time.perf_counter() - t_step)}
@@ -391,6 +448,8 @@ def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCall
                     f"`fedlm train {out_dir / 'config.toml'} --resume`"
                 )
     elapsed = time.perf_counter() - t0
+    if dp is not None:
+        dp.close()  # the plain model again: same names, generates
     save_model(model, out_dir / "model", tokenizer_path=tok_path)
     summary = {
         "steps": step,
