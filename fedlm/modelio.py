@@ -91,7 +91,12 @@ def save_model(model: Transformer, out_dir: Path, *, tokenizer_path: Path | None
     out_dir = Path(out_dir)
     if tokenizer_path is not None and not Path(tokenizer_path).is_file():
         raise UserError(f"{tokenizer_path}: no such tokenizer file")
-    tensors = {name: t.detach().contiguous() for name, t in stored_state(model).items()}
+    state = stored_state(model)
+    if any(".lora_A." in name for name in state):  # LoRA: a model directory holds merged weights
+        from fedlm.lora import merged_state  # imported here: fedlm.lora builds on this module
+
+        state = merged_state(model)
+    tensors = {name: t.detach().contiguous() for name, t in state.items()}
     config = dataclasses.asdict(model.cfg) | {"format": "fedlm"}
     with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})

