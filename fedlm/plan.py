@@ -1,0 +1,632 @@
+"""`fedlm plan`: what a run will cost each silo — parameters, FLOPs, memory, time, bytes — before it starts.
+
+    plan = plan_run(load_config("fed.toml"))             # calibrates a few real steps on this machine
+    plan = plan_run(cfg, device_flops=50e12)              # or: time from a given FLOP/s per silo
+    print(json.dumps(plan.to_json()))
+    fitted, changes = fit_limits(cfg, memory_limit=2 * 2**30, time_limit=30.0)   # `--set` lines that fit
+
+Everything but the time comes from the config and the model's shapes alone (no weights are
+loaded: `train.init_from` is read for its config.json or GGUF header). The formulas, per token:
+
+- FLOPs (training): 6·N + 12·L·T·(H·D)  (PaLM's appendix B form: N = parameters used in a
+  matmul, the head included, the embedding lookup not; the attention term counts the full
+  T×T score and value matmuls, forward + backward = 3 × forward). Backward is 2 × forward
+  for trainable matrices; a frozen matrix (LoRA) skips its weight gradient, so it costs
+  4·N instead of 6·N, plus the adapters' own 6·r·(in + out). Activation checkpointing
+  recomputes each block's forward during the backward, less its last matmul (w2; PyTorch's
+  non-reentrant checkpoint stops recomputing once the saved tensors are back).
+- Memory per silo: fp32 weights (4 B/param), gradients and AdamW's two moments for the
+  trainable parameters (4 + 8 B), AdamW's foreach temporary (4 B), the global weights a silo
+  receives and the update it sends (federated), the tensors autograd saves per layer per
+  token (counted tensor by tensor for this architecture, below), and the logits: log-softmax
+  output, its gradient and the incoming gradient, B·T·V·4 B each (bf16 adds the bf16 logits
+  and a bf16 copy of every matmul weight).
+- Time: a few real optimizer steps of this model (random weights, same shapes, precision,
+  batch and LoRA) timed on this machine with the threads the run will use (one per silo in
+  the in-process engine), × local_steps; with S silos sharing C cores, × S / C. Or
+  FLOPs / `device_flops` when given.
+- Bytes per round: the update's arrays (LoRA: adapters only) under federation.compression —
+  none 4 B/value, fp16 2, int8 1 + one fp32 scale per array, topk ⌈f·n⌉ × (4 B value +
+  4 B int32 index) per array; secure aggregation sends 4 B (uint32) per value. Down: the
+  global arrays in fp32. Payload only (Flower's framing adds ~200 B per array).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedlm.config import Config, ModelConfig
+from fedlm.errors import UserError
+
+CHINCHILLA_TOKENS_PER_PARAM = 20
+ADAMW_BYTES = 8  # two fp32 moments per trainable parameter
+TOPK_VALUE_BYTES, TOPK_INDEX_BYTES = 4, 4
+ROUND_OVERHEAD_BYTES_PER_S = 400e6  # serialise + copy + checkpoint, measured by bench/plan_bench.py
+LORA_MODULES = ("wqkv", "wo", "w13", "w2")
+
+
+# ---------------------------------------------------------------------------------------
+# the model's shape, from the config (or the model init_from names), without loading weights
+
+
+def resolve_model(cfg: Config) -> ModelConfig:
+    """The ModelConfig the run will train: cfg.model with its vocabulary, or init_from's shape."""
+    src = cfg.train.init_from
+    if src:
+        return _init_from_shape(src)
+    mc = cfg.model
+    if mc.vocab_size:
+        return mc
+    tok = Path(cfg.data.workspace) / "tokenizer.json"
+    try:
+        vocab = len(json.loads(tok.read_text(encoding="utf-8"))["model"]["vocab"])
+        added = json.loads(tok.read_text(encoding="utf-8")).get("added_tokens", [])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"model.vocab_size = 0 and {tok} is not a readable tokenizer; set model.vocab_size "
+                        "or run `fedlm data tokenizer` first") from None
+    ids = {int(t["id"]) for t in added if isinstance(t, dict) and "id" in t}
+    return dataclasses.replace(mc, vocab_size=max(vocab, max(ids, default=-1) + 1))
+
+
+def _init_from_shape(src: str) -> ModelConfig:
+    from fedlm.hf import config_from_hf, smollm2_gguf_path
+    from fedlm.modelio import CONFIG, _read_config, config_from_json, find_model_dir
+
+    path = smollm2_gguf_path() if src.lower() == "smollm2" else Path(src)
+    if path.suffix == ".gguf":
+        return _gguf_shape(path)
+    model_dir = find_model_dir(path)
+    data = _read_config(model_dir / CONFIG)
+    if data.get("format") == "fedlm":
+        return config_from_json(data, model_dir / CONFIG)
+    return config_from_hf(data, model_dir / CONFIG)
+
+
+def _gguf_shape(path: Path) -> ModelConfig:
+    """A Llama GGUF file's shape from its header (no tensors are read)."""
+    if not path.is_file():
+        raise UserError(f"train.init_from: {path}: no such GGUF file")
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+
+    def get(key: str, default: Any = None) -> Any:
+        f = reader.fields.get(key)
+        if f is None:
+            if default is None:
+                raise UserError(f"{path}: GGUF header lacks {key!r}")
+            return default
+        return f.contents()
+
+    arch = get("general.architecture")
+    if arch != "llama":
+        raise UserError(f"{path}: architecture {arch!r} is not a Llama-family model")
+    names = {t.name for t in reader.tensors}
+    return ModelConfig(
+        preset="custom", d_model=int(get("llama.embedding_length")), n_layers=int(get("llama.block_count")),
+        n_heads=int(get("llama.attention.head_count")),
+        n_kv_heads=int(get("llama.attention.head_count_kv", get("llama.attention.head_count"))),
+        d_ff=int(get("llama.feed_forward_length")), vocab_size=len(get("tokenizer.ggml.tokens")),
+        max_seq_len=int(get("llama.context_length", 2048)),
+        rope_theta=float(get("llama.rope.freq_base", 10000.0)),
+        norm_eps=float(get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings="output.weight" not in names,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# parameters, LoRA adapters and what crosses the wire
+
+
+def linear_shapes(mc: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Module name -> (in, out) of every matmul weight, as Transformer names them."""
+    q, kv = mc.n_heads * mc.head_dim, mc.n_kv_heads * mc.head_dim
+    out: dict[str, tuple[int, int]] = {}
+    for i in range(mc.n_layers):
+        out |= {f"layers.{i}.attn.wqkv": (mc.d_model, q + 2 * kv), f"layers.{i}.attn.wo": (q, mc.d_model),
+                f"layers.{i}.mlp.w13": (mc.d_model, 2 * mc.d_ff), f"layers.{i}.mlp.w2": (mc.d_ff, mc.d_model)}
+    out["lm_head"] = (mc.d_model, mc.vocab_size)
+    return out
+
+
+def array_sizes(mc: ModelConfig) -> dict[str, int]:
+    """Parameter arrays (state-dict names, a tied head once) -> number of values."""
+    sizes = {"tok_emb.weight": mc.vocab_size * mc.d_model}
+    for name, (i, o) in linear_shapes(mc).items():
+        if name != "lm_head":
+            sizes[f"{name}.weight"] = i * o
+    for i in range(mc.n_layers):
+        sizes[f"layers.{i}.attn_norm.weight"] = sizes[f"layers.{i}.mlp_norm.weight"] = mc.d_model
+    sizes["norm.weight"] = mc.d_model
+    if not mc.tie_embeddings:
+        sizes["lm_head.weight"] = mc.vocab_size * mc.d_model
+    return sizes
+
+
+def lora_arrays(mc: ModelConfig, rank: int, targets: list[str]) -> dict[str, int]:
+    """Adapter arrays (A: r×in, B: out×r per targeted Linear, peft's naming) -> values.
+
+    A target matches a module whose name is it or ends with "." + it (peft's rule); one
+    that matches no Linear is a UserError naming it.
+    """
+    shapes = linear_shapes(mc)
+    out: dict[str, int] = {}
+    for t in targets:
+        hits = [n for n in shapes if n == t or n.endswith("." + t)]
+        if not hits:
+            known = sorted({n.rsplit(".", 1)[-1] for n in shapes})
+            raise UserError(f"lora.targets: {t!r} matches no Linear module of the model; known: {', '.join(known)}")
+        for n in hits:
+            i, o = shapes[n]
+            out[f"{n}.lora_A.weight"], out[f"{n}.lora_B.weight"] = rank * i, o * rank
+    return out
+
+
+@dataclass(frozen=True)
+class Params:
+    total: int  # every parameter, a tied embedding once, adapters included
+    trainable: int
+    matmul: int  # per-token matmul weights (the head included, tied or not)
+    frozen_matmul: int  # of those, the frozen ones (LoRA's base)
+    adapters: int
+    wire: dict[str, int]  # the arrays an update holds
+
+
+def count_params(mc: ModelConfig, cfg: Config) -> Params:
+    """Exact parameter counts from the shapes (LoRA: only the adapters train and travel)."""
+    base = array_sizes(mc)
+    matmul = sum(i * o for i, o in linear_shapes(mc).values())
+    if cfg.lora.rank:
+        adapters = lora_arrays(mc, cfg.lora.rank, cfg.lora.targets)
+        n = sum(adapters.values())
+        return Params(sum(base.values()) + n, n, matmul, matmul, n, adapters)
+    total = sum(base.values())
+    return Params(total, total, matmul, 0, 0, base)
+
+
+def update_bytes(sizes: dict[str, int], compression: str, topk_fraction: float, *, secure: bool = False) -> int:
+    """Payload bytes of one update (arrays of `sizes` values) under the codec."""
+    n = sum(sizes.values())
+    if secure:
+        return 4 * n  # masked uint32 integers
+    if compression == "none":
+        return 4 * n
+    if compression == "fp16":
+        return 2 * n
+    if compression == "int8":
+        return n + 4 * len(sizes)
+    if compression == "topk":
+        return sum(math.ceil(topk_fraction * s) for s in sizes.values()) * (TOPK_VALUE_BYTES + TOPK_INDEX_BYTES)
+    raise ValueError(f"unknown compression {compression!r}")
+
+
+# ---------------------------------------------------------------------------------------
+# FLOPs and memory per token
+
+
+def flops_per_token(mc: ModelConfig, p: Params, *, seq_len: int, checkpointing: bool) -> float:
+    """Training FLOPs per token (forward + backward, + recompute under checkpointing)."""
+    hd = mc.n_heads * mc.head_dim
+    attn_fwd = 4 * mc.n_layers * seq_len * hd  # q·kᵀ and p·v, full T×T
+    trainable_mm = p.matmul - p.frozen_matmul
+    total: float = 6 * trainable_mm + 4 * p.frozen_matmul + 6 * p.adapters + 3 * attn_fwd
+    if checkpointing:
+        w2 = mc.n_layers * mc.d_ff * mc.d_model
+        block_mm = p.matmul - mc.d_model * mc.vocab_size
+        total += 2 * (block_mm - w2) + attn_fwd + 2 * p.adapters * (1 - w2 / max(1, block_mm))
+    return float(total)
+
+
+def layer_activation_bytes(mc: ModelConfig, precision: str) -> float:
+    """Bytes autograd keeps per layer per token (checked tensor by tensor in tests/test_plan.py).
+
+    fp32: two RMSNorms keep x, rsqrt, x̂ and the output (3d+1 each); attention keeps the
+    fused qkv output, rotated q and k, its output and a log-sum-exp per head; the MLP keeps
+    the fused gate/up output, silu(gate) and the product. bf16 autocast: the residual and
+    the norms stay fp32, matmul inputs/outputs are bf16 copies.
+    """
+    d, hd, kvd, f = mc.d_model, mc.n_heads * mc.head_dim, mc.n_kv_heads * mc.head_dim, mc.d_ff
+    if precision == "bf16":
+        return 20 * d + 8 + 6 * hd + 6 * kvd + 8 * f
+    return 4 * (6 * d + 2 + 3 * hd + 3 * kvd + mc.n_heads + 4 * f)
+
+
+def memory_breakdown(mc: ModelConfig, p: Params, cfg: Config, *, federated: bool) -> dict[str, int]:
+    """Peak bytes per silo by component; "peak" = static + the largest transient phase."""
+    tc = cfg.train
+    tokens = tc.batch_size * tc.seq_len  # one micro-batch
+    bf16 = tc.precision == "bf16"
+    d, v, L = mc.d_model, mc.vocab_size, mc.n_layers
+    layer = layer_activation_bytes(mc, tc.precision)
+    if tc.activation_checkpointing:  # each block keeps its fp32 input; one block is recomputed at a time
+        acts = tokens * (L * 4 * d + layer)
+    else:
+        acts = tokens * L * layer
+    final_norm = tokens * ((10 if bf16 else 12) * d + 12)
+    logits = tokens * v * (4 * 3 + (2 if bf16 else 0))  # log-softmax out, its grad, grad in (+ bf16 logits)
+    casts = 2 * p.matmul if bf16 else 0  # autocast's bf16 weight copies, held for the backward
+    wire = sum(p.wire.values()) * 4
+    comp = {
+        "weights": 4 * p.total,
+        "optimizer": ADAMW_BYTES * p.trainable,
+        "global_and_update": 2 * wire if federated else 0,
+        "activations": int(acts + final_norm + casts),
+        "logits": int(logits),
+        "gradients": 4 * p.trainable,
+    }
+    head_grad = 4 * v * d if not p.frozen_matmul else 0
+    fb = comp["activations"] + comp["logits"] + head_grad
+    step = comp["gradients"] + 4 * p.trainable  # foreach AdamW's sqrt temporary
+    comp["peak"] = comp["weights"] + comp["optimizer"] + comp["global_and_update"] + max(fb, step)
+    return comp
+
+
+# ---------------------------------------------------------------------------------------
+# time: calibrate a few real steps here, or divide by a device's FLOP/s
+
+
+def calibrate_step_seconds(mc: ModelConfig, cfg: Config, *, threads: int, steps: int = 2) -> float:
+    """Median seconds of one optimizer step (grad_accum micro-batches) of this model on this CPU."""
+    import torch
+
+    from fedlm.model import Transformer
+    from fedlm.train import make_optimizer, train_step
+
+    tc = cfg.train
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model: torch.nn.Module = Transformer(mc)
+            model.activation_checkpointing = tc.activation_checkpointing  # type: ignore[assignment]
+            if cfg.lora.rank:
+                model = _with_lora(model, cfg)
+            model.train()
+            opt = make_optimizer(model, tc)
+            batch = torch.randint(0, mc.vocab_size, (tc.batch_size, tc.seq_len + 1))
+
+            def one() -> float:
+                t0 = time.perf_counter()
+                train_step(model, opt, lambda: (batch[:, :-1], batch[:, 1:]), lr=1e-4, grad_accum=1,
+                           grad_clip=tc.grad_clip, precision=tc.precision)
+                return time.perf_counter() - t0
+
+            one()  # warm-up: allocations, oneDNN kernels
+            per_micro = statistics.median(one() for _ in range(steps))
+    finally:
+        torch.set_num_threads(old)
+    return per_micro * tc.grad_accum
+
+
+def _with_lora(model: Any, cfg: Config) -> Any:
+    """The model with peft LoRA adapters injected in place and the base frozen (as lora.rank trains)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lc = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,  # type: ignore[arg-type]
+                    target_modules=list(cfg.lora.targets))
+    model = inject_adapter_in_model(lc, model)
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+    return model
+
+
+def cores() -> int:
+    """CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------------------
+# the plan
+
+
+@dataclass
+class Plan:
+    """A run's predicted cost; `to_json()` is what `fedlm plan --json` prints."""
+
+    mode: str
+    model: dict[str, Any]
+    params_total: int
+    params_trainable: int
+    flops_per_token: float
+    flops_formula: str
+    tokens_per_step: int
+    flops_per_step: float
+    flops_per_round: float
+    rounds: int
+    seconds_per_step: float | None
+    seconds_per_round: float | None
+    seconds_total: float | None
+    time_source: str
+    peak_memory_bytes: dict[str, int]
+    memory: dict[str, int]
+    bytes_up_per_round: dict[str, int]
+    bytes_down_per_round: dict[str, int]
+    silo_tokens: dict[str, int | None]
+    tokens_per_round: int
+    tokens_total: int
+    compute_optimal_tokens: int
+    notes: list[str] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def silo_tokens(cfg: Config) -> dict[str, int | None]:
+    """{silo: train tokens from its meta.json} (None when not sharded yet)."""
+    from fedlm.data.shards import list_silos
+
+    ws = Path(cfg.data.workspace)
+    names = list(cfg.data.silos) or (list_silos(ws) if ws.is_dir() else [])
+    out: dict[str, int | None] = {}
+    for name in names:
+        try:
+            meta = json.loads((ws / "silos" / name / "meta.json").read_text(encoding="utf-8"))
+            out[name] = int(meta["tokens"]["train"])
+        except (OSError, ValueError, KeyError, TypeError):
+            out[name] = None
+    return out
+
+
+def plan_run(cfg: Config, *, device_flops: float | None = None, calibrate: bool = True,
+             _timer: dict[tuple[Any, ...], float] | None = None) -> Plan:
+    """Predict the run's cost per silo and per round (see the module docstring for the formulas)."""
+    from fedlm.federation.strategies import num_sampled
+
+    mc = resolve_model(cfg)
+    if cfg.train.seq_len > mc.max_seq_len:
+        raise UserError(f"train.seq_len ({cfg.train.seq_len}) exceeds the model's context ({mc.max_seq_len})")
+    tc, fed = cfg.train, cfg.federation
+    p = count_params(mc, cfg)
+    silos = silo_tokens(cfg)
+    if not silos:
+        raise UserError(f"{cfg.data.workspace}: no silos; list them in data.silos or prepare the workspace")
+    federated = tc.mode == "federated"
+    fpt: float = flops_per_token(mc, p, seq_len=tc.seq_len, checkpointing=tc.activation_checkpointing)
+    tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
+    n_silos = len(silos)
+    if federated:
+        sampled = num_sampled(n_silos, fed.fraction)
+        rounds, steps_per_silo, concurrent = fed.rounds, fed.local_steps, sampled
+    elif tc.mode == "local-only":
+        sampled, rounds, steps_per_silo, concurrent = n_silos, 1, tc.steps, 1
+    else:  # centralised: one process trains the pooled silos
+        sampled, rounds, steps_per_silo, concurrent = 1, 1, tc.steps, 1
+    tokens_per_round = sampled * steps_per_silo * tokens_per_step
+    mem = memory_breakdown(mc, p, cfg, federated=federated)
+    up = update_bytes(p.wire, fed.compression, fed.topk_fraction, secure=fed.secure_aggregation)
+    down = 4 * sum(p.wire.values())
+    notes = []
+    step_s: float | None = None
+    if device_flops:
+        step_s, source = fpt * tokens_per_step / device_flops, f"device_flops={device_flops:.3g}"
+        wall_factor = 1.0
+    elif calibrate:
+        threads = 1 if federated else (tc.threads or _default_threads())
+        key = (mc, tc.precision, tc.activation_checkpointing, tc.batch_size, tc.seq_len, tc.grad_accum,
+               cfg.lora.rank, tuple(cfg.lora.targets), threads)
+        if _timer is not None and key in _timer:
+            step_s = _timer[key]
+        else:
+            step_s = calibrate_step_seconds(mc, cfg, threads=threads)
+            if _timer is not None:
+                _timer[key] = step_s
+        c = cores()
+        wall_factor = max(1.0, concurrent / c) if federated else 1.0
+        source = f"calibrated: {threads} thread(s) per silo, {concurrent} silo(s) on {c} core(s)"
+    else:
+        source, wall_factor = "none", 1.0
+    if tc.mode == "local-only":
+        wall_factor = float(n_silos)  # the baseline trains the silos one after another
+    round_s = total_s = None
+    if step_s is not None:
+        overhead = (sampled * (up + down) + down) / ROUND_OVERHEAD_BYTES_PER_S if federated else 0.0
+        round_s = steps_per_silo * step_s * wall_factor + overhead
+        total_s = round_s * rounds
+    held = [t for t in silos.values() if t is not None]
+    optimal = CHINCHILLA_TOKENS_PER_PARAM * p.total
+    if held and federated:
+        notes.append(f"silos hold {sum(held):,} training tokens; the run reads {tokens_per_round * rounds:,} "
+                     f"({tokens_per_round * rounds / sum(held):.2f} epochs); Chinchilla-optimal for "
+                     f"{p.total:,} parameters: {optimal:,}")
+    if not federated:
+        notes.append(f"train.mode = {tc.mode!r}: one 'round' is the whole run; nothing crosses a wire")
+    return Plan(
+        mode=tc.mode, model={k: getattr(mc, k) for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+                                                         "vocab_size", "tie_embeddings")},
+        params_total=p.total, params_trainable=p.trainable, flops_per_token=fpt,
+        flops_formula="6·N_trainable + 4·N_frozen + 6·N_lora + 12·L·T·(H·D) (+ recompute with checkpointing)",
+        tokens_per_step=tokens_per_step, flops_per_step=fpt * tokens_per_step,
+        flops_per_round=fpt * tokens_per_round, rounds=rounds, seconds_per_step=step_s,
+        seconds_per_round=round_s, seconds_total=total_s, time_source=source,
+        peak_memory_bytes={s: mem["peak"] for s in silos}, memory=mem,
+        bytes_up_per_round={s: up if federated else 0 for s in silos},
+        bytes_down_per_round={s: down if federated else 0 for s in silos},
+        silo_tokens=silos, tokens_per_round=tokens_per_round, tokens_total=tokens_per_round * rounds,
+        compute_optimal_tokens=optimal, notes=notes,
+    )
+
+
+def _default_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+# ---------------------------------------------------------------------------------------
+# fitting a plan to a memory limit per silo and a time limit per round
+
+
+def _candidates(cfg: Config, resource: str) -> list[list[str]]:
+    """Changes to try, in order: cheapest in quality first (each a list of `section.key=value`)."""
+    tc, out = cfg.train, []
+    if resource == "memory":
+        if not tc.activation_checkpointing:
+            out.append(["train.activation_checkpointing=true"])
+        if tc.precision == "fp32":
+            out.append(["train.precision=\"bf16\""])
+        b, a = tc.batch_size, tc.grad_accum
+        while b > 1 and b % 2 == 0:  # same tokens per step, smaller micro-batches
+            b, a = b // 2, a * 2
+            out.append([f"train.batch_size={b}", f"train.grad_accum={a}"])
+    else:
+        if tc.precision == "fp32":
+            out.append(["train.precision=\"bf16\""])
+    if cfg.train.init_from:
+        for r in (16, 8, 4, 2):
+            if cfg.lora.rank == 0 or r < cfg.lora.rank:
+                out.append([f"lora.rank={r}"])
+    t = tc.seq_len
+    while t > 32:
+        t //= 2
+        out.append([f"train.seq_len={t}"])
+    if resource == "time" and tc.mode == "federated":
+        s = cfg.federation.local_steps
+        while s > 1:
+            s = max(1, s // 2)
+            out.append([f"federation.local_steps={s}"])
+    return out
+
+
+def _apply(cfg: Config, sets: list[str]) -> Config:
+    from fedlm.config import _parse_set, build_config
+
+    raw: dict[str, dict[str, Any]] = {f.name: dataclasses.asdict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    for item in sets:
+        section, key, value = _parse_set(item)
+        raw[section][key] = value
+    return build_config(raw, "plan")
+
+
+def fit_limits(cfg: Config, *, memory_limit: float | None = None, time_limit: float | None = None,
+               device_flops: float | None = None) -> tuple[Plan, list[str]]:
+    """The plan after the changes that bring peak memory per silo and seconds per round under the limits.
+
+    Tries the changes of `_candidates` in order, keeping each that lowers the resource it is
+    for, until the plan fits; returns the final plan and its `--set` lines. A limit that no
+    change meets is a UserError saying which resource and by how much.
+    """
+    timer: dict[tuple[Any, ...], float] = {}
+    need_time = time_limit is not None
+
+    def plan_of(c: Config) -> Plan:
+        return plan_run(c, device_flops=device_flops, calibrate=need_time, _timer=timer)
+
+    current, changes = plan_of(cfg), list[str]()
+
+    def peak(pl: Plan) -> float:
+        return max(pl.peak_memory_bytes.values())
+
+    def secs(pl: Plan) -> float:
+        return float(pl.seconds_per_round or 0.0)
+
+    for resource, limit, value in (("memory", memory_limit, peak), ("time", time_limit, secs)):
+        if limit is None:
+            continue
+        for sets in _candidates(cfg, resource):
+            if value(current) <= limit:
+                break
+            try:
+                trial_cfg = _apply(cfg, changes + sets)
+            except UserError:
+                continue
+            trial = plan_of(trial_cfg)
+            ok_other = memory_limit is None or resource == "memory" or peak(trial) <= memory_limit
+            if value(trial) < value(current) and ok_other:
+                cfg, current, changes = trial_cfg, trial, _merge_sets(changes, sets)
+        if value(current) > limit:
+            unit = _fmt_bytes if resource == "memory" else (lambda s: f"{s:.1f} s")
+            over = value(current) - limit
+            raise UserError(
+                f"--{resource}-limit {unit(limit)}: no plan fits; the smallest found needs {unit(value(current))} "
+                f"{'per silo' if resource == 'memory' else 'per round'}, {unit(over)} ({over / limit:.0%}) over"
+                f" (after {' '.join('--set ' + s for s in changes) or 'no changes'})")
+    current.changes = changes
+    return current, changes
+
+
+def _merge_sets(old: list[str], new: list[str]) -> list[str]:
+    keys = {s.split("=", 1)[0] for s in new}
+    return [s for s in old if s.split("=", 1)[0] not in keys] + new
+
+
+# ---------------------------------------------------------------------------------------
+# units for the command line
+
+
+_BYTES = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SECONDS = {"": 1, "s": 1, "ms": 1e-3, "m": 60, "min": 60, "h": 3600}
+_FLOPS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15}
+
+
+def parse_quantity(text: str, units: dict[str, float], flag: str) -> float:
+    """'2GiB', '30s', '1.5e12', '100T' -> a number in base units (UserError naming the flag)."""
+    s = text.strip().lower().replace("flop/s", "").replace("flops", "")
+    i = len(s)
+    while i and not (s[i - 1].isdigit() or s[i - 1] == "."):
+        i -= 1
+    try:
+        value, unit = float(s[:i]), s[i:].strip()
+        scale = units[unit]
+    except (ValueError, KeyError):
+        raise UserError(f"{flag} {text!r}: expected a number with a unit ({', '.join(u for u in units if u)})") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise UserError(f"{flag} {text!r}: must be > 0")
+    return value * scale
+
+
+def parse_bytes(text: str) -> float:
+    return parse_quantity(text, _BYTES, "--memory-limit")
+
+
+def parse_seconds(text: str) -> float:
+    return parse_quantity(text, _SECONDS, "--time-limit")
+
+
+def parse_flops(text: str) -> float:
+    return parse_quantity(text, _FLOPS, "--device-flops")
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def render(plan: Plan) -> Any:
+    """A rich Table of the plan for people."""
+    from rich.table import Table
+
+    t = Table(title=f"plan ({plan.mode}, {plan.time_source})", show_header=False)
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    m = plan.model
+    t.add_row("model", f"d {m['d_model']} · {m['n_layers']} layers · {m['n_heads']}/{m['n_kv_heads']} heads · "
+                       f"ff {m['d_ff']} · vocab {m['vocab_size']}")
+    t.add_row("parameters (total / trainable)", f"{plan.params_total:,} / {plan.params_trainable:,}")
+    t.add_row("FLOPs per token / per round", f"{plan.flops_per_token:.3g} / {plan.flops_per_round:.3g}")
+    for k, v in plan.memory.items():
+        t.add_row(f"memory per silo: {k}", _fmt_bytes(v))
+    if plan.seconds_per_round is not None:
+        t.add_row("seconds per step / per round / run",
+                  f"{plan.seconds_per_step:.3g} / {plan.seconds_per_round:.3g} / {plan.seconds_total:.4g}")
+    up, down = max(plan.bytes_up_per_round.values()), max(plan.bytes_down_per_round.values())
+    t.add_row("bytes per silo per round (up / down)", f"{_fmt_bytes(up)} / {_fmt_bytes(down)}")
+    held = sum(v for v in plan.silo_tokens.values() if v)
+    t.add_row("tokens: run / silos hold / Chinchilla-optimal",
+              f"{plan.tokens_total:,} / {held:,} / {plan.compute_optimal_tokens:,}")
+    return t
