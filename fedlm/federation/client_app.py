@@ -39,7 +39,7 @@ from flwr.clientapp import ClientApp
 from fedlm.config import Config, TrainConfig, build_config
 from fedlm.data.shards import open_split
 from fedlm.errors import UserError
-from fedlm.federation import secagg
+from fedlm.federation import codecs, secagg
 from fedlm.federation.robust import check_update
 from fedlm.model import Transformer
 from fedlm.train import SiloBatches, build_model, local_update
@@ -150,6 +150,19 @@ def train_silo(
     return {name: update[name].contiguous() for name in names}, metrics
 
 
+def compress(update: dict[str, torch.Tensor], *, cfg: Config, record: ConfigRecord, path: Path
+             ) -> dict[str, torch.Tensor]:
+    """The payload this silo sends for `update` (federation.compression; top-k keeps its error-feedback
+    residual in the silo's directory; under client-level DP the payload is clipped again after coding)."""
+    fed = cfg.federation
+    return codecs.encode_for_send(
+        update, codec=fed.compression, topk_fraction=fed.topk_fraction,
+        max_norm=cfg.privacy.clip if cfg.privacy.mode == "client" else 0.0,
+        store=codecs.ResidualStore(path) if fed.compression == "topk" else None,
+        run_id=str(record.get("run-id", "")), round_idx=int(record["round"]),  # type: ignore[arg-type]
+    )
+
+
 def _config(msg: Message) -> tuple[ConfigRecord, Config, str]:
     record = msg.content.config_records["config"]
     text = str(record["fedlm-config"])
@@ -182,7 +195,8 @@ def train(msg: Message, context: Context) -> Message:
         path=silo_dir(context.node_config), tokenizer_sha256=str(record["tokenizer-sha256"]),
         node_id=context.node_id,
     )
-    content = RecordDict({"arrays": ArrayRecord(update), "metrics": MetricRecord(metrics)})  # type: ignore[arg-type]
+    payload = compress(update, cfg=cfg, record=record, path=silo_dir(context.node_config))
+    content = RecordDict({"arrays": ArrayRecord(payload), "metrics": MetricRecord(metrics)})  # type: ignore[arg-type]
     return Message(content, reply_to=msg)
 
 
@@ -241,6 +255,9 @@ def secagg_input(msg: Message, context: Context) -> Message:
         path=silo_dir(context.node_config), tokenizer_sha256=str(record["tokenizer-sha256"]),
         node_id=context.node_id,
     )
+    # decode before masking: SecAgg quantises the decoded values (its integers are the wire format)
+    update = codecs.decode(compress(update, cfg=cfg, record=record, path=silo_dir(context.node_config)),
+                           codec=cfg.federation.compression, expected={k: tuple(v.shape) for k, v in update.items()})
     why = check_update(update, expected={k: tuple(v.shape) for k, v in arrays.items()},
                        max_norm=cfg.federation.max_update_norm)
     if why is not None:

@@ -20,6 +20,7 @@ order is seeded from (seed, silo, round) and the sample from (seed, round).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -39,7 +40,7 @@ from fedlm.config import Config, config_to_toml, load_config, save_config
 from fedlm.data.shards import list_silos
 from fedlm.data.tokenizer import load_tokenizer, tokenizer_hash
 from fedlm.errors import UserError
-from fedlm.federation import secagg
+from fedlm.federation import codecs, secagg
 from fedlm.federation.client_app import expand_state, from_records, to_records, wire_names
 from fedlm.federation.grid import InProcessGrid, WireTap, wire_bytes
 from fedlm.federation.robust import aggregate, check_update
@@ -195,6 +196,8 @@ def run_rounds(grid: Grid, cfg: Config, run_dir: Path, *, resume: bool = False,
     optimizer = ServerOptimizer(fed.strategy, lr=fed.server_lr, beta1=fed.server_beta1,
                                 beta2=fed.server_beta2, tau=fed.server_tau)
     config_text = config_to_toml(cfg)  # vocab_size resolved: every silo builds the same model
+    # names this run (the same after a resume) for silo state kept between rounds: top-k residuals
+    run_id = hashlib.sha256(f"{config_text}{run_dir.resolve()}{run_dir.stat().st_ino}".encode()).hexdigest()[:16]
 
     ckpt_dir = run_dir / "checkpoint"
     rounds_path = run_dir / "rounds.jsonl"
@@ -220,6 +223,7 @@ def run_rounds(grid: Grid, cfg: Config, run_dir: Path, *, resume: bool = False,
         sampled = sample_silos(silos, fraction=fed.fraction, round_idx=r, seed=cfg.train.seed)
         config = ConfigRecord({"round": r, "fedlm-config": config_text, "tokenizer-sha256": tok_sha,
                                "weight-ref": float(planned_tokens)})
+        config["run-id"] = run_id
         arrays = ArrayRecord(global_state)
         exchange = _secagg_round if fed.secure_aggregation else _plain_round
         agg, tokens_of, per_silo, dropped = exchange(
@@ -281,7 +285,7 @@ def _plain_round(grid: Grid, r: int, sampled: list[str], *, node_of: dict[str, i
         if reply.has_error():
             dropped[silo] = f"failed: {_reason(reply)}"
             continue
-        update, metrics, why = _read_update(reply, expected, fed.max_update_norm)
+        update, metrics, why = _read_update(reply, expected, fed.max_update_norm, codec=fed.compression)
         per_silo[silo].update(metrics)
         if why is not None:
             dropped[silo] = f"rejected: {why}"
@@ -369,7 +373,8 @@ def _secagg_round(grid: Grid, r: int, sampled: list[str], *, node_of: dict[str, 
     return agg, tokens_of, per_silo, dropped
 
 
-def _read_update(reply: Message, expected: dict[str, tuple[int, ...]], max_norm: float
+def _read_update(reply: Message, expected: dict[str, tuple[int, ...]], max_norm: float, *,
+                 codec: codecs.Codec = "none"
                  ) -> tuple[dict[str, torch.Tensor], dict[str, float], str | None]:
     """The update and numeric metrics in a train reply, and why to reject it (None: accept)."""
     content = reply.content
@@ -385,7 +390,11 @@ def _read_update(reply: Message, expected: dict[str, tuple[int, ...]], max_norm:
     if not (math.isfinite(tokens) and tokens > 0):
         return {}, metrics, f"num_tokens = {tokens}"
     metrics.setdefault("loss", float("nan"))
-    update = content.array_records["arrays"].to_torch_state_dict()
+    payload = content.array_records["arrays"].to_torch_state_dict()
+    try:  # the silo's codec undone (federation.compression); a malformed payload is rejected
+        update = payload if codec == "none" else codecs.decode(payload, codec=codec, expected=expected)
+    except ValueError as e:
+        return {}, metrics, f"bad {codec} payload: {e}"
     return update, metrics, check_update(update, expected=expected, max_norm=max_norm)
 
 
