@@ -4,7 +4,7 @@
 time, or "exact" / "near" for a duplicate of an earlier one (which is kept); `check(text,
 script)` does one. Exact: a hash of the text lower-cased with whitespace collapsed. Near: a
 `num_perm`-value MinHash-style signature of the document's shingles, indexed with datasketch's
-`MinHashLSH` at `threshold`; an LSH candidate counts only if its estimated Jaccard similarity
+`MinHashLSH` at `threshold` (bands chosen to favour recall); an LSH candidate counts only if its estimated Jaccard similarity
 (the share of equal signature values) also reaches the threshold.
 
 Shingles: word 5-grams for Latin and other space-separated scripts (words as `\\w+` of the
@@ -13,19 +13,18 @@ between words. A document with fewer units than that is one shingle. Shingles ar
 a fixed 64-bit polynomial hash and MurmurHash3's finaliser (deterministic across runs, unlike
 Python's `hash`), so the same input always gives the same documents out.
 
-The signature is densified one-permutation hashing (Shrivastava, "Optimal densification for
-fast and accurate minwise hashing", ICML 2017): each shingle's hash picks one of `num_perm`
-bins and a value; a bin keeps its smallest value; an empty bin borrows the value of the first
-non-empty bin along a fixed pseudo-random sequence of bins. For two documents each value is
-equal with probability exactly their Jaccard similarity, as for `num_perm` MinHash
-permutations, but it costs O(shingles + num_perm) instead of O(shingles * num_perm): the
-datasketch permutations `(a*h + b) % p` cost more CPU than the whole rest of `prepare`. All
-documents of a batch are hashed at once in numpy (no Python loop per word or per shingle).
+The signature is a fast similarity sketch (Dahlgaard, Knudsen and Thorup, "Fast similarity
+sketching", FOCS 2017): `num_perm` bins, filled round by round, each shingle giving one bin
+a value per round (details in `signatures`). For two documents each value is equal with
+probability exactly their Jaccard similarity, and estimates are as tight as with `num_perm`
+MinHash permutations, small documents included, but it costs about O(shingles + num_perm log
+num_perm) instead of O(shingles * num_perm): datasketch's permutations `(a*h + b) % p` cost
+more CPU than the whole rest of `prepare`. All documents of a batch are hashed at once in
+numpy (no Python loop per word or per shingle).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import re
 from collections.abc import Sequence
@@ -37,13 +36,15 @@ WORD_SHINGLE = 5
 CHAR_SHINGLE = 3
 NUM_PERM = 128
 _BATCH = 8192
+LSH_WEIGHTS = (0.1, 0.9)
+"""datasketch MinHashLSH (false positive, false negative) weights when choosing bands."""
 _WORD = re.compile(r"\w+")
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 _MIX_INV = np.uint64(pow(0x9E3779B97F4A7C15, -1, 1 << 64))
 _U32 = np.uint64(0xFFFFFFFF)
 _EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)  # an empty bin (values are < 2**32)
 _EMPTY_DOC_KEY = np.uint64(0x5BD1E9955BD1E995)  # the one "shingle" of a document without units
-_BORROW_TRIES = 32
+_SWEEP_SALT = np.uint64(0x7A3C5E1F0B9D2468)
 _ASCII_WORD = np.array([chr(c).isalnum() or c == 95 for c in range(128)], dtype=bool)
 _word_table: np.ndarray | None = None
 _powers: tuple[np.ndarray, np.ndarray] = (np.ones(1, np.uint64), np.ones(1, np.uint64))
@@ -142,46 +143,41 @@ def _shingles(units: np.ndarray, counts: np.ndarray, k: int) -> tuple[np.ndarray
     return _fmix64(keys), docs
 
 
-@functools.lru_cache(maxsize=4)
-def _borrow_table(num_perm: int) -> np.ndarray:
-    """(num_perm, tries) bins an empty bin borrows from, in order: pseudo-random, then every
-    other bin in turn (so a non-empty one is always found). The same for every document."""
-    j = np.arange(num_perm, dtype=np.uint64)[:, None]
-    t = np.arange(_BORROW_TRIES, dtype=np.uint64)[None, :]
-    rand = (_fmix64(j * np.uint64(_BORROW_TRIES) + t + np.uint64(1)) % np.uint64(num_perm))
-    turn = (j + np.arange(1, num_perm, dtype=np.uint64)[None, :]) % np.uint64(num_perm)
-    return np.concatenate([rand, turn], axis=1).astype(np.int64)
-
-
 def signatures(keys: np.ndarray, docs: np.ndarray, n_docs: int,
                num_perm: int = NUM_PERM) -> np.ndarray:
-    """Densified one-permutation MinHash of each document's shingle keys: (n_docs, num_perm) uint32.
+    """Fast similarity sketch of each document's shingle keys: (n_docs, num_perm) uint32.
 
     `keys` are well-mixed 64-bit shingle hashes, `docs` the document (0..n_docs-1) of each;
     every document needs at least one key. Repeated keys don't matter (a set is sketched).
+    Round r gives every shingle of a document with empty bins one (bin, value); a bin keeps
+    the smallest value of the first round that reaches it. Rounds < num_perm pick bins at
+    random, later ones sweep each shingle over every bin, so a document is full after at most
+    2 * num_perm rounds (one round, for a document of thousands of shingles).
     """
-    slot = docs.astype(np.uint64) * np.uint64(num_perm) + (
-        ((keys >> np.uint64(32)) * np.uint64(num_perm)) >> np.uint64(32))
-    packed = np.sort((slot << np.uint64(32)) | (keys & _U32))
-    first = np.ones(len(packed), dtype=bool)
-    first[1:] = (packed[1:] >> np.uint64(32)) != (packed[:-1] >> np.uint64(32))
-    packed = packed[first]  # the smallest value of each (document, bin)
-    sig = np.full(n_docs * num_perm, _EMPTY, dtype=np.uint64)
-    sig[(packed >> np.uint64(32)).astype(np.int64)] = packed & _U32
-    sig = sig.reshape(n_docs, num_perm)
-    rows, cols = np.nonzero(sig == _EMPTY)
-    if len(rows):
-        borrow = _borrow_table(num_perm)
-        filled = sig.copy()
-        for t in range(borrow.shape[1]):
-            vals = sig[rows, borrow[cols, t]]
-            ok = vals != _EMPTY
-            filled[rows[ok], cols[ok]] = vals[ok]
-            rows, cols = rows[~ok], cols[~ok]
-            if not len(rows):
-                break
-        sig = filled
-    return sig.astype(np.uint32)
+    k = np.uint64(num_perm)
+    flat = np.full(n_docs * num_perm, _EMPTY, dtype=np.uint64)
+    base = docs.astype(np.uint64) * k  # the document's first slot, per shingle
+    sweep = ((_fmix64(keys ^ _SWEEP_SALT) >> np.uint64(32)) * k) >> np.uint64(32)
+    for r in range(2 * num_perm):
+        h = _fmix64(keys ^ np.uint64((r + 1) * 0x2545F4914F6CDD1D % (1 << 64)))
+        if r < num_perm:
+            bins = ((h >> np.uint64(32)) * k) >> np.uint64(32)
+        else:
+            bins = (sweep + np.uint64(r - num_perm)) % k
+        slot = base + bins
+        empty = flat[slot.astype(np.int64)] == _EMPTY
+        packed = np.sort((slot[empty] << np.uint64(32)) | (h[empty] & _U32))
+        first = np.ones(len(packed), dtype=bool)
+        first[1:] = (packed[1:] >> np.uint64(32)) != (packed[:-1] >> np.uint64(32))
+        packed = packed[first]  # the smallest value of each (document, bin) this round
+        # the value a bin keeps names its round too: a later round's value never equals it
+        flat[(packed >> np.uint64(32)).astype(np.int64)] = (packed & _U32) | np.uint64(r << 32)
+        open_docs = (flat.reshape(n_docs, num_perm) == _EMPTY).any(axis=1)
+        if not open_docs.any():
+            break
+        active = open_docs[docs]
+        keys, docs, base, sweep = keys[active], docs[active], base[active], sweep[active]
+    return _fmix64(flat).astype(np.uint32).reshape(n_docs, num_perm)
 
 
 def _keys(texts: Sequence[str], scripts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -232,7 +228,10 @@ class Deduper:
         self.threshold = threshold
         self.num_perm = num_perm
         self._exact: set[bytes] = set()
-        self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        # Favour recall (false negative weight 0.9: 14 bands of 9 rows at 0.8, which makes a
+        # pair at Jaccard 0.9 a candidate with p 0.999, the default 9 x 13 with p 0.93); a
+        # false candidate only costs the signature comparison below.
+        self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS)
         self._sigs: dict[int, np.ndarray] = {}
 
     def check(self, text: str, script: str = "latin") -> str | None:
