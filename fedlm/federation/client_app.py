@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import secrets
 import threading
 import tomllib
 from collections.abc import Mapping
@@ -42,6 +43,8 @@ from fedlm.errors import UserError
 from fedlm.federation import codecs, secagg
 from fedlm.federation.robust import check_update
 from fedlm.model import Transformer
+from fedlm.privacy.client_dp import clip_update, noise_like
+from fedlm.privacy.dpsgd import RecordPlan, num_records, plan_record_dp
 from fedlm.train import SiloBatches, build_model, local_update
 
 app = ClientApp()
@@ -146,8 +149,30 @@ def train_silo(
         model, expand_state(model, global_arrays), data, federated_train_config(cfg),
         first_step=round_idx * fed.local_steps, steps=fed.local_steps,
         prox_mu=fed.prox_mu if fed.strategy == "fedprox" else 0.0,
+        dp_plan=silo_record_plan(cfg, path, data.splits[0]) if cfg.privacy.mode == "record" else None,
     )
-    return {name: update[name].contiguous() for name in names}, metrics
+    wire = {name: update[name].contiguous() for name in names}
+    if cfg.privacy.mode == "client":  # client-level DP: this silo's influence on the sum is at most clip
+        wire, _ = clip_update(wire, max_norm=cfg.privacy.clip)
+    return wire, metrics
+
+
+_PLANS: dict[tuple[str, str, int], RecordPlan] = {}  # the noise search is slow: once per run and silo
+
+
+def silo_record_plan(cfg: Config, path: Path, tokens: np.ndarray) -> RecordPlan:
+    """This silo's DP-SGD plan over every round it could take part in (UserError if it cannot fit)."""
+    key = (repr(cfg), str(path), len(tokens))
+    if key not in _PLANS:
+        _PLANS[key] = _plan(cfg, path, tokens)
+    return _PLANS[key]
+
+
+def _plan(cfg: Config, path: Path, tokens: np.ndarray) -> RecordPlan:
+    return plan_record_dp(
+        num_records=num_records(len(tokens), cfg.train.seq_len), batch_size=cfg.train.batch_size,
+        steps=cfg.federation.rounds * cfg.federation.local_steps, privacy=cfg.privacy,
+        where=f"silo {path.name!r}")
 
 
 def compress(update: dict[str, torch.Tensor], *, cfg: Config, record: ConfigRecord, path: Path
@@ -179,6 +204,11 @@ def query(msg: Message, context: Context) -> Message:
     path = silo_dir(context.node_config)
     sha = str(msg.content.config_records["config"]["tokenizer-sha256"])
     counts = check_silo(path, tokenizer_sha256=sha)
+    if "fedlm-config" in msg.content.config_records["config"]:  # refuse a DP budget that cannot fit
+        _, cfg, _ = _config(msg)
+        if cfg.privacy.mode == "record":
+            plan = silo_record_plan(cfg, path, open_split(path, "train", expect_tokenizer_sha256=sha))
+            counts.update(dp_noise_multiplier=plan.noise_multiplier, dp_sample_rate=plan.sample_rate)
     return Message(
         RecordDict({"silo": ConfigRecord({"silo": path.name}), "metrics": MetricRecord(dict(counts))}),
         reply_to=msg,
@@ -263,6 +293,12 @@ def secagg_input(msg: Message, context: Context) -> Message:
     if why is not None:
         raise ValueError(f"update rejected before masking: {why}")
     weight = metrics["num_tokens"] / float(record["weight-ref"])  # type: ignore[arg-type]
+    if cfg.privacy.mode == "client":  # unweighted sum, plus this silo's share of the noise (secret seed)
+        weight = 1.0
+        share_std = float(record["dp-share-std"])  # type: ignore[arg-type]
+        noise = noise_like(update, std=share_std, generator=torch.Generator().manual_seed(
+            secrets.randbits(63)))
+        update = {k: update[k].float() + noise[k] for k in update}
     state, reply = secagg.client_masked_input(
         _secagg_state(context), from_records(msg.content), secagg.flatten(update), weight=weight
     )

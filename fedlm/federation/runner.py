@@ -42,6 +42,7 @@ from fedlm.data.tokenizer import load_tokenizer, tokenizer_hash
 from fedlm.errors import UserError
 from fedlm.federation import codecs, secagg
 from fedlm.federation.client_app import expand_state, from_records, to_records, wire_names
+from fedlm.federation.dp_rounds import RoundPrivacy
 from fedlm.federation.grid import InProcessGrid, WireTap, wire_bytes
 from fedlm.federation.robust import aggregate, check_update
 from fedlm.federation.strategies import ServerOptimizer, num_sampled, sample_silos
@@ -142,7 +143,8 @@ def _reason(msg: Message) -> str:
     return reason
 
 
-def connect_silos(grid: Grid, silos: list[str], *, tokenizer_sha256: str, timeout: float) -> dict[str, int]:
+def connect_silos(grid: Grid, silos: list[str], *, tokenizer_sha256: str, timeout: float,
+                  config_text: str = "") -> dict[str, int]:
     """Wait (bounded) for the nodes, ask each to check its shards; {silo: node_id} or UserError."""
     deadline = time.monotonic() + timeout
     while len(list(grid.get_node_ids())) < len(silos):
@@ -155,6 +157,8 @@ def connect_silos(grid: Grid, silos: list[str], *, tokenizer_sha256: str, timeou
         time.sleep(0.5)
     nodes = list(grid.get_node_ids())
     config = ConfigRecord({"tokenizer-sha256": tokenizer_sha256})
+    if config_text:  # lets each silo check its own privacy budget against its data before round 1
+        config["fedlm-config"] = config_text
     msgs = [Message(RecordDict({"config": config}), node, "query", group_id="connect") for node in nodes]
     replies = list(grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())))
     node_of: dict[str, int] = {}
@@ -215,19 +219,28 @@ def run_rounds(grid: Grid, cfg: Config, run_dir: Path, *, resume: bool = False,
         if num_sampled(len(silos), fed.fraction) < 2:
             raise UserError("federation.secure_aggregation needs at least 2 silos per round; raise federation.fraction")
     planned_tokens = fed.local_steps * cfg.train.grad_accum * cfg.train.batch_size * cfg.train.seq_len
-    node_of = connect_silos(grid, silos, tokenizer_sha256=tok_sha, timeout=fed.round_timeout)
+    dp = RoundPrivacy.setup(cfg, silos, run_dir, resume=resume)  # refuses a budget that cannot fit
+    node_of = connect_silos(grid, silos, tokenizer_sha256=tok_sha, timeout=fed.round_timeout,
+                            config_text=config_text if dp is not None else "")
     t_run = time.perf_counter()
     last_loss = float("nan")
     for r in range(done, fed.rounds):
         t0 = time.perf_counter()
         sampled = sample_silos(silos, fraction=fed.fraction, round_idx=r, seed=cfg.train.seed)
+        stopped: dict[str, str] = {}
+        if dp is not None:  # a silo whose budget this round would overrun stops contributing
+            sampled, stopped = dp.admit(sampled)
         config = ConfigRecord({"round": r, "fedlm-config": config_text, "tokenizer-sha256": tok_sha,
-                               "weight-ref": float(planned_tokens)})
+                               "weight-ref": float(planned_tokens), **(dp.config_entries() if dp else {})})
         config["run-id"] = run_id
         arrays = ArrayRecord(global_state)
         exchange = _secagg_round if fed.secure_aggregation else _plain_round
         agg, tokens_of, per_silo, dropped = exchange(
-            grid, r, sampled, node_of=node_of, arrays=arrays, config=config, expected=expected, cfg=cfg)
+            grid, r, sampled, node_of=node_of, arrays=arrays, config=config, expected=expected, cfg=cfg,
+            dp=dp) if sampled else (None, {}, {}, {})
+        dropped.update(stopped)
+        if dp is not None and agg is not None:
+            dp.spend(sorted(tokens_of), per_silo)
         for silo, why in sorted(dropped.items()):
             log.warning("round %d: silo %s dropped (%s)", r + 1, silo, why)
         completed = agg is not None
@@ -241,12 +254,14 @@ def run_rounds(grid: Grid, cfg: Config, run_dir: Path, *, resume: bool = False,
         save_round(ckpt_dir, global_state=global_state, optimizer=optimizer, round_idx=r + 1)
         seconds = time.perf_counter() - t0
         slowest = max((per_silo[s].get("train_seconds", 0.0) for s in tokens_of), default=0.0)
-        row = {
+        row: dict[str, Any] = {
             "round": r + 1, "seconds": seconds, "completed": completed,
             "overhead_seconds": seconds - slowest if completed else None,
             "sampled": sampled, "silos": per_silo, "dropped": dropped,
             "loss": last_loss if completed else None,
         }
+        if dp is not None:
+            row["epsilon"] = dp.spent()
         append_jsonl(rounds_path, row)
         if on_round is not None:
             on_round(r + 1, fed.rounds, row)
@@ -267,7 +282,8 @@ Exchange = tuple[dict[str, torch.Tensor] | None, dict[str, float], dict[str, dic
 
 
 def _plain_round(grid: Grid, r: int, sampled: list[str], *, node_of: dict[str, int], arrays: ArrayRecord,
-                 config: ConfigRecord, expected: dict[str, tuple[int, ...]], cfg: Config) -> Exchange:
+                 config: ConfigRecord, expected: dict[str, tuple[int, ...]], cfg: Config,
+                 dp: RoundPrivacy | None = None) -> Exchange:
     """Send the global weights, collect and check the updates, aggregate the accepted ones."""
     fed = cfg.federation
     silo_of = {node: silo for silo, node in node_of.items()}
@@ -298,13 +314,16 @@ def _plain_round(grid: Grid, r: int, sampled: list[str], *, node_of: dict[str, i
     if len(accepted) < fed.min_silos:
         return None, tokens_of, per_silo, dropped
     order = sorted(accepted)  # a fixed order: the sum is bitwise the same on both engines
+    if dp is not None and dp.plan is not None:  # client-level DP: clipped sum + central noise, unweighted
+        return dp.noisy_mean([accepted[s][0] for s in order], round_idx=r), tokens_of, per_silo, dropped
     agg = aggregate([accepted[s][0] for s in order], [accepted[s][1] for s in order],
                     method=fed.aggregation, trim_fraction=fed.trim_fraction)
     return agg, tokens_of, per_silo, dropped
 
 
 def _secagg_round(grid: Grid, r: int, sampled: list[str], *, node_of: dict[str, int], arrays: ArrayRecord,
-                  config: ConfigRecord, expected: dict[str, tuple[int, ...]], cfg: Config) -> Exchange:
+                  config: ConfigRecord, expected: dict[str, tuple[int, ...]], cfg: Config,
+                  dp: RoundPrivacy | None = None) -> Exchange:
     """The same exchange under secure aggregation: four message stages; the server sees only the sum.
 
     Each silo masks weight × update with weight = its tokens / the planned tokens per round
@@ -341,6 +360,8 @@ def _secagg_round(grid: Grid, r: int, sampled: list[str], *, node_of: dict[str, 
         return got
 
     clip = fed.max_update_norm if fed.max_update_norm > 0 else 1.0
+    if dp is not None:  # client DP: each value is a clipped update plus a noise share
+        clip = dp.secagg_clip_range(clip)
     dim = sum(math.prod(shape) for shape in expected.values())
     server = secagg.SecAggServer(sampled, dim=dim, clip_range=clip)
     tokens_of: dict[str, float] = {}
@@ -363,6 +384,8 @@ def _secagg_round(grid: Grid, r: int, sampled: list[str], *, node_of: dict[str, 
     ref = float(config["weight-ref"])  # type: ignore[arg-type]
     tokens_of = {s: per_silo[s].get("num_tokens", float("nan")) for s in server.u3}
     weight_sum = sum(n / ref for n in tokens_of.values())
+    if dp is not None and dp.plan is not None:  # client DP: the silos sent weight 1 (unweighted sum)
+        weight_sum = float(len(server.u3))
     if len(server.u3) < fed.min_silos or not weight_sum > 0:
         return None, tokens_of, per_silo, dropped
     agg = secagg.unflatten(total / weight_sum, expected)

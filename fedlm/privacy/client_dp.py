@@ -1,0 +1,129 @@
+"""Client-level DP for federated rounds: clip each silo's update, add Gaussian noise to the sum.
+
+    plan = plan_client_dp(num_silos=3, participations={"a": 10, ...}, per_round=3,
+                          distributed=True, privacy=cfg.privacy)
+    clipped, norm = clip_update(update, max_norm=plan.clip)                    # on the silo
+    share = noise_like(clipped, std=plan.share_std, generator=g)                # distributed noise
+    mean = {k: (sum_k + noise_k) / n for ...}                                   # on the server
+
+The guarantee (McMahan et al. 2018, "Learning Differentially Private Recurrent Language
+Models"): neighbouring runs differ in one silo's whole data. Each round releases
+S = Σ_i clip(Δ_i) + N(0, (z·C)² I) over the silos that take part, so one silo moves S by at
+most C: a Gaussian mechanism with noise multiplier z per round, composed over the rounds
+the silo takes part in (`fedlm.privacy.accounting.client_epsilon`). The mean divides by the
+number of contributors (public), which is post-processing; so are the server optimiser and
+every later round.
+
+Who adds the noise:
+- `federation.secure_aggregation = true` (distributed noise): each of the k sampled silos adds
+  N(0, (z·C)²/k) to its clipped update before masking, so the server never sees an update
+  without the sum of everyone's noise on it, and the unmasked sum carries N(0, (z·C)²).
+  Assumption: the silos follow the protocol (an honest silo adds its share; colluding silos
+  that omit theirs lower the noise). If only m < k silos survive a round, the sum carries
+  N(0, (z·C)² m/k): the effective noise multiplier z·√(m/k) is what the ledger accounts.
+  The masked values are clipped coordinate-wise to ±(C + 8·std) by the quantiser: with
+  probability < 1e-14 per coordinate a noise value is cut there.
+- `federation.secure_aggregation = false` (central noise): silos send clipped updates and
+  the server adds N(0, (z·C)²) once. The guarantee then holds against everyone who sees the
+  global model, but not against the server itself (it is trusted, as in Flower's server-side
+  DP wrappers).
+
+Not covered: the per-silo metrics (loss, token count) each silo reports in clear.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from fedlm.config import PrivacyConfig
+from fedlm.errors import UserError
+from fedlm.privacy.accounting import client_epsilon, client_noise_multiplier, max_client_rounds
+
+Update = dict[str, torch.Tensor]
+
+
+def clip_update(update: Update, *, max_norm: float) -> tuple[Update, float]:
+    """Scale `update` so its global L2 norm is at most `max_norm`; returns (clipped, norm before)."""
+    norm = math.sqrt(sum(float(torch.sum(t.detach().double() ** 2)) for t in update.values()))
+    scale = min(1.0, max_norm / (norm + 1e-12)) if math.isfinite(norm) else 0.0
+    # the scale is rounded down a hair so float32 rounding can never push the norm past the bound
+    scale *= 1 - 1e-6 if scale < 1 else 1
+    return {k: (t.float() * scale).to(t.dtype) for k, t in update.items()}, norm
+
+
+def noise_like(update: Update, *, std: float, generator: torch.Generator) -> Update:
+    """Independent N(0, std²) per coordinate, shaped like `update` (fp32)."""
+    return {k: torch.randn(t.shape, generator=generator, dtype=torch.float32) * std for k, t in update.items()}
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """Client-level DP parameters of a run (what RUN/privacy.json records)."""
+
+    noise_multiplier: float
+    clip: float
+    delta: float
+    target_epsilon: float
+    per_round: int
+    """Silos sampled per round (k): each adds a 1/k share of the noise variance when distributed."""
+    distributed: bool
+    max_participations: int
+    planned_epsilon: float
+
+    @property
+    def sum_std(self) -> float:
+        """Std of the noise on the sum of the round's clipped updates."""
+        return self.noise_multiplier * self.clip
+
+    @property
+    def share_std(self) -> float:
+        """Std of one silo's noise share (distributed noise)."""
+        return self.sum_std / math.sqrt(self.per_round)
+
+    def effective_noise_multiplier(self, contributors: int) -> float:
+        """z actually realised in a round with `contributors` of the k sampled silos."""
+        if not self.distributed:
+            return self.noise_multiplier
+        return self.noise_multiplier * math.sqrt(min(contributors, self.per_round) / self.per_round)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan_client_dp(*, num_silos: int, participations: dict[str, int], per_round: int, distributed: bool,
+                   privacy: PrivacyConfig) -> ClientPlan:
+    """Derive (or check) the noise multiplier for the rounds each silo takes part in; UserError if it cannot fit."""
+    if privacy.delta >= 1 / num_silos:
+        raise UserError(f"privacy.delta = {privacy.delta:g} must be < 1/N = {1 / num_silos:.3g} for N = "
+                        f"{num_silos} silos (client-level DP protects whole silos); lower it")
+    most = max(participations.values(), default=0)
+    if most == 0:
+        raise UserError("privacy.mode = 'client': no silo takes part in any round")
+    if privacy.noise_multiplier > 0:
+        z = privacy.noise_multiplier
+        eps = client_epsilon([z] * most, delta=privacy.delta)
+        if eps > privacy.target_epsilon:
+            fit = max_client_rounds(target_epsilon=privacy.target_epsilon, noise_multiplier=z, delta=privacy.delta)
+            raise UserError(
+                f"client-level DP: {most} rounds at noise multiplier {z:g} spend ε = {eps:.3g} > "
+                f"privacy.target_epsilon = {privacy.target_epsilon:g} (δ = {privacy.delta:g}); at most {fit} "
+                "rounds per silo fit: lower federation.rounds, raise privacy.noise_multiplier or the target"
+            )
+    else:
+        z = client_noise_multiplier(target_epsilon=privacy.target_epsilon, delta=privacy.delta, rounds=most)
+        eps = client_epsilon([z] * most, delta=privacy.delta)
+    return ClientPlan(noise_multiplier=z, clip=privacy.clip, delta=privacy.delta,
+                      target_epsilon=privacy.target_epsilon, per_round=per_round, distributed=distributed,
+                      max_participations=most, planned_epsilon=eps)
+
+
+def noise_seed(seed: int, round_idx: int, who: str) -> int:
+    """A reproducible noise seed for (run seed, round, silo or "server")."""
+    import hashlib
+
+    digest = hashlib.sha256(f"dp-noise/{seed}/{round_idx}/{who}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
