@@ -5,11 +5,12 @@ fed the same shingles one by one (the reference)."""
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
-from datasketch import MinHash
+from datasketch import LeanMinHash, MinHash
 
-from fedlm.data.dedup import Deduper, minhash, shingle_hashes
+from fedlm.data.dedup import NUM_PERM, Deduper, _word_units, minhash, shingle_hashes, signatures
 
 WORDS = ("court contract party agreement licence software patient dose treatment fracture "
          "river castle letter marriage fortune sister brother evening morning garden window "
@@ -80,3 +81,85 @@ def test_distinct_documents_on_one_topic_are_kept() -> None:
     poems = ["".join(rng.choice(HAN) for _ in range(28)) for _ in range(100)]
     assert all(d.check(t) is None for t in docs)
     assert all(d.check(p, "cjk") is None for p in poems)
+
+
+def _set_pair(rng: random.Random, n: int, j: float) -> tuple[np.ndarray, np.ndarray]:
+    """Two sets of random 64-bit keys with Jaccard similarity exactly ~j (shared / union)."""
+    union = np.array(list({rng.getrandbits(64) for _ in range(2 * n)})[:n], dtype=np.uint64)
+    shared = round(j * n)
+    rest = n - shared
+    a = np.concatenate([union[:shared], union[shared: shared + rest // 2]])
+    b = np.concatenate([union[:shared], union[shared + rest // 2:]])
+    return a, b
+
+
+def test_signature_jaccard_within_minhash_error_bound() -> None:
+    """The sketch's share of equal values estimates the exact Jaccard similarity of the key
+    sets as well as num_perm MinHash permutations: within 4 standard errors sqrt(J(1-J)/k),
+    for large sets and for sets smaller than num_perm (where plain one-permutation hashing
+    would be far noisier); and on average it is unbiased."""
+    rng = random.Random(3)
+    errors = []
+    for n in (5, 20, 60, 200, 3000):
+        for j in (0.3, 0.6, 0.8, 0.9, 0.95):
+            a, b = _set_pair(rng, n, j)
+            exact = len(set(a.tolist()) & set(b.tolist())) / len(set(a.tolist()) | set(b.tolist()))
+            keys = np.concatenate([a, b])
+            docs = np.repeat([0, 1], [len(a), len(b)])
+            sig = signatures(keys, docs, 2, NUM_PERM)
+            est = np.mean(sig[0] == sig[1])
+            assert abs(est - exact) <= 4 * np.sqrt(exact * (1 - exact) / NUM_PERM) + 1e-9, (n, j)
+            errors.append(est - exact)
+    assert abs(np.mean(errors)) < 0.02
+
+
+def test_signature_of_a_document_ignores_the_batch() -> None:
+    """A document's signature is the same alone or batched with others, and whatever the
+    order or repetition of its keys (it sketches a set)."""
+    rng = random.Random(4)
+    a = np.array([rng.getrandbits(64) for _ in range(40)], dtype=np.uint64)
+    b = np.array([rng.getrandbits(64) for _ in range(3)], dtype=np.uint64)
+    alone = signatures(a, np.zeros(len(a), dtype=np.int64), 1)[0]
+    keys = np.concatenate([b, a[::-1], a[:10]])
+    docs = np.repeat([0, 1, 1], [len(b), len(a), 10])
+    batched = signatures(keys, docs, 2)
+    assert np.array_equal(batched[1], alone)
+
+
+def test_word_units_match_re_words() -> None:
+    """Batched word hashing finds exactly `re`'s \\w+ words of each lower-cased text (Unicode
+    included), equal words hash equal and distinct ones differ."""
+    rng = random.Random(5)
+    alphabet = "abc XYZ_ 1é É ß İ 中文 ١٢ \n\t.,-ǅ" + "".join(chr(rng.randrange(0x20, 0x3000)) for _ in range(60))
+    for _ in range(200):
+        texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40)))
+                 for _ in range(rng.randrange(1, 5))]
+        hashes, counts = _word_units(texts)
+        words = [re.findall(r"\w+", t.lower()) for t in texts]
+        assert counts.tolist() == [len(w) for w in words]
+        seen: dict[str, int] = {}
+        for word, h in zip([w for ws in words for w in ws], hashes.tolist(), strict=True):
+            assert seen.setdefault(word, h) == h
+        assert len(set(seen.values())) == len(seen)
+
+
+def test_check_batch_equals_one_by_one_and_datasketch_index_agrees() -> None:
+    """Checking a batch gives the verdicts of checking its documents one at a time (a document
+    may duplicate an earlier one of the same batch), and the index holds each kept document
+    where datasketch's own MinHashLSH.query finds it."""
+    rng = random.Random(6)
+    texts, scripts = [], []
+    for _ in range(30):
+        base = _doc(rng, rng.choice([3, 40, 300]))
+        texts += [" ".join(base), " ".join(_edit(base, rng, 1)), " ".join(base).upper()]
+        scripts += ["latin"] * 3
+        poem = "".join(rng.choice(HAN) for _ in range(rng.choice([5, 30, 300])))
+        texts.append(poem)
+        scripts.append("cjk")
+    one, batch = Deduper(0.8), Deduper(0.8)
+    expected = [one.check(t, s) for t, s in zip(texts, scripts, strict=True)]
+    assert batch.check_batch(texts, scripts) == expected
+    assert expected.count("exact") == 30 and expected.count("near") >= 8
+    for idx, sig in batch._sigs.items():
+        found = batch._lsh.query(LeanMinHash(seed=0, hashvalues=sig, scheme="affine32"))
+        assert idx in found

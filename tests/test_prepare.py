@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -204,8 +205,8 @@ def test_50mb_single_line_is_split_not_fatal(tmp_path: Path) -> None:
 @given(junk=st.lists(st.binary(min_size=0, max_size=300), min_size=1, max_size=4))
 def test_malformed_files_never_lose_good_ones(tmp_path: Path, junk: list[bytes]) -> None:
     """Property: whatever bytes sit beside it, the good document comes out."""
-    src = tmp_path / f"src{hashlib.md5(b''.join(junk)).hexdigest()}"
-    src.mkdir()
+    # a fresh folder per example: two examples can have the same bytes (b"" and b"" + b"")
+    src = Path(tempfile.mkdtemp(prefix=f"src{hashlib.md5(b''.join(junk)).hexdigest()}", dir=tmp_path))
     (src / "good.txt").write_text("keep me " + PROSE)
     for i, b in enumerate(junk):
         (src / f"junk{i}.{['txt', 'jsonl', 'csv', 'md'][i % 4]}").write_bytes(b)

@@ -30,7 +30,7 @@ import re
 from collections.abc import Sequence
 
 import numpy as np
-from datasketch import LeanMinHash, MinHash, MinHashLSH
+from datasketch import MinHash, MinHashLSH
 
 WORD_SHINGLE = 5
 CHAR_SHINGLE = 3
@@ -254,12 +254,25 @@ class Deduper:
         keys, docs = _keys([texts[i] for i in fresh], [scripts[i] for i in fresh])
         sigs = signatures(keys, docs, len(fresh), self.num_perm)
         need = self.threshold * self.num_perm
-        for i, sig in zip(fresh, sigs, strict=True):
-            m = LeanMinHash(seed=0, hashvalues=sig, scheme="affine32")
-            if any(np.count_nonzero(self._sigs[c] == sig) >= need for c in self._lsh.query(m)):
+        # The band keys MinHashLSH.insert/query would make (its `_H`: the band's values
+        # byte-swapped), made here for the whole batch at once; then the same look-ups and
+        # inserts into the index's own tables, without a Python call per band for hashing.
+        swapped = sigs.byteswap()
+        bands = []
+        for start, end in self._lsh.hashranges:
+            blob = np.ascontiguousarray(swapped[:, start:end]).tobytes()
+            width = (end - start) * swapped.itemsize
+            bands.append([blob[j: j + width] for j in range(0, len(blob), width)])
+        tables = self._lsh.hashtables
+        for row, (i, sig) in enumerate(zip(fresh, sigs, strict=True)):
+            cands: set[int] = set()
+            for table, band in zip(tables, bands, strict=True):
+                cands.update(table.get(band[row]))
+            if any(np.count_nonzero(self._sigs[c] == sig) >= need for c in cands):
                 out[i] = "near"
                 continue
             idx = len(self._sigs)
             self._sigs[idx] = sig
-            self._lsh.insert(idx, m, check_duplication=False)
+            for table, band in zip(tables, bands, strict=True):
+                table.insert(band[row], idx)
         return out
