@@ -355,6 +355,76 @@ def superlink(
         raise typer.Exit(code)
 
 
+@app.command()
+def plan(
+    config: Annotated[Path, typer.Argument(help="TOML config of the run to plan.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value (repeatable).")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    memory_limit: Annotated[str | None, typer.Option(help="Peak memory per silo, e.g. 2GiB; propose changes that fit.")] = None,
+    time_limit: Annotated[str | None, typer.Option(help="Seconds per round, e.g. 30s; propose changes that fit.")] = None,
+    device_flops: Annotated[str | None, typer.Option(help="FLOP/s per silo (e.g. 50T) instead of calibrating here.")] = None,
+) -> None:
+    """Parameters, FLOPs, memory, time and bytes per silo per round, before the run starts."""
+    from fedlm.config import load_config
+    from fedlm.plan import fit_limits, parse_bytes, parse_flops, parse_seconds, plan_run, render
+
+    cfg = load_config(config, set_ or [])
+    flops = parse_flops(device_flops) if device_flops else None
+    if memory_limit or time_limit:
+        result, changes = fit_limits(cfg, memory_limit=parse_bytes(memory_limit) if memory_limit else None,
+                                     time_limit=parse_seconds(time_limit) if time_limit else None, device_flops=flops)
+    else:
+        result, changes = plan_run(cfg, device_flops=flops), []
+    if json_:
+        _out(json.dumps(result.to_json()))
+        return
+    console.print(render(result))
+    for note in result.notes:
+        console.print(note, highlight=False)
+    if memory_limit or time_limit:
+        console.print("fits with:" if changes else "fits as it is", highlight=False)
+        for line in changes:
+            console.print(f"  --set {line}", highlight=False)
+
+
+@app.command()
+def audit(
+    model: Annotated[Path, typer.Argument(help="Run directory or model directory.")],
+    workspace: Annotated[Path, typer.Option(help="Workspace the model was trained on (WS/silos/NAME sharded).")],
+    silo: Annotated[list[str] | None, typer.Option(help="Silo to audit (repeatable; default: every silo).")] = None,
+    reference: Annotated[Path | None, typer.Option(help="A model not trained on the silo, for the calibrated attack.")] = None,
+    candidates: Annotated[int, typer.Option(help="Random candidate secrets per canary.")] = 5000,
+    seq_len: Annotated[int, typer.Option(help="Window length of the membership samples, in tokens.")] = 64,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Privacy audit: exposure of planted canaries and membership inference (AUC, TPR at 1% FPR)."""
+    from fedlm.data.shards import list_silos
+    from fedlm.modelio import load_model
+    from fedlm.privacy.audit import audit as run_audit
+
+    if candidates < 10 or seq_len < 2:
+        raise UserError("--candidates must be >= 10 and --seq-len >= 2")
+    net, _ = load_model(model)
+    ref = load_model(reference)[0] if reference is not None else None
+    silos = list(silo or []) or list_silos(workspace)
+    if not silos:
+        raise UserError(f"{workspace}: no silos to audit")
+    report = run_audit(net, workspace, silos=silos, reference=ref, candidates=candidates, seq_len=seq_len)
+    if json_:
+        _out(json.dumps(report))
+        return
+    for name, entry in report["silos"].items():
+        for c in entry.get("canaries", []):
+            _out(f"{name}: canary x{c['repeats']}  exposure {c['exposure']:.2f} bits "
+                 f"(rank {c['rank']} of {c['candidates'] + 1}; max {c['max_exposure']:.1f})")
+        m = entry["membership"]
+        line = f"{name}: membership ({m['members']} vs {m['nonmembers']} windows)  loss AUC {m['loss']['auc']:.3f}  " \
+               f"TPR@1%FPR {m['loss']['tpr_at_1pct_fpr']:.3f}"
+        if "calibrated" in m:
+            line += f"  calibrated AUC {m['calibrated']['auc']:.3f}  TPR@1%FPR {m['calibrated']['tpr_at_1pct_fpr']:.3f}"
+        _out(line)
+
+
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
     try:

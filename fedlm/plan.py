@@ -15,7 +15,7 @@ loaded: `train.init_from` is read for its config.json or GGUF header). The formu
   4·N instead of 6·N, plus the adapters' own 6·r·(in + out). Activation checkpointing
   recomputes each block's forward during the backward, less its last matmul (w2; PyTorch's
   non-reentrant checkpoint stops recomputing once the saved tensors are back).
-- Memory per silo: fp32 weights (4 B/param), gradients and AdamW's two moments for the
+- Memory per silo: the runtime's fixed cost (measured once here), fp32 weights (4 B/param), gradients and AdamW's two moments for the
   trainable parameters (4 + 8 B), AdamW's foreach temporary (4 B), the global weights a silo
   receives and the update it sends (federated), the tensors autograd saves per layer per
   token (counted tensor by tensor for this architecture, below), and the logits: log-softmax
@@ -26,8 +26,8 @@ loaded: `train.init_from` is read for its config.json or GGUF header). The formu
   the in-process engine), × local_steps; with S silos sharing C cores, × S / C. Or
   FLOPs / `device_flops` when given.
 - Bytes per round: the update's arrays (LoRA: adapters only) under federation.compression —
-  none 4 B/value, fp16 2, int8 1 + one fp32 scale per array, topk ⌈f·n⌉ × (4 B value +
-  4 B int32 index) per array; secure aggregation sends 4 B (uint32) per value. Down: the
+  none 4 B/value, fp16 2, int8 1 + one fp32 scale per 256 values, topk ⌈f·n⌉ × (4 B value
+  + 4 B int32 index) per array; secure aggregation sends 4 B (uint32) per value. Down: the
   global arrays in fp32. Payload only (Flower's framing adds ~200 B per array).
 """
 
@@ -48,9 +48,12 @@ from fedlm.errors import UserError
 
 CHINCHILLA_TOKENS_PER_PARAM = 20
 ADAMW_BYTES = 8  # two fp32 moments per trainable parameter
-TOPK_VALUE_BYTES, TOPK_INDEX_BYTES = 4, 4
+TOPK_VALUE_BYTES, TOPK_INDEX_BYTES = 4, 4  # fp32 value, int32 index
+INT8_BLOCK = 256  # values per fp32 scale (fedlm.federation.codecs; tests/test_plan.py checks them equal)
 ROUND_OVERHEAD_BYTES_PER_S = 400e6  # serialise + copy + checkpoint, measured by bench/plan_bench.py
-LORA_MODULES = ("wqkv", "wo", "w13", "w2")
+RUNTIME_BYTES = {"fp32": 84 * 2**20, "bf16": 94 * 2**20}
+"""A training process's fixed cost above its pre-model RSS (torch's kernels paged in, allocator arenas):
+measured with a 5 k-parameter model by bench/plan_bench.py (torch 2.13 CPU, one thread)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -201,10 +204,11 @@ def update_bytes(sizes: dict[str, int], compression: str, topk_fraction: float, 
         return 4 * n
     if compression == "fp16":
         return 2 * n
-    if compression == "int8":
-        return n + 4 * len(sizes)
+    if compression == "int8":  # one fp32 scale per block of INT8_BLOCK values of each array
+        return n + 4 * sum(-(-s // INT8_BLOCK) for s in sizes.values())
     if compression == "topk":
-        return sum(math.ceil(topk_fraction * s) for s in sizes.values()) * (TOPK_VALUE_BYTES + TOPK_INDEX_BYTES)
+        kept = sum(min(s, max(1, math.ceil(topk_fraction * s))) for s in sizes.values())
+        return kept * (TOPK_VALUE_BYTES + TOPK_INDEX_BYTES)
     raise ValueError(f"unknown compression {compression!r}")
 
 
@@ -255,6 +259,7 @@ def memory_breakdown(mc: ModelConfig, p: Params, cfg: Config, *, federated: bool
     casts = 2 * p.matmul if bf16 else 0  # autocast's bf16 weight copies, held for the backward
     wire = sum(p.wire.values()) * 4
     comp = {
+        "runtime": RUNTIME_BYTES[tc.precision],
         "weights": 4 * p.total,
         "optimizer": ADAMW_BYTES * p.trainable,
         "global_and_update": 2 * wire if federated else 0,
@@ -265,7 +270,7 @@ def memory_breakdown(mc: ModelConfig, p: Params, cfg: Config, *, federated: bool
     head_grad = 4 * v * d if not p.frozen_matmul else 0
     fb = comp["activations"] + comp["logits"] + head_grad
     step = comp["gradients"] + 4 * p.trainable  # foreach AdamW's sqrt temporary
-    comp["peak"] = comp["weights"] + comp["optimizer"] + comp["global_and_update"] + max(fb, step)
+    comp["peak"] = comp["runtime"] + comp["weights"] + comp["optimizer"] + comp["global_and_update"] + max(fb, step)
     return comp
 
 
@@ -415,7 +420,7 @@ def plan_run(cfg: Config, *, device_flops: float | None = None, calibrate: bool 
         wall_factor = 1.0
     elif calibrate:
         threads = 1 if federated else (tc.threads or _default_threads())
-        key = (mc, tc.precision, tc.activation_checkpointing, tc.batch_size, tc.seq_len, tc.grad_accum,
+        key = (repr(mc), tc.precision, tc.activation_checkpointing, tc.batch_size, tc.seq_len, tc.grad_accum,
                cfg.lora.rank, tuple(cfg.lora.targets), threads)
         if _timer is not None and key in _timer:
             step_s = _timer[key]
@@ -626,7 +631,8 @@ def render(plan: Plan) -> Any:
                   f"{plan.seconds_per_step:.3g} / {plan.seconds_per_round:.3g} / {plan.seconds_total:.4g}")
     up, down = max(plan.bytes_up_per_round.values()), max(plan.bytes_down_per_round.values())
     t.add_row("bytes per silo per round (up / down)", f"{_fmt_bytes(up)} / {_fmt_bytes(down)}")
-    held = sum(v for v in plan.silo_tokens.values() if v)
+    known = [v for v in plan.silo_tokens.values() if v is not None]
+    held = f"{sum(known):,}" if known else "? (not sharded)"
     t.add_row("tokens: run / silos hold / Chinchilla-optimal",
-              f"{plan.tokens_total:,} / {held:,} / {plan.compute_optimal_tokens:,}")
+              f"{plan.tokens_total:,} / {held} / {plan.compute_optimal_tokens:,}")
     return t

@@ -1,0 +1,153 @@
+"""Calibrated honesty: `fedlm plan`'s predictions against measured runs on this machine.
+
+    from bench.plan_bench import run, measure_silo
+    run(quick=True)          # the demo model (FULL size): memory and seconds per step and per round
+    run()                    # + bf16 / checkpointing variants and SmolLM2-135M with LoRA r=8
+    measure_silo(["model.vocab_size=4096", "train.batch_size=8"], steps=3)   # one silo, measured
+
+Memory is measured as the process's peak RSS (`getrusage`) minus its RSS just before the
+model is built, in a fresh subprocess per case (one torch thread, as a silo runs in the
+in-process engine), doing what a silo does in a round: hold the global arrays, train
+`steps` optimizer steps from them with a fresh AdamW, compute the update. Seconds per round
+are the real runner's (`rounds.jsonl`, rounds after the first) on a workspace of the bundled
+silos. Each row gives predicted, measured and predicted / measured; the target is ±25%.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+DEMO_FULL = ["model.preset=tiny", "model.max_seq_len=128", "train.seq_len=128", "train.batch_size=8",
+             "federation.local_steps=5", "train.mode=federated"]
+SMOLLM2_LORA = ["train.init_from=smollm2", "train.seq_len=128", "train.batch_size=4", "lora.rank=8",
+                "federation.local_steps=2", "train.mode=federated"]
+
+
+def _measure_main(overrides: list[str], steps: int) -> dict[str, Any]:
+    """In the subprocess: build the model, run a silo's round, report peak RSS delta and step seconds."""
+    import resource
+
+    import numpy as np
+    import torch
+
+    from fedlm.config import load_config
+    from fedlm.plan import _with_lora, resolve_model
+    from fedlm.train import SiloBatches, lm_loss, lr_at, make_optimizer, train_step
+
+    torch.set_num_threads(1)
+    cfg = load_config(None, overrides)
+    mc = resolve_model(cfg)
+    tc = cfg.train
+    tokens = np.random.default_rng(0).integers(0, mc.vocab_size, size=200_000, dtype=np.int64)
+    data = SiloBatches([tokens], torch.ones(1), torch.Generator().manual_seed(0))
+    lm_loss  # noqa: B018  (imported so torch's lazy modules load before the baseline)
+    page = __import__("os").sysconf("SC_PAGE_SIZE")
+    baseline = int(Path("/proc/self/statm").read_text().split()[1]) * page
+    from fedlm.model import Transformer
+
+    model: torch.nn.Module = Transformer(mc)
+    model.activation_checkpointing = tc.activation_checkpointing  # type: ignore[assignment]
+    if cfg.lora.rank:
+        model = _with_lora(model, cfg)
+    model.train()
+    wire = [n for n, p in model.named_parameters() if p.requires_grad]
+    state = model.state_dict()
+    global_arrays = {n: state[n].detach().clone() for n in wire}  # what a silo receives
+    optimizer = make_optimizer(model, tc)
+    seconds = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        train_step(model, optimizer, lambda: data.next(tc.batch_size, tc.seq_len), lr=lr_at(i, tc),
+                   grad_accum=tc.grad_accum, grad_clip=tc.grad_clip, precision=tc.precision)
+        seconds.append(time.perf_counter() - t0)
+    local = model.state_dict()
+    update = {n: local[n] - global_arrays[n] for n in wire}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"peak_bytes": peak - baseline, "seconds_per_step": statistics.median(seconds[1:] or seconds),
+            "update_arrays": len(update)}
+
+
+def measure_silo(overrides: list[str], *, steps: int = 3, timeout: float = 900.0) -> dict[str, Any]:
+    """Peak memory (bytes above the pre-model RSS) and seconds per step of one silo, in a fresh process."""
+    out = subprocess.run([sys.executable, "-m", "bench.plan_bench", "measure", json.dumps(overrides), str(steps)],
+                         capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parent.parent,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    if out.returncode:
+        raise RuntimeError(f"measurement failed: {out.stderr[-2000:]}")
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _row(pred: float, meas: float) -> dict[str, float]:
+    return {"predicted": round(pred, 3), "measured": round(meas, 3), "ratio": round(pred / meas, 3),
+            "within_25pct": bool(abs(pred / meas - 1) <= 0.25)}
+
+
+def _case(name: str, overrides: list[str], steps: int) -> dict[str, Any]:
+    from fedlm.config import load_config
+    from fedlm.plan import plan_run
+
+    cfg = load_config(None, [*overrides, "data.silos=['one']"])
+    plan = plan_run(cfg)
+    meas = measure_silo(overrides, steps=steps)
+    return {"case": name, "overrides": overrides,
+            "peak_memory_mib": _row(plan.memory["peak"] / 2**20, meas["peak_bytes"] / 2**20),
+            "seconds_per_step": _row(float(plan.seconds_per_step or 0), meas["seconds_per_step"])}
+
+
+def _round_case(quick: bool) -> dict[str, Any]:
+    """Seconds per round: the plan vs the real in-process runner on the bundled silos."""
+    from fedlm.config import load_config
+    from fedlm.corpus import SILOS
+    from fedlm.federation.runner import run_federated
+    from fedlm.plan import plan_run
+    from tests.conftest import build_workspace
+
+    silos = SILOS[:3] if quick else SILOS
+    rounds = 3
+    with tempfile.TemporaryDirectory(prefix="fedlm-plan-bench-") as tmp:
+        ws = build_workspace(Path(tmp), silos=tuple(silos), limit_bytes=200_000, vocab_size=4096)
+        cfg = load_config(None, [*DEMO_FULL, f"data.workspace={json.dumps(str(ws))}", f"federation.rounds={rounds}",
+                                 f"train.steps={rounds * 5}", "train.warmup_steps=1"])
+        plan = plan_run(cfg)
+        run_federated(cfg, Path(tmp) / "run")
+        rows = [json.loads(line) for line in (Path(tmp) / "run" / "rounds.jsonl").read_text().splitlines()]
+    measured = statistics.median(r["seconds"] for r in rows[1:])
+    up = statistics.median(s["bytes_up"] for r in rows for s in r["silos"].values())
+    return {"case": f"demo FULL model, federated, {len(silos)} silos (real runner)",
+            "seconds_per_round": _row(float(plan.seconds_per_round or 0), measured),
+            "bytes_up_per_silo": _row(float(max(plan.bytes_up_per_round.values())), float(up)),
+            "vocab_size": plan.model["vocab_size"]}
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    """Predicted vs measured peak memory and seconds (per step, per round) on this machine."""
+    demo = [*DEMO_FULL, "model.vocab_size=4096"]  # FULL's tokenizer size (the round case reads the real one)
+    cases = [_case("demo FULL model fp32", demo, 3)]
+    if not quick:
+        cases += [
+            _case("demo FULL model bf16", [*demo, "train.precision=bf16"], 3),
+            _case("demo FULL model fp32 + checkpointing", [*demo, "train.activation_checkpointing=true"], 3),
+        ]
+        try:
+            from fedlm.hf import smollm2_gguf_path
+
+            smollm2_gguf_path()
+            cases.append(_case("SmolLM2-135M LoRA r=8, seq 128, batch 4", SMOLLM2_LORA, 3))
+        except Exception as e:  # no SmolLM2 package: say so, keep the rest
+            cases.append({"case": "SmolLM2-135M LoRA r=8", "skipped": str(e)})
+    cases.append(_round_case(quick))
+    return {"cases": cases}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "measure":
+        print(json.dumps(_measure_main(json.loads(sys.argv[2]), int(sys.argv[3]))))
+    else:
+        print(json.dumps(run(quick="--quick" in sys.argv), indent=2))
