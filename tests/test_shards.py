@@ -193,3 +193,34 @@ def test_eval_windows_cover_every_target_once(n: int, seq_len: int, batch_size: 
     got_x = torch.cat(xs).tolist() if xs else []
     got_y = torch.cat(ys).tolist() if ys else []
     assert got_y == list(range(1, n)) and got_x == list(range(0, n - 1))
+
+
+def test_engine_disagreement_falls_back_to_tokenizers(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the fast engine differs from `tokenizers` on the checked heads of the first
+    documents, the silo is written with `tokenizers` (ids equal its own encoding)."""
+    import fedlm.data.shards as shards_mod
+
+    real = shards_mod._tiktoken_encoder
+
+    def off_by_one(tok):  # type: ignore[no-untyped-def]
+        enc = real(tok)
+        return lambda texts: [ids + 1 for ids in enc(texts)]
+
+    monkeypatch.setattr(shards_mod, "_tiktoken_encoder", off_by_one)
+    monkeypatch.setattr(shards_mod, "_LOADED", {})
+    meta = shard_silo(ws, "b", val_fraction=0.0)
+    assert meta["encoder"] == "tokenizers"
+    tok = load_tokenizer(ws / "tokenizer.json")
+    tok.encode_special_tokens = True
+    expected = [i for d in DOCS for i in tok.encode(d, add_special_tokens=False).ids + [0]]
+    assert np.asarray(open_split(ws / "silos" / "b", "train")).tolist() == expected
+
+
+def test_tokenizer_change_is_seen_between_silos(ws: Path) -> None:
+    """Sharding reuses a loaded tokenizer only while its file is unchanged."""
+    first = shard_silo(ws, "b", val_fraction=0.0)
+    tok = train_from_texts(DOCS[:40], vocab_size=300)
+    (ws / "tokenizer.json").write_text(tok.to_str(pretty=True))
+    second = shard_silo(ws, "b", val_fraction=0.0)
+    assert second["tokenizer_sha256"] == tokenizer_hash(ws / "tokenizer.json") != first["tokenizer_sha256"]
+    assert second["vocab_size"] == tok.get_vocab_size()

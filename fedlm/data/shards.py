@@ -48,7 +48,8 @@ from fedlm.fileio import atomic_path, write_json
 Split = Literal["train", "val"]
 _BATCH_DOCS = 512
 _BATCH_CHARS = 1 << 22
-_CHECK_DOCS = 64  # documents of each silo encoded by both engines to confirm they agree
+_CHECK_DOCS = 32  # documents of each silo encoded by both engines to confirm they agree
+_CHECK_CHARS = 1024  # ... their first this many characters (both engines get the same text)
 
 Encoder = Callable[[list[str]], list[np.ndarray]]
 
@@ -95,6 +96,29 @@ def _tiktoken_encoder(tok: tokenizers.Tokenizer) -> Encoder | None:
     return run
 
 
+def _engines_agree(fast: Encoder, hf: Encoder, texts: list[str]) -> bool:
+    """Do both engines give the same ids for `texts`? (Short heads of documents suffice to
+    catch a differing pre-tokeniser or merge order, at a fraction of encoding them whole.)"""
+    return all(np.array_equal(a, r) for a, r in zip(fast(texts), hf(texts), strict=True))
+
+
+_LOADED: dict[tuple, tuple[tokenizers.Tokenizer, str, Encoder, Encoder | None]] = {}
+
+
+def _loaded(tok_path: Path, want_fast: bool) -> tuple[tokenizers.Tokenizer, str, Encoder, Encoder | None]:
+    """(tokenizer, its sha256, tokenizers encoder, tiktoken encoder or None) for a file,
+    remembered while the file is unchanged: sharding every silo of a workspace loads once."""
+    st = tok_path.stat()
+    key = (str(tok_path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, want_fast)
+    if key not in _LOADED:
+        tok = load_tokenizer(tok_path)
+        sha = tokenizer_hash(tok_path)
+        hf = _hf_encoder(tok)
+        _LOADED.clear()
+        _LOADED[key] = (tok, sha, hf, _tiktoken_encoder(tok) if want_fast else None)
+    return _LOADED[key]
+
+
 def _batches(texts: Iterator[str]) -> Iterator[list[str]]:
     batch: list[str] = []
     chars = 0
@@ -124,18 +148,19 @@ def _write_splits(
     *,
     dtype: np.dtype,
     seed: int,
-    val_fraction: float,
     fast: Encoder | None,
     hf: Encoder,
-    force_val: float | None,
-    force_train: float | None,
+    hashes: np.ndarray,
+    to_val: np.ndarray,
     on_bytes: Callable[[int], None],
-) -> tuple[dict, str, np.ndarray]:
-    """One pass: encode every document into train.bin / val.bin. Returns (counts, encoder, hashes)."""
+) -> tuple[dict, str]:
+    """One pass: encode every document into train.bin / val.bin (document i to val when
+    to_val[i]; hashes[i] is its split hash, to check the file did not change). Returns
+    (counts, encoder)."""
     counts = {s: {"tokens": 0, "documents": 0, "bytes": 0} for s in ("train", "val")}
     encode, encoder_name = (fast, "tiktoken") if fast is not None else (hf, "tokenizers")
     eos = np.zeros(1, dtype=np.int64)
-    hashes: list[float] = []
+    doc = 0
     with atomic_path(silo_dir / "train.bin") as tmp_train, atomic_path(silo_dir / "val.bin") as tmp_val, \
             open(tmp_train, "wb") as f_train, open(tmp_val, "wb") as f_val:
         files = {"train": f_train, "val": f_val}
@@ -143,15 +168,16 @@ def _write_splits(
         for b, batch in enumerate(_batches(texts)):
             ids = encode(batch)
             if b == 0 and encode is not hf:
-                reference = hf(batch[:_CHECK_DOCS])
-                if any(not np.array_equal(a, r) for a, r in zip(ids, reference, strict=False)):
+                heads = [t[:_CHECK_CHARS] for t in batch[:_CHECK_DOCS]]
+                if not _engines_agree(encode, hf, heads):
                     encode, encoder_name, ids = hf, "tokenizers", hf(batch)
             parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
             for text, doc_ids in zip(batch, ids, strict=True):
-                h = _split_hash(text, seed)
-                hashes.append(h)
-                val = (h < val_fraction or h == force_val) and h != force_train
-                split = "val" if val else "train"
+                if doc >= len(hashes) or _split_hash(text, seed) != hashes[doc]:
+                    raise UserError(f"{docs_path} changed while it was being sharded; "
+                                    "run `fedlm data shard` again")
+                split = "val" if to_val[doc] else "train"
+                doc += 1
                 parts[split] += [doc_ids, eos]
                 c = counts[split]
                 c["tokens"] += doc_ids.size + 1
@@ -162,7 +188,7 @@ def _write_splits(
                     np.concatenate(arrays).astype(dtype).tofile(files[split])
         f_train.flush()
         f_val.flush()
-    return counts, encoder_name, np.asarray(hashes)
+    return counts, encoder_name
 
 
 def shard_silo(
@@ -186,12 +212,9 @@ def shard_silo(
     if not tok_path.is_file():
         raise UserError(f"no tokenizer at {tok_path}: run `fedlm data tokenizer --workspace {workspace} --vocab-size N`")
     start = time.perf_counter()
-    tok = load_tokenizer(tok_path)
+    tok, tok_sha256, hf, fast = _loaded(tok_path, engine != "tokenizers")
     vocab_size = tok.get_vocab_size()
     dtype = dtype_for_vocab(vocab_size)
-
-    hf = _hf_encoder(tok)
-    fast = _tiktoken_encoder(tok) if engine != "tokenizers" else None
     if engine == "tiktoken" and fast is None:
         raise UserError("engine 'tiktoken' asked but tiktoken is not installed: pip install tiktoken")
     (silo_dir / "meta.json").unlink(missing_ok=True)
@@ -204,21 +227,20 @@ def shard_silo(
         if on_progress is not None:
             on_progress(done_bytes, total_bytes)
 
-    def write(force_val: float | None, force_train: float | None) -> tuple[dict, str, np.ndarray]:
-        return _write_splits(docs_path, silo_dir, dtype=dtype, seed=seed, val_fraction=val_fraction,
-                             fast=fast, hf=hf, force_val=force_val, force_train=force_train,
-                             on_bytes=advance)
-
-    counts, encoder_name, hashes = write(None, None)
+    # The split first (cheap: a keyed hash per document), so the encoding pass is the only one.
+    hashes = np.fromiter((_split_hash(t, seed) for t in read_texts(docs_path)), dtype=np.float64)
     if hashes.size == 0:
         raise UserError(f"{docs_path} has no documents: re-run `fedlm data prepare` with more text")
+    to_val = hashes < val_fraction
     if val_fraction > 0 and hashes.size >= 2:
-        # Rare (tiny silos): no document fell on one side; write again with the nearest one moved.
-        force_val = float(hashes.min()) if counts["val"]["documents"] == 0 else None
-        force_train = float(hashes.max()) if counts["train"]["documents"] == 0 else None
-        if force_val is not None or force_train is not None:
-            total_bytes *= 2
-            counts, encoder_name, hashes = write(force_val, force_train)
+        # Rare (tiny silos): no document fell on one side; move the nearest one over.
+        if not to_val.any():
+            to_val[hashes == hashes.min()] = True
+        if to_val.all():
+            to_val[hashes == hashes.max()] = False
+    counts, encoder_name = _write_splits(
+        docs_path, silo_dir, dtype=dtype, seed=seed, fast=fast, hf=hf,
+        hashes=hashes, to_val=to_val, on_bytes=advance)
     meta = {
         "silo": silo,
         "tokens": {s: counts[s]["tokens"] for s in counts},
@@ -227,7 +249,7 @@ def shard_silo(
         "dtype": dtype.name,
         "eos_id": 0,
         "layout": f"each document followed by {EOS}",
-        "tokenizer_sha256": tokenizer_hash(tok_path),
+        "tokenizer_sha256": tok_sha256,
         "vocab_size": vocab_size,
         "val_fraction": val_fraction,
         "split_seed": seed,
