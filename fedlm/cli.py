@@ -78,10 +78,17 @@ def data_tokenizer(
     seed: Annotated[int | None, typer.Option(help="Seed for the privacy noise (tests only).")] = None,
     counts: Annotated[list[Path] | None, typer.Option(
         "--counts", help="Silos on other machines: one `fedlm data counts` file per silo (repeat).")] = None,
+    from_model: Annotated[str | None, typer.Option(
+        "--from-model", help="Use this model's tokenizer instead (smollm2, a .gguf or a model dir): fine-tuning.")] = None,
 ) -> None:
     """Agree one byte-level BPE tokenizer from each silo's privatised pre-token counts."""
     from fedlm.data.tokenizer import agree_tokenizer, agree_tokenizer_from_counts
 
+    if from_model:  # no counts leave the silos: the pretrained model's tokenizer is public
+        from fedlm.pretrained import write_model_tokenizer
+
+        _out(f"tokenizer of {from_model} -> {write_model_tokenizer(workspace, from_model)}; now `fedlm data shard`")
+        return
     if counts:
         if epsilon is not None or seed is not None:
             raise UserError("--epsilon/--seed apply where counts are made (`fedlm data counts`), not with --counts")
