@@ -182,7 +182,7 @@ def wait_superlink(address: str, *, root_certificates: Path | None = None, insec
         if time.monotonic() > deadline:
             raise UserError(
                 f"SuperLink {address} is unreachable after {timeout:.0f} s ({last}); start it "
-                f"(`flower-superlink --port PORT ...`) or fix the address and firewall"
+                f"(`fedlm superlink --port PORT ...` on its machine) or fix the address and firewall"
             )
         time.sleep(0.25)
 

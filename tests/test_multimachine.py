@@ -1,0 +1,313 @@
+"""Federation across machines as README's "Run across machines" tells it, each machine a folder.
+
+The slow test runs that section's commands as written (the coordinator's address becomes
+127.0.0.1, port 9092 a free port, `~/legal-texts` a folder of bundled text, and the training
+command gets a tiny model): openssl certificates, per-silo DP counts, the tokenizer from the
+counts, a TLS SuperLink, two SuperNodes, one round over TLS, evaluation on a silo. Its
+global weights must equal, bit for bit, the same config run in process on the same shards.
+The fast tests check the counts pair against the one-machine tokenizer and the bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedlm.config import load_config
+from fedlm.corpus import extract
+from fedlm.data.tokenizer import tokenizer_hash
+from fedlm.federation.deploy import free_port
+from fedlm.federation.runner import FLOWER_ENV, run_federated
+from tests.test_federation import make_ws
+
+ROOT = Path(__file__).resolve().parents[1]
+FEDLM = [sys.executable, "-m", "fedlm.cli"]
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, **FLOWER_ENV, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONUNBUFFERED": "1",
+       "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+SILOS = ("legal", "medical")
+TINY = ["model.preset=custom", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",
+        "model.max_seq_len=32", "train.batch_size=4", "train.seq_len=16", "federation.rounds=1",
+        "federation.local_steps=2", "federation.round_timeout=90"]
+
+
+def fedlm(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*FEDLM, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def fedlm_here(capfd: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`fedlm ARGS` through the CLI's `main` in this process (no start-up cost), as a completed process."""
+    from fedlm.cli import main
+
+    capfd.readouterr()
+    argv = sys.argv
+    sys.argv = ["fedlm", *args]
+    code: int | str | None = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = argv
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(args, int(code or 0), out, err)
+
+
+def _one_line_error(r: subprocess.CompletedProcess[str], *needles: str) -> str:
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------
+# fast: the counts pair and bad input
+
+
+def test_counts_files_give_the_one_machine_tokenizer(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Exact counts released per silo and summed elsewhere = the tokenizer trained on one machine."""
+    ws = make_ws(tmp_path / "ws", silos=("a", "b"), docs=20)  # its tokenizer: agree_tokenizer, exact
+    files = []
+    for silo in ("b", "a"):  # order of the files must not matter
+        out = tmp_path / f"counts-{silo}.json"
+        r = fedlm_here(capfd, "data", "counts", "--workspace", str(ws), "--silo", silo, "--out", str(out))
+        assert r.returncode == 0, r.stderr
+        files += ["--counts", str(out)]
+        assert "text" not in out.read_text()  # pre-tokens, not documents
+    r = fedlm_here(capfd, "data", "tokenizer", "--workspace", str(tmp_path / "coord"), "--vocab-size", "512", *files)
+    assert r.returncode == 0, r.stderr
+    assert tokenizer_hash(tmp_path / "coord/tokenizer.json") == tokenizer_hash(ws / "tokenizer.json")
+    record = json.loads((tmp_path / "coord/tokenizer_privacy.json").read_text())
+    assert record["mode"] == "exact" and sorted(record["silos"]) == ["a", "b"]
+
+    dp = tmp_path / "dp.json"
+    r = fedlm_here(capfd, "data", "counts", "--workspace", str(ws), "--silo", "a", "--epsilon", "8", "--out", str(dp))
+    assert r.returncode == 0, r.stderr
+    released = json.loads(dp.read_text())
+    assert released["privacy"]["epsilon"] == 8 and released["privacy"]["delta"] == 1e-6
+    threshold = released["privacy"]["threshold"]
+    assert all(n >= 1 and n >= round(threshold) - 1 for n in released["counts"].values())
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "something else"}')
+    _one_line_error(fedlm_here(capfd, "data", "tokenizer", "--workspace", str(tmp_path / "c2"), "--counts", str(bad)),
+                    str(bad), "fedlm data counts")
+    _one_line_error(fedlm_here(capfd, "data", "tokenizer", "--workspace", str(tmp_path / "c2"), *files, *files[:2]),
+                    "given twice")
+    _one_line_error(fedlm_here(capfd, "data", "counts", "--workspace", str(ws), "--silo", "nope", "--out", str(bad)),
+                    "'nope'", "fedlm data prepare")
+
+
+def test_superlink_flags_need_the_flower_engine(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "fed.toml"
+    cfg.write_text('[data]\nworkspace = "ws"\n[train]\nmode = "federated"\n')
+    _one_line_error(fedlm_here(capfd, "train", str(cfg), "--superlink", "127.0.0.1:9", "--insecure"),
+                    "federation.engine=flower")
+    _one_line_error(fedlm_here(capfd, "train", str(cfg), "--set", "federation.engine=flower", "--insecure"),
+                    "--superlink")
+    _one_line_error(fedlm_here(capfd, "superlink", "--port", "9", "--ssl-certfile", "x.pem"), "--ssl-keyfile")
+    _one_line_error(fedlm_here(capfd, "superlink", "--port", "9", "--ssl-ca-certfile", "a", "--ssl-certfile", "b",
+                               "--ssl-keyfile", "c"), "--ssl-ca-certfile a: no such file")
+    _one_line_error(fedlm_here(capfd, "node", "--superlink", "127.0.0.1:9", "--workspace", str(tmp_path),
+                               "--silo", "legal", "--insecure"), "silo 'legal'", "fedlm data")
+
+
+def test_unreachable_superlink_fails_before_any_round(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """`fedlm train --superlink` at a closed port: exit 2 naming the endpoint, no round logged."""
+    ws = make_ws(tmp_path / "ws", silos=("a", "b"), docs=20)
+    cfg = tmp_path / "fed.toml"
+    cfg.write_text(f'[data]\nworkspace = "{ws}"\n[train]\nmode = "federated"\n')
+    address = f"127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    r = fedlm_here(capfd, "train", str(cfg), "--set", "federation.engine=flower", "--superlink", address,
+                   "--insecure", "--out", str(tmp_path / "run"))
+    _one_line_error(r, f"SuperLink {address} is unreachable", "fedlm superlink")
+    assert time.monotonic() - t0 < 30
+    assert not (tmp_path / "run/rounds.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# slow: the README section, run
+
+
+def readme_blocks() -> list[tuple[str, str]]:
+    """(language, body) of each fenced block of README's "Run across machines", in order."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("\n## Run across machines")
+    end = text.find("\n## ", start + 1)
+    section = text[start:end if end > 0 else len(text)]
+    return [(m.group(1), m.group(2)) for m in re.finditer(r"```(\w+)\n(.*?)```", section, re.S)]
+
+
+def _texts(dest: Path) -> dict[str, Path]:
+    """A little of the bundled legal and medical text, as a silo's raw files."""
+    raw = extract(dest / "raw", list(SILOS))
+    out = {}
+    for silo in SILOS:
+        folder = dest / f"{silo}-texts"
+        folder.mkdir(parents=True)
+        if silo == "legal":
+            for path in sorted(raw[silo].rglob("*.txt"))[:25]:
+                shutil.copy(path, folder / path.name)
+        else:
+            src = next(raw[silo].rglob("*.jsonl"))
+            with open(src) as f:
+                (folder / src.name).write_text("".join(line for _, line in zip(range(150), f, strict=False)))
+        out[silo] = folder
+    return out
+
+
+class Machines:
+    """Folders standing for machines; runs README lines in them, keeps the long-running ones."""
+
+    def __init__(self, root: Path, port: int, texts: dict[str, Path]) -> None:
+        self.root, self.port, self.texts = root, port, texts
+        self.background: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def dir(self, machine: str) -> Path:
+        path = self.root / machine
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def substitute(self, body: str, silo: str | None) -> str:
+        if silo is not None:
+            body = body.replace("legal", silo).replace(f"~/{silo}-texts", str(self.texts[silo]))
+        return body.replace("coordinator.example.org", "127.0.0.1").replace("9092", str(self.port))
+
+    def run_block(self, body: str, machine: str, *, silo: str | None = None,
+                  extra: dict[str, list[str]] | None = None) -> str:
+        """Run the block's commands in order (their stdout is returned); `fedlm superlink` and
+        `fedlm node` start in the background. `extra` appends arguments to a fedlm command."""
+        script: list[str] = []
+        out = ""
+        for line in self.substitute(body, silo).splitlines():
+            line = line.split(" #")[0].strip()
+            if not line or line.startswith("#"):
+                continue
+            args = shlex.split(line)
+            if args[0] == "fedlm":
+                command = args[1]
+                args = [*FEDLM, *args[1:], *(extra or {}).get(command, [])]
+                line = shlex.join(args)
+                if command in ("superlink", "node"):
+                    out += self._flush(script, machine)
+                    self.start(args, machine, name=f"{command}-{silo or machine}")
+                    continue
+            script.append(line)
+        return out + self._flush(script, machine)
+
+    def _flush(self, script: list[str], machine: str) -> str:
+        if not script:
+            return ""
+        r = subprocess.run(["bash", "-ec", "\n".join(script)], cwd=self.dir(machine), env=ENV,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (script, r.stdout[-2000:], r.stderr[-2000:])
+        script.clear()
+        return r.stdout
+
+    def start(self, args: list[str], machine: str, *, name: str) -> Path:
+        log = self.root / f"{name}.log"
+        with open(log, "wb") as f:
+            proc = subprocess.Popen(args, cwd=self.dir(machine), env=ENV, stdout=f, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        self.background.append((proc, log))
+        return log
+
+    def wait_for(self, log: Path, text: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in log.read_text(errors="replace"):
+            proc = next(p for p, lg in self.background if lg == log)
+            assert proc.poll() is None, log.read_text(errors="replace")[-2000:]
+            assert time.monotonic() < deadline, log.read_text(errors="replace")[-2000:]
+            time.sleep(0.2)
+
+    def stop_all(self) -> None:
+        """SIGTERM (fedlm stops its Flower process), then SIGKILL what is left."""
+        for proc, _ in self.background:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc, _ in self.background:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="the README makes certificates with openssl")
+def test_readme_run_across_machines(tmp_path: Path) -> None:
+    blocks = readme_blocks()
+    sh = [body for lang, body in blocks if lang == "sh"]
+    toml = [body for lang, body in blocks if lang == "toml"]
+    assert len(sh) == 6 and len(toml) == 1, [b[:40] for _, b in blocks]
+    certs, counts, link, node, train, evaluate = sh
+    assert sh[0].startswith("# on the coordinator") and "openssl" in certs
+    machines = Machines(tmp_path / "m", free_port(), _texts(tmp_path))
+    coord = machines.dir("coordinator")
+    address = f"127.0.0.1:{machines.port}"
+    try:
+        machines.run_block(certs, "coordinator")
+        for silo in SILOS:
+            shutil.copy(coord / "certs/ca.pem", machines.dir(silo) / "ca.pem")
+            machines.run_block(counts, silo, silo=silo)
+            shutil.copy(machines.dir(silo) / f"counts-{silo}.json", coord)
+        machines.run_block(link, "coordinator")
+        machines.wait_for(tmp_path / "m/superlink-coordinator.log", "SuperLink ready")
+        for silo in SILOS:
+            (machines.dir(silo) / "ws").mkdir(exist_ok=True)
+            shutil.copy(coord / "ws/tokenizer.json", machines.dir(silo) / "ws/tokenizer.json")
+            machines.run_block(node, silo, silo=silo)
+
+        # A SuperNode that trusts another CA: exit 2 naming the SuperLink and the fix, at once.
+        (tmp_path / "other").mkdir()
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=x",
+                        "-keyout", "k.pem", "-out", "other-ca.pem"], cwd=tmp_path / "other", check=True,
+                       capture_output=True)
+        r = fedlm("node", "--superlink", address, "--workspace", str(machines.dir("legal") / "ws"), "--silo",
+                  "legal", "--root-certificates", str(tmp_path / "other/other-ca.pem"), timeout=60)
+        _one_line_error(r, f"SuperLink {address}: its TLS certificate does not verify", "pass the CA that signed")
+
+        (coord / "fed.toml").write_text(toml[0])
+        t0 = time.monotonic()
+        machines.run_block(train, "coordinator", extra={"train": [a for kv in TINY for a in ("--set", kv)]})
+        seconds = time.monotonic() - t0
+        run = coord / "runs/fed"
+        rows = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rows] == [1] and rows[0]["completed"] and not rows[0]["dropped"]
+        assert sorted(rows[0]["silos"]) == sorted(SILOS)
+        print(f"\nround over TLS on loopback: {rows[0]['seconds']:.1f} s; `fedlm train` in all: {seconds:.1f} s")
+
+        for silo in SILOS:
+            shutil.copytree(run / "model", machines.dir(silo) / "model")
+            result = json.loads(machines.run_block(evaluate, silo, silo=silo).strip().splitlines()[-1])
+            assert result["tokens"] > 0 and math.isfinite(result["bits_per_byte"])
+    finally:
+        machines.stop_all()
+
+    # The same config on the same shards, in process: bitwise the same global model.
+    pooled = tmp_path / "pooled"
+    (pooled / "silos").mkdir(parents=True)
+    shutil.copy(coord / "ws/tokenizer.json", pooled)
+    for silo in SILOS:
+        shutil.copytree(machines.dir(silo) / "ws/silos" / silo, pooled / "silos" / silo)
+    cfg = load_config(coord / "fed.toml", [*TINY, f"data.workspace={pooled}"])
+    run_federated(cfg, tmp_path / "inprocess")
+    a = load_file(str(tmp_path / "inprocess/checkpoint/global.safetensors"))
+    b = load_file(str(run / "checkpoint/global.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
