@@ -1,0 +1,111 @@
+"""Federation overhead: in-process round time against the silos' training, with and without SecAgg.
+
+    python -m bench.federation_bench [--quick]     # or: from bench.federation_bench import run
+
+Issue 7's targets at the demo's model size (the `tiny` preset, context 128, batch 8, 5 local
+steps per round, all six bundled silos): the round's overhead (round wall time minus the
+slowest silo's training time, the `overhead_seconds` of rounds.jsonl) is at most 10% of the
+round, and secure aggregation adds at most 50% to the round time. The workspace is built
+from the bundled corpus, trimmed per silo, with an exact-count tokenizer (vocab 4096).
+
+Threads: `run_federated` runs each silo on its own worker thread with one torch thread each
+(it sets `torch.set_num_threads(1)` itself). Plain and SecAgg runs alternate, and each
+figure is a median over rounds after the first (which warms up). These are wall times on a
+shared machine: each ratio compares runs made side by side in the same call.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+TARGET_OVERHEAD = 0.10
+TARGET_SECAGG = 0.50
+
+
+def build_workspace(root: Path, *, limit_bytes: int, vocab_size: int) -> Path:
+    """Every bundled silo trimmed to about `limit_bytes` of text, an exact-count tokenizer, shards."""
+    from fedlm.corpus import SILOS, extract
+    from fedlm.data.shards import shard_silo
+    from fedlm.data.tokenizer import agree_tokenizer
+
+    raw = extract(root / "raw")
+    ws = root / "ws"
+    for silo in SILOS:
+        d = ws / "silos" / silo
+        d.mkdir(parents=True)
+        size = 0
+        with open(d / "docs.jsonl", "w", encoding="utf-8") as f:
+            for path in sorted(p for p in raw[silo].rglob("*") if p.is_file()):
+                text = path.read_text(encoding="utf-8", errors="replace")[:50_000]
+                if not text.strip():
+                    continue
+                f.write(json.dumps({"text": text, "source": silo}) + "\n")
+                size += len(text.encode())
+                if size >= limit_bytes:
+                    break
+    agree_tokenizer(ws, vocab_size=vocab_size, epsilon=None)
+    for silo in SILOS:
+        shard_silo(ws, silo, val_fraction=0.1, seed=0)
+    return ws
+
+
+def _rounds(ws: Path, out: Path, *, rounds: int, secure: bool, quick: bool) -> list[dict[str, Any]]:
+    """Run a federated config of the demo's size; return its rounds.jsonl rows."""
+    from fedlm.config import load_config
+    from fedlm.demo import FULL, QUICK, demo_sets
+    from fedlm.federation.runner import run_federated
+
+    sets = demo_sets(ws, QUICK if quick else FULL) + [
+        f"federation.rounds={rounds}", f"train.steps={rounds * 5}",
+        f"federation.secure_aggregation={'true' if secure else 'false'}",
+    ]
+    cfg = load_config(None, sets)
+    run_federated(cfg, out)
+    return [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    """Round wall time, overhead share and SecAgg's added share; medians over rounds 2..N."""
+    import torch
+
+    threads = torch.get_num_threads()
+    rounds = 3 if quick else 4
+    repeats = 1
+    try:
+        with tempfile.TemporaryDirectory(prefix="fedlm-fed-bench-") as tmp:
+            ws = build_workspace(Path(tmp), limit_bytes=100_000 if quick else 300_000,
+                                 vocab_size=1024 if quick else 4096)
+            rows: dict[str, list[dict[str, Any]]] = {"plain": [], "secagg": []}
+            for rep in range(repeats):
+                order = ("plain", "secagg") if rep % 2 == 0 else ("secagg", "plain")
+                for kind in order:
+                    got = _rounds(ws, Path(tmp) / f"{kind}-{rep}", rounds=rounds, secure=kind == "secagg",
+                                  quick=quick)
+                    rows[kind] += [r for r in got[1:] if r["completed"]]
+    finally:
+        torch.set_num_threads(threads)
+    out: dict[str, Any] = {"silos": 6, "rounds_per_run": rounds, "runs_each": repeats,
+                           "preset": "tiny", "seq_len": 64 if quick else 128, "batch": 8, "local_steps": 4 if quick else 5}
+    for kind, rs in rows.items():
+        secs = statistics.median(r["seconds"] for r in rs)
+        over = statistics.median(r["overhead_seconds"] / r["seconds"] for r in rs)
+        slowest = statistics.median(max(s.get("train_seconds", 0.0) for s in r["silos"].values()) for r in rs)
+        up = statistics.median(sum(s.get("bytes_up", 0.0) for s in r["silos"].values()) / len(r["silos"]) for r in rs)
+        out[kind] = {"round_s": secs, "slowest_silo_train_s": slowest, "overhead_share": over,
+                     "bytes_up_per_silo": up, "rounds_measured": len(rs)}
+    out["secagg_added_share"] = out["secagg"]["round_s"] / out["plain"]["round_s"] - 1
+    out["targets"] = {
+        "overhead_10pct": out["plain"]["overhead_share"] <= TARGET_OVERHEAD,
+        "secagg_50pct": out["secagg_added_share"] <= TARGET_SECAGG,
+    }
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=2))
