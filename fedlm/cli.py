@@ -78,10 +78,17 @@ def data_tokenizer(
     seed: Annotated[int | None, typer.Option(help="Seed for the privacy noise (tests only).")] = None,
     counts: Annotated[list[Path] | None, typer.Option(
         "--counts", help="Silos on other machines: one `fedlm data counts` file per silo (repeat).")] = None,
+    from_model: Annotated[str | None, typer.Option(
+        "--from-model", help="Use this model's tokenizer instead (smollm2, a .gguf or a model dir): fine-tuning.")] = None,
 ) -> None:
     """Agree one byte-level BPE tokenizer from each silo's privatised pre-token counts."""
     from fedlm.data.tokenizer import agree_tokenizer, agree_tokenizer_from_counts
 
+    if from_model:  # no counts leave the silos: the pretrained model's tokenizer is public
+        from fedlm.pretrained import write_model_tokenizer
+
+        _out(f"tokenizer of {from_model} -> {write_model_tokenizer(workspace, from_model)}; now `fedlm data shard`")
+        return
     if counts:
         if epsilon is not None or seed is not None:
             raise UserError("--epsilon/--seed apply where counts are made (`fedlm data counts`), not with --counts")
@@ -353,6 +360,38 @@ def superlink(
         f"SuperLink ready on {host}:{port} ({'no TLS' if tls is None else 'TLS'}); Ctrl-C to stop"))
     if code:
         raise typer.Exit(code)
+
+
+@app.command()
+def plan(
+    config: Annotated[Path, typer.Argument(help="TOML config of the run to plan.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value (repeatable).")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    memory_limit: Annotated[str | None, typer.Option(help="Peak memory per silo, e.g. 2GiB; propose changes that fit.")] = None,
+    time_limit: Annotated[str | None, typer.Option(help="Seconds per round, e.g. 30s; propose changes that fit.")] = None,
+    device_flops: Annotated[str | None, typer.Option(help="FLOP/s per silo (e.g. 50T) instead of calibrating here.")] = None,
+) -> None:
+    """Parameters, FLOPs, memory, time and bytes per silo per round, before the run starts."""
+    from fedlm.config import load_config
+    from fedlm.plan import fit_limits, parse_bytes, parse_flops, parse_seconds, plan_run, render
+
+    cfg = load_config(config, set_ or [])
+    flops = parse_flops(device_flops) if device_flops else None
+    if memory_limit or time_limit:
+        result, changes = fit_limits(cfg, memory_limit=parse_bytes(memory_limit) if memory_limit else None,
+                                     time_limit=parse_seconds(time_limit) if time_limit else None, device_flops=flops)
+    else:
+        result, changes = plan_run(cfg, device_flops=flops), []
+    if json_:
+        _out(json.dumps(result.to_json()))
+        return
+    console.print(render(result))
+    for note in result.notes:
+        console.print(note, highlight=False)
+    if memory_limit or time_limit:
+        console.print("fits with:" if changes else "fits as it is", highlight=False)
+        for line in changes:
+            console.print(f"  --set {line}", highlight=False)
 
 
 @app.command()
