@@ -40,14 +40,15 @@ class DemoSize:
     rounds: int
     local_steps: int
     personalize_steps: int
+    server_lr: float  # > 1 extrapolates the averaged update: the silos' common direction adds up
     batch_size: int
     seq_len: int
     eval_tokens: int  # per silo and model; the same prefix of each validation split for all
 
 
-QUICK = DemoSize(vocab_size=1024, rounds=6, local_steps=4, personalize_steps=8, batch_size=8, seq_len=64,
-                 eval_tokens=4096)
-FULL = DemoSize(vocab_size=4096, rounds=30, local_steps=5, personalize_steps=20, batch_size=8,
+QUICK = DemoSize(vocab_size=1024, rounds=6, local_steps=4, personalize_steps=16, server_lr=2.0, batch_size=8,
+                 seq_len=64, eval_tokens=4096)
+FULL = DemoSize(vocab_size=4096, rounds=30, local_steps=5, personalize_steps=30, server_lr=2.0, batch_size=8,
                 seq_len=128, eval_tokens=32768)
 
 
@@ -88,6 +89,7 @@ def demo_sets(ws: Path, size: DemoSize, *, seed: int = 1337) -> list[str]:
         f"federation.rounds={size.rounds}",
         f"federation.local_steps={size.local_steps}",
         f"federation.personalize_steps={size.personalize_steps}",
+        f"federation.server_lr={size.server_lr}",
     ]
 
 
@@ -127,7 +129,6 @@ def run_all(base: list[str], out: Path) -> dict[str, Path]:
             p = fed.personalize_steps
             pers = _with(base, **{"train.mode": "centralised", "data.silos": [silo], "train.steps": p,
                                  "train.checkpoint_every": p, "train.warmup_steps": 1,
-                                 "train.lr": cfg.train.lr / 3, "train.min_lr": cfg.train.min_lr / 3,
                                  "train.init_from": str(out / "federated")})
             runs[f"personalised:{silo}"] = _train(pers, out / f"personalised-{silo}", f"personalise {silo}")
     return runs
