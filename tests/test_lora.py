@@ -1,0 +1,157 @@
+"""LoRA: adapters only train and travel, merge equals W + (alpha/r)·B·A, saved models hold merged
+weights (transformers reads them), bad targets and non-Llama HF dirs fail before training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedlm.config import ModelConfig, load_config
+from fedlm.errors import UserError
+from fedlm.federation.client_app import wire_names
+from fedlm.federation.runner import run_federated
+from fedlm.hf import export_hf
+from fedlm.lora import adapter_names, apply_lora, merge_lora, merged_state, num_trainable
+from fedlm.model import Transformer
+from fedlm.modelio import load_model, save_model
+from fedlm.train import build_model
+
+
+def _tiny(vocab: int = 512) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(preset="tiny", vocab_size=vocab, max_seq_len=64))
+
+
+def _perturb_adapters(model: Transformer) -> None:
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_apply_lora_starts_exact_and_trains_only_adapters() -> None:
+    model = _tiny()
+    x = torch.randint(0, 512, (2, 16))
+    ref = model(x)
+    apply_lora(model, rank=8, alpha=16.0, dropout=0.0, targets=["wqkv", "wo", "w13", "w2"])
+    assert torch.equal(model(x), ref)  # B = 0: the adapted model is the base model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(adapter_names(model)) and trainable
+    # hand count: per layer r·(in + out) for each target
+    c = model.cfg
+    per_layer = 8 * ((c.d_model + 3 * c.d_model) + 2 * c.d_model + (c.d_model + 2 * c.d_ff) + (c.d_ff + c.d_model))
+    assert num_trainable(model) == c.n_layers * per_layer
+
+
+def test_merge_equals_hand_computed_weights_and_logits() -> None:
+    model = _tiny()
+    base_w = model.state_dict()["layers.0.attn.wqkv.weight"].clone()
+    apply_lora(model, rank=4, alpha=8.0, dropout=0.0, targets=["wqkv", "w2"])
+    _perturb_adapters(model)
+    state = model.state_dict()
+    A, B = state["layers.0.attn.wqkv.lora_A.default.weight"], state["layers.0.attn.wqkv.lora_B.default.weight"]
+    merged = merged_state(model)
+    torch.testing.assert_close(merged["layers.0.attn.wqkv.weight"], base_w + (8.0 / 4) * B @ A)
+    plain = merge_lora(model).eval()
+    x = torch.randint(0, 512, (2, 16))
+    torch.testing.assert_close(plain(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_target_names_it_and_lists_modules() -> None:
+    with pytest.raises(UserError, match=r"'q_proj' matches no Linear module.*w13.*wqkv"):
+        apply_lora(_tiny(), rank=8, alpha=16.0, dropout=0.0, targets=["wqkv", "q_proj"])
+
+
+def test_saved_model_is_merged_and_loads_in_transformers(tmp_path: Path) -> None:
+    """save_model writes merged weights; load_model and transformers' Llama give the same logits."""
+    transformers = pytest.importorskip("transformers")
+    model = _tiny()
+    apply_lora(model, rank=8, alpha=16.0, dropout=0.0, targets=["wqkv", "wo", "w13", "w2"])
+    _perturb_adapters(model)
+    model.eval()
+    save_model(model, tmp_path / "m")
+    assert not any("lora" in k for k in load_file(str(tmp_path / "m" / "model.safetensors")))
+    loaded, _ = load_model(tmp_path / "m")
+    x = torch.randint(0, 512, (2, 16))
+    torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+    export_hf(loaded, tmp_path / "hf", tokenizer_path=None)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), rtol=1e-4, atol=1e-4)
+
+
+def _base_model(ws: Path, out: Path) -> Path:
+    """A fresh tiny model saved with the workspace's tokenizer: the frozen base of a LoRA run."""
+    from fedlm.data.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(ws / "tokenizer.json").get_vocab_size()
+    torch.manual_seed(3)
+    save_model(Transformer(ModelConfig(preset="tiny", vocab_size=vocab, max_seq_len=64)), out,
+               tokenizer_path=ws / "tokenizer.json")
+    return out
+
+
+def test_federated_lora_sends_adapters_only_and_keeps_the_base(workspace: Path, tmp_path: Path) -> None:
+    """Only adapters cross the wire and live in the round checkpoint; the saved model is base + merged
+    adapters: non-target weights equal the base exactly; int8 adapters are a small share of fp32."""
+    base = _base_model(workspace, tmp_path / "base")
+    sent: list[int] = []
+
+    def tap(direction: str, node: int, objects: dict[str, bytes]) -> None:
+        if direction == "up":
+            sent.append(sum(len(b) for b in objects.values()))
+
+    common = [f"data.workspace={json.dumps(str(workspace))}", "train.mode=federated",
+              f"train.init_from={json.dumps(str(base))}", "federation.rounds=2", "federation.local_steps=2",
+              "train.batch_size=4", "train.seq_len=32", "model.max_seq_len=64"]
+    cfg = load_config(None, [*common, "lora.rank=4", "federation.compression=int8"])
+    run_federated(cfg, tmp_path / "run", on_wire=tap)
+    global_names = set(load_file(str(tmp_path / "run" / "checkpoint" / "global.safetensors")))
+    assert global_names and all(".lora_" in n for n in global_names)
+    tuned, _ = load_model(tmp_path / "run")
+    ref, _ = load_model(base)
+    t, r = tuned.state_dict(), ref.state_dict()
+    assert torch.equal(t["tok_emb.weight"], r["tok_emb.weight"]) and torch.equal(t["norm.weight"], r["norm.weight"])
+    assert not torch.equal(t["layers.0.attn.wqkv.weight"], r["layers.0.attn.wqkv.weight"])
+    rows = [json.loads(x) for x in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    up = [s["bytes_up"] for row in rows for s in row["silos"].values()]
+    full = 4 * sum(p.numel() for p in ref.parameters())
+    assert max(up) < 0.1 * full  # int8 adapters at rank 4 of a 0.8 M-parameter model: ~2.5%
+    assert sent and max(sent) <= max(up) + 1024
+
+
+def test_lora_model_wire_names_are_adapters(workspace: Path, tmp_path: Path) -> None:
+    base = _base_model(workspace, tmp_path / "base")
+    cfg = load_config(None, [f"data.workspace={json.dumps(str(workspace))}", f"train.init_from={json.dumps(str(base))}",
+                             "lora.rank=2", "model.max_seq_len=64", "train.seq_len=32"])
+    model = build_model(cfg, model_vocab(workspace))
+    assert wire_names(model) == adapter_names(model)
+
+
+def model_vocab(ws: Path) -> int:
+    from fedlm.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(ws / "tokenizer.json").get_vocab_size()
+
+
+def test_bad_target_and_non_llama_fail_before_training(workspace: Path, tmp_path: Path) -> None:
+    base = _base_model(workspace, tmp_path / "base")
+    sets = [f"data.workspace={json.dumps(str(workspace))}", "model.max_seq_len=64", "train.seq_len=32"]
+    cfg = load_config(None, [*sets, f"train.init_from={json.dumps(str(base))}", "lora.rank=2",
+                             'lora.targets=["wqkv", "gate_proj"]'])
+    with pytest.raises(UserError, match="gate_proj"):
+        build_model(cfg, model_vocab(workspace))
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64}))
+    cfg = load_config(None, [*sets, f"train.init_from={json.dumps(str(gpt2))}", "lora.rank=2"])
+    with pytest.raises(UserError, match="not a Llama-family model"):
+        run_federated(load_config(None, [*sets, f"train.init_from={json.dumps(str(gpt2))}", "lora.rank=2",
+                                         "train.mode=federated"]), tmp_path / "run")
+    with pytest.raises(UserError, match="no such file or directory"):
+        build_model(load_config(None, [*sets, 'train.init_from="nowhere/model"']), model_vocab(workspace))
