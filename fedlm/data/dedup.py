@@ -60,12 +60,14 @@ def _fmix64(h: np.ndarray) -> np.ndarray:
     return h
 
 
-def _unicode_word_table() -> np.ndarray:
-    """A bool per code point: is it a `\\w` character (`str.isalnum()` or '_'), as `re` says."""
+def _unicode_word_table(top: int) -> np.ndarray:
+    """A bool per code point below at least `top`: is it a `\\w` character (`str.isalnum()`
+    or '_'), as `re` says. Grown by doubling as higher code points turn up."""
     global _word_table
-    if _word_table is None:
-        chars = "".join(map(chr, range(0x110000)))
-        marks = np.zeros(0x110001, dtype=np.int8)
+    if _word_table is None or len(_word_table) < top:
+        size = min(0x110000, max(1 << 12, 1 << int(top - 1).bit_length()))
+        chars = "".join(map(chr, range(size)))
+        marks = np.zeros(size + 1, dtype=np.int8)
         spans = np.array([m.span() for m in _WORD.finditer(chars)], dtype=np.int64)
         np.add.at(marks, spans[:, 0], 1)
         np.add.at(marks, spans[:, 1], -1)
@@ -96,7 +98,8 @@ def _word_units(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     lowered = [t.lower() for t in texts]
     joined = "\n".join(lowered)  # "\n" is not a word character: words never span two texts
     cp = _codepoints(joined)
-    is_word = _ASCII_WORD[cp] if cp.dtype == np.uint8 else _unicode_word_table()[cp]
+    is_word = (_ASCII_WORD[cp] if cp.dtype == np.uint8
+               else _unicode_word_table(int(cp.max()) + 1)[cp])
     edges = np.flatnonzero(np.diff(is_word.view(np.int8), prepend=0, append=0))
     starts, ends = edges[0::2], edges[1::2]  # word i is cp[starts[i]:ends[i]]
     up, down = _power_tables(len(cp))
