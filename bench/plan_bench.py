@@ -5,7 +5,8 @@
     run()                    # + bf16 / checkpointing variants and SmolLM2-135M with LoRA r=8
     measure_silo(["model.vocab_size=4096", "train.batch_size=8"], steps=3)   # one silo, measured
 
-Memory is measured as the process's peak RSS (`getrusage`) minus its RSS just before the
+Memory is measured as the process's peak RSS (VmHWM; `getrusage`'s ru_maxrss would include the
+parent's, which Linux carries across exec) minus its RSS just before the
 model is built, in a fresh subprocess per case (one torch thread, as a silo runs in the
 in-process engine), doing what a silo does in a round: hold the global arrays, train
 `steps` optimizer steps from them with a fresh AdamW, compute the update. Seconds per round
@@ -32,8 +33,6 @@ SMOLLM2_LORA = ["train.init_from=smollm2", "train.seq_len=128", "train.batch_siz
 
 def _measure_main(overrides: list[str], steps: int) -> dict[str, Any]:
     """In the subprocess: build the model, run a silo's round, report peak RSS delta and step seconds."""
-    import resource
-
     import numpy as np
     import torch
 
@@ -69,7 +68,9 @@ def _measure_main(overrides: list[str], steps: int) -> dict[str, Any]:
         seconds.append(time.perf_counter() - t0)
     local = model.state_dict()
     update = {n: local[n] - global_arrays[n] for n in wire}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across exec
+    status = Path("/proc/self/status").read_text().splitlines()
+    peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
     return {"peak_bytes": peak - baseline, "seconds_per_step": statistics.median(seconds[1:] or seconds),
             "update_arrays": len(update)}
 

@@ -1,0 +1,225 @@
+"""`fedlm plan` against references: real models' parameter counts, FlopCounterMode, autograd's
+saved tensors, the update codecs' payloads, and a measured silo (peak RSS, seconds per step)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+from typer.testing import CliRunner
+
+from fedlm.cli import app
+from fedlm.config import ModelConfig, load_config
+from fedlm.errors import UserError
+from fedlm.model import Transformer
+from fedlm.plan import (
+    ROUND_OVERHEAD_BYTES_PER_S,
+    count_params,
+    fit_limits,
+    flops_per_token,
+    layer_activation_bytes,
+    parse_bytes,
+    plan_run,
+    update_bytes,
+)
+from fedlm.train import lm_loss
+
+SHAPES = [
+    {},  # tiny, tied
+    {"tie_embeddings": False},
+    {"n_kv_heads": 2, "d_ff": 200},  # grouped-query attention
+]
+
+
+def _cfg(*sets: str) -> object:
+    return load_config(None, ["data.silos=['a','b','c']", "model.vocab_size=512", "model.max_seq_len=64",
+                              "train.seq_len=64", "train.batch_size=2", "train.mode=federated", *sets])
+
+
+def _model(mc: ModelConfig) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(mc)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_params_equal_a_real_models(shape: dict) -> None:
+    """params_total = sum(p.numel()) of the built model (a tied embedding once)."""
+    mc = ModelConfig(preset="tiny", vocab_size=512, **shape)
+    cfg = _cfg(*(f"model.{k}={json.dumps(v)}" for k, v in shape.items()))
+    p = count_params(mc, cfg)  # type: ignore[arg-type]
+    model = _model(mc)
+    assert p.total == p.trainable == sum(t.numel() for t in model.parameters())
+
+
+def test_lora_params_equal_fedlm_lora() -> None:
+    """With lora.rank = 8, trainable = the adapters fedlm.lora injects; total = base + adapters."""
+    lora = pytest.importorskip("fedlm.lora")
+    mc = ModelConfig(preset="tiny", vocab_size=512, n_kv_heads=2)
+    cfg = _cfg("lora.rank=8", "model.n_kv_heads=2")
+    p = count_params(mc, cfg)  # type: ignore[arg-type]
+    model = lora.apply_lora(_model(mc), rank=8, alpha=16.0, dropout=0.0, targets=["wqkv", "wo", "w13", "w2"])
+    assert p.trainable == sum(t.numel() for t in model.parameters() if t.requires_grad)
+    assert p.total == sum(t.numel() for t in model.parameters())
+
+
+def _counted_flops(model: torch.nn.Module, B: int, T: int) -> int:
+    x = torch.randint(0, model.cfg.vocab_size, (B, T))  # type: ignore[union-attr]
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:  # the math path's matmuls are counted (full T×T)
+        F.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_flops_per_token_equal_flop_counter(shape: dict, ckpt: bool) -> None:
+    """6N + 12·L·T·(H·D) (+ checkpointing's recompute) = FlopCounterMode on a real step, exactly."""
+    B, T = 2, 32
+    mc = ModelConfig(preset="tiny", vocab_size=512, max_seq_len=T, **shape)
+    cfg = _cfg(*(f"model.{k}={json.dumps(v)}" for k, v in shape.items()))
+    model = _model(mc).train()
+    model.activation_checkpointing = ckpt
+    want = _counted_flops(model, B, T) / (B * T)
+    got = flops_per_token(mc, count_params(mc, cfg), seq_len=T, checkpointing=ckpt)  # type: ignore[arg-type]
+    assert got == pytest.approx(want, rel=1e-9)
+
+
+def test_lora_flops_within_3_percent() -> None:
+    """LoRA: frozen matrices skip their weight gradient (4N), adapters cost 6·r·(in+out)."""
+    lora = pytest.importorskip("fedlm.lora")
+    B, T = 2, 32
+    mc = ModelConfig(preset="tiny", vocab_size=512, max_seq_len=T)
+    cfg = _cfg("lora.rank=8")
+    model = lora.apply_lora(_model(mc), rank=8, alpha=16.0, dropout=0.0, targets=["wqkv", "wo", "w13", "w2"]).train()
+    want = _counted_flops(model, B, T) / (B * T)
+    got = flops_per_token(mc, count_params(mc, cfg), seq_len=T, checkpointing=False)  # type: ignore[arg-type]
+    assert got == pytest.approx(want, rel=0.03)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("kv", [4, 2])
+def test_activation_bytes_equal_autograds_saved_tensors(precision: str, kv: int) -> None:
+    """Bytes per layer per token = the storages autograd saves for one more layer (weights excluded)."""
+    B, T = 2, 32
+
+    def saved(n_layers: int) -> int:
+        mc = ModelConfig(preset="tiny", vocab_size=512, max_seq_len=T, n_layers=n_layers, n_kv_heads=kv)
+        model = _model(mc).train()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            s = t.untyped_storage()
+            if s.data_ptr() not in params and not (t.dtype == torch.bfloat16 and t.dim() == 2
+                                                   and t.shape[0] != B * T):  # autocast's weight copies
+                seen[s.data_ptr()] = s.nbytes()
+            return t
+
+        x = torch.randint(0, 512, (B, T))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            lm_loss(model, x, x, precision)
+        return sum(seen.values())
+
+    per_layer = (saved(2) - saved(1)) / (B * T)
+    mc = ModelConfig(preset="tiny", vocab_size=512, n_kv_heads=kv)
+    # the log-sum-exp per head is kept in fp32 (bf16 shares its storage accounting with the output)
+    assert layer_activation_bytes(mc, precision) == pytest.approx(per_layer, abs=4 * mc.n_heads + 4)
+
+
+@pytest.mark.parametrize("codec", ["none", "fp16", "int8", "topk"])
+def test_update_bytes_equal_the_codecs_payload(codec: str) -> None:
+    """Bytes up per round = payload_bytes(encode(update)) of fedlm's codecs, LoRA adapters only."""
+    codecs = pytest.importorskip("fedlm.federation.codecs")
+    mc = ModelConfig(preset="tiny", vocab_size=500)  # sizes not multiples of 256
+    for sets in ([], ["lora.rank=8"]):
+        cfg = _cfg("model.vocab_size=500", *sets)
+        p = count_params(mc, cfg)  # type: ignore[arg-type]
+        update = {name: torch.randn(n) for name, n in p.wire.items()}
+        payload = codecs.encode(update, codec=codec, topk_fraction=0.07)
+        assert update_bytes(p.wire, codec, 0.07) == codecs.payload_bytes(payload)
+
+
+def test_lora_int8_is_under_one_percent_of_full_fp32() -> None:
+    """SmolLM2-shaped model, LoRA r = 8 + int8: bytes per round <= 1% of the full fp32 update."""
+    mc = ModelConfig(preset="custom", d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536,
+                     vocab_size=49152, max_seq_len=2048)
+    full = count_params(mc, _cfg())  # type: ignore[arg-type]
+    lora = count_params(mc, _cfg("lora.rank=8"))  # type: ignore[arg-type]
+    assert update_bytes(lora.wire, "int8", 0.1) <= 0.01 * update_bytes(full.wire, "none", 0.1)
+    assert full.total == 134_515_008  # SmolLM2-135M, tied embedding once
+
+
+def test_workspace_vocab_and_silo_tokens(workspace: Path) -> None:
+    """vocab_size from the workspace tokenizer; each silo's tokens from its meta.json (= its train.bin)."""
+    from fedlm.data.shards import open_split
+    from fedlm.data.tokenizer import load_tokenizer
+
+    cfg = load_config(None, [f"data.workspace={json.dumps(str(workspace))}", "train.mode=federated"])
+    plan = plan_run(cfg, calibrate=False)
+    assert plan.model["vocab_size"] == load_tokenizer(workspace / "tokenizer.json").get_vocab_size()
+    for silo, n in plan.silo_tokens.items():
+        assert n == len(open_split(workspace / "silos" / silo, "train"))
+    assert plan.compute_optimal_tokens == 20 * plan.params_total
+
+
+def test_memory_and_time_within_25_percent_of_a_measured_silo() -> None:
+    """Peak RSS above the pre-model RSS, and seconds per step, of a real silo round in a subprocess."""
+    from bench.plan_bench import measure_silo
+
+    sets = ["model.preset=tiny", "model.vocab_size=4096", "model.max_seq_len=128", "train.seq_len=128",
+            "train.batch_size=4", "train.mode=federated"]
+    plan = plan_run(load_config(None, [*sets, "data.silos=['a']"]))
+    measured = measure_silo(sets, steps=3)
+    assert plan.memory["peak"] == pytest.approx(measured["peak_bytes"], rel=0.25)
+    assert plan.seconds_per_step == pytest.approx(measured["seconds_per_step"], rel=0.5)  # a shared machine
+
+
+def test_fit_limits_proposes_changes_that_fit() -> None:
+    cfg = _cfg("model.vocab_size=4096", "train.batch_size=16")
+    before = plan_run(cfg, calibrate=False)  # type: ignore[arg-type]
+    limit = before.memory["peak"] - (before.memory["peak"] - before.memory["runtime"]) // 2
+    after, changes = fit_limits(cfg, memory_limit=limit)  # type: ignore[arg-type]
+    assert changes and max(after.peak_memory_bytes.values()) <= limit
+    refit = plan_run(load_config(None, ["data.silos=['a','b','c']", "model.vocab_size=4096", "model.max_seq_len=64",
+                                        "train.seq_len=64", "train.batch_size=16", "train.mode=federated",
+                                        *changes]), calibrate=False)
+    assert refit.memory["peak"] == after.memory["peak"]  # the --set lines reproduce the plan shown
+    with pytest.raises(UserError, match=r"--memory-limit .* no plan fits.*per silo.*over"):
+        fit_limits(cfg, memory_limit=parse_bytes("10MiB"))  # type: ignore[arg-type]
+
+
+def test_bad_input_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="lora.targets: 'q_proj' matches no Linear"):
+        plan_run(_cfg("lora.rank=8", "lora.targets=['q_proj']"), calibrate=False)  # type: ignore[arg-type]
+    hf = tmp_path / "gpt2"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64}))
+    with pytest.raises(UserError, match="not a Llama-family model"):
+        plan_run(_cfg(f"train.init_from={json.dumps(str(hf))}"), calibrate=False)  # type: ignore[arg-type]
+
+
+def test_cli_json_and_limits(tmp_path: Path) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text('[data]\nsilos = ["a", "b"]\n[model]\nvocab_size = 512\nmax_seq_len = 64\n'
+                      '[train]\nmode = "federated"\nseq_len = 64\nbatch_size = 2\n'
+                      '[federation]\ncompression = "int8"\n')
+    runner = CliRunner()
+    res = runner.invoke(app, ["plan", str(config), "--json", "--device-flops", "20G"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    for key in ("params_total", "params_trainable", "flops_per_round", "seconds_per_round", "peak_memory_bytes",
+                "bytes_up_per_round", "bytes_down_per_round"):
+        assert key in out
+    assert set(out["peak_memory_bytes"]) == set(out["bytes_up_per_round"]) == {"a", "b"}
+    per_silo = out["flops_per_round"] / 2 / 20e9  # 2 silos, each on its own device
+    overhead = (2 * (out["bytes_up_per_round"]["a"] + out["bytes_down_per_round"]["a"])
+                + out["bytes_down_per_round"]["a"]) / ROUND_OVERHEAD_BYTES_PER_S
+    assert out["seconds_per_round"] == pytest.approx(per_silo + overhead)
+    res = runner.invoke(app, ["plan", str(config), "--memory-limit", "1MiB", "--device-flops", "20G"])
+    assert res.exit_code != 0 and isinstance(res.exception, UserError)
+    assert "memory" in str(res.exception)
