@@ -25,7 +25,7 @@ from fedlm.privacy.client_dp import clip_update, plan_client_dp
 from fedlm.privacy.dpsgd import PoissonRecords, per_sample_clipped_sum, plan_record_dp
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(target=st.floats(0.5, 10), q=st.floats(0.002, 0.2), steps=st.integers(1, 400))
 def test_record_plan_never_exceeds_target_and_matches_opacus(target: float, q: float, steps: int) -> None:
     """ε of the plan ≤ target, and equals Opacus's RDP accountant fed the logged (z, q, steps)."""
