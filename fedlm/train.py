@@ -216,7 +216,13 @@ def local_update(
     `dp_plan`, the steps are record-level DP-SGD (`fedlm.privacy.dpsgd`) on Poisson-sampled
     windows of the silo's split; num_tokens is then the expected count (it must not leak N).
     """
-    model.load_state_dict(global_state)
+    # A frozen LoRA base is the model's own and is not reloaded: in one process the silos share it,
+    # and writing it would bump its autograd version under another silo's backward pass.
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    missing, unexpected = model.load_state_dict(
+        {k: v for k, v in global_state.items() if k not in frozen}, strict=not frozen)
+    if unexpected or set(missing) - frozen:
+        raise KeyError(f"global state does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.train()
     optimizer = make_optimizer(model, tc)
     if dp_plan is not None:  # record-level DP: Opacus per-sample clipping + noise, Poisson sampling
@@ -251,7 +257,6 @@ def local_update(
         )
         losses.append(row["loss"])
     local = model.state_dict()
-    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     update = {name: (local[name] - global_state[name]).detach() for name in global_state if name not in frozen}
     num_tokens = steps * tc.grad_accum * tc.batch_size * tc.seq_len
     return update, {
