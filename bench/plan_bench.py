@@ -105,13 +105,12 @@ def _case(name: str, overrides: list[str], steps: int) -> dict[str, Any]:
 def _round_case(quick: bool) -> dict[str, Any]:
     """Seconds per round: the plan vs the real in-process runner on the bundled silos."""
     from fedlm.config import load_config
-    from fedlm.corpus import SILOS
     from fedlm.federation.runner import run_federated
     from fedlm.plan import plan_run
-    from tests.conftest import build_workspace
+    from tests.conftest import TEST_SILOS, build_workspace
 
-    silos = SILOS[:3] if quick else SILOS
-    rounds = 3
+    silos = TEST_SILOS  # the bundled silos with plain-text files (what build_workspace reads)
+    rounds = 3 if quick else 5
     with tempfile.TemporaryDirectory(prefix="fedlm-plan-bench-") as tmp:
         ws = build_workspace(Path(tmp), silos=tuple(silos), limit_bytes=200_000, vocab_size=4096)
         cfg = load_config(None, [*DEMO_FULL, f"data.workspace={json.dumps(str(ws))}", f"federation.rounds={rounds}",
