@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -44,10 +45,6 @@ TINY = ["model.preset=custom", "model.d_model=32", "model.n_layers=2", "model.n_
         "federation.local_steps=2", "federation.round_timeout=90"]
 
 
-def fedlm(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*FEDLM, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
-
-
 def fedlm_here(capfd: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
     """`fedlm ARGS` through the CLI's `main` in this process (no start-up cost), as a completed process."""
     from fedlm.cli import main
@@ -66,9 +63,12 @@ def fedlm_here(capfd: pytest.CaptureFixture[str], *args: str) -> subprocess.Comp
     return subprocess.CompletedProcess(args, int(code or 0), out, err)
 
 
-def _one_line_error(r: subprocess.CompletedProcess[str], *needles: str) -> str:
+def _one_line_error(r: subprocess.CompletedProcess[str], *needles: str, flower_log: bool = False) -> str:
+    """Exit 2 and one error line holding `needles` (after Flower's own log lines if `flower_log`)."""
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
+    if flower_log:
+        lines = [line for line in lines if "error" in line.lower()]
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
@@ -141,6 +141,54 @@ def test_unreachable_superlink_fails_before_any_round(tmp_path: Path, capfd: pyt
     assert not (tmp_path / "run/rounds.jsonl").exists()
 
 
+def _ca_and_server_cert(dir: Path, *, names: list[str]) -> tuple[Path, Path, Path]:
+    """A CA (cryptography) and a server certificate it signs, for the DNS names/IPs in `names`."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), True).sign(ca_key, hashes.SHA256()))
+    sans: list[x509.GeneralName] = []
+    for n in names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            sans.append(x509.DNSName(n))
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(sans), False).sign(ca_key, hashes.SHA256()))
+    dir.mkdir(parents=True, exist_ok=True)
+    (dir / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (dir / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (dir / "server.key").write_bytes(pem_key(key))
+    return dir / "ca.pem", dir / "server.pem", dir / "server.key"
+
+
+def test_superlink_certificate_must_name_loopback(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A certificate without 127.0.0.1: `fedlm superlink` stops at start with the fix, not a hung run."""
+    ca, cert, key = _ca_and_server_cert(tmp_path, names=["coordinator.example.org"])
+    port = free_port()
+    r = fedlm_here(capfd, "superlink", "--host", "0.0.0.0", "--port", str(port), "--ssl-ca-certfile", str(ca),
+                   "--ssl-certfile", str(cert), "--ssl-keyfile", str(key))
+    line = _one_line_error(r, f"127.0.0.1:{port}", "name 127.0.0.1", flower_log=True)
+    assert line.startswith("error:"), line
+
+
 # ---------------------------------------------------------------------------------------
 # slow: the README section, run
 
@@ -162,12 +210,12 @@ def _texts(dest: Path) -> dict[str, Path]:
         folder = dest / f"{silo}-texts"
         folder.mkdir(parents=True)
         if silo == "legal":
-            for path in sorted(raw[silo].rglob("*.txt"))[:25]:
+            for path in sorted(raw[silo].rglob("*.txt"))[:12]:
                 shutil.copy(path, folder / path.name)
         else:
             src = next(raw[silo].rglob("*.jsonl"))
             with open(src) as f:
-                (folder / src.name).write_text("".join(line for _, line in zip(range(150), f, strict=False)))
+                (folder / src.name).write_text("".join(line for _, line in zip(range(60), f, strict=False)))
         out[silo] = folder
     return out
 
@@ -251,7 +299,7 @@ class Machines:
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="the README makes certificates with openssl")
-def test_readme_run_across_machines(tmp_path: Path) -> None:
+def test_readme_run_across_machines(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     blocks = readme_blocks()
     sh = [body for lang, body in blocks if lang == "sh"]
     toml = [body for lang, body in blocks if lang == "toml"]
@@ -261,26 +309,31 @@ def test_readme_run_across_machines(tmp_path: Path) -> None:
     machines = Machines(tmp_path / "m", free_port(), _texts(tmp_path))
     coord = machines.dir("coordinator")
     address = f"127.0.0.1:{machines.port}"
+    def on_silos(body: str) -> list[str]:  # the silos' machines work at the same time
+        with ThreadPoolExecutor(len(SILOS)) as pool:
+            return list(pool.map(lambda silo: machines.run_block(body, silo, silo=silo), SILOS))
+
     try:
         machines.run_block(certs, "coordinator")
         for silo in SILOS:
             shutil.copy(coord / "certs/ca.pem", machines.dir(silo) / "ca.pem")
-            machines.run_block(counts, silo, silo=silo)
+        on_silos(counts)
+        for silo in SILOS:
             shutil.copy(machines.dir(silo) / f"counts-{silo}.json", coord)
         machines.run_block(link, "coordinator")
-        machines.wait_for(tmp_path / "m/superlink-coordinator.log", "SuperLink ready")
         for silo in SILOS:
             (machines.dir(silo) / "ws").mkdir(exist_ok=True)
             shutil.copy(coord / "ws/tokenizer.json", machines.dir(silo) / "ws/tokenizer.json")
-            machines.run_block(node, silo, silo=silo)
+        on_silos(node)  # shards, then starts the SuperNode (it waits for the SuperLink)
+        machines.wait_for(tmp_path / "m/superlink-coordinator.log", "SuperLink ready")
 
         # A SuperNode that trusts another CA: exit 2 naming the SuperLink and the fix, at once.
         (tmp_path / "other").mkdir()
         subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=x",
                         "-keyout", "k.pem", "-out", "other-ca.pem"], cwd=tmp_path / "other", check=True,
                        capture_output=True)
-        r = fedlm("node", "--superlink", address, "--workspace", str(machines.dir("legal") / "ws"), "--silo",
-                  "legal", "--root-certificates", str(tmp_path / "other/other-ca.pem"), timeout=60)
+        r = fedlm_here(capfd, "node", "--superlink", address, "--workspace", str(machines.dir("legal") / "ws"),
+                       "--silo", "legal", "--root-certificates", str(tmp_path / "other/other-ca.pem"))
         _one_line_error(r, f"SuperLink {address}: its TLS certificate does not verify", "pass the CA that signed")
 
         (coord / "fed.toml").write_text(toml[0])
@@ -295,7 +348,8 @@ def test_readme_run_across_machines(tmp_path: Path) -> None:
 
         for silo in SILOS:
             shutil.copytree(run / "model", machines.dir(silo) / "model")
-            result = json.loads(machines.run_block(evaluate, silo, silo=silo).strip().splitlines()[-1])
+        for out in on_silos(evaluate):
+            result = json.loads(out.strip().splitlines()[-1])
             assert result["tokens"] > 0 and math.isfinite(result["bits_per_byte"])
     finally:
         machines.stop_all()
