@@ -46,6 +46,21 @@ def append_jsonl(path: str | Path, obj: Any) -> None:
         f.flush()
 
 
+def truncate_jsonl(path: str | Path, *, key: str, upto: int) -> None:
+    """Keep the log lines whose `key` is <= upto (a resume rewrites the rest); drop a torn last line."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)[key] <= upto:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    write_text(path, "".join(line + "\n" for line in keep))
+
+
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temp directory beside `path`; on success it replaces `path` as a whole."""

@@ -14,7 +14,6 @@ local training, which runs the same steps from the global weights each round.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import signal
@@ -34,7 +33,7 @@ from fedlm.config import Config, TrainConfig, load_config, save_config
 from fedlm.data.shards import list_silos, open_split, sample_batch
 from fedlm.data.tokenizer import load_tokenizer, tokenizer_hash
 from fedlm.errors import UserError
-from fedlm.fileio import append_jsonl, atomic_dir, write_json, write_text
+from fedlm.fileio import append_jsonl, atomic_dir, truncate_jsonl, write_json
 from fedlm.lora import apply_lora
 from fedlm.model import Transformer
 from fedlm.modelio import assign_weights, save_model, stored_state
@@ -393,7 +392,7 @@ def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCall
             raise UserError(f"{out_dir}: no checkpoint to resume from; run without --resume")
         _check_resume_config(cfg, out_dir)
         start = int(load_checkpoint(ckpt_dir, model=model, optimizer=optimizer, generator=data.generator)["step"])
-        _truncate_metrics(metrics_path, start)
+        truncate_jsonl(metrics_path, key="step", upto=start)
         if start >= tc.steps and (out_dir / "summary.json").exists() and (out_dir / "model").exists():
             return dict(json.loads((out_dir / "summary.json").read_text()))  # already complete
     else:
@@ -479,35 +478,3 @@ def _interrupt_flag() -> Iterator[Callable[[], bool]]:
         yield hit.is_set
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError):
-            continue  # a torn last line from a kill
-    write_text(path, "".join(line + "\n" for line in keep))
-
-
-def train_local_only(cfg: Config, out_dir: Path, *, resume: bool = False,
-                     on_step: StepCallback | None = None) -> dict[str, Any]:
-    """The local-only baseline: each silo trains alone, with the config's steps, in out_dir/local-SILO."""
-    silo_dirs = resolve_silos(Path(cfg.data.workspace), cfg.data.silos)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.toml")
-    runs = {}
-    for d in silo_dirs:
-        one = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, silos=[d.name]))
-        run = out_dir / f"local-{d.name}"
-        runs[d.name] = train(one, run, resume=resume and (run / "checkpoint").exists(), on_step=on_step)
-    summary = {"mode": "local-only", "runs": {silo: str(out_dir / f"local-{silo}") for silo in runs},
-               "steps": cfg.train.steps, "loss": float(np.mean([r["loss"] for r in runs.values()])),
-               "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in runs.values()]))}
-    write_json(out_dir / "summary.json", summary)
-    return summary

@@ -46,7 +46,7 @@ from fedlm.federation.dp_rounds import RoundPrivacy
 from fedlm.federation.grid import InProcessGrid, WireTap, wire_bytes
 from fedlm.federation.robust import aggregate, check_update
 from fedlm.federation.strategies import ServerOptimizer, num_sampled, sample_silos
-from fedlm.fileio import append_jsonl, atomic_dir, write_json, write_text
+from fedlm.fileio import append_jsonl, atomic_dir, truncate_jsonl, write_json
 from fedlm.modelio import save_model
 from fedlm.train import build_model
 
@@ -103,20 +103,6 @@ def load_round(ckpt_dir: Path, *, optimizer: ServerOptimizer) -> tuple[dict[str,
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         raise UserError(f"{ckpt_dir}: round checkpoint is missing or corrupt ({e}); start without --resume") from None
     return weights, int(state["round"])
-
-
-def _truncate_rounds(path: Path, done: int) -> None:
-    """Keep the rounds.jsonl lines of the rounds a resume starts after (drop a torn last line)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["round"] <= done:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    write_text(path, "".join(line + "\n" for line in keep))
 
 
 def run_silos(cfg: Config) -> list[str]:
@@ -208,7 +194,7 @@ def run_rounds(grid: Grid, cfg: Config, run_dir: Path, *, resume: bool = False,
     done = 0
     if resume:
         global_state, done = load_round(ckpt_dir, optimizer=optimizer)
-        _truncate_rounds(rounds_path, done)
+        truncate_jsonl(rounds_path, key="round", upto=done)
     else:
         rounds_path.unlink(missing_ok=True)
 
