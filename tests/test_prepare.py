@@ -153,7 +153,8 @@ def test_nothing_prepared_raises_and_leaves_no_silo(tmp_path: Path) -> None:
 
 
 def test_interrupted_prepare_keeps_old_silo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An exception midway (as Ctrl-C) leaves the previous silo intact and no temp dirs."""
+    """An exception midway (as Ctrl-C), after batches were already written, leaves the
+    previous silo intact and no temp dirs."""
     src = tmp_path / "src"
     _good(src)
     ws = tmp_path / "ws"
@@ -169,14 +170,17 @@ def test_interrupted_prepare_keeps_old_silo(tmp_path: Path, monkeypatch: pytest.
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
+    # batches span files: one document per batch makes the third batch come midway
+    monkeypatch.setattr(prepare_mod, "_BATCH_DOCS", 1)
     monkeypatch.setattr(prepare_mod, "_process", boom)
     with pytest.raises(KeyboardInterrupt):
         prepare_silo([src], silo="s", workspace=ws)
+    assert calls == 3
     assert json.loads((ws / "silos" / "s" / "card.json").read_text()) == first
     assert sorted(p.name for p in (ws / "silos").iterdir()) == ["s"]
     monkeypatch.setattr(prepare_mod, "_process", real)
     again = prepare_silo([src], silo="s", workspace=ws)
-    assert again["sha256"] == first["sha256"]  # deterministic
+    assert again["sha256"] == first["sha256"]  # deterministic (and one batch = many batches)
     assert not (ws / "silos" / "s" / "train.bin").exists()  # re-prepare replaces the silo
 
 

@@ -73,13 +73,14 @@ def prepare_silo(sources: list[Path], *, silo: str, workspace: Path,
 
     with atomic_dir(silo_dir) as tmp:
         with open(tmp / "docs.jsonl", "w", encoding="utf-8") as out:
+            # One batch may span many files (a silo of 480 one-document files is a few
+            # batches, not 480): the per-batch numpy work in dedup is then paid a few times.
+            batch = _Batch()
             for src in files:
                 report = FileReport()
                 docs = read_documents(src, report, text_field=text_field,
                                       text_column=text_column, max_doc_chars=max_doc_chars)
                 n_docs = file_bytes = 0
-                batch: list[str] = []
-                batch_chars = 0
                 try:
                     while True:
                         clock.start()
@@ -93,11 +94,9 @@ def prepare_silo(sources: list[Path], *, silo: str, workspace: Path,
                         st.docs_in += 1
                         bytes_in += raw_bytes
                         file_bytes += raw_bytes
-                        batch.append(raw)
-                        batch_chars += len(raw)
-                        if len(batch) >= _BATCH_DOCS or batch_chars >= _BATCH_CHARS:
-                            _process(batch, src, st, clock, out)
-                            batch, batch_chars = [], 0
+                        if batch.add(raw, src.rel):
+                            _process(batch.raws, batch.rels, st, clock, out)
+                            batch = _Batch()
                             if on_progress is not None and src.size:
                                 # progress within a big file: by decoded bytes read so far
                                 on_progress(done + min(src.size, file_bytes), total)
@@ -106,7 +105,6 @@ def prepare_silo(sources: list[Path], *, silo: str, workspace: Path,
                     if n_docs:
                         reason += f" (after {n_docs} documents, which were kept)"
                     errors.append({"path": str(src.path), "reason": reason})
-                _process(batch, src, st, clock, out)
                 for problem in report.errors:
                     errors.append({"path": str(src.path), "reason": problem})
                 if report.encoding is not None and n_docs:
@@ -114,6 +112,7 @@ def prepare_silo(sources: list[Path], *, silo: str, workspace: Path,
                 done += src.size
                 if on_progress is not None:
                     on_progress(done, total)
+            _process(batch.raws, batch.rels, st, clock, out)
         card = _card(silo=silo, sources=sources, files=files, docs_in=st.docs_in,
                      docs_out=st.docs_out, bytes_in=bytes_in, bytes_out=st.bytes_out,
                      errors=errors, pii=st.pii, dups=st.dups, filtered=st.filtered,
@@ -132,6 +131,22 @@ def prepare_silo(sources: list[Path], *, silo: str, workspace: Path,
 
 _BATCH_DOCS = 1024
 _BATCH_CHARS = 1 << 22
+
+
+class _Batch:
+    """Raw documents waiting to be processed, and the source (relative path) of each."""
+
+    def __init__(self) -> None:
+        self.raws: list[str] = []
+        self.rels: list[str] = []
+        self.chars = 0
+
+    def add(self, raw: str, rel: str) -> bool:
+        """Add a document; True when the batch is full (process it and start a new one)."""
+        self.raws.append(raw)
+        self.rels.append(rel)
+        self.chars += len(raw)
+        return len(self.raws) >= _BATCH_DOCS or self.chars >= _BATCH_CHARS
 
 
 class _StageClock:
@@ -169,9 +184,10 @@ class _Stats:
     digest: Any = field(default_factory=hashlib.sha256)
 
 
-def _process(raws: list[str], src: SourceFile, st: _Stats, clock: _StageClock,
-                   out: TextIO) -> None:
-    """Normalise, scrub, filter and dedup a batch of documents (in order); write the survivors."""
+def _process(raws: list[str], rels: list[str], st: _Stats, clock: _StageClock,
+             out: TextIO) -> None:
+    """Normalise, scrub, filter and dedup a batch of documents (in order; `rels[i]` is the
+    source of `raws[i]`); write the survivors."""
     if not raws:
         return
     clock.start()
@@ -183,10 +199,12 @@ def _process(raws: list[str], src: SourceFile, st: _Stats, clock: _StageClock,
             st.pii.update(counts)
     clock.lap("pii")
     kept: list[str] = []
-    for text in texts:
+    kept_rels: list[str] = []
+    for text, rel in zip(texts, rels, strict=True):
         reason = quality_reason(text)
         if reason is None:
             kept.append(text)
+            kept_rels.append(rel)
         else:
             st.filtered[reason] += 1
     clock.lap("filter")
@@ -196,7 +214,7 @@ def _process(raws: list[str], src: SourceFile, st: _Stats, clock: _StageClock,
     verdicts = st.deduper.check_batch(kept, scripts)
     clock.lap("dedup")
     lines: list[str] = []
-    for text, script, dup in zip(kept, scripts, verdicts, strict=True):
+    for text, rel, script, dup in zip(kept, kept_rels, scripts, verdicts, strict=True):
         if dup is not None:
             st.dups[dup] += 1
             continue
@@ -205,7 +223,7 @@ def _process(raws: list[str], src: SourceFile, st: _Stats, clock: _StageClock,
         n_bytes = len(text.encode("utf-8"))
         mix["bytes"] += n_bytes
         st.bytes_out += n_bytes
-        lines.append(json.dumps({"text": text, "source": src.rel}, ensure_ascii=False) + "\n")
+        lines.append(json.dumps({"text": text, "source": rel}, ensure_ascii=False) + "\n")
     if lines:
         chunk = "".join(lines)
         out.write(chunk)
