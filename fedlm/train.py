@@ -14,6 +14,7 @@ local training, which runs the same steps from the global weights each round.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -478,3 +479,21 @@ def _interrupt_flag() -> Iterator[Callable[[], bool]]:
         yield hit.is_set
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def train_local_only(cfg: Config, out_dir: Path, *, resume: bool = False,
+                     on_step: StepCallback | None = None) -> dict[str, Any]:
+    """The local-only baseline: each silo trains alone, with the config's steps, in out_dir/local-SILO."""
+    silo_dirs = resolve_silos(Path(cfg.data.workspace), cfg.data.silos)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.toml")
+    runs = {}
+    for d in silo_dirs:
+        one = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, silos=[d.name]))
+        run = out_dir / f"local-{d.name}"
+        runs[d.name] = train(one, run, resume=resume and (run / "checkpoint").exists(), on_step=on_step)
+    summary = {"mode": "local-only", "runs": {silo: str(out_dir / f"local-{silo}") for silo in runs},
+               "steps": cfg.train.steps, "loss": float(np.mean([r["loss"] for r in runs.values()])),
+               "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in runs.values()]))}
+    write_json(out_dir / "summary.json", summary)
+    return summary

@@ -101,3 +101,14 @@ def test_killed_run_resumes_bitwise_equal(workspace: Path, tmp_path: Path, sig: 
     assert ref.keys() == got.keys()
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
+
+
+def test_local_only_trains_each_silo_alone(workspace: Path, tmp_path: Path) -> None:
+    from fedlm.train import train_local_only
+
+    cfg = _cfg(workspace, steps=2, checkpoint_every=2, mode="local-only")
+    summary = train_local_only(cfg, tmp_path / "runs")
+    assert set(summary["runs"]) == {"drama", "legal", "technical"}
+    for silo, run in summary["runs"].items():
+        assert load_config(Path(run) / "config.toml").data.silos == [silo]
+        assert (Path(run) / "model" / "model.safetensors").exists()
