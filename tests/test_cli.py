@@ -27,7 +27,8 @@ def fedlm(*args: str, cwd: Path | None = None, timeout: float = 300) -> subproce
 @pytest.mark.parametrize(
     "args",
     [[], ["data"], ["data", "prepare"], ["data", "tokenizer"], ["data", "shard"], ["train"], ["eval"],
-     ["generate"], ["export"], ["demo"]],
+     ["generate"], ["export"], ["demo"], ["data", "counts"], ["node"], ["superlink"], ["serve"], ["plan"],
+     ["audit"]],
 )
 def test_every_command_has_help(args: list[str]) -> None:
     r = fedlm(*args, "--help")
