@@ -86,7 +86,10 @@ def _tiktoken_encoder(tok: tokenizers.Tokenizer) -> Encoder | None:
         import tiktoken
     except ImportError:
         return None
-    ranks, rank_to_id = bpe_ranks(tok)
+    try:
+        ranks, rank_to_id = bpe_ranks(tok)
+    except (KeyError, ValueError):  # not a plain byte-level BPE (e.g. SmolLM2's): use tokenizers
+        return None
     enc = tiktoken.Encoding("fedlm", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
 
     def run(texts: list[str]) -> list[np.ndarray]:
