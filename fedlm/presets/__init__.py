@@ -68,7 +68,7 @@ def prepare_smollm2_workspace(ws: Path, silos: Sequence[str], *, raw: Path) -> P
     for silo in silos:
         meta = ws / "silos" / silo / "meta.json"
         if not meta.is_file() or json.loads(meta.read_text()).get("tokenizer_sha256") != sha:
-            shard_silo(ws, silo, engine="tokenizers")  # its vocabulary lacks some single bytes: no tiktoken path
+            shard_silo(ws, silo)  # the default engine falls back to tokenizers for its vocabulary
     return ws
 
 
