@@ -216,3 +216,35 @@ def test_malformed_files_never_lose_good_ones(tmp_path: Path, junk: list[bytes])
         (src / f"junk{i}.{['txt', 'jsonl', 'csv', 'md'][i % 4]}").write_bytes(b)
     prepare_silo([src], silo="p", workspace=tmp_path / "ws")
     assert any(d["text"].startswith("keep me") for d in _read(tmp_path / "ws", "p"))
+
+
+def _repeated_lines_reference(text: str) -> tuple[float, int]:
+    """Line by line, as the definition reads: a non-empty line seen before is a repeat."""
+    seen: set[str] = set()
+    repeated = total = lines = 0
+    for line in text.split("\n"):
+        line = line.strip()
+        if not line:
+            continue
+        lines += 1
+        total += len(line)
+        if line in seen:
+            repeated += len(line)
+        else:
+            seen.add(line)
+    return repeated / max(total, 1), lines
+
+
+@settings(max_examples=200, deadline=None)
+@given(lines=st.lists(st.sampled_from(["", " ", "a", "a ", " a", "bb", "c c", "\t", "长文"]),
+                      max_size=30))
+def test_repeated_lines_ratio_matches_line_by_line(lines: list[str]) -> None:
+    """Property: the counting filter agrees with the line-by-line definition, and so does the
+    filter's verdict (which skips counting for documents of fewer than five newlines)."""
+    from fedlm.data.clean import quality_reason, repeated_lines_ratio
+
+    text = "\n".join(lines)
+    assert repeated_lines_ratio(text) == _repeated_lines_reference(text)
+    full = "x" * 20 + "\n" + text  # long enough for the length filter, no symbols
+    ratio, n = _repeated_lines_reference(full)
+    assert (quality_reason(full) == "repeated_lines") == (n >= 6 and ratio > 0.6)

@@ -83,19 +83,11 @@ def symbol_ratio(text: str) -> float:
 
 def repeated_lines_ratio(text: str) -> tuple[float, int]:
     """(share of characters in lines repeating an earlier line, number of non-empty lines)."""
-    seen: set[str] = set()
-    repeated = total = lines = 0
-    for line in text.split("\n"):
-        line = line.strip()
-        if not line:
-            continue
-        lines += 1
-        total += len(line)
-        if line in seen:
-            repeated += len(line)
-        else:
-            seen.add(line)
-    return repeated / max(total, 1), lines
+    lines = list(map(str.strip, text.split("\n")))
+    total = sum(map(len, lines))
+    # the first occurrence of each distinct line is not a repeat (empty lines weigh nothing)
+    repeated = total - sum(map(len, dict.fromkeys(lines)))
+    return repeated / max(total, 1), len(lines) - lines.count("")
 
 
 def quality_reason(text: str, *, min_chars: int = MIN_CHARS,
@@ -108,7 +100,7 @@ def quality_reason(text: str, *, min_chars: int = MIN_CHARS,
         return "too_short"
     if symbol_ratio(text) > max_symbol_ratio:
         return "symbols"
-    if "\n" in text:
+    if text.count("\n") >= 5:  # six non-empty lines need five newlines
         ratio, lines = repeated_lines_ratio(text)
         if lines >= 6 and ratio > max_repeated_lines_ratio:
             return "repeated_lines"

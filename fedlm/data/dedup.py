@@ -25,12 +25,15 @@ numpy (no Python loop per word or per shingle).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
+from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
 from datasketch import MinHash, MinHashLSH
+from datasketch.storage import DictSetStorage
 
 WORD_SHINGLE = 5
 CHAR_SHINGLE = 3
@@ -159,6 +162,7 @@ def signatures(keys: np.ndarray, docs: np.ndarray, n_docs: int,
     """
     k = np.uint64(num_perm)
     flat = np.full(n_docs * num_perm, _EMPTY, dtype=np.uint64)
+    filled = np.zeros(n_docs, dtype=np.int64)
     base = docs.astype(np.uint64) * k  # the document's first slot, per shingle
     sweep = ((_fmix64(keys ^ _SWEEP_SALT) >> np.uint64(32)) * k) >> np.uint64(32)
     for r in range(2 * num_perm):
@@ -174,12 +178,16 @@ def signatures(keys: np.ndarray, docs: np.ndarray, n_docs: int,
         first[1:] = (packed[1:] >> np.uint64(32)) != (packed[:-1] >> np.uint64(32))
         packed = packed[first]  # the smallest value of each (document, bin) this round
         # the value a bin keeps names its round too: a later round's value never equals it
-        flat[(packed >> np.uint64(32)).astype(np.int64)] = (packed & _U32) | np.uint64(r << 32)
-        open_docs = (flat.reshape(n_docs, num_perm) == _EMPTY).any(axis=1)
+        filled_slots = (packed >> np.uint64(32)).astype(np.int64)
+        flat[filled_slots] = (packed & _U32) | np.uint64(r << 32)
+        # bins filled per document, counted as they fill (not by scanning every bin each round)
+        filled += np.bincount(filled_slots // num_perm, minlength=n_docs)
+        open_docs = filled < num_perm
         if not open_docs.any():
             break
         active = open_docs[docs]
-        keys, docs, base, sweep = keys[active], docs[active], base[active], sweep[active]
+        if not active.all():
+            keys, docs, base, sweep = keys[active], docs[active], base[active], sweep[active]
     return _fmix64(flat).astype(np.uint32).reshape(n_docs, num_perm)
 
 
@@ -222,6 +230,27 @@ def exact_key(text: str) -> bytes:
                            digest_size=16).digest()
 
 
+@functools.cache
+def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows) that datasketch's MinHashLSH picks for `threshold` with `LSH_WEIGHTS`.
+
+    Cached: MinHashLSH finds them by numerical integration (~10 ms per index otherwise)."""
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS)
+    return lsh.b, lsh.r
+
+
+def _table_dict(table: object) -> dict[bytes, set[int]] | None:
+    """The `defaultdict(set)` behind an in-memory datasketch table, or None for other storage.
+
+    Looked up and filled directly: a Python method call per band and document costs more
+    than the rest of the near-duplicate check on a silo of thousands of small documents."""
+    if isinstance(table, DictSetStorage):
+        d = getattr(table, "_dict", None)
+        if isinstance(d, defaultdict) and d.default_factory is set:
+            return d
+    return None
+
+
 class Deduper:
     """Remembers documents seen so far and says whether a new one duplicates one of them."""
 
@@ -234,8 +263,10 @@ class Deduper:
         # Favour recall (false negative weight 0.9: 14 bands of 9 rows at 0.8, which makes a
         # pair at Jaccard 0.9 a candidate with p 0.999, the default 9 x 13 with p 0.93); a
         # false candidate only costs the signature comparison below.
-        self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS)
+        self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm,
+                               params=lsh_params(threshold, num_perm))
         self._sigs: dict[int, np.ndarray] = {}
+        self._next_id = 0
 
     def check(self, text: str, script: str = "latin") -> str | None:
         """None if `text` is new (and remember it), else 'exact' or 'near'."""
@@ -256,26 +287,68 @@ class Deduper:
             return out
         keys, docs = _keys([texts[i] for i in fresh], [scripts[i] for i in fresh])
         sigs = signatures(keys, docs, len(fresh), self.num_perm)
-        need = self.threshold * self.num_perm
         # The band keys MinHashLSH.insert/query would make (its `_H`: the band's values
-        # byte-swapped), made here for the whole batch at once; then the same look-ups and
-        # inserts into the index's own tables, without a Python call per band for hashing.
+        # byte-swapped), made here for the whole batch at once, then looked up and inserted
+        # in the index's own tables.
         swapped = sigs.byteswap()
-        bands = []
+        bands: list[list[bytes]] = []
         for start, end in self._lsh.hashranges:
             blob = np.ascontiguousarray(swapped[:, start:end]).tobytes()
             width = (end - start) * swapped.itemsize
             bands.append([blob[j: j + width] for j in range(0, len(blob), width)])
         tables = self._lsh.hashtables
-        for row, (i, sig) in enumerate(zip(fresh, sigs, strict=True)):
+        ids = range(self._next_id, self._next_id + len(fresh))
+        self._next_id += len(fresh)
+        # A row can have a candidate only if one of its band keys is in the index or shared
+        # with another row of the batch. The others (nearly all) are new: stored in bulk.
+        maybe = _shares_a_band(swapped, self._lsh.hashranges)
+        dicts = [_table_dict(t) for t in tables]
+        for table, d, band in zip(tables, dicts, bands, strict=True):
+            if d is not None:
+                maybe |= np.fromiter(map(d.__contains__, band), dtype=bool, count=len(band))
+            else:
+                maybe |= np.fromiter((bool(table.get(k)) for k in band), dtype=bool,
+                                     count=len(band))
+        clean_rows = np.flatnonzero(~maybe)
+        clean_ids: list[int] = (clean_rows + ids.start).tolist()
+        clean: list[int] = clean_rows.tolist()
+        for table, d, band in zip(tables, dicts, bands, strict=True):
+            band_keys = [band[row] for row in clean]
+            if d is not None:  # keys of clean rows are in no table yet: a new set each
+                d.update(zip(band_keys, map(set, zip(clean_ids, strict=True)), strict=True))
+            else:
+                for key, idx in zip(band_keys, clean_ids, strict=True):
+                    table.insert(key, idx)
+        self._sigs.update(zip(clean_ids, sigs[clean], strict=True))
+        need = self.threshold * self.num_perm
+        for row in np.flatnonzero(maybe).tolist():
+            sig = sigs[row]
             cands: set[int] = set()
             for table, band in zip(tables, bands, strict=True):
                 cands.update(table.get(band[row]))
             if any(np.count_nonzero(self._sigs[c] == sig) >= need for c in cands):
-                out[i] = "near"
+                out[fresh[row]] = "near"
                 continue
-            idx = len(self._sigs)
-            self._sigs[idx] = sig
+            self._sigs[ids[row]] = sig
             for table, band in zip(tables, bands, strict=True):
-                table.insert(band[row], idx)
+                table.insert(band[row], ids[row])
         return out
+
+
+def _shares_a_band(sigs: np.ndarray, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Per row of `sigs` (n, num_perm): may one of its bands equal the same band of another
+    row? (A 64-bit hash per band: a collision only sends a row down the careful path.)"""
+    n = len(sigs)
+    if n < 2:
+        return np.zeros(n, dtype=bool)
+    wide = sigs.astype(np.uint64)
+    hashes = []
+    for b, (start, end) in enumerate(ranges):
+        h = np.full(n, np.uint64(b), dtype=np.uint64)
+        for c in range(start, end):
+            h = _fmix64(h * _MIX + wide[:, c])
+        hashes.append(h)
+    flat = np.concatenate(hashes)  # band b of row i at b * n + i; a band salts its hash
+    _, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
+    shared = np.asarray((counts[inverse] > 1).reshape(len(ranges), n).any(axis=0))
+    return shared
