@@ -167,8 +167,9 @@ def test_workspace_vocab_and_silo_tokens(workspace: Path) -> None:
     assert plan.compute_optimal_tokens == 20 * plan.params_total
 
 
-def test_memory_and_time_within_25_percent_of_a_measured_silo() -> None:
-    """Peak RSS above the pre-model RSS, and seconds per step, of a real silo round in a subprocess."""
+def test_memory_within_25_percent_of_a_measured_silo() -> None:
+    """Peak RSS of a real silo round in a subprocess (time is compared in bench/plan_bench.py, not here:
+    a timed assertion on a shared machine tests the neighbours)."""
     from bench.plan_bench import measure_silo
 
     sets = ["model.preset=tiny", "model.vocab_size=4096", "model.max_seq_len=128", "train.seq_len=128",
@@ -176,7 +177,6 @@ def test_memory_and_time_within_25_percent_of_a_measured_silo() -> None:
     plan = plan_run(load_config(None, [*sets, "data.silos=['a']"]))
     measured = measure_silo(sets, steps=3)
     assert plan.memory["peak"] == pytest.approx(measured["peak_bytes"], rel=0.25)
-    assert plan.seconds_per_step == pytest.approx(measured["seconds_per_step"], rel=0.5)  # a shared machine
 
 
 def test_fit_limits_proposes_changes_that_fit() -> None:
