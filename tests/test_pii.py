@@ -11,6 +11,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedlm.data.clean import normalize
 from fedlm.data.pii import TYPES, cn_id_ok, iban_ok, luhn_ok, scrub
@@ -224,3 +226,53 @@ def test_scrub_speed_is_reported() -> None:
     out, counts = scrub(text)
     assert out == text and not counts
     assert re.search(r"<[A-Z_]+>", out) is None
+
+
+def _scrub_whole(text: str) -> tuple[str, Counter[str]]:
+    """The definition `scrub` must equal: e-mail addresses, then each rule of RULES in turn
+    over the whole text (no windows), digit-free text left alone."""
+    from fedlm.data import pii
+
+    counts: Counter[str] = Counter()
+    if "@" in text:
+        text = pii._sub_emails(text, counts)
+    if re.search(r"[0-9]", text) is None:
+        return text, counts
+    for kind, pattern, pii_len, _ in pii.RULES:
+        text = pii._sub(pattern, kind, pii_len, text, counts)
+    return text, counts
+
+
+_PIECES = ["2.1.1.1.", "  ", "\n", "\n   ", " ", "version ", "§ ", "fe80::1:2:3", "dead:beef::1",
+           "a::b::", "1:2", "(", ")", "+", "-", ".", "GB82 WEST", "中文", "x" * 70, "Y" * 40,
+           "A" * 300, " " * 400, "word " * 90, "192.168.0.", "10", "0086", "+86 ", "138 1234",
+           "4111 1111 1111 1111", "(0755) 8888 8888", "1-800-555-0199"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_windowed_scrub_equals_whole_text_rules(data: st.DataObject) -> None:
+    """Property: scanning only windows around digits (and colons, for IPv6) gives exactly the
+    text and counts of running every rule over the whole text, planted items and lookalikes
+    mixed with long digit-free stretches, blank runs and line starts."""
+    rng = random.Random(data.draw(st.integers(0, 2**32 - 1)))
+    planted = [value for _, value, _ in _planted(rng.randrange(1000))[::37]]
+    parts = data.draw(st.lists(st.sampled_from(_PIECES + planted[:40]), min_size=1, max_size=120))
+    text = "".join(parts) + " filler" * data.draw(st.integers(0, 700))
+    assert scrub(text) == _scrub_whole(text)
+    assert scrub(text[::-1]) == _scrub_whole(text[::-1])
+
+
+@pytest.mark.parametrize("text", [
+    "x" * 5000 + " DE89370400440532013000" + "Y" * 60 + " end",  # no IBAN: letters run on
+    "x" * 5000 + " DE89370400440532013000 is an IBAN",
+    "word " * 1000 + "\n" + " " * 100 + "2.1.1.1. As a result",  # a section number
+    "word " * 1000 + "x" + " " * 100 + "10.1.1.1. is a host",  # an address mid-line
+    "word " * 1000 + "version" + " " * 40 + "\n" + " " * 300 + "10.1.1.1. here",
+    "word " * 1000 + "4111111111111111" + "A" * 80 + " 4111111111111111 ",
+    "(" * 5000 + "415) 555-0132 and +44 20 7946 0958 " + "fe80::1:2:3 " * 3,
+])
+def test_windowed_scrub_edges(text: str) -> None:
+    """Window edges: a match running on past its digits, a number opening a line after long
+    blanks, lookbehinds at a window's start."""
+    assert scrub(text) == _scrub_whole(text)
