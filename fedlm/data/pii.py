@@ -203,20 +203,29 @@ RULES: list[tuple[str, re.Pattern[str], Callable[[re.Match[str]], int], str]] = 
 TYPES = ("EMAIL", "IBAN", "CN_ID", "CARD", "CN_PHONE", "PHONE", "IP")
 _HAS_DIGIT = re.compile(r"\d", _F)
 
-# Windows. Every rule but IPv6 matches only text holding an ASCII digit, starts at most 2
-# characters before its first digit (IBAN's country letters, '+', '('), runs at most ~70 past
-# its last digit (an IBAN's letters) and has no stretch of more than ~70 characters without a
-# digit; its lookarounds and `_ipv4_len` read <= 16 characters before it. So the rules, run on
-# windows around clusters of digits, find what they find on the whole text; the long
-# digit-free stretches of prose between clusters are not scanned 9 times over.
-_BEFORE = 32
-_AFTER = 96
-_GAP = 384  # digits closer than this share a window (a window costs ~10 us to scan)
-_SMALL = 4096  # shorter texts are scanned whole (windows would save little)
-_IPV6_BEFORE = _IPV6_AFTER = 16  # an IPv6 candidate: <= 4 hex digits around its colons
-_IPV6_GAP = 64
-_DIGIT_RULES = [r for r in RULES if r[0] != "IP" or r[1] is _IPV4]
-_IPV6_RULE = next(r for r in RULES if r[1] is _IPV6)
+# Windows. Each rule's candidates hold an anchor and lie within a few dozen characters of it:
+# an IBAN starts with two capitals and two digits; an ID number, a card and every phone
+# format but the international one hold four digits in a row; an international phone starts
+# with '+'; an IPv4 address holds digit '.' digit; an IPv6 one two colons <= 5 apart. So on a
+# long text each rule runs on windows around its anchors (reaching past them further than
+# any candidate, its lookarounds and `_ipv4_len`'s look back at the line can reach) and finds
+# what it finds on the whole text, without scanning the prose between them.
+# (rule's pattern) -> (anchor, characters before it, characters after it)
+_ANCHORS: dict[re.Pattern[str], tuple[str, int, int]] = {
+    _IBAN: ("iban", 8, 80),
+    _CN_ID: ("digits4", 32, 32),
+    _CARD: ("digits4", 32, 32),
+    _CN_PHONE_PREFIXED: ("digits4", 32, 32),
+    _CN_PHONE: ("digits4", 32, 32),
+    _PHONE_INTL: ("plus", 8, 64),
+    _PHONE_NANP: ("digits4", 32, 32),
+    _PHONE_CN_LANDLINE: ("digits4", 32, 32),
+    _IPV4: ("ipv4", 48, 32),
+    _IPV6: ("colon", 16, 16),
+}
+_GAP = 256  # anchors closer than this share a window (a window costs ~1 us per rule)
+_LEAD = 4  # see _windows
+_SMALL = 1024  # shorter texts are scanned whole (windows would save little)
 
 
 def _codes(text: str) -> np.ndarray:
@@ -231,7 +240,8 @@ def _windows(text: str, where: np.ndarray, before: int, after: int,
     """Disjoint [start, end) spans of `text` around positions `where` (sorted): positions
     closer than `gap` share a span, which reaches `before` / `after` beyond them. A span with
     only blanks before its first position starts at its line's start (so that `_ipv4_len`
-    sees whether the number opens the line)."""
+    sees whether the number opens the line: an IPv4 candidate starts at most 2 characters
+    before its anchor, and a non-blank in the window before that settles it)."""
     if where.size == 0:
         return []
     breaks = np.flatnonzero(np.diff(where) >= gap)
@@ -240,7 +250,7 @@ def _windows(text: str, where: np.ndarray, before: int, after: int,
     spans: list[tuple[int, int]] = []
     for first, last in zip(firsts, lasts, strict=True):
         start = max(first - before, 0)
-        if text[start:first].isspace():
+        if start and text[start:first - _LEAD].isspace():
             start = text.rfind("\n", 0, start) + 1
         end = min(last + after + 1, len(text))
         if spans and start <= spans[-1][1]:
@@ -310,6 +320,47 @@ def _apply_in_windows(rules: list[tuple[str, re.Pattern[str], Callable[[re.Match
     return "".join(pieces)
 
 
+def _anchor(name: str, codes: np.ndarray, memo: dict[str, np.ndarray]) -> np.ndarray:
+    """Positions of the anchor `name` in a text's code points (memoised per text)."""
+    if name not in memo:
+        if "digit" not in memo:
+            memo["digit"] = (codes >= 48) & (codes <= 57)
+        d = memo["digit"]
+        if name == "digits4":
+            hit = d[:-3] & d[1:-2] & d[2:-1] & d[3:]
+        elif name == "iban":
+            up = (codes >= 65) & (codes <= 90)
+            hit = up[:-3] & up[1:-2] & d[2:-1] & d[3:]
+        elif name == "ipv4":
+            hit = d[:-2] & (codes[1:-1] == 46) & d[2:]
+        elif name == "plus":
+            hit = codes == 43
+        else:
+            hit = codes == 58
+        memo[name] = np.flatnonzero(hit)
+    return memo[name]
+
+
+def _scrub_long(text: str, counts: Counter[str]) -> str:
+    """The rules in turn, each on the windows around its anchors."""
+    codes: np.ndarray | None = None
+    memo: dict[str, np.ndarray] = {}
+    for rule in RULES:
+        kind, pattern, _, needs = rule
+        if needs and needs not in text:
+            continue
+        if codes is None:
+            codes, memo = _codes(text), {}
+        name, before, after = _ANCHORS[pattern]
+        spans = _windows(text, _anchor(name, codes, memo), before, after,
+                         max(_GAP, before + after + 1))
+        found = counts[kind]
+        text = _apply_in_windows([rule], text, spans, counts)
+        if counts[kind] != found:
+            codes = None  # placeholders moved the anchors
+    return text
+
+
 def scrub(text: str) -> tuple[str, Counter[str]]:
     """Replace personal data in `text` with `<TYPE>` placeholders; return (text, counts by type).
 
@@ -322,12 +373,4 @@ def scrub(text: str) -> tuple[str, Counter[str]]:
         return text, counts
     if len(text) < _SMALL:
         return _apply(RULES, text, counts), counts
-    codes = _codes(text)
-    digits = np.flatnonzero((codes >= 48) & (codes <= 57))
-    text = _apply_in_windows(_DIGIT_RULES, text,
-                             _windows(text, digits, _BEFORE, _AFTER, _GAP), counts)
-    if ":" in text:
-        colons = np.flatnonzero(_codes(text) == 58)
-        text = _apply_in_windows([_IPV6_RULE], text, _windows(
-            text, colons, _IPV6_BEFORE, _IPV6_AFTER, _IPV6_GAP), counts)
-    return text, counts
+    return _scrub_long(text, counts), counts
