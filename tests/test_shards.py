@@ -224,3 +224,41 @@ def test_tokenizer_change_is_seen_between_silos(ws: Path) -> None:
     second = shard_silo(ws, "b", val_fraction=0.0)
     assert second["tokenizer_sha256"] == tokenizer_hash(ws / "tokenizer.json") != first["tokenizer_sha256"]
     assert second["vocab_size"] == tok.get_vocab_size()
+
+
+def test_one_pass_sides_follow_the_keyed_hash(ws: Path) -> None:
+    """Each document's side is blake2b(text, key=seed) / 2**64 < val_fraction, computed here
+    by hand, in document order on each side (the one-pass writer decides it as it goes)."""
+    import hashlib
+
+    def side(text: str, seed: int) -> bool:
+        h = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=seed.to_bytes(8, "little", signed=True))
+        return int.from_bytes(h.digest(), "little") / 2.0**64 < 0.3
+
+    meta = shard_silo(ws, "b", val_fraction=0.3, seed=7)
+    got = split_docs(ws, "b")
+    want_val = [d for d in DOCS if side(d, 7)]
+    assert 0 < len(want_val) < len(DOCS)  # no side was forced
+    assert got == {"train": [d for d in DOCS if not side(d, 7)], "val": want_val}
+    assert meta["documents"] == {"train": len(DOCS) - len(want_val), "val": len(want_val)}
+
+
+def test_forced_side_sees_a_changed_file(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tiny silo is encoded twice (a document moved to val); if docs.jsonl changes between
+    the passes, that is an error, not a silent mix of two files."""
+    from fedlm.data import shards as shards_mod
+
+    real = shards_mod._write_splits
+    calls = 0
+
+    def write(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            write_docs(ws / "silos" / "a", ["something else entirely", "and another one"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shards_mod, "_write_splits", write)
+    with pytest.raises(UserError, match="changed while it was being sharded"):
+        shard_silo(ws, "a", val_fraction=0.01)
+    assert calls == 2

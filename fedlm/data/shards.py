@@ -22,6 +22,7 @@ of each silo is checked against `tokenizers` and any difference falls back to it
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -153,17 +154,16 @@ def _write_splits(
     seed: int,
     fast: Encoder | None,
     hf: Encoder,
-    hashes: np.ndarray,
-    to_val: np.ndarray,
+    to_val: Callable[[int, float], bool],
     on_bytes: Callable[[int], None],
-) -> tuple[dict, str]:
-    """One pass: encode every document into train.bin / val.bin (document i to val when
-    to_val[i]; hashes[i] is its split hash, to check the file did not change). Returns
-    (counts, encoder)."""
+) -> tuple[dict, str, np.ndarray]:
+    """One pass: encode every document into train.bin / val.bin, document i (split hash h)
+    to val when to_val(i, h). Returns (counts, encoder, split hash of each document).
+    Raises UserError, leaving the old shards, if docs.jsonl holds no document."""
     counts = {s: {"tokens": 0, "documents": 0, "bytes": 0} for s in ("train", "val")}
     encode, encoder_name = (fast, "tiktoken") if fast is not None else (hf, "tokenizers")
     eos = np.zeros(1, dtype=np.int64)
-    doc = 0
+    hashes: list[float] = []
     with atomic_path(silo_dir / "train.bin") as tmp_train, atomic_path(silo_dir / "val.bin") as tmp_val, \
             open(tmp_train, "wb") as f_train, open(tmp_val, "wb") as f_val:
         files = {"train": f_train, "val": f_val}
@@ -176,11 +176,9 @@ def _write_splits(
                     encode, encoder_name, ids = hf, "tokenizers", hf(batch)
             parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
             for text, doc_ids in zip(batch, ids, strict=True):
-                if doc >= len(hashes) or _split_hash(text, seed) != hashes[doc]:
-                    raise UserError(f"{docs_path} changed while it was being sharded; "
-                                    "run `fedlm data shard` again")
-                split = "val" if to_val[doc] else "train"
-                doc += 1
+                h = _split_hash(text, seed)
+                split = "val" if to_val(len(hashes), h) else "train"
+                hashes.append(h)
                 parts[split] += [doc_ids, eos]
                 c = counts[split]
                 c["tokens"] += doc_ids.size + 1
@@ -189,9 +187,24 @@ def _write_splits(
             for split, arrays in parts.items():
                 if arrays:
                     np.concatenate(arrays).astype(dtype).tofile(files[split])
+        if not hashes:
+            raise UserError(f"{docs_path} has no documents: re-run `fedlm data prepare` with more text")
         f_train.flush()
         f_val.flush()
-    return counts, encoder_name
+    return counts, encoder_name, np.asarray(hashes, dtype=np.float64)
+
+
+def _forced_sides(hashes: np.ndarray, val_fraction: float) -> np.ndarray | None:
+    """Where no document fell on one side (rare: tiny silos), the split with the nearest one
+    moved over; None when both sides already have a document (or can't: < 2 documents)."""
+    to_val = hashes < val_fraction
+    if val_fraction <= 0 or hashes.size < 2 or (to_val.any() and not to_val.all()):
+        return None
+    if not to_val.any():
+        to_val[hashes == hashes.min()] = True
+    if to_val.all():
+        to_val[hashes == hashes.max()] = False
+    return to_val
 
 
 def shard_silo(
@@ -230,20 +243,24 @@ def shard_silo(
         if on_progress is not None:
             on_progress(done_bytes, total_bytes)
 
-    # The split first (cheap: a keyed hash per document), so the encoding pass is the only one.
-    hashes = np.fromiter((_split_hash(t, seed) for t in read_texts(docs_path)), dtype=np.float64)
-    if hashes.size == 0:
-        raise UserError(f"{docs_path} has no documents: re-run `fedlm data prepare` with more text")
-    to_val = hashes < val_fraction
-    if val_fraction > 0 and hashes.size >= 2:
-        # Rare (tiny silos): no document fell on one side; move the nearest one over.
-        if not to_val.any():
-            to_val[hashes == hashes.min()] = True
-        if to_val.all():
-            to_val[hashes == hashes.max()] = False
-    counts, encoder_name = _write_splits(
-        docs_path, silo_dir, dtype=dtype, seed=seed, fast=fast, hf=hf,
-        hashes=hashes, to_val=to_val, on_bytes=advance)
+    # One pass: a document's side is its split hash < val_fraction. Only if that left a side
+    # empty (a tiny silo) is the silo encoded again, with the nearest document moved over.
+    write = functools.partial(_write_splits, docs_path, silo_dir, dtype=dtype, seed=seed,
+                              fast=fast, hf=hf, on_bytes=advance)
+    counts, encoder_name, hashes = write(to_val=lambda i, h: h < val_fraction)
+    forced = _forced_sides(hashes, val_fraction)
+    if forced is not None:
+        def forced_side(i: int, h: float) -> bool:
+            if i >= len(hashes) or h != hashes[i]:
+                raise UserError(f"{docs_path} changed while it was being sharded; "
+                                "run `fedlm data shard` again")
+            return bool(forced[i])
+
+        done_bytes = 0
+        counts, encoder_name, again = write(to_val=forced_side)
+        if len(again) != len(hashes):
+            raise UserError(f"{docs_path} changed while it was being sharded; "
+                            "run `fedlm data shard` again")
     meta = {
         "silo": silo,
         "tokens": {s: counts[s]["tokens"] for s in counts},
