@@ -147,6 +147,27 @@ def data_shard(
         _out(f"{name}: {meta['tokens']['train']:,} train / {meta['tokens']['val']:,} val tokens ({meta['dtype']})")
 
 
+@data_app.command("canaries")
+def data_canaries(
+    workspace: Annotated[Path, typer.Option(help="Workspace holding the prepared silo.")],
+    silo: Annotated[str, typer.Option(help="Silo whose training text gets the canaries.")],
+    repeats: Annotated[str, typer.Option(help="Comma-separated repeat counts, one canary each.")] = "1,10",
+    seed: Annotated[int, typer.Option(help="Seed of the secrets and their places.")] = 0,
+) -> None:
+    """Plant random canaries in a silo's documents (before `data shard`) for `fedlm audit`."""
+    from fedlm.privacy.audit import plant_canaries
+
+    try:
+        counts = [int(r) for r in repeats.split(",") if r.strip()]
+    except ValueError:
+        raise UserError(f"--repeats {repeats!r}: expected comma-separated integers, e.g. 1,10") from None
+    if not counts or min(counts) <= 0:
+        raise UserError(f"--repeats {repeats!r}: each repeat count must be > 0")
+    planted = plant_canaries(workspace / "silos" / silo, repeats=counts, seed=seed)
+    _out(f"{silo}: planted {len(planted)} canaries (repeats {', '.join(map(str, counts))}); "
+         f"re-run `fedlm data shard --workspace {workspace} --silo {silo}`, then train and `fedlm audit`")
+
+
 def _check_silo_name(silo: str) -> None:
     if not silo or "/" in silo or silo.startswith("."):
         raise UserError(f"--silo {silo!r}: use a plain name (letters, digits, - and _)")

@@ -27,7 +27,7 @@ def fedlm(*args: str, cwd: Path | None = None, timeout: float = 300) -> subproce
 @pytest.mark.parametrize(
     "args",
     [[], ["data"], ["data", "prepare"], ["data", "tokenizer"], ["data", "shard"], ["train"], ["eval"],
-     ["generate"], ["export"], ["demo"], ["data", "counts"], ["node"], ["superlink"], ["serve"], ["plan"],
+     ["generate"], ["export"], ["demo"], ["data", "counts"], ["data", "canaries"], ["node"], ["superlink"], ["serve"], ["plan"],
      ["audit"]],
 )
 def test_every_command_has_help(args: list[str]) -> None:
@@ -94,3 +94,58 @@ def test_readme_step_by_step_commands_run(tmp_path: Path) -> None:
         if args[0] == "generate":
             assert r.stdout.startswith("The patient") and len(r.stdout) > len("The patient") + 10
     assert (tmp_path / "hf-model" / "config.json").exists()
+
+    # then "Federated training, privacy, compute and serving", in the same folder
+    (tmp_path / "fed.toml").write_text(_readme_block("## Federated training, privacy", "toml"))
+    (tmp_path / "key.txt").write_text("s3cret-key\n")
+    for line in _readme_block("## Federated training, privacy", "sh").splitlines():
+        line = line.split("#")[0].strip()
+        if not line.startswith("fedlm "):
+            continue
+        args = shlex.split(line)[1:]
+        if args[0] == "serve":
+            _serve_and_query(args, cwd=tmp_path)
+            continue
+        r = fedlm(*args, cwd=tmp_path, timeout=600)
+        assert r.returncode == 0, (line, r.stdout[-2000:], r.stderr[-2000:])
+        if args[0] == "audit":
+            report = json.loads(r.stdout)
+            assert "clinic" in json.dumps(report) and "auc" in json.dumps(report).lower()
+    rounds = (tmp_path / "runs" / "fed" / "rounds.jsonl").read_text().splitlines()
+    assert len(rounds) == 10 and all(json.loads(x)["completed"] for x in rounds)
+    privacy = json.loads((tmp_path / "runs" / "fed-dp" / "privacy.json").read_text())
+    assert privacy["mode"] == "record"
+
+
+def _serve_and_query(args: list[str], *, cwd: Path) -> None:
+    """Run `fedlm serve` as written (on a free port) and talk to it with the real openai client."""
+    import socket
+    import time
+
+    from openai import OpenAI
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [str(port) if prev == "--port" else a for prev, a in zip(["", *args[:-1]], args, strict=True)]
+    proc = subprocess.Popen([*FEDLM, *args], cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="s3cret-key", max_retries=0, timeout=60)
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else b""
+            try:
+                models = client.models.list()
+                break
+            except Exception:
+                assert time.monotonic() < deadline, "fedlm serve did not come up"
+                time.sleep(0.5)
+        name = models.data[0].id
+        out = client.completions.create(model=name, prompt="The patient", max_tokens=8, temperature=0)
+        assert out.choices[0].text and out.usage is not None and out.usage.completion_tokens > 0
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
