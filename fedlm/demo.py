@@ -6,8 +6,10 @@ federated model on each silo -> evaluate every model on every silo -> print the 
 OUT/summary.json -> generate a sample.
 
 Budgets are equal by construction: federated = rounds × local_steps steps on each silo;
-centralised = that many steps per silo, pooled; local-only = rounds × local_steps +
-personalize_steps steps on one silo, the same per-silo compute as federated + personalised.
+centralised = rounds × local_steps steps on the pooled silos at a batch len(silos) times
+larger (the same tokens, the same number of optimizer steps); local-only = rounds ×
+local_steps + personalize_steps steps on one silo, the same per-silo compute as federated +
+personalised.
 """
 
 from __future__ import annotations
@@ -115,8 +117,9 @@ def run_all(base: list[str], out: Path) -> dict[str, Path]:
         run_federated(cfg, out / "federated", on_round=lambda r, total, row: update(r, total))
     runs["federated"] = out / "federated"
 
-    central = _with(base, **{"train.mode": "centralised", "train.steps": per_silo * n,
-                            "train.checkpoint_every": per_silo * n, "train.warmup_steps": max(1, per_silo * n // 20)})
+    # pooled data, the same tokens and the same number of optimizer steps: one step on a batch
+    # n times larger, as if the silos' batches of a local step were pooled (large-batch SGD)
+    central = _with(base, **{"train.mode": "centralised", "train.batch_size": cfg.train.batch_size * n})
     runs["centralised"] = _train(central, out / "centralised", "centralised")
 
     for silo in SILOS:

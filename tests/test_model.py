@@ -230,3 +230,48 @@ def test_failed_save_keeps_the_old_model(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="missing: no such tokenizer file"):
         save_model(Transformer(small_cfg()), tmp_path / "m", tokenizer_path=tmp_path / "missing")
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("chunk", [7, 256])
+def test_loss_from_targets_equals_cross_entropy_of_logits(chunk: int) -> None:
+    """The chunked head + loss equals F.cross_entropy of the full logits, loss and gradients,
+    with chunks that do and do not divide the rows; forward(idx, targets=) uses it."""
+    from fedlm.model import chunked_cross_entropy
+
+    torch.manual_seed(0)
+    model = spread(Transformer(small_cfg(tie_embeddings=False)))
+    idx = torch.randint(0, 101, (3, 20))
+    y = torch.randint(0, 101, (3, 20))
+    params = list(model.parameters())
+    ref = torch.nn.functional.cross_entropy(model(idx).float().flatten(0, 1), y.flatten())
+    ref_grads = torch.autograd.grad(ref, params)
+    h = torch.randn(60, 64, requires_grad=True)
+    w = torch.randn(101, 64, requires_grad=True)
+    got = chunked_cross_entropy(h, w, y.flatten(), chunk=chunk)
+    want = torch.nn.functional.cross_entropy(h @ w.t(), y.flatten())
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(got, (h, w)), torch.autograd.grad(want, (h, w)), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    loss = model(idx, targets=y)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    for g, r in zip(torch.autograd.grad(loss, params), ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_attention_backward_matches_float64_reference() -> None:
+    """The bf16 training path's matmul backward of causal attention against autograd through a
+    float64 softmax(QKᵀ/√D + mask)·V."""
+    from fedlm.model import CausalAttention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 8, generator=g) for _ in range(3))
+    d_out = torch.randn(2, 3, 17, 8, generator=g)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    mask = torch.ones(17, 17, dtype=torch.bool).triu(1)
+    p = (q64 @ k64.transpose(-1, -2) / 8**0.5).masked_fill(mask, float("-inf")).softmax(-1)
+    (p @ v64).backward(d_out.double())
+    qb, kb, vb = (t.clone().requires_grad_() for t in (q, k, v))
+    out = CausalAttention.apply(qb, kb, vb)
+    out.backward(d_out)
+    for got, ref in ((qb.grad, q64.grad), (kb.grad, k64.grad), (vb.grad, v64.grad)):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5)  # type: ignore[union-attr]
