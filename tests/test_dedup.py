@@ -8,6 +8,7 @@ import random
 import re
 
 import numpy as np
+import pytest
 from datasketch import LeanMinHash, MinHash
 
 from fedlm.data.dedup import NUM_PERM, Deduper, _word_units, minhash, shingle_hashes, signatures
@@ -162,4 +163,39 @@ def test_check_batch_equals_one_by_one_and_datasketch_index_agrees() -> None:
     assert expected.count("exact") == 30 and expected.count("near") >= 8
     for idx, sig in batch._sigs.items():
         found = batch._lsh.query(LeanMinHash(seed=0, hashvalues=sig, scheme="affine32"))
+        assert idx in found
+
+
+def test_word_units_in_groups_equal_one_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hashing a batch in groups of texts gives the hashes and counts of hashing it at once."""
+    from fedlm.data import dedup
+
+    rng = random.Random(7)
+    texts = [" ".join(_doc(rng, rng.randrange(0, 60))) + " ünï 中文" * rng.randrange(2)
+             for _ in range(40)]
+    whole = _word_units(texts)
+    monkeypatch.setattr(dedup, "_GROUP_CHARS", 200)
+    grouped = _word_units(texts)
+    assert np.array_equal(whole[0], grouped[0]) and np.array_equal(whole[1], grouped[1])
+    assert whole[1].tolist() == [len(re.findall(r"\w+", t.lower())) for t in texts]
+
+
+def test_batch_index_without_dict_storage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bulk look-up and insert through datasketch's storage API (for storage other than
+    its in-memory dict) gives the verdicts of the dict fast path, and the same index."""
+    from fedlm.data import dedup
+
+    rng = random.Random(8)
+    texts = []
+    for _ in range(20):
+        base = _doc(rng, rng.choice([4, 50, 200]))
+        texts += [" ".join(base), " ".join(_edit(base, rng, 1)), " ".join(base)]
+    scripts = ["latin"] * len(texts)
+    fast = Deduper(0.8).check_batch(texts, scripts)
+    monkeypatch.setattr(dedup, "_table_dict", lambda table: None)
+    slow = Deduper(0.8)
+    assert slow.check_batch(texts, scripts) == fast
+    assert fast.count("exact") == 20 and fast.count("near") >= 5
+    for idx, sig in slow._sigs.items():
+        found = slow._lsh.query(LeanMinHash(seed=0, hashvalues=sig, scheme="affine32"))
         assert idx in found

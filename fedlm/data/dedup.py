@@ -79,10 +79,10 @@ def _unicode_word_table(top: int) -> np.ndarray:
 
 
 def _power_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(_MIX**i, _MIX**-i) mod 2**64 for i < n (cached, grown by doubling)."""
+    """(_MIX**i, _MIX**-i) mod 2**64 for i < n (cached, grown in steps of 256 Ki)."""
     global _powers
     if len(_powers[0]) < n:
-        size = max(n, 2 * len(_powers[0]), 1 << 16)
+        size = -(-n // (1 << 18)) * (1 << 18)
         up = np.full(size, _MIX, dtype=np.uint64)
         down = np.full(size, _MIX_INV, dtype=np.uint64)
         up[0] = down[0] = 1
@@ -97,7 +97,29 @@ def _codepoints(text: str) -> np.ndarray:
 
 
 def _word_units(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Hashes of the `\\w+` words of each lower-cased text, concatenated, and words per text."""
+    """Hashes of the `\\w+` words of each lower-cased text, concatenated, and words per text.
+
+    Texts are hashed in groups of about `_GROUP_CHARS` characters: the power tables the
+    hashing needs grow to the longest group, not to the whole batch (tens of MB otherwise,
+    and their one-off cost was most of a silo's dedup time)."""
+    groups: list[Sequence[str]] = []
+    first = chars = 0
+    for i, t in enumerate(texts):
+        if chars and chars + len(t) > _GROUP_CHARS:
+            groups.append(texts[first:i])
+            first, chars = i, 0
+        chars += len(t) + 1
+    groups.append(texts[first:])
+    if len(groups) == 1:
+        return _word_units_group(texts)
+    parts = [_word_units_group(g) for g in groups]
+    return np.concatenate([w for w, _ in parts]), np.concatenate([c for _, c in parts])
+
+
+_GROUP_CHARS = 1 << 20
+
+
+def _word_units_group(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     lowered = [t.lower() for t in texts]
     joined = "\n".join(lowered)  # "\n" is not a word character: words never span two texts
     cp = _codepoints(joined)
