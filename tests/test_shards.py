@@ -243,22 +243,36 @@ def test_one_pass_sides_follow_the_keyed_hash(ws: Path) -> None:
     assert meta["documents"] == {"train": len(DOCS) - len(want_val), "val": len(want_val)}
 
 
-def test_forced_side_sees_a_changed_file(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A tiny silo is encoded twice (a document moved to val); if docs.jsonl changes between
-    the passes, that is an error, not a silent mix of two files."""
-    from fedlm.data import shards as shards_mod
+def _side_hash(text: str, seed: int) -> float:
+    import hashlib
 
-    real = shards_mod._write_splits
-    calls = 0
+    h = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=seed.to_bytes(8, "little", signed=True))
+    return int.from_bytes(h.digest(), "little") / 2.0**64
 
-    def write(*args, **kwargs):  # type: ignore[no-untyped-def]
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            write_docs(ws / "silos" / "a", ["something else entirely", "and another one"])
-        return real(*args, **kwargs)
 
-    monkeypatch.setattr(shards_mod, "_write_splits", write)
-    with pytest.raises(UserError, match="changed while it was being sharded"):
-        shard_silo(ws, "a", val_fraction=0.01)
-    assert calls == 2
+@pytest.mark.parametrize(("docs", "val_fraction"), [
+    (DOCS[:3] + [DOCS[1]], 0.01),  # none below: the lowest hash (both copies) moves to val
+    ([d for d in DOCS if _side_hash(d, 0) < 0.99][:3], 0.99),  # all below: the highest moves to train
+])
+def test_moved_documents_equal_tokenizers_encoding(ws: Path, docs: list[str],
+                                                   val_fraction: float) -> None:
+    """A tiny silo with a side left empty: the nearest document(s) move over (copied from the
+    file, not re-encoded), and each side holds exactly `tokenizers`' encoding of its
+    documents in document order, with counts to match."""
+    write_docs(ws / "silos" / "t", docs)
+    hashes = [_side_hash(d, 0) for d in docs]
+    below = [h < val_fraction for h in hashes]
+    assert not any(below) or all(below)  # the case under test: one side empty by hash
+    pick = min(hashes) if not any(below) else max(hashes)
+    to_val = [(h == pick) != any(below) for h in hashes]
+    meta = shard_silo(ws, "t", val_fraction=val_fraction)
+    tok = load_tokenizer(ws / "tokenizer.json")
+    tok.encode_special_tokens = True
+    for split, want in (("val", True), ("train", False)):
+        mine = [d for d, v in zip(docs, to_val, strict=True) if v == want]
+        expected = [i for d in mine for i in tok.encode(d, add_special_tokens=False).ids + [0]]
+        assert np.asarray(open_split(ws / "silos" / "t", split)).tolist() == expected
+        assert meta["tokens"][split] == len(expected)
+        assert meta["documents"][split] == len(mine)
+        assert meta["bytes"][split] == sum(len(d.encode("utf-8")) for d in mine)
+    assert not list((ws / "silos" / "t").glob("*.tmp")) and not list((ws / "silos" / "t").glob("*.rest"))

@@ -22,13 +22,13 @@ of each silo is checked against `tokenizers` and any difference falls back to it
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import time
+from array import array
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 import tokenizers
@@ -152,46 +152,92 @@ def _write_splits(
     *,
     dtype: np.dtype,
     seed: int,
+    val_fraction: float,
     fast: Encoder | None,
     hf: Encoder,
-    to_val: Callable[[int, float], bool],
     on_bytes: Callable[[int], None],
-) -> tuple[dict, str, np.ndarray]:
-    """One pass: encode every document into train.bin / val.bin, document i (split hash h)
-    to val when to_val(i, h). Returns (counts, encoder, split hash of each document).
-    Raises UserError, leaving the old shards, if docs.jsonl holds no document."""
+) -> tuple[dict, str]:
+    """One pass: encode every document into train.bin / val.bin, a document to val when its
+    split hash < val_fraction. If that left a side empty (a tiny silo), the document nearest
+    to it moves over afterwards (`_forced_sides`), its tokens copied from the file, not
+    encoded again. Returns (counts, encoder). Raises UserError, leaving the old shards, if
+    docs.jsonl holds no document."""
     counts = {s: {"tokens": 0, "documents": 0, "bytes": 0} for s in ("train", "val")}
     encode, encoder_name = (fast, "tiktoken") if fast is not None else (hf, "tokenizers")
     eos = np.zeros(1, dtype=np.int64)
-    hashes: list[float] = []
-    with atomic_path(silo_dir / "train.bin") as tmp_train, atomic_path(silo_dir / "val.bin") as tmp_val, \
-            open(tmp_train, "wb") as f_train, open(tmp_val, "wb") as f_val:
-        files = {"train": f_train, "val": f_val}
-        texts = _check_unicode(read_texts(docs_path, on_bytes=on_bytes), docs_path)
-        for b, batch in enumerate(_batches(texts)):
-            ids = encode(batch)
-            if b == 0 and encode is not hf:
-                heads = [t[:_CHECK_CHARS] for t in batch[:_CHECK_DOCS]]
-                if not _engines_agree(encode, hf, heads):
-                    encode, encoder_name, ids = hf, "tokenizers", hf(batch)
-            parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-            for text, doc_ids in zip(batch, ids, strict=True):
-                h = _split_hash(text, seed)
-                split = "val" if to_val(len(hashes), h) else "train"
-                hashes.append(h)
-                parts[split] += [doc_ids, eos]
-                c = counts[split]
-                c["tokens"] += doc_ids.size + 1
-                c["documents"] += 1
-                c["bytes"] += len(text.encode("utf-8"))
-            for split, arrays in parts.items():
-                if arrays:
-                    np.concatenate(arrays).astype(dtype).tofile(files[split])
+    hashes = array("d")
+    place = array("q")  # per document: first token in its side's file, tokens, bytes
+    with atomic_path(silo_dir / "train.bin") as tmp_train, atomic_path(silo_dir / "val.bin") as tmp_val:
+        with open(tmp_train, "wb") as f_train, open(tmp_val, "wb") as f_val:
+            files = {"train": f_train, "val": f_val}
+            texts = _check_unicode(read_texts(docs_path, on_bytes=on_bytes), docs_path)
+            for b, batch in enumerate(_batches(texts)):
+                ids = encode(batch)
+                if b == 0 and encode is not hf:
+                    heads = [t[:_CHECK_CHARS] for t in batch[:_CHECK_DOCS]]
+                    if not _engines_agree(encode, hf, heads):
+                        encode, encoder_name, ids = hf, "tokenizers", hf(batch)
+                parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+                for text, doc_ids in zip(batch, ids, strict=True):
+                    h = _split_hash(text, seed)
+                    split = "val" if h < val_fraction else "train"
+                    hashes.append(h)
+                    parts[split] += [doc_ids, eos]
+                    c = counts[split]
+                    n_bytes = len(text.encode("utf-8"))
+                    place.extend((c["tokens"], doc_ids.size + 1, n_bytes))
+                    c["tokens"] += doc_ids.size + 1
+                    c["documents"] += 1
+                    c["bytes"] += n_bytes
+                for split, arrays in parts.items():
+                    if arrays:
+                        np.concatenate(arrays).astype(dtype).tofile(files[split])
         if not hashes:
             raise UserError(f"{docs_path} has no documents: re-run `fedlm data prepare` with more text")
-        f_train.flush()
-        f_val.flush()
-    return counts, encoder_name, np.asarray(hashes, dtype=np.float64)
+        h_all = np.frombuffer(hashes, dtype=np.float64)
+        forced = _forced_sides(h_all, val_fraction)
+        if forced is not None:
+            was_val = h_all < val_fraction
+            # one side is empty: the moved documents are all of it, in document order
+            src, dst = (tmp_val, tmp_train) if was_val.any() else (tmp_train, tmp_val)
+            side = "val" if was_val.any() else "train"
+            other = "train" if side == "val" else "val"
+            where = np.frombuffer(place, dtype=np.int64).reshape(-1, 3)
+            moved = where[forced != was_val]
+            _move_spans(src, dst, moved[:, 0], moved[:, 1], dtype)
+            for key, col in (("tokens", 1), ("bytes", 2)):
+                counts[side][key] -= int(moved[:, col].sum())
+                counts[other][key] += int(moved[:, col].sum())
+            counts[side]["documents"] -= len(moved)
+            counts[other]["documents"] += len(moved)
+    return counts, encoder_name
+
+
+def _move_spans(src: Path, dst: Path, starts: np.ndarray, lengths: np.ndarray,
+                dtype: np.dtype) -> None:
+    """Append the token spans [start, start + length) of `src` to the empty file `dst`, in
+    order, and rewrite `src` without them (copied in bounded chunks)."""
+    tokens = np.memmap(src, dtype=dtype, mode="r")
+    with open(dst, "wb") as f:
+        for s, n in zip(starts.tolist(), lengths.tolist(), strict=True):
+            _copy(tokens, s, s + n, f)
+    rest = src.with_name(src.name + ".rest")
+    try:
+        with open(rest, "wb") as f:
+            done = 0
+            for s, n in zip(starts.tolist(), lengths.tolist(), strict=True):
+                _copy(tokens, done, s, f)
+                done = s + n
+            _copy(tokens, done, len(tokens), f)
+        del tokens
+        rest.replace(src)
+    finally:
+        rest.unlink(missing_ok=True)
+
+
+def _copy(tokens: np.ndarray, start: int, end: int, f: BinaryIO, chunk: int = 1 << 24) -> None:
+    for i in range(start, end, chunk):
+        np.asarray(tokens[i: min(i + chunk, end)]).tofile(f)
 
 
 def _forced_sides(hashes: np.ndarray, val_fraction: float) -> np.ndarray | None:
@@ -243,24 +289,9 @@ def shard_silo(
         if on_progress is not None:
             on_progress(done_bytes, total_bytes)
 
-    # One pass: a document's side is its split hash < val_fraction. Only if that left a side
-    # empty (a tiny silo) is the silo encoded again, with the nearest document moved over.
-    write = functools.partial(_write_splits, docs_path, silo_dir, dtype=dtype, seed=seed,
-                              fast=fast, hf=hf, on_bytes=advance)
-    counts, encoder_name, hashes = write(to_val=lambda i, h: h < val_fraction)
-    forced = _forced_sides(hashes, val_fraction)
-    if forced is not None:
-        def forced_side(i: int, h: float) -> bool:
-            if i >= len(hashes) or h != hashes[i]:
-                raise UserError(f"{docs_path} changed while it was being sharded; "
-                                "run `fedlm data shard` again")
-            return bool(forced[i])
-
-        done_bytes = 0
-        counts, encoder_name, again = write(to_val=forced_side)
-        if len(again) != len(hashes):
-            raise UserError(f"{docs_path} changed while it was being sharded; "
-                            "run `fedlm data shard` again")
+    counts, encoder_name = _write_splits(
+        docs_path, silo_dir, dtype=dtype, seed=seed, val_fraction=val_fraction, fast=fast,
+        hf=hf, on_bytes=advance)
     meta = {
         "silo": silo,
         "tokens": {s: counts[s]["tokens"] for s in counts},
