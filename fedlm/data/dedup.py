@@ -183,27 +183,35 @@ def signatures(keys: np.ndarray, docs: np.ndarray, n_docs: int,
     2 * num_perm rounds (one round, for a document of thousands of shingles).
     """
     k = np.uint64(num_perm)
-    flat = np.full(n_docs * num_perm, _EMPTY, dtype=np.uint64)
+    size = n_docs * num_perm
+    flat = np.full(size, _EMPTY, dtype=np.uint64)
+    # scratch, one entry per bin, reset after each round: the round's smallest value reaching
+    # the bin (np.minimum.at: ~30x faster than sorting the round's (bin, value) pairs), and the
+    # last shingle reaching it (to count each newly filled bin once)
+    best = np.full(size, _EMPTY, dtype=np.uint64)
+    owner = np.full(size, -1, dtype=np.int64)
     filled = np.zeros(n_docs, dtype=np.int64)
-    base = docs.astype(np.uint64) * k  # the document's first slot, per shingle
-    sweep = ((_fmix64(keys ^ _SWEEP_SALT) >> np.uint64(32)) * k) >> np.uint64(32)
+    base = docs.astype(np.int64) * num_perm  # the document's first slot, per shingle
+    sweep = (((_fmix64(keys ^ _SWEEP_SALT) >> np.uint64(32)) * k) >> np.uint64(32)).astype(np.int64)
     for r in range(2 * num_perm):
         h = _fmix64(keys ^ np.uint64((r + 1) * 0x2545F4914F6CDD1D % (1 << 64)))
         if r < num_perm:
-            bins = ((h >> np.uint64(32)) * k) >> np.uint64(32)
+            bins = (((h >> np.uint64(32)) * k) >> np.uint64(32)).astype(np.int64)
         else:
-            bins = (sweep + np.uint64(r - num_perm)) % k
+            bins = (sweep + (r - num_perm)) % num_perm
         slot = base + bins
-        empty = flat[slot.astype(np.int64)] == _EMPTY
-        packed = np.sort((slot[empty] << np.uint64(32)) | (h[empty] & _U32))
-        first = np.ones(len(packed), dtype=bool)
-        first[1:] = (packed[1:] >> np.uint64(32)) != (packed[:-1] >> np.uint64(32))
-        packed = packed[first]  # the smallest value of each (document, bin) this round
+        empty = flat[slot] == _EMPTY
+        slot = slot[empty]
         # the value a bin keeps names its round too: a later round's value never equals it
-        filled_slots = (packed >> np.uint64(32)).astype(np.int64)
-        flat[filled_slots] = (packed & _U32) | np.uint64(r << 32)
+        np.minimum.at(best, slot, (h[empty] & _U32) | np.uint64(r << 32))
+        flat[slot] = best[slot]
+        best[slot] = _EMPTY
+        order = np.arange(len(slot))
+        np.maximum.at(owner, slot, order)
+        new = slot[owner[slot] == order]  # each bin filled this round, once
+        owner[slot] = -1
         # bins filled per document, counted as they fill (not by scanning every bin each round)
-        filled += np.bincount(filled_slots // num_perm, minlength=n_docs)
+        filled += np.bincount(new // num_perm, minlength=n_docs)
         open_docs = filled < num_perm
         if not open_docs.any():
             break
