@@ -199,3 +199,45 @@ def test_batch_index_without_dict_storage(monkeypatch: pytest.MonkeyPatch) -> No
     for idx, sig in slow._sigs.items():
         found = slow._lsh.query(LeanMinHash(seed=0, hashvalues=sig, scheme="affine32"))
         assert idx in found
+
+
+def _sketch_reference(keys: list[int], num_perm: int) -> list[int]:
+    """The sketch as its docstring defines it, one document, plain Python integers."""
+    m64 = (1 << 64) - 1
+
+    def fmix(h: int) -> int:
+        h ^= h >> 33
+        h = h * 0xFF51AFD7ED558CCD & m64
+        h ^= h >> 33
+        h = h * 0xC4CEB9FE1A85EC53 & m64
+        return h ^ (h >> 33)
+
+    bins: list[int | None] = [None] * num_perm
+    sweep = [((fmix(k ^ 0x7A3C5E1F0B9D2468) >> 32) * num_perm) >> 32 for k in keys]
+    for r in range(2 * num_perm):
+        salt = (r + 1) * 0x2545F4914F6CDD1D % (1 << 64)
+        best: dict[int, int] = {}
+        for k, sw in zip(keys, sweep, strict=True):
+            h = fmix(k ^ salt)
+            b = ((h >> 32) * num_perm) >> 32 if r < num_perm else (sw + r - num_perm) % num_perm
+            if bins[b] is None:
+                v = (h & 0xFFFFFFFF) | (r << 32)
+                best[b] = min(best.get(b, v), v)
+        for b, v in best.items():
+            bins[b] = v
+        if all(v is not None for v in bins):
+            break
+    return [fmix(v) & 0xFFFFFFFF for v in bins if v is not None]
+
+
+def test_signatures_equal_reference_sketch() -> None:
+    """The batched numpy sketch equals the round-by-round definition, document by document
+    (1 to 300 shingles, so the random rounds and the sweeps both fill bins)."""
+    rng = random.Random(9)
+    sizes = [1, 2, 3, 7, 40, 300]
+    docs_keys = [[rng.getrandbits(64) for _ in range(n)] for n in sizes]
+    keys = np.array([k for ks in docs_keys for k in ks], dtype=np.uint64)
+    docs = np.repeat(np.arange(len(sizes)), sizes)
+    sig = signatures(keys, docs, len(sizes), num_perm=16)
+    for row, ks in zip(sig, docs_keys, strict=True):
+        assert row.tolist() == _sketch_reference(ks, 16)
