@@ -248,3 +248,27 @@ def test_repeated_lines_ratio_matches_line_by_line(lines: list[str]) -> None:
     full = "x" * 20 + "\n" + text  # long enough for the length filter, no symbols
     ratio, n = _repeated_lines_reference(full)
     assert (quality_reason(full) == "repeated_lines") == (n >= 6 and ratio > 0.6)
+
+
+def _normalize_reference(text: str) -> str:
+    """normalize as first written: NFKC, then one regex per clean-up."""
+    import unicodedata
+
+    from fedlm.data.clean import _BLANK_RUNS, _CONTROL, _TRAILING_SPACE
+
+    text = unicodedata.normalize("NFKC", text)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROL.sub("", text)
+    text = _TRAILING_SPACE.sub("\n", text)
+    return _BLANK_RUNS.sub("\n\n", text).strip()
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(list("ab \t\n\r\x00\x07\x0b\x1f\x7f\x85\u200b\ufeff\u00ad"
+                                                  "\u3000ＡＢ１，é中")), max_size=60))
+def test_normalize_matches_plain_regex_version(text: str) -> None:
+    """Property: the fast paths (byte check for controls, reversed trailing-space pattern,
+    replace passes for blank runs) give exactly the one-regex-per-step result."""
+    from fedlm.data.clean import normalize
+
+    assert normalize(text) == _normalize_reference(text)

@@ -29,7 +29,9 @@ that repeat an earlier line of the same document."""
 
 # C0/C1 controls except tab and newline, plus zero-width space, BOM, soft hyphen.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f-\x9f\u200b\ufeff\u00ad]")
+_ASCII_NOT_CONTROL = bytes(c for c in range(128) if not _CONTROL.match(chr(c)))
 _TRAILING_SPACE = re.compile(r"[ \t]+\n")
+_TRAILING_SPACE_REVERSED = re.compile(r"\n[ \t]+")
 _BLANK_RUNS = re.compile(r"\n{3,}")
 _CJK = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 _LATIN = re.compile("[A-Za-z\u00c0-\u024f]")
@@ -44,13 +46,16 @@ def normalize(text: str) -> str:
         text = unicodedata.normalize("NFKC", text)
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
-    # each substitution only when a cheap substring test says it has work to do
-    if _CONTROL.search(text):
+    # each substitution only when a cheap test says it has work to do
+    if (text.encode("ascii").translate(None, _ASCII_NOT_CONTROL) if text.isascii()
+            else _CONTROL.search(text)):
         text = _CONTROL.sub("", text)
     if " \n" in text or "\t\n" in text:
-        text = _TRAILING_SPACE.sub("\n", text)
-    if "\n\n\n" in text:
-        text = _BLANK_RUNS.sub("\n\n", text)
+        # reversed, each run ends up after its newline: the pattern then starts with a
+        # literal, which `re` finds far faster than a class as common as the space
+        text = _TRAILING_SPACE_REVERSED.sub("\n", text[::-1])[::-1]
+    while "\n\n\n" in text:  # str.replace passes: faster than a regex over every newline
+        text = text.replace("\n\n\n", "\n\n")
     return text.strip()
 
 
