@@ -276,3 +276,19 @@ def test_moved_documents_equal_tokenizers_encoding(ws: Path, docs: list[str],
         assert meta["documents"][split] == len(mine)
         assert meta["bytes"][split] == sum(len(d.encode("utf-8")) for d in mine)
     assert not list((ws / "silos" / "t").glob("*.tmp")) and not list((ws / "silos" / "t").glob("*.rest"))
+
+
+def test_tiktoken_encoder_equals_tokenizers_on_special_looking_text(ws: Path) -> None:
+    """The tiktoken engine (numpy output, one never-allowed special token) encodes like
+    `tokenizers`, also text holding that token's string, EOS's string, or nothing at all."""
+    from fedlm.data.shards import UNUSED_SPECIAL, _hf_encoder, _tiktoken_encoder
+
+    tok = load_tokenizer(ws / "tokenizer.json")
+    fast = _tiktoken_encoder(tok)
+    if fast is None:
+        pytest.skip("tiktoken not installed")
+    texts = [f"a {UNUSED_SPECIAL} b", UNUSED_SPECIAL, f"<|endoftext|>{UNUSED_SPECIAL}中文", "", " ",
+             *DOCS[:5]]
+    hf = _hf_encoder(load_tokenizer(ws / "tokenizer.json"))
+    for a, b in zip(fast(texts), hf(texts), strict=True):
+        assert a.tolist() == b.tolist()

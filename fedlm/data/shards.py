@@ -53,6 +53,7 @@ _CHECK_DOCS = 32  # documents of each silo encoded by both engines to confirm th
 _CHECK_CHARS = 1024  # ... their first this many characters (both engines get the same text)
 
 Encoder = Callable[[list[str]], list[np.ndarray]]
+UNUSED_SPECIAL = "<|fedlm-unused-special|>"
 
 
 def list_silos(workspace: Path) -> list[str]:
@@ -91,13 +92,21 @@ def _tiktoken_encoder(tok: tokenizers.Tokenizer) -> Encoder | None:
         ranks, rank_to_id = bpe_ranks(tok)
     except (KeyError, ValueError):  # not a plain byte-level BPE (e.g. SmolLM2's): use tokenizers
         return None
-    enc = tiktoken.Encoding("fedlm", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
+    # One special token, never allowed: `encode_to_numpy` then encodes exactly as
+    # `encode_ordinary` (an occurrence of it is encoded as text), straight into a numpy buffer
+    # instead of a Python list of ints (~20% less CPU). With no special token at all, tiktoken
+    # looks for the empty pattern at every character, several times slower.
+    enc = tiktoken.Encoding("fedlm", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                            special_tokens={UNUSED_SPECIAL: max(ranks.values()) + 1})
 
     def run(texts: list[str]) -> list[np.ndarray]:
-        # Per document, not encode_ordinary_batch: its thread pool costs more than short documents.
+        # Per document, not a batch call: its thread pool costs more than short documents.
+        return [rank_to_id[enc.encode_to_numpy(t, disallowed_special=())] for t in texts]
+
+    def run_lists(texts: list[str]) -> list[np.ndarray]:  # a tiktoken without encode_to_numpy
         return [rank_to_id[np.asarray(enc.encode_ordinary(t), dtype=np.int64)] for t in texts]
 
-    return run
+    return run if hasattr(enc, "encode_to_numpy") else run_lists
 
 
 def _engines_agree(fast: Encoder, hf: Encoder, texts: list[str]) -> bool:
