@@ -10,6 +10,8 @@ import re
 import numpy as np
 import pytest
 from datasketch import LeanMinHash, MinHash
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedlm.data.dedup import NUM_PERM, Deduper, _word_units, minhash, shingle_hashes, signatures
 
@@ -241,3 +243,27 @@ def test_signatures_equal_reference_sketch() -> None:
     sig = signatures(keys, docs, len(sizes), num_perm=16)
     for row, ks in zip(sig, docs_keys, strict=True):
         assert row.tolist() == _sketch_reference(ks, 16)
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(list("aB \t\n\x0b\x0c\r\x1c\x1f\x85\xa0\u2028\u3000É中İ.")),
+                    max_size=40))
+def test_exact_key_is_hash_of_collapsed_lowercase(text: str) -> None:
+    """Property: the replace-based key equals blake2b of `" ".join(text.lower().split())`."""
+    import hashlib
+
+    from fedlm.data.dedup import exact_key
+
+    want = hashlib.blake2b(" ".join(text.lower().split()).encode("utf-8"), digest_size=16).digest()
+    assert exact_key(text) == want
+
+
+def test_known_lsh_params_are_datasketch_choices() -> None:
+    """The bands and rows kept for common thresholds are what MinHashLSH itself picks."""
+    from datasketch import MinHashLSH
+
+    from fedlm.data.dedup import KNOWN_LSH_PARAMS, LSH_WEIGHTS
+
+    for (threshold, num_perm), params in KNOWN_LSH_PARAMS.items():
+        lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS)
+        assert (lsh.b, lsh.r) == params
