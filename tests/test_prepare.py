@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -272,3 +273,23 @@ def test_normalize_matches_plain_regex_version(text: str) -> None:
     from fedlm.data.clean import normalize
 
     assert normalize(text) == _normalize_reference(text)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(list("ab_ \t\n.,!ß中文かな한€™\u0301\u00d7\u2028\U0001f600١")),
+                    min_size=2000, max_size=3000))
+def test_long_text_counts_match_regex(text: str) -> None:
+    """Property: on long texts, the code-point counts of the symbol filter and the script
+    guess equal the regex definitions (`[^\\w\\s]|_`, the CJK and Latin classes)."""
+    from fedlm.data import clean
+
+    nonspace = len(text) - sum(text.count(c) for c in " \t\n")
+    symbols = len(re.findall(r"[^\w\s]|_", text))
+    assert clean.symbol_ratio(text) == symbols / max(nonspace, 1)
+    assert clean._count_symbols(text) == symbols
+    cjk, latin = len(clean._CJK.findall(text)), len(clean._LATIN.findall(text))
+    letters = sum(1 for c in text if c.isalpha()) if cjk + latin < len(text) // 4 else cjk + latin
+    want = ("latin" if text.isascii()
+            else "cjk" if cjk >= 0.3 * max(letters, 1) and cjk > 0
+            else "latin" if latin >= 0.5 * max(letters, 1) else "other")
+    assert clean.script_of(text) == want

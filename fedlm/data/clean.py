@@ -12,9 +12,12 @@ symbols, and documents that are mostly the same line repeated.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from typing import Literal
+
+import numpy as np
 
 Script = Literal["latin", "cjk", "other"]
 
@@ -64,8 +67,17 @@ def script_of(text: str, sample: int = 20_000) -> Script:
     head = text[:sample]
     if head.isascii():
         return "latin"
-    cjk = len(_CJK.findall(head))
-    latin = len(_LATIN.findall(head))
+    if len(head) >= _NUMPY_MIN:  # counted over code points: a regex match list costs more
+        cp = _code_points(head)
+        cjk = int(np.count_nonzero(
+            ((cp >= 0x3040) & (cp <= 0x30FF)) | ((cp >= 0x3400) & (cp <= 0x4DBF))
+            | ((cp >= 0x4E00) & (cp <= 0x9FFF)) | ((cp >= 0xAC00) & (cp <= 0xD7AF))
+            | ((cp >= 0xF900) & (cp <= 0xFAFF))))
+        latin = int(np.count_nonzero(((cp >= 65) & (cp <= 90)) | ((cp >= 97) & (cp <= 122))
+                                     | ((cp >= 0xC0) & (cp <= 0x24F))))
+    else:
+        cjk = len(_CJK.findall(head))
+        latin = len(_LATIN.findall(head))
     letters = sum(1 for c in head if c.isalpha()) if cjk + latin < len(head) // 4 else cjk + latin
     if cjk >= 0.3 * max(letters, 1) and cjk > 0:
         return "cjk"
@@ -82,8 +94,33 @@ def symbol_ratio(text: str) -> float:
         symbols = len(raw.translate(None, _ASCII_WORD_OR_SPACE))
     else:
         nonspace = len(text) - sum(text.count(c) for c in " \t\n")
-        symbols = len(text) - len(_NOT_WORD_OR_SPACE.sub("", text))
+        symbols = (_count_symbols(text) if len(text) >= _NUMPY_MIN
+                   else len(text) - len(_NOT_WORD_OR_SPACE.sub("", text)))
     return symbols / max(nonspace, 1)
+
+
+_NUMPY_MIN = 2048  # shorter texts: regex (numpy's fixed cost per call is larger)
+_LOW = 0x3000  # code points below this are classified by a table
+
+
+def _code_points(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
+@functools.cache
+def _low_word_or_space() -> np.ndarray:
+    """Per code point below _LOW: `\\w` or `\\s` as `re` means them (isalnum, '_' aside, or isspace)."""
+    return np.array([chr(c).isalnum() or chr(c).isspace() for c in range(_LOW)], dtype=bool)
+
+
+def _count_symbols(text: str) -> int:
+    """Characters of `text` that `_NOT_WORD_OR_SPACE` matches: neither alphanumeric nor space."""
+    cp = _code_points(text)
+    low = cp < _LOW
+    n = int(np.count_nonzero(~_low_word_or_space()[cp[low]]))
+    high, counts = np.unique(cp[~low], return_counts=True)
+    return n + sum(k for c, k in zip(high.tolist(), counts.tolist(), strict=True)
+                   if not (chr(c).isalnum() or chr(c).isspace()))
 
 
 def repeated_lines_ratio(text: str) -> tuple[float, int]:
