@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO
 
 from fedlm.data.clean import normalize, quality_reason, script_of
 from fedlm.data.dedup import Deduper
@@ -72,7 +72,7 @@ def prepare_silo(sources: list[Path], *, silo: str, workspace: Path,
     silo_dir = Path(workspace) / "silos" / silo
 
     with atomic_dir(silo_dir) as tmp:
-        with open(tmp / "docs.jsonl", "w", encoding="utf-8") as out:
+        with open(tmp / "docs.jsonl", "wb") as out:
             # One batch may span many files (a silo of 480 one-document files is a few
             # batches, not 480): the per-batch numpy work in dedup is then paid a few times.
             batch = _Batch()
@@ -86,7 +86,8 @@ def prepare_silo(sources: list[Path], *, silo: str, workspace: Path,
                         clock.start()
                         raw = next(docs, None)
                         if raw is not None:
-                            raw_bytes = len(raw.encode("utf-8", "surrogatepass"))
+                            raw_bytes = (len(raw) if raw.isascii()
+                                         else len(raw.encode("utf-8", "surrogatepass")))
                         clock.lap("read")
                         if raw is None:
                             break
@@ -185,7 +186,7 @@ class _Stats:
 
 
 def _process(raws: list[str], rels: list[str], st: _Stats, clock: _StageClock,
-             out: TextIO) -> None:
+             out: BinaryIO) -> None:
     """Normalise, scrub, filter and dedup a batch of documents (in order; `rels[i]` is the
     source of `raws[i]`); write the survivors."""
     if not raws:
@@ -220,14 +221,14 @@ def _process(raws: list[str], rels: list[str], st: _Stats, clock: _StageClock,
             continue
         mix = st.scripts.setdefault(script, Counter())
         mix["documents"] += 1
-        n_bytes = len(text.encode("utf-8"))
+        n_bytes = len(text) if text.isascii() else len(text.encode("utf-8"))
         mix["bytes"] += n_bytes
         st.bytes_out += n_bytes
         lines.append(json.dumps({"text": text, "source": rel}, ensure_ascii=False) + "\n")
     if lines:
-        chunk = "".join(lines)
+        chunk = "".join(lines).encode("utf-8")  # encoded once, for the file and its hash
         out.write(chunk)
-        st.digest.update(chunk.encode("utf-8"))
+        st.digest.update(chunk)
         st.docs_out += len(lines)
     clock.lap("write")
 

@@ -148,7 +148,8 @@ def _batches(texts: Iterator[str]) -> Iterator[list[str]]:
 def _check_unicode(texts: Iterator[str], docs_path: Path) -> Iterator[str]:
     for i, t in enumerate(texts, 1):
         try:
-            t.encode("utf-8")
+            if not t.isascii():
+                t.encode("utf-8")
         except UnicodeEncodeError as e:
             raise UserError(f"{docs_path}: document {i} is not valid Unicode ({e.reason}); "
                             "re-run `fedlm data prepare` for this silo") from e
@@ -193,7 +194,7 @@ def _write_splits(
                     hashes.append(h)
                     parts[split] += [doc_ids, eos]
                     c = counts[split]
-                    n_bytes = len(text.encode("utf-8"))
+                    n_bytes = len(text) if text.isascii() else len(text.encode("utf-8"))
                     place.extend((c["tokens"], doc_ids.size + 1, n_bytes))
                     c["tokens"] += doc_ids.size + 1
                     c["documents"] += 1
