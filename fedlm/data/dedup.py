@@ -48,6 +48,7 @@ _U32 = np.uint64(0xFFFFFFFF)
 _EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)  # an empty bin (values are < 2**32)
 _EMPTY_DOC_KEY = np.uint64(0x5BD1E9955BD1E995)  # the one "shingle" of a document without units
 _SWEEP_SALT = np.uint64(0x7A3C5E1F0B9D2468)
+_PROPOSALS = 1 << 14  # (shingle, round) proposals per step of `signatures`
 _ASCII_WORD = np.array([chr(c).isalnum() or c == 95 for c in range(128)], dtype=bool)
 _word_table: np.ndarray | None = None
 _powers: tuple[np.ndarray, np.ndarray] = (np.ones(1, np.uint64), np.ones(1, np.uint64))
@@ -181,38 +182,31 @@ def signatures(keys: np.ndarray, docs: np.ndarray, n_docs: int,
     the smallest value of the first round that reaches it. Rounds < num_perm pick bins at
     random, later ones sweep each shingle over every bin, so a document is full after at most
     2 * num_perm rounds (one round, for a document of thousands of shingles).
+
+    A bin's value carries its round in its high bits, so "the first round, then the smallest
+    value" is the minimum over every (shingle, round) proposal: rounds are independent and
+    are done in growing groups (one `np.minimum.at` each), only for documents not yet full
+    (after round 0, those with few shingles).
     """
     k = np.uint64(num_perm)
-    size = n_docs * num_perm
-    flat = np.full(size, _EMPTY, dtype=np.uint64)
-    # scratch, one entry per bin, reset after each round: the round's smallest value reaching
-    # the bin (np.minimum.at: ~30x faster than sorting the round's (bin, value) pairs), and the
-    # last shingle reaching it (to count each newly filled bin once)
-    best = np.full(size, _EMPTY, dtype=np.uint64)
-    owner = np.full(size, -1, dtype=np.int64)
-    filled = np.zeros(n_docs, dtype=np.int64)
+    flat = np.full(n_docs * num_perm, _EMPTY, dtype=np.uint64)
     base = docs.astype(np.int64) * num_perm  # the document's first slot, per shingle
     sweep = (((_fmix64(keys ^ _SWEEP_SALT) >> np.uint64(32)) * k) >> np.uint64(32)).astype(np.int64)
-    for r in range(2 * num_perm):
-        h = _fmix64(keys ^ np.uint64((r + 1) * 0x2545F4914F6CDD1D % (1 << 64)))
-        if r < num_perm:
-            bins = (((h >> np.uint64(32)) * k) >> np.uint64(32)).astype(np.int64)
-        else:
-            bins = (sweep + (r - num_perm)) % num_perm
-        slot = base + bins
-        empty = flat[slot] == _EMPTY
-        slot = slot[empty]
-        # the value a bin keeps names its round too: a later round's value never equals it
-        np.minimum.at(best, slot, (h[empty] & _U32) | np.uint64(r << 32))
-        flat[slot] = best[slot]
-        best[slot] = _EMPTY
-        order = np.arange(len(slot))
-        np.maximum.at(owner, slot, order)
-        new = slot[owner[slot] == order]  # each bin filled this round, once
-        owner[slot] = -1
-        # bins filled per document, counted as they fill (not by scanning every bin each round)
-        filled += np.bincount(new // num_perm, minlength=n_docs)
-        open_docs = filled < num_perm
+    r = 0
+    while r < 2 * num_perm:
+        # rounds r .. r_end - 1 at once: one round while many shingles are active (a round
+        # fills most bins), many when few are (the documents with few shingles)
+        r_end = min(2 * num_perm, r + max(1, _PROPOSALS // len(keys)))
+        rounds = np.arange(r, r_end, dtype=np.uint64)
+        salts = (rounds + np.uint64(1)) * np.uint64(0x2545F4914F6CDD1D)  # mod 2**64
+        h = _fmix64(keys[:, None] ^ salts[None, :])  # (shingles, rounds)
+        random_bins = (((h >> np.uint64(32)) * k) >> np.uint64(32)).astype(np.int64)
+        sweep_bins = (sweep[:, None] + (rounds.astype(np.int64) - num_perm)[None, :]) % num_perm
+        bins = np.where((rounds < k)[None, :], random_bins, sweep_bins)
+        np.minimum.at(flat, (base[:, None] + bins).ravel(),
+                      ((h & _U32) | (rounds << np.uint64(32))[None, :]).ravel())
+        r = r_end
+        open_docs = (flat.reshape(n_docs, num_perm) == _EMPTY).any(axis=1)
         if not open_docs.any():
             break
         active = open_docs[docs]
