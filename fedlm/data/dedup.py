@@ -372,14 +372,15 @@ def _shares_a_band(sigs: np.ndarray, ranges: Sequence[tuple[int, int]]) -> np.nd
     n = len(sigs)
     if n < 2:
         return np.zeros(n, dtype=bool)
+    width = ranges[0][1] - ranges[0][0]
+    if any(end - start != width for start, end in ranges):
+        raise ValueError("bands of unequal width")
+    starts = np.array([start for start, _ in ranges])
+    # (n, bands): every band hashed at once, column by column; a band's index salts its hash
+    h = np.broadcast_to(np.arange(len(ranges), dtype=np.uint64), (n, len(ranges)))
     wide = sigs.astype(np.uint64)
-    hashes = []
-    for b, (start, end) in enumerate(ranges):
-        h = np.full(n, np.uint64(b), dtype=np.uint64)
-        for c in range(start, end):
-            h = _fmix64(h * _MIX + wide[:, c])
-        hashes.append(h)
-    flat = np.concatenate(hashes)  # band b of row i at b * n + i; a band salts its hash
-    _, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
+    for c in range(width):
+        h = _fmix64(h * _MIX + wide[:, starts + c])
+    _, inverse, counts = np.unique(h.T.ravel(), return_inverse=True, return_counts=True)
     shared = np.asarray((counts[inverse] > 1).reshape(len(ranges), n).any(axis=0))
     return shared
