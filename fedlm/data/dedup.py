@@ -50,6 +50,7 @@ _EMPTY_DOC_KEY = np.uint64(0x5BD1E9955BD1E995)  # the one "shingle" of a documen
 _SWEEP_SALT = np.uint64(0x7A3C5E1F0B9D2468)
 _PROPOSALS = 1 << 14  # (shingle, round) proposals per step of `signatures`
 _ASCII_WORD = np.array([chr(c).isalnum() or c == 95 for c in range(128)], dtype=bool)
+_ASCII_WORD_BYTES = _ASCII_WORD.astype(np.uint8).tobytes() + bytes(128)  # a bytes.translate table
 _word_table: np.ndarray | None = None
 _powers: tuple[np.ndarray, np.ndarray] = (np.ones(1, np.uint64), np.ones(1, np.uint64))
 
@@ -123,10 +124,15 @@ _GROUP_CHARS = 1 << 20
 def _word_units_group(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     lowered = [t.lower() for t in texts]
     joined = "\n".join(lowered)  # "\n" is not a word character: words never span two texts
-    cp = _codepoints(joined)
-    is_word = (_ASCII_WORD[cp] if cp.dtype == np.uint8
-               else _unicode_word_table(int(cp.max()) + 1)[cp])
-    edges = np.flatnonzero(np.diff(is_word.view(np.int8), prepend=0, append=0))
+    padded = np.zeros(len(joined) + 2, dtype=bool)  # is_word, with False at both ends
+    if joined.isascii():
+        raw = joined.encode("ascii")
+        cp = np.frombuffer(raw, dtype=np.uint8)
+        padded[1:-1] = np.frombuffer(raw.translate(_ASCII_WORD_BYTES), dtype=bool)
+    else:
+        cp = _codepoints(joined)
+        padded[1:-1] = _unicode_word_table(int(cp.max()) + 1)[cp]
+    edges = np.flatnonzero(padded[1:] != padded[:-1])
     starts, ends = edges[0::2], edges[1::2]  # word i is cp[starts[i]:ends[i]]
     up, down = _power_tables(len(cp))
     prefix = np.zeros(len(cp) + 1, dtype=np.uint64)
