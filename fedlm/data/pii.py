@@ -354,9 +354,9 @@ def _scrub_long(text: str, counts: Counter[str]) -> str:
         name, before, after = _ANCHORS[pattern]
         spans = _windows(text, _anchor(name, codes, memo), before, after,
                          max(_GAP, before + after + 1))
-        found = counts[kind]
+        found = counts.get(kind, 0)
         text = _apply_in_windows([rule], text, spans, counts)
-        if counts[kind] != found:
+        if counts.get(kind, 0) != found:
             codes = None  # placeholders moved the anchors
     return text
 
@@ -372,5 +372,30 @@ def scrub(text: str) -> tuple[str, Counter[str]]:
     if _HAS_DIGIT.search(text) is None:
         return text, counts
     if len(text) < _SMALL:
-        return _apply(RULES, text, counts), counts
+        return _scrub_short(text, counts), counts
     return _scrub_long(text, counts), counts
+
+
+# An anchor in a regex, to ask a short text whether it holds one at all. Placeholders hold no
+# digit, letter next to a digit, '+', '.' or ':', so a text that has none of an anchor keeps
+# having none as the rules replace things.
+_ANCHOR_SEARCH: dict[str, Callable[[str], object]] = {
+    "digits4": re.compile(r"\d{4}", _F).search,
+    "iban": re.compile(r"[A-Z]{2}\d{2}", _F).search,
+    "ipv4": re.compile(r"\d\.\d", _F).search,
+    "plus": re.compile(r"\+").search,
+    "colon": re.compile(r":[0-9A-Fa-f]{0,4}:").search,
+}
+
+
+def _scrub_short(text: str, counts: Counter[str]) -> str:
+    """The rules in turn over the whole (short) text, skipping those whose anchor it lacks."""
+    present: dict[str, bool] = {}
+    for rule in RULES:
+        kind, pattern, pii_len, _ = rule
+        name = _ANCHORS[pattern][0]
+        if name not in present:
+            present[name] = _ANCHOR_SEARCH[name](text) is not None
+        if present[name]:
+            text = _sub(pattern, kind, pii_len, text, counts)
+    return text
