@@ -90,10 +90,10 @@ def symbol_ratio(text: str) -> float:
     """Share of non-space characters that are neither letters, digits nor marks."""
     if text.isascii():
         raw = text.encode("ascii")
-        nonspace = len(raw) - sum(raw.count(c) for c in b" \t\n")
+        nonspace = len(raw) - raw.count(b" ") - raw.count(b"\t") - raw.count(b"\n")
         symbols = len(raw.translate(None, _ASCII_WORD_OR_SPACE))
     else:
-        nonspace = len(text) - sum(text.count(c) for c in " \t\n")
+        nonspace = len(text) - text.count(" ") - text.count("\t") - text.count("\n")
         symbols = (_count_symbols(text) if len(text) >= _NUMPY_MIN
                    else len(text) - len(_NOT_WORD_OR_SPACE.sub("", text)))
     return symbols / max(nonspace, 1)
