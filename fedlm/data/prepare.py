@@ -55,7 +55,8 @@ def prepare_silo(sources: list[Path], *, silo: str, workspace: Path,
 
     `on_progress(bytes_done, bytes_total)` is called as files are read (input bytes).
     `timings` / `cpu_timings`, if given, receive the wall / CPU seconds spent per stage (for
-    the benchmark). Documents go through the stages in batches (numpy work in dedup is per
+    the benchmark). Documents go through the stages in batches of up to `_BATCH_DOCS`
+    documents or `_BATCH_CHARS` characters, across file boundaries (numpy work in dedup is per
     batch, and timing each batch rather than each document costs nothing); the output is the
     same as one document at a time.
     """
