@@ -267,3 +267,18 @@ def test_known_lsh_params_are_datasketch_choices() -> None:
     for (threshold, num_perm), params in KNOWN_LSH_PARAMS.items():
         lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS)
         assert (lsh.b, lsh.r) == params
+
+
+def test_power_tables_are_powers() -> None:
+    """The hashing's power tables by doubling equal Python's pow(base, i, 2**64) and the
+    running product."""
+    from fedlm.data.dedup import _MIX, _MIX_INV, _geometric
+
+    for base in (int(_MIX), int(_MIX_INV), 3):
+        for n in (1, 2, 3, 5, 1000, 70_001):
+            g = _geometric(base, n)
+            assert len(g) == n
+            assert all(int(g[i]) == pow(base, i, 1 << 64) for i in {0, 1 % n, n // 2, n - 1})
+            ones = np.ones(n, dtype=np.uint64)
+            ones[1:] = base
+            assert np.array_equal(np.cumprod(ones, dtype=np.uint64), g)

@@ -85,11 +85,22 @@ def _power_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
     global _powers
     if len(_powers[0]) < n:
         size = -(-n // (1 << 18)) * (1 << 18)
-        up = np.full(size, _MIX, dtype=np.uint64)
-        down = np.full(size, _MIX_INV, dtype=np.uint64)
-        up[0] = down[0] = 1
-        _powers = (np.cumprod(up, dtype=np.uint64), np.cumprod(down, dtype=np.uint64))
+        _powers = (_geometric(int(_MIX), size), _geometric(int(_MIX_INV), size))
     return _powers[0][:n], _powers[1][:n]
+
+
+def _geometric(base: int, n: int) -> np.ndarray:
+    """base**i mod 2**64 for i < n (uint64), by doubling: p[m:2m] = p[:m] * base**m (an
+    integer cumprod is ~10x slower)."""
+    out = np.empty(max(n, 1), dtype=np.uint64)
+    out[0] = 1
+    m, step = 1, base % (1 << 64)  # step = base**m mod 2**64
+    while m < n:
+        k = min(m, n - m)
+        np.multiply(out[:k], np.uint64(step), out=out[m: m + k])
+        m += k
+        step = step * step % (1 << 64)
+    return out[:n]
 
 
 def _codepoints(text: str) -> np.ndarray:
