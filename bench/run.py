@@ -1,7 +1,7 @@
 """`make bench`: run every benchmark side by side and write BENCHMARKS.md.
 
     python -m bench.run                    # everything (about 15 minutes on this machine)
-    python -m bench.run --only model       # one section: model, federation, data, serve
+    python -m bench.run --only model       # one section: model, federation, data, serve, plan
     python -m bench.run --quick            # a fast smoke run with fewer repeats
 
 Each benchmark module returns a dict; this driver times it, turns it into a table (figures,
@@ -26,7 +26,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "BENCHMARKS.md"
-SECTIONS = ("model", "federation", "data", "serve")
+SECTIONS = ("model", "federation", "data", "serve", "plan")
 
 
 def _ok(flag: bool | None) -> str:
@@ -175,14 +175,40 @@ def serve_section(quick: bool) -> tuple[dict[str, Any], str]:
     return r, text
 
 
+def plan_section(quick: bool) -> tuple[dict[str, Any], str]:
+    from bench.plan_bench import run
+
+    r = run(quick=quick)
+    rows = []
+    for case in r["cases"]:
+        if "skipped" in case:
+            rows.append([case["case"], "skipped", "", "", "", case["skipped"][:80]])
+            continue
+        for key, label in (("peak_memory_mib", "peak memory, MiB"), ("seconds_per_step", "seconds per step"),
+                           ("seconds_per_round", "seconds per round"), ("bytes_up_per_silo", "bytes up per silo")):
+            if key in case:
+                row = case[key]
+                rows.append([f"{case['case']}: {label}", f"{row['predicted']:,}", f"{row['measured']:,}",
+                             f"{row['ratio']:.2f}", "within ±25%", _ok(row["within_25pct"])])
+    text = (
+        "`fedlm plan`'s predictions against measured runs on this machine (`bench/plan_bench.py`): "
+        "peak RSS and step time of one silo's round in a fresh process (one torch thread), and the "
+        "real in-process runner's seconds per round.\n\n"
+        + _table(["case", "predicted", "measured", "ratio", "target", ""], rows)
+    )
+    return r, text
+
+
 RUNNERS: dict[str, Callable[[bool], tuple[dict[str, Any], str]]] = {
     "model": model_section, "federation": federation_section, "data": data_section, "serve": serve_section,
+    "plan": plan_section,
 }
 TITLES = {
     "model": "Model: fedlm vs transformers (issue 2)",
     "federation": "Federation: round overhead and secure aggregation (issue 7)",
     "data": "Data pipeline throughput (issue 3)",
     "serve": "Serving (issue 6)",
+    "plan": "Planning: predicted vs measured (issue 5)",
 }
 
 

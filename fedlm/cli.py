@@ -309,11 +309,12 @@ def export(
 def demo(
     quick: Annotated[bool, typer.Option(help="A small run that finishes in about two minutes.")] = False,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("demo-out"),
+    seed: Annotated[int, typer.Option(help="Seed of the weights and data order of every run.")] = 1337,
 ) -> None:
     """The whole flow on the bundled corpus: prepare, tokenizer, shard, train, evaluate, generate."""
     from fedlm.demo import run_demo
 
-    run_demo(out, quick=quick)
+    run_demo(out, quick=quick, seed=seed)
 
 
 @app.command()
