@@ -211,6 +211,12 @@ def train(
             summary = run_federated(cfg, out, resume=resume, on_round=lambda r, n, row: update(r, n),
                                     superlink=superlink, root_certificates=root_certificates, insecure=insecure)
         _out(f"federated: {summary.get('rounds', cfg.federation.rounds)} rounds -> {out}")
+        if cfg.federation.personalize_steps:
+            from fedlm.train import personalise
+
+            with progress_bar("personalise", unit="steps") as update:
+                done = personalise(cfg, out, on_step=lambda s, t, row: update(s, t))
+            _out(f"personalised {len(done)} silos: {', '.join(str(p) for p in done.values())}")
         return
     with progress_bar("train", unit="steps") as update:
         def on_step(step: int, total: int, row: dict[str, float]) -> None:

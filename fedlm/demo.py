@@ -33,7 +33,7 @@ from fedlm.fileio import write_json
 from fedlm.generate import generate
 from fedlm.modelio import load_model
 from fedlm.progress import console, progress_bar
-from fedlm.train import train
+from fedlm.train import personalise, train
 
 
 @dataclass(frozen=True)
@@ -128,12 +128,9 @@ def run_all(base: list[str], out: Path) -> dict[str, Path]:
                               "train.checkpoint_every": steps})
         runs[f"local:{silo}"] = _train(local, out / f"local-{silo}", f"local {silo}")
     if fed.personalize_steps:
-        for silo in SILOS:
-            p = fed.personalize_steps
-            pers = _with(base, **{"train.mode": "centralised", "data.silos": [silo], "train.steps": p,
-                                 "train.checkpoint_every": p, "train.warmup_steps": 1,
-                                 "train.init_from": str(out / "federated")})
-            runs[f"personalised:{silo}"] = _train(pers, out / f"personalised-{silo}", f"personalise {silo}")
+        with progress_bar("personalise", unit="steps") as update:
+            for silo, run_dir in personalise(cfg, runs["federated"], on_step=lambda s, t, row: update(s, t)).items():
+                runs[f"personalised:{silo}"] = run_dir
     return runs
 
 

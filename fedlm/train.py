@@ -497,3 +497,21 @@ def train_local_only(cfg: Config, out_dir: Path, *, resume: bool = False,
                "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in runs.values()]))}
     write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def personalise(cfg: Config, run_dir: Path, *, on_step: StepCallback | None = None) -> dict[str, Path]:
+    """Each silo fine-tunes the run's model for federation.personalize_steps steps on its own shards.
+
+    Writes run_dir/personalised-SILO (a run directory each); returns them by silo. In a
+    deployment this step runs at each silo; here every silo of the workspace runs in turn.
+    """
+    steps = cfg.federation.personalize_steps
+    out: dict[str, Path] = {}
+    for d in resolve_silos(Path(cfg.data.workspace), cfg.data.silos):
+        tc = dataclasses.replace(cfg.train, steps=steps, warmup_steps=1, checkpoint_every=steps,
+                                 log_every=min(cfg.train.log_every, steps), mode="centralised",
+                                 init_from=str(run_dir / "model"))
+        one = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, silos=[d.name]), train=tc)
+        out[d.name] = run_dir / f"personalised-{d.name}"
+        train(one, out[d.name], on_step=on_step)
+    return out

@@ -112,3 +112,23 @@ def test_local_only_trains_each_silo_alone(workspace: Path, tmp_path: Path) -> N
     for silo, run in summary["runs"].items():
         assert load_config(Path(run) / "config.toml").data.silos == [silo]
         assert (Path(run) / "model" / "model.safetensors").exists()
+
+
+def test_personalise_fine_tunes_the_run_model_on_each_silo(workspace: Path, tmp_path: Path) -> None:
+    """Each silo starts from the run's weights (not fresh ones) and trains only on its own shards."""
+    from fedlm.train import personalise
+
+    base = _cfg(workspace, steps=2, checkpoint_every=2)
+    train(base, tmp_path / "run")
+    cfg = load_config(None, [f'data.workspace="{workspace}"', "model.max_seq_len=64", "train.seq_len=64",
+                             "train.batch_size=4", "train.threads=1", "federation.personalize_steps=3"])
+    done = personalise(cfg, tmp_path / "run")
+    start = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    assert set(done) == {"drama", "legal", "technical"}
+    for silo, run in done.items():
+        resolved = load_config(run / "config.toml")
+        assert resolved.data.silos == [silo] and resolved.train.steps == 3
+        assert resolved.train.init_from == str(tmp_path / "run" / "model")
+        got = load_file(str(run / "model" / "model.safetensors"))
+        assert not torch.equal(got["tok_emb.weight"], start["tok_emb.weight"])
+        assert (got["tok_emb.weight"] - start["tok_emb.weight"]).abs().max() < 0.1  # fine-tuned, not fresh
