@@ -15,6 +15,7 @@ personalised.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +177,8 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 1337) -> dict[str, A
     t0 = time.perf_counter()
     size = QUICK if quick else FULL
     out.mkdir(parents=True, exist_ok=True)
+    if (out / "runs").exists():  # the demo's own runs from an earlier call: start them afresh
+        shutil.rmtree(out / "runs")
     ws = prepare_workspace(out, vocab_size=size.vocab_size)
     t_data = time.perf_counter()
     runs = run_all(demo_sets(ws, size, seed=seed), out / "runs")

@@ -17,6 +17,7 @@ from fedlm.corpus import SILOS
 @pytest.mark.slow
 def test_quick_demo_writes_the_summary(tmp_path: Path) -> None:
     out = tmp_path / "demo"
+    (out / "runs" / "federated" / "checkpoint").mkdir(parents=True)  # as left by an earlier demo: re-runs work
     r = subprocess.run([sys.executable, "-m", "fedlm.cli", "demo", "--quick", "--out", str(out)],
                        env={**os.environ, "COLUMNS": "160"}, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
