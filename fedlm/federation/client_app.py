@@ -215,9 +215,10 @@ def query(msg: Message, context: Context) -> Message:
     )
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Train on this silo from the global weights; reply with the update and metrics."""
+def _train_round(msg: Message, context: Context) -> tuple[ConfigRecord, Config, dict[str, torch.Tensor],
+                                                          dict[str, torch.Tensor], dict[str, float]]:
+    """Train this silo from the message's global weights: (round record, config, the global
+    arrays received, update, metrics)."""
     record, cfg, text = _config(msg)
     arrays = msg.content.array_records["arrays"].to_torch_state_dict()
     update, metrics = train_silo(
@@ -225,6 +226,13 @@ def train(msg: Message, context: Context) -> Message:
         path=silo_dir(context.node_config), tokenizer_sha256=str(record["tokenizer-sha256"]),
         node_id=context.node_id,
     )
+    return record, cfg, arrays, update, metrics
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train on this silo from the global weights; reply with the update and metrics."""
+    record, cfg, _, update, metrics = _train_round(msg, context)
     payload = compress(update, cfg=cfg, record=record, path=silo_dir(context.node_config))
     content = RecordDict({"arrays": ArrayRecord(payload), "metrics": MetricRecord(metrics)})  # type: ignore[arg-type]
     return Message(content, reply_to=msg)
@@ -278,13 +286,7 @@ def secagg_keys(msg: Message, context: Context) -> Message:
 @app.train("secagg_input")
 def secagg_input(msg: Message, context: Context) -> Message:
     """Stage 2: train, check the update, reply with weight × update masked (and the metrics)."""
-    record, cfg, text = _config(msg)
-    arrays = msg.content.array_records["arrays"].to_torch_state_dict()
-    update, metrics = train_silo(
-        arrays, cfg=cfg, config_text=text, round_idx=int(record["round"]),  # type: ignore[arg-type]
-        path=silo_dir(context.node_config), tokenizer_sha256=str(record["tokenizer-sha256"]),
-        node_id=context.node_id,
-    )
+    record, cfg, arrays, update, metrics = _train_round(msg, context)
     # decode before masking: SecAgg quantises the decoded values (its integers are the wire format)
     update = codecs.decode(compress(update, cfg=cfg, record=record, path=silo_dir(context.node_config)),
                            codec=cfg.federation.compression, expected={k: tuple(v.shape) for k, v in update.items()})

@@ -136,14 +136,17 @@ def _tail(path: Path, lines: int = 3) -> str:
 def start_superlink(*, port: int, log_path: Path, flwr_home: Path, host: str = "127.0.0.1",
                     tls: ServerTls | None = None) -> subprocess.Popen[bytes]:
     """Start `flower-superlink` (Fleet, Control and Runtime APIs on one HTTP(S) port)."""
+    return _start(superlink_command(host=host, port=port, tls=tls), log_path=log_path, flwr_home=flwr_home)
+
+
+def superlink_command(*, host: str, port: int, tls: ServerTls | None) -> list[str]:
+    """The `flower-superlink` command line: TLS files, or --insecure (loopback tests only)."""
     cmd = [str(BIN / "flower-superlink"), "--host", host, "--port", str(port),
            "--disable-runtime-dependency-installation"]
     if tls is None:
-        cmd.append("--insecure")
-    else:
-        cmd += ["--ssl-ca-certfile", str(tls.ca_certfile), "--ssl-certfile", str(tls.certfile),
-                "--ssl-keyfile", str(tls.keyfile)]
-    return _start(cmd, log_path=log_path, flwr_home=flwr_home)
+        return [*cmd, "--insecure"]
+    return [*cmd, "--ssl-ca-certfile", str(tls.ca_certfile), "--ssl-certfile", str(tls.certfile),
+            "--ssl-keyfile", str(tls.keyfile)]
 
 
 def wait_superlink(address: str, *, root_certificates: Path | None = None, insecure: bool = False,
@@ -219,13 +222,7 @@ def run_superlink(*, host: str, port: int, tls: ServerTls | None, flwr_home: Pat
     with tempfile.TemporaryDirectory(prefix="fedlm-superlink-") as tmp, _sigterm_as_interrupt():
         home = flwr_home or Path(tmp)
         home.mkdir(parents=True, exist_ok=True)
-        cmd = [str(BIN / "flower-superlink"), "--host", host, "--port", str(port),
-               "--disable-runtime-dependency-installation"]
-        if tls is None:
-            cmd.append("--insecure")
-        else:
-            cmd += ["--ssl-ca-certfile", str(tls.ca_certfile), "--ssl-certfile", str(tls.certfile),
-                    "--ssl-keyfile", str(tls.keyfile)]
+        cmd = superlink_command(host=host, port=port, tls=tls)
         proc = subprocess.Popen(cmd, env=flower_env(home), stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             try:
