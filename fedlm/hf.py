@@ -15,7 +15,6 @@ without `transformers` (an optional extra); only `load_gguf` needs it, plus `ggu
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +28,7 @@ from fedlm.config import ModelConfig
 from fedlm.errors import UserError
 from fedlm.fileio import atomic_dir, write_json
 from fedlm.model import Block, Transformer
-from fedlm.modelio import assign_weights, read_safetensors
+from fedlm.modelio import assign_weights, read_json_object, read_safetensors
 
 if TYPE_CHECKING:
     import tokenizers
@@ -163,18 +162,6 @@ def export_hf(model: Transformer, out_dir: Path, *, tokenizer_path: Path | None)
                 )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return data
-
-
 def config_from_hf(hf: dict[str, Any], where: Path) -> ModelConfig:
     """fedlm's ModelConfig for a Llama config.json; unsupported variants are UserErrors."""
     model_type = hf.get("model_type")
@@ -235,7 +222,7 @@ def _hf_tensor_files(hf_dir: Path) -> dict[str, Path]:
     if single.exists():
         return {}  # read everything from the one file
     if index.exists():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise UserError(f"{index}: missing 'weight_map'")
         return {name: hf_dir / str(file) for name, file in weight_map.items()}
@@ -248,7 +235,7 @@ def _hf_tensor_files(hf_dir: Path) -> dict[str, Path]:
 def load_hf(hf_dir: Path, *, dtype: torch.dtype = torch.float32) -> Transformer:
     """A Hugging Face Llama directory (safetensors, possibly sharded) as a fedlm model (eval mode)."""
     hf_dir = Path(hf_dir)
-    cfg = config_from_hf(_read_json(hf_dir / "config.json"), hf_dir / "config.json")
+    cfg = config_from_hf(read_json_object(hf_dir / "config.json"), hf_dir / "config.json")
     files = _hf_tensor_files(hf_dir)
     tensors: dict[str, Tensor] = {}
     origin: dict[str, Path] = {}

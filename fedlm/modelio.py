@@ -120,9 +120,12 @@ def find_model_dir(path: Path) -> Path:
     )
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from `path` (a config.json or an index); anything else is a UserError."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: not readable JSON ({e})") from None
     if not isinstance(data, dict):
@@ -152,7 +155,7 @@ def load_model(
     """The model (eval mode) in a run dir, fedlm model dir or HF Llama dir, and its tokenizer.json."""
     model_dir = find_model_dir(path)
     config_path = model_dir / CONFIG
-    data = _read_config(config_path)
+    data = read_json_object(config_path)
     tokenizer = model_dir / TOKENIZER
     tokenizer_path = tokenizer if tokenizer.is_file() else None
     if data.get("format") != "fedlm":

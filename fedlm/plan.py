@@ -81,13 +81,13 @@ def resolve_model(cfg: Config) -> ModelConfig:
 
 def _init_from_shape(src: str) -> ModelConfig:
     from fedlm.hf import config_from_hf, smollm2_gguf_path
-    from fedlm.modelio import CONFIG, _read_config, config_from_json, find_model_dir
+    from fedlm.modelio import CONFIG, config_from_json, find_model_dir, read_json_object
 
     path = smollm2_gguf_path() if src.lower() == "smollm2" else Path(src)
     if path.suffix == ".gguf":
         return _gguf_shape(path)
     model_dir = find_model_dir(path)
-    data = _read_config(model_dir / CONFIG)
+    data = read_json_object(model_dir / CONFIG)
     if data.get("format") == "fedlm":
         return config_from_json(data, model_dir / CONFIG)
     return config_from_hf(data, model_dir / CONFIG)

@@ -43,7 +43,7 @@ deployments. A fixed seed makes the noise reproducible, so never publish it.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Generic, TypeVar
@@ -94,18 +94,9 @@ def gaussian_epsilon(*, sigma: float, delta: float, sensitivity: float) -> float
     _check_delta(delta)
     if gaussian_delta(sigma=sigma, epsilon=0.0, sensitivity=sensitivity) <= delta:
         return 0.0
-    lo, hi = 0.0, 1.0
-    while gaussian_delta(sigma=sigma, epsilon=hi, sensitivity=sensitivity) > delta:
-        lo, hi = hi, hi * 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if gaussian_delta(sigma=sigma, epsilon=mid, sensitivity=sensitivity) > delta:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-12 * hi:
-            break
-    return hi
+    return _smallest_passing(
+        lambda eps: gaussian_delta(sigma=sigma, epsilon=eps, sensitivity=sensitivity) > delta, 0.0, 1.0
+    )
 
 
 def calibrate_gaussian_sigma(*, epsilon: float, delta: float, sensitivity: float) -> float:
@@ -120,9 +111,15 @@ def calibrate_gaussian_sigma(*, epsilon: float, delta: float, sensitivity: float
     def excess(sigma: float) -> bool:
         return gaussian_delta(sigma=sigma, epsilon=epsilon, sensitivity=sensitivity) > delta
 
-    lo, hi = sensitivity * 1e-3, sensitivity
+    lo = sensitivity * 1e-3
     while not excess(lo):
         lo /= 2.0
+    return _smallest_passing(excess, lo, sensitivity)
+
+
+def _smallest_passing(excess: Callable[[float], bool], lo: float, hi: float) -> float:
+    """The boundary of a monotone `excess` (True below it) by bisection from an `excess(lo)` start;
+    doubles `hi` until it passes, and returns the upper end, so the result always passes."""
     while excess(hi):
         lo, hi = hi, hi * 2.0
     for _ in range(200):
