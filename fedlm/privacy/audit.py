@@ -166,17 +166,27 @@ def sequence_nll(model: torch.nn.Module, seqs: list[list[int]], *, batch_size: i
 
 def canary_exposure(model: torch.nn.Module, tokenizer: tokenizers.Tokenizer, canaries: list[dict[str, Any]], *,
                     candidates: int = 5000, seed: int = 0) -> list[dict[str, Any]]:
-    """Exposure of each canary against `candidates` random secrets of the same format."""
+    """Exposure of each canary against `candidates` random secrets of the same format.
+
+    Canaries of the same format (prefix, digits) are ranked against one shared pool of
+    candidates, scored once: the candidates are independent of the canaries, so sharing
+    them changes no canary's rank distribution and saves a forward pass over the pool per
+    canary. No planted secret is a candidate.
+    """
     def encode(text: str) -> list[int]:
         return list(tokenizer.encode(text, add_special_tokens=False).ids)
 
     rng = random.Random(seed)
+    planted = {c["secret"] for c in canaries}
+    pools: dict[tuple[str, int], np.ndarray] = {}
     out = []
     for c in canaries:
         digits = int(c["digits"])
-        pool = {random_secret(rng, digits) for _ in range(candidates)} - {c["secret"]}
-        texts = [canary_text(s, c["prefix"]) for s in sorted(pool)]
-        cand = sequence_nll(model, [encode(t) for t in texts])
+        key = (str(c["prefix"]), digits)
+        if key not in pools:
+            pool = {random_secret(rng, digits) for _ in range(candidates)} - planted
+            pools[key] = sequence_nll(model, [encode(canary_text(s, c["prefix"])) for s in sorted(pool)])
+        cand = pools[key]
         x = float(sequence_nll(model, [encode(c["text"])])[0])
         rank = 1 + int((cand < x).sum())
         mu, sd = float(cand.mean()), float(cand.std()) or 1e-12
