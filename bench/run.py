@@ -1,7 +1,7 @@
 """`make bench`: run every benchmark side by side and write BENCHMARKS.md.
 
     python -m bench.run                    # everything (about 15 minutes on this machine)
-    python -m bench.run --only model       # one section: model, federation, data, serve, plan
+    python -m bench.run --only model       # one section: model, federation, data, serve, plan, privacy
     python -m bench.run --quick            # a fast smoke run with fewer repeats
 
 Each benchmark module returns a dict; this driver times it, turns it into a table (figures,
@@ -26,7 +26,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "BENCHMARKS.md"
-SECTIONS = ("model", "federation", "data", "serve", "plan")
+SECTIONS = ("model", "federation", "data", "serve", "plan", "privacy")
 
 
 def _ok(flag: bool | None) -> str:
@@ -199,9 +199,70 @@ def plan_section(quick: bool) -> tuple[dict[str, Any], str]:
     return r, text
 
 
+def privacy_section(quick: bool) -> tuple[dict[str, Any], str]:
+    from bench.privacy_bench import (
+        TARGET_BPB_RATIO,
+        TARGET_EXPOSURE_DROP,
+        TARGET_MIA_AUC,
+        TARGET_THROUGHPUT,
+        run,
+    )
+
+    r = run(quick=quick)
+    s, tp, ok = r["settings"], r["throughput"], r["targets"]
+    rows = []
+    for row in r["rows"]:
+        eps = "∞" if row["epsilon"] is None else f"{row['epsilon']:.2f} (δ = {row['delta']:g})".replace("e-0", "e-")
+        rows.append([row["config"], eps, f"{row['bits_per_byte']:.3f} ({row['bpb_ratio']:.2f}×)",
+                     f"{row['exposure_1x']:.1f}", f"{row['exposure_10x']:.1f} (max {row['exposure_10x_max']:.1f})",
+                     f"{row['mia_auc']:.3f} ({row['mia_tpr_at_1pct']:.1%})",
+                     f"{row['mia_calibrated_auc']:.3f} ({row['mia_calibrated_tpr_at_1pct']:.1%})",
+                     f"{row['slowdown']:.2f}×"])
+    by = {row["config"]: row for row in r["rows"]}
+    none, dp8 = by["no DP"], by["record ε=8"]
+    drop = none["exposure_10x"] / max(dp8["exposure_10x"], 1e-9)
+    checks = [
+        ["validation bits/byte", f"{dp8['bits_per_byte']:.3f}", f"{none['bits_per_byte']:.3f}",
+         f"{dp8['bpb_ratio']:.2f}×", f"≤ {TARGET_BPB_RATIO}×", _ok(ok["bpb_ratio"])],
+        ["exposure of the 10× canaries (mean, bits)", f"{dp8['exposure_10x']:.1f}", f"{none['exposure_10x']:.1f}",
+         f"{drop:.1f}× lower", f"≥ {TARGET_EXPOSURE_DROP:g}× lower", _ok(ok["exposure_10x_drop"])],
+        ["MIA AUC, loss attack", f"{dp8['mia_auc']:.3f}", f"{none['mia_auc']:.3f}", "", f"≤ {TARGET_MIA_AUC}",
+         _ok(ok["mia_auc"])],
+    ]
+    if tp is not None:
+        checks.append(["training tok per CPU s, same batch", _f(tp["dp_tok_per_cpu_s"]), _f(tp["plain_tok_per_cpu_s"]),
+                       f"{tp['ratio']:.2f}×", f"≥ {TARGET_THROUGHPUT}×", _ok(ok["throughput"])])
+    rec = s["records"]
+    text = (
+        f"`bench/privacy_bench.py`, the Secret Sharer setting federated. Every row fine-tunes the same starting "
+        f"model (pretrained {s['pretrain_steps']} steps on {s['pretrain_bytes'] / 1000:.0f} kB of the public "
+        f"`literature` silo) on silos {', '.join(rec)} "
+        f"({', '.join(f'{b / 1000:.0f} kB' for b in s['silo_bytes'].values())} of text; "
+        f"{', '.join(str(n) for n in rec.values())} training records of {s['seq_len']} tokens), FedAvg, "
+        f"{s['rounds']} rounds × {s['local_steps']} local steps, batch {s['batch_size']}, `{s['model']}` model "
+        f"(vocab {s['vocab_size']}), the same for every row. {s['per_repeat']} canaries planted once and "
+        f"{s['per_repeat']} planted 10 times in the `legal` silo's training documents (after the tokenizer "
+        f"was agreed). Exposure: exact rank among {s['candidates']:,} random candidates, "
+        f"log2(C+1) − log2(rank), mean over the canaries (cap {s['exposure_cap_bits']:.1f} bits; chance "
+        f"≈ {s['exposure_chance_bits']:.2f}). MIA on the `legal` silo, training vs held-out windows: AUC "
+        f"(TPR at 1% FPR; the loss attack on the reference model, which never saw `legal`, gives "
+        f"{s['mia_baseline_auc']:.3f}: what the split of documents alone gives); calibrated by a reference "
+        f"model fine-tuned on the other two silos. Slowdown: CPU "
+        f"seconds of the run vs no DP. Record-level rows: δ = {s['delta']:g} per silo (< 1/N); client-level "
+        f"rows: δ = {s['client_delta']:g} (must be < 1/3 with three silos: a weak guarantee, and three silos "
+        f"are too few for client-level noise).\n\n"
+        + _table(["config", "ε", "val bits/byte", "exposure 1×", "exposure 10×", "MIA AUC (TPR@1%)",
+                  "calibrated AUC (TPR@1%)", "slowdown"], rows)
+        + "\n\nThe issue's targets at ε = 8 (record level, δ = 1e-5), and DP-SGD throughput (one silo's "
+        "local training, Poisson batches of the same expected size, interleaved):\n\n"
+        + _table(["measure", "record ε=8", "no DP", "ratio", "target", ""], checks)
+    )
+    return r, text
+
+
 RUNNERS: dict[str, Callable[[bool], tuple[dict[str, Any], str]]] = {
     "model": model_section, "federation": federation_section, "data": data_section, "serve": serve_section,
-    "plan": plan_section,
+    "plan": plan_section, "privacy": privacy_section,
 }
 TITLES = {
     "model": "Model: fedlm vs transformers (issue 2)",
@@ -209,6 +270,7 @@ TITLES = {
     "data": "Data pipeline throughput (issue 3)",
     "serve": "Serving (issue 6)",
     "plan": "Planning: predicted vs measured (issue 5)",
+    "privacy": "Privacy: utility, canary exposure and membership inference (issue 4)",
 }
 
 
