@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark side by side and write BENCHMARKS.md.
 
-    python -m bench.run                    # everything (about 15 minutes on this machine)
+    python -m bench.run                    # everything (about 25 minutes on this machine)
     python -m bench.run --only model       # one section: model, federation, data, serve, plan, privacy
     python -m bench.run --quick            # a fast smoke run with fewer repeats
 
@@ -248,9 +248,12 @@ def privacy_section(quick: bool) -> tuple[dict[str, Any], str]:
         f"(TPR at 1% FPR; the loss attack on the reference model, which never saw `legal`, gives "
         f"{s['mia_baseline_auc']:.3f}: what the split of documents alone gives); calibrated by a reference "
         f"model fine-tuned on the other two silos. Slowdown: CPU "
-        f"seconds of the run vs no DP. Record-level rows: δ = {s['delta']:g} per silo (< 1/N); client-level "
-        f"rows: δ = {s['client_delta']:g} (must be < 1/3 with three silos: a weak guarantee, and three silos "
-        f"are too few for client-level noise).\n\n"
+        f"seconds of the run vs no DP (it includes Opacus's search for the noise multiplier). Record-level "
+        f"rows: δ = {str(s['delta']).replace('e-0', 'e-')} per silo (< 1/N); a record is one window, so a 10× canary is protected "
+        f"only by group privacy. Client-level rows: δ = {s['client_delta']:g} (it must be < 1/3 with three "
+        f"silos: a weak guarantee), and their noise, z × clip (1.0, the bound on a silo's whole update) on "
+        f"every coordinate of a sum of three updates, is larger than the weights themselves: three silos "
+        f"are too few for client-level DP, and the model is destroyed.\n\n"
         + _table(["config", "ε", "val bits/byte", "exposure 1×", "exposure 10×", "MIA AUC (TPR@1%)",
                   "calibrated AUC (TPR@1%)", "slowdown"], rows)
         + "\n\nThe issue's targets at ε = 8 (record level, δ = 1e-5), and DP-SGD throughput (one silo's "
