@@ -272,6 +272,15 @@ def test_bad_input_before_round_one(tmp_path: Path) -> None:
     assert not (tmp_path / "r3" / "rounds.jsonl").exists()
 
 
+def test_secure_aggregation_with_two_silos_per_round_warns(ws: Path, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """With 2 silos a round, each can take its own update off the aggregate: the run says so."""
+    with caplog.at_level(logging.WARNING):
+        run_federated(tiny_cfg(ws, rounds=1, fraction=0.6, secure_aggregation=True), tmp_path / "two")
+    assert rounds(tmp_path / "two")[0]["completed"]
+    assert any("2 silos per round" in r.getMessage() for r in caplog.records)
+
+
 def test_secure_aggregation_equals_fedavg_and_survives_a_dropout(ws: Path, tmp_path: Path) -> None:
     """SecAgg rounds give plain FedAvg's weights within the quantisation error, also when one silo of
     three drops after sharing its keys (its pairwise masks are rebuilt from the others' shares)."""
