@@ -233,6 +233,9 @@ def privacy_section(quick: bool) -> tuple[dict[str, Any], str]:
         checks.append(["training tok per CPU s, same batch", _f(tp["dp_tok_per_cpu_s"]), _f(tp["plain_tok_per_cpu_s"]),
                        f"{tp['ratio']:.2f}×", f"≥ {TARGET_THROUGHPUT}×", _ok(ok["throughput"])])
     rec = s["records"]
+    dp_lr = f" ({s['dp_lr']:g} for the record-level rows)" if s["dp_lr"] else " for every row"
+    search = ", ".join(f"{row['search_cpu_seconds']:.1f} s" for row in r["rows"] if row["search_cpu_seconds"])
+    search = f"CPU seconds of planning, not training: {search} for the record-level rows" if search else "none here"
     text = (
         f"`bench/privacy_bench.py`, the Secret Sharer setting federated. Every row fine-tunes the same starting "
         f"model (pretrained {s['pretrain_steps']} steps on {s['pretrain_bytes'] / 1000:.0f} kB of the public "
@@ -240,7 +243,7 @@ def privacy_section(quick: bool) -> tuple[dict[str, Any], str]:
         f"({', '.join(f'{b / 1000:.0f} kB' for b in s['silo_bytes'].values())} of text; "
         f"{', '.join(str(n) for n in rec.values())} training records of {s['seq_len']} tokens), FedAvg, "
         f"{s['rounds']} rounds × {s['local_steps']} local steps, batch {s['batch_size']}, `{s['model']}` model "
-        f"(vocab {s['vocab_size']}), the same for every row. {s['per_repeat']} canaries planted once and "
+        f"(vocab {s['vocab_size']}), the same for every row; AdamW, learning rate {s['lr']:g}{dp_lr}. {s['per_repeat']} canaries planted once and "
         f"{s['per_repeat']} planted 10 times in the `legal` silo's training documents (after the tokenizer "
         f"was agreed). Exposure: exact rank among {s['candidates']:,} random candidates, "
         f"log2(C+1) − log2(rank), mean over the canaries (cap {s['exposure_cap_bits']:.1f} bits; chance "
@@ -248,8 +251,10 @@ def privacy_section(quick: bool) -> tuple[dict[str, Any], str]:
         f"(TPR at 1% FPR; the loss attack on the reference model, which never saw `legal`, gives "
         f"{s['mia_baseline_auc']:.3f}: what the split of documents alone gives); calibrated by a reference "
         f"model fine-tuned on the other two silos. Slowdown: CPU "
-        f"seconds of the run vs no DP (it includes Opacus's search for the noise multiplier). Record-level "
-        f"rows: δ = {str(s['delta']).replace('e-0', 'e-')} per silo (< 1/N); a record is one window, so a 10× canary is protected "
+        f"seconds of the run vs no DP, leaving out Opacus's one-time search for the noise multiplier "
+        f"({search}). Record-level "
+        f"rows: δ = {str(s['delta']).replace('e-0', 'e-')} per silo (< 1/N), ε from Opacus's "
+        f"{s['accountant'].upper()} accountant; a record is one window, so a 10× canary is protected "
         f"only by group privacy. Client-level rows: δ = {s['client_delta']:g} (it must be < 1/3 with three "
         f"silos: a weak guarantee), and their noise, z × clip (1.0, the bound on a silo's whole update) on "
         f"every coordinate of a sum of three updates, is larger than the weights themselves: three silos "
@@ -259,6 +264,15 @@ def privacy_section(quick: bool) -> tuple[dict[str, Any], str]:
         + "\n\nThe issue's targets at ε = 8 (record level, δ = 1e-5), and DP-SGD throughput (one silo's "
         "local training, Poisson batches of the same expected size, interleaved):\n\n"
         + _table(["measure", "record ε=8", "no DP", "ratio", "target", ""], checks)
+        + ("" if ok["bpb_ratio"] else
+           "\n\nThe bits/byte target is missed: the clip is no lever (every per-sample gradient norm, 4–24, is "
+           "clipped, and AdamW is invariant to the clip's scale), a learning rate of 1e-2 or 1e-3 is worse than "
+           "3e-3 for DP-SGD too, batch 64 × 4 local steps gives the same 3.60 (and no DP stops memorising the "
+           "10× canaries), batch 32 gives 3.52 but no DP improves with it (2.68): 1.32×, at twice the time, and "
+           "the PRV accountant (6% less noise at the same ε) gave 3.592 (1.30×) in a full run, at 1.7× the "
+           "run time for computing its ε each round. "
+           "The noise on the mean gradient is 30–70× its signal per step here; DP-SGD needs batches of "
+           "thousands at this model size (short runs; details in `bench/privacy_bench.py`).")
     )
     return r, text
 
