@@ -303,8 +303,6 @@ class Config:
             if self.train.grad_accum != 1:
                 raise ValueError(f"{where}: each DP-SGD step is one Poisson batch; set train.grad_accum = 1 "
                                  "(raise train.batch_size or privacy.sample_rate instead)")
-            if self.lora.rank > 0:
-                raise ValueError(f"{where} with lora.rank > 0 is not supported yet; set lora.rank = 0")
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:

@@ -188,6 +188,50 @@ def test_record_dp_run_reports_true_epsilon_and_generates(workspace: Path, tmp_p
     assert len(list(generate(model, [1, 2, 3], max_new_tokens=5, temperature=0))) <= 5
 
 
+def test_record_dp_with_lora_trains_only_adapters(workspace: Path, tmp_path: Path) -> None:
+    """DP-SGD over LoRA adapters: the true ε is reported, the adapters move, the base stays as it was."""
+    from safetensors.torch import load_file
+
+    from fedlm.modelio import stored_state
+    from fedlm.train import build_model, train
+
+    cfg = _cfg(workspace, "data.silos=legal", "train.steps=4", "train.checkpoint_every=2",
+               "privacy.mode=record", "privacy.target_epsilon=3", "lora.rank=4")
+    train(cfg, tmp_path / "run")
+    rec = json.loads((tmp_path / "run" / "privacy.json").read_text())
+    acc = RDPAccountant()
+    acc.history = [(rec["noise_multiplier"], rec["sample_rate"], rec["steps"])]
+    assert rec["epsilon"] == pytest.approx(acc.get_epsilon(rec["delta"]), rel=1e-12) and rec["epsilon"] <= 3
+    resolved = load_config(tmp_path / "run" / "config.toml")
+    start = stored_state(build_model(resolved, resolved.model.vocab_size))  # the run's seeded start
+    ckpt = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
+    assert set(ckpt) == set(start)
+    moved = [n for n in ckpt if not torch.equal(ckpt[n], start[n])]
+    assert moved and all("lora_" in n for n in moved)  # only adapters trained
+    assert any("lora_B" in n for n in moved)  # B starts at 0: the noisy steps moved it
+
+
+def test_federated_record_dp_with_lora_sends_only_adapters(workspace: Path, tmp_path: Path) -> None:
+    """Federated DP-SGD over LoRA adapters: rounds complete, each silo's ε is logged, and only
+    adapter arrays cross the wire (bytes up = the adapters' fp32 size)."""
+    from fedlm.federation.runner import run_federated
+
+    cfg = _cfg(workspace, "train.mode=federated", "federation.rounds=2", "federation.local_steps=2",
+               "privacy.mode=record", "privacy.target_epsilon=3", "lora.rank=4")
+    run_federated(cfg, tmp_path / "fed")
+    rows = [json.loads(line) for line in (tmp_path / "fed" / "rounds.jsonl").read_text().splitlines()]
+    assert all(row["completed"] for row in rows) and len(rows) == 2
+    assert 0 < max(rows[-1]["epsilon"].values()) <= 3
+    from fedlm.lora import num_trainable
+    from fedlm.modelio import load_model
+    from fedlm.train import build_model
+
+    vocab = load_model(tmp_path / "fed")[0].cfg.vocab_size  # the saved global model (adapters merged)
+    adapters = num_trainable(build_model(load_config(tmp_path / "fed" / "config.toml"), vocab))
+    for silo in rows[-1]["silos"].values():
+        assert 4 * adapters <= silo["bytes_up"] < 4 * adapters + 64 * 1024  # the arrays plus message framing
+
+
 def test_client_dp_federated_logs_epsilon_per_silo(workspace: Path, tmp_path: Path) -> None:
     from fedlm.federation.runner import run_federated
 

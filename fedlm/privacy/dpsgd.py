@@ -230,7 +230,7 @@ def per_sample_clipped_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
         dp.zero_grad(set_to_none=True)
         F.cross_entropy(gsm(x).flatten(0, 1), y.flatten()).backward()
         dp.pre_step()
-        return {n: p.grad.detach().clone() for n, p in model.named_parameters()}  # type: ignore[union-attr]
+        return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}  # type: ignore[union-attr]
     finally:
         gsm._close()
 
