@@ -99,6 +99,8 @@ class Settings:
     lr: float = 3e-3
     dp_lr: float = 0.0
     """Learning rate of the record-level (DP-SGD) rows; 0: the same as `lr`."""
+    dp_lora_rank: int = 0
+    """LoRA rank of the record-level rows (only the adapters train under DP-SGD); 0: all weights train."""
     candidates: int = 10_000
     per_repeat: int = 3
     delta: float = 1e-5
@@ -121,6 +123,8 @@ def configs(s: Settings) -> list[tuple[str, list[str]]]:
     """(row name, config overrides) for every row of the table."""
     rows: list[tuple[str, list[str]]] = [("no DP", ["privacy.mode=none"])]
     lr = [f"train.lr={s.dp_lr}", f"train.min_lr={s.dp_lr / 10}"] if s.dp_lr else []
+    if s.dp_lora_rank:
+        lr.append(f"lora.rank={s.dp_lora_rank}")
     for eps in (8, 3, 1):
         rows.append((f"record ε={eps}", ["privacy.mode=record", f"privacy.target_epsilon={eps}",
                                          f"privacy.delta={s.delta}", f"privacy.accountant={s.accountant}", *lr]))
