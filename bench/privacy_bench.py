@@ -122,12 +122,12 @@ QUICK = Settings(silo_bytes={"legal": 16_000, "technical": 30_000, "drama": 30_0
 def configs(s: Settings) -> list[tuple[str, list[str]]]:
     """(row name, config overrides) for every row of the table."""
     rows: list[tuple[str, list[str]]] = [("no DP", ["privacy.mode=none"])]
-    lr = [f"train.lr={s.dp_lr}", f"train.min_lr={s.dp_lr / 10}"] if s.dp_lr else []
+    dp_extra = [f"train.lr={s.dp_lr}", f"train.min_lr={s.dp_lr / 10}"] if s.dp_lr else []
     if s.dp_lora_rank:
-        lr.append(f"lora.rank={s.dp_lora_rank}")
+        dp_extra.append(f"lora.rank={s.dp_lora_rank}")
     for eps in (8, 3, 1):
         rows.append((f"record ε={eps}", ["privacy.mode=record", f"privacy.target_epsilon={eps}",
-                                         f"privacy.delta={s.delta}", f"privacy.accountant={s.accountant}", *lr]))
+                                         f"privacy.delta={s.delta}", f"privacy.accountant={s.accountant}", *dp_extra]))
     for eps in (8, 3):
         rows.append((f"client ε={eps}", ["privacy.mode=client", f"privacy.target_epsilon={eps}",
                                          f"privacy.delta={s.client_delta}"]))

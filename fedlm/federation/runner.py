@@ -202,9 +202,10 @@ def run_rounds(grid: Grid, cfg: Config, run_dir: Path, *, resume: bool = False,
         if fed.aggregation != "mean":
             raise UserError(f"federation.aggregation = {fed.aggregation!r} needs each silo's update, which "
                             "secure aggregation hides; use aggregation = \"mean\" or turn secure_aggregation off")
-        if num_sampled(len(silos), fed.fraction) < 2:
+        per_round = num_sampled(len(silos), fed.fraction)
+        if per_round < 2:
             raise UserError("federation.secure_aggregation needs at least 2 silos per round; raise federation.fraction")
-        if num_sampled(len(silos), fed.fraction) == 2:  # the server still sees only the sum
+        if per_round == 2:  # the server still sees only the sum
             log.warning("secure aggregation with 2 silos per round: each silo can subtract its own update from "
                         "the new global model and learn the other's; use 3 or more for privacy between silos")
     planned_tokens = fed.local_steps * cfg.train.grad_accum * cfg.train.batch_size * cfg.train.seq_len
