@@ -21,6 +21,7 @@ holds adapters: `load_model`, `fedlm eval/generate/serve/export` work on it unch
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import torch
@@ -68,8 +69,12 @@ def has_lora(model: nn.Module) -> bool:
 
 
 def apply_lora(model: Transformer, *, rank: int, alpha: float, dropout: float,
-               targets: Sequence[str]) -> Transformer:
-    """Inject LoRA adapters (scale alpha/rank) into `targets` in place; freeze everything else."""
+               targets: Sequence[str], seed: int | None = None) -> Transformer:
+    """Inject LoRA adapters (scale alpha/rank) into `targets` in place; freeze everything else.
+
+    With `seed`, every A is drawn from a generator of its own (so the same on every silo and
+    the server, whatever other threads draw meanwhile); without, from the global RNG.
+    """
     if rank <= 0:
         raise ValueError("apply_lora needs rank > 0")
     if has_lora(model):
@@ -82,6 +87,12 @@ def apply_lora(model: Transformer, *, rank: int, alpha: float, dropout: float,
                         bias="none")
     # peft draws A from the global RNG (Kaiming-uniform); B = 0, so the output is unchanged.
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    if seed is not None:  # peft takes no generator: draw A again, as peft does, from our own
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_A." in name:
+                    nn.init.kaiming_uniform_(p, a=math.sqrt(5), generator=generator)
     for name, p in model.named_parameters(remove_duplicate=False):
         p.requires_grad_("lora_" in name)
     return model

@@ -225,7 +225,7 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, *, seed: int | None = None) -> None:
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be set (> 0) before building the model")
@@ -241,20 +241,26 @@ class Transformer(nn.Module):
         # Derived from the config, so not saved with the weights.
         self.rope_cos = nn.Buffer(cos, persistent=False)  # (max_seq_len, D)
         self.rope_sin = nn.Buffer(sin, persistent=False)
-        self.reset_parameters()
+        self.reset_parameters(None if seed is None else torch.Generator().manual_seed(seed))
 
-    def reset_parameters(self) -> None:
-        """GPT-2 / Llama init: N(0, 0.02), residual projections scaled by 1/√(2·n_layers)."""
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """GPT-2 / Llama init: N(0, 0.02), residual projections scaled by 1/√(2·n_layers).
+
+        Drawn from `generator` (the global RNG without one). A seeded model takes its own
+        generator: the global RNG is process-wide, so another thread drawing from it while
+        this one builds would change the weights.
+        """
         std = 0.02
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
         for block in self.layers:
             assert isinstance(block, Block)
             for proj in (block.attn.wo, block.mlp.w2):
-                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers),
+                                generator=generator)
 
     def forward(
         self,

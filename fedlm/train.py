@@ -343,16 +343,13 @@ def build_model(cfg: Config, vocab_size: int) -> Transformer:
                 "set model.vocab_size = 0 to take the tokenizer's"
             )
         cfg.model.vocab_size = vocab_size
-        torch.manual_seed(cfg.train.seed)
-        model = Transformer(cfg.model)
+        model = Transformer(cfg.model, seed=cfg.train.seed)
     if model.cfg.vocab_size != vocab_size:
         raise UserError(f"the model has {model.cfg.vocab_size} tokens, the workspace tokenizer {vocab_size}")
     model.activation_checkpointing = cfg.train.activation_checkpointing
     if cfg.lora.rank > 0:  # only the adapters train (and, federated, cross the wire)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.train.seed + 1)  # the adapters' A: the same on every silo and the server
-            apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                       targets=cfg.lora.targets)
+        apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                   targets=cfg.lora.targets, seed=cfg.train.seed + 1)  # A: the same on every silo and the server
     return model
 
 

@@ -155,3 +155,33 @@ def test_bad_target_and_non_llama_fail_before_training(workspace: Path, tmp_path
                                          "train.mode=federated"]), tmp_path / "run")
     with pytest.raises(UserError, match="no such file or directory"):
         build_model(load_config(None, [*sets, 'train.init_from="nowhere/model"']), model_vocab(workspace))
+
+
+def test_seeded_build_ignores_the_global_rng(workspace: Path, tmp_path: Path) -> None:
+    """A run's fresh weights and LoRA A's come from its seed alone, whatever else draws from torch's
+    process-wide RNG meanwhile (a silo thread of another run, say): both engines and every silo agree."""
+    import threading
+
+    sets = [f"data.workspace={json.dumps(str(workspace))}", "model.preset=tiny", "model.max_seq_len=64",
+            "train.seq_len=32", "train.seed=7", "lora.rank=2"]
+    cfg = load_config(None, sets)
+    torch.manual_seed(0)
+    ref = build_model(cfg, model_vocab(workspace)).state_dict()
+    stop = threading.Event()
+
+    def draw() -> None:
+        while not stop.is_set():
+            torch.manual_seed(1)
+            torch.randn(256)
+
+    noisy = threading.Thread(target=draw, daemon=True)
+    noisy.start()
+    try:
+        builds = [build_model(load_config(None, sets), model_vocab(workspace)).state_dict() for _ in range(3)]
+    finally:
+        stop.set()
+        noisy.join()
+    assert any(".lora_A." in n for n in ref)
+    for state in builds:
+        assert state.keys() == ref.keys()
+        assert all(torch.equal(state[n], ref[n]) for n in ref)

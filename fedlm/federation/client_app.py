@@ -128,8 +128,7 @@ def _model(node_id: int, config_text: str, cfg: Config) -> Transformer:
         if model is None:
             if len(_MODELS) > 64:
                 _MODELS.clear()
-            with torch.random.fork_rng():  # building seeds the global RNG; keep ours untouched
-                model = build_model(cfg, cfg.model.vocab_size)
+            model = build_model(cfg, cfg.model.vocab_size)  # seeded weights, from a generator of its own
             _MODELS[(node_id, config_text)] = model
         return model
 
