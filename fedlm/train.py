@@ -111,13 +111,12 @@ def resolve_silos(workspace: Path, silos: Sequence[str]) -> list[Path]:
 
 
 def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
-    """AdamW that decays matrices only (not norms, and not the embedding)."""
+    """AdamW that decays the weight matrices, the (tied) embedding among them, and not the norms."""
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": tc.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

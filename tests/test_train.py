@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedlm.config import TrainConfig, load_config, save_config
+from fedlm.config import ModelConfig, TrainConfig, load_config, save_config
 from fedlm.errors import UserError
-from fedlm.train import lr_at, train
+from fedlm.model import Transformer
+from fedlm.train import lr_at, make_optimizer, train
 
 FEDLM = [sys.executable, "-m", "fedlm.cli"]
 
@@ -132,3 +133,11 @@ def test_personalise_fine_tunes_the_run_model_on_each_silo(workspace: Path, tmp_
         got = load_file(str(run / "model" / "model.safetensors"))
         assert not torch.equal(got["tok_emb.weight"], start["tok_emb.weight"])
         assert (got["tok_emb.weight"] - start["tok_emb.weight"]).abs().max() < 0.1  # fine-tuned, not fresh
+
+
+def test_weight_decay_covers_matrices_and_the_tied_embedding_not_norms() -> None:
+    model = Transformer(ModelConfig(preset="tiny", vocab_size=64), seed=0)
+    decay, no_decay = make_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    assert any(p is model.tok_emb.weight for p in decay["params"])
+    assert {id(p) for p in no_decay["params"]} == {id(p) for n, p in model.named_parameters() if "norm" in n}
