@@ -10,8 +10,10 @@ bundled "literature" silo, in no row's federation), then fine-tuned federated by
 in its training documents once and 10 times (several canaries per repeat count, so the
 exposure is a mean, not one draw). The tokenizer is agreed before the canaries are planted, so
 it cannot have learnt their digits. Every row starts from the same pretrained model and trains
-with the same batch size for the same rounds × local steps at the same learning rate, and is
-measured on:
+for the same rounds on about the same number of records per round and silo (batch × local
+steps: 240). The no-DP and client-level rows train on batches of 16 × 15 local steps at lr 3e-3;
+the record-level (DP-SGD) rows on a large expected batch of 120 records × 2 local steps at lr
+1e-2 (see below for why). Every row is measured on:
 
 - validation bits/byte: the mean over the three silos' held-out splits;
 - canary exposure: exact rank of each canary's log-perplexity among C random candidate
@@ -27,18 +29,38 @@ measured on:
 - DP-SGD throughput: tokens per CPU second of one silo's local training, DP-SGD vs plain
   AdamW at the same (expected) batch size, interleaved, for the issue's ≥ 0.5× target.
 
-What limits the record-level rows' bits/byte (short runs of the ε = 8 row, one setting changed
-at a time from these Settings; mean val bits/byte, the pretrained start is 3.92): every
-per-sample gradient is clipped (their norms are 4–24 against clip 1.0), and AdamW is
-invariant to the clip's scale then, so the clip is no lever. Learning rate 1e-2: 3.95, 3e-3:
-3.60, and 1e-3 was worse than 3e-3 at batch 64 too (3.72 vs 3.60), so one lr suits every row.
-Batch 64 × 4 local steps (the same epochs): 3.60, no better, and the no-DP row then no longer
-memorises the 10× canaries (40 steps are too few). Batch 32 with the same steps (and PRV): 3.52, but
-no DP improves too (2.68), so the ratio stays at 1.32×, at twice the time. PRV instead of RDP
-(full run): 6% less noise at the same ε, 3.592 instead of 3.602 (1.30× instead of 1.31×), but
-its ε takes ~3 s to compute each round and silo, which made the ε = 8 run 1.7× longer: RDP kept. With ~870k weights and batches of tens of records the noise
-on the mean gradient is 30–70× its signal per step (in norm); DP-SGD at this size needs batches of
-thousands (Li et al. 2022), beyond a CPU benchmark.
+Why the record-level rows train on large batches (Li et al. 2022, "Large language models can be
+strong differentially private learners"; De et al. 2022). The Gaussian noise on a step's gradient
+sum has norm z·C·√d (d ≈ 0.8 M weights) against a clipped signal of at most B·C (every per-sample
+gradient is clipped: their norms are 4–24 against clip C = 1, and AdamW is invariant to C's scale,
+so the clip is no lever). At a fixed number of records per round, a batch B times larger takes B
+times fewer steps, and the noise multiplier z the target ε needs grows much more slowly than B
+(z is set by the sampling rate q = B/N and the step count), so the signal-to-noise ratio of the
+whole run, ∝ B·√steps / z, grows with B. For the two large silos (≈1,000 records) z goes from
+0.57 at B = 16 × 150 steps to 0.78 at B = 120 × 20 steps (B/z: 28 → 154); the canary silo (131
+records) gets little from it (q = 0.92, no amplification by sampling: z 1.25 → 2.65). Fewer steps
+then want a larger learning rate. Short runs of the ε = 8 row (with the no-DP row of the same code:
+2.887 bits/byte, pretrained start 4.03; B × local steps, lr → mean val bits/byte, ratio):
+16 × 15, 3e-3 (the no-DP row's setting) → 3.680, 1.275×; 48 × 5, 1e-2 → 3.617, 1.253×; 80 × 3, 3e-3 →
+3.708; 80 × 3, 1e-2 → 3.584, 1.241×; 120 × 2 at lr 6e-3, 1e-2, 1.5e-2, 3e-2 → 3.639, 3.583, 3.581,
+3.735, so 120 × 2 at 1e-2 (another train.seed: 3.589 vs no DP 2.891, 1.24× again; the full run
+reproduces 3.583, 1.24×: a small margin under 1.25×). 128 × 2 (7% more records): 3.579; 120 × 3
+(1.5× the records and compute): 3.550, 1.23×. Its warm-up is scaled with its steps (1 of 20, as 10
+of 150). Averaging the server's global models over the last 2–5 rounds, or an EMA of them
+(post-processing, no ε cost), was worse (3.585–3.601): the cosine schedule already shrinks the last
+rounds' steps and the model is still improving. Adam's second-moment correction for DP noise
+(DP-AdamBC, Tang et al. 2023; not tried) fits poorly here: each round starts a fresh AdamW (local
+training is stateless), so the second moment is one or two noisy gradients squared, and taking
+the known noise variance off it leaves mostly its floor. The same large batch for every row does not work:
+the no-DP row needs its many small steps to memorise the 10× canaries that the exposure target
+is measured against (batch 64 × 4 steps for every row: exposure of no DP falls to 1.6–5.7 bits).
+Tried before, at batch 16 × 15, with the models' older random init (pretrained start 3.92, no DP
+2.753, this setting 3.602: 1.31×; ratios against that no-DP row): lr 1e-2 and 1e-3 worse
+than 3e-3; batch 32 for every row 1.32×; the PRV accountant (6% less noise at the same ε) 1.30×,
+at 1.7× the run time (its ε takes ~3 s per round and silo): RDP kept; DP-LoRA r = 16 1.32–1.36×.
+A DP-SGD step on B = 120 costs about 7.5 steps on B = 16, so the record rows' CPU time is that of
+DP-SGD at the same records (the slowdown column); the throughput target is measured separately
+at the same batch (`dp_throughput`).
 
 Record-level rows use δ = 1e-5 (< 1/N for every silo's N records; fedlm refuses otherwise),
 and a record is one window of seq_len tokens: a canary repeated 10 times is in 10 records, so
@@ -75,6 +97,7 @@ TARGET_BPB_RATIO = 1.25
 TARGET_EXPOSURE_DROP = 3.0
 TARGET_MIA_AUC = 0.55
 TARGET_THROUGHPUT = 0.5
+WARMUP_STEPS = 10  # of every row's learning-rate schedule (the record rows' scaled to their steps)
 
 
 @dataclass(frozen=True)
@@ -97,8 +120,15 @@ class Settings:
     vocab_size: int = 512
     model: str = "tiny"
     lr: float = 3e-3
-    dp_lr: float = 0.0
+    dp_lr: float = 1e-2
     """Learning rate of the record-level (DP-SGD) rows; 0: the same as `lr`."""
+    dp_batch_size: int = 120
+    """Expected batch of the record-level rows (Poisson sampling rate = this / a silo's records); 0: `batch_size`.
+    It may not exceed the smallest silo's records (131 in the canary silo)."""
+    dp_local_steps: int = 2
+    """Local steps per round of the record-level rows (same rounds); 0: `local_steps`."""
+    dp_warmup_steps: int = -1
+    """Warm-up steps of the record-level rows; -1: the no-DP rows' share of the run (10 of rounds × local_steps)."""
     dp_lora_rank: int = 0
     """LoRA rank of the record-level rows (only the adapters train under DP-SGD); 0: all weights train."""
     candidates: int = 10_000
@@ -116,13 +146,22 @@ class Settings:
 
 
 QUICK = Settings(silo_bytes={"legal": 16_000, "technical": 30_000, "drama": 30_000}, rounds=4, local_steps=10,
-                 candidates=2_000, per_repeat=2, throughput_steps=3, pretrain_bytes=100_000, pretrain_steps=60)
+                 candidates=2_000, per_repeat=2, throughput_steps=3, pretrain_bytes=100_000, pretrain_steps=60,
+                 dp_batch_size=80, dp_local_steps=2)  # 160 records a round, as 16 × 10; the canary silo has 96
 
 
 def configs(s: Settings) -> list[tuple[str, list[str]]]:
     """(row name, config overrides) for every row of the table."""
     rows: list[tuple[str, list[str]]] = [("no DP", ["privacy.mode=none"])]
     dp_extra = [f"train.lr={s.dp_lr}", f"train.min_lr={s.dp_lr / 10}"] if s.dp_lr else []
+    dp_steps = s.dp_local_steps or s.local_steps
+    if s.dp_batch_size:
+        dp_extra.append(f"train.batch_size={s.dp_batch_size}")
+    if s.dp_local_steps:
+        dp_extra.append(f"federation.local_steps={s.dp_local_steps}")
+    warmup = s.dp_warmup_steps if s.dp_warmup_steps >= 0 else round(WARMUP_STEPS * dp_steps / s.local_steps)
+    if warmup != WARMUP_STEPS:
+        dp_extra.append(f"train.warmup_steps={warmup}")
     if s.dp_lora_rank:
         dp_extra.append(f"lora.rank={s.dp_lora_rank}")
     for eps in (8, 3, 1):
@@ -178,7 +217,7 @@ def _bits_per_byte(model: Any, tok_path: Path, ws: Path) -> dict[str, float]:
 def _base_overrides(ws: Path, s: Settings) -> list[str]:
     return [f"data.workspace={ws}", f"model.preset={s.model}", f"model.max_seq_len={s.seq_len}",
             f"train.batch_size={s.batch_size}", f"train.seq_len={s.seq_len}", f"train.lr={s.lr}",
-            f"train.min_lr={s.lr / 10}", "train.warmup_steps=10", "train.log_every=1000000",
+            f"train.min_lr={s.lr / 10}", f"train.warmup_steps={WARMUP_STEPS}", "train.log_every=1000000",
             "train.checkpoint_every=1000000"]
 
 
