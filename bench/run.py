@@ -234,6 +234,11 @@ def privacy_section(quick: bool) -> tuple[dict[str, Any], str]:
                        f"{tp['ratio']:.2f}×", f"≥ {TARGET_THROUGHPUT}×", _ok(ok["throughput"])])
     rec = s["records"]
     dp_lr = f" ({s['dp_lr']:g} for the record-level rows)" if s["dp_lr"] else " for every row"
+    dp_batch = s.get("dp_batch_size") or s["batch_size"]
+    dp_steps = s.get("dp_local_steps") or s["local_steps"]
+    dp_shape = ("the same for every row" if (dp_batch, dp_steps) == (s["batch_size"], s["local_steps"]) else
+                f"record-level rows: {dp_steps} local steps on an expected batch of {dp_batch}, so that DP-SGD "
+                "takes fewer, less noisy steps over about the same records a round (Li et al. 2022)")
     search = ", ".join(f"{row['search_cpu_seconds']:.1f} s" for row in r["rows"] if row["search_cpu_seconds"])
     search = f"CPU seconds of planning, not training: {search} for the record-level rows" if search else "none here"
     text = (
@@ -243,7 +248,7 @@ def privacy_section(quick: bool) -> tuple[dict[str, Any], str]:
         f"({', '.join(f'{b / 1000:.0f} kB' for b in s['silo_bytes'].values())} of text; "
         f"{', '.join(str(n) for n in rec.values())} training records of {s['seq_len']} tokens), FedAvg, "
         f"{s['rounds']} rounds × {s['local_steps']} local steps, batch {s['batch_size']}, `{s['model']}` model "
-        f"(vocab {s['vocab_size']}), the same for every row; AdamW, learning rate {s['lr']:g}{dp_lr}. {s['per_repeat']} canaries planted once and "
+        f"(vocab {s['vocab_size']}), {dp_shape}; AdamW, learning rate {s['lr']:g}{dp_lr}. {s['per_repeat']} canaries planted once and "
         f"{s['per_repeat']} planted 10 times in the `legal` silo's training documents (after the tokenizer "
         f"was agreed). Exposure: exact rank among {s['candidates']:,} random candidates, "
         f"log2(C+1) − log2(rank), mean over the canaries (cap {s['exposure_cap_bits']:.1f} bits; chance "
