@@ -455,4 +455,6 @@ if __name__ == "__main__":
     print(table(result))
     print(json.dumps({"timings": result["timings"], "throughput": result["throughput"],
                       "targets": result["targets"], "records": result["settings"]["records"]}, indent=1))
-    Path("bench-privacy.json").write_text(json.dumps(result, indent=2))
+    from fedlm.fileio import write_json
+
+    write_json("bench-privacy.json", result)  # atomic: a run stopped here leaves the last whole file
