@@ -215,6 +215,9 @@ def test_federated_record_dp_with_lora_sends_only_adapters(workspace: Path, tmp_
     """Federated DP-SGD over LoRA adapters: rounds complete, each silo's ε is logged, and only
     adapter arrays cross the wire (bytes up = the adapters' fp32 size)."""
     from fedlm.federation.runner import run_federated
+    from fedlm.lora import num_trainable
+    from fedlm.modelio import load_model
+    from fedlm.train import build_model
 
     cfg = _cfg(workspace, "train.mode=federated", "federation.rounds=2", "federation.local_steps=2",
                "privacy.mode=record", "privacy.target_epsilon=3", "lora.rank=4")
@@ -222,10 +225,6 @@ def test_federated_record_dp_with_lora_sends_only_adapters(workspace: Path, tmp_
     rows = [json.loads(line) for line in (tmp_path / "fed" / "rounds.jsonl").read_text().splitlines()]
     assert all(row["completed"] for row in rows) and len(rows) == 2
     assert 0 < max(rows[-1]["epsilon"].values()) <= 3
-    from fedlm.lora import num_trainable
-    from fedlm.modelio import load_model
-    from fedlm.train import build_model
-
     vocab = load_model(tmp_path / "fed")[0].cfg.vocab_size  # the saved global model (adapters merged)
     adapters = num_trainable(build_model(load_config(tmp_path / "fed" / "config.toml"), vocab))
     for silo in rows[-1]["silos"].values():
