@@ -161,8 +161,10 @@ class FederationConfig:
     """Federated rounds."""
     local_steps: int = 5
     """Optimizer steps each silo takes per round (with train.batch_size, train.seq_len)."""
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
-    """Server aggregation: FedAvg (weighted by tokens), FedProx, or a server optimiser."""
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "cyclic"] = "fedavg"
+    """Server aggregation: FedAvg (weighted by tokens), FedProx, a server optimiser, or cyclic
+    (the silos train in turn, each from the weights the previous one left: more sequential
+    steps for the same compute, but each update is seen alone and a round takes every silo's time)."""
     fraction: float = 1.0
     """Share of the silos sampled each round."""
     min_silos: int = 1

@@ -27,7 +27,8 @@ from fedlm.errors import UserError
 from fedlm.federation import client_app as ca
 from fedlm.federation.grid import deserialise
 from fedlm.federation.runner import run_federated
-from fedlm.train import SiloBatches, build_model, local_update
+from fedlm.federation.strategies import cyclic_order
+from fedlm.train import SiloBatches, build_model, local_update, lr_at, make_optimizer, train_step
 
 CANARY = "zqxCANARYvw7731"
 WORDS = {
@@ -136,6 +137,70 @@ def test_one_round_equals_fedavg_of_local_updates(ws: Path, tmp_path: Path) -> N
                                             weights=tokens)
         np.testing.assert_allclose(value.numpy(), ref, rtol=0, atol=1e-6)
     assert set(got) == set(ca.wire_names(model))  # the tied head travels once
+
+
+def test_cyclic_equals_one_optimizer_over_the_silos_in_turn(ws: Path, tmp_path: Path) -> None:
+    """strategy = "cyclic": the silos train in the seeded order, each from the weights and AdamW state
+    the previous one left, so the run equals one AdamW run over their batches in turn."""
+    run_federated(tiny_cfg(ws, rounds=2, strategy="cyclic"), tmp_path / "run")
+    got = weights(tmp_path / "run")
+    orders = [cyclic_order(["a", "b", "c"], round_idx=r, seed=7) for r in range(2)]
+    assert orders[0] != orders[1] and sorted(orders[0]) == ["a", "b", "c"]  # drawn afresh each round
+
+    # Reference: one model and one AdamW, stepped through each silo's seeded batches in turn.
+    cfg = tiny_cfg(ws, rounds=2, strategy="cyclic")
+    sha = tokenizer_hash(ws / "tokenizer.json")
+    model = build_model(cfg, vocab(ws))
+    tc = ca.federated_train_config(cfg)
+    optimizer = make_optimizer(model, tc)
+    torch.set_num_threads(1)
+    for r, order in enumerate(orders):
+        for silo in order:
+            data = SiloBatches.open([ws / "silos" / silo], seed=0, tokenizer_sha256=sha)
+            data.generator.manual_seed(ca.round_seed(7, silo, r))
+            for i in range(2):
+                train_step(model, optimizer, lambda d=data: d.next(tc.batch_size, tc.seq_len), lr=lr_at(2 * r + i, tc),
+                           grad_accum=tc.grad_accum, grad_clip=tc.grad_clip, precision=tc.precision)
+    ref = model.state_dict()
+    for name, value in got.items():
+        np.testing.assert_allclose(value.numpy(), ref[name].numpy(), rtol=0, atol=1e-5)
+    row = rounds(tmp_path / "run")[1]
+    assert row["completed"] and set(row["silos"]) == {"a", "b", "c"}
+    assert row["overhead_seconds"] < row["seconds"]  # the silos' training times add up in a cyclic round
+
+    # stopped after round 1 and resumed: the AdamW state passed on is in the round checkpoint
+    class Stop(Exception):
+        pass
+
+    def stop_after_1(r: int, total: int, row: dict) -> None:
+        if r == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_federated(tiny_cfg(ws, rounds=2, strategy="cyclic"), tmp_path / "cut", on_round=stop_after_1)
+    run_federated(tiny_cfg(ws, rounds=2, strategy="cyclic"), tmp_path / "cut", resume=True)
+    cut = weights(tmp_path / "cut")
+    assert all(torch.equal(got[k], cut[k]) for k in got)
+
+
+def test_cyclic_skips_a_failed_silo_and_refuses_averaging_options(ws: Path, tmp_path: Path) -> None:
+    """A silo that crashes is skipped (the next starts from the weights before it); secagg etc. are refused."""
+    run_federated(tiny_cfg(ws, rounds=1, strategy="cyclic", min_silos=2), tmp_path / "run",
+                  client_app=wrap({"b": "raise"}))
+    row = rounds(tmp_path / "run")[0]
+    assert row["completed"] and set(row["dropped"]) == {"b"} and "disk on fire" in row["dropped"]["b"]
+    assert {"loss", "num_tokens"} <= set(row["silos"]["a"]) and {"loss", "num_tokens"} <= set(row["silos"]["c"])
+    run_federated(tiny_cfg(ws, rounds=1, strategy="cyclic", min_silos=3), tmp_path / "skip",
+                  client_app=wrap({"b": "raise"}))
+    assert not rounds(tmp_path / "skip")[0]["completed"]
+    for key, value in (("secure_aggregation", True), ("aggregation", "median")):
+        with pytest.raises(UserError, match=f"cyclic.*combined with federation.{key}"):
+            run_federated(tiny_cfg(ws, rounds=1, strategy="cyclic", **{key: value}), tmp_path / key)
+    for mode in ("client", "record"):
+        cfg = tiny_cfg(ws, rounds=1, strategy="cyclic")
+        cfg.privacy.mode = mode
+        with pytest.raises(UserError, match=f"cyclic.*combined with privacy.mode = '{mode}'"):
+            run_federated(cfg, tmp_path / mode)
 
 
 def test_same_seed_bitwise_equal_and_resume(ws: Path, tmp_path: Path) -> None:

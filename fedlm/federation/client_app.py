@@ -135,9 +135,11 @@ def _model(node_id: int, config_text: str, cfg: Config) -> Transformer:
 
 def train_silo(
     global_arrays: dict[str, torch.Tensor], *, cfg: Config, config_text: str, round_idx: int,
-    path: Path, tokenizer_sha256: str, node_id: int = 0,
+    path: Path, tokenizer_sha256: str, node_id: int = 0, carry: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """One silo's local training for one round: the update in wire names, and metrics."""
+    """One silo's local training for one round: the update in wire names, and metrics.
+
+    `carry`: the optimizer state passed on by the previous silo (cyclic), updated in place."""
     torch.set_num_threads(1)  # one thread per silo: bitwise-equal results on either engine
     model = _model(node_id, config_text, cfg)
     names = wire_names(model)
@@ -149,6 +151,7 @@ def train_silo(
         first_step=round_idx * fed.local_steps, steps=fed.local_steps,
         prox_mu=fed.prox_mu if fed.strategy == "fedprox" else 0.0,
         dp_plan=silo_record_plan(cfg, path, data.splits[0]) if cfg.privacy.mode == "record" else None,
+        carry=carry,
     )
     wire = {name: update[name].contiguous() for name in names}
     if cfg.privacy.mode == "client":  # client-level DP: this silo's influence on the sum is at most clip
@@ -214,8 +217,8 @@ def query(msg: Message, context: Context) -> Message:
     )
 
 
-def _train_round(msg: Message, context: Context) -> tuple[ConfigRecord, Config, dict[str, torch.Tensor],
-                                                          dict[str, torch.Tensor], dict[str, float]]:
+def _train_round(msg: Message, context: Context, *, carry: dict[str, torch.Tensor] | None = None
+                 ) -> tuple[ConfigRecord, Config, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float]]:
     """Train this silo from the message's global weights: (round record, config, the global
     arrays received, update, metrics)."""
     record, cfg, text = _config(msg)
@@ -223,17 +226,27 @@ def _train_round(msg: Message, context: Context) -> tuple[ConfigRecord, Config, 
     update, metrics = train_silo(
         arrays, cfg=cfg, config_text=text, round_idx=int(record["round"]),  # type: ignore[arg-type]
         path=silo_dir(context.node_config), tokenizer_sha256=str(record["tokenizer-sha256"]),
-        node_id=context.node_id,
+        node_id=context.node_id, carry=carry,
     )
     return record, cfg, arrays, update, metrics
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train on this silo from the global weights; reply with the update and metrics."""
-    record, cfg, _, update, metrics = _train_round(msg, context)
+    """Train on this silo from the global weights; reply with the update and metrics.
+
+    Cyclic (`federation.strategy = "cyclic"`): the AdamW state the previous silo left arrives
+    as the array record "optimizer" (absent for the run's first silo) and this silo's goes back
+    with the reply, so the silos' turns are one optimizer's run."""
+    carry: dict[str, torch.Tensor] | None = None
+    if _config(msg)[1].federation.strategy == "cyclic":
+        got = msg.content.array_records.get("optimizer")
+        carry = got.to_torch_state_dict() if got is not None else {}
+    record, cfg, _, update, metrics = _train_round(msg, context, carry=carry)
     payload = compress(update, cfg=cfg, record=record, path=silo_dir(context.node_config))
     content = RecordDict({"arrays": ArrayRecord(payload), "metrics": MetricRecord(metrics)})  # type: ignore[arg-type]
+    if carry is not None:
+        content["optimizer"] = ArrayRecord(carry)
     return Message(content, reply_to=msg)
 
 

@@ -9,7 +9,8 @@ check its shards (errors name the silo, before any round), then per round sample
 the global weights, wait at most `federation.round_timeout` seconds, drop silos that failed
 or timed out and reject bad updates (NaN/Inf, wrong names or shapes, norm above
 `federation.max_update_norm`), aggregate the rest if at least `federation.min_silos`
-remain, apply the server optimiser, write the round checkpoint atomically and one line to
+remain (or, with `federation.strategy = "cyclic"`, send the weights to the sampled silos one
+after another, with the AdamW state each passes on), apply the server optimiser, write the round checkpoint atomically and one line to
 rounds.jsonl (who took part, loss, tokens, bytes each way, who dropped and why).
 
 A run directory holds config.toml, rounds.jsonl, checkpoint/ (global weights, server
@@ -45,7 +46,7 @@ from fedlm.federation.client_app import expand_state, from_records, to_records, 
 from fedlm.federation.dp_rounds import RoundPrivacy
 from fedlm.federation.grid import InProcessGrid, WireTap, wire_bytes
 from fedlm.federation.robust import aggregate, check_update
-from fedlm.federation.strategies import ServerOptimizer, num_sampled, sample_silos
+from fedlm.federation.strategies import ServerOptimizer, cyclic_order, num_sampled, sample_silos
 from fedlm.fileio import append_jsonl, atomic_dir, truncate_jsonl, write_json
 from fedlm.modelio import save_model
 from fedlm.train import build_model
@@ -198,6 +199,14 @@ def run_rounds(grid: Grid, cfg: Config, run_dir: Path, *, resume: bool = False,
     else:
         rounds_path.unlink(missing_ok=True)
 
+    if fed.strategy == "cyclic":  # the weights pass from silo to silo: each update is seen alone
+        clash = ("federation.secure_aggregation = true" if fed.secure_aggregation else
+                 f"federation.aggregation = {fed.aggregation!r}" if fed.aggregation != "mean" else
+                 f"privacy.mode = {cfg.privacy.mode!r}" if cfg.privacy.mode != "none" else None)
+        if clash is not None:
+            raise UserError(f"federation.strategy = \"cyclic\" sums the silos' updates made in turn and "
+                            f"cannot be combined with {clash}, which works on a round's updates together; "
+                            f"use strategy = \"fedavg\" for it")
     if fed.secure_aggregation:
         if fed.aggregation != "mean":
             raise UserError(f"federation.aggregation = {fed.aggregation!r} needs each silo's update, which "
@@ -224,10 +233,16 @@ def run_rounds(grid: Grid, cfg: Config, run_dir: Path, *, resume: bool = False,
                                "weight-ref": float(planned_tokens), **(dp.config_entries() if dp else {})})
         config["run-id"] = run_id
         arrays = ArrayRecord(global_state)
-        exchange = _secagg_round if fed.secure_aggregation else _plain_round
-        agg, tokens_of, per_silo, dropped = exchange(
-            grid, r, sampled, node_of=node_of, arrays=arrays, config=config, expected=expected, cfg=cfg,
-            dp=dp) if sampled else (None, {}, {}, {})
+        exchanged: Exchange = (None, {}, {}, {})
+        if sampled and fed.strategy == "cyclic":
+            exchanged = _cyclic_round(
+                grid, r, sampled, node_of=node_of, arrays=arrays, config=config, expected=expected, cfg=cfg,
+                carry=optimizer.carry)
+        elif sampled:
+            exchange = _secagg_round if fed.secure_aggregation else _plain_round
+            exchanged = exchange(
+                grid, r, sampled, node_of=node_of, arrays=arrays, config=config, expected=expected, cfg=cfg, dp=dp)
+        agg, tokens_of, per_silo, dropped = exchanged
         dropped.update(stopped)
         if dp is not None and agg is not None:
             dp.spend(sorted(tokens_of), per_silo)
@@ -243,7 +258,9 @@ def run_rounds(grid: Grid, cfg: Config, run_dir: Path, *, resume: bool = False,
                         "federation.min_silos = %d", r + 1, len(tokens_of), len(sampled), fed.min_silos)
         save_round(ckpt_dir, global_state=global_state, optimizer=optimizer, round_idx=r + 1)
         seconds = time.perf_counter() - t0
-        slowest = max((per_silo[s].get("train_seconds", 0.0) for s in tokens_of), default=0.0)
+        train_times = [per_silo[s].get("train_seconds", 0.0) for s in tokens_of]
+        # the silos train side by side, or in turn under cyclic weight transfer
+        slowest = sum(train_times) if fed.strategy == "cyclic" else max(train_times, default=0.0)
         row: dict[str, Any] = {
             "round": r + 1, "seconds": seconds, "completed": completed,
             "overhead_seconds": seconds - slowest if completed else None,
@@ -287,16 +304,11 @@ def _plain_round(grid: Grid, r: int, sampled: list[str], *, node_of: dict[str, i
         silo = silo_of.get(reply.metadata.src_node_id)
         if silo is None or silo not in per_silo:
             continue
-        per_silo[silo]["bytes_up"] = float(wire_bytes(reply))
-        if reply.has_error():
-            dropped[silo] = f"failed: {_reason(reply)}"
-            continue
-        update, metrics, why = _read_update(reply, expected, fed.max_update_norm, codec=fed.compression)
-        per_silo[silo].update(metrics)
-        if why is not None:
-            dropped[silo] = f"rejected: {why}"
+        got = _accept(reply, per_silo[silo], expected, fed.max_update_norm, codec=fed.compression)
+        if isinstance(got, str):
+            dropped[silo] = got
         else:
-            accepted[silo] = (update, metrics["num_tokens"])
+            accepted[silo] = got
     for silo in sampled:
         if silo not in dropped and silo not in accepted:
             dropped[silo] = f"timeout: no reply within {fed.round_timeout:g} s"
@@ -309,6 +321,79 @@ def _plain_round(grid: Grid, r: int, sampled: list[str], *, node_of: dict[str, i
     agg = aggregate([accepted[s][0] for s in order], [accepted[s][1] for s in order],
                     method=fed.aggregation, trim_fraction=fed.trim_fraction)
     return agg, tokens_of, per_silo, dropped
+
+
+def _cyclic_round(grid: Grid, r: int, sampled: list[str], *, node_of: dict[str, int], arrays: ArrayRecord,
+                  config: ConfigRecord, expected: dict[str, tuple[int, ...]], cfg: Config,
+                  carry: dict[str, torch.Tensor]) -> Exchange:
+    """Cyclic weight transfer: the sampled silos train in turn, each from the weights and the
+    AdamW state (`carry`, updated in place) the last one left: one optimizer's run over the
+    silos' data.
+
+    The turn order is drawn from (seed, round). A silo that fails, times out (each turn waits
+    at most `federation.round_timeout` seconds) or sends a rejected update is skipped: the
+    next silo starts from the weights and state before it. The round's update is the sum of
+    the accepted silos' updates, so with server_lr = 1 the new global model is the last silo's.
+    """
+    fed = cfg.federation
+    start = arrays.to_torch_state_dict()
+    state, passed = dict(start), dict(carry)  # committed to `carry` only if the round completes
+    per_silo: dict[str, dict[str, float]] = {}
+    dropped: dict[str, str] = {}
+    tokens_of: dict[str, float] = {}
+    for silo in cyclic_order(sampled, round_idx=r, seed=cfg.train.seed):
+        content = RecordDict({"arrays": ArrayRecord(state), "config": config})
+        if passed:
+            content["optimizer"] = ArrayRecord(passed)
+        msg = Message(content, node_of[silo], "train", group_id=str(r))
+        per_silo[silo] = {"bytes_down": float(wire_bytes(msg)), "bytes_up": 0.0}
+        replies = [m for m in grid.send_and_receive([msg], timeout=fed.round_timeout)
+                   if m.metadata.src_node_id == node_of[silo]]
+        if not replies:
+            dropped[silo] = f"timeout: no reply within {fed.round_timeout:g} s"
+            continue
+        got = _accept(replies[0], per_silo[silo], expected, fed.max_update_norm, codec=fed.compression,
+                      extra=("optimizer",))
+        if isinstance(got, str):
+            dropped[silo] = got
+            continue
+        passed_on = replies[0].content.array_records["optimizer"].to_torch_state_dict()
+        why = _check_carry(passed_on, expected)
+        if why is not None:
+            dropped[silo] = f"rejected: {why}"
+            continue
+        update, tokens_of[silo] = got
+        state = {name: state[name] + update[name] for name in state}
+        passed = passed_on
+    if len(tokens_of) < fed.min_silos:
+        return None, tokens_of, per_silo, dropped
+    carry.clear()
+    carry.update(passed)
+    return {name: state[name] - start[name] for name in start}, tokens_of, per_silo, dropped
+
+
+def _accept(reply: Message, log_row: dict[str, float], expected: dict[str, tuple[int, ...]], max_norm: float,
+            *, codec: codecs.Codec, extra: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], float] | str:
+    """A silo's train reply as (update, tokens), or why it is dropped; logs its bytes and metrics."""
+    log_row["bytes_up"] = float(wire_bytes(reply))
+    if reply.has_error():
+        return f"failed: {_reason(reply)}"
+    update, metrics, why = _read_update(reply, expected, max_norm, codec=codec, extra=extra)
+    log_row.update(metrics)
+    return f"rejected: {why}" if why is not None else (update, metrics["num_tokens"])
+
+
+def _check_carry(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> str | None:
+    """Why a cyclic silo's optimizer state cannot be passed on (None: it can)."""
+    if "step" not in state:
+        return "optimizer state without a step"
+    for key, t in state.items():
+        kind, _, name = key.partition(".")
+        if key != "step" and (kind not in ("exp_avg", "exp_avg_sq") or expected.get(name) != tuple(t.shape)):
+            return f"optimizer state {key} does not fit the model"
+        if not torch.isfinite(t).all():
+            return f"non-finite optimizer state {key}"
+    return None
 
 
 def _secagg_round(grid: Grid, r: int, sampled: list[str], *, node_of: dict[str, int], arrays: ArrayRecord,
@@ -387,11 +472,13 @@ def _secagg_round(grid: Grid, r: int, sampled: list[str], *, node_of: dict[str, 
 
 
 def _read_update(reply: Message, expected: dict[str, tuple[int, ...]], max_norm: float, *,
-                 codec: codecs.Codec = "none"
+                 codec: codecs.Codec = "none", extra: tuple[str, ...] = ()
                  ) -> tuple[dict[str, torch.Tensor], dict[str, float], str | None]:
-    """The update and numeric metrics in a train reply, and why to reject it (None: accept)."""
+    """The update and numeric metrics in a train reply, and why to reject it (None: accept).
+
+    `extra`: the names of further array records the reply must hold (cyclic: "optimizer")."""
     content = reply.content
-    if set(content.keys()) != {"arrays", "metrics"} or "arrays" not in content.array_records \
+    if set(content.keys()) != {"arrays", "metrics", *extra} or "arrays" not in content.array_records \
             or "metrics" not in content.metric_records:
         return {}, {}, f"unexpected records {sorted(content.keys())}"
     metrics: dict[str, float] = {}

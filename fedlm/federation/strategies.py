@@ -8,6 +8,8 @@ FedProx's proximal term, and the per-round sample of silos.
 Strategies (Reddi et al. 2021, "Adaptive Federated Optimization", Algorithm 2), with
 Δ = aggregated update (mean of local − global) and η = server lr:
 - fedavg, fedprox:  w ← w + η Δ   (FedProx differs only on the client: `prox_penalty`)
+- cyclic:  w ← w + η Δ with Δ = the sum of the silos' updates made in turn (cyclic weight
+  transfer, Chang et al. 2018): each silo trains from the weights the one before it left.
 - fedadam:  m ← β1 m + (1 − β1) Δ;  v ← β2 v + (1 − β2) Δ²;             w ← w + η m / (√v + τ)
 - fedyogi:  m ← β1 m + (1 − β1) Δ;  v ← v − (1 − β2) Δ² sign(v − Δ²);   w ← w + η m / (√v + τ)
 with m₀ = 0 and v₀ = τ² (the paper's v₋₁ ≥ τ²), and no bias correction, as in the paper.
@@ -25,7 +27,7 @@ import math
 import numpy as np
 import torch
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "cyclic")
 
 
 class ServerOptimizer:
@@ -51,6 +53,7 @@ class ServerOptimizer:
         self.step = 0
         self.m: dict[str, torch.Tensor] = {}
         self.v: dict[str, torch.Tensor] = {}
+        self.carry: dict[str, torch.Tensor] = {}  # cyclic: the AdamW state passed from silo to silo
 
     def apply(
         self, global_state: dict[str, torch.Tensor], aggregated_update: dict[str, torch.Tensor]
@@ -67,7 +70,7 @@ class ServerOptimizer:
         for name, delta in aggregated_update.items():
             w = global_state[name]
             d = delta.to(torch.float32)
-            if self.strategy in ("fedavg", "fedprox"):
+            if self.strategy in ("fedavg", "fedprox", "cyclic"):
                 step = self.lr * d
             else:
                 m = self.m.get(name)
@@ -88,12 +91,14 @@ class ServerOptimizer:
         return new
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The optimiser state as tensors (`m.NAME`, `v.NAME`, `step`), for round checkpoints."""
+        """The optimiser state as tensors (`m.NAME`, `v.NAME`, `c.KEY`, `step`), for round checkpoints."""
         out = {"step": torch.tensor(self.step, dtype=torch.int64)}
         for name, t in self.m.items():
             out[f"m.{name}"] = t.clone()
         for name, t in self.v.items():
             out[f"v.{name}"] = t.clone()
+        for name, t in self.carry.items():
+            out[f"c.{name}"] = t.clone()
         return out
 
     def load_state_dict(self, d: dict[str, torch.Tensor]) -> None:
@@ -101,6 +106,7 @@ class ServerOptimizer:
         self.step = int(d["step"])
         self.m = {k[2:]: t.clone() for k, t in d.items() if k.startswith("m.")}
         self.v = {k[2:]: t.clone() for k, t in d.items() if k.startswith("v.")}
+        self.carry = {k[2:]: t.clone() for k, t in d.items() if k.startswith("c.")}
 
 
 def prox_penalty(
@@ -140,3 +146,13 @@ def sample_silos(silos: list[str], *, fraction: float, round_idx: int, seed: int
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, round_idx])))
     picked = rng.choice(len(silos), size=k, replace=False)
     return [silos[i] for i in sorted(picked.tolist())]
+
+
+def cyclic_order(silos: list[str], *, round_idx: int, seed: int) -> list[str]:
+    """The order in which a cyclic round's silos train: a permutation drawn from (seed, round).
+
+    Drawn afresh each round so that no silo is always the last one (whose data the new
+    global model has seen most recently).
+    """
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, round_idx, 1])))  # 1: not the sample's stream
+    return [silos[i] for i in rng.permutation(len(silos))]
