@@ -122,13 +122,14 @@ def test_personalise_fine_tunes_the_run_model_on_each_silo(workspace: Path, tmp_
     base = _cfg(workspace, steps=2, checkpoint_every=2)
     train(base, tmp_path / "run")
     cfg = load_config(None, [f'data.workspace="{workspace}"', "model.max_seq_len=64", "train.seq_len=64",
-                             "train.batch_size=4", "train.threads=1", "federation.personalize_steps=3"])
+                             "train.batch_size=4", "train.threads=1", "federation.personalize_steps=6"])
     done = personalise(cfg, tmp_path / "run")
     start = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
     assert set(done) == {"drama", "legal", "technical"}
     for silo, run in done.items():
         resolved = load_config(run / "config.toml")
-        assert resolved.data.silos == [silo] and resolved.train.steps == 3
+        assert resolved.data.silos == [silo] and resolved.train.steps == 6
+        assert resolved.train.warmup_steps == 2  # a third of the steps: the trained model is not jolted
         assert resolved.train.init_from == str(tmp_path / "run" / "model")
         got = load_file(str(run / "model" / "model.safetensors"))
         assert not torch.equal(got["tok_emb.weight"], start["tok_emb.weight"])
