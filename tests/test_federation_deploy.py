@@ -95,12 +95,14 @@ def test_supernode_command_carries_the_silo(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_flower_engine_bitwise_equal_to_in_process(tmp_path: Path) -> None:
-    """A real SuperLink + three SuperNodes on 127.0.0.1, 2 rounds: same global weights as in process."""
+@pytest.mark.parametrize("strategy", ["fedavg", "cyclic"])
+def test_flower_engine_bitwise_equal_to_in_process(tmp_path: Path, strategy: str) -> None:
+    """A real SuperLink + three SuperNodes on 127.0.0.1, 2 rounds: same global weights as in process
+    (cyclic: the AdamW state passed from silo to silo crosses Flower's wire too)."""
     ws = make_ws(tmp_path / "ws")
-    run_federated(tiny_cfg(ws, rounds=2), tmp_path / "inprocess")
+    run_federated(tiny_cfg(ws, rounds=2, strategy=strategy), tmp_path / "inprocess")
     seen: list[int] = []
-    summary = run_federated(tiny_cfg(ws, rounds=2, engine="flower"), tmp_path / "flower",
+    summary = run_federated(tiny_cfg(ws, rounds=2, engine="flower", strategy=strategy), tmp_path / "flower",
                             on_round=lambda r, n, row: seen.append(r))
     assert summary["engine"] == "flower" and seen == [1, 2]
     a = load_file(str(tmp_path / "inprocess/checkpoint/global.safetensors"))
