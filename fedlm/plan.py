@@ -23,12 +23,13 @@ loaded: `train.init_from` is read for its config.json or GGUF header). The formu
   and a bf16 copy of every matmul weight).
 - Time: a few real optimizer steps of this model (random weights, same shapes, precision,
   batch and LoRA) timed on this machine with the threads the run will use (one per silo in
-  the in-process engine), × local_steps; with S silos sharing C cores, × S / C. Or
-  FLOPs / `device_flops` when given.
+  the in-process engine), × local_steps; with S silos sharing C cores, × S / C (cyclic: the
+  silos train one after another, × S). Or FLOPs / `device_flops` when given.
 - Bytes per round: the update's arrays (LoRA: adapters only) under federation.compression —
   none 4 B/value, fp16 2, int8 1 + one fp32 scale per 256 values, topk ⌈f·n⌉ × (4 B value
   + 4 B int32 index) per array; secure aggregation sends 4 B (uint32) per value. Down: the
-  global arrays in fp32. Payload only (Flower's framing adds ~200 B per array).
+  global arrays in fp32. Cyclic adds the AdamW state passed on both ways: two fp32 moments per
+  trained value and the step. Payload only (Flower's framing adds ~200 B per array).
 """
 
 from __future__ import annotations
@@ -258,11 +259,13 @@ def memory_breakdown(mc: ModelConfig, p: Params, cfg: Config, *, federated: bool
     logits = tokens * v * (4 * 3 + (2 if bf16 else 0))  # log-softmax out, its grad, grad in (+ bf16 logits)
     casts = 2 * p.matmul if bf16 else 0  # autocast's bf16 weight copies, held for the backward
     wire = sum(p.wire.values()) * 4
+    cyclic = federated and cfg.federation.strategy == "cyclic"
     comp = {
         "runtime": RUNTIME_BYTES[tc.precision],
         "weights": 4 * p.total,
         "optimizer": ADAMW_BYTES * p.trainable,
-        "global_and_update": 2 * wire if federated else 0,
+        # cyclic: the AdamW state received and the one passed on (two fp32 moments each)
+        "global_and_update": 2 * wire + (4 * wire if cyclic else 0) if federated else 0,
         "activations": int(acts + final_norm + casts),
         "logits": int(logits),
         "gradients": 4 * p.trainable,
@@ -402,9 +405,10 @@ def plan_run(cfg: Config, *, device_flops: float | None = None, calibrate: bool 
     fpt: float = flops_per_token(mc, p, seq_len=tc.seq_len, checkpointing=tc.activation_checkpointing)
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
     n_silos = len(silos)
+    cyclic = federated and fed.strategy == "cyclic"
     if federated:
         sampled = num_sampled(n_silos, fed.fraction)
-        rounds, steps_per_silo, concurrent = fed.rounds, fed.local_steps, sampled
+        rounds, steps_per_silo, concurrent = fed.rounds, fed.local_steps, 1 if cyclic else sampled
     elif tc.mode == "local-only":
         sampled, rounds, steps_per_silo, concurrent = n_silos, 1, tc.steps, 1
     else:  # centralised: one process trains the pooled silos
@@ -413,6 +417,8 @@ def plan_run(cfg: Config, *, device_flops: float | None = None, calibrate: bool 
     mem = memory_breakdown(mc, p, cfg, federated=federated)
     up = update_bytes(p.wire, fed.compression, fed.topk_fraction, secure=fed.secure_aggregation)
     down = 4 * sum(p.wire.values())
+    if cyclic:  # the AdamW state travels with the weights, both ways
+        up, down = up + 2 * down + 4, down + 2 * down + 4
     notes = []
     step_s: float | None = None
     if device_flops:
@@ -438,7 +444,8 @@ def plan_run(cfg: Config, *, device_flops: float | None = None, calibrate: bool 
     round_s = total_s = None
     if step_s is not None:
         overhead = (sampled * (up + down) + down) / ROUND_OVERHEAD_BYTES_PER_S if federated else 0.0
-        round_s = steps_per_silo * step_s * wall_factor + overhead
+        turns = sampled if cyclic else 1  # cyclic: one silo after another
+        round_s = steps_per_silo * step_s * wall_factor * turns + overhead
         total_s = round_s * rounds
     held = [t for t in silos.values() if t is not None]
     optimal = CHINCHILLA_TOKENS_PER_PARAM * p.total

@@ -167,6 +167,28 @@ def test_workspace_vocab_and_silo_tokens(workspace: Path) -> None:
     assert plan.compute_optimal_tokens == 20 * plan.params_total
 
 
+def test_cyclic_adds_the_adamw_state_each_way_and_the_silos_turns(workspace: Path) -> None:
+    """Cyclic: the bytes each way grow by the state a real AdamW passes on; a round takes every silo's turn."""
+    from fedlm.train import build_model, make_optimizer, optimizer_state, train_step
+
+    sets = [f"data.workspace={json.dumps(str(workspace))}", "train.mode=federated", "model.tie_embeddings=false",
+            "train.batch_size=2", "train.seq_len=16"]
+    avg = plan_run(load_config(None, sets), device_flops=1e9)
+    cfg = load_config(None, [*sets, 'federation.strategy="cyclic"'])
+    cyc = plan_run(cfg, device_flops=1e9)
+    model = build_model(cfg, int(cyc.model["vocab_size"]))
+    optimizer = make_optimizer(model, cfg.train)
+    x = torch.zeros(2, 16, dtype=torch.long)
+    train_step(model, optimizer, lambda: (x, x), lr=1e-3, grad_accum=1, grad_clip=1.0, precision="fp32")
+    passed_on = sum(t.numel() * t.element_size() for t in optimizer_state(model, optimizer).values())
+    silos = len(cyc.silo_tokens)
+    for a, c in ((avg.bytes_up_per_round, cyc.bytes_up_per_round), (avg.bytes_down_per_round, cyc.bytes_down_per_round)):
+        assert all(c[s] - a[s] == passed_on for s in a)
+    up, down = max(cyc.bytes_up_per_round.values()), max(cyc.bytes_down_per_round.values())
+    train_s = cyc.seconds_per_round - (silos * (up + down) + down) / ROUND_OVERHEAD_BYTES_PER_S  # type: ignore[operator]
+    assert train_s == pytest.approx(silos * cfg.federation.local_steps * cyc.seconds_per_step)
+
+
 def test_memory_within_25_percent_of_a_measured_silo() -> None:
     """Peak RSS of a real silo round in a subprocess (time is compared in bench/plan_bench.py, not here:
     a timed assertion on a shared machine tests the neighbours)."""
