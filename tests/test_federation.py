@@ -183,6 +183,22 @@ def test_cyclic_equals_one_optimizer_over_the_silos_in_turn(ws: Path, tmp_path: 
     assert all(torch.equal(got[k], cut[k]) for k in got)
 
 
+def test_cyclic_with_lora_passes_only_the_adapters_state(ws: Path, tmp_path: Path) -> None:
+    """LoRA + cyclic: the adapters and their AdamW moments travel; every silo's turn is accepted."""
+    cfg = tiny_cfg(ws, rounds=2, strategy="cyclic")
+    cfg.lora.rank = 4
+    messages: list[tuple[str, dict[str, bytes]]] = []
+    run_federated(cfg, tmp_path / "run", on_wire=lambda way, node, objs: messages.append((way, objs)))
+    assert all(r["completed"] and not r["dropped"] for r in rounds(tmp_path / "run"))
+    adapters = {n for n in weights(tmp_path / "run") if ".lora_" in n}
+    assert adapters and set(weights(tmp_path / "run")) == adapters
+    ups = [deserialise(objs, next(oid for oid, b in objs.items() if b.startswith(b"Message")), "x")
+           for way, objs in messages if way == "up"]
+    carried = [m.content.array_records["optimizer"] for m in ups if "optimizer" in m.content.array_records]
+    assert len(carried) == 6 and all(set(c) == {"step"} | {f"{k}.{n}" for n in adapters
+                                                              for k in ("exp_avg", "exp_avg_sq")} for c in carried)
+
+
 def test_cyclic_skips_a_failed_silo_and_refuses_averaging_options(ws: Path, tmp_path: Path) -> None:
     """A silo that crashes is skipped (the next starts from the weights before it); secagg etc. are refused."""
     run_federated(tiny_cfg(ws, rounds=1, strategy="cyclic", min_silos=2), tmp_path / "run",
