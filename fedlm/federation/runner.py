@@ -10,8 +10,9 @@ the global weights, wait at most `federation.round_timeout` seconds, drop silos 
 or timed out and reject bad updates (NaN/Inf, wrong names or shapes, norm above
 `federation.max_update_norm`), aggregate the rest if at least `federation.min_silos`
 remain (or, with `federation.strategy = "cyclic"`, send the weights to the sampled silos one
-after another, with the AdamW state each passes on), apply the server optimiser, write the round checkpoint atomically and one line to
-rounds.jsonl (who took part, loss, tokens, bytes each way, who dropped and why).
+after another, with the AdamW state each passes on), apply the server optimiser, write the
+round checkpoint atomically and one line to rounds.jsonl (who took part, loss, tokens, bytes
+each way, who dropped and why).
 
 A run directory holds config.toml, rounds.jsonl, checkpoint/ (global weights, server
 optimiser state, round), model/ and summary.json. A run stopped anywhere resumes from its
