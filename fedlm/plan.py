@@ -417,8 +417,9 @@ def plan_run(cfg: Config, *, device_flops: float | None = None, calibrate: bool 
     mem = memory_breakdown(mc, p, cfg, federated=federated)
     up = update_bytes(p.wire, fed.compression, fed.topk_fraction, secure=fed.secure_aggregation)
     down = 4 * sum(p.wire.values())
-    if cyclic:  # the AdamW state travels with the weights, both ways
-        up, down = up + 2 * down + 4, down + 2 * down + 4
+    if cyclic:  # the AdamW state travels with the weights, both ways: two fp32 moments and the step
+        carried = 2 * down + 4
+        up, down = up + carried, down + carried
     notes = []
     step_s: float | None = None
     if device_flops:

@@ -84,6 +84,20 @@ def rounds(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
 
 
+class Stop(Exception):
+    """Raised from on_round to stop a run after a round, as a crash would."""
+
+
+def stop_after_1(r: int, total: int, row: dict) -> None:
+    if r == 1:
+        raise Stop
+
+
+def decode(objs: dict[str, bytes]) -> Message:
+    """A message as it crossed the in-process wire (the objects an on_wire tap saw)."""
+    return deserialise(objs, next(oid for oid, b in objs.items() if b.startswith(b"Message")), "x")
+
+
 def wrap(behave: dict[str, str], delay: float = 3.0) -> ClientApp:
     """A ClientApp that delegates to fedlm's, except per silo: "raise", "nan" or "slow" in train."""
     app = ClientApp()
@@ -169,13 +183,6 @@ def test_cyclic_equals_one_optimizer_over_the_silos_in_turn(ws: Path, tmp_path: 
     assert row["overhead_seconds"] < row["seconds"]  # the silos' training times add up in a cyclic round
 
     # stopped after round 1 and resumed: the AdamW state passed on is in the round checkpoint
-    class Stop(Exception):
-        pass
-
-    def stop_after_1(r: int, total: int, row: dict) -> None:
-        if r == 1:
-            raise Stop
-
     with pytest.raises(Stop):
         run_federated(tiny_cfg(ws, rounds=2, strategy="cyclic"), tmp_path / "cut", on_round=stop_after_1)
     run_federated(tiny_cfg(ws, rounds=2, strategy="cyclic"), tmp_path / "cut", resume=True)
@@ -192,8 +199,7 @@ def test_cyclic_with_lora_passes_only_the_adapters_state(ws: Path, tmp_path: Pat
     assert all(r["completed"] and not r["dropped"] for r in rounds(tmp_path / "run"))
     adapters = {n for n in weights(tmp_path / "run") if ".lora_" in n}
     assert adapters and set(weights(tmp_path / "run")) == adapters
-    ups = [deserialise(objs, next(oid for oid, b in objs.items() if b.startswith(b"Message")), "x")
-           for way, objs in messages if way == "up"]
+    ups = [decode(objs) for way, objs in messages if way == "up"]
     carried = [m.content.array_records["optimizer"] for m in ups if "optimizer" in m.content.array_records]
     assert len(carried) == 6 and all(set(c) == {"step"} | {f"{k}.{n}" for n in adapters
                                                               for k in ("exp_avg", "exp_avg_sq")} for c in carried)
@@ -223,13 +229,6 @@ def test_same_seed_bitwise_equal_and_resume(ws: Path, tmp_path: Path) -> None:
     """Two runs with one seed give identical weights; a run stopped after round 1 and resumed too."""
     cfg = tiny_cfg(ws, strategy="fedadam", server_lr=0.01)
     run_federated(cfg, tmp_path / "full")
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_1(r: int, total: int, row: dict) -> None:
-        if r == 1:
-            raise Stop
 
     with pytest.raises(Stop):
         run_federated(tiny_cfg(ws, strategy="fedadam", server_lr=0.01), tmp_path / "cut", on_round=stop_after_1)
@@ -298,8 +297,7 @@ def test_what_crosses_the_wire(ws: Path, tmp_path: Path, caplog: pytest.LogCaptu
         assert not any(canary in b for b in objs.values()), f"canary in a {d} message"
     trains = 0
     for objs in ups:
-        root = next(oid for oid, b in objs.items() if b.startswith(b"Message"))
-        msg = deserialise(objs, root, "x")
+        msg = decode(objs)
         assert not msg.has_error()
         if msg.metadata.message_type == "train":
             trains += 1

@@ -217,32 +217,34 @@ def query(msg: Message, context: Context) -> Message:
     )
 
 
-def _train_round(msg: Message, context: Context, *, carry: dict[str, torch.Tensor] | None = None
-                 ) -> tuple[ConfigRecord, Config, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float]]:
+def _train_round(msg: Message, context: Context) -> tuple[ConfigRecord, Config, dict[str, torch.Tensor],
+                                                          dict[str, torch.Tensor], dict[str, float],
+                                                          dict[str, torch.Tensor] | None]:
     """Train this silo from the message's global weights: (round record, config, the global
-    arrays received, update, metrics)."""
+    arrays received, update, metrics, the AdamW state to pass on (cyclic; else None)).
+
+    Cyclic (`federation.strategy = "cyclic"`): the AdamW state the previous silo left arrives
+    as the array record "optimizer" (absent for the run's first silo), so the silos' turns are
+    one optimizer's run."""
     record, cfg, text = _config(msg)
     arrays = msg.content.array_records["arrays"].to_torch_state_dict()
+    carry: dict[str, torch.Tensor] | None = None
+    if cfg.federation.strategy == "cyclic":
+        got = msg.content.array_records.get("optimizer")
+        carry = got.to_torch_state_dict() if got is not None else {}
     update, metrics = train_silo(
         arrays, cfg=cfg, config_text=text, round_idx=int(record["round"]),  # type: ignore[arg-type]
         path=silo_dir(context.node_config), tokenizer_sha256=str(record["tokenizer-sha256"]),
         node_id=context.node_id, carry=carry,
     )
-    return record, cfg, arrays, update, metrics
+    return record, cfg, arrays, update, metrics, carry
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train on this silo from the global weights; reply with the update and metrics.
-
-    Cyclic (`federation.strategy = "cyclic"`): the AdamW state the previous silo left arrives
-    as the array record "optimizer" (absent for the run's first silo) and this silo's goes back
-    with the reply, so the silos' turns are one optimizer's run."""
-    carry: dict[str, torch.Tensor] | None = None
-    if _config(msg)[1].federation.strategy == "cyclic":
-        got = msg.content.array_records.get("optimizer")
-        carry = got.to_torch_state_dict() if got is not None else {}
-    record, cfg, _, update, metrics = _train_round(msg, context, carry=carry)
+    """Train on this silo from the global weights; reply with the update and metrics (and, cyclic,
+    the AdamW state for the next silo)."""
+    record, cfg, _, update, metrics, carry = _train_round(msg, context)
     payload = compress(update, cfg=cfg, record=record, path=silo_dir(context.node_config))
     content = RecordDict({"arrays": ArrayRecord(payload), "metrics": MetricRecord(metrics)})  # type: ignore[arg-type]
     if carry is not None:
@@ -298,7 +300,7 @@ def secagg_keys(msg: Message, context: Context) -> Message:
 @app.train("secagg_input")
 def secagg_input(msg: Message, context: Context) -> Message:
     """Stage 2: train, check the update, reply with weight × update masked (and the metrics)."""
-    record, cfg, arrays, update, metrics = _train_round(msg, context)
+    record, cfg, arrays, update, metrics, _ = _train_round(msg, context)
     # decode before masking: SecAgg quantises the decoded values (its integers are the wire format)
     update = codecs.decode(compress(update, cfg=cfg, record=record, path=silo_dir(context.node_config)),
                            codec=cfg.federation.compression, expected={k: tuple(v.shape) for k, v in update.items()})

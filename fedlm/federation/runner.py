@@ -348,8 +348,7 @@ def _cyclic_round(grid: Grid, r: int, sampled: list[str], *, node_of: dict[str, 
             content["optimizer"] = ArrayRecord(passed)
         msg = Message(content, node_of[silo], "train", group_id=str(r))
         per_silo[silo] = {"bytes_down": float(wire_bytes(msg)), "bytes_up": 0.0}
-        replies = [m for m in grid.send_and_receive([msg], timeout=fed.round_timeout)
-                   if m.metadata.src_node_id == node_of[silo]]
+        replies = list(grid.send_and_receive([msg], timeout=fed.round_timeout))
         if not replies:
             dropped[silo] = f"timeout: no reply within {fed.round_timeout:g} s"
             continue
