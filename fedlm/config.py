@@ -161,10 +161,12 @@ class FederationConfig:
     """Federated rounds."""
     local_steps: int = 5
     """Optimizer steps each silo takes per round (with train.batch_size, train.seq_len)."""
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "cyclic"] = "fedavg"
-    """Server aggregation: FedAvg (weighted by tokens), FedProx, a server optimiser, or cyclic
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "cyclic", "fedsgd"] = "fedavg"
+    """Server aggregation: FedAvg (weighted by tokens), FedProx, a server optimiser, cyclic
     (the silos train in turn, each from the weights the previous one left: more sequential
-    steps for the same compute, but each update is seen alone and a round takes every silo's time)."""
+    steps for the same compute, but each update is seen alone and a round takes every silo's
+    time), or fedsgd (each silo sends one batch's gradient and the server takes the trainer's
+    AdamW step on their mean: pooled training's steps, one round each; needs local_steps = 1)."""
     fraction: float = 1.0
     """Share of the silos sampled each round."""
     min_silos: int = 1
@@ -202,6 +204,10 @@ class FederationConfig:
                 raise ValueError(f"federation.{key} must be > 0")
         if not 0 < self.fraction <= 1:
             raise ValueError("federation.fraction must be in (0, 1]")
+        if self.strategy == "fedsgd" and self.local_steps != 1:
+            raise ValueError("federation.local_steps must be 1 with strategy = \"fedsgd\" (a round is one "
+                             "optimizer step on the silos' gradients); raise train.batch_size or "
+                             "train.grad_accum for more tokens per round")
         if self.server_lr <= 0 or self.server_tau <= 0 or self.prox_mu < 0:
             raise ValueError("federation.server_lr and server_tau must be > 0, prox_mu >= 0")
         if not 0 <= self.trim_fraction < 0.5:

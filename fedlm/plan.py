@@ -16,7 +16,7 @@ loaded: `train.init_from` is read for its config.json or GGUF header). The formu
   recomputes each block's forward during the backward, less its last matmul (w2; PyTorch's
   non-reentrant checkpoint stops recomputing once the saved tensors are back).
 - Memory per silo: the runtime's fixed cost (measured once here), fp32 weights (4 B/param), gradients and AdamW's two moments for the
-  trainable parameters (4 + 8 B), AdamW's foreach temporary (4 B), the global weights a silo
+  trainable parameters (4 + 8 B), AdamW's foreach temporary (4 B) (fedsgd: no AdamW on the silo), the global weights a silo
   receives and the update it sends (federated), the tensors autograd saves per layer per
   token (counted tensor by tensor for this architecture, below), and the logits: log-softmax
   output, its gradient and the incoming gradient, B·T·V·4 B each (bf16 adds the bf16 logits
@@ -260,10 +260,11 @@ def memory_breakdown(mc: ModelConfig, p: Params, cfg: Config, *, federated: bool
     casts = 2 * p.matmul if bf16 else 0  # autocast's bf16 weight copies, held for the backward
     wire = sum(p.wire.values()) * 4
     cyclic = federated and cfg.federation.strategy == "cyclic"
+    fedsgd = federated and cfg.federation.strategy == "fedsgd"  # the silo computes a gradient; AdamW is the server's
     comp = {
         "runtime": RUNTIME_BYTES[tc.precision],
         "weights": 4 * p.total,
-        "optimizer": ADAMW_BYTES * p.trainable,
+        "optimizer": 0 if fedsgd else ADAMW_BYTES * p.trainable,
         # cyclic: the AdamW state received and the one passed on (two fp32 moments each)
         "global_and_update": 2 * wire + (4 * wire if cyclic else 0) if federated else 0,
         "activations": int(acts + final_norm + casts),
@@ -272,7 +273,7 @@ def memory_breakdown(mc: ModelConfig, p: Params, cfg: Config, *, federated: bool
     }
     head_grad = 4 * v * d if not p.frozen_matmul else 0
     fb = comp["activations"] + comp["logits"] + head_grad
-    step = comp["gradients"] + 4 * p.trainable  # foreach AdamW's sqrt temporary
+    step = comp["gradients"] + (0 if fedsgd else 4 * p.trainable)  # foreach AdamW's sqrt temporary
     comp["peak"] = comp["runtime"] + comp["weights"] + comp["optimizer"] + comp["global_and_update"] + max(fb, step)
     return comp
 

@@ -302,6 +302,39 @@ def local_update(
     }
 
 
+def silo_gradient(
+    model: torch.nn.Module, global_state: dict[str, torch.Tensor], data: SiloBatches, tc: TrainConfig,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """fedsgd's local work: −(the mean-loss gradient) at the global weights over one batch of
+    tc.grad_accum × tc.batch_size windows, and metrics. No optimizer and no clipping here: the
+    server clips the silos' mean and steps AdamW on it (`ServerAdamW`)."""
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    missing, unexpected = model.load_state_dict(
+        {k: v for k, v in global_state.items() if k not in frozen}, strict=not frozen)
+    if unexpected or set(missing) - frozen:
+        raise KeyError(f"global state does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.train()
+    t0 = time.perf_counter()
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for _ in range(tc.grad_accum):
+        x, y = data.next(tc.batch_size, tc.seq_len)
+        loss = lm_loss(model, x, y, tc.precision) / tc.grad_accum
+        loss.backward()
+        total += float(loss.detach())
+    if not math.isfinite(total):
+        raise FloatingPointError(f"loss is {total}; lower train.lr or use train.precision = 'fp32'")
+    grads = {n: p.grad for n, p in model.named_parameters(remove_duplicate=False) if p.grad is not None}
+    update = {n: -grads[n].detach().clone() if n in grads else torch.zeros_like(global_state[n])
+              for n in global_state if n not in frozen}
+    model.zero_grad(set_to_none=True)
+    return update, {
+        "loss": total,
+        "num_tokens": float(tc.grad_accum * tc.batch_size * tc.seq_len),
+        "train_seconds": time.perf_counter() - t0,
+    }
+
+
 # ---------------------------------------------------------------------------------------
 # checkpoints: safetensors for tensors (no pickle), JSON for the rest
 

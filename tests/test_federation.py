@@ -190,6 +190,58 @@ def test_cyclic_equals_one_optimizer_over_the_silos_in_turn(ws: Path, tmp_path: 
     assert all(torch.equal(got[k], cut[k]) for k in got)
 
 
+def test_fedsgd_equals_the_centralised_step_on_the_pooled_batches(ws: Path, tmp_path: Path) -> None:
+    """strategy = "fedsgd": each silo sends one batch's gradient and the server steps the trainer's
+    AdamW on their mean, so the run equals one AdamW run on the silos' batches pooled, step by step."""
+    cfg = tiny_cfg(ws, rounds=3, local_steps=1, strategy="fedsgd")
+    run_federated(cfg, tmp_path / "run")
+    got = weights(tmp_path / "run")
+
+    # Reference: one model, one AdamW; each step's loss is the mean over the three silos' seeded batches.
+    sha = tokenizer_hash(ws / "tokenizer.json")
+    model = build_model(cfg, vocab(ws))
+    tc = ca.federated_train_config(cfg)
+    optimizer = make_optimizer(model, tc)
+    torch.set_num_threads(1)
+    for r in range(3):
+        batches = []
+        for silo in ("a", "b", "c"):
+            data = SiloBatches.open([ws / "silos" / silo], seed=0, tokenizer_sha256=sha)
+            data.generator.manual_seed(ca.round_seed(7, silo, r))
+            batches.append(data.next(tc.batch_size, tc.seq_len))
+        pooled = (torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
+        train_step(model, optimizer, lambda p=pooled: p, lr=lr_at(r, tc), grad_accum=1, grad_clip=tc.grad_clip,
+                   precision=tc.precision)
+    ref = model.state_dict()
+    for name, value in got.items():  # the same gradient summed in another order: Adam's 1/√v magnifies
+        np.testing.assert_allclose(value.numpy(), ref[name].numpy(), rtol=0, atol=1e-4)  # its last bits
+    row = rounds(tmp_path / "run")[0]
+    assert row["completed"] and row["silos"]["a"]["num_tokens"] == tc.batch_size * tc.seq_len
+
+    # stopped after round 1 and resumed: AdamW's moments are in the round checkpoint
+    with pytest.raises(Stop):
+        run_federated(cfg, tmp_path / "cut", on_round=stop_after_1)
+    run_federated(cfg, tmp_path / "cut", resume=True)
+    cut = weights(tmp_path / "cut")
+    assert all(torch.equal(got[k], cut[k]) for k in got)
+
+    # under secure aggregation the server sees only the gradients' sum: the same run within quantisation
+    run_federated(tiny_cfg(ws, rounds=3, local_steps=1, strategy="fedsgd", secure_aggregation=True,
+                           max_update_norm=50.0), tmp_path / "secagg")
+    masked = weights(tmp_path / "secagg")
+    for name, value in got.items():
+        np.testing.assert_allclose(masked[name].numpy(), value.numpy(), rtol=0, atol=1e-3)
+
+
+def test_fedsgd_refuses_local_steps_and_record_dp(ws: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="local_steps must be 1 with strategy = \"fedsgd\""):
+        tiny_cfg(ws, local_steps=2, strategy="fedsgd")
+    cfg = tiny_cfg(ws, rounds=1, local_steps=1, strategy="fedsgd")
+    cfg.privacy.mode = "record"
+    with pytest.raises(UserError, match="fedsgd.*privacy.mode = \"client\""):
+        run_federated(cfg, tmp_path / "record")
+
+
 def test_cyclic_with_lora_passes_only_the_adapters_state(ws: Path, tmp_path: Path) -> None:
     """LoRA + cyclic: the adapters and their AdamW moments travel; every silo's turn is accepted."""
     cfg = tiny_cfg(ws, rounds=2, strategy="cyclic")

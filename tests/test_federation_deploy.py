@@ -95,15 +95,17 @@ def test_supernode_command_carries_the_silo(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["fedavg", "cyclic"])
+@pytest.mark.parametrize("strategy", ["fedavg", "cyclic", "fedsgd"])
 def test_flower_engine_bitwise_equal_to_in_process(tmp_path: Path, strategy: str) -> None:
     """A real SuperLink + three SuperNodes on 127.0.0.1, 2 rounds: same global weights as in process
-    (cyclic: the AdamW state passed from silo to silo crosses Flower's wire too)."""
+    (cyclic: the AdamW state passed from silo to silo crosses Flower's wire too; fedsgd: the
+    ServerApp's AdamW steps as the in-process server's)."""
     ws = make_ws(tmp_path / "ws")
-    run_federated(tiny_cfg(ws, rounds=2, strategy=strategy), tmp_path / "inprocess")
+    steps = 1 if strategy == "fedsgd" else 2
+    run_federated(tiny_cfg(ws, rounds=2, strategy=strategy, local_steps=steps), tmp_path / "inprocess")
     seen: list[int] = []
-    summary = run_federated(tiny_cfg(ws, rounds=2, engine="flower", strategy=strategy), tmp_path / "flower",
-                            on_round=lambda r, n, row: seen.append(r))
+    summary = run_federated(tiny_cfg(ws, rounds=2, engine="flower", strategy=strategy, local_steps=steps),
+                            tmp_path / "flower", on_round=lambda r, n, row: seen.append(r))
     assert summary["engine"] == "flower" and seen == [1, 2]
     a = load_file(str(tmp_path / "inprocess/checkpoint/global.safetensors"))
     b = load_file(str(tmp_path / "flower/checkpoint/global.safetensors"))

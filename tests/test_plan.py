@@ -18,6 +18,7 @@ from fedlm.config import ModelConfig, load_config
 from fedlm.errors import UserError
 from fedlm.model import Transformer
 from fedlm.plan import (
+    ADAMW_BYTES,
     ROUND_OVERHEAD_BYTES_PER_S,
     count_params,
     fit_limits,
@@ -187,6 +188,18 @@ def test_cyclic_adds_the_adamw_state_each_way_and_the_silos_turns(workspace: Pat
     up, down = max(cyc.bytes_up_per_round.values()), max(cyc.bytes_down_per_round.values())
     train_s = cyc.seconds_per_round - (silos * (up + down) + down) / ROUND_OVERHEAD_BYTES_PER_S  # type: ignore[operator]
     assert train_s == pytest.approx(silos * cfg.federation.local_steps * cyc.seconds_per_step)
+
+
+def test_fedsgd_silos_hold_no_optimizer_state(workspace: Path) -> None:
+    """fedsgd: the silo computes one gradient and AdamW runs on the server, so its memory has no
+    moments and no foreach temporary; the bytes each way are FedAvg's."""
+    sets = [f"data.workspace={json.dumps(str(workspace))}", "train.mode=federated", "train.batch_size=2",
+            "train.seq_len=16", "federation.local_steps=1"]
+    avg = plan_run(load_config(None, sets), device_flops=1e9)
+    sgd = plan_run(load_config(None, [*sets, 'federation.strategy="fedsgd"']), device_flops=1e9)
+    assert sgd.memory["optimizer"] == 0 and avg.memory["optimizer"] == ADAMW_BYTES * avg.params_trainable
+    assert sgd.bytes_up_per_round == avg.bytes_up_per_round and sgd.bytes_down_per_round == avg.bytes_down_per_round
+    assert sgd.memory["peak"] < avg.memory["peak"]
 
 
 def test_memory_within_25_percent_of_a_measured_silo() -> None:

@@ -45,7 +45,7 @@ from fedlm.federation.robust import check_update
 from fedlm.model import Transformer
 from fedlm.privacy.client_dp import clip_update, noise_like
 from fedlm.privacy.dpsgd import RecordPlan, num_records, plan_record_dp
-from fedlm.train import SiloBatches, build_model, local_update
+from fedlm.train import SiloBatches, build_model, local_update, silo_gradient
 
 app = ClientApp()
 
@@ -146,13 +146,16 @@ def train_silo(
     data = SiloBatches.open([path], seed=0, tokenizer_sha256=tokenizer_sha256)
     data.generator.manual_seed(round_seed(cfg.train.seed, path.name, round_idx))
     fed = cfg.federation
-    update, metrics = local_update(
-        model, expand_state(model, global_arrays), data, federated_train_config(cfg),
-        first_step=round_idx * fed.local_steps, steps=fed.local_steps,
-        prox_mu=fed.prox_mu if fed.strategy == "fedprox" else 0.0,
-        dp_plan=silo_record_plan(cfg, path, data.splits[0]) if cfg.privacy.mode == "record" else None,
-        carry=carry,
-    )
+    if fed.strategy == "fedsgd":  # one gradient at the global weights; the server steps AdamW
+        update, metrics = silo_gradient(model, expand_state(model, global_arrays), data, cfg.train)
+    else:
+        update, metrics = local_update(
+            model, expand_state(model, global_arrays), data, federated_train_config(cfg),
+            first_step=round_idx * fed.local_steps, steps=fed.local_steps,
+            prox_mu=fed.prox_mu if fed.strategy == "fedprox" else 0.0,
+            dp_plan=silo_record_plan(cfg, path, data.splits[0]) if cfg.privacy.mode == "record" else None,
+            carry=carry,
+        )
     wire = {name: update[name].contiguous() for name in names}
     if cfg.privacy.mode == "client":  # client-level DP: this silo's influence on the sum is at most clip
         wire, _ = clip_update(wire, max_norm=cfg.privacy.clip)

@@ -10,7 +10,8 @@ the global weights, wait at most `federation.round_timeout` seconds, drop silos 
 or timed out and reject bad updates (NaN/Inf, wrong names or shapes, norm above
 `federation.max_update_norm`), aggregate the rest if at least `federation.min_silos`
 remain (or, with `federation.strategy = "cyclic"`, send the weights to the sampled silos one
-after another, with the AdamW state each passes on), apply the server optimiser, write the
+after another, with the AdamW state each passes on), apply the server optimiser (with
+"fedsgd" the updates are gradients and it is the trainer's AdamW), write the
 round checkpoint atomically and one line to rounds.jsonl (who took part, loss, tokens, bytes
 each way, who dropped and why).
 
@@ -43,11 +44,24 @@ from fedlm.data.shards import list_silos
 from fedlm.data.tokenizer import load_tokenizer, tokenizer_hash
 from fedlm.errors import UserError
 from fedlm.federation import codecs, secagg
-from fedlm.federation.client_app import expand_state, from_records, to_records, wire_names
+from fedlm.federation.client_app import (
+    expand_state,
+    federated_train_config,
+    from_records,
+    to_records,
+    wire_names,
+)
 from fedlm.federation.dp_rounds import RoundPrivacy
 from fedlm.federation.grid import InProcessGrid, WireTap, wire_bytes
 from fedlm.federation.robust import aggregate, check_update
-from fedlm.federation.strategies import ServerOptimizer, cyclic_order, num_sampled, sample_silos
+from fedlm.federation.strategies import (
+    ServerAdamW,
+    ServerOptimizer,
+    cyclic_order,
+    make_server_optimizer,
+    num_sampled,
+    sample_silos,
+)
 from fedlm.fileio import append_jsonl, atomic_dir, truncate_jsonl, write_json
 from fedlm.modelio import save_model
 from fedlm.train import build_model
@@ -86,7 +100,7 @@ def prepare_run_dir(cfg: Config, out_dir: Path, *, resume: bool) -> None:
     save_config(cfg, out_dir / "config.toml")
 
 
-def save_round(ckpt_dir: Path, *, global_state: dict[str, torch.Tensor], optimizer: ServerOptimizer,
+def save_round(ckpt_dir: Path, *, global_state: dict[str, torch.Tensor], optimizer: ServerOptimizer | ServerAdamW,
                round_idx: int) -> None:
     """Global weights, server optimiser state and the number of rounds done, replaced atomically."""
     with atomic_dir(ckpt_dir) as tmp:
@@ -96,7 +110,7 @@ def save_round(ckpt_dir: Path, *, global_state: dict[str, torch.Tensor], optimiz
         write_json(tmp / "state.json", {"round": round_idx})
 
 
-def load_round(ckpt_dir: Path, *, optimizer: ServerOptimizer) -> tuple[dict[str, torch.Tensor], int]:
+def load_round(ckpt_dir: Path, *, optimizer: ServerOptimizer | ServerAdamW) -> tuple[dict[str, torch.Tensor], int]:
     """Restore what save_round wrote; returns (global weights, rounds done)."""
     try:
         state = json.loads((ckpt_dir / "state.json").read_text())
@@ -185,8 +199,8 @@ def run_rounds(grid: Grid, cfg: Config, run_dir: Path, *, resume: bool = False,
     state = model.state_dict()
     global_state = {n: state[n].detach().clone() for n in names}
     expected = {n: tuple(t.shape) for n, t in global_state.items()}
-    optimizer = ServerOptimizer(fed.strategy, lr=fed.server_lr, beta1=fed.server_beta1,
-                                beta2=fed.server_beta2, tau=fed.server_tau)
+    optimizer = make_server_optimizer(fed.strategy, tc=federated_train_config(cfg), lr=fed.server_lr,
+                                      beta1=fed.server_beta1, beta2=fed.server_beta2, tau=fed.server_tau)
     config_text = config_to_toml(cfg)  # vocab_size resolved: every silo builds the same model
     # names this run (the same after a resume) for silo state kept between rounds: top-k residuals
     run_id = hashlib.sha256(f"{config_text}{run_dir.resolve()}{run_dir.stat().st_ino}".encode()).hexdigest()[:16]
@@ -208,6 +222,10 @@ def run_rounds(grid: Grid, cfg: Config, run_dir: Path, *, resume: bool = False,
             raise UserError(f"federation.strategy = \"cyclic\" sums the silos' updates made in turn and "
                             f"cannot be combined with {clash}, which works on a round's updates together; "
                             f"use strategy = \"fedavg\" for it")
+    if fed.strategy == "fedsgd" and cfg.privacy.mode == "record":
+        raise UserError("federation.strategy = \"fedsgd\" sends one gradient per round and cannot run "
+                        "privacy.mode = \"record\" (DP-SGD's steps are the silo's own); use privacy.mode = "
+                        "\"client\" (clipped gradients, noise on their sum) or strategy = \"fedavg\"")
     if fed.secure_aggregation:
         if fed.aggregation != "mean":
             raise UserError(f"federation.aggregation = {fed.aggregation!r} needs each silo's update, which "
@@ -235,7 +253,7 @@ def run_rounds(grid: Grid, cfg: Config, run_dir: Path, *, resume: bool = False,
         config["run-id"] = run_id
         arrays = ArrayRecord(global_state)
         exchanged: Exchange = (None, {}, {}, {})
-        if sampled and fed.strategy == "cyclic":
+        if sampled and isinstance(optimizer, ServerOptimizer) and fed.strategy == "cyclic":
             exchanged = _cyclic_round(
                 grid, r, sampled, node_of=node_of, arrays=arrays, config=config, expected=expected, cfg=cfg,
                 carry=optimizer.carry)
@@ -297,8 +315,8 @@ def _plain_round(grid: Grid, r: int, sampled: list[str], *, node_of: dict[str, i
     silo_of = {node: silo for silo, node in node_of.items()}
     msgs = [Message(RecordDict({"arrays": arrays, "config": config}), node_of[s], "train", group_id=str(r))
             for s in sampled]
-    per_silo = {s: {"bytes_down": float(wire_bytes(m)), "bytes_up": 0.0} for s, m in zip(sampled, msgs, strict=True)}
     replies = list(grid.send_and_receive(msgs, timeout=fed.round_timeout))
+    per_silo = {s: {"bytes_down": float(wire_bytes(m)), "bytes_up": 0.0} for s, m in zip(sampled, msgs, strict=True)}
     dropped: dict[str, str] = {}
     accepted: dict[str, tuple[dict[str, torch.Tensor], float]] = {}
     for reply in replies:
@@ -347,8 +365,8 @@ def _cyclic_round(grid: Grid, r: int, sampled: list[str], *, node_of: dict[str, 
         if passed:
             content["optimizer"] = ArrayRecord(passed)
         msg = Message(content, node_of[silo], "train", group_id=str(r))
-        per_silo[silo] = {"bytes_down": float(wire_bytes(msg)), "bytes_up": 0.0}
         replies = list(grid.send_and_receive([msg], timeout=fed.round_timeout))
+        per_silo[silo] = {"bytes_down": float(wire_bytes(msg)), "bytes_up": 0.0}
         if not replies:
             dropped[silo] = f"timeout: no reply within {fed.round_timeout:g} s"
             continue
@@ -414,10 +432,11 @@ def _secagg_round(grid: Grid, r: int, sampled: list[str], *, node_of: dict[str, 
 
     def stage(action: str, requests: dict[str, RecordDict]) -> dict[str, secagg.Msg]:
         msgs = {s: Message(rd, node_of[s], f"train.{action}", group_id=str(r)) for s, rd in requests.items()}
+        replies = list(grid.send_and_receive(list(msgs.values()), timeout=fed.round_timeout))
         for s, m in msgs.items():
-            per_silo[s]["bytes_down"] += wire_bytes(m)
+            per_silo[s]["bytes_down"] += wire_bytes(m)  # after sending: the grid measured it
         got: dict[str, secagg.Msg] = {}
-        for reply in grid.send_and_receive(list(msgs.values()), timeout=fed.round_timeout):
+        for reply in replies:
             silo = silo_of.get(reply.metadata.src_node_id)
             if silo is None or silo not in msgs:
                 continue
