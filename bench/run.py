@@ -101,6 +101,9 @@ def federation_section(quick: bool) -> tuple[dict[str, Any], str]:
         ["round wall time, secure aggregation", f"{s['round_s']:.2f} s", f"plain round {p['round_s']:.2f} s",
          f"+{r['secagg_added_share']:.1%}", f"≤ +{TARGET_SECAGG:.0%}", _ok(r["secagg_added_share"] <= TARGET_SECAGG)],
         ["overhead share under SecAgg", f"{s['overhead_share']:.1%}", "", "", "", "–"],
+        [f"round wall time, the demo's rounds ({r['demo_strategy']})", f"{r['demo']['round_s']:.2f} s",
+         f"slowest silo computes {r['demo']['slowest_silo_train_s']:.2f} s", f"overhead {r['demo']['overhead_share']:.1%}",
+         "", "–"],
         ["bytes up per silo per round", _f(p["bytes_up_per_silo"]), "", "", "", "–"],
     ]
     text = (
