@@ -223,6 +223,20 @@ def val_loss(model: torch.nn.Module, splits: Sequence[np.ndarray], *, batches: i
     return float(np.mean(losses)) if losses else float("nan")
 
 
+def load_global(model: torch.nn.Module, global_state: dict[str, torch.Tensor]) -> set[str]:
+    """Load the round's global weights into `model` (train mode); returns the frozen names, not loaded.
+
+    A frozen LoRA base is the model's own and is not reloaded: in one process the silos share it,
+    and writing it would bump its autograd version under another silo's backward pass."""
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    missing, unexpected = model.load_state_dict(
+        {k: v for k, v in global_state.items() if k not in frozen}, strict=not frozen)
+    if unexpected or set(missing) - frozen:
+        raise KeyError(f"global state does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.train()
+    return frozen
+
+
 def local_update(
     model: torch.nn.Module,
     global_state: dict[str, torch.Tensor],
@@ -245,14 +259,7 @@ def local_update(
     `dp_plan`, the steps are record-level DP-SGD (`fedlm.privacy.dpsgd`) on Poisson-sampled
     windows of the silo's split; num_tokens is then the expected count (it must not leak N).
     """
-    # A frozen LoRA base is the model's own and is not reloaded: in one process the silos share it,
-    # and writing it would bump its autograd version under another silo's backward pass.
-    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
-    missing, unexpected = model.load_state_dict(
-        {k: v for k, v in global_state.items() if k not in frozen}, strict=not frozen)
-    if unexpected or set(missing) - frozen:
-        raise KeyError(f"global state does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.train()
+    frozen = load_global(model, global_state)
     optimizer = make_optimizer(model, tc)
     if carry:
         load_optimizer_state(model, optimizer, carry)
@@ -308,12 +315,7 @@ def silo_gradient(
     """fedsgd's local work: −(the mean-loss gradient) at the global weights over one batch of
     tc.grad_accum × tc.batch_size windows, and metrics. No optimizer and no clipping here: the
     server clips the silos' mean and steps AdamW on it (`ServerAdamW`)."""
-    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
-    missing, unexpected = model.load_state_dict(
-        {k: v for k, v in global_state.items() if k not in frozen}, strict=not frozen)
-    if unexpected or set(missing) - frozen:
-        raise KeyError(f"global state does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.train()
+    frozen = load_global(model, global_state)
     t0 = time.perf_counter()
     model.zero_grad(set_to_none=True)
     total = 0.0
