@@ -109,7 +109,7 @@ def federation_section(quick: bool) -> tuple[dict[str, Any], str]:
     text = (
         f"In-process engine (`run_federated`, one worker thread and one torch thread per silo), "
         f"{r['silos']} bundled silos, `{r['preset']}` preset, context {r['seq_len']}, batch {r['batch']}, "
-        f"{r['local_steps']} local steps per round (the demo's size). Medians over rounds 2–{r['rounds_per_run']} "
+        f"{r['local_steps']} local FedAvg steps per round (the demo's model size; the demo's own fedsgd rounds in the last timing row). Medians over rounds 2–{r['rounds_per_run']} "
         f"of {r['runs_each']} run(s) each, plain and SecAgg alternating; wall time (six silos share two "
         f"cores, so the slowest silo's training time is itself stretched by the others).\n\n"
         + _table(["measure", "fedlm", "reference", "share", "target", ""], rows)
