@@ -132,18 +132,16 @@ def run_all(base: list[str], out: Path, size: DemoSize) -> dict[str, Path]:
         run_federated(cfg, out / "federated", on_round=lambda r, total, row: update(r, total))
     runs["federated"] = out / "federated"
 
-    # the same sequences from the pooled silos, in steps of the local-only runs' batch
-    steps = n * size.silo_steps
-    central = _with(base, **{"train.mode": "centralised", "train.batch_size": size.batch_size, "train.steps": steps,
-                             "train.warmup_steps": max(1, steps // 20), "train.checkpoint_every": steps,
-                             "train.log_every": max(1, steps // 20)})
-    runs["centralised"] = _train(central, out / "centralised", "centralised")
+    def baseline(steps: int, **sets: Any) -> Config:
+        """A centralised run of `steps` steps at the local batch, with the demo's schedule."""
+        return _with(base, **{"train.mode": "centralised", "train.batch_size": size.batch_size, "train.steps": steps,
+                              "train.warmup_steps": max(1, steps // 20), "train.checkpoint_every": steps,
+                              "train.log_every": max(1, steps // 20)}, **sets)
 
+    # the same sequences from the pooled silos, in steps of the local-only runs' batch
+    runs["centralised"] = _train(baseline(n * size.silo_steps), out / "centralised", "centralised")
     for silo in SILOS:
-        steps = size.silo_steps + fed.personalize_steps
-        local = _with(base, **{"train.mode": "centralised", "data.silos": [silo], "train.steps": steps,
-                              "train.batch_size": size.batch_size, "train.warmup_steps": max(1, steps // 20),
-                              "train.checkpoint_every": steps, "train.log_every": max(1, steps // 20)})
+        local = baseline(size.silo_steps + fed.personalize_steps, **{"data.silos": [silo]})
         runs[f"local:{silo}"] = _train(local, out / f"local-{silo}", f"local {silo}")
     if fed.personalize_steps:
         personal = _with(base, **{"train.batch_size": size.batch_size})

@@ -185,7 +185,26 @@ def train_step(
     """One optimizer step over `grad_accum` micro-batches; returns loss and grad norm."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
+    total = accumulate_grad(model, next_batch, grad_accum=grad_accum, precision=precision, extra_loss=extra_loss)
+    params = [p for p in model.parameters() if p.grad is not None]
+    if grad_clip > 0:
+        norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True))
+    else:
+        norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))  # type: ignore[union-attr]
+    optimizer.step()
+    return {"loss": total, "grad_norm": norm}
+
+
+def accumulate_grad(
+    model: torch.nn.Module,
+    next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    *,
+    grad_accum: int,
+    precision: str,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+) -> float:
+    """Fresh gradients of the mean loss over `grad_accum` micro-batches in `.grad`; returns that loss."""
+    model.zero_grad(set_to_none=True)
     total = 0.0
     for _ in range(grad_accum):
         x, y = next_batch()
@@ -194,15 +213,9 @@ def train_step(
             loss = loss + extra_loss() / grad_accum
         loss.backward()
         total += float(loss.detach())
-    params = [p for p in model.parameters() if p.grad is not None]
-    if grad_clip > 0:
-        norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True))
-    else:
-        norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))  # type: ignore[union-attr]
     if not math.isfinite(total):
         raise FloatingPointError(f"loss is {total}; lower train.lr or use train.precision = 'fp32'")
-    optimizer.step()
-    return {"loss": total, "grad_norm": norm}
+    return total
 
 
 @torch.no_grad()
@@ -317,15 +330,8 @@ def silo_gradient(
     server clips the silos' mean and steps AdamW on it (`ServerAdamW`)."""
     frozen = load_global(model, global_state)
     t0 = time.perf_counter()
-    model.zero_grad(set_to_none=True)
-    total = 0.0
-    for _ in range(tc.grad_accum):
-        x, y = data.next(tc.batch_size, tc.seq_len)
-        loss = lm_loss(model, x, y, tc.precision) / tc.grad_accum
-        loss.backward()
-        total += float(loss.detach())
-    if not math.isfinite(total):
-        raise FloatingPointError(f"loss is {total}; lower train.lr or use train.precision = 'fp32'")
+    total = accumulate_grad(model, lambda: data.next(tc.batch_size, tc.seq_len), grad_accum=tc.grad_accum,
+                            precision=tc.precision)
     grads = {n: p.grad for n, p in model.named_parameters(remove_duplicate=False) if p.grad is not None}
     update = {n: -grads[n].detach().clone() if n in grads else torch.zeros_like(global_state[n])
               for n in global_state if n not in frozen}

@@ -146,11 +146,12 @@ def train_silo(
     data = SiloBatches.open([path], seed=0, tokenizer_sha256=tokenizer_sha256)
     data.generator.manual_seed(round_seed(cfg.train.seed, path.name, round_idx))
     fed = cfg.federation
+    start = expand_state(model, global_arrays)
     if fed.strategy == "fedsgd":  # one gradient at the global weights; the server steps AdamW
-        update, metrics = silo_gradient(model, expand_state(model, global_arrays), data, cfg.train)
+        update, metrics = silo_gradient(model, start, data, cfg.train)
     else:
         update, metrics = local_update(
-            model, expand_state(model, global_arrays), data, federated_train_config(cfg),
+            model, start, data, federated_train_config(cfg),
             first_step=round_idx * fed.local_steps, steps=fed.local_steps,
             prox_mu=fed.prox_mu if fed.strategy == "fedprox" else 0.0,
             dp_plan=silo_record_plan(cfg, path, data.splits[0]) if cfg.privacy.mode == "record" else None,

@@ -199,8 +199,9 @@ def run_rounds(grid: Grid, cfg: Config, run_dir: Path, *, resume: bool = False,
     state = model.state_dict()
     global_state = {n: state[n].detach().clone() for n in names}
     expected = {n: tuple(t.shape) for n, t in global_state.items()}
-    optimizer = make_server_optimizer(fed.strategy, tc=federated_train_config(cfg), lr=fed.server_lr,
-                                      beta1=fed.server_beta1, beta2=fed.server_beta2, tau=fed.server_tau)
+    optimizer = make_server_optimizer(fed.strategy, tc=federated_train_config(cfg), shapes=expected,
+                                      lr=fed.server_lr, beta1=fed.server_beta1, beta2=fed.server_beta2,
+                                      tau=fed.server_tau)
     config_text = config_to_toml(cfg)  # vocab_size resolved: every silo builds the same model
     # names this run (the same after a resume) for silo state kept between rounds: top-k residuals
     run_id = hashlib.sha256(f"{config_text}{run_dir.resolve()}{run_dir.stat().st_ino}".encode()).hexdigest()[:16]

@@ -34,9 +34,10 @@ import numpy as np
 import torch
 
 from fedlm.config import TrainConfig
-from fedlm.train import lr_at
+from fedlm.train import lr_at, make_optimizer
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "cyclic", "fedsgd")
+SERVER_OPTIMIZER_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "cyclic")
+STRATEGIES = (*SERVER_OPTIMIZER_STRATEGIES, "fedsgd")  # fedsgd: ServerAdamW
 
 
 class ServerOptimizer:
@@ -52,8 +53,8 @@ class ServerOptimizer:
         tau: float,
         initial_v: float | None = None,
     ) -> None:
-        if strategy not in STRATEGIES or strategy == "fedsgd":  # fedsgd: ServerAdamW
-            raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES[:-1])}")
+        if strategy not in SERVER_OPTIMIZER_STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(SERVER_OPTIMIZER_STRATEGIES)}")
         if lr <= 0 or tau <= 0 or not 0 <= beta1 < 1 or not 0 <= beta2 < 1:
             raise ValueError("server optimiser needs lr > 0, tau > 0 and betas in [0, 1)")
         self.strategy = strategy
@@ -119,87 +120,69 @@ class ServerOptimizer:
 
 
 class ServerAdamW:
-    """fedsgd's server: the trainer's AdamW (torch's, with `make_optimizer`'s weight-decay rule)
-    applied to the aggregated negative gradient; the same `apply` / `state_dict` as ServerOptimizer.
+    """fedsgd's server: the trainer's AdamW (`make_optimizer`, with its weight-decay rule) over the
+    global arrays, applied to the aggregated negative gradient; the same `apply` / `state_dict` as
+    ServerOptimizer.
 
     The aggregate's global norm is clipped to train.grad_clip, as the centralised trainer clips
     its batch gradient; the learning rate is `server_lr` × train.lr's schedule at the number of
     steps taken. The state is kept as `m.NAME`, `v.NAME` and `step`, for round checkpoints.
     """
 
-    def __init__(self, tc: TrainConfig, *, server_lr: float = 1.0) -> None:
+    def __init__(self, tc: TrainConfig, shapes: dict[str, tuple[int, ...]], *, server_lr: float = 1.0) -> None:
         self.tc, self.server_lr = tc, server_lr
-        self.params: dict[str, torch.nn.Parameter] = {}
-        self.optimizer: torch.optim.AdamW | None = None
-        self.pending: dict[str, torch.Tensor] = {}  # a loaded state, until the first apply names the arrays
+        self.params = {n: torch.nn.Parameter(torch.zeros(shape)) for n, shape in shapes.items()}
+        self.optimizer = make_optimizer(torch.nn.ParameterList(self.params.values()), tc)
         self.step = 0
-
-    def _ensure(self, names: list[str], global_state: dict[str, torch.Tensor]) -> torch.optim.AdamW:
-        if self.optimizer is not None and list(self.params) == names:
-            return self.optimizer
-        self.params = {n: torch.nn.Parameter(global_state[n].detach().to(torch.float32).clone()) for n in names}
-        decay = [p for p in self.params.values() if p.dim() >= 2]
-        no_decay = [p for p in self.params.values() if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.tc.lr, betas=(self.tc.beta1, self.tc.beta2), foreach=True)
-        if self.pending:
-            step = self.pending["step"].to(torch.float32).reshape(())
-            for n, p in self.params.items():
-                if f"m.{n}" in self.pending:
-                    self.optimizer.state[p] = {"step": step.clone(), "exp_avg": self.pending[f"m.{n}"].clone(),
-                                               "exp_avg_sq": self.pending[f"v.{n}"].clone()}
-            self.pending = {}
-        return self.optimizer
 
     def apply(self, global_state: dict[str, torch.Tensor], aggregated_update: dict[str, torch.Tensor]
               ) -> dict[str, torch.Tensor]:
         """One AdamW step from `global_state` along the aggregated update (−gradient)."""
         for name, delta in aggregated_update.items():
-            if name not in global_state or delta.shape != global_state[name].shape:
+            if name not in self.params or delta.shape != self.params[name].shape:
                 raise ValueError(f"update {name} does not fit the global model")
-        opt = self._ensure(sorted(aggregated_update), global_state)
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(global_state[name])
-                p.grad = -aggregated_update[name].to(torch.float32)
+                p.grad = -aggregated_update[name].to(torch.float32) if name in aggregated_update else None
+        stepped = [p for p in self.params.values() if p.grad is not None]
         if self.tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.tc.grad_clip, foreach=True)
-        for group in opt.param_groups:
+            torch.nn.utils.clip_grad_norm_(stepped, self.tc.grad_clip, foreach=True)
+        for group in self.optimizer.param_groups:
             group["lr"] = self.server_lr * lr_at(self.step, self.tc)
-        opt.step()
+        self.optimizer.step()
         self.step += 1
         new = dict(global_state)
-        for name, p in self.params.items():
-            new[name] = p.detach().clone().to(global_state[name].dtype)
-            p.grad = None
+        for name in aggregated_update:
+            new[name] = self.params[name].detach().clone().to(global_state[name].dtype)
+        self.optimizer.zero_grad(set_to_none=True)
         return new
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """AdamW's moments and the steps taken (`m.NAME`, `v.NAME`, `step`)."""
         out = {"step": torch.tensor(self.step, dtype=torch.int64)}
-        if self.optimizer is None:
-            out.update({k: t.clone() for k, t in self.pending.items() if k != "step"})
-            return out
         for name, p in self.params.items():
-            state = self.optimizer.state.get(p)
-            if state:
+            if state := self.optimizer.state.get(p):
                 out[f"m.{name}"] = state["exp_avg"].clone()
                 out[f"v.{name}"] = state["exp_avg_sq"].clone()
         return out
 
     def load_state_dict(self, d: dict[str, torch.Tensor]) -> None:
-        """Restore what `state_dict` wrote; applied when the next update names the arrays."""
+        """Restore what `state_dict` wrote."""
         self.step = int(d["step"])
-        self.pending = {k: t.clone() for k, t in d.items()}
-        self.optimizer = None
+        self.optimizer.state.clear()
+        for name, p in self.params.items():
+            if f"m.{name}" in d:
+                self.optimizer.state[p] = {"step": torch.tensor(float(self.step)), "exp_avg": d[f"m.{name}"].clone(),
+                                           "exp_avg_sq": d[f"v.{name}"].clone()}
 
 
-def make_server_optimizer(strategy: str, *, tc: TrainConfig, lr: float, beta1: float, beta2: float,
-                          tau: float) -> ServerOptimizer | ServerAdamW:
-    """The server optimiser of `strategy`: ServerAdamW for fedsgd, ServerOptimizer otherwise."""
+def make_server_optimizer(strategy: str, *, tc: TrainConfig, shapes: dict[str, tuple[int, ...]], lr: float,
+                          beta1: float, beta2: float, tau: float) -> ServerOptimizer | ServerAdamW:
+    """The server optimiser of `strategy` over arrays of `shapes`: ServerAdamW for fedsgd,
+    ServerOptimizer otherwise."""
     if strategy == "fedsgd":
-        return ServerAdamW(tc, server_lr=lr)
+        return ServerAdamW(tc, shapes, server_lr=lr)
     return ServerOptimizer(strategy, lr=lr, beta1=beta1, beta2=beta2, tau=tau)
 
 
