@@ -229,7 +229,6 @@ def dp_throughput(ws: Path, s: Settings) -> dict[str, float]:
     """
     from fedlm.config import load_config
     from fedlm.data.shards import open_split
-    from fedlm.data.tokenizer import load_tokenizer
     from fedlm.privacy.dpsgd import DPSGD, PoissonRecords, num_records, plan_record_dp
     from fedlm.train import build_model, make_optimizer, train_step
 
@@ -238,7 +237,7 @@ def dp_throughput(ws: Path, s: Settings) -> dict[str, float]:
     tc = cfg.train
     tokens = open_split(ws / "silos" / CANARY_SILO, "train")
     n = num_records(len(tokens), tc.seq_len)
-    model = build_model(cfg, load_tokenizer(ws / "tokenizer.json").get_vocab_size())
+    model = build_model(cfg)
     plan = plan_record_dp(num_records=n, batch_size=tc.batch_size, steps=100, privacy=cfg.privacy)
     g = torch.Generator().manual_seed(0)
     rng = np.random.default_rng(0)

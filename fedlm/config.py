@@ -278,11 +278,36 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Every check across sections (ValueError naming the keys). Runs on construction; the
+        entry points run it again, since a Config's fields can be changed afterwards."""
         if self.train.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"train.seq_len ({self.train.seq_len}) must be <= model.max_seq_len ({self.model.max_seq_len})"
             )
+        self._check_federation()
         self._check_privacy()
+
+    def _check_federation(self) -> None:
+        """Refuse strategy options that cannot work together."""
+        fed, mode = self.federation, self.privacy.mode
+        if fed.strategy == "cyclic":  # the weights pass from silo to silo: each update is seen alone
+            clash = ("federation.secure_aggregation = true" if fed.secure_aggregation else
+                     f"federation.aggregation = {fed.aggregation!r}" if fed.aggregation != "mean" else
+                     f"privacy.mode = {mode!r}" if mode != "none" else None)
+            if clash is not None:
+                raise ValueError(f"federation.strategy = \"cyclic\" sums the silos' updates made in turn and "
+                                 f"cannot be combined with {clash}, which works on a round's updates together; "
+                                 f"use strategy = \"fedavg\" for it")
+        if fed.strategy == "fedsgd" and mode == "record":
+            raise ValueError("federation.strategy = \"fedsgd\" sends one gradient per round and cannot run "
+                             "privacy.mode = \"record\" (DP-SGD's steps are the silo's own); use privacy.mode = "
+                             "\"client\" (clipped gradients, noise on their sum) or strategy = \"fedavg\"")
+        if fed.secure_aggregation and fed.aggregation != "mean":
+            raise ValueError(f"federation.aggregation = {fed.aggregation!r} needs each silo's update, which "
+                             "secure aggregation hides; use aggregation = \"mean\" or turn secure_aggregation off")
 
     def _check_privacy(self) -> None:
         """Refuse options that would void the DP guarantee asked for (or that it does not account)."""
@@ -308,6 +333,9 @@ class Config:
             raise ValueError(f"{where}: federation.personalize_steps trains on the silo's records outside "
                              "DP-SGD's accounting; set it to 0")
         if mode == "record":
+            if self.train.mode == "federated" and fed.strategy == "fedprox":
+                raise ValueError(f"{where}: federation.strategy = \"fedprox\" adds a term to the loss that "
+                                 "DP-SGD's per-sample clipping does not bound; use strategy = \"fedavg\"")
             if self.train.grad_accum != 1:
                 raise ValueError(f"{where}: each DP-SGD step is one Poisson batch; set train.grad_accum = 1 "
                                  "(raise train.batch_size or privacy.sample_rate instead)")
@@ -456,6 +484,30 @@ def config_to_toml(cfg: Config) -> str:
             lines.append(f"{f.name} = {_toml_value(getattr(getattr(cfg, section.name), f.name))}")
         lines.append("")
     return "\n".join(lines)
+
+
+def config_diff(a: Config, b: Config) -> list[str]:
+    """The keys ("section.key") whose values differ between two configs, in file order."""
+    return [f"{section.name}.{f.name}" for section in dataclasses.fields(a)
+            for f in dataclasses.fields(getattr(a, section.name))
+            if getattr(getattr(a, section.name), f.name) != getattr(getattr(b, section.name), f.name)]
+
+
+def check_resume_config(cfg: Config, saved: Path) -> None:
+    """UserError naming the first differing key when the config given to --resume is not the run's."""
+    if not saved.exists():
+        return
+    old = load_config(saved)
+    keys = config_diff(old, cfg)
+    if keys:
+        key = keys[0]
+        section, name = key.split(".")
+        was, now = getattr(getattr(old, section), name), getattr(getattr(cfg, section), name)
+        more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+        raise UserError(
+            f"{saved}: the run has {key} = {_toml_value(was)}, the config given to --resume {_toml_value(now)}"
+            f"{more}; resume with `fedlm train {saved} --resume`"
+        )
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

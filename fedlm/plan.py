@@ -46,6 +46,7 @@ from typing import Any
 
 from fedlm.config import Config, ModelConfig
 from fedlm.errors import UserError
+from fedlm.resolve import resolve_model, resolve_silos
 
 CHINCHILLA_TOKENS_PER_PARAM = 20
 ADAMW_BYTES = 8  # two fp32 moments per trainable parameter
@@ -55,75 +56,6 @@ ROUND_OVERHEAD_BYTES_PER_S = 400e6  # serialise + copy + checkpoint, measured by
 RUNTIME_BYTES = {"fp32": 84 * 2**20, "bf16": 94 * 2**20}
 """A training process's fixed cost above its pre-model RSS (torch's kernels paged in, allocator arenas):
 measured with a 5 k-parameter model by bench/plan_bench.py (torch 2.13 CPU, one thread)."""
-
-
-# ---------------------------------------------------------------------------------------
-# the model's shape, from the config (or the model init_from names), without loading weights
-
-
-def resolve_model(cfg: Config) -> ModelConfig:
-    """The ModelConfig the run will train: cfg.model with its vocabulary, or init_from's shape."""
-    src = cfg.train.init_from
-    if src:
-        return _init_from_shape(src)
-    mc = cfg.model
-    if mc.vocab_size:
-        return mc
-    tok = Path(cfg.data.workspace) / "tokenizer.json"
-    try:
-        vocab = len(json.loads(tok.read_text(encoding="utf-8"))["model"]["vocab"])
-        added = json.loads(tok.read_text(encoding="utf-8")).get("added_tokens", [])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"model.vocab_size = 0 and {tok} is not a readable tokenizer; set model.vocab_size "
-                        "or run `fedlm data tokenizer` first") from None
-    ids = {int(t["id"]) for t in added if isinstance(t, dict) and "id" in t}
-    return dataclasses.replace(mc, vocab_size=max(vocab, max(ids, default=-1) + 1))
-
-
-def _init_from_shape(src: str) -> ModelConfig:
-    from fedlm.hf import config_from_hf, smollm2_gguf_path
-    from fedlm.modelio import CONFIG, config_from_json, find_model_dir, read_json_object
-
-    path = smollm2_gguf_path() if src.lower() == "smollm2" else Path(src)
-    if path.suffix == ".gguf":
-        return _gguf_shape(path)
-    model_dir = find_model_dir(path)
-    data = read_json_object(model_dir / CONFIG)
-    if data.get("format") == "fedlm":
-        return config_from_json(data, model_dir / CONFIG)
-    return config_from_hf(data, model_dir / CONFIG)
-
-
-def _gguf_shape(path: Path) -> ModelConfig:
-    """A Llama GGUF file's shape from its header (no tensors are read)."""
-    if not path.is_file():
-        raise UserError(f"train.init_from: {path}: no such GGUF file")
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-
-    def get(key: str, default: Any = None) -> Any:
-        f = reader.fields.get(key)
-        if f is None:
-            if default is None:
-                raise UserError(f"{path}: GGUF header lacks {key!r}")
-            return default
-        return f.contents()
-
-    arch = get("general.architecture")
-    if arch != "llama":
-        raise UserError(f"{path}: architecture {arch!r} is not a Llama-family model")
-    names = {t.name for t in reader.tensors}
-    return ModelConfig(
-        preset="custom", d_model=int(get("llama.embedding_length")), n_layers=int(get("llama.block_count")),
-        n_heads=int(get("llama.attention.head_count")),
-        n_kv_heads=int(get("llama.attention.head_count_kv", get("llama.attention.head_count"))),
-        d_ff=int(get("llama.feed_forward_length")), vocab_size=len(get("tokenizer.ggml.tokens")),
-        max_seq_len=int(get("llama.context_length", 2048)),
-        rope_theta=float(get("llama.rope.freq_base", 10000.0)),
-        norm_eps=float(get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        tie_embeddings="output.weight" not in names,
-    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -375,10 +307,11 @@ class Plan:
 
 def silo_tokens(cfg: Config) -> dict[str, int | None]:
     """{silo: train tokens from its meta.json} (None when not sharded yet)."""
-    from fedlm.data.shards import list_silos
-
     ws = Path(cfg.data.workspace)
-    names = list(cfg.data.silos) or (list_silos(ws) if ws.is_dir() else [])
+    try:
+        names = resolve_silos(ws, cfg.data.silos, local=False)
+    except UserError:  # no silos prepared yet: plan the model alone
+        names = []
     out: dict[str, int | None] = {}
     for name in names:
         try:

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedlm.config import Config, TrainConfig, load_config, save_config
-from fedlm.data.shards import list_silos, open_split, sample_batch
+from fedlm.config import Config, TrainConfig, check_resume_config, save_config
+from fedlm.data.shards import open_split, sample_batch
 from fedlm.data.tokenizer import load_tokenizer, tokenizer_hash
 from fedlm.errors import UserError
 from fedlm.fileio import append_jsonl, atomic_dir, truncate_jsonl, write_json
@@ -48,6 +48,7 @@ from fedlm.privacy.dpsgd import (
     plan_record_dp,
     privacy_record,
 )
+from fedlm.resolve import resolve_config, resolve_model, resolve_silos
 
 StepCallback = Callable[[int, int, dict[str, float]], None]
 
@@ -88,22 +89,6 @@ class SiloBatches:
                 xs.append(x)
                 ys.append(y)
         return torch.cat(xs), torch.cat(ys)
-
-
-def resolve_silos(workspace: Path, silos: Sequence[str]) -> list[Path]:
-    """The silo directories a config names (all of the workspace's when empty)."""
-    available = list_silos(workspace)
-    names = list(silos) or available
-    if not names:
-        raise UserError(
-            f"{workspace}: no prepared silos; run `fedlm data prepare SRC --silo NAME --workspace {workspace}`"
-        )
-    for name in names:
-        if name not in available:
-            raise UserError(
-                f"data.silos: silo {name!r} not found in {workspace}/silos (found: {', '.join(available) or 'none'})"
-            )
-    return [workspace / "silos" / name for name in names]
 
 
 # ---------------------------------------------------------------------------------------
@@ -277,10 +262,6 @@ def local_update(
     if carry:
         load_optimizer_state(model, optimizer, carry)
     if dp_plan is not None:  # record-level DP: Opacus per-sample clipping + noise, Poisson sampling
-        if carry is not None:
-            raise UserError("federation.strategy = 'cyclic' is not supported with privacy.mode = 'record'")
-        if prox_mu > 0:
-            raise UserError("federation.strategy = 'fedprox' is not supported with privacy.mode = 'record'")
         t0 = time.perf_counter()
         records = PoissonRecords(data.splits, seq_len=tc.seq_len, sample_rate=dp_plan.sample_rate,
                                  generator=data.generator)
@@ -395,47 +376,37 @@ def load_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.
 # the run
 
 
-def build_model(cfg: Config, vocab_size: int) -> Transformer:
-    """The model a run starts from: fresh (seeded from cfg.train.seed) or `train.init_from`'s weights.
+def build_model(cfg: Config) -> Transformer:
+    """The model a run starts from: fresh (seeded from cfg.train.seed) or `train.init_from`'s weights,
+    with LoRA adapters when lora.rank > 0. Reads `cfg` and changes nothing in it.
 
-    With init_from, the loaded model's shape replaces cfg.model, so the run's resolved config
-    says what was trained; its tokenizer must be the workspace's.
+    The shape is `resolve_model(cfg)`'s (the one a run's resolved config.toml records); with
+    init_from, the model's tokenizer must be the workspace's.
     """
+    mc = resolve_model(cfg)
+    ws_tok = Path(cfg.data.workspace) / "tokenizer.json"
     if cfg.train.init_from:
         # a run/model/HF dir, a .gguf or "smollm2"; a LoRA base is frozen, so its copies share memory
         model, tok = load_pretrained(cfg.train.init_from, share_frozen=cfg.lora.rank > 0)
-        ws_tok = Path(cfg.data.workspace) / "tokenizer.json"
         if tok is not None and ws_tok.exists() and tokenizer_json_hash(tok) != tokenizer_hash(ws_tok):
             raise UserError(
                 f"train.init_from = {cfg.train.init_from!r} uses another tokenizer than {ws_tok}; "
                 f"shard the workspace with the model's tokenizer (`fedlm data tokenizer --workspace "
                 f"{cfg.data.workspace} --from-model {cfg.train.init_from}`, then `fedlm data shard`)"
             )
-        cfg.model = model.cfg
+        if model.cfg != mc:
+            raise UserError(f"train.init_from = {cfg.train.init_from!r}: the model loaded is not the shape its "
+                            "header gives; re-export it (`fedlm export`)")
+        if ws_tok.exists() and mc.vocab_size != (vocab := load_tokenizer(ws_tok).get_vocab_size()):
+            raise UserError(f"the model has {mc.vocab_size} tokens, the workspace tokenizer {vocab}")
         model.train()
     else:
-        if cfg.model.vocab_size and cfg.model.vocab_size != vocab_size:
-            raise UserError(
-                f"model.vocab_size = {cfg.model.vocab_size} but the workspace tokenizer has {vocab_size} tokens; "
-                "set model.vocab_size = 0 to take the tokenizer's"
-            )
-        cfg.model.vocab_size = vocab_size
-        model = Transformer(cfg.model, seed=cfg.train.seed)
-    if model.cfg.vocab_size != vocab_size:
-        raise UserError(f"the model has {model.cfg.vocab_size} tokens, the workspace tokenizer {vocab_size}")
+        model = Transformer(mc, seed=cfg.train.seed)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     if cfg.lora.rank > 0:  # only the adapters train (and, federated, cross the wire)
         apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                    targets=cfg.lora.targets, seed=cfg.train.seed + 1)  # A: the same on every silo and the server
     return model
-
-
-def _check_resume_config(cfg: Config, out_dir: Path) -> None:
-    saved = out_dir / "config.toml"
-    if saved.exists() and load_config(saved) != cfg:
-        raise UserError(
-            f"{saved} differs from the config given to --resume; resume with `fedlm train {saved} --resume`"
-        )
 
 
 def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCallback | None = None) -> dict[str, Any]:
@@ -445,10 +416,11 @@ def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCall
         torch.set_num_threads(tc.threads)
     workspace = Path(cfg.data.workspace)
     tok_path = workspace / "tokenizer.json"
-    tokenizer = load_tokenizer(tok_path)
+    load_tokenizer(tok_path)  # a missing or broken tokenizer is named before anything else
     tok_sha = tokenizer_hash(tok_path)
-    silo_dirs = resolve_silos(workspace, cfg.data.silos)
-    model = build_model(cfg, tokenizer.get_vocab_size())
+    cfg = resolve_config(cfg)  # what config.toml records: the model's vocabulary, init_from's shape
+    silo_dirs = [workspace / "silos" / s for s in resolve_silos(workspace, cfg.data.silos)]
+    model = build_model(cfg)
     model.train()
     optimizer = make_optimizer(model, tc)
     data = SiloBatches.open(silo_dirs, seed=tc.seed, tokenizer_sha256=tok_sha)
@@ -465,7 +437,7 @@ def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCall
     if resume:
         if not ckpt_dir.exists():
             raise UserError(f"{out_dir}: no checkpoint to resume from; run without --resume")
-        _check_resume_config(cfg, out_dir)
+        check_resume_config(cfg, out_dir / "config.toml")
         start = int(load_checkpoint(ckpt_dir, model=model, optimizer=optimizer, generator=data.generator)["step"])
         truncate_jsonl(metrics_path, key="step", upto=start)
         if start >= tc.steps and (out_dir / "summary.json").exists() and (out_dir / "model").exists():
@@ -558,7 +530,8 @@ def _interrupt_flag() -> Iterator[Callable[[], bool]]:
 def train_local_only(cfg: Config, out_dir: Path, *, resume: bool = False,
                      on_step: StepCallback | None = None) -> dict[str, Any]:
     """The local-only baseline: each silo trains alone, with the config's steps, in out_dir/local-SILO."""
-    silo_dirs = resolve_silos(Path(cfg.data.workspace), cfg.data.silos)
+    workspace = Path(cfg.data.workspace)
+    silo_dirs = [workspace / "silos" / s for s in resolve_silos(workspace, cfg.data.silos)]
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.toml")
     runs = {}
@@ -585,7 +558,8 @@ def personalise(cfg: Config, run_dir: Path, *, on_step: StepCallback | None = No
     # better on each of the demo's 6 silos than 1 warm-up step)
     warmup = max(1, steps // 3)
     out: dict[str, Path] = {}
-    for d in resolve_silos(Path(cfg.data.workspace), cfg.data.silos):
+    workspace = Path(cfg.data.workspace)
+    for d in (workspace / "silos" / s for s in resolve_silos(workspace, cfg.data.silos)):
         tc = dataclasses.replace(cfg.train, steps=steps, warmup_steps=warmup, checkpoint_every=steps,
                                  log_every=min(cfg.train.log_every, steps), mode="centralised",
                                  init_from=str(run_dir / "model"))

@@ -25,6 +25,7 @@ from fedlm.data.shards import shard_silo
 from fedlm.data.tokenizer import agree_tokenizer, load_tokenizer, tokenizer_hash
 from fedlm.errors import UserError
 from fedlm.federation import client_app as ca
+from fedlm.federation import task
 from fedlm.federation.grid import deserialise
 from fedlm.federation.runner import run_federated
 from fedlm.federation.strategies import cyclic_order
@@ -135,22 +136,22 @@ def test_one_round_equals_fedavg_of_local_updates(ws: Path, tmp_path: Path) -> N
     # Reference: the foundation's trainer run by hand for each silo, averaged with numpy.
     ref_cfg = tiny_cfg(ws, rounds=1)
     sha = tokenizer_hash(ws / "tokenizer.json")
-    model = build_model(ref_cfg, vocab(ws))
+    model = build_model(ref_cfg)
     w0 = {k: v.clone() for k, v in model.state_dict().items()}
-    tc = ca.federated_train_config(ref_cfg)
+    tc = task.federated_train_config(ref_cfg)
     updates, tokens = [], []
     torch.set_num_threads(1)
     for silo in ("a", "b", "c"):
         data = SiloBatches.open([ws / "silos" / silo], seed=0, tokenizer_sha256=sha)
-        data.generator.manual_seed(ca.round_seed(7, silo, 0))
-        upd, m = local_update(build_model(ref_cfg, model.cfg.vocab_size), w0, data, tc, first_step=0, steps=2)
+        data.generator.manual_seed(task.round_seed(7, silo, 0))
+        upd, m = local_update(build_model(ref_cfg), w0, data, tc, first_step=0, steps=2)
         updates.append(upd)
         tokens.append(m["num_tokens"])
     for name, value in got.items():
         ref = w0[name].numpy() + np.average(np.stack([u[name].numpy() for u in updates]), axis=0,
                                             weights=tokens)
         np.testing.assert_allclose(value.numpy(), ref, rtol=0, atol=1e-6)
-    assert set(got) == set(ca.wire_names(model))  # the tied head travels once
+    assert set(got) == set(task.wire_names(model))  # the tied head travels once
 
 
 def test_cyclic_equals_one_optimizer_over_the_silos_in_turn(ws: Path, tmp_path: Path) -> None:
@@ -164,14 +165,14 @@ def test_cyclic_equals_one_optimizer_over_the_silos_in_turn(ws: Path, tmp_path: 
     # Reference: one model and one AdamW, stepped through each silo's seeded batches in turn.
     cfg = tiny_cfg(ws, rounds=2, strategy="cyclic")
     sha = tokenizer_hash(ws / "tokenizer.json")
-    model = build_model(cfg, vocab(ws))
-    tc = ca.federated_train_config(cfg)
+    model = build_model(cfg)
+    tc = task.federated_train_config(cfg)
     optimizer = make_optimizer(model, tc)
     torch.set_num_threads(1)
     for r, order in enumerate(orders):
         for silo in order:
             data = SiloBatches.open([ws / "silos" / silo], seed=0, tokenizer_sha256=sha)
-            data.generator.manual_seed(ca.round_seed(7, silo, r))
+            data.generator.manual_seed(task.round_seed(7, silo, r))
             for i in range(2):
                 train_step(model, optimizer, lambda d=data: d.next(tc.batch_size, tc.seq_len), lr=lr_at(2 * r + i, tc),
                            grad_accum=tc.grad_accum, grad_clip=tc.grad_clip, precision=tc.precision)
@@ -199,15 +200,15 @@ def test_fedsgd_equals_the_centralised_step_on_the_pooled_batches(ws: Path, tmp_
 
     # Reference: one model, one AdamW; each step's loss is the mean over the three silos' seeded batches.
     sha = tokenizer_hash(ws / "tokenizer.json")
-    model = build_model(cfg, vocab(ws))
-    tc = ca.federated_train_config(cfg)
+    model = build_model(cfg)
+    tc = task.federated_train_config(cfg)
     optimizer = make_optimizer(model, tc)
     torch.set_num_threads(1)
     for r in range(3):
         batches = []
         for silo in ("a", "b", "c"):
             data = SiloBatches.open([ws / "silos" / silo], seed=0, tokenizer_sha256=sha)
-            data.generator.manual_seed(ca.round_seed(7, silo, r))
+            data.generator.manual_seed(task.round_seed(7, silo, r))
             batches.append(data.next(tc.batch_size, tc.seq_len))
         pooled = (torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
         train_step(model, optimizer, lambda p=pooled: p, lr=lr_at(r, tc), grad_accum=1, grad_clip=tc.grad_clip,
@@ -320,7 +321,7 @@ def test_crash_dropped_round_completes_or_skips(ws: Path, tmp_path: Path) -> Non
     run_federated(tiny_cfg(ws, rounds=1, min_silos=3), tmp_path / "skip", client_app=wrap({"c": "raise"}))
     assert not rounds(tmp_path / "skip")[0]["completed"]
     cfg = tiny_cfg(ws, rounds=1)
-    w0 = build_model(cfg, vocab(ws)).state_dict()
+    w0 = build_model(cfg).state_dict()
     assert all(torch.equal(w0[k], v) for k, v in weights(tmp_path / "skip").items())
 
 
@@ -340,8 +341,8 @@ def test_what_crosses_the_wire(ws: Path, tmp_path: Path, caplog: pytest.LogCaptu
     wire: list[tuple[str, int, dict[str, bytes]]] = []
     cfg = tiny_cfg(ws, rounds=2)
     run_federated(cfg, tmp_path / "run", on_wire=lambda d, n, objs: wire.append((d, n, objs)))
-    model = build_model(tiny_cfg(ws), vocab(ws))
-    expected = {n: tuple(model.state_dict()[n].shape) for n in ca.wire_names(model)}
+    model = build_model(tiny_cfg(ws))
+    expected = {n: tuple(model.state_dict()[n].shape) for n in task.wire_names(model)}
     ups = [objs for d, _, objs in wire if d == "up"]
     assert len(ups) == 3 + 3 * 2  # one check and two train replies per silo
     canary = CANARY.encode()

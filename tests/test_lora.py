@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from fedlm.config import ModelConfig, load_config
 from fedlm.errors import UserError
-from fedlm.federation.client_app import wire_names
 from fedlm.federation.runner import run_federated
+from fedlm.federation.task import wire_names
 from fedlm.hf import export_hf
 from fedlm.lora import adapter_names, apply_lora, merge_lora, merged_state, num_trainable
 from fedlm.model import Transformer
@@ -129,14 +129,8 @@ def test_lora_model_wire_names_are_adapters(workspace: Path, tmp_path: Path) -> 
     base = _base_model(workspace, tmp_path / "base")
     cfg = load_config(None, [f"data.workspace={json.dumps(str(workspace))}", f"train.init_from={json.dumps(str(base))}",
                              "lora.rank=2", "model.max_seq_len=64", "train.seq_len=32"])
-    model = build_model(cfg, model_vocab(workspace))
+    model = build_model(cfg)
     assert wire_names(model) == adapter_names(model)
-
-
-def model_vocab(ws: Path) -> int:
-    from fedlm.data.tokenizer import load_tokenizer
-
-    return load_tokenizer(ws / "tokenizer.json").get_vocab_size()
 
 
 def test_bad_target_and_non_llama_fail_before_training(workspace: Path, tmp_path: Path) -> None:
@@ -145,7 +139,7 @@ def test_bad_target_and_non_llama_fail_before_training(workspace: Path, tmp_path
     cfg = load_config(None, [*sets, f"train.init_from={json.dumps(str(base))}", "lora.rank=2",
                              'lora.targets=["wqkv", "gate_proj"]'])
     with pytest.raises(UserError, match="gate_proj"):
-        build_model(cfg, model_vocab(workspace))
+        build_model(cfg)
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64}))
@@ -154,7 +148,7 @@ def test_bad_target_and_non_llama_fail_before_training(workspace: Path, tmp_path
         run_federated(load_config(None, [*sets, f"train.init_from={json.dumps(str(gpt2))}", "lora.rank=2",
                                          "train.mode=federated"]), tmp_path / "run")
     with pytest.raises(UserError, match="no such file or directory"):
-        build_model(load_config(None, [*sets, 'train.init_from="nowhere/model"']), model_vocab(workspace))
+        build_model(load_config(None, [*sets, 'train.init_from="nowhere/model"']))
 
 
 def test_seeded_build_ignores_the_global_rng(workspace: Path, tmp_path: Path) -> None:
@@ -166,7 +160,7 @@ def test_seeded_build_ignores_the_global_rng(workspace: Path, tmp_path: Path) ->
             "train.seq_len=32", "train.seed=7", "lora.rank=2"]
     cfg = load_config(None, sets)
     torch.manual_seed(0)
-    ref = build_model(cfg, model_vocab(workspace)).state_dict()
+    ref = build_model(cfg).state_dict()
     stop = threading.Event()
 
     def draw() -> None:
@@ -177,7 +171,7 @@ def test_seeded_build_ignores_the_global_rng(workspace: Path, tmp_path: Path) ->
     noisy = threading.Thread(target=draw, daemon=True)
     noisy.start()
     try:
-        builds = [build_model(load_config(None, sets), model_vocab(workspace)).state_dict() for _ in range(3)]
+        builds = [build_model(load_config(None, sets)).state_dict() for _ in range(3)]
     finally:
         stop.set()
         noisy.join()

@@ -177,7 +177,7 @@ def test_cyclic_adds_the_adamw_state_each_way_and_the_silos_turns(workspace: Pat
     avg = plan_run(load_config(None, sets), device_flops=1e9)
     cfg = load_config(None, [*sets, 'federation.strategy="cyclic"'])
     cyc = plan_run(cfg, device_flops=1e9)
-    model = build_model(cfg, int(cyc.model["vocab_size"]))
+    model = build_model(cfg)
     optimizer = make_optimizer(model, cfg.train)
     x = torch.zeros(2, 16, dtype=torch.long)
     train_step(model, optimizer, lambda: (x, x), lr=1e-3, grad_accum=1, grad_clip=1.0, precision="fp32")

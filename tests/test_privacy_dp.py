@@ -203,7 +203,7 @@ def test_record_dp_with_lora_trains_only_adapters(workspace: Path, tmp_path: Pat
     acc.history = [(rec["noise_multiplier"], rec["sample_rate"], rec["steps"])]
     assert rec["epsilon"] == pytest.approx(acc.get_epsilon(rec["delta"]), rel=1e-12) and rec["epsilon"] <= 3
     resolved = load_config(tmp_path / "run" / "config.toml")
-    start = stored_state(build_model(resolved, resolved.model.vocab_size))  # the run's seeded start
+    start = stored_state(build_model(resolved))  # the run's seeded start
     ckpt = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
     assert set(ckpt) == set(start)
     moved = [n for n in ckpt if not torch.equal(ckpt[n], start[n])]
@@ -216,7 +216,6 @@ def test_federated_record_dp_with_lora_sends_only_adapters(workspace: Path, tmp_
     adapter arrays cross the wire (bytes up = the adapters' fp32 size)."""
     from fedlm.federation.runner import run_federated
     from fedlm.lora import num_trainable
-    from fedlm.modelio import load_model
     from fedlm.train import build_model
 
     cfg = _cfg(workspace, "train.mode=federated", "federation.rounds=2", "federation.local_steps=2",
@@ -225,8 +224,7 @@ def test_federated_record_dp_with_lora_sends_only_adapters(workspace: Path, tmp_
     rows = [json.loads(line) for line in (tmp_path / "fed" / "rounds.jsonl").read_text().splitlines()]
     assert all(row["completed"] for row in rows) and len(rows) == 2
     assert 0 < max(rows[-1]["epsilon"].values()) <= 3
-    vocab = load_model(tmp_path / "fed")[0].cfg.vocab_size  # the saved global model (adapters merged)
-    adapters = num_trainable(build_model(load_config(tmp_path / "fed" / "config.toml"), vocab))
+    adapters = num_trainable(build_model(load_config(tmp_path / "fed" / "config.toml")))
     for silo in rows[-1]["silos"].values():
         assert 4 * adapters <= silo["bytes_up"] < 4 * adapters + 64 * 1024  # the arrays plus message framing
 

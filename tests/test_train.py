@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from fedlm.config import ModelConfig, TrainConfig, load_config, save_config
 from fedlm.errors import UserError
 from fedlm.model import Transformer
+from fedlm.resolve import resolve_config
 from fedlm.train import lr_at, make_optimizer, train
 
 FEDLM = [sys.executable, "-m", "fedlm.cli"]
@@ -46,7 +47,7 @@ def test_loss_falls_and_run_dir_describes_itself(workspace: Path, tmp_path: Path
     assert losses[-1] < losses[0] - 1.0, losses  # from ~ln(512)=6.2 down by more than a nat
     assert summary["steps"] == 40
     assert (run / "model" / "model.safetensors").exists() and (run / "checkpoint" / "state.json").exists()
-    assert load_config(run / "config.toml") == cfg  # the resolved config repeats the run
+    assert load_config(run / "config.toml") == resolve_config(cfg)  # the resolved config repeats the run
 
 
 def test_bf16_and_activation_checkpointing_train(workspace: Path, tmp_path: Path) -> None:

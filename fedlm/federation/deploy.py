@@ -39,7 +39,8 @@ import httpx
 
 from fedlm.config import Config
 from fedlm.errors import UserError
-from fedlm.federation.runner import FLOWER_ENV, RoundCallback, run_silos
+from fedlm.federation.rundir import FLOWER_ENV, RoundCallback
+from fedlm.resolve import resolve_silos
 
 APP_DIR = Path(__file__).parent / "flwr_app"
 BIN = Path(sys.executable).parent
@@ -393,7 +394,7 @@ def run_on_flower(cfg: Config, out_dir: Path, *, resume: bool = False, on_round:
             procs.append(link)
             wait_superlink(superlink, insecure=True, proc=link, log_path=logs / "superlink.log")
             workspace = Path(cfg.data.workspace)
-            for silo in run_silos(cfg):
+            for silo in resolve_silos(workspace, cfg.data.silos):
                 procs.append(start_supernode(superlink, workspace, silo, port=free_port(),
                                              log_path=logs / f"supernode-{silo}.log",
                                              flwr_home=home / f"node-{silo}", insecure=True))

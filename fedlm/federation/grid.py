@@ -13,7 +13,7 @@ bytes a SuperLink would carry. A ClientApp that raises becomes an error reply, w
 Flower's `flwr-clientapp` words it; a late reply is dropped when the wait's timeout ends.
 
 It leans on Flower internals (message metadata, `TaskIdentity`, object inflation): pin
-`flwr==1.42.*` and keep `tests/test_federation_grid.py` passing.
+`flwr==1.42.*` and keep `tests/test_federation.py` passing.
 """
 
 from __future__ import annotations

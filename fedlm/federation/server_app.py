@@ -1,4 +1,4 @@
-"""The Flower ServerApp: the rounds loop of `fedlm.federation.runner.run_rounds` behind `@app.main()`.
+"""The Flower ServerApp: the rounds loop of `fedlm.federation.rounds.run_rounds` behind `@app.main()`.
 
     [tool.flwr.app.components] serverapp = "fedlm.federation.server_app:app"
     flwr run fedlm/federation/flwr_app LINK --run-config 'run-dir="/abs/RUN" resume=false'
@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlm.config import load_config
 from fedlm.errors import UserError
-from fedlm.federation.runner import run_rounds
+from fedlm.federation.rounds import run_rounds
 from fedlm.fileio import write_json
 
 app = ServerApp()
