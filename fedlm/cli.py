@@ -25,6 +25,9 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Prepare silo data: clean, agree a tokenizer, shard.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+silo_app = typer.Typer(help="Silo identities: a key on each silo, the registry on the coordinator.",
+                       no_args_is_help=True)
+app.add_typer(silo_app, name="silo")
 
 _out = typer.echo
 
@@ -350,44 +353,85 @@ def serve(
 
 @app.command()
 def node(
-    superlink: Annotated[str, typer.Option(help="HOST:PORT of the SuperLink.")],
+    superlink: Annotated[str, typer.Option(help="HOST:PORT of the coordinator's SuperLink.")],
     workspace: Annotated[Path, typer.Option(help="This silo's workspace (sharded WS/silos/NAME).")],
     silo: Annotated[str, typer.Option(help="The silo this machine serves.")],
-    root_certificates: Annotated[Path | None, typer.Option(
-        help="CA certificate (PEM) that signed the SuperLink's certificate.")] = None,
-    insecure: Annotated[bool, typer.Option(help="No TLS (tests on loopback only).")] = False,
+    root_certificates: Annotated[Path, typer.Option(
+        help="CA certificate (PEM) that signed the SuperLink's certificate.")],
+    key: Annotated[Path, typer.Option(help="This silo's private key (`fedlm silo key`), registered by the coordinator.")],
     port: Annotated[int | None, typer.Option(help="Local port for the SuperNode's ClientApp API (default: free).")] = None,
 ) -> None:
     """Serve one silo to a federation: a Flower SuperNode that trains on its shards when asked."""
     from fedlm.federation.deploy import run_node
 
     _check_silo_name(silo)
-    _out(f"silo {silo}: SuperNode for {superlink} ({'no TLS' if insecure else 'TLS'}); Ctrl-C to stop")
-    code = run_node(superlink, workspace, silo, root_certificates=root_certificates, insecure=insecure, port=port)
+    _out(f"silo {silo}: SuperNode for {superlink} (TLS, key {key}); Ctrl-C to stop")
+    code = run_node(superlink, workspace, silo, root_certificates=root_certificates, key=key, port=port)
     if code:
         raise typer.Exit(code)
 
 
 @app.command()
 def superlink(
-    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="The one port for SuperNodes, `fedlm train` and the ServerApp.")] = 9092,
-    ssl_ca_certfile: Annotated[Path | None, typer.Option(help="CA certificate (PEM).")] = None,
-    ssl_certfile: Annotated[Path | None, typer.Option(help="The SuperLink's certificate (PEM), signed by the CA.")] = None,
-    ssl_keyfile: Annotated[Path | None, typer.Option(help="The SuperLink's private key (PEM).")] = None,
-    insecure: Annotated[bool, typer.Option(help="No TLS (tests on loopback only).")] = False,
+    ssl_ca_certfile: Annotated[Path, typer.Option(help="CA certificate (PEM).")],
+    ssl_certfile: Annotated[Path, typer.Option(help="The SuperLink's certificate (PEM), signed by the CA.")],
+    ssl_keyfile: Annotated[Path, typer.Option(help="The SuperLink's private key (PEM).")],
+    registry: Annotated[Path, typer.Option(help="The silos and their keys (`fedlm silo add`).")] = Path("silos.json"),
+    host: Annotated[str, typer.Option(help="Address silos reach (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The port silos' SuperNodes connect to (Fleet API only).")] = 9092,
+    control_port: Annotated[int, typer.Option(
+        help="Flower's own port, on 127.0.0.1 only: `fedlm train` and the ServerApp.")] = 9093,
 ) -> None:
-    """Run the federation's coordinator: a Flower SuperLink (TLS) until Ctrl-C."""
+    """Run the federation's coordinator: a Flower SuperLink behind a Fleet-only TLS proxy, until Ctrl-C."""
     from fedlm.federation.deploy import ServerTls, run_superlink
 
-    files = (ssl_ca_certfile, ssl_certfile, ssl_keyfile)
-    if insecure == any(f is not None for f in files) or (not insecure and None in files):
-        raise UserError("pass --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile (or --insecure alone)")
-    tls = None if insecure else ServerTls(*(Path(str(f)) for f in files))
-    code = run_superlink(host=host, port=port, tls=tls, on_ready=lambda a: _out(
-        f"SuperLink ready on {host}:{port} ({'no TLS' if tls is None else 'TLS'}); Ctrl-C to stop"))
+    tls = ServerTls(ssl_ca_certfile, ssl_certfile, ssl_keyfile)
+
+    def ready(local: str, node_of: dict[str, int]) -> None:
+        silos = ", ".join(f"{silo} (node {node})" for silo, node in sorted(node_of.items()))
+        _out(f"SuperLink ready: silos connect to {host}:{port} (TLS, Fleet API only; registered: {silos}); "
+             f"`fedlm train --superlink {local}` here; Ctrl-C to stop")
+
+    code = run_superlink(host=host, port=port, control_port=control_port, tls=tls, registry=registry,
+                         on_ready=ready)
     if code:
         raise typer.Exit(code)
+
+
+@silo_app.command("key")
+def silo_key(
+    key: Annotated[Path, typer.Argument(help="Where to write the private key (KEY.pub beside it).")],
+) -> None:
+    """On a silo: make its SuperNode key; send KEY.pub to the coordinator, keep KEY on this machine."""
+    from fedlm.federation.trust import make_silo_key
+
+    pub = make_silo_key(key)
+    _out(f"private key {key} (keep it here, used by `fedlm node --key`); send {pub} to the coordinator")
+
+
+@silo_app.command("add")
+def silo_add(
+    name: Annotated[str, typer.Argument(help="The silo's name, as in the run config's data.silos.")],
+    public_key: Annotated[Path, typer.Argument(help="The silo's public key (KEY.pub from `fedlm silo key`).")],
+    registry: Annotated[Path, typer.Option(help="The coordinator's registry of silos.")] = Path("silos.json"),
+) -> None:
+    """On the coordinator: bind a silo's name to its key (takes effect when `fedlm superlink` starts)."""
+    from fedlm.federation.trust import add_silo
+
+    add_silo(registry, name, public_key)
+    _out(f"silo {name} registered in {registry}; (re)start `fedlm superlink` for it to take effect")
+
+
+@silo_app.command("remove")
+def silo_remove(
+    name: Annotated[str, typer.Argument(help="The silo to remove.")],
+    registry: Annotated[Path, typer.Option(help="The coordinator's registry of silos.")] = Path("silos.json"),
+) -> None:
+    """On the coordinator: forget a silo's key (its node is refused once `fedlm superlink` restarts)."""
+    from fedlm.federation.trust import remove_silo
+
+    remove_silo(registry, name)
+    _out(f"silo {name} removed from {registry}; restart `fedlm superlink` for it to take effect")
 
 
 @app.command()

@@ -120,11 +120,16 @@ def test_superlink_flags_need_the_flower_engine(tmp_path: Path, capfd: pytest.Ca
                     "federation.engine=flower")
     _one_line_error(fedlm_here(capfd, "train", str(cfg), "--set", "federation.engine=flower", "--insecure"),
                     "--superlink")
-    _one_line_error(fedlm_here(capfd, "superlink", "--port", "9", "--ssl-certfile", "x.pem"), "--ssl-keyfile")
     _one_line_error(fedlm_here(capfd, "superlink", "--port", "9", "--ssl-ca-certfile", "a", "--ssl-certfile", "b",
                                "--ssl-keyfile", "c"), "--ssl-ca-certfile a: no such file")
-    _one_line_error(fedlm_here(capfd, "node", "--superlink", "127.0.0.1:9", "--workspace", str(tmp_path),
-                               "--silo", "legal", "--insecure"), "silo 'legal'", "fedlm data")
+    tls = [a for f in ("ca-certfile", "certfile", "keyfile") for a in (f"--ssl-{f}", str(cfg))]
+    _one_line_error(fedlm_here(capfd, "superlink", "--port", "9", *tls, "--registry", str(tmp_path / "none.json")),
+                    "none.json: no silos registered", "fedlm silo add NAME KEY.pub")
+    node = ["node", "--superlink", "127.0.0.1:9", "--workspace", str(tmp_path), "--silo", "legal",
+            "--root-certificates", str(cfg), "--key", str(tmp_path / "legal.key")]
+    _one_line_error(fedlm_here(capfd, *node), "silo 'legal'", "fedlm data")
+    (tmp_path / "silos/legal").mkdir(parents=True)
+    _one_line_error(fedlm_here(capfd, *node), "legal.key: no such file", "fedlm silo key")
 
 
 def test_unreachable_superlink_fails_before_any_round(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
@@ -182,9 +187,14 @@ def _ca_and_server_cert(dir: Path, *, names: list[str]) -> tuple[Path, Path, Pat
 def test_superlink_certificate_must_name_loopback(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     """A certificate without 127.0.0.1: `fedlm superlink` stops at start with the fix, not a hung run."""
     ca, cert, key = _ca_and_server_cert(tmp_path, names=["coordinator.example.org"])
+    registry = tmp_path / "silos.json"
+    assert fedlm_here(capfd, "silo", "key", str(tmp_path / "legal.key")).returncode == 0
+    assert fedlm_here(capfd, "silo", "add", "legal", str(tmp_path / "legal.key.pub"), "--registry",
+                      str(registry)).returncode == 0
     port = free_port()
-    r = fedlm_here(capfd, "superlink", "--host", "0.0.0.0", "--port", str(port), "--ssl-ca-certfile", str(ca),
-                   "--ssl-certfile", str(cert), "--ssl-keyfile", str(key))
+    r = fedlm_here(capfd, "superlink", "--host", "0.0.0.0", "--port", str(free_port()), "--control-port", str(port),
+                   "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
+                   "--registry", str(registry))
     line = _one_line_error(r, f"127.0.0.1:{port}", "name 127.0.0.1", flower_log=True)
     assert line.startswith("error:"), line
 

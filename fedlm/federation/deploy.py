@@ -1,9 +1,10 @@
 """Flower's deployment engine: a SuperLink and SuperNodes as processes, and `flwr run` to submit.
 
     run_on_flower(cfg, Path("runs/fed"))          # SuperLink + one SuperNode per silo on 127.0.0.1
-    run_on_flower(cfg, out, superlink="10.0.0.5:9092", root_certificates=Path("ca.pem"))
-    run_node("10.0.0.5:9092", Path("ws"), "legal", root_certificates=Path("ca.pem"))  # `fedlm node`
-    run_superlink(host="0.0.0.0", port=9092, tls=ServerTls(ca, cert, key))            # `fedlm superlink`
+    run_on_flower(cfg, out, superlink="127.0.0.1:9093", root_certificates=Path("ca.pem"))  # on the coordinator
+    run_node("10.0.0.5:9092", Path("ws"), "legal", root_certificates=Path("ca.pem"), key=Path("legal.key"))
+    run_superlink(host="0.0.0.0", port=9092, control_port=9093, tls=ServerTls(ca, cert, key),
+                  registry=Path("silos.json"))                                  # `fedlm superlink`
 
 Everything Flower starts gets `FLOWER_ENV` (no telemetry, no update check, no `uv sync` of
 the app's dependencies) and the venv's bin/ first on PATH (the SuperLink starts
@@ -11,6 +12,9 @@ the app's dependencies) and the venv's bin/ first on PATH (the SuperLink starts
 bundles never leak between runs. Readiness is checked before use and every wait is bounded;
 a SuperLink that cannot be reached or whose TLS certificate does not verify is a `UserError`
 naming the endpoint and the fix. Processes are stopped (SIGTERM, then SIGKILL) in `finally`.
+
+Across organisations `fedlm superlink` exposes only Flower's Fleet API, through a proxy, to
+silos whose keys the coordinator registered; see `trust` for the mechanism and why.
 
 The ServerApp runs on the SuperLink's machine and writes the run directory there; this
 module waits for its summary.json (or error.json) and replays rounds.jsonl to `on_round`.
@@ -39,7 +43,9 @@ import httpx
 
 from fedlm.config import Config
 from fedlm.errors import UserError
+from fedlm.federation import trust
 from fedlm.federation.rundir import FLOWER_ENV, RoundCallback
+from fedlm.fileio import write_json
 from fedlm.resolve import resolve_silos
 
 APP_DIR = Path(__file__).parent / "flwr_app"
@@ -200,51 +206,93 @@ def _check_tls_args(root_certificates: Path | None, insecure: bool) -> None:
         raise UserError(f"--root-certificates {root_certificates}: no such file")
 
 
-def _local_host(host: str) -> str:
-    """Where the SuperLink's own ServerApp process connects for HOST (bind-all -> loopback)."""
-    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+def run_superlink(*, host: str, port: int, control_port: int, tls: ServerTls, registry: Path,
+                  flwr_home: Path | None = None, ready_timeout: float = 30.0,
+                  on_ready: Callable[[str, dict[str, int]], None] | None = None) -> int:
+    """`fedlm superlink`: Flower on 127.0.0.1:`control_port` behind nginx on HOST:PORT (Fleet API only).
 
-
-def run_superlink(*, host: str, port: int, tls: ServerTls | None, flwr_home: Path | None = None,
-                  ready_timeout: float = 30.0, on_ready: Callable[[str], None] | None = None) -> int:
-    """`fedlm superlink`: start `flower-superlink`, check it answers, wait until it exits or Ctrl-C.
-
-    With TLS the check connects the way the SuperLink's own ServerApp will (to 127.0.0.1 when
-    bound to 0.0.0.0) and verifies the certificate against the CA, so a certificate that
-    does not name that address fails here, with the fix, instead of hanging the first run.
+    Flower runs with SuperNode authentication; each silo of `registry` has its key registered
+    through the loopback Control API, and {node id: silo} is written where the ServerApp reads it
+    (see `trust`). Waits until either process exits or Ctrl-C; stops both.
     """
-    if tls is not None:
-        for flag, path in (("--ssl-ca-certfile", tls.ca_certfile), ("--ssl-certfile", tls.certfile),
-                           ("--ssl-keyfile", tls.keyfile)):
-            if not Path(path).is_file():
-                raise UserError(f"{flag} {path}: no such file")
-    local = _local_host(host)
-    address = f"[{local}]:{port}" if ":" in local else f"{local}:{port}"
+    for flag, path in (("--ssl-ca-certfile", tls.ca_certfile), ("--ssl-certfile", tls.certfile),
+                       ("--ssl-keyfile", tls.keyfile)):
+        if not Path(path).is_file():
+            raise UserError(f"{flag} {path}: no such file")
+    silos = trust.load_registry(registry)
+    if not silos:
+        raise UserError(f"{registry}: no silos registered; on each silo run `fedlm silo key KEY`, then here "
+                        f"`fedlm silo add NAME KEY.pub --registry {registry}`")
+    local = f"127.0.0.1:{control_port}"
     with tempfile.TemporaryDirectory(prefix="fedlm-superlink-") as tmp, _sigterm_as_interrupt():
-        home = flwr_home or Path(tmp)
+        state = Path(tmp)
+        home = flwr_home or state / "flwr"
         home.mkdir(parents=True, exist_ok=True)
-        cmd = superlink_command(host=host, port=port, tls=tls)
-        proc = subprocess.Popen(cmd, env=flower_env(home), stdin=subprocess.DEVNULL, start_new_session=True)
+        nodes_file = state / "nodes.json"
+        env = {**flower_env(home), trust.NODES_ENV: str(nodes_file)}
+        cmd = [*superlink_command(host="127.0.0.1", port=control_port, tls=tls), "--enable-supernode-auth"]
+        procs = [subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)]
         try:
-            try:
-                wait_superlink(address, root_certificates=None if tls is None else tls.ca_certfile,
-                               insecure=tls is None, timeout=ready_timeout, proc=proc)
-            except UserError as e:
-                if "does not verify" not in str(e):
-                    raise
-                raise UserError(
-                    f"the SuperLink on {address}: {tls.certfile if tls else ''} does not verify against "
-                    f"{tls.ca_certfile if tls else ''} for {local}; it must be signed by that CA and name "
-                    f"{local} (the SuperLink's own ServerApp connects there) and every address silos dial "
-                    f"in its subjectAltName"
-                ) from None
+            _wait_local_superlink(local, tls, ready_timeout=ready_timeout, proc=procs[0])
+            node_of = register_silos(silos, local, root_certificates=tls.ca_certfile, flwr_home=state / "cli")
+            write_json(nodes_file, {str(node): silo for silo, node in node_of.items()})
+            conf = state / "nginx.conf"
+            conf.write_text(trust.proxy_config(host=host, port=port, upstream_port=control_port,
+                                               certfile=Path(tls.certfile).resolve(),
+                                               keyfile=Path(tls.keyfile).resolve(), state=state))
+            procs.append(subprocess.Popen(trust.proxy_command(conf, state), stdin=subprocess.DEVNULL,
+                                          start_new_session=True))
+            public = f"{_local_host(host)}:{port}"
+            wait_superlink(public, root_certificates=tls.ca_certfile, timeout=ready_timeout, proc=procs[1],
+                           log_path=state / "proxy-error.log")
             if on_ready is not None:
-                on_ready(address)
-            return proc.wait()
+                on_ready(local, node_of)
+            while all(p.poll() is None for p in procs):
+                time.sleep(0.5)
+            return next(p.returncode for p in procs if p.returncode is not None) or 1
         except KeyboardInterrupt:
             return 0
         finally:
-            stop([proc])
+            stop(procs)
+
+
+def _local_host(host: str) -> str:
+    """Where this machine reaches a server bound to HOST (bind-all -> loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+def _wait_local_superlink(local: str, tls: ServerTls, *, ready_timeout: float,
+                          proc: subprocess.Popen[bytes]) -> None:
+    """Wait for Flower on 127.0.0.1; its certificate must verify there (the ServerApp connects to it)."""
+    try:
+        wait_superlink(local, root_certificates=tls.ca_certfile, timeout=ready_timeout, proc=proc)
+    except UserError as e:
+        if "does not verify" not in str(e):
+            raise
+        raise UserError(
+            f"the SuperLink on {local}: {tls.certfile} does not verify against {tls.ca_certfile} for "
+            f"127.0.0.1; it must be signed by that CA and name 127.0.0.1 (the SuperLink's own ServerApp "
+            f"connects there) and every address silos dial in its subjectAltName"
+        ) from None
+
+
+def register_silos(silos: dict[str, str], control: str, *, root_certificates: Path,
+                   flwr_home: Path) -> dict[str, int]:
+    """Register each silo's public key with `flwr supernode register` on the loopback Control API."""
+    _write_connection(flwr_home, control, root_certificates=root_certificates, insecure=False)
+    node_of: dict[str, int] = {}
+    for silo, key in silos.items():
+        key_file = flwr_home / f"{silo}.pub"
+        key_file.write_text(key + "\n")
+        cmd = [str(BIN / "flwr"), "supernode", "register", str(key_file), "fedlm", "--name", silo,
+               "--format", "json"]
+        out = subprocess.run(cmd, env=flower_env(flwr_home), capture_output=True, text=True, timeout=60)
+        try:
+            node_of[silo] = int(json.loads(out.stdout[out.stdout.index("{"):])["node-id"])
+        except (ValueError, KeyError, TypeError):
+            detail = (out.stderr or out.stdout).strip().replace("\n", " ")[-300:]
+            raise UserError(f"registering silo {silo!r} with the SuperLink failed: {detail}") from None
+    return node_of
 
 
 # ---------------------------------------------------------------------------------------
@@ -252,11 +300,14 @@ def run_superlink(*, host: str, port: int, tls: ServerTls | None, flwr_home: Pat
 
 
 def supernode_command(superlink: str, workspace: Path, silo: str, *, port: int,
-                      root_certificates: Path | None = None, insecure: bool = False) -> list[str]:
-    """The `flower-supernode` command that serves `silo` of `workspace` to `superlink`."""
+                      root_certificates: Path | None = None, insecure: bool = False,
+                      key: Path | None = None) -> list[str]:
+    """The `flower-supernode` command that serves `silo` of `workspace` to `superlink`, signing with `key`."""
     node_config = f'workspace="{Path(workspace).resolve()}" silo="{silo}"'
     cmd = [str(BIN / "flower-supernode"), "--superlink", superlink, "--port", str(port),
            "--node-config", node_config]
+    if key is not None:
+        cmd += ["--auth-supernode-private-key", str(Path(key).resolve())]
     if insecure:
         cmd.append("--insecure")
     else:
@@ -280,14 +331,17 @@ def start_supernode(superlink: str, workspace: Path, silo: str, *, port: int, lo
     return _start(cmd, log_path=log_path, flwr_home=flwr_home)
 
 
-def run_node(superlink: str, workspace: Path, silo: str, *, root_certificates: Path | None = None,
-             insecure: bool = False, port: int | None = None, ready_timeout: float = 30.0) -> int:
-    """`fedlm node`: check the SuperLink and the silo, then run its SuperNode until it exits or Ctrl-C."""
+def run_node(superlink: str, workspace: Path, silo: str, *, root_certificates: Path, key: Path,
+             port: int | None = None, ready_timeout: float = 30.0) -> int:
+    """`fedlm node`: check the SuperLink, the silo and its key, then run its SuperNode until it exits or Ctrl-C."""
     _check_silo_dir(workspace, silo)
-    wait_superlink(superlink, root_certificates=root_certificates, insecure=insecure, timeout=ready_timeout)
+    if not Path(key).is_file():
+        raise UserError(f"--key {key}: no such file; make it with `fedlm silo key {key}` and have the "
+                        f"coordinator register {key}.pub for silo {silo!r}")
+    wait_superlink(superlink, root_certificates=root_certificates, timeout=ready_timeout)
     flwr_home = Path(workspace) / "silos" / silo / ".flwr"
     cmd = supernode_command(superlink, workspace, silo, port=port or free_port(),
-                            root_certificates=root_certificates, insecure=insecure)
+                            root_certificates=root_certificates, key=key)
     flwr_home.mkdir(parents=True, exist_ok=True)
     with _sigterm_as_interrupt():
         proc = subprocess.Popen(cmd, env=flower_env(flwr_home), start_new_session=True)

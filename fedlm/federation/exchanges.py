@@ -102,8 +102,8 @@ def plain_round(link: Link, round_no: int, sampled: list[str], arrays: ArrayReco
         got = _accept(reply, out.silos[silo], link)
         if isinstance(got, str):
             out.dropped[silo] = got
-        else:
-            accepted[silo] = got
+        else:  # a silo's weight is at most the tokens the plan gives it per round (it reports its own)
+            accepted[silo] = (got[0], min(got[1], float(config["weight-ref"])))  # type: ignore[arg-type]
     for silo in sampled:
         if silo not in out.dropped and silo not in accepted:
             out.dropped[silo] = f"timeout: {_timeout(link)}"
@@ -180,7 +180,7 @@ def secagg_round(link: Link, round_no: int, sampled: list[str], arrays: ArrayRec
     except secagg.SecAggError as e:
         log.warning("round %d: secure aggregation failed: %s", round_no, e)
         return out
-    out.tokens = {s: out.silos[s].get("num_tokens", float("nan")) for s in server.u3}
+    out.tokens = {s: min(out.silos[s].get("num_tokens", float("nan")), weight_ref) for s in server.u3}  # capped
     weight_sum = sum(n / weight_ref for n in out.tokens.values())
     if dp is not None and dp.plan is not None:  # client DP: the silos sent weight 1 (unweighted sum)
         weight_sum = float(len(server.u3))

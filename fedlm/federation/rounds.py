@@ -31,6 +31,7 @@ from flwr.serverapp import Grid
 from fedlm.config import Config, config_to_toml
 from fedlm.data.tokenizer import tokenizer_hash
 from fedlm.errors import UserError
+from fedlm.federation import trust
 from fedlm.federation.dp_rounds import RoundPrivacy
 from fedlm.federation.exchanges import Link, RoundResult, cyclic_round, plain_round, secagg_round
 from fedlm.federation.messages import error_reason, query_request, replied_silo, round_config
@@ -142,32 +143,48 @@ def connect(grid: Grid, run: ServerRun) -> Link:
 
 def connect_silos(grid: Grid, silos: list[str], *, tokenizer_sha256: str, timeout: float,
                   config_text: str = "") -> dict[str, int]:
-    """Wait (bounded) for the nodes, ask each to check its shards; {silo: node_id} or UserError.
+    """Wait (bounded) for the silos' nodes, ask each to check its shards; {silo: node_id} or UserError.
 
-    `config_text` lets each silo check its own privacy budget against its data before round 1."""
+    `config_text` lets each silo check its own privacy budget against its data before round 1.
+    Across organisations a node's silo is the one the coordinator registered its key for
+    (`trust.registered_nodes`), not the name it claims; a node serving no configured silo gets
+    no work and is logged, and does not stop the run."""
+    registry = trust.registered_nodes()  # None: one machine, every node started by this user
     deadline = time.monotonic() + timeout
-    while len(list(grid.get_node_ids())) < len(silos):
+    while waiting := trust.silos_waiting(grid.get_node_ids(), silos, registry):
         if time.monotonic() > deadline:
-            found = len(list(grid.get_node_ids()))
             raise UserError(
-                f"only {found} of {len(silos)} silos' SuperNodes connected within {timeout:.0f} s; "
-                f"start one per silo with `fedlm node --superlink HOST:PORT --workspace WS --silo NAME`"
+                f"{waiting} within {timeout:.0f} s; start one per silo with "
+                f"`fedlm node --superlink HOST:PORT --workspace WS --silo NAME --key KEY ...`"
             )
         time.sleep(0.5)
-    msgs = [query_request(node, tokenizer_sha256=tokenizer_sha256, config_text=config_text)
-            for node in grid.get_node_ids()]
+    nodes, idle = trust.working_nodes(grid.get_node_ids(), silos, registry)
+    for node, why in idle.items():
+        log.warning("SuperNode %d gets no work: %s", node, why)
+    msgs = [query_request(node, tokenizer_sha256=tokenizer_sha256, config_text=config_text) for node in nodes]
     replies = list(grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())))
     node_of: dict[str, int] = {}
+    failed: dict[str, str] = {}
     for reply in replies:
+        node = reply.metadata.src_node_id
+        claimed = None if reply.has_error() else replied_silo(reply)
+        name = claimed if registry is None else registry[node]
         if reply.has_error():
-            raise UserError(error_reason(reply))
-        name = replied_silo(reply)
-        if name in node_of:
+            failed[name or f"SuperNode {node}"] = error_reason(reply)
+        elif claimed != name or name not in silos:
+            log.warning("SuperNode %d gets no work: it serves silo %r, %s", node, claimed,
+                        f"but is registered for {name!r}" if claimed != name else "which this run does not train")
+        elif name in node_of:  # only without a registry: the coordinator binds one key to one silo
             raise UserError(f"silo {name!r} is served by two SuperNodes; stop one of them")
-        node_of[name] = reply.metadata.src_node_id
+        else:
+            node_of[name] = node
+    for name, why in failed.items():
+        if name not in silos:
+            log.warning("%s gets no work: %s", name, why)
     missing = [s for s in silos if s not in node_of]
     if missing:
-        raise UserError(
+        unnamed = [why for name, why in failed.items() if registry is None and name not in silos]
+        raise UserError(failed.get(missing[0]) or next(iter(unnamed), None) or
             f"silo {missing[0]!r} did not answer within {timeout:.0f} s (answered: {', '.join(sorted(node_of)) or 'none'}); "
             f"check its SuperNode (`fedlm node ... --silo {missing[0]}`) and its shards"
         )

@@ -1,0 +1,103 @@
+"""Identity and weight across organisations: the coordinator's registry, silo keys, the weight cap.
+
+The attacks on a real SuperLink behind the real proxy (a silo's `flwr ls/run/supernode register`,
+nodes with no key, a wrong key or another silo's identity) run in tests/test_multimachine.py,
+beside the README's deployment that they attack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedlm.errors import UserError
+from fedlm.federation import client_app as ca
+from fedlm.federation import trust
+from fedlm.federation.runner import run_federated
+from tests.test_federation import make_ws, rounds, tiny_cfg, weights
+from tests.test_multimachine import _one_line_error, fedlm_here
+
+
+def test_registry_binds_one_key_to_one_silo(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """`fedlm silo key` makes a private key only its owner reads; `fedlm silo add` binds a name to a key once."""
+    os.chdir(tmp_path)
+    for silo in ("legal", "medical"):
+        assert fedlm_here(capfd, "silo", "key", f"{silo}.key").returncode == 0
+    assert stat.S_IMODE((tmp_path / "legal.key").stat().st_mode) == 0o600
+    assert (tmp_path / "legal.key.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    _one_line_error(fedlm_here(capfd, "silo", "key", "legal.key"), "legal.key exists")
+
+    assert fedlm_here(capfd, "silo", "add", "legal", "legal.key.pub").returncode == 0
+    _one_line_error(fedlm_here(capfd, "silo", "add", "legal", "medical.key.pub"), "'legal' is already registered")
+    _one_line_error(fedlm_here(capfd, "silo", "add", "other", "legal.key.pub"), "already registered for silo 'legal'")
+    _one_line_error(fedlm_here(capfd, "silo", "add", "../x", "medical.key.pub"), "silo name '../x'")
+    _one_line_error(fedlm_here(capfd, "silo", "add", "medical", "legal.key"), "legal.key: not an OpenSSH public key")
+    (tmp_path / "rsa.pub").write_text("ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQC7 x\n")
+    _one_line_error(fedlm_here(capfd, "silo", "add", "medical", "rsa.pub"), "rsa.pub")
+    assert fedlm_here(capfd, "silo", "add", "medical", "medical.key.pub").returncode == 0
+    assert sorted(trust.load_registry(tmp_path / "silos.json")) == ["legal", "medical"]
+    assert fedlm_here(capfd, "silo", "remove", "legal").returncode == 0
+    _one_line_error(fedlm_here(capfd, "silo", "remove", "legal"), "no silo 'legal'")
+    assert sorted(trust.load_registry(tmp_path / "silos.json")) == ["medical"]
+
+
+def test_identity_comes_from_the_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a registry a node's silo is the registered one; nodes of no configured silo get no work."""
+    registry = {11: "legal", 12: "medical", 13: "spare"}
+    assert trust.silos_waiting([11], ["legal", "medical"], registry) == "silo 'medical' has no SuperNode online"
+    assert trust.silos_waiting([11, 12, 13, 99], ["legal", "medical"], registry) == ""
+    with pytest.raises(UserError, match="silo 'clinic' has no registered key.*fedlm silo add clinic"):
+        trust.silos_waiting([11, 12], ["legal", "clinic"], registry)
+    work, idle = trust.working_nodes([13, 12, 99, 11], ["legal", "medical"], registry)
+    assert work == [11, 12]
+    assert idle == {13: "registered for silo 'spare', which this run does not train",
+                    99: "not registered for any silo"}
+    # one machine, no registry: nodes name their silos and all are asked
+    assert trust.working_nodes([5, 4], ["a"], None) == ([4, 5], {})
+    assert trust.silos_waiting([5], ["a", "b"], None) == "only 1 of 2 silos' SuperNodes connected"
+
+    path = tmp_path / "nodes.json"
+    path.write_text(json.dumps({"11": "legal"}))
+    monkeypatch.setenv(trust.NODES_ENV, str(path))
+    assert trust.registered_nodes() == {11: "legal"}
+    monkeypatch.delenv(trust.NODES_ENV)
+    assert trust.registered_nodes() is None
+
+
+def test_proxy_forwards_only_fleet_paths(tmp_path: Path) -> None:
+    """The nginx config passes the normalised Fleet path and /health, and refuses the rest."""
+    conf = trust.proxy_config(host="0.0.0.0", port=9092, upstream_port=9093, certfile=Path("/c.pem"),
+                              keyfile=Path("/k.pem"), state=tmp_path)
+    assert "listen 0.0.0.0:9092 ssl;" in conf
+    assert "location ~ ^/v1/fleet/[a-z-]+$" in conf and "proxy_pass https://127.0.0.1:9093$uri;" in conf
+    assert "location / { return 403; }" in conf
+    assert "/v1/control" not in conf and "/v1/runtime" not in conf
+
+
+def test_a_silos_weight_is_capped_at_the_plan(tmp_path: Path) -> None:
+    """A silo claiming 1e9 tokens weighs what the plan gives it: the same weights as when it tells the truth."""
+    ws = make_ws(tmp_path / "ws", docs=30)
+    liar = ClientApp()
+
+    @liar.query()
+    def query(msg: Message, context: Context) -> Message:
+        return ca.app(msg, context)
+
+    @liar.train()
+    def train(msg: Message, context: Context) -> Message:
+        reply = ca.app(msg, context)
+        if context.node_config["silo"] == "b":
+            reply.content.metric_records["metrics"]["num_tokens"] = 1e9
+        return reply
+
+    run_federated(tiny_cfg(ws, rounds=1), tmp_path / "honest")
+    run_federated(tiny_cfg(ws, rounds=1), tmp_path / "liar", client_app=liar)
+    assert rounds(tmp_path / "liar")[0]["silos"]["b"]["num_tokens"] == 1e9  # logged as claimed
+    honest, lied = weights(tmp_path / "honest"), weights(tmp_path / "liar")
+    assert all((honest[k] == lied[k]).all() for k in honest)
