@@ -187,7 +187,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run in --out (default: the config's folder).")] = False,
     out: Annotated[Path | None, typer.Option(help="Run directory (default: runs/<config>-<time>).")] = None,
     superlink: Annotated[str | None, typer.Option(
-        help="HOST:PORT of a running SuperLink (federation.engine = \"flower\"; run on its machine).")] = None,
+        help="127.0.0.1:PORT of `fedlm superlink --control-port PORT` (federation.engine = \"flower\"; run on its machine).")] = None,
     root_certificates: Annotated[Path | None, typer.Option(
         help="CA certificate (PEM) that signed the SuperLink's certificate.")] = None,
     insecure: Annotated[bool, typer.Option(help="Talk to --superlink without TLS (tests on loopback).")] = False,

@@ -233,8 +233,8 @@ def _texts(dest: Path) -> dict[str, Path]:
 class Machines:
     """Folders standing for machines; runs README lines in them, keeps the long-running ones."""
 
-    def __init__(self, root: Path, port: int, texts: dict[str, Path]) -> None:
-        self.root, self.port, self.texts = root, port, texts
+    def __init__(self, root: Path, port: int, control_port: int, texts: dict[str, Path]) -> None:
+        self.root, self.port, self.control_port, self.texts = root, port, control_port, texts
         self.background: list[tuple[subprocess.Popen[bytes], Path]] = []
 
     def dir(self, machine: str) -> Path:
@@ -245,7 +245,8 @@ class Machines:
     def substitute(self, body: str, silo: str | None) -> str:
         if silo is not None:
             body = body.replace("legal", silo).replace(f"~/{silo}-texts", str(self.texts[silo]))
-        return body.replace("coordinator.example.org", "127.0.0.1").replace("9092", str(self.port))
+        return (body.replace("coordinator.example.org", "127.0.0.1").replace("9092", str(self.port))
+                .replace("9093", str(self.control_port)))
 
     def run_block(self, body: str, machine: str, *, silo: str | None = None,
                   extra: dict[str, list[str]] | None = None) -> str:
@@ -307,16 +308,164 @@ class Machines:
                 proc.wait(timeout=5)
 
 
+EVIL_APP = {
+    "pyproject.toml": """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "evil"
+version = "0.1.0"
+description = "a silo's own app"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "mallory"
+
+[tool.flwr.app.components]
+serverapp = "evil_app:server"
+clientapp = "evil_app:client"
+""",
+    "evil_app.py": """from pathlib import Path
+
+Path({marker!r}).write_text("ran")  # wherever this module is imported: the coordinator or a silo
+
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+server = ServerApp()
+client = ClientApp()
+""",
+}
+
+
+def _http_status(address: str, ca: Path, method: str, path: str) -> int:
+    """The status of one raw HTTPS request (the path sent as is, not normalised by a client library)."""
+    import http.client
+    import ssl
+
+    host, port = address.rsplit(":", 1)
+    conn = http.client.HTTPSConnection(host, int(port), context=ssl.create_default_context(cafile=str(ca)),
+                                       timeout=10)
+    try:
+        conn.request(method, path, body=b"" if method == "POST" else None,
+                     headers={"content-type": "application/protobuf"})
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def _fleet_status(address: str, ca: Path, call: str, *, sign_with: Path, claim: Path, node_id: int = 0) -> int:
+    """Call the Fleet API as Flower's SuperNode does, signing with one key and claiming another's public key."""
+    import httpx
+    from cryptography.hazmat.primitives.serialization import (
+        load_ssh_private_key,
+        load_ssh_public_key,
+    )
+    from flwr.proto.fleet_pb2 import ActivateNodeRequest, PullMessagesRequest
+    from flwr.proto.node_pb2 import Node
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+    private = load_ssh_private_key(sign_with.read_bytes(), None)
+    public = load_ssh_public_key(claim.read_bytes())
+    auth = NodeAuthHttpInterceptor(private, public)  # type: ignore[arg-type]
+    with FleetHttpClient.from_server_address(address, False, str(ca), interceptors=[auth]) as client:
+        try:
+            if call == "activate":
+                client.ActivateNode(ActivateNodeRequest(public_key=public_key_to_bytes(public),  # type: ignore[arg-type]
+                                                        heartbeat_interval=30))
+            else:
+                client.PullMessages(PullMessagesRequest(node=Node(node_id=node_id)))
+        except httpx.HTTPStatusError as e:
+            return e.response.status_code
+    return 200
+
+
+def attack(machines: Machines, root: Path, address: str, node_ids: dict[str, int]) -> Path:
+    """The silo "legal", holding what the README gives it (ca.pem, legal.key, the address), and strangers
+    try the Control, Runtime and Fleet APIs; every attempt must be refused. Returns the file the
+    silo's own app would write wherever it ran (checked after the run)."""
+    legal, coord = machines.dir("legal"), machines.dir("coordinator")
+    ca, key = legal / "ca.pem", legal / "legal.key"
+    root.mkdir(parents=True)
+    marker = root / "EVIL-APP-RAN"
+    app = root / "evil"
+    app.mkdir()
+    for name, text in EVIL_APP.items():
+        (app / name).write_text(text.replace("{marker!r}", repr(str(marker))))
+    home = root / "flwr"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "c"\n\n[superlink.c]\naddress = "{address}"\n'
+                                      f'root-certificates = "{ca}"\n')
+    from fedlm.federation.trust import make_silo_key
+    make_silo_key(root / "own.key")  # a key of its own, which it tries to register
+    env = {**ENV, "FLWR_HOME": str(home)}
+    flwr = str(BIN / "flwr")
+    tries = {"flwr ls": [flwr, "ls", "c", "--format", "json"],
+             "flwr stop": [flwr, "stop", "1", "c", "--format", "json"],
+             "flwr supernode register": [flwr, "supernode", "register", str(root / "own.key.pub"), "c",
+                                         "--format", "json"],
+             "flwr run (its own app)": [flwr, "run", app.name, "c", "--format", "json"]}
+    with ThreadPoolExecutor(len(tries)) as pool:
+        done = dict(zip(tries, pool.map(lambda cmd: subprocess.run(cmd, env=env, capture_output=True, text=True,
+                                                                     timeout=120, cwd=root), tries.values()),
+                        strict=True))
+    for what, r in done.items():
+        refused = r.returncode != 0 or '"success": false' in r.stdout
+        assert refused and ("403" in r.stdout + r.stderr or "unavailable" in r.stdout), (what, r.stdout, r.stderr)
+
+    for method, path in (("POST", "/v1/control/list-runs"), ("POST", "/v1/control/register-node"),
+                         ("POST", "/v1/runtime/get-nodes"), ("POST", "/v1/fleet/../control/list-runs"),
+                         ("POST", "/v1/fleet/%2e%2e/control/list-runs"), ("POST", "/v1/fleet//../control/start-run"),
+                         ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/v1/fleet/get-run")):
+        assert _http_status(address, ca, method, path) in (403, 404), (method, path)
+    assert _http_status(address, ca, "GET", "/health") == 200
+
+    # the Fleet API as another silo: its public key with a signature made by legal's key; legal's
+    # own valid signature asking for medical's messages
+    medical_pub = coord / "medical.key.pub"
+    assert _fleet_status(address, ca, "activate", sign_with=key, claim=medical_pub) == 401
+    assert _fleet_status(address, ca, "pull", sign_with=key, claim=legal / "legal.key.pub",
+                         node_id=node_ids["medical"]) == 401
+
+    # SuperNodes: no key (Flower makes a fresh one) claiming medical; an unregistered key claiming legal
+    strangers = {"no-key": ([], "medical", "[code: 2001]"), "wrong-key": (["--auth-supernode-private-key",
+                 str(root / "own.key")], "legal", "[code: 2004]")}
+    logs = {}
+    for name, (extra, silo, _) in strangers.items():
+        cmd = [str(BIN / "flower-supernode"), "--superlink", address, "--root-certificates", str(ca), "--port",
+               str(free_port()), "--node-config", f'workspace="{legal / "ws"}" silo="{silo}"', *extra]
+        logs[name] = machines.start(cmd, "legal", name=f"stranger-{name}")
+    for name, (_, _, refusal) in strangers.items():
+        deadline = time.monotonic() + 60
+        while refusal not in logs[name].read_text(errors="replace"):
+            assert time.monotonic() < deadline, logs[name].read_text(errors="replace")[-2000:]
+            time.sleep(0.5)
+    for proc, log in machines.background:
+        if log in logs.values():  # refused for good: stop them now, they only hold memory
+            os.killpg(proc.pid, signal.SIGTERM)
+    return marker
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="the README makes certificates with openssl")
+@pytest.mark.skipif(shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists(),
+                    reason="`fedlm superlink` puts nginx in front of Flower (make setup installs it)")
 def test_readme_run_across_machines(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """The README's deployment, run; while it runs, a silo and strangers attack it (see `attack`)."""
     blocks = readme_blocks()
     sh = [body for lang, body in blocks if lang == "sh"]
     toml = [body for lang, body in blocks if lang == "toml"]
     assert len(sh) == 6 and len(toml) == 1, [b[:40] for _, b in blocks]
     certs, counts, link, node, train, evaluate = sh
     assert sh[0].startswith("# on the coordinator") and "openssl" in certs
-    machines = Machines(tmp_path / "m", free_port(), _texts(tmp_path))
+    machines = Machines(tmp_path / "m", free_port(), free_port(), _texts(tmp_path))
     coord = machines.dir("coordinator")
     address = f"127.0.0.1:{machines.port}"
     def on_silos(body: str) -> list[str]:  # the silos' machines work at the same time
@@ -329,13 +478,29 @@ def test_readme_run_across_machines(tmp_path: Path, capfd: pytest.CaptureFixture
             shutil.copy(coord / "certs/ca.pem", machines.dir(silo) / "ca.pem")
         on_silos(counts)
         for silo in SILOS:
-            shutil.copy(machines.dir(silo) / f"counts-{silo}.json", coord)
+            for name in (f"counts-{silo}.json", f"{silo}.key.pub"):
+                shutil.copy(machines.dir(silo) / name, coord)
+        # a third registered silo that this run does not train: its node must get no work
+        spare = machines.dir("spare")
+        assert fedlm_here(capfd, "silo", "key", str(spare / "spare.key")).returncode == 0
+        assert fedlm_here(capfd, "silo", "add", "spare", str(spare / "spare.key.pub"), "--registry",
+                          str(coord / "silos.json")).returncode == 0
         machines.run_block(link, "coordinator")
         for silo in SILOS:
             (machines.dir(silo) / "ws").mkdir(exist_ok=True)
             shutil.copy(coord / "ws/tokenizer.json", machines.dir(silo) / "ws/tokenizer.json")
         on_silos(node)  # shards, then starts the SuperNode (it waits for the SuperLink)
-        machines.wait_for(tmp_path / "m/superlink-coordinator.log", "SuperLink ready")
+        link_log = tmp_path / "m/superlink-coordinator.log"
+        machines.wait_for(link_log, "SuperLink ready", timeout=90)
+        node_ids = {m[0]: int(m[1]) for m in re.findall(r"(\w+) \(node (\d+)\)", link_log.read_text())}
+        assert sorted(node_ids) == ["legal", "medical", "spare"], link_log.read_text()
+
+        shutil.copytree(machines.dir("legal") / "ws", spare / "ws")
+        shutil.move(spare / "ws/silos/legal", spare / "ws/silos/spare")
+        machines.start([*FEDLM, "node", "--superlink", address, "--workspace", "ws", "--silo", "spare",
+                        "--root-certificates", str(coord / "certs/ca.pem"), "--key", "spare.key"], "spare",
+                       name="node-spare")
+        marker = attack(machines, tmp_path / "attacks", address, node_ids)
 
         # A SuperNode that trusts another CA: exit 2 naming the SuperLink and the fix, at once.
         (tmp_path / "other").mkdir()
@@ -343,7 +508,8 @@ def test_readme_run_across_machines(tmp_path: Path, capfd: pytest.CaptureFixture
                         "-keyout", "k.pem", "-out", "other-ca.pem"], cwd=tmp_path / "other", check=True,
                        capture_output=True)
         r = fedlm_here(capfd, "node", "--superlink", address, "--workspace", str(machines.dir("legal") / "ws"),
-                       "--silo", "legal", "--root-certificates", str(tmp_path / "other/other-ca.pem"))
+                       "--silo", "legal", "--root-certificates", str(tmp_path / "other/other-ca.pem"),
+                       "--key", str(machines.dir("legal") / "legal.key"))
         _one_line_error(r, f"SuperLink {address}: its TLS certificate does not verify", "pass the CA that signed")
 
         (coord / "fed.toml").write_text(toml[0])
@@ -355,6 +521,11 @@ def test_readme_run_across_machines(tmp_path: Path, capfd: pytest.CaptureFixture
         assert [r["round"] for r in rows] == [1] and rows[0]["completed"] and not rows[0]["dropped"]
         assert sorted(rows[0]["silos"]) == sorted(SILOS)
         print(f"\nround over TLS on loopback: {rows[0]['seconds']:.1f} s; `fedlm train` in all: {seconds:.1f} s")
+        assert f"SuperNode {node_ids['spare']} gets no work: registered for silo 'spare'" in \
+            (run / "server.log").read_text()
+        assert not marker.exists()  # the silo's own app ran nowhere
+        spare_log = tmp_path / "m/node-spare.log"
+        assert "Traceback" not in spare_log.read_text(errors="replace")
 
         for silo in SILOS:
             shutil.copytree(run / "model", machines.dir(silo) / "model")

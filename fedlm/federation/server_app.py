@@ -33,6 +33,8 @@ def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(1)  # as in process: the server's arithmetic is the same bit for bit
     run_dir = Path(str(context.run_config["run-dir"]))
+    # the coordinator's record of the run (nodes given no work, dropped silos) beside its rounds
+    logging.getLogger("fedlm").addHandler(logging.FileHandler(run_dir / "server.log"))
     resume = bool(context.run_config.get("resume", False))
     try:
         run_rounds(grid, load_config(run_dir / "config.toml"), run_dir, resume=resume)
