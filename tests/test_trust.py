@@ -101,3 +101,38 @@ def test_a_silos_weight_is_capped_at_the_plan(tmp_path: Path) -> None:
     assert rounds(tmp_path / "liar")[0]["silos"]["b"]["num_tokens"] == 1e9  # logged as claimed
     honest, lied = weights(tmp_path / "honest"), weights(tmp_path / "liar")
     assert all((honest[k] == lied[k]).all() for k in honest)
+
+
+def test_nodes_of_no_configured_silo_get_no_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Before round 1: extra nodes (unknown, failing, registered elsewhere, lying) are logged, not fatal."""
+    from fedlm.data.tokenizer import tokenizer_hash
+    from fedlm.federation.grid import InProcessGrid
+    from fedlm.federation.runner import connect_silos
+
+    ws = make_ws(tmp_path / "ws", silos=("a", "b"), docs=20)
+    sha = tokenizer_hash(ws / "tokenizer.json")
+
+    def connect(claims: dict[int, str]) -> dict[str, int]:
+        grid = InProcessGrid(ca.app, {n: {"workspace": str(ws), "silo": s} for n, s in claims.items()})
+        try:
+            return connect_silos(grid, ["a", "b"], tokenizer_sha256=sha, timeout=30)
+        finally:
+            grid.close()
+
+    # one machine, no registry: a node of an unknown silo (its shards missing) does not stop the run
+    with caplog.at_level("WARNING", logger="fedlm"):
+        assert connect({1: "a", 2: "b", 3: "ghost"}) == {"a": 1, "b": 2}
+    assert "gets no work" in caplog.text and "ghost" in caplog.text
+
+    registry = tmp_path / "nodes.json"
+    registry.write_text(json.dumps({"1": "a", "2": "b", "3": "spare"}))
+    monkeypatch.setenv(trust.NODES_ENV, str(registry))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fedlm"):  # 3: another registered silo; 5: no registration
+        assert connect({1: "a", 2: "b", 3: "a", 5: "b"}) == {"a": 1, "b": 2}
+    assert "SuperNode 3 gets no work: registered for silo 'spare'" in caplog.text
+    assert "SuperNode 5 gets no work: not registered for any silo" in caplog.text
+    # node 2 is registered for b but claims a: the registry decides, so it gets no work and b is missing
+    with pytest.raises(UserError, match="silo 'b' did not answer"):
+        connect({1: "a", 2: "a"})
