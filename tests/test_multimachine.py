@@ -416,40 +416,48 @@ def attack(machines: Machines, root: Path, address: str, node_ids: dict[str, int
         done = dict(zip(tries, pool.map(lambda cmd: subprocess.run(cmd, env=env, capture_output=True, text=True,
                                                                      timeout=120, cwd=root), tries.values()),
                         strict=True))
+    outcomes: dict[str, object] = {}
     for what, r in done.items():
         refused = r.returncode != 0 or '"success": false' in r.stdout
         assert refused and ("403" in r.stdout + r.stderr or "unavailable" in r.stdout), (what, r.stdout, r.stderr)
+        outcomes[what] = "refused (403)"
 
     for method, path in (("POST", "/v1/control/list-runs"), ("POST", "/v1/control/register-node"),
                          ("POST", "/v1/runtime/get-nodes"), ("POST", "/v1/fleet/../control/list-runs"),
                          ("POST", "/v1/fleet/%2e%2e/control/list-runs"), ("POST", "/v1/fleet//../control/start-run"),
                          ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/v1/fleet/get-run")):
-        assert _http_status(address, ca, method, path) in (403, 404), (method, path)
+        outcomes[f"{method} {path}"] = status = _http_status(address, ca, method, path)
+        assert status in (403, 404), (method, path)
     assert _http_status(address, ca, "GET", "/health") == 200
 
     # the Fleet API as another silo: its public key with a signature made by legal's key; legal's
     # own valid signature asking for medical's messages
     medical_pub = coord / "medical.key.pub"
-    assert _fleet_status(address, ca, "activate", sign_with=key, claim=medical_pub) == 401
-    assert _fleet_status(address, ca, "pull", sign_with=key, claim=legal / "legal.key.pub",
-                         node_id=node_ids["medical"]) == 401
+    outcomes["activate as medical, signed by legal"] = _fleet_status(address, ca, "activate", sign_with=key,
+                                                                     claim=medical_pub)
+    outcomes["pull medical's messages, signed by legal"] = _fleet_status(
+        address, ca, "pull", sign_with=key, claim=legal / "legal.key.pub", node_id=node_ids["medical"])
+    assert outcomes["activate as medical, signed by legal"] == outcomes["pull medical's messages, signed by legal"] == 401
 
-    # SuperNodes: no key (Flower makes a fresh one) claiming medical; an unregistered key claiming legal
-    strangers = {"no-key": ([], "medical", "[code: 2001]"), "wrong-key": (["--auth-supernode-private-key",
-                 str(root / "own.key")], "legal", "[code: 2004]")}
-    logs = {}
-    for name, (extra, silo, _) in strangers.items():
-        cmd = [str(BIN / "flower-supernode"), "--superlink", address, "--root-certificates", str(ca), "--port",
-               str(free_port()), "--node-config", f'workspace="{legal / "ws"}" silo="{silo}"', *extra]
-        logs[name] = machines.start(cmd, "legal", name=f"stranger-{name}")
-    for name, (_, _, refusal) in strangers.items():
-        deadline = time.monotonic() + 60
-        while refusal not in logs[name].read_text(errors="replace"):
-            assert time.monotonic() < deadline, logs[name].read_text(errors="replace")[-2000:]
-            time.sleep(0.5)
-    for proc, log in machines.background:
-        if log in logs.values():  # refused for good: stop them now, they only hold memory
+    # SuperNodes: Flower's own with no key (it makes a fresh one) claiming medical; `fedlm node` with a
+    # key the coordinator never registered, claiming legal (it must stop with one line, not hang)
+    cmd = [str(BIN / "flower-supernode"), "--superlink", address, "--root-certificates", str(ca), "--port",
+           str(free_port()), "--node-config", f'workspace="{legal / "ws"}" silo="medical"']
+    log = machines.start(cmd, "legal", name="stranger-no-key")
+    r = subprocess.run([*FEDLM, "node", "--superlink", address, "--workspace", "ws", "--silo", "legal",
+                        "--root-certificates", str(ca), "--key", str(root / "own.key")], cwd=legal, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    _one_line_error(r, "refused this SuperNode", "own.key is not registered", "fedlm silo add legal")
+    deadline = time.monotonic() + 60
+    while "[code: 2001]" not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-2000:]
+        time.sleep(0.5)
+    for proc, path in machines.background:
+        if path == log:  # refused for good: stop it now, it only holds memory
             os.killpg(proc.pid, signal.SIGTERM)
+    outcomes.update({"SuperNode, no key, as medical": "[code: 2001]",
+                     "`fedlm node`, unregistered key, as legal": "[code: 2004], exit 2"})
+    print("\nattacks:", json.dumps(outcomes, indent=1))
     return marker
 
 

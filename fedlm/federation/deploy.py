@@ -242,7 +242,8 @@ def run_superlink(*, host: str, port: int, control_port: int, tls: ServerTls, re
                                                keyfile=Path(tls.keyfile).resolve(), state=state))
             procs.append(subprocess.Popen(trust.proxy_command(conf, state), stdin=subprocess.DEVNULL,
                                           start_new_session=True))
-            public = f"{_local_host(host)}:{port}"
+            near = _local_host(host)
+            public = f"[{near}]:{port}" if ":" in near else f"{near}:{port}"
             wait_superlink(public, root_certificates=tls.ca_certfile, timeout=ready_timeout, proc=procs[1],
                            log_path=state / "proxy-error.log")
             if on_ready is not None:
@@ -344,13 +345,28 @@ def run_node(superlink: str, workspace: Path, silo: str, *, root_certificates: P
                             root_certificates=root_certificates, key=key)
     flwr_home.mkdir(parents=True, exist_ok=True)
     with _sigterm_as_interrupt():
-        proc = subprocess.Popen(cmd, env=flower_env(flwr_home), start_new_session=True)
+        proc = subprocess.Popen(cmd, env=flower_env(flwr_home), start_new_session=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
         try:
+            assert proc.stdout is not None
+            for raw in proc.stdout:  # Flower's log, passed on; a refusal ends the command
+                sys.stdout.buffer.write(raw)
+                sys.stdout.flush()
+                if any(code in raw for code in REFUSED):
+                    raise UserError(
+                        f"the SuperLink {superlink} refused this SuperNode: the key {key} is not registered; "
+                        f"send {key}.pub to the coordinator, who runs `fedlm silo add {silo} KEY.pub` and "
+                        f"restarts `fedlm superlink`")
             return proc.wait()
         except KeyboardInterrupt:
             return 0
         finally:
             stop([proc])
+
+
+REFUSED = (b"[code: 2001]", b"[code: 2004]")
+"""Flower's error codes for a SuperNode whose key is not registered (2001: registration through the
+Fleet API is off, 2004: activation of an unknown key); the SuperNode logs it and then hangs."""
 
 
 # ---------------------------------------------------------------------------------------

@@ -187,16 +187,16 @@ def proxy_config(*, host: str, port: int, upstream_port: int, certfile: Path, ke
     # it is not verified again: the peer is this machine's own SuperLink.
     return f"""daemon off;
 worker_processes 1;
-pid {state}/nginx.pid;
-error_log {state}/proxy-error.log warn;
+pid {_quoted(state / 'nginx.pid')};
+error_log {_quoted(state / 'proxy-error.log')} warn;
 events {{ worker_connections 512; }}
 http {{
-    access_log {state}/proxy-access.log;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
+    access_log {_quoted(state / 'proxy-access.log')};
+    client_body_temp_path {_quoted(tmp / 'body')};
+    proxy_temp_path {_quoted(tmp / 'proxy')};
+    fastcgi_temp_path {_quoted(tmp / 'fastcgi')};
+    uwsgi_temp_path {_quoted(tmp / 'uwsgi')};
+    scgi_temp_path {_quoted(tmp / 'scgi')};
     server_tokens off;
     client_max_body_size 64m;
     proxy_request_buffering off;
@@ -205,8 +205,8 @@ http {{
     proxy_send_timeout 600s;
     server {{
         listen {listen} ssl;
-        ssl_certificate {certfile};
-        ssl_certificate_key {keyfile};
+        ssl_certificate {_quoted(certfile)};
+        ssl_certificate_key {_quoted(keyfile)};
         ssl_protocols TLSv1.2 TLSv1.3;
         location ~ {FLEET_PATH} {{
             limit_except POST {{ deny all; }}
@@ -223,6 +223,14 @@ http {{
     }}
 }}
 """
+
+
+def _quoted(path: Path) -> str:
+    """A path as an nginx string (a quote or backslash in it would end or escape the string)."""
+    text = str(path)
+    if '"' in text or "\\" in text:
+        raise UserError(f"{path}: a path with a quote or backslash cannot go in nginx's config; move it")
+    return f'"{text}"'
 
 
 def proxy_command(conf: Path, state: Path) -> list[str]:
