@@ -108,7 +108,7 @@ def test_nodes_of_no_configured_silo_get_no_work(tmp_path: Path, monkeypatch: py
     """Before round 1: extra nodes (unknown, failing, registered elsewhere, lying) are logged, not fatal."""
     from fedlm.data.tokenizer import tokenizer_hash
     from fedlm.federation.grid import InProcessGrid
-    from fedlm.federation.runner import connect_silos
+    from fedlm.federation.rounds import connect_silos
 
     ws = make_ws(tmp_path / "ws", silos=("a", "b"), docs=20)
     sha = tokenizer_hash(ws / "tokenizer.json")
