@@ -387,10 +387,10 @@ def _fleet_status(address: str, ca: Path, call: str, *, sign_with: Path, claim: 
     return 200
 
 
-def attack(machines: Machines, root: Path, address: str, node_ids: dict[str, int]) -> Path:
+def attack(machines: Machines, root: Path, address: str, node_ids: dict[str, int]) -> tuple[Path, dict[str, object]]:
     """The silo "legal", holding what the README gives it (ca.pem, legal.key, the address), and strangers
     try the Control, Runtime and Fleet APIs; every attempt must be refused. Returns the file the
-    silo's own app would write wherever it ran (checked after the run)."""
+    silo's own app would write wherever it ran (checked after the run) and each attempt's outcome."""
     legal, coord = machines.dir("legal"), machines.dir("coordinator")
     ca, key = legal / "ca.pem", legal / "legal.key"
     root.mkdir(parents=True)
@@ -427,7 +427,7 @@ def attack(machines: Machines, root: Path, address: str, node_ids: dict[str, int
                          ("POST", "/v1/fleet/%2e%2e/control/list-runs"), ("POST", "/v1/fleet//../control/start-run"),
                          ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/v1/fleet/get-run")):
         outcomes[f"{method} {path}"] = status = _http_status(address, ca, method, path)
-        assert status in (403, 404), (method, path)
+        assert status == 403, (method, path)
     assert _http_status(address, ca, "GET", "/health") == 200
 
     # the Fleet API as another silo: its public key with a signature made by legal's key; legal's
@@ -452,13 +452,12 @@ def attack(machines: Machines, root: Path, address: str, node_ids: dict[str, int
     while "[code: 2001]" not in log.read_text(errors="replace"):
         assert time.monotonic() < deadline, log.read_text(errors="replace")[-2000:]
         time.sleep(0.5)
-    for proc, path in machines.background:
-        if path == log:  # refused for good: stop it now, it only holds memory
+    for proc, started in machines.background:
+        if started == log:  # refused for good: stop it now, it only holds memory
             os.killpg(proc.pid, signal.SIGTERM)
     outcomes.update({"SuperNode, no key, as medical": "[code: 2001]",
                      "`fedlm node`, unregistered key, as legal": "[code: 2004], exit 2"})
-    print("\nattacks:", json.dumps(outcomes, indent=1))
-    return marker
+    return marker, outcomes
 
 
 @pytest.mark.slow
@@ -508,7 +507,7 @@ def test_readme_run_across_machines(tmp_path: Path, capfd: pytest.CaptureFixture
         machines.start([*FEDLM, "node", "--superlink", address, "--workspace", "ws", "--silo", "spare",
                         "--root-certificates", str(coord / "certs/ca.pem"), "--key", "spare.key"], "spare",
                        name="node-spare")
-        marker = attack(machines, tmp_path / "attacks", address, node_ids)
+        marker, outcomes = attack(machines, tmp_path / "attacks", address, node_ids)
 
         # A SuperNode that trusts another CA: exit 2 naming the SuperLink and the fix, at once.
         (tmp_path / "other").mkdir()
@@ -529,6 +528,7 @@ def test_readme_run_across_machines(tmp_path: Path, capfd: pytest.CaptureFixture
         assert [r["round"] for r in rows] == [1] and rows[0]["completed"] and not rows[0]["dropped"]
         assert sorted(rows[0]["silos"]) == sorted(SILOS)
         print(f"\nround over TLS on loopback: {rows[0]['seconds']:.1f} s; `fedlm train` in all: {seconds:.1f} s")
+        print("attacks refused:", json.dumps(outcomes, indent=1))
         assert f"SuperNode {node_ids['spare']} gets no work: registered for silo 'spare'" in \
             (run / "server.log").read_text()
         assert not marker.exists()  # the silo's own app ran nowhere
