@@ -2,7 +2,7 @@
 
     key = make_silo_key(Path("legal.key"))                  # on the silo: legal.key + legal.key.pub
     add_silo(Path("silos.json"), "legal", Path("legal.key.pub"))   # on the coordinator
-    conf = proxy_config(listen="0.0.0.0:9092", upstream_port=9093, tls=..., state=...)
+    conf = proxy_config(host="0.0.0.0", port=9092, upstream_port=9093, certfile=..., keyfile=..., state=...)
     registered_nodes()                                      # in the ServerApp: {node id: silo} or None
 
 Flower 1.42 serves its Fleet (SuperNodes), Control (`flwr run/ls/stop`, node registration) and
@@ -10,6 +10,7 @@ Runtime (the ServerApp) APIs on one HTTP port, and TLS there identifies the coor
 caller. So `fedlm superlink` keeps Flower on 127.0.0.1 and puts nginx in front on the public
 address: TLS, and only the Fleet API's paths (and /health) forwarded; everything else gets 403.
 The Control and Runtime APIs are then reachable from the coordinator's own machine only.
+nginx, not a proxy written here: path normalisation, TLS and slow clients are what it is made for.
 
 A SuperNode in 1.42 cannot present a TLS client certificate (its HTTP client takes none), so a
 silo's identity is its SuperNode key: an EC P-384 key pair made on the silo, whose public half
