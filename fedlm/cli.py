@@ -339,6 +339,8 @@ def serve(
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt, in tokens.")] = 4096,
     max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask.")] = 1024,
     threads: Annotated[int | None, typer.Option(help="Torch threads (default: torch's).")] = None,
+    body_timeout: Annotated[float, typer.Option(
+        help="Seconds a client has to send its request body; then 408.")] = 10.0,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (completions, chat, streaming)."""
     from fedlm.serve.app import serve_forever
@@ -348,7 +350,7 @@ def serve(
     serve_forever(model, host=host, port=port, api_key_file=api_key_file,
                   quantize="int8" if quantize == "int8" else "none", max_batch=max_batch,
                   max_concurrent=max_concurrent, max_prompt_tokens=max_prompt_tokens,
-                  max_tokens=max_tokens, threads=threads)
+                  max_tokens=max_tokens, threads=threads, body_timeout=body_timeout)
 
 
 @app.command()

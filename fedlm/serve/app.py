@@ -7,14 +7,15 @@ Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream as serve
 events ending with `data: [DONE]`), GET /v1/models, GET /health (503 while the model loads,
 200 after), GET /metrics (Prometheus text). The model loads on a background thread, so the
 port answers at once. Every error is a 4xx (or 503 while loading) in OpenAI's shape,
-{"error": {"message", "type", "param", "code"}}; limits on body size, prompt length,
-max_tokens, n and concurrent requests keep one client from starving the rest.
+{"error": {"message", "type", "param", "code"}}; limits on body size and time, prompt length
+(by characters before tokenising, then by tokens), max_tokens, n and requests in flight keep
+one client from starving the rest (guard.py admits each request).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import socket
 import threading
 import time
 import uuid
@@ -29,11 +30,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tokenizers import Tokenizer
 
 from fedlm.errors import UserError
 from fedlm.serve.engine import Engine, Event, SamplingParams, Sequence, quantize_int8
+from fedlm.serve.guard import Guard, Slots
 from fedlm.serve.metrics import Metrics
 from fedlm.serve.responses import ApiError, Job, StreamWithCleanup, error_response, sse_events
 from fedlm.serve.responses import collect as collect_body
@@ -48,7 +49,6 @@ from fedlm.serve.schemas import (
 from fedlm.serve.text import FEDLM_STOPS, chat_template, eos_ids, render_chat
 
 Quantize = Literal["none", "int8"]
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
 @dataclass
@@ -64,7 +64,10 @@ class Limits:
     max_body_bytes: int = 1_000_000
     """Largest request body."""
     max_concurrent: int = 64
-    """Requests in flight at once; more get 429."""
+    """Requests in flight at once, from the first byte of the body to the last of the answer;
+    more get 429."""
+    body_timeout: float = 10.0
+    """Seconds a client has to send its whole request body; then 408 and the connection closes."""
     max_batch: int = 16
     """Sequences decoded together in one step."""
 
@@ -80,9 +83,15 @@ class ServerState:
         self.engine: Engine | None = None
         self.tokenizer: Tokenizer | None = None
         self.load_error: str | None = None
+        self.token_chars = 0
+        """The most UTF-8 bytes a vocabulary entry has (see `_check_length`); set at load."""
         self.created = int(time.time())
-        self.in_flight = 0
-        self.lock = threading.Lock()
+        self.slots = Slots(limits.max_concurrent)
+        self.loader: threading.Thread | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return self.slots.in_flight
 
     def ready(self) -> Engine:
         if self.engine is None:
@@ -90,17 +99,6 @@ class ServerState:
                 "the model is still loading; retry shortly")
             raise ApiError(503, message, type="server_error", code="model_not_ready")
         return self.engine
-
-    def acquire(self) -> None:
-        with self.lock:
-            if self.in_flight >= self.limits.max_concurrent:
-                raise ApiError(429, f"too many requests in flight (limit {self.limits.max_concurrent}); "
-                               "retry shortly", type="rate_limit_error", code="rate_limit_exceeded")
-            self.in_flight += 1
-
-    def release(self) -> None:
-        with self.lock:
-            self.in_flight -= 1
 
 
 def _load(state: ServerState, model_dir: Path, *, quantize: Quantize, threads: int | None) -> None:
@@ -120,85 +118,11 @@ def _load(state: ServerState, model_dir: Path, *, quantize: Quantize, threads: i
                                     + state.limits.max_tokens),
                         eos_ids=eos_ids(tokenizer))
         engine.start()
+        state.token_chars = max(len(t.encode("utf-8")) for t in tokenizer.get_vocab())
         state.tokenizer = tokenizer
         state.engine = engine
     except Exception as e:  # reported on /health and every endpoint, never a crash
         state.load_error = f"{type(e).__name__}: {e}"
-
-
-class _Guard:
-    """ASGI middleware: metrics for every request, API key, and the body-size limit."""
-
-    def __init__(self, app: ASGIApp, state: ServerState) -> None:
-        self.app = app
-        self.state = state
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500
-        path = scope["path"]
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self._guarded(scope, receive, send_status, path)
-        finally:
-            endpoint = path if path in ENDPOINTS else "other"
-            self.state.metrics.request(endpoint, status, seconds=time.perf_counter() - start)
-
-    async def _guarded(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
-        state = self.state
-        headers = dict(scope["headers"])
-        if state.api_key is not None and path != "/health":
-            given = headers.get(b"authorization", b"")
-            expected = b"Bearer " + state.api_key.encode()
-            if not hmac.compare_digest(given, expected):
-                await error_response(401, "missing or wrong API key: send 'Authorization: "
-                                     "Bearer <key>'", code="invalid_api_key")(scope, receive, send)
-                return
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
-        limit = state.limits.max_body_bytes
-        too_large = error_response(413, f"the request body is over the limit of {limit} bytes",
-                                   code="request_too_large")
-        try:
-            declared = int(headers.get(b"content-length", b"0"))
-        except ValueError:
-            declared = 0
-        if declared > limit:
-            await too_large(scope, receive, send)
-            return
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > limit:
-                await too_large(scope, receive, send)
-                return
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
 
 
 def create_app(
@@ -220,8 +144,9 @@ def create_app(
         resolved = model_dir.resolve()
         model_name = resolved.parent.name if resolved.name == "model" else resolved.name
     state = ServerState(model_name=model_name or "fedlm", api_key=api_key, limits=limits or Limits())
-    threading.Thread(target=_load, args=(state, model_dir), name="fedlm-load", daemon=True,
-                     kwargs={"quantize": quantize, "threads": threads}).start()
+    state.loader = threading.Thread(target=_load, args=(state, model_dir), name="fedlm-load",
+                                    daemon=True, kwargs={"quantize": quantize, "threads": threads})
+    state.loader.start()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -232,7 +157,9 @@ def create_app(
     app = FastAPI(title="fedlm", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible completions over a fedlm model.")
     app.state.fedlm = state
-    app.add_middleware(_Guard, state=state)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=state.limits.max_body_bytes,
+                       body_timeout=state.limits.body_timeout, slots=state.slots,
+                       metrics=state.metrics)
     _install_error_handlers(app)
     _install_routes(app, state)
     return app
@@ -301,6 +228,8 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         engine = state.ready()
         _check_model(state, body.model)
         texts = body.prompts()
+        for text in texts:
+            _check_length(state, engine, text)
         prompts = await asyncio.to_thread(lambda: [_encode(state, engine, t) for t in texts])
         max_tokens = _max_tokens(body.max_tokens, 16, prompts, engine, limits)
         params = _sampling(body, max_tokens, body.stop_list())
@@ -315,6 +244,7 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         tokenizer = engine.tokenizer
         template = chat_template(tokenizer)
         text = render_chat([(m.role, m.text()) for m in body.messages], template)
+        _check_length(state, engine, text)
         prompt = await asyncio.to_thread(_encode, state, engine, text)
         room = engine.max_len - len(prompt)
         asked = body.max_completion_tokens or body.max_tokens
@@ -338,6 +268,25 @@ def _check_model(state: ServerState, model: str) -> None:
                        code="model_not_found")
 
 
+def _prompt_limit(state: ServerState, engine: Engine) -> int:
+    """The most tokens a prompt may have: the configured limit, within the model's context."""
+    return min(state.limits.max_prompt_tokens, engine.max_len - 1)
+
+
+def _check_length(state: ServerState, engine: Engine, text: str) -> None:
+    """Refuse a prompt that cannot fit, by its length alone, before paying to tokenise it.
+
+    A token stands for at most as many characters of text as its vocabulary entry has UTF-8
+    bytes (a byte-level entry spells one byte per character, others spell their text), so a
+    prompt longer than limit x that many characters has more than `limit` tokens.
+    """
+    limit = _prompt_limit(state, engine)
+    if len(text) > limit * state.token_chars:
+        raise ApiError(400, f"the prompt is {len(text)} characters, more than {limit} tokens can "
+                       f"hold; this server takes at most {limit} tokens", param="prompt",
+                       code="context_length_exceeded")
+
+
 def _encode(state: ServerState, engine: Engine, text: str) -> list[int]:
     """Token ids of a prompt, checked against the prompt limit; "" becomes the EOS token."""
     ids: list[int] = engine.tokenizer.encode(text).ids
@@ -345,7 +294,7 @@ def _encode(state: ServerState, engine: Engine, text: str) -> list[int]:
         if not engine.eos_ids:
             raise ApiError(400, "the prompt is empty", param="prompt", code="empty_prompt")
         ids = [min(engine.eos_ids)]
-    limit = min(state.limits.max_prompt_tokens, engine.max_len - 1)
+    limit = _prompt_limit(state, engine)
     if len(ids) > limit:
         raise ApiError(400, f"the prompt is {len(ids)} tokens; this server takes at most {limit}",
                        param="prompt", code="context_length_exceeded")
@@ -388,7 +337,6 @@ async def _run(request: Request, state: ServerState, engine: Engine, job: Job, *
     if total > state.limits.max_n:
         raise ApiError(400, f"{total} sequences asked for (n × prompts); this server allows "
                        f"at most {state.limits.max_n} per request", param="n", code="invalid_value")
-    state.acquire()
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
     seqs: list[Sequence] = []
@@ -396,7 +344,6 @@ async def _run(request: Request, state: ServerState, engine: Engine, job: Job, *
     def cleanup() -> None:
         for seq in seqs:
             seq.cancel()
-        state.release()
 
     try:
         for i in range(total):
@@ -443,10 +390,13 @@ def serve_forever(
     max_prompt_tokens: int = 4096,
     max_tokens: int = 1024,
     max_body_bytes: int = 1_000_000,
+    body_timeout: float = 10.0,
     threads: int | None = None,
     model_name: str | None = None,
 ) -> None:
     """Run the server until interrupted (what `fedlm serve` does)."""
+    import logging
+
     import uvicorn
 
     api_key = None
@@ -462,10 +412,37 @@ def serve_forever(
                         ("--max-body-bytes", max_body_bytes)):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
+    if not body_timeout > 0:
+        raise UserError(f"--body-timeout must be > 0 seconds, got {body_timeout}")
     limits = Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens,
                     max_body_bytes=max_body_bytes, max_concurrent=max_concurrent,
-                    max_batch=max_batch)
+                    max_batch=max_batch, body_timeout=body_timeout)
+    sock = _listen(host, port)  # before the model starts loading: a taken port is bad input
     app = create_app(model, api_key=api_key, quantize=quantize, limits=limits, threads=threads,
                      model_name=model_name)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)
+    address = f"[{host}]" if ":" in host else host
+    logging.getLogger("uvicorn.error").info("serving on http://%s:%d (CTRL+C to quit)", address,
+                                            sock.getsockname()[1])
+    with sock:
+        uvicorn.Server(config).run(sockets=[sock])
+    # Leaving while the loader is inside torch aborts the interpreter ("terminate called
+    # without an active exception"), so let a load under way finish first.
+    if app.state.fedlm.loader is not None:
+        app.state.fedlm.loader.join(timeout=60)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port for uvicorn to serve on; UserError if it cannot be had."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # rebinding after a restart
+    try:
+        sock.bind((host, port))
+    except (OSError, OverflowError) as e:
+        sock.close()
+        reason = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)).rstrip(".")
+        raise UserError(f"cannot listen on {host}:{port}: {reason}; stop what holds the port or "
+                        "pick another --port / --host") from None
+    return sock
 

@@ -33,17 +33,18 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
-    def response(self) -> JSONResponse:
+    def response(self, *, close: bool = False) -> JSONResponse:
         return error_response(self.status, self.message, type=self.type, param=self.param,
-                              code=self.code)
+                              code=self.code, close=close)
 
 
 def error_response(
     status: int, message: str, *, type: str = "invalid_request_error",
-    param: str | None = None, code: str | None = None,
+    param: str | None = None, code: str | None = None, close: bool = False,
 ) -> JSONResponse:
+    """OpenAI's error body; `close` ends the connection after it (the request body may be unread)."""
     body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers={"Connection": "close"} if close else None)
 
 
 class StreamWithCleanup(StreamingResponse):
