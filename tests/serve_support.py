@@ -3,11 +3,17 @@
     model_dir = tiny_model_dir(tmp_path)
     with live_server(create_app(model_dir)) as base_url:   # uvicorn on a free 127.0.0.1 port
         ...
+    with serve_process(model_dir, "--threads", "1") as (base_url, proc):   # `fedlm serve`
+        ...
 """
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -96,3 +102,45 @@ def wait_ready(base: str, *, timeout: float = 30.0) -> None:
             return
         time.sleep(0.05)
     raise RuntimeError("the model did not load in time")
+
+
+SERVE = [sys.executable, "-c", "from fedlm.cli import main; main()", "serve"]
+
+
+@contextmanager
+def serve_process(run: Path, *args: str, timeout: float = 120.0
+                  ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`fedlm serve RUN ARGS` on a free 127.0.0.1 port, healthy; yield (base URL, process).
+
+    Its output goes to a file (a pipe nobody reads would block it); the process is stopped
+    however the block ends (SIGTERM, then SIGKILL).
+    """
+    port = free_port()
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen([*SERVE, str(run), "--port", str(port), *args],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise AssertionError(f"fedlm serve exited {proc.returncode}: "
+                                     f"{log.read().decode(errors='replace')}")
+            assert time.monotonic() < deadline, "fedlm serve did not become healthy"
+            try:
+                if httpx.get(f"{base}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        yield base, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()

@@ -299,6 +299,36 @@ def test_disconnect_frees_the_slot_and_concurrency_limit(run_dir: Path,
         assert state.engine.steps - steps < 90
 
 
+def test_a_client_that_leaves_is_counted_499_not_500(run_dir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The openai client gives up on a slow answer (timeout) and closes a stream after its
+    first chunk: /metrics counts each as 499, nothing as 5xx, and the slots are freed."""
+    app = create_app(run_dir, limits=Limits(max_tokens=100, max_batch=2))
+    with live_server(app) as url:
+        state = app.state.fedlm
+        _slow(state.engine, monkeypatch)
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=0.5)
+        with pytest.raises(openai.APITimeoutError):
+            client.completions.create(model="run", prompt="The silos", max_tokens=100,
+                                      temperature=0)
+        stream = client.with_options(timeout=10).chat.completions.create(
+            model="run", messages=[{"role": "user", "content": "Hi"}], max_tokens=100,
+            temperature=0, stream=True)
+        next(iter(stream))
+        stream.close()
+        deadline = time.monotonic() + 10
+        while state.in_flight or state.engine.load() != (0, 0):
+            assert time.monotonic() < deadline, "the slots were not freed"
+            time.sleep(0.02)
+        text = httpx.get(f"{url}/metrics").text
+    counts = {(s.labels["endpoint"], s.labels["status"]): s.value
+              for f in text_string_to_metric_families(text) if f.name == "fedlm_requests"
+              for s in f.samples if s.name == "fedlm_requests_total"}
+    assert counts.get(("/v1/completions", "499")) == 1, counts
+    assert counts.get(("/v1/chat/completions", "499")) == 1, counts
+    assert not [key for key in counts if key[1].startswith("5")], counts
+
+
 def test_chatml_template_for_smollm2_style_tokenizers(tmp_path: Path) -> None:
     """With <|im_start|> in the tokenizer, chat prompts are rendered in ChatML."""
     run = tiny_model_dir(tmp_path, chatml=True)

@@ -10,16 +10,24 @@ in flight (429), then the whole body within `max_body_bytes` and `body_timeout` 
 keeps sending holds nothing. The slot is held from before the body is read until the answer
 is complete: a slow body, tokenising and decoding all count against the same limit. A client
 that leaves before its answer is complete is counted as status 499 (nginx's "client closed
-request"), not as a server error.
+request"), not as a server error. Routes of class `OffLoopRoute` parse the body's JSON on a
+worker thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
+import json
 import threading
 import time
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fedlm.serve.metrics import Metrics
@@ -27,7 +35,10 @@ from fedlm.serve.responses import ApiError, error_response
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 """Paths counted under their own name in /metrics; every other path is counted as "other"."""
+T = TypeVar("T")
 CLIENT_CLOSED = 499
+JSON_INLINE_BYTES = 1 << 16
+"""Bodies up to this size are parsed on the event loop (well under a millisecond)."""
 
 
 class Slots:
@@ -165,3 +176,43 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replay
+
+
+_WORKER = ThreadPoolExecutor(1, thread_name_prefix="fedlm-off-loop")
+
+
+async def off_loop(size: int, inline_below: int, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)`, on a worker thread when `size` says it is big enough to stall the loop.
+
+    Small work stays on the loop, so a small request's work never queues behind big work.
+    Big work runs one at a time on one thread: CPU-bound Python holds the GIL, so more
+    threads would not run it faster, only take more turns from the event loop.
+    """
+    if size < inline_below:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(_WORKER, functools.partial(fn, *args))
+
+
+class _OffLoopJSON(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            self._json = await off_loop(len(body), JSON_INLINE_BYTES, json.loads, body)
+        return self._json
+
+
+class OffLoopRoute(APIRoute):
+    """A FastAPI route that parses a large JSON body on a worker thread.
+
+    Parsing a body near the size limit takes milliseconds of CPU; on the event loop, a flood
+    of such bodies would stall every other request, each of which needs several turns of the
+    loop (FastAPI's documented way to change how a route reads its request).
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            return await handler(_OffLoopJSON(request.scope, request.receive))
+
+        return route

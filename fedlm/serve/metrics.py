@@ -3,7 +3,7 @@
     metrics = Metrics()
     metrics.request("/v1/completions", 200, seconds=0.42)
     metrics.tokens(prompt=12, completion=30)
-    text = metrics.render(running=3, waiting=0)   # GET /metrics
+    text = metrics.render(running=3, waiting=0, in_flight=2)   # GET /metrics
 
 Written by hand (a few dozen lines) rather than pulling in a client library; the tests parse
 the output with prometheus_client's own parser. Safe to update from any thread.
@@ -80,11 +80,12 @@ class Metrics:
         with self.lock:
             self.ttft.observe(seconds)
 
-    def render(self, *, running: int, waiting: int) -> str:
+    def render(self, *, running: int, waiting: int, in_flight: int) -> str:
         """Everything, in Prometheus' text exposition format."""
         with self.lock:
             out = [
-                "# HELP fedlm_requests_total HTTP requests answered, by endpoint and status.",
+                "# HELP fedlm_requests_total HTTP requests answered, by endpoint and status "
+                "(499: the client left before its answer was complete).",
                 "# TYPE fedlm_requests_total counter",
             ]
             for (endpoint, status), count in sorted(self.requests.items()):
@@ -113,5 +114,8 @@ class Metrics:
                 "# HELP fedlm_sequences_waiting Sequences queued for a batch row.",
                 "# TYPE fedlm_sequences_waiting gauge",
                 f"fedlm_sequences_waiting {waiting}",
+                "# HELP fedlm_requests_in_flight Requests holding a slot (body, prompt or answer).",
+                "# TYPE fedlm_requests_in_flight gauge",
+                f"fedlm_requests_in_flight {in_flight}",
             ]
         return "\n".join(out) + "\n"
