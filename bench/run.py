@@ -169,6 +169,11 @@ def serve_section(quick: bool) -> tuple[dict[str, Any], str]:
         ["int8 vs fp32 bits/byte", f"{r['int8_bits_per_byte']:.4f}", f"{r['fp32_bits_per_byte']:.4f}",
          f"{r['int8_bpb_change']:+.2%}", "within ±2%", _ok(r["target_int8_bpb_2pct"])],
         ["int8 vs fp32 weights size", _f(r["int8_bytes"]), _f(r["fp32_bytes"]), f"{r['int8_size_ratio']:.2f}×", "", "–"],
+        [f"small request under 32 × 1 MB prompts (max of {r['flood_small_requests']})",
+         f"{r['flood_small_max_s']:.3f} s", "", "", "≤ 1 s", _ok(r["target_flood_small_1s"])],
+        ["server RSS before / peak / after the flood", f"{r['flood_rss_after_mb']:.0f} MB after",
+         f"{r['flood_rss_before_mb']:.0f} MB before", f"{r['flood_rss_peak_mb']:.0f} MB peak",
+         "after ≤ 1.2 × before", _ok(r["target_flood_rss_20pct"])],
     ]
     text = (
         "`bench/serve_bench.py`: a `small` model briefly trained on the literature silo, served by a real "
