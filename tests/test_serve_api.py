@@ -18,6 +18,8 @@ import httpx
 import openai
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
@@ -27,10 +29,10 @@ import fedlm.modelio
 from fedlm.generate import generate
 from fedlm.model import Transformer
 from fedlm.modelio import load_model
-from fedlm.serve.app import Limits, create_app
+from fedlm.serve.app import Limits, create_app, max_token_bytes
 from fedlm.serve.engine import Engine
 from fedlm.serve.text import FEDLM_STOPS, render_chat
-from tests.serve_support import live_server, tiny_model_dir
+from tests.serve_support import live_server, tiny_model_dir, train_tokenizer
 
 torch.set_num_threads(1)
 KEY = "sk-test-key"
@@ -250,6 +252,28 @@ def test_metrics_parse_as_prometheus_and_count(client: OpenAI, base: str) -> Non
                and s.labels["endpoint"] == "/v1/completions"]
     assert buckets == sorted(buckets) and buckets[-1] >= 1
     assert after["fedlm_time_to_first_token_seconds"].type == "histogram"
+
+
+PIECES = ["<|endoftext|>", "<|im_start|>", "The silos ", "x" * 40, " " * 30, "\n\n", "🙂", "東京",
+          "naïve café"]
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory: pytest.TempPathFactory) -> list[Tokenizer]:
+    """The byte-level BPE of the tests, plain and with ChatML's special tokens."""
+    return [Tokenizer.from_file(str(train_tokenizer(tmp_path_factory.mktemp("tok"), chatml=chatml)))
+            for chatml in (False, True)]
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(parts=st.lists(st.one_of(st.text(max_size=40), st.sampled_from(PIECES)), max_size=30))
+def test_the_length_bound_never_refuses_a_prompt_that_fits(tokenizers: list[Tokenizer],
+                                                          parts: list[str]) -> None:
+    """A text is never longer than its token count x the longest vocabulary entry, so
+    refusing by length before tokenising refuses only prompts with too many tokens."""
+    text = "".join(parts)
+    for tok in tokenizers:
+        assert len(text) <= len(tok.encode(text).ids) * max_token_bytes(tok)
 
 
 def _slow(engine: Engine, monkeypatch: pytest.MonkeyPatch, seconds: float = 0.02) -> None:

@@ -85,8 +85,7 @@ class ServerState:
         self.engine: Engine | None = None
         self.tokenizer: Tokenizer | None = None
         self.load_error: str | None = None
-        self.token_chars = 0
-        """The most UTF-8 bytes a vocabulary entry has (see `_check_length`); set at load."""
+        self.max_token_bytes = 0  # the longest vocabulary entry in UTF-8 bytes (_check_length)
         self.created = int(time.time())
         self.slots = Slots(limits.max_concurrent)
         self.loader: threading.Thread | None = None
@@ -120,7 +119,7 @@ def _load(state: ServerState, model_dir: Path, *, quantize: Quantize, threads: i
                                     + state.limits.max_tokens),
                         eos_ids=eos_ids(tokenizer))
         engine.start()
-        state.token_chars = max(len(t.encode("utf-8")) for t in tokenizer.get_vocab())
+        state.max_token_bytes = max_token_bytes(tokenizer)
         state.tokenizer = tokenizer
         state.engine = engine
     except Exception as e:  # reported on /health and every endpoint, never a crash
@@ -278,15 +277,20 @@ def _prompt_limit(state: ServerState, engine: Engine) -> int:
     return min(state.limits.max_prompt_tokens, engine.max_len - 1)
 
 
-def _check_length(state: ServerState, engine: Engine, text: str) -> None:
-    """Refuse a prompt that cannot fit, by its length alone, before paying to tokenise it.
+def max_token_bytes(tokenizer: Tokenizer) -> int:
+    """The longest vocabulary entry (special tokens included), in UTF-8 bytes.
 
-    A token stands for at most as many characters of text as its vocabulary entry has UTF-8
-    bytes (a byte-level entry spells one byte per character, others spell their text), so a
-    prompt longer than limit x that many characters has more than `limit` tokens.
+    A token stands for at most that many characters of text (a byte-level entry spells one
+    byte per character, others spell their text), so a text of more than n x this many
+    characters has more than n tokens.
     """
+    return max(len(t.encode("utf-8")) for t in tokenizer.get_vocab(with_added_tokens=True))
+
+
+def _check_length(state: ServerState, engine: Engine, text: str) -> None:
+    """Refuse a prompt that cannot fit, by its length alone, before paying to tokenise it."""
     limit = _prompt_limit(state, engine)
-    if len(text) > limit * state.token_chars:
+    if len(text) > limit * state.max_token_bytes:
         raise ApiError(400, f"the prompt is {len(text)} characters, more than {limit} tokens can "
                        f"hold; this server takes at most {limit} tokens", param="prompt",
                        code="context_length_exceeded")
