@@ -15,6 +15,7 @@ one client from starving the rest (guard.py admits each request).
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 import threading
 import time
@@ -421,8 +422,8 @@ def serve_forever(
                         ("--max-body-bytes", max_body_bytes)):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
-    if not body_timeout > 0:
-        raise UserError(f"--body-timeout must be > 0 seconds, got {body_timeout}")
+    if not (body_timeout > 0 and math.isfinite(body_timeout)):
+        raise UserError(f"--body-timeout must be a number of seconds > 0, got {body_timeout}")
     limits = Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens,
                     max_body_bytes=max_body_bytes, max_concurrent=max_concurrent,
                     max_batch=max_batch, body_timeout=body_timeout)
