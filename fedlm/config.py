@@ -170,7 +170,9 @@ class FederationConfig:
     fraction: float = 1.0
     """Share of the silos sampled each round."""
     min_silos: int = 1
-    """A round completes when at least this many sampled silos replied in time."""
+    """A round completes when at least this many sampled silos replied in time. Under secure
+    aggregation a round needs at least 3 (with 2, each silo could take its own update off the
+    sum and read the other's) and the SecAgg threshold, whatever this says."""
     server_lr: float = 1.0
     """Server learning rate applied to the aggregated update."""
     server_beta1: float = 0.9
@@ -237,6 +239,10 @@ class PrivacyConfig:
     refused when the configured steps/rounds would spend more than target_epsilon."""
     sample_rate: float = 0.0
     """Record DP: Poisson sampling rate of training windows per step; 0 means train.batch_size / N."""
+    insecure_reproducible_noise: bool = False
+    """Derive the DP noise and sampling from train.seed instead of each party's secret key, so
+    runs repeat bit for bit. Anyone holding the config can then remove the noise: for tests
+    only; warned whenever on, refused on the deployed (multi-organisation) engine."""
 
     def __post_init__(self) -> None:
         if self.noise_multiplier < 0 or not 0 <= self.sample_rate <= 1:

@@ -79,7 +79,7 @@ def prepare_workspace(out: Path, *, vocab_size: int, epsilon: float = 8.0) -> Pa
                       f"{sum(card['pii'].values())} PII replaced, "
                       f"{sum(card['duplicates_removed'].values())} duplicates removed")
     with progress_bar("tokenizer") as update:
-        agree_tokenizer(ws, vocab_size=vocab_size, epsilon=epsilon, seed=0, on_progress=update)
+        agree_tokenizer(ws, vocab_size=vocab_size, epsilon=epsilon, on_progress=update)  # secret noise
     console.print(f"  tokenizer agreed from DP pre-token counts (ε = {epsilon} per silo)")
     for silo in SILOS:
         with progress_bar(f"shard {silo}", unit="bytes") as update:

@@ -47,7 +47,10 @@ from fedlm.privacy.dpsgd import (
     num_records,
     plan_record_dp,
     privacy_record,
+    restart_stream,
+    stream_name,
 )
+from fedlm.privacy.randomness import party_key
 from fedlm.resolve import resolve_config, resolve_model, resolve_silos
 
 StepCallback = Callable[[int, int, dict[str, float]], None]
@@ -449,18 +452,23 @@ def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCall
         metrics_path.unlink(missing_ok=True)
     save_config(cfg, out_dir / "config.toml")
 
+    stream = ""  # a DP-SGD run's public stream name (its key stays in the workspace)
+
     def checkpoint(step: int) -> None:
         save_checkpoint(ckpt_dir, model=model, optimizer=optimizer, step=step, generator=data.generator)
         if dp_plan is not None:
             write_json(out_dir / "privacy.json", privacy_record(dp_plan, steps_done=step,
                                                                silos=[d.name for d in silo_dirs],
-                                                               seq_len=tc.seq_len))
+                                                               seq_len=tc.seq_len, stream=stream))
 
     dp = records = None
-    if dp_plan is not None:
+    if dp_plan is not None:  # secret sampling and noise: the data holder's key, one stream per step
+        noise_key = party_key(insecure=cfg.privacy.insecure_reproducible_noise, seed=tc.seed, who="train",
+                              owner_dir=workspace)
+        stream = stream_name(out_dir, resume=resume)
         records = PoissonRecords(data.splits, seq_len=tc.seq_len, sample_rate=dp_plan.sample_rate,
-                                 generator=data.generator)
-        dp = DPSGD(model, optimizer, plan=dp_plan, generator=data.generator)
+                                 generator=torch.Generator())
+        dp = DPSGD(model, optimizer, plan=dp_plan, generator=records.generator)
 
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
     step = start
@@ -470,6 +478,7 @@ def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCall
         while step < tc.steps:
             t_step = time.perf_counter()
             if dp is not None and records is not None:
+                restart_stream(records.generator, noise_key, stream, step)
                 last = {"loss": dp.step(*records.next(), lr=lr_at(step, tc), precision=tc.precision),
                         "grad_norm": float("nan")}  # the clean gradient's norm is not released
             else:

@@ -1,8 +1,11 @@
 """Secure aggregation: masks cancel, one masked update looks like uniform noise to the server,
-the sum equals plain FedAvg within the stated quantisation error, dropouts are recovered, and
-too few survivors is a clear error."""
+the sum equals plain FedAvg within the stated quantisation error, dropouts are recovered, too
+few survivors is a clear error, and the attacks of issue 19 (a server asking for t = 1, a
+second masked input or a second unmask; a silo wrapping the sum) are refused."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from scipy import stats
 from fedlm.federation.secagg import (
     SecAggError,
     SecAggServer,
+    check_sum_norm,
     client_masked_input,
     client_setup,
     client_share_keys,
@@ -22,7 +26,10 @@ from fedlm.federation.secagg import (
     flatten,
     prg,
     run_secagg_round,
+    split_metrics,
+    sum_norm_bound,
     unflatten,
+    with_metrics,
 )
 
 
@@ -57,7 +64,7 @@ def test_prg_is_the_aes_ctr_keystream(size: int) -> None:
 
 @settings(max_examples=15, deadline=None)
 @given(
-    n=st.integers(2, 5),
+    n=st.integers(3, 5),
     dim=st.integers(1, 300),
     bits=st.integers(12, 32),
     seed=st.integers(0, 2**16),
@@ -70,7 +77,7 @@ def test_masks_cancel_exactly(n: int, dim: int, bits: int, seed: int) -> None:
     """
     ups = _updates(n, dim, seed, scale=0.3)
     total, st_ = run_secagg_round(ups, clip_range=1.0, bits=bits)
-    step = 1.0 / ((2 ** (bits - 1) - 1) // n)
+    step = 1.0 / ((2 ** (bits - 1) - 1) // (2 * n))
     assert st_["step"] == step
     q = sum(
         np.rint(np.clip(u.astype(np.float64), -1, 1) / step).astype(np.int64) for u in ups.values()
@@ -167,16 +174,31 @@ def test_clipping_is_counted_and_bounded() -> None:
     np.testing.assert_allclose(total, [1.0, -1.0, 0.5], atol=st_["error_bound"])
 
 
-@pytest.mark.parametrize("dropped", ["silo0", "silo1", "silo2"])
-def test_one_of_three_dropping_after_masking_is_recovered(dropped: str) -> None:
+@pytest.mark.parametrize("dropped", ["silo0", "silo1", "silo3"])
+def test_one_of_four_dropping_after_masking_is_recovered(dropped: str) -> None:
     """A silo that shared keys but whose masked vector never arrives: the server rebuilds its
-    pairwise masks from the other two silos' shares; the sum is the other two's, exactly."""
-    ups = _updates(3, 10_000, seed=5)
+    pairwise masks from the other silos' shares; the sum is the other three's, exactly."""
+    ups = _updates(4, 10_000, seed=5)
     total, st_ = run_secagg_round(ups, dropouts_after_masking={dropped}, clip_range=1.0)
     kept = [s for s in sorted(ups) if s != dropped]
-    assert st_["counted"] == kept and st_["dropped"] == [dropped] and st_["threshold"] == 2
+    assert st_["counted"] == kept and st_["dropped"] == [dropped] and st_["threshold"] == 3
     assert np.abs(total - _plain_sum(ups, kept)).max() <= st_["error_bound"] * (1 + 1e-6)
-    assert st_["error_bound"] == pytest.approx(2 * 0.5 * st_["step"])
+    assert st_["error_bound"] == pytest.approx(3 * 0.5 * st_["step"])
+
+
+@pytest.mark.parametrize("dropped", ["silo0", "silo1", "silo2"])
+def test_one_of_three_dropping_after_masking_is_refused(dropped: str) -> None:
+    """Attack 5: with 3 silos and one dropout after masking, the sum of the other two would let
+    each survivor read the other's update off it. The server refuses to unmask it, and so does
+    every honest survivor when a server asks anyway."""
+    ups = _updates(3, 1000, seed=5)
+    with pytest.raises(SecAggError, match="2 of 3 silos sent masked updates, fewer than the threshold 3"):
+        run_secagg_round(ups, dropouts_after_masking={dropped}, clip_range=1.0)
+    _server, states, _ = _stages_until_masked(ups)
+    survivors = [s for s in sorted(ups) if s != dropped]
+    for s in survivors:
+        with pytest.raises(SecAggError, match="fewer than the threshold 3; not unmasking"):
+            client_unmask(states[s], {"survivors": survivors})
 
 
 def test_a_silo_vanishing_at_unmask_still_counts() -> None:
@@ -198,7 +220,7 @@ def test_six_silos_two_dropped_with_threshold_four() -> None:
 def test_fewer_survivors_than_the_threshold_is_a_clear_error() -> None:
     ups = _updates(3, 100, seed=8)
     with pytest.raises(
-        SecAggError, match=r"1 of 3 silos sent masked updates, fewer than the threshold 2"
+        SecAggError, match=r"1 of 3 silos sent masked updates, fewer than the threshold 3"
     ):
         run_secagg_round(ups, dropouts_after_masking={"silo0", "silo2"}, clip_range=1.0)
     with pytest.raises(
@@ -208,23 +230,96 @@ def test_fewer_survivors_than_the_threshold_is_a_clear_error() -> None:
 
 
 def test_an_honest_silo_refuses_to_help_unmask_one_silo() -> None:
-    """A silo never unmasks with fewer than t survivors, nor when counted as dropped itself;
-    for each peer it reveals either the share of b or of the mask key, never both."""
-    ups = _updates(3, 50, seed=9)
+    """A silo never unmasks with fewer than t survivors, nor when counted as dropped itself, nor
+    twice (attack 6: a second answer to another survivor list would give both b and s_sk of one
+    silo); for each peer it reveals either the share of b or of the mask key, never both."""
+    ups = _updates(4, 50, seed=9)
     _server, states, _ = _stages_until_masked(ups)
     with pytest.raises(SecAggError, match="fewer than the threshold"):
         client_unmask(states["silo0"], {"survivors": ["silo0"]})
     with pytest.raises(SecAggError, match="counts this silo as dropped"):
-        client_unmask(states["silo0"], {"survivors": ["silo1", "silo2"]})
-    rep = client_unmask(states["silo0"], {"survivors": ["silo0", "silo1"]})
-    assert rep["b_src"] == ["silo0", "silo1"] and rep["sk_src"] == ["silo2"]
+        client_unmask(states["silo0"], {"survivors": ["silo1", "silo2", "silo3"]})
+    rep = client_unmask(states["silo0"], {"survivors": ["silo0", "silo1", "silo2"]})
+    assert rep["b_src"] == ["silo0", "silo1", "silo2"] and rep["sk_src"] == ["silo3"]
     assert not set(rep["b_src"]) & set(rep["sk_src"])
+    with pytest.raises(SecAggError, match="already answered the unmask request"):
+        client_unmask(states["silo0"], {"survivors": ["silo0", "silo1", "silo3"]})
+
+
+def test_a_server_asking_for_threshold_one_or_odd_parameters_is_refused() -> None:
+    """Attack 6: with t = 1 a server could rebuild a silo's self mask from its own share alone.
+    The silo checks t > n // 2 (and at least 3 silos), the bits and the clip range itself."""
+    ups = _updates(3, 20, seed=13)
+    silos = sorted(ups)
+    server = SecAggServer(silos, dim=20, clip_range=1.0)
+    evil = {**server.setup_request(), "threshold": 1}
+    states, replies = {}, {}
+    for s in silos:
+        states[s], replies[s] = client_setup(s, evil)
+    bcast = server.receive_setup(replies)
+    for s in silos:
+        with pytest.raises(SecAggError, match=r"threshold 1 for 3 silos is refused"):
+            client_share_keys(states[s], bcast)
+    for bad in ({"bits": 4}, {"bits": 33}, {"clip_range": 0.0}, {"clip_range": float("nan")}):
+        with pytest.raises(SecAggError, match="refused"):
+            client_setup("silo0", {**server.setup_request(), **bad})
+
+
+def test_a_second_masked_input_for_one_round_is_refused() -> None:
+    """Attack 6: the same masks on a second input (say zeros) would give the server the silo's
+    update as the difference of the two. A silo masks once per round; and it refuses a clip
+    range other than the one its own config implies."""
+    ups = _updates(3, 30, seed=14)
+    silos = sorted(ups)
+    server = SecAggServer(silos, dim=30, clip_range=1.0)
+    req = server.setup_request()
+    states, replies = {}, {}
+    for s in silos:
+        states[s], replies[s] = client_setup(s, req)
+    bcast = server.receive_setup(replies)
+    for s in silos:
+        states[s], replies[s] = client_share_keys(states[s], bcast)
+    reqs = server.receive_share_keys(replies)
+    with pytest.raises(SecAggError, match="implies 0.5; refused"):
+        client_masked_input(states["silo0"], reqs["silo0"], ups["silo0"], expect_clip_range=0.5)
+    st_, _ = client_masked_input(states["silo0"], reqs["silo0"], ups["silo0"], expect_clip_range=1.0)
+    with pytest.raises(SecAggError, match="already sent its masked input"):
+        client_masked_input(st_, reqs["silo0"], np.zeros(30, np.float32))
+
+
+def _malicious_round(ups: dict[str, np.ndarray], forge: Callable[[np.ndarray, float], np.ndarray]
+                     ) -> tuple[SecAggServer, np.ndarray]:
+    """A round where silo0 replaces its masked vector by forge(its honest vector, step)."""
+    server, states, replies = _stages_until_masked(ups)
+    replies["silo0"] = {"masked": forge(replies["silo0"]["masked"], server.step)}
+    req = server.receive_masked_inputs(replies)
+    return server, server.receive_unmask({s: client_unmask(states[s], req) for s in ups})
+
+
+def test_a_wrapped_or_huge_masked_input_is_rejected() -> None:
+    """Attack 7: a malicious silo wraps the modular sum (any uint32 vector is a valid-looking
+    masked input). The decoded sum falls outside what honest inputs can reach and is refused;
+    one that stays in range but is huge fails the norm bound n × max_update_norm."""
+    dim = 2000
+    ups = _updates(3, dim, seed=15, scale=0.001)  # updates of norm ~0.045; max_update_norm 0.1
+    rng = np.random.default_rng(0)
+    with pytest.raises(SecAggError, match="out of range"):
+        _malicious_round(ups, lambda y, step: rng.integers(0, 2**32, y.size, dtype=np.uint32))
+    with pytest.raises(SecAggError, match="out of range"):  # a single wrapped coordinate is enough
+        _malicious_round(ups, lambda y, step: y + np.eye(1, y.size, 7, dtype=np.uint32)[0] * np.uint32(2**31))
+    # huge but in range: +1.0 on every coordinate (the clip range), added to the silo's masked vector
+    server, total = _malicious_round(ups, lambda y, step: y + np.uint32(round(1.0 / step)))
+    bound = sum_norm_bound(weight_sum=3, max_norm=0.1, noise_std=0.0, dim=dim, error_bound=3 * server.step)
+    assert check_sum_norm(total, bound) is not None and "exceeds" in str(check_sum_norm(total, bound))
+    honest, st_ = run_secagg_round(ups, clip_range=1.0)
+    assert check_sum_norm(honest, bound) is None
 
 
 @pytest.mark.parametrize(
     ("silos", "threshold", "bits", "needle"),
     [
-        (["a"], None, 32, "at least 2 silos"),
+        (["a"], None, 32, "at least 3 silos"),
+        (["a", "b"], None, 32, "at least 3 silos"),
         (["a", "b", "c", "d"], 2, 32, "threshold 2 must be in (2, 4]"),
         (["a", "b", "c"], 4, 32, "threshold 4"),
         (["a", "b", "c"], None, 40, "bits = 40"),
@@ -299,7 +394,7 @@ def _through_flower_records(msg: dict) -> dict:
 def test_messages_and_client_state_survive_flower_records() -> None:
     """Every message and the client state between stages are legal Flower records, and the
     protocol gives the same result when each one crosses protobuf (as on the deployment engine)."""
-    ups = _updates(3, 500, seed=12)
+    ups = _updates(4, 500, seed=12)
     silos = sorted(ups)
     server = SecAggServer(silos, dim=500, clip_range=1.0)
     wire = _through_flower_records
@@ -321,4 +416,18 @@ def test_messages_and_client_state_survive_flower_records() -> None:
             masked[s] = wire(rep)
     req = wire(server.receive_masked_inputs(masked))
     total = server.receive_unmask({s: wire(client_unmask(states[s], req)) for s in masked})
-    assert np.abs(total - _plain_sum(ups, ["silo0", "silo1"])).max() <= server.step * (1 + 1e-6)
+    assert np.abs(total - _plain_sum(ups, ["silo0", "silo1", "silo3"])).max() <= 1.5 * server.step * (1 + 1e-6)
+
+
+def test_metrics_travel_only_as_a_secure_sum() -> None:
+    """Attack 8: loss and seconds ride as extra masked coordinates; the server gets their
+    weighted means to within the quantisation step, and nothing per silo."""
+    ups = _updates(3, 100, seed=16)
+    losses = {"silo0": 2.5, "silo1": 3.25, "silo2": 4.0}
+    w = {"silo0": 1.0, "silo1": 0.5, "silo2": 0.25}
+    vecs = {s: with_metrics(ups[s], {"loss": losses[s], "train_seconds": 1.5}, clip_range=1.0) for s in ups}
+    total, st_ = run_secagg_round(vecs, weights=w, clip_range=1.0)
+    upd, means = split_metrics(total, 100, weight_sum=sum(w.values()), clip_range=1.0)
+    ref = sum(w[s] * losses[s] for s in ups) / sum(w.values())
+    assert means["loss"] == pytest.approx(ref, abs=1e-3) and means["train_seconds"] == pytest.approx(1.5, abs=1e-3)
+    assert np.abs(upd - sum(w[s] * ups[s].astype(np.float64) for s in ups)).max() <= st_["error_bound"] * 1.01

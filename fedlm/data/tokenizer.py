@@ -44,6 +44,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from fedlm.errors import UserError
 from fedlm.fileio import write_json, write_text
 from fedlm.privacy.mechanisms import release_sparse_histogram
+from fedlm.privacy.randomness import NoiseKey
 
 EOS = "<|endoftext|>"
 """End of text: id 0, the only special token; separates documents in shards."""
@@ -207,8 +208,8 @@ def agree_tokenizer(
 ) -> dict:
     """Train WS/tokenizer.json on the sum of each silo's released counts; return the privacy record.
 
-    epsilon None releases exact counts (no privacy). `seed` fixes the DP noise (tests only: a
-    known seed lets anyone subtract the noise, so it is never written to the record).
+    epsilon None releases exact counts (no privacy). Each silo's release is `release_counts`;
+    `seed` makes its noise public and reproducible (tests only, warned: see there).
     """
     workspace = Path(workspace)
     if vocab_size < 257:
@@ -238,45 +239,13 @@ def agree_tokenizer(
         if on_progress is not None:
             on_progress(done, total_bytes)
 
-    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(paths))]
     summed: Counter[str] = Counter()
     silos: dict[str, dict] = {}
-    for path, rng in zip(paths, rngs, strict=True):
+    for path in paths:
         silo = path.parent.name
-        texts = read_texts(path, on_bytes=advance)
-        if epsilon is None:
-            released = count_pretokens(texts)
-            summed.update(released)
-            silos[silo] = {
-                "mechanism": "exact counts, no privacy",
-                "epsilon": None,
-                "delta": None,
-                "released_pretokens": len(released),
-            }
-            continue
-        doc_counts = count_pretokens(texts, max_per_doc=max_pretokens_per_doc)
-        rel = release_sparse_histogram(
-            doc_counts, epsilon=epsilon, delta=delta, max_keys=max_pretokens_per_doc, rng=rng
-        )
-        del doc_counts  # never leaves the silo
-        # Rounding is post-processing; every released count is > threshold >= 1.
-        summed.update({k: max(1, round(v)) for k, v in rel.counts.items()})
-        silos[silo] = {
-            "mechanism": "Gaussian sparse histogram with threshold (document-level DP)",
-            "epsilon": rel.epsilon,
-            "epsilon_requested": epsilon,
-            "delta": rel.delta,
-            "delta_noise": rel.delta_noise,
-            "delta_threshold": rel.delta_threshold,
-            "contribution_bound": {
-                "max_pretokens_per_doc": rel.max_keys,
-                "max_count_per_pretoken": rel.max_count,
-                "l2_sensitivity": rel.l2_sensitivity,
-            },
-            "noise_sigma": rel.sigma,
-            "threshold": rel.threshold,
-            "released_pretokens": len(rel.counts),
-        }
+        counts, silos[silo] = release_counts(path, read_texts(path, on_bytes=advance), epsilon=epsilon,
+                                             delta=delta, seed=seed, max_pretokens_per_doc=max_pretokens_per_doc)
+        summed.update(counts)
     tok = train_from_counts(dict(summed), vocab_size=vocab_size)
     tok_path = workspace / "tokenizer.json"
     write_text(tok_path, tok.to_str(pretty=True))
@@ -367,6 +336,41 @@ def bpe_ranks(tok: tokenizers.Tokenizer) -> tuple[dict[bytes, int], np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 # The agreement across machines: each silo releases a counts file, the coordinator sums them
 
+def release_counts(docs: Path, texts: Iterable[str], *, epsilon: float | None, delta: float, seed: int | None,
+                   max_pretokens_per_doc: int) -> tuple[dict[str, int], dict]:
+    """What one silo releases for the tokenizer: its pre-token counts and their privacy record.
+
+    epsilon None: exact counts (no privacy). Otherwise the document-level (epsilon, delta)-DP
+    sparse histogram (`fedlm.privacy.mechanisms`), with noise from the silo's own secret key
+    (`fedlm.privacy.randomness`, kept beside `docs`) in a stream named by the documents' hash
+    and the parameters: asking again for the same release gets the same counts, never a
+    second independent draw. `seed` derives the noise from a public number instead (tests
+    only: anyone can subtract it; warned, and never written to the record).
+    """
+    if epsilon is None:
+        counts = dict(count_pretokens(texts))
+        return counts, {"mechanism": "exact counts, no privacy", "epsilon": None, "delta": None,
+                        "released_pretokens": len(counts)}
+    silo_dir = docs.parent
+    key = (NoiseKey.local(silo_dir) if seed is None else
+           NoiseKey.insecure_from_seed(seed, f"tokenizer counts of {silo_dir.name}"))
+    digest = hashlib.sha256(docs.read_bytes()).hexdigest()
+    rng = key.numpy_generator("tokenizer-counts", digest, epsilon, delta, max_pretokens_per_doc)
+    doc_counts = count_pretokens(texts, max_per_doc=max_pretokens_per_doc)
+    rel = release_sparse_histogram(doc_counts, epsilon=epsilon, delta=delta, max_keys=max_pretokens_per_doc, rng=rng)
+    del doc_counts  # never leaves the silo
+    counts = {k: max(1, round(v)) for k, v in rel.counts.items()}  # post-processing; each is > threshold >= 1
+    return counts, {
+        "mechanism": "Gaussian sparse histogram with threshold (document-level DP)",
+        "noise": "secret: the silo's own key" if seed is None else "INSECURE: reproducible from a public number (tests only)",
+        "epsilon": rel.epsilon, "epsilon_requested": epsilon, "delta": rel.delta,
+        "delta_noise": rel.delta_noise, "delta_threshold": rel.delta_threshold,
+        "contribution_bound": {"max_pretokens_per_doc": rel.max_keys, "max_count_per_pretoken": rel.max_count,
+                               "l2_sensitivity": rel.l2_sensitivity},
+        "noise_sigma": rel.sigma, "threshold": rel.threshold, "released_pretokens": len(counts),
+    }
+
+
 COUNTS_FORMAT = "fedlm-pretoken-counts/1"
 """The `format` field of a released counts file (`fedlm data counts`)."""
 
@@ -393,25 +397,8 @@ def release_silo_counts(
         raise UserError(f"--epsilon {epsilon} must be a number > 0 (or leave it off for exact counts)")
     if not 0.0 < delta < 1.0:
         raise UserError(f"delta {delta} must be in (0, 1), e.g. 1e-6")
-    texts = read_texts(docs)
-    if epsilon is None:
-        counts = dict(count_pretokens(texts))
-        record: dict = {"mechanism": "exact counts, no privacy", "epsilon": None, "delta": None,
-                        "released_pretokens": len(counts)}
-    else:
-        doc_counts = count_pretokens(texts, max_per_doc=max_pretokens_per_doc)
-        rel = release_sparse_histogram(doc_counts, epsilon=epsilon, delta=delta,
-                                       max_keys=max_pretokens_per_doc, rng=np.random.default_rng(seed))
-        del doc_counts  # never leaves the silo
-        counts = {k: max(1, round(v)) for k, v in rel.counts.items()}
-        record = {
-            "mechanism": "Gaussian sparse histogram with threshold (document-level DP)",
-            "epsilon": rel.epsilon, "epsilon_requested": epsilon, "delta": rel.delta,
-            "delta_noise": rel.delta_noise, "delta_threshold": rel.delta_threshold,
-            "contribution_bound": {"max_pretokens_per_doc": rel.max_keys, "max_count_per_pretoken": rel.max_count,
-                                   "l2_sensitivity": rel.l2_sensitivity},
-            "noise_sigma": rel.sigma, "threshold": rel.threshold, "released_pretokens": len(counts),
-        }
+    counts, record = release_counts(docs, read_texts(docs), epsilon=epsilon, delta=delta, seed=seed,
+                                    max_pretokens_per_doc=max_pretokens_per_doc)
     return {"format": COUNTS_FORMAT, "silo": silo, "privacy": record, "counts": counts}
 
 

@@ -17,11 +17,13 @@ in `fedlm.federation.messages`):
   `secagg_input` trains as `train` does, checks the update itself (the server cannot), and
   replies with it masked and quantised instead. The silo's secrets between stages live in
   `Context.state` (the only state that survives between messages on the deployment engine).
+  Under SecAgg the loss and seconds travel only inside the masked sum, and the silo applies
+  its own privacy policy to what the server asks (`fedlm.federation.silo_privacy`).
 """
 
 from __future__ import annotations
 
-import secrets
+import logging
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord
@@ -39,8 +41,8 @@ from fedlm.federation.messages import (
     train_reply,
 )
 from fedlm.federation.robust import check_update
+from fedlm.federation.silo_privacy import SiloPrivacy, expected_clip_range
 from fedlm.federation.task import check_silo, encode_update, silo_dir, silo_record_plan, train_silo
-from fedlm.privacy.client_dp import noise_like
 
 app = ClientApp()
 
@@ -110,28 +112,32 @@ def secagg_input(msg: Message, context: Context) -> Message:
                                          round_idx=req.round_idx), codec=cfg.federation.compression, expected=shapes)
     why = check_update(update, expected={k: tuple(v.shape) for k, v in req.arrays.items()},
                        max_norm=cfg.federation.max_update_norm)
-    if why is not None:
-        raise ValueError(f"update rejected before masking: {why}")
+    if why is not None:  # the reason stays here: the server learns no norm
+        logging.getLogger("fedlm.federation").warning("update rejected before masking: %s", why)
+        raise ValueError("update rejected before masking: it breaks federation.max_update_norm or is not finite")
     weight = metrics["num_tokens"] / req.weight_ref
-    if cfg.privacy.mode == "client":  # unweighted sum, plus this silo's share of the noise (secret seed)
+    state = _secagg_state(context)
+    if cfg.privacy.mode == "client":  # unweighted sum, plus this silo's secret share of the noise
         if req.dp_share_std is None:
             raise ValueError("a client-level DP round without this silo's noise share (dp-share-std)")
         weight = 1.0
-        noise = noise_like(update, std=req.dp_share_std, generator=torch.Generator().manual_seed(
-            secrets.randbits(63)))
-        update = {k: update[k].float() + noise[k] for k in update}
-    state, reply = secagg.client_masked_input(
-        _secagg_state(context), from_records(msg.content), secagg.flatten(update), weight=weight
-    )
+        rules = SiloPrivacy(cfg, silo_dir(context.node_config), config_text=req.config_text,
+                            round_idx=req.round_idx, arrays=req.arrays)
+        update = rules.noise_share(update, share_std=req.dp_share_std, threshold=int(state["threshold"]),
+                                   num_silos=len(state["silos"]))
+    vector = secagg.with_metrics(secagg.flatten(update), metrics, clip_range=float(state["clip_range"]))
+    state, reply = secagg.client_masked_input(state, from_records(msg.content), vector, weight=weight,
+                                              expect_clip_range=expected_clip_range(cfg, req.dp_share_std or 0.0))
     context.state["secagg"] = ConfigRecord(state)
     content = to_records(reply)
-    content["metrics"] = MetricRecord(metrics)  # type: ignore[arg-type]
+    content["metrics"] = MetricRecord(secagg.clear_metrics(metrics))  # type: ignore[arg-type]
     return Message(content, reply_to=msg)
 
 
 @app.train("secagg_unmask")
 def secagg_unmask(msg: Message, context: Context) -> Message:
     """Stage 3: shares of the survivors' self-mask seeds and of the dropped silos' mask keys."""
-    reply = secagg.client_unmask(_secagg_state(context), from_records(msg.content))
-    del context.state["secagg"]  # the round's secrets are not needed again
+    state = _secagg_state(context)
+    del context.state["secagg"]  # the round's secrets are not needed again, nor a second answer
+    reply = secagg.client_unmask(state, from_records(msg.content))
     return Message(to_records(reply), reply_to=msg)

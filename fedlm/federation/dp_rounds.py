@@ -6,6 +6,13 @@
     dp.spend(contributors, per_silo)              # after the round: the ledger, privacy.json
     row["epsilon"] = dp.spent()
 
+Every party is an adversary here: the server adds central noise from a fresh secret key each
+round (`fedlm.privacy.randomness`), never from the config; the silos draw theirs from their
+own keys (`fedlm.federation.silo_privacy`). The ledger states ε against the server and
+against a peer (a silo that knows its own noise share), admits a round only if the worst
+case (the fewest survivors that can complete it) stays within the target, and charges what
+the round really released.
+
 Record mode: each silo runs DP-SGD itself (`fedlm.privacy.dpsgd`, planned silo-side over all
 rounds × local steps and checked before round 1 in the silo's `query` handler); it reports
 its noise multiplier, sampling rate and steps with each update, and the server's ledger
@@ -28,10 +35,12 @@ import torch
 
 from fedlm.config import Config
 from fedlm.errors import UserError
+from fedlm.federation.secagg import min_survivors
 from fedlm.federation.strategies import num_sampled, sample_silos
 from fedlm.fileio import write_json
 from fedlm.privacy.accounting import PrivacyLedger
-from fedlm.privacy.client_dp import ClientPlan, clip_update, noise_like, noise_seed, plan_client_dp
+from fedlm.privacy.client_dp import ClientPlan, clip_update, noise_like, plan_client_dp
+from fedlm.privacy.randomness import party_key
 
 log = logging.getLogger("fedlm.federation")
 
@@ -41,10 +50,14 @@ class RoundPrivacy:
     """The run's privacy state on the server: the ledger, and the client-level plan (client mode)."""
 
     ledger: PrivacyLedger
+    """ε against a peer (client mode; record mode: against everyone): the one the target binds."""
     plan: ClientPlan | None
     path: Path
     seed: int
     local_steps: int
+    insecure_noise: bool = False
+    server_ledger: PrivacyLedger | None = None
+    """Client mode with distributed noise: ε against the server (which sees the whole noise)."""
 
     @classmethod
     def setup(cls, cfg: Config, silos: list[str], run_dir: Path, *, resume: bool) -> RoundPrivacy | None:
@@ -64,16 +77,24 @@ class RoundPrivacy:
                 for s in sample_silos(silos, fraction=fed.fraction, round_idx=r, seed=cfg.train.seed):
                     participations[s] += 1
             plan = plan_client_dp(num_silos=len(silos), participations=participations, per_round=k,
-                                  distributed=fed.secure_aggregation, privacy=pc)
+                                  distributed=fed.secure_aggregation, privacy=pc,
+                                  min_survivors=min_survivors(k, fed.min_silos) if fed.secure_aggregation else 0)
         path = run_dir / "privacy.json"
         ledger = PrivacyLedger(mode=pc.mode, target_epsilon=pc.target_epsilon, delta=pc.delta,
                                accountant=pc.accountant, clip=pc.clip)
+        server = PrivacyLedger(mode="client", target_epsilon=pc.target_epsilon, delta=pc.delta,
+                               accountant=pc.accountant, clip=pc.clip) if plan and plan.distributed else None
         if resume and path.exists():
             try:
-                ledger = PrivacyLedger.from_json(json.loads(path.read_text()))
+                saved = json.loads(path.read_text())
+                ledger = PrivacyLedger.from_json(saved)
+                if server is not None:
+                    server = PrivacyLedger.from_json({**saved, "silos": saved.get("against_server", {})})
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise UserError(f"{path} is corrupt ({e}); its ε cannot be trusted: start a new run") from None
-        return cls(ledger, plan, path, cfg.train.seed, fed.local_steps)
+        if pc.insecure_reproducible_noise:
+            log.warning("privacy.insecure_reproducible_noise = true: THIS RUN HAS NO PRIVACY (bitwise tests only)")
+        return cls(ledger, plan, path, cfg.train.seed, fed.local_steps, pc.insecure_reproducible_noise, server)
 
     # -----------------------------------------------------------------------------------
     # before a round
@@ -112,6 +133,14 @@ class RoundPrivacy:
         """Extra numbers the silos need in the round's config (their noise share under SecAgg)."""
         return {"dp-share-std": self.plan.share_std} if self.plan is not None else {}
 
+    def min_contributors(self) -> int:
+        """The fewest updates a round may aggregate (distributed noise: what the shares are sized for)."""
+        return self.plan.min_survivors if self.plan is not None and self.plan.distributed else 0
+
+    def sum_noise_std(self, contributors: int) -> float:
+        """Std per coordinate of the noise on a SecAgg round's unmasked sum (0 without client DP)."""
+        return self.plan.share_std * contributors ** 0.5 if self.plan is not None and self.plan.distributed else 0.0
+
     def secagg_clip_range(self, default: float) -> float:
         """The quantiser's per-coordinate range: the clip plus 8 noise-share stds (client mode)."""
         if self.plan is None:
@@ -125,8 +154,8 @@ class RoundPrivacy:
         """Central noise: (Σ clip(u_i) + N(0, (z·C)²)) / m for the m accepted updates (server-trusted)."""
         assert self.plan is not None
         clipped = [clip_update(u, max_norm=self.plan.clip)[0] for u in updates]
-        gen = torch.Generator().manual_seed(noise_seed(self.seed, round_idx, "server"))
-        total = noise_like(clipped[0], std=self.plan.sum_std, generator=gen)
+        key = party_key(insecure=self.insecure_noise, seed=self.seed, who="server", owner_dir=None)  # fresh
+        total = noise_like(clipped[0], std=self.plan.sum_std, generator=key.torch_generator("central", round_idx))
         for u in clipped:
             for k in total:
                 total[k] += u[k].float()
@@ -137,10 +166,15 @@ class RoundPrivacy:
 
     def spend(self, contributors: list[str], per_silo: dict[str, dict[str, float]]) -> None:
         """Charge each contributor for the round's release, then rewrite RUN/privacy.json."""
+        if self.plan is not None and self.plan.distributed and len(contributors) < self.plan.min_survivors:
+            raise ValueError(f"a distributed-noise round of {len(contributors)} silos was applied, fewer than "
+                             f"the {self.plan.min_survivors} its noise shares are sized for")
         for silo in contributors:
             if self.plan is not None:
-                z_eff = self.plan.effective_noise_multiplier(len(contributors))
-                self.ledger.spend(silo, (z_eff, 1.0, 1))
+                self.ledger.spend(silo, (self.plan.against_peer(len(contributors)), 1.0, 1))
+                z_server = self.plan.against_server(len(contributors))
+                if self.server_ledger is not None and z_server is not None:
+                    self.server_ledger.spend(silo, (z_server, 1.0, 1))
             else:
                 m = per_silo.get(silo, {})
                 z, q, n = m.get("dp_noise_multiplier"), m.get("dp_sample_rate"), m.get("dp_steps")
@@ -154,16 +188,25 @@ class RoundPrivacy:
         return self.ledger.spent()
 
     def write(self) -> None:
-        extra: dict[str, Any] = {}
+        """RUN/privacy.json: the ledger (ε against a peer), and ε against the server beside it."""
+        extra: dict[str, Any]
         if self.plan is not None:
+            against_server: Any = ("not protected: the trusted server adds the noise and sees each clipped update"
+                                   if self.server_ledger is None else self.server_ledger.to_json()["silos"])
             extra = {"noise_multiplier": self.plan.noise_multiplier, "sampling": "fixed public schedule "
                      "(federation.fraction, seeded): no amplification claimed",
                      "silos_per_round": self.plan.per_round,
-                     "noise": "distributed (each silo adds a share, under secure aggregation)"
-                     if self.plan.distributed else "central (added by the trusted server)",
+                     "noise": "distributed (each silo adds a secret share, under secure aggregation)"
+                     if self.plan.distributed else "central (added by the trusted server, from a fresh secret key)",
                      "planned_epsilon": self.plan.planned_epsilon,
-                     "planned_rounds_per_silo": self.plan.max_participations}
+                     "planned_rounds_per_silo": self.plan.max_participations,
+                     "min_survivors": self.plan.min_survivors,
+                     "epsilon_is_against": "a peer (a silo that knows its own noise share)",
+                     "against_server": against_server}
         else:
             extra = {"sampling": "poisson (records = training windows, per silo)",
-                     "noise": "DP-SGD inside each silo"}
+                     "noise": "DP-SGD inside each silo, from its own secret key",
+                     "epsilon_is_against": "everyone: the server and every peer see only DP-SGD's output"}
+        if self.insecure_noise:
+            extra["insecure_reproducible_noise"] = "ON: the noise is derived from the config; no privacy"
         write_json(self.path, self.ledger.to_json(**extra))

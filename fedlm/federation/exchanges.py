@@ -166,15 +166,18 @@ def secagg_round(link: Link, round_no: int, sampled: list[str], arrays: ArrayRec
     Each silo masks weight × update with weight = its tokens / `weight_ref` (the planned tokens
     per round, public), so the server divides the unmasked sum by the survivors' weights: the
     token-weighted mean, within the quantisation error. A silo that drops after sharing its
-    keys is recovered from the others' shares. Updates are checked by the silos themselves
-    (NaN/Inf, norm bound) before masking; the server checks the aggregate.
+    keys is recovered from the others' shares, but a round is only applied with at least 3
+    masked inputs (and the threshold). Updates are checked by the silos themselves (NaN/Inf,
+    norm bound) before masking; the server refuses a sum that is out of range or over the
+    silos' norm bound (a forged input). Loss and seconds arrive only as a secure sum: each
+    counted silo's row holds the round's means.
     """
     out = RoundResult(None, silos={s: {"bytes_down": 0.0, "bytes_up": 0.0} for s in sampled})
     clip = link.max_update_norm if link.max_update_norm > 0 else 1.0
     if dp is not None:  # client DP: each value is a clipped update plus a noise share
         clip = dp.secagg_clip_range(clip)
     dim = sum(math.prod(shape) for shape in link.expected.values())
-    server = secagg.SecAggServer(sampled, dim=dim, clip_range=clip)
+    server = secagg.SecAggServer(sampled, dim=dim + len(secagg.METRICS), clip_range=clip)  # + the secure metrics
     try:
         total = _secagg_stages(link, round_no, server, out, arrays=arrays, config=config)
     except secagg.SecAggError as e:
@@ -184,8 +187,18 @@ def secagg_round(link: Link, round_no: int, sampled: list[str], arrays: ArrayRec
     weight_sum = sum(n / weight_ref for n in out.tokens.values())
     if dp is not None and dp.plan is not None:  # client DP: the silos sent weight 1 (unweighted sum)
         weight_sum = float(len(server.u3))
-    if len(server.u3) < link.min_silos or not weight_sum > 0:
+    if len(server.u3) < max(link.min_silos, dp.min_contributors() if dp else 0) or not weight_sum > 0:
         return out
+    total, means = secagg.split_metrics(total, dim, weight_sum=weight_sum, clip_range=clip)
+    per_silo = dp.plan.clip if dp is not None and dp.plan is not None else link.max_update_norm or math.inf
+    why = secagg.check_sum_norm(total, secagg.sum_norm_bound(
+        weight_sum=weight_sum, max_norm=per_silo, noise_std=dp.sum_noise_std(len(server.u3)) if dp else 0.0,
+        dim=dim, error_bound=len(server.u3) * server.step))
+    if why is not None:
+        log.warning("round %d: %s; the round is refused", round_no, why)
+        return out
+    for s in server.u3:  # the server never learns one silo's loss or seconds: each row holds the round's means
+        out.silos[s].update(means)
     agg = secagg.unflatten(total / weight_sum, link.expected)
     why = check_update(agg, expected=link.expected, max_norm=0.0)
     if why is not None:

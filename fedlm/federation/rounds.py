@@ -31,7 +31,7 @@ from flwr.serverapp import Grid
 from fedlm.config import Config, config_to_toml
 from fedlm.data.tokenizer import tokenizer_hash
 from fedlm.errors import UserError
-from fedlm.federation import trust
+from fedlm.federation import secagg, trust
 from fedlm.federation.dp_rounds import RoundPrivacy
 from fedlm.federation.exchanges import Link, RoundResult, cyclic_round, plain_round, secagg_round
 from fedlm.federation.messages import error_reason, query_request, replied_silo, round_config
@@ -124,12 +124,7 @@ def check_silo_count(cfg: Config, num_silos: int) -> None:
     if fed.min_silos > num_silos:
         raise UserError(f"federation.min_silos = {fed.min_silos} but the run has {num_silos} silos; lower it")
     if fed.secure_aggregation:
-        per_round = num_sampled(num_silos, fed.fraction)
-        if per_round < 2:
-            raise UserError("federation.secure_aggregation needs at least 2 silos per round; raise federation.fraction")
-        if per_round == 2:  # the server still sees only the sum
-            log.warning("secure aggregation with 2 silos per round: each silo can subtract its own update from "
-                        "the new global model and learn the other's; use 3 or more for privacy between silos")
+        secagg.check_round_size(num_sampled(num_silos, fed.fraction))
 
 
 def connect(grid: Grid, run: ServerRun) -> Link:

@@ -36,12 +36,14 @@ b_u) and, for a silo that dropped after sharing keys, rebuilds its pairwise mask
 shares of its mask secret key. An honest silo never reveals both b_u and s_sk_u of the same
 silo, and refuses to unmask with fewer than t survivors. Threat model: an honest-but-curious
 server and silos (Bonawitz's round 3 consistency check with signatures, which guards against
-a server that lies about who dropped, is not implemented). The PRG is AES-256 in counter mode
+a server that lies about who dropped, is not implemented). The PRG is AES-256 in counter mode (`fedlm.privacy.randomness.prg`)
 keyed by the 32-byte secret (a real CSPRNG, ~10 ms per 5 M values), fresh keys every round.
 
 Quantisation. With n silos at setup, each value is clipped to ±clip_range and rounded to the
-nearest multiple of step = clip_range / qmax, qmax = (2^(bits−1) − 1) // n, as a signed
-integer; the sum of up to n such integers fits in the signed range, so it decodes exactly.
+nearest multiple of step = clip_range / qmax, qmax = (2^(bits−1) − 1) // (2n), as a signed
+integer; the sum of up to n such integers fills at most half the signed range, so it decodes
+exactly, and a sum beyond that half can only come from a silo that sent a wrapped input: it
+is refused (`_decode`). The server also bounds the decoded sum's norm (`check_sum_norm`).
 Error bound (returned in the stats): |decoded sum − Σ w_i x_i| <= survivors * step / 2 per
 coordinate when nothing was clipped ("stochastic" rounding: < survivors * step, unbiased).
 Choose clip_range = federation.max_update_norm when it is set: a coordinate of an update can
@@ -59,6 +61,7 @@ a second secure sum.
 from __future__ import annotations
 
 import base64
+import math
 import os
 import time
 from typing import Any, Literal
@@ -67,13 +70,15 @@ import numpy as np
 import torch
 from cryptography.fernet import InvalidToken
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
     decrypt,
     encrypt,
     generate_shared_key,
 )
+
+from fedlm.errors import UserError
+from fedlm.privacy.randomness import CHUNK, KeyStream, prg  # noqa: F401  (secagg.prg: the masks' PRG)
 
 Msg = dict[str, Any]
 _CURVE = ec.SECP384R1()
@@ -110,44 +115,56 @@ def unflatten(vec: np.ndarray, shapes: dict[str, tuple[int, ...]]) -> dict[str, 
     return out
 
 
+# ---- metrics in the secure sum ---------------------------------------------------------------
+
+
+def with_metrics(vec: np.ndarray, metrics: dict[str, float], *, clip_range: float) -> np.ndarray:
+    """`vec` followed by one coordinate per METRICS entry, scaled into the clip range.
+
+    Under secure aggregation a silo's loss and seconds would tell the server about its data
+    and machine, so they travel masked, summed with the others' (weighted like the update):
+    the server learns the round's means only. A value outside [0, METRIC_MAX] (or not finite)
+    is clamped (nan: 0)."""
+    extra = [float(np.clip(np.nan_to_num(metrics.get(k, 0.0)), 0.0, METRIC_MAX)) / METRIC_MAX * clip_range
+             for k in METRICS]
+    return np.concatenate([vec, np.asarray(extra, dtype=np.float32)])
+
+
+def split_metrics(total: np.ndarray, dim: int, *, weight_sum: float, clip_range: float
+                  ) -> tuple[np.ndarray, dict[str, float]]:
+    """The unmasked sum's update part and the METRICS' weighted means (inverse of `with_metrics`)."""
+    means = {k: float(total[dim + i]) / clip_range * METRIC_MAX / weight_sum for i, k in enumerate(METRICS)}
+    return total[:dim], means
+
+
+def clear_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """What a silo sends in clear beside its masked input: the public numbers (tokens, DP-SGD plan)."""
+    return {k: v for k, v in metrics.items() if k not in METRICS}
+
+
+def sum_norm_bound(*, weight_sum: float, max_norm: float, noise_std: float, dim: int, error_bound: float) -> float:
+    """A bound on the L2 norm of an honest unmasked sum: Σ w_i · max_norm, plus the sum's noise
+    (Gaussian std `noise_std` per coordinate: exceeded with probability < e^-50), plus rounding."""
+    return weight_sum * max_norm + noise_std * (math.sqrt(dim) + 10.0) + error_bound * math.sqrt(dim)
+
+
+def check_sum_norm(vec: np.ndarray, bound: float) -> str | None:
+    """Why an unmasked sum is refused (its norm exceeds what honest silos can send), or None."""
+    norm = float(np.linalg.norm(vec.astype(np.float64)))
+    if not (math.isfinite(norm) and norm <= bound):
+        return (f"the unmasked sum's norm {norm:.4g} exceeds {bound:.4g}, the most the silos' bounded updates "
+                "can add to: a silo sent an out-of-range input")
+    return None
+
+
 # ---- primitives ----------------------------------------------------------------------------
-
-
-_CHUNK = 1 << 16  # values per block: the working set of one block stays in cache
-_ZEROS = memoryview(bytes(4 * _CHUNK))
-
-
-class _KeyStream:
-    """AES-256-CTR keystream read as uint32 blocks into a reused buffer (no big allocations)."""
-
-    def __init__(self, key: bytes) -> None:
-        if len(key) != 32:
-            raise ValueError("PRG key must be 32 bytes")
-        self._enc = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-        self._raw = bytearray(4 * _CHUNK + 16)  # update_into wants len(data) + 15 bytes
-        self._values = np.frombuffer(self._raw, dtype="<u4", count=_CHUNK)  # shares the memory
-
-    def next(self, m: int) -> np.ndarray:
-        """The next m values of the stream (a view valid until the next call)."""
-        self._enc.update_into(_ZEROS[: 4 * m], self._raw)
-        return self._values[:m]
-
-
-def prg(key: bytes, size: int) -> np.ndarray:
-    """`size` pseudo-random uint32 values from a 32-byte key (AES-256-CTR keystream)."""
-    stream = _KeyStream(key)
-    out = np.empty(size, dtype=np.uint32)
-    for a in range(0, size, _CHUNK):
-        b = min(a + _CHUNK, size)
-        out[a:b] = stream.next(b - a)
-    return out
 
 
 def _apply_masks(total: np.ndarray, masks: list[tuple[bytes, int]]) -> None:
     """total += sign * PRG(key) mod 2^32 for each (key, sign), block by block, in place."""
-    streams = [(_KeyStream(key), sign) for key, sign in masks]
-    for a in range(0, total.size, _CHUNK):
-        b = min(a + _CHUNK, total.size)
+    streams = [(KeyStream(key), sign) for key, sign in masks]
+    for a in range(0, total.size, CHUNK):
+        b = min(a + CHUNK, total.size)
         block = total[a:b]
         for stream, sign in streams:
             if sign > 0:
@@ -176,12 +193,17 @@ def _sk_from_bytes(b: bytes) -> ec.EllipticCurvePrivateKey:
     return ec.derive_private_key(int.from_bytes(b, "big"), _CURVE)
 
 
+HEADROOM = 2
+"""Each silo gets 1/(HEADROOM · n) of the signed range, so an honest sum fills at most half of it:
+a wrapped input (any uint32 vector passes as masked) lands outside that half and is refused."""
+
+
 def _qmax(bits: int, num_silos: int) -> int:
-    return (2 ** (bits - 1) - 1) // num_silos
+    return (2 ** (bits - 1) - 1) // (HEADROOM * num_silos)
 
 
 def quantization_step(clip_range: float, bits: int, num_silos: int) -> float:
-    """The value of one integer unit: clip_range / ((2^(bits−1) − 1) // num_silos)."""
+    """The value of one integer unit: clip_range / ((2^(bits−1) − 1) // (HEADROOM · num_silos))."""
     return clip_range / _qmax(bits, num_silos)
 
 
@@ -203,14 +225,39 @@ def _unpack_share(p: bytes) -> tuple[int, int, bytes, bytes]:
     return src, dst, p[20 : 20 + n], p[20 + n :]
 
 
+MIN_SURVIVORS = 3
+"""Never unmask a sum of fewer silos: with 2, each could take its own update off the sum
+(or the next global model) and read the other's."""
+MIN_BITS = 8
+METRIC_MAX = 1e4
+"""Metrics (loss, seconds) ride in the secure sum as extra coordinates, clamped to [0, METRIC_MAX]."""
+METRICS = ("loss", "train_seconds")
+
+
+def min_survivors(num_silos: int, min_silos: int = 1) -> int:
+    """The fewest masked inputs a round may be unmasked with: the threshold, 3, and min_silos."""
+    return max(default_threshold(num_silos), MIN_SURVIVORS, min_silos)
+
+
+def check_round_size(per_round: int) -> None:
+    """Refuse secure aggregation over fewer than MIN_SURVIVORS silos a round (UserError)."""
+    if per_round < MIN_SURVIVORS:
+        raise UserError(
+            f"federation.secure_aggregation needs at least {MIN_SURVIVORS} silos per round, the run samples "
+            f"{per_round}: with 2, each silo can take its own update off the new global model and read the "
+            "other's; add silos or raise federation.fraction"
+        )
+
+
 def _check_params(num_silos: int, threshold: int, bits: int, clip_range: float) -> None:
-    if num_silos < 2:
-        raise SecAggError(f"secure aggregation needs at least 2 silos, got {num_silos}")
+    if num_silos < MIN_SURVIVORS:
+        raise SecAggError(f"secure aggregation needs at least {MIN_SURVIVORS} silos, got {num_silos} "
+                          "(with 2, each silo could read the other's update off the sum)")
     if not num_silos // 2 < threshold <= num_silos:
         raise SecAggError(
             f"threshold {threshold} must be in ({num_silos // 2}, {num_silos}] for {num_silos} silos"
         )
-    if not 2 <= bits <= 32 or _qmax(bits, num_silos) < 1:
+    if not MIN_BITS <= bits <= 32 or _qmax(bits, num_silos) < 1:
         raise SecAggError(f"bits = {bits} cannot hold the sum of {num_silos} silos (use 8..32)")
     if not clip_range > 0:
         raise SecAggError(f"clip_range must be > 0, got {clip_range}")
@@ -226,6 +273,10 @@ def default_threshold(num_silos: int) -> int:
 
 def client_setup(silo: str, request: Msg) -> tuple[Msg, Msg]:
     """Stage 0: make the encryption (c) and mask (s) key pairs and the self-mask seed b."""
+    bits, clip = int(request["bits"]), float(request["clip_range"])
+    if not MIN_BITS <= bits <= 32 or not (np.isfinite(clip) and clip > 0):
+        raise SecAggError(f"silo {silo}: the server asks for bits = {bits}, clip range {clip}; "
+                          f"refused (bits must be in [{MIN_BITS}, 32], the clip range > 0)")
     c_sk = ec.generate_private_key(_CURVE)
     s_sk = ec.generate_private_key(_CURVE)
     state: Msg = {
@@ -252,8 +303,10 @@ def client_share_keys(state: Msg, request: Msg) -> tuple[Msg, Msg]:
         raise SecAggError(f"silo {me}: malformed key list from the server")
     if len(set(c_pks) | set(s_pks)) != 2 * n:
         raise SecAggError(f"silo {me}: public keys are not distinct")
-    if n < t:
-        raise SecAggError(f"silo {me}: {n} silos sent keys, fewer than the threshold {t}")
+    if n < MIN_SURVIVORS or not n // 2 < t <= n:
+        raise SecAggError(f"silo {me}: threshold {t} for {n} silos is refused: this silo needs at least "
+                          f"{MIN_SURVIVORS} silos and a threshold in ({n // 2}, {n}] (a majority), "
+                          "or the server could unmask it alone")
     c_sk = _sk_from_bytes(state["c_sk"])
     if _pk_bytes(c_sk) != c_pks[silos.index(me)]:
         raise SecAggError(f"silo {me}: the server sent a wrong public key for this silo")
@@ -292,12 +345,12 @@ def _quantize(
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
     gen = np.random.Generator(np.random.PCG64(seed))
     out = np.empty(x.size, dtype=np.uint32)
-    v = np.empty(_CHUNK, dtype=np.float64)
-    u = np.empty(_CHUNK, dtype=np.float64)
-    iv = np.empty(_CHUNK, dtype=np.int64)
+    v = np.empty(CHUNK, dtype=np.float64)
+    u = np.empty(CHUNK, dtype=np.float64)
+    iv = np.empty(CHUNK, dtype=np.int64)
     clipped = 0
-    for a in range(0, x.size, _CHUNK):
-        m = min(a + _CHUNK, x.size) - a
+    for a in range(0, x.size, CHUNK):
+        m = min(a + CHUNK, x.size) - a
         vb, ib = v[:m], iv[:m]
         np.multiply(x[a : a + m], np.float64(scale), out=vb, dtype=np.float64)
         clipped += int(np.count_nonzero(np.abs(vb) > qmax))
@@ -323,14 +376,22 @@ def client_masked_input(
     weight: float = 1.0,
     rounding: Literal["nearest", "stochastic"] = "nearest",
     rounding_seed: int = 0,
+    expect_clip_range: float | None = None,
 ) -> tuple[Msg, Msg]:
     """Stage 2: store the peers' shares, then send weight * update quantised and masked.
 
     `update` is the flat fp32 update (`flatten`); `weight` is this silo's public FedAvg weight
     (<= 1 so the clip range holds). The reply's "masked" vector is uniform noise to anyone
-    without the masks' keys.
+    without the masks' keys. A silo masks once per round: a second request is refused (the
+    same masks on two inputs would give away their difference). `expect_clip_range`: the
+    range this silo's own config implies; a server that set another one is refused.
     """
     me, silos = state["silo"], state["silos"]
+    if state.get("masked"):
+        raise SecAggError(f"silo {me}: already sent its masked input this round; a second one is refused")
+    if expect_clip_range is not None and not np.isclose(state["clip_range"], expect_clip_range, rtol=1e-9):
+        raise SecAggError(f"silo {me}: the server set clip range {state['clip_range']:g}, this silo's config "
+                          f"implies {expect_clip_range:g}; refused")
     i = silos.index(me)
     c_sk = _sk_from_bytes(state["c_sk"])
     share_src, share_b, share_sk = (
@@ -385,7 +446,7 @@ def client_masked_input(
     _apply_masks(y, masks)
     if bits < 32:
         y &= np.uint32((1 << bits) - 1)
-    state = {**state, "share_src": share_src, "share_b": share_b, "share_sk": share_sk}
+    state = {**state, "share_src": share_src, "share_b": share_b, "share_sk": share_sk, "masked": True}
     state["clipped"] = clipped
     return state, {"masked": y}
 
@@ -399,10 +460,16 @@ def client_unmask(state: Msg, request: Msg) -> Msg:
         raise SecAggError(f"silo {me}: the server counts this silo as dropped; not unmasking")
     if not set(survivors) <= set(u2):
         raise SecAggError(f"silo {me}: survivors {survivors} include silos that never shared keys")
-    if len(survivors) < state["threshold"]:
+    if not state.get("masked"):
+        raise SecAggError(f"silo {me}: asked to unmask before it sent its masked input; refused")
+    if state.get("unmasked"):  # a second answer, to another survivor list, would reveal b and s_sk of one silo
+        raise SecAggError(f"silo {me}: already answered the unmask request this round; refused")
+    need = max(state["threshold"], MIN_SURVIVORS)
+    if len(survivors) < need:
         raise SecAggError(
-            f"silo {me}: {len(survivors)} survivors, fewer than the threshold {state['threshold']}; not unmasking"
+            f"silo {me}: {len(survivors)} survivors, fewer than the threshold {need}; not unmasking"
         )
+    state["unmasked"] = True  # in place: the caller's state records the answer
     # This silo decides who dropped from its own view, so one silo is never asked for both.
     dropped = [s for s in u2 if s not in survivors]
     pos = {s: k for k, s in enumerate(u2)}
@@ -444,11 +511,12 @@ class SecAggServer:
         """The quantisation step (value of one integer unit)."""
         return quantization_step(self.clip_range, self.bits, len(self.u1 or self.silos))
 
-    def _need(self, have: list[str], what: str) -> None:
-        if len(have) < self.threshold:
+    def _need(self, have: list[str], what: str, at_least: int = 0) -> None:
+        need = max(self.threshold, at_least)
+        if len(have) < need:
             raise SecAggError(
                 f"secure aggregation: {len(have)} of {len(self.silos)} silos {what}, fewer than "
-                f"the threshold {self.threshold}; the round cannot be unmasked"
+                f"the threshold {need}; the round cannot be unmasked"
             )
 
     def setup_request(self) -> Msg:
@@ -488,7 +556,7 @@ class SecAggServer:
     def receive_masked_inputs(self, replies: dict[str, Msg]) -> Msg:
         """Add up the masked vectors mod 2^bits; return the stage 3 request for the survivors."""
         self.u3 = sorted(s for s in replies if s in self.u2)
-        self._need(self.u3, "sent masked updates")
+        self._need(self.u3, "sent masked updates", at_least=MIN_SURVIVORS)
         total = np.zeros(self.dim, dtype=np.uint32)
         for s in self.u3:
             y = np.asarray(replies[s]["masked"])
@@ -541,14 +609,20 @@ class SecAggServer:
             )
 
     def _decode(self, total: np.ndarray) -> np.ndarray:
-        """Signed integers mod 2^bits -> values: sum of the survivors' (weighted) updates."""
+        """Signed integers mod 2^bits -> values: sum of the survivors' (weighted) updates.
+
+        m honest inputs sum to at most m · qmax in magnitude; a coordinate beyond that means a
+        silo sent a wrapped or out-of-range input, and the sum is refused."""
         if self.bits == 32:
             signed = total.view(np.int32)  # two's complement, no copy
         else:
             total &= np.uint32((1 << self.bits) - 1)
-            signed64 = total.astype(np.int64)
-            signed64[signed64 >= 1 << (self.bits - 1)] -= 1 << self.bits
-            return signed64 * self.step
+            signed = total.astype(np.int64)
+            signed[signed >= 1 << (self.bits - 1)] -= 1 << self.bits
+        limit = len(self.u3) * _qmax(self.bits, len(self.u1 or self.silos))
+        if int(np.abs(signed.astype(np.int64)).max(initial=0)) > limit:
+            raise SecAggError("secure aggregation: the unmasked sum is out of range (a silo sent a wrapped "
+                              "or out-of-range masked input); the round is refused")
         return signed * self.step
 
 

@@ -23,6 +23,7 @@ from fedlm.config import load_config
 from fedlm.errors import UserError
 from fedlm.federation.rounds import run_rounds
 from fedlm.fileio import write_json
+from fedlm.privacy.randomness import refuse_across_organisations
 
 app = ServerApp()
 
@@ -37,7 +38,9 @@ def main(grid: Grid, context: Context) -> None:
     logging.getLogger("fedlm").addHandler(logging.FileHandler(run_dir / "server.log"))
     resume = bool(context.run_config.get("resume", False))
     try:
-        run_rounds(grid, load_config(run_dir / "config.toml"), run_dir, resume=resume)
+        cfg = load_config(run_dir / "config.toml")
+        refuse_across_organisations(cfg.privacy.insecure_reproducible_noise, where="the deployed Flower engine")
+        run_rounds(grid, cfg, run_dir, resume=resume)
     except UserError as e:
         write_json(run_dir / "error.json", {"error": str(e)})
         raise

@@ -29,6 +29,7 @@ from fedlm.config import Config, TrainConfig
 from fedlm.data.shards import open_split
 from fedlm.errors import UserError
 from fedlm.federation import codecs
+from fedlm.federation.silo_privacy import SiloPrivacy
 from fedlm.model import Transformer
 from fedlm.privacy.client_dp import clip_update
 from fedlm.privacy.dpsgd import RecordPlan, num_records, plan_record_dp
@@ -155,6 +156,9 @@ def train_silo(
     data = SiloBatches.open([path], seed=0, tokenizer_sha256=tokenizer_sha256)
     data.generator.manual_seed(round_seed(cfg.train.seed, path.name, round_idx))
     fed = cfg.federation
+    rules = SiloPrivacy(cfg, path, config_text=config_text, round_idx=round_idx, arrays=global_arrays)
+    if cfg.privacy.mode == "record":  # secret Poisson sampling and noise, charged on the silo's own ledger
+        rules.record_round(data.generator, silo_record_plan(cfg, path, data.splits[0]))
     start = expand_state(model, global_arrays)
     if fed.strategy == "fedsgd":  # one gradient at the global weights; the server steps AdamW
         update, metrics = silo_gradient(model, start, data, cfg.train)

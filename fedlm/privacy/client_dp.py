@@ -3,7 +3,7 @@
     plan = plan_client_dp(num_silos=3, participations={"a": 10, ...}, per_round=3,
                           distributed=True, privacy=cfg.privacy)
     clipped, norm = clip_update(update, max_norm=plan.clip)                    # on the silo
-    share = noise_like(clipped, std=plan.share_std, generator=g)                # distributed noise
+    share = noise_like(clipped, std=plan.share_std, generator=g)   # distributed noise, g secret to the silo
     mean = {k: (sum_k + noise_k) / n for ...}                                   # on the server
 
 The guarantee (McMahan et al. 2018, "Learning Differentially Private Recurrent Language
@@ -14,21 +14,27 @@ the silo takes part in (`fedlm.privacy.accounting.client_epsilon`). The mean div
 number of contributors (public), which is post-processing; so are the server optimiser and
 every later round.
 
-Who adds the noise:
-- `federation.secure_aggregation = true` (distributed noise): each of the k sampled silos adds
-  N(0, (z·C)²/k) to its clipped update before masking, so the server never sees an update
-  without the sum of everyone's noise on it, and the unmasked sum carries N(0, (z·C)²).
-  Assumption: the silos follow the protocol (an honest silo adds its share; colluding silos
-  that omit theirs lower the noise). If only m < k silos survive a round, the sum carries
-  N(0, (z·C)² m/k): the effective noise multiplier z·√(m/k) is what the ledger accounts.
-  The masked values are clipped coordinate-wise to ±(C + 8·std) by the quantiser: with
+Who adds the noise, and ε against whom:
+- `federation.secure_aggregation = true` (distributed noise): each sampled silo adds a share
+  N(0, (z·C)²/(m_min − 1)) to its clipped update before masking, where m_min is the fewest
+  survivors that can complete a round (`min_survivors`: the SecAgg threshold, and never
+  fewer than 3). Every party then faces at least N(0, (z·C)²) on what it can learn: the
+  server sees the sum of m >= m_min shares, and a peer, who knows its own share and update
+  and can take them off the next global model, still faces the other m − 1 >= m_min − 1.
+  So the planned z bounds ε against a peer (the binding case) and, with more noise, against
+  the server; a dropout cannot lower either below plan, because a round with fewer than
+  m_min survivors is never applied. The ledger charges each round with the noise really
+  present against each party (`against_server`, `against_peer`). Assumption: the silos
+  follow the protocol (colluding silos that omit their shares lower the noise).
+  The masked values are clipped coordinate-wise to ±(C + 8·share std) by the quantiser: with
   probability < 1e-14 per coordinate a noise value is cut there.
 - `federation.secure_aggregation = false` (central noise): silos send clipped updates and
-  the server adds N(0, (z·C)²) once. The guarantee then holds against everyone who sees the
-  global model, but not against the server itself (it is trusted, as in Flower's server-side
-  DP wrappers).
+  the server adds N(0, (z·C)²) once, from a fresh secret key each round. The guarantee then
+  holds against the peers and everyone who sees the global model, but not against the server
+  itself (it is trusted, as in Flower's server-side DP wrappers).
 
-Not covered: the per-silo metrics (loss, token count) each silo reports in clear.
+Not covered: the per-silo metrics each silo reports in clear without secure aggregation
+(under it, loss and seconds travel only as a secure sum).
 """
 
 from __future__ import annotations
@@ -69,8 +75,10 @@ class ClientPlan:
     delta: float
     target_epsilon: float
     per_round: int
-    """Silos sampled per round (k): each adds a 1/k share of the noise variance when distributed."""
+    """Silos sampled per round (k)."""
     distributed: bool
+    min_survivors: int
+    """Distributed: the fewest survivors that complete a round (m_min); shares are sized for m_min − 1."""
     max_participations: int
     planned_epsilon: float
 
@@ -81,25 +89,33 @@ class ClientPlan:
 
     @property
     def share_std(self) -> float:
-        """Std of one silo's noise share (distributed noise)."""
-        return self.sum_std / math.sqrt(self.per_round)
+        """Std of one silo's noise share (distributed noise): m_min − 1 shares carry N(0, (z·C)²)."""
+        return self.sum_std / math.sqrt(max(1, self.min_survivors - 1))
 
-    def effective_noise_multiplier(self, contributors: int) -> float:
-        """z actually realised in a round with `contributors` of the k sampled silos."""
+    def against_server(self, contributors: int) -> float | None:
+        """The noise multiplier the server faces in a round of `contributors` (None: central, trusted)."""
+        if not self.distributed:
+            return None
+        return self.share_std * math.sqrt(contributors) / self.clip
+
+    def against_peer(self, contributors: int) -> float:
+        """The noise multiplier a peer faces, knowing its own share (central: the whole noise)."""
         if not self.distributed:
             return self.noise_multiplier
-        return self.noise_multiplier * math.sqrt(min(contributors, self.per_round) / self.per_round)
+        return self.share_std * math.sqrt(max(0, contributors - 1)) / self.clip
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def plan_client_dp(*, num_silos: int, participations: dict[str, int], per_round: int, distributed: bool,
-                   privacy: PrivacyConfig) -> ClientPlan:
+                   privacy: PrivacyConfig, min_survivors: int = 0) -> ClientPlan:
     """Derive (or check) the noise multiplier for the rounds each silo takes part in; UserError if it cannot fit."""
     if privacy.delta >= 1 / num_silos:
         raise UserError(f"privacy.delta = {privacy.delta:g} must be < 1/N = {1 / num_silos:.3g} for N = "
                         f"{num_silos} silos (client-level DP protects whole silos); lower it")
+    if distributed and min_survivors < 2:
+        raise ValueError("distributed noise needs min_survivors >= 2 (the fewest survivors of a round)")
     most = max(participations.values(), default=0)
     if most == 0:
         raise UserError("privacy.mode = 'client': no silo takes part in any round")
@@ -118,12 +134,4 @@ def plan_client_dp(*, num_silos: int, participations: dict[str, int], per_round:
         eps = client_epsilon([z] * most, delta=privacy.delta)
     return ClientPlan(noise_multiplier=z, clip=privacy.clip, delta=privacy.delta,
                       target_epsilon=privacy.target_epsilon, per_round=per_round, distributed=distributed,
-                      max_participations=most, planned_epsilon=eps)
-
-
-def noise_seed(seed: int, round_idx: int, who: str) -> int:
-    """A reproducible noise seed for (run seed, round, silo or "server")."""
-    import hashlib
-
-    digest = hashlib.sha256(f"dp-noise/{seed}/{round_idx}/{who}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+                      min_survivors=min_survivors, max_participations=most, planned_epsilon=eps)

@@ -3,6 +3,7 @@ per-sample clipping and Gaussian noise, and the plan that ties the noise to the 
 
     plan = plan_record_dp(num_records=n, batch_size=8, steps=rounds * local_steps, privacy=cfg.privacy)
     records = PoissonRecords([train_tokens], seq_len=128, sample_rate=plan.sample_rate, generator=g)
+    g = secret_generator(key, run_id, round_idx)       # the silo's own secret stream
     with DPSGD(model, optimizer, plan=plan, generator=g) as dp:
         loss = dp.step(*records.next(), lr=3e-3, precision="fp32")
     # after the `with`, `model` is the plain model again (hooks gone, same state_dict names)
@@ -29,19 +30,24 @@ RMSNorm weights it has no hook for. `DPOptimizer` clips each record's gradient t
 wrapped AdamW then steps. train.grad_clip is not applied (the noisy gradient is already
 bounded; clipping it again would be post-processing and is skipped for clarity).
 
-Noise comes from a torch generator seeded from the data generator every step, so a run is
-reproducible and a resumed run continues the same noise; like `mechanisms.py`, this is not
-a cryptographically secure sampler (fine for research, not for adversarial deployments).
+Sampling and noise are secret. `generator` must come from the silo's own key
+(`fedlm.privacy.randomness`: its whole state from a CSPRNG, never from the config); each step
+draws a fresh noise generator's full state from it, and Opacus adds the noise in secure mode
+(the sum of four Gaussians, against floating-point attacks on the noise's low bits).
+`secret_generator` names the stream of one round or step.
 What the guarantee does not cover: the training loss a silo logs or reports (one number per
 round), which is outside the DP-SGD release.
 """
 
 from __future__ import annotations
 
+import json
+import secrets
 import warnings
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,6 +61,7 @@ from fedlm.privacy.accounting import (
     record_epsilon,
     record_noise_multiplier,
 )
+from fedlm.privacy.randomness import NoiseKey, child_generator, reseed
 
 
 def num_records(num_tokens: int, seq_len: int) -> int:
@@ -173,7 +180,7 @@ class DPSGD:
         self.noise = torch.Generator()
         self.optimizer = DPOptimizer(optimizer, noise_multiplier=plan.noise_multiplier,
                                      max_grad_norm=plan.clip, expected_batch_size=plan.expected_batch_size,
-                                     loss_reduction="mean", generator=self.noise)
+                                     loss_reduction="mean", generator=self.noise, secure_mode=True)
         self.params = [p for p in model.parameters() if p.requires_grad]
         # Opacus's hooks fire on module outputs (token ids need no grad): expected, not a problem
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -197,8 +204,7 @@ class DPSGD:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
-        self.noise.manual_seed(seed)
+        child_generator(self.generator, self.noise)  # a whole fresh state: no 32-bit seed in between
         loss = float("nan")
         if len(x) == 0:  # an empty Poisson batch: the step is noise only
             for p in self.params:
@@ -215,26 +221,6 @@ class DPSGD:
         return loss
 
 
-def per_sample_clipped_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                           clip: float) -> dict[str, torch.Tensor]:
-    """Σ_i clip(∇ loss_i) by Opacus's per-sample machinery with no noise (for tests and audits)."""
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
-
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    dp = DPOptimizer(opt, noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=1,
-                     loss_reduction="mean")
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    try:
-        dp.zero_grad(set_to_none=True)
-        F.cross_entropy(gsm(x).flatten(0, 1), y.flatten()).backward()
-        dp.pre_step()
-        return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}  # type: ignore[union-attr]
-    finally:
-        gsm._close()
-
-
 def dp_train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, records: PoissonRecords, *,
                    plan: RecordPlan, lrs: list[float], precision: str = "fp32") -> list[float]:
     """Run len(lrs) DP-SGD steps (step i at lr lrs[i]); the model is plain again afterwards.
@@ -248,7 +234,28 @@ def dp_train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rec
     return losses
 
 
-def privacy_record(plan: RecordPlan, *, steps_done: int, silos: list[str], seq_len: int) -> dict[str, Any]:
+def secret_generator(key: NoiseKey, *labels: object) -> torch.Generator:
+    """The DP-SGD stream (Poisson sampling, then each step's noise state) named by `labels`."""
+    return key.torch_generator("dpsgd", *labels)
+
+
+def restart_stream(gen: torch.Generator, key: NoiseKey, *labels: object) -> None:
+    """Set `gen` (shared by PoissonRecords and DPSGD) to the stream `labels` names, in place."""
+    reseed(gen, key.words(624, "dpsgd", *labels))
+
+
+def stream_name(run_dir: Path, *, resume: bool) -> str:
+    """A centralised DP-SGD run's public stream name (random; privacy.json keeps it for --resume)."""
+    if resume:
+        try:
+            return str(json.loads((run_dir / "privacy.json").read_text())["noise_stream"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # stopped before its first checkpoint: the steps to come were never released
+    return secrets.token_hex(16)
+
+
+def privacy_record(plan: RecordPlan, *, steps_done: int, silos: list[str], seq_len: int,
+                   stream: str = "") -> dict[str, Any]:
     """RUN/privacy.json for a (centralised or local-only) DP-SGD run after `steps_done` steps."""
     eps = plan.epsilon_after(steps_done)
     return {
@@ -258,4 +265,6 @@ def privacy_record(plan: RecordPlan, *, steps_done: int, silos: list[str], seq_l
         "sampling": "poisson", "steps": steps_done, "planned_steps": plan.steps,
         "planned_epsilon": plan.planned_epsilon, "accountant": plan.accountant, "accountant_library": "opacus",
         "silos": {s: {"epsilon": eps, "steps": steps_done} for s in silos},
+        "noise": "secret: drawn from the data holder's own key (WS/.secrets), never from the config",
+        "noise_stream": stream,
     }

@@ -1,0 +1,155 @@
+"""A silo's own privacy policy: its secret noise, its own budget, and what it refuses.
+
+    rules = SiloPrivacy(cfg, silo_dir, config_text=text, round_idx=r, arrays=global_arrays)
+    rules.record_round(data.generator, plan)       # DP-SGD: secret sampling/noise; charged on its own ledger
+    update = rules.noise_share(update, share_std=std, threshold=t, num_silos=n)   # client DP under SecAgg
+
+The server runs the rounds, but it is one of the parties the silo's privacy protects against,
+so a silo trusts nothing in the server's message that its privacy depends on:
+
+- Noise and sampling come from the silo's own key (`fedlm.privacy.randomness`, kept in
+  WS/silos/NAME/.secrets/), in a stream named by the run config, the round, a digest of the
+  global weights received and the silo's shards: the same request on the same data gives the
+  same release (a resumed round re-sends what it sent, nothing new); any other request gets
+  independent noise.
+- Its mode and budget: WS/silos/NAME/privacy.toml, when the silo writes one
+  (`[privacy] mode = "client"`, `target_epsilon = 4`, `delta = 1e-5`), overrides the run's: a
+  run that asks for another mode, or a larger ε or δ, is refused; without the file the silo
+  follows the run config it is sent (and says so in the log).
+- Its ledger (WS/silos/NAME/.secrets/ledger.json) charges every distinct release with the
+  noise the silo itself adds and the fewest survivors it allows (so against a peer, the
+  worst case), and refuses a release that would pass its target. With privacy.toml the
+  ledger spans all runs on this silo's data; without it, one run config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import tomllib
+from pathlib import Path
+
+import torch
+
+from fedlm.config import Config, PrivacyConfig
+from fedlm.errors import UserError
+from fedlm.federation.secagg import MIN_SURVIVORS
+from fedlm.fileio import write_json
+from fedlm.privacy.accounting import PrivacyLedger
+from fedlm.privacy.client_dp import noise_like
+from fedlm.privacy.dpsgd import RecordPlan
+from fedlm.privacy.randomness import NoiseKey, party_key, reseed
+
+log = logging.getLogger("fedlm.federation")
+
+POLICY_FILE = "privacy.toml"
+LEDGER_FILE = Path(".secrets") / "ledger.json"
+
+
+def weights_digest(arrays: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the global arrays received (names, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        t = arrays[name].detach().contiguous().reshape(-1)
+        h.update(f"{name}/{tuple(arrays[name].shape)}/{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def own_privacy(cfg: Config, silo_dir: Path) -> tuple[PrivacyConfig, bool]:
+    """The silo's privacy settings: its privacy.toml checked against the run's (or the run's alone)."""
+    path = silo_dir / POLICY_FILE
+    run = cfg.privacy
+    if not path.exists():
+        return run, False
+    try:
+        local = tomllib.loads(path.read_text()).get("privacy", {})
+        mode, target, delta = str(local["mode"]), float(local["target_epsilon"]), float(local["delta"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: needs [privacy] mode, target_epsilon and delta ({e})") from None
+    name = silo_dir.name
+    if run.mode != mode:
+        raise UserError(f"silo {name!r}: its {POLICY_FILE} says privacy.mode = {mode!r}, the run asks for "
+                        f"{run.mode!r}; refused")
+    if mode != "none" and (run.target_epsilon > target or run.delta > delta):
+        raise UserError(f"silo {name!r}: the run asks for ε = {run.target_epsilon:g}, δ = {run.delta:g}; its "
+                        f"{POLICY_FILE} allows at most ε = {target:g}, δ = {delta:g}; refused")
+    from dataclasses import replace
+
+    return replace(run, target_epsilon=target, delta=delta), True
+
+
+class SiloPrivacy:
+    """One silo's privacy for one round request (see the module doc)."""
+
+    def __init__(self, cfg: Config, silo_dir: Path, *, config_text: str, round_idx: int,
+                 arrays: dict[str, torch.Tensor]) -> None:
+        self.cfg, self.dir, self.round = cfg, silo_dir, round_idx
+        self.privacy, self.lifetime = own_privacy(cfg, silo_dir)
+        self.run = hashlib.sha256(config_text.encode()).hexdigest()[:16]
+        data = silo_dir / "train.bin"  # the data too: new shards under the same request get fresh noise
+        data_id = f"{data.stat().st_size}.{data.stat().st_mtime_ns}" if data.exists() else "-"
+        self.release = (f"{self.run}/{round_idx}/{weights_digest(arrays)}/{data_id}"
+                        if cfg.privacy.mode != "none" else "")
+
+    def _key(self) -> NoiseKey:
+        return party_key(insecure=self.cfg.privacy.insecure_reproducible_noise, seed=self.cfg.train.seed,
+                         who=f"silo {self.dir.name}", owner_dir=self.dir)
+
+    def generator(self, purpose: str) -> torch.Generator:
+        """The silo's secret stream for `purpose` in this release."""
+        return self._key().torch_generator(purpose, self.release)
+
+    def record_round(self, generator: torch.Generator, plan: RecordPlan) -> None:
+        """DP-SGD: charge this round's steps, then set `generator` (Poisson sampling, noise) to the secret stream."""
+        steps = self.cfg.federation.local_steps
+        self.charge((plan.noise_multiplier, plan.sample_rate, steps))
+        reseed(generator, self._key().words(624, "dpsgd", self.release))
+
+    def noise_share(self, update: dict[str, torch.Tensor], *, share_std: float, threshold: int,
+                    num_silos: int) -> dict[str, torch.Tensor]:
+        """Client DP under SecAgg: update + N(0, share_std²), charged for a peer at the fewest survivors."""
+        fewest = max(threshold, MIN_SURVIVORS, num_silos // 2 + 1)
+        z_peer = share_std * math.sqrt(fewest - 1) / self.privacy.clip
+        if not (math.isfinite(z_peer) and z_peer > 0):
+            raise UserError(f"silo {self.dir.name!r}: the server asked for a noise share std {share_std}; refused")
+        self.charge((z_peer, 1.0, 1))
+        noise = noise_like(update, std=share_std, generator=self.generator("client-dp-share"))
+        return {k: update[k].float() + noise[k] for k in update}
+
+    def charge(self, entry: tuple[float, float, int]) -> None:
+        """Record this release on the silo's own ledger, or refuse it past the silo's own target."""
+        pc = self.privacy
+        path = self.dir / LEDGER_FILE
+        try:
+            book = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path} is corrupt ({e}); this silo cannot tell what it has spent") from None
+        key = "lifetime" if self.lifetime else self.run
+        mine = book.get(key, {"releases": {}})
+        if self.release in mine["releases"]:
+            return  # the same request again: the same streams, so the same release, nothing new
+        ledger = PrivacyLedger(mode="client" if pc.mode == "client" else "record", target_epsilon=pc.target_epsilon,
+                               delta=pc.delta, accountant=pc.accountant, clip=pc.clip)
+        ledger.history["me"] = [(float(z), float(q), int(n)) for z, q, n in mine["releases"].values()]
+        exceed, eps = ledger.would_exceed("me", entry)
+        if exceed:
+            raise UserError(f"silo {self.dir.name!r}: this round would take its own ε to {eps:.3f} > "
+                            f"{pc.target_epsilon:g}; it stops contributing")
+        mine["releases"][self.release] = list(entry)
+        book[key] = mine
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_json(path, book)
+        if not self.lifetime and len(mine["releases"]) == 1:
+            log.info("silo %s follows the run's privacy settings (no %s in its directory)", self.dir.name,
+                     POLICY_FILE)
+
+
+def expected_clip_range(cfg: Config, share_std: float) -> float:
+    """The SecAgg clip range a silo's own config implies (the server must send this one)."""
+    base = cfg.federation.max_update_norm if cfg.federation.max_update_norm > 0 else 1.0
+    if cfg.privacy.mode == "client":
+        return base if share_std <= 0 else cfg.privacy.clip + 8 * share_std
+    return base
