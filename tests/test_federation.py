@@ -230,8 +230,8 @@ def test_fedsgd_equals_the_centralised_step_on_the_pooled_batches(ws: Path, tmp_
     run_federated(tiny_cfg(ws, rounds=3, local_steps=1, strategy="fedsgd", secure_aggregation=True,
                            max_update_norm=50.0), tmp_path / "secagg")
     masked = weights(tmp_path / "secagg")
-    for name, value in got.items():
-        np.testing.assert_allclose(masked[name].numpy(), value.numpy(), rtol=0, atol=1e-3)
+    for name, value in got.items():  # the step is 50 / ((2^31 - 1) // 6); Adam's 1/√v magnifies it
+        np.testing.assert_allclose(masked[name].numpy(), value.numpy(), rtol=0, atol=2e-3)
 
 
 def test_fedsgd_refuses_local_steps_and_record_dp(ws: Path, tmp_path: Path) -> None:
@@ -404,22 +404,21 @@ def test_bad_input_before_round_one(tmp_path: Path) -> None:
     assert not (tmp_path / "r3" / "rounds.jsonl").exists()
 
 
-def test_secure_aggregation_with_two_silos_per_round_warns(ws: Path, tmp_path: Path,
-                                                           caplog: pytest.LogCaptureFixture) -> None:
-    """With 2 silos a round, each can take its own update off the aggregate: the run says so."""
-    with caplog.at_level(logging.WARNING):
+def test_secure_aggregation_with_two_silos_per_round_is_refused(ws: Path, tmp_path: Path) -> None:
+    """With 2 silos a round, each can take its own update off the aggregate: the run refuses."""
+    with pytest.raises(UserError, match="at least 3 silos per round, the run samples 2"):
         run_federated(tiny_cfg(ws, rounds=1, fraction=0.6, secure_aggregation=True), tmp_path / "two")
-    assert rounds(tmp_path / "two")[0]["completed"]
-    assert any("2 silos per round" in r.getMessage() for r in caplog.records)
 
 
-def test_secure_aggregation_equals_fedavg_and_survives_a_dropout(ws: Path, tmp_path: Path) -> None:
-    """SecAgg rounds give plain FedAvg's weights within the quantisation error, also when one silo of
-    three drops after sharing its keys (its pairwise masks are rebuilt from the others' shares)."""
+def test_secure_aggregation_equals_fedavg_and_refuses_two_survivors(ws: Path, tmp_path: Path) -> None:
+    """SecAgg rounds give plain FedAvg's weights within the quantisation error. When one silo of
+    three drops after sharing its keys, the sum of the other two would let each read the
+    other's update off the new global model (issue 19, attack 5): the round is refused and the
+    global model stays as it was."""
     run_federated(tiny_cfg(ws, rounds=1), tmp_path / "plain")
     run_federated(tiny_cfg(ws, rounds=1, secure_aggregation=True), tmp_path / "secagg")
     plain, sec = weights(tmp_path / "plain"), weights(tmp_path / "secagg")
-    # 3 silos, 32 bits, clip 1.0: step = 1 / ((2**31 - 1) // 3) ≈ 1.4e-9, far below fp32 rounding of w
+    # 3 silos, 32 bits, clip 1.0: step = 1 / ((2**31 - 1) // 6) ≈ 2.8e-9, far below fp32 rounding of w
     for k in plain:
         np.testing.assert_allclose(sec[k].numpy(), plain[k].numpy(), rtol=1e-6, atol=1e-7)
     row = rounds(tmp_path / "secagg")[0]
@@ -430,11 +429,12 @@ def test_secure_aggregation_equals_fedavg_and_survives_a_dropout(ws: Path, tmp_p
             raise RuntimeError("link down")
         return ca.app(msg, context)
 
-    run_federated(tiny_cfg(ws, rounds=1, min_silos=2), tmp_path / "plain-ab", client_app=drop_c_after_keys)
     run_federated(tiny_cfg(ws, rounds=1, min_silos=2, secure_aggregation=True), tmp_path / "secagg-ab",
                   client_app=drop_c_after_keys)
     row = rounds(tmp_path / "secagg-ab")[0]
-    assert row["completed"] and set(row["dropped"]) == {"c"} and "secagg_input" in row["dropped"]["c"]
-    plain, sec = weights(tmp_path / "plain-ab"), weights(tmp_path / "secagg-ab")
-    for k in plain:
-        np.testing.assert_allclose(sec[k].numpy(), plain[k].numpy(), rtol=1e-6, atol=1e-7)
+    assert not row["completed"] and set(row["dropped"]) == {"c"} and "secagg_input" in row["dropped"]["c"]
+    start = weights(tmp_path / "secagg-ab")
+    fresh = build_model(tiny_cfg(ws, rounds=1), vocab(ws)).state_dict()
+    assert all(torch.equal(start[k], fresh[k]) for k in start)
+
+

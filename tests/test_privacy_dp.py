@@ -19,10 +19,11 @@ from opacus.accountants import RDPAccountant
 from fedlm.config import ModelConfig, PrivacyConfig, load_config
 from fedlm.errors import UserError
 from fedlm.federation.dp_rounds import RoundPrivacy
+from fedlm.federation.secagg import min_survivors
 from fedlm.model import Transformer
 from fedlm.privacy.accounting import PrivacyLedger, client_epsilon, record_epsilon
 from fedlm.privacy.client_dp import clip_update, plan_client_dp
-from fedlm.privacy.dpsgd import PoissonRecords, per_sample_clipped_sum, plan_record_dp
+from fedlm.privacy.dpsgd import DPSGD, PoissonRecords, RecordPlan, plan_record_dp
 
 
 @settings(max_examples=4, deadline=None)
@@ -60,12 +61,14 @@ def test_client_epsilon_matches_flower_and_pld_bound() -> None:
 @given(target=st.floats(1, 20), rounds=st.integers(1, 40))
 def test_client_plan_never_exceeds_target(target: float, rounds: int) -> None:
     pc = PrivacyConfig(mode="client", target_epsilon=target, delta=1e-3)
-    plan = plan_client_dp(num_silos=10, participations={"a": rounds}, per_round=10, distributed=True, privacy=pc)
+    plan = plan_client_dp(num_silos=10, participations={"a": rounds}, per_round=10, distributed=True, privacy=pc,
+                          min_survivors=6)
     assert client_epsilon([plan.noise_multiplier] * rounds, delta=1e-3) <= target
 
 
-def test_per_sample_clipping_matches_a_loop() -> None:
-    """Opacus's clipped sum (tied embedding, RMSNorm via functorch) = Σ_i clip(∇ loss_i) by a loop."""
+def test_dpsgd_step_matches_a_per_example_loop() -> None:
+    """DPSGD.step itself (Opacus: tied embedding, RMSNorm via functorch), noise off, plain SGD at
+    lr 1: the weights move by exactly −Σ_i clip(∇ loss_i) / B, computed here by a loop."""
     torch.manual_seed(0)
     m = Transformer(ModelConfig(preset="custom", d_model=32, n_layers=2, n_heads=2, d_ff=64,
                                 vocab_size=50, max_seq_len=16))
@@ -78,10 +81,14 @@ def test_per_sample_clipping_matches_a_loop() -> None:
         norm = math.sqrt(sum(float((v**2).sum()) for v in g.values()))
         for n in ref:
             ref[n] += min(1.0, 0.5 / (norm + 1e-6)) * g[n]
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
     m.zero_grad()
-    got = per_sample_clipped_sum(m, x, y, clip=0.5)
-    for n in ref:
-        torch.testing.assert_close(got[n], ref[n], atol=1e-6, rtol=1e-5)
+    plan = RecordPlan(num_records=4, sample_rate=1.0, steps=1, noise_multiplier=0.0, clip=0.5, delta=1e-5,
+                      target_epsilon=1.0, accountant="rdp", planned_epsilon=1.0)
+    with DPSGD(m, torch.optim.SGD(m.parameters(), lr=1.0), plan=plan, generator=torch.Generator()) as dp:
+        dp.step(x, y, lr=1.0)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(before[n] - p.detach(), ref[n] / 4, atol=1e-6, rtol=1e-5)
     assert not any(hasattr(p, "grad_sample") for p in m.parameters())  # hooks removed
 
 
@@ -145,22 +152,72 @@ def test_options_that_break_the_guarantee_are_refused(sets: list[str], match: st
         load_config(None, sets)
 
 
+def _client_dp(tmp_path: Path, *, silos: int, rounds: int, target: float) -> RoundPrivacy:
+    """The server's privacy state of a distributed-noise run: every silo in every round."""
+    names = [f"s{i}" for i in range(silos)]
+    pc = PrivacyConfig(mode="client", target_epsilon=target, delta=1e-5)
+    plan = plan_client_dp(num_silos=100, participations=dict.fromkeys(names, rounds), per_round=silos,
+                          distributed=True, privacy=pc, min_survivors=min_survivors(silos))
+    ledger = PrivacyLedger(mode="client", target_epsilon=target, delta=1e-5, accountant="rdp", clip=1.0)
+    server = PrivacyLedger(mode="client", target_epsilon=target, delta=1e-5, accountant="rdp", clip=1.0)
+    return RoundPrivacy(ledger, plan, tmp_path / "privacy.json", 0, 1, server_ledger=server)
+
+
 def test_ledger_stops_a_silo_before_it_overruns(tmp_path: Path) -> None:
-    ledger = PrivacyLedger(mode="client", target_epsilon=5.0, delta=1e-5, accountant="rdp", clip=1.0)
-    dp = RoundPrivacy(ledger, None, tmp_path / "privacy.json", 0, 1)
-    dp.plan = plan_client_dp(num_silos=10, participations={"a": 2}, per_round=2, distributed=True,
-                             privacy=PrivacyConfig(mode="client", target_epsilon=5.0, delta=1e-5))
-    rounds = 0
-    while True:
-        admitted, stopped = dp.admit(["a", "b"])
-        if not admitted:
-            break
-        dp.spend(admitted, {})
-        rounds += 1
-    assert rounds == 2 and "privacy budget" in stopped["a"]
-    assert max(dp.spent().values()) <= 5.0
-    dp.spend(["a"], {})  # a round that lost a silo of the noise: z·√(1/2), more ε than planned
-    assert json.loads((tmp_path / "privacy.json").read_text())["silos"]["a"]["epsilon"] > 5.0
+    """A silo is stopped before the round that would pass its target, and a round that loses a
+    silo is charged what it really released, never more than the target (attack 3: this test
+    used to assert the overshoot). privacy.json states ε against a peer and against the server."""
+    dp = _client_dp(tmp_path, silos=4, rounds=2, target=4.0)
+    names = ["s0", "s1", "s2", "s3"]
+    admitted, _ = dp.admit(names)
+    dp.spend(admitted, {})
+    admitted, _ = dp.admit(names)
+    dp.spend(admitted[:3], {})  # one of four drops in the last admitted round: 3 >= m_min = 3 survive
+    admitted, stopped = dp.admit(names)
+    assert admitted == ["s3"] and all("privacy budget" in stopped[s] for s in names[:3])  # s3 spent 1 round
+    rec = json.loads((tmp_path / "privacy.json").read_text())
+    assert max(v["epsilon"] for v in rec["silos"].values()) <= 4.0
+    assert rec["epsilon_is_against"].startswith("a peer")
+    for s in names:  # the server sees one more share than a peer: less ε against it
+        assert rec["against_server"][s]["epsilon"] < rec["silos"][s]["epsilon"]
+    with pytest.raises(ValueError, match="fewer than the 3"):
+        dp.spend(["s0", "s1"], {})  # a round of 2 is never applied under secure aggregation
+
+
+@settings(max_examples=12, deadline=None)
+@given(silos=st.integers(3, 6), rounds=st.integers(1, 5), target=st.floats(1.0, 8.0),
+       drops=st.lists(st.integers(0, 3), min_size=8, max_size=8))
+def test_epsilon_never_passes_the_target_whatever_drops(silos: int, rounds: int, target: float,
+                                                        drops: list[int]) -> None:
+    """Attack 3 as a property: whichever silos drop in whichever round (the last admitted one
+    included), ε against a peer and against the server stays within the target; a round whose
+    survivors fall below what the shares are sized for is refused, never charged."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dp = _client_dp(Path(tmp), silos=silos, rounds=rounds, target=target)
+        names = [f"s{i}" for i in range(silos)]
+        for r in range(rounds + 2):  # more rounds than planned: admission must stop them
+            admitted, _ = dp.admit(names)
+            survivors = admitted[: max(0, len(admitted) - drops[r % len(drops)])]
+            if admitted and len(survivors) >= dp.min_contributors():
+                dp.spend(survivors, {})
+        assert dp.server_ledger is not None
+        for led in (dp.ledger, dp.server_ledger):
+            assert max(led.spent().values(), default=0.0) <= target * (1 + 1e-9)
+
+
+def test_a_peer_faces_the_planned_noise_at_the_fewest_survivors() -> None:
+    """Attack 4: a peer knows its own share; the shares are sized so that the other m_min − 1
+    survivors' shares alone carry N(0, (z·C)²)."""
+    pc = PrivacyConfig(mode="client", target_epsilon=4.0, delta=1e-5, clip=0.7)
+    plan = plan_client_dp(num_silos=10, participations={"a": 5}, per_round=5, distributed=True, privacy=pc,
+                          min_survivors=min_survivors(5))
+    assert plan.min_survivors == 3
+    assert plan.against_peer(3) == pytest.approx(plan.noise_multiplier)
+    assert plan.against_server(3) == pytest.approx(plan.noise_multiplier * math.sqrt(3 / 2))
+    assert plan.against_peer(5) > plan.noise_multiplier
+    assert client_epsilon([plan.against_peer(3)] * 5, delta=1e-5) <= 4.0
 
 
 def _cfg(ws: Path, *sets: str):  # type: ignore[no-untyped-def]

@@ -1,0 +1,246 @@
+"""Issue 19's attacks on fedlm's privacy, each run as a test against the real code paths: the
+parties of a run (the server, a peer silo) trying to rebuild noise, replay DP-SGD, unmask a
+silo, wrap the secure sum or read metrics in clear. The protocol-level attacks on secure
+aggregation (t = 1, a second masked input, a second unmask, wrapped inputs) are in
+test_secagg.py; ε against every party under dropouts in test_privacy_dp.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import shutil
+import stat
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlm.config import Config, ModelConfig, PrivacyConfig
+from fedlm.errors import UserError
+from fedlm.federation import client_app as ca
+from fedlm.federation.runner import run_federated
+from fedlm.federation.silo_privacy import SiloPrivacy
+from fedlm.model import Transformer
+from fedlm.privacy.dpsgd import DPSGD, PoissonRecords, plan_record_dp, secret_generator
+from fedlm.privacy.randomness import KEY_FILE, NoiseKey
+from tests.test_federation import make_ws, rounds, tiny_cfg, weights
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_ws(tmp_path_factory.mktemp("ws"))
+
+
+def _dp(ws: Path, mode: str, rounds: int = 2, **fed: object) -> Config:
+    cfg = tiny_cfg(ws, rounds=rounds, local_steps=1, **fed)
+    cfg.privacy = PrivacyConfig(mode=mode, target_epsilon=8.0, delta=1e-3 if mode == "record" else 0.01)
+    return cfg
+
+
+def _differ(a: Path, b: Path) -> bool:
+    wa, wb = weights(a), weights(b)
+    return any(not torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_central_noise_is_fresh_unless_insecure_noise_is_asked(ws: Path, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Attack 1: central client-DP noise was seeded from (train.seed, round), which every silo
+    holds. Now the same config on the same data gives other noise each run: nothing in the
+    config, the messages or the run directory rebuilds it. The explicit opt-in reproduces bit
+    for bit, and says loudly that the run has no privacy."""
+    run_federated(_dp(ws, "client"), tmp_path / "r1")
+    run_federated(_dp(ws, "client"), tmp_path / "r2")
+    assert _differ(tmp_path / "r1", tmp_path / "r2")
+    assert not list((tmp_path / "r1").rglob("*.key"))  # no key in the run directory
+    insecure = _dp(ws, "client")
+    insecure.privacy.insecure_reproducible_noise = True
+    with caplog.at_level(logging.WARNING):
+        run_federated(insecure, tmp_path / "i1")
+        run_federated(insecure, tmp_path / "i2")
+    assert not _differ(tmp_path / "i1", tmp_path / "i2")
+    assert any("NO PRIVACY" in r.getMessage() for r in caplog.records)
+    rec = json.loads((tmp_path / "i1" / "privacy.json").read_text())
+    assert "no privacy" in rec["insecure_reproducible_noise"]
+
+
+@pytest.mark.slow
+def test_record_noise_needs_the_silos_own_key(ws: Path, tmp_path: Path) -> None:
+    """Attack 2 on the federated path: DP-SGD's sampling and noise come from each silo's own key
+    (owner-only, in its directory). Without the keys (anyone else) the run is another one; with
+    them (the silo itself, e.g. resuming) the same request gives the same release."""
+    run_federated(_dp(ws, "record", rounds=1), tmp_path / "r1")
+    for silo in ("a", "b", "c"):
+        key = ws / "silos" / silo / KEY_FILE
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600 and len(key.read_bytes()) == 32
+    shutil.copytree(ws / "silos", tmp_path / "keys-of-r1")
+    for silo in ("a", "b", "c"):
+        shutil.rmtree(ws / "silos" / silo / ".secrets")  # another party: fresh keys
+    run_federated(_dp(ws, "record", rounds=1), tmp_path / "r2")
+    assert _differ(tmp_path / "r1", tmp_path / "r2")
+    for silo in ("a", "b", "c"):  # the silos' own keys back: their streams again
+        shutil.rmtree(ws / "silos" / silo / ".secrets")
+        shutil.copytree(tmp_path / "keys-of-r1" / silo / ".secrets", ws / "silos" / silo / ".secrets")
+    run_federated(_dp(ws, "record", rounds=1), tmp_path / "r3")
+    assert not _differ(tmp_path / "r1", tmp_path / "r3")
+
+
+def test_dpsgd_replay_cannot_tell_neighbouring_datasets_apart() -> None:
+    """Attack 2 as in the audit: at target ε = 0.5 an adversary who holds the config replays
+    DP-SGD on D and on D' (one record changed) and checks which replay matches the released
+    weights bit for bit. Against config-seeded noise it wins every trial; against the silo's
+    secret stream it never matches, so it is left guessing. Bounded: 8 trials of 2 steps."""
+    t0 = time.perf_counter()
+    cfg = ModelConfig(preset="custom", d_model=16, n_layers=1, n_heads=2, d_ff=32, vocab_size=40, max_seq_len=8)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 40, (161,), generator=gen).numpy().astype(np.uint16)  # 20 records of 8
+    neighbour = tokens.copy()
+    neighbour[8:17] = (neighbour[8:17] + 1) % 40  # record 1 differs
+    pc = PrivacyConfig(mode="record", target_epsilon=0.5, delta=1e-3)
+    plan = plan_record_dp(num_records=20, batch_size=4, steps=2, privacy=pc)
+
+    def release(data: np.ndarray, key: NoiseKey, trial: int) -> dict[str, torch.Tensor]:
+        model = Transformer(cfg, seed=1)
+        g = secret_generator(key, "run", trial)
+        records = PoissonRecords([data], seq_len=8, sample_rate=plan.sample_rate, generator=g)
+        with DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), plan=plan, generator=g) as dp:
+            for _ in range(2):
+                dp.step(*records.next(), lr=0.1)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    wins = {"config-seeded": 0, "secret": 0}
+    for trial in range(8):
+        secret_bit = random.Random(trial).random() < 0.5
+        data = neighbour if secret_bit else tokens
+        for kind in wins:
+            key = NoiseKey.insecure_from_seed(7, "silo a") if kind == "config-seeded" else NoiseKey.fresh()
+            out = release(data, key, trial)
+            replay_key = NoiseKey.insecure_from_seed(7, "silo a")  # all the adversary can build
+            on_d, on_d2 = release(tokens, replay_key, trial), release(neighbour, replay_key, trial)
+            if same(out, on_d2) != same(out, on_d):  # exactly one replay matched: a sure answer
+                wins[kind] += same(out, on_d2) == secret_bit
+    assert wins["config-seeded"] == 8  # the attack works when the noise can be rebuilt
+    assert wins["secret"] == 0  # and never decides when it cannot
+    assert time.perf_counter() - t0 < 120
+
+
+def _tampering_app(tamper: dict[str, object]) -> ClientApp:
+    """fedlm's ClientApp, except silo "a" forges its round-1 masked vector (tamper["how"])."""
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return ca.app(msg, context)
+
+    def train(msg: Message, context: Context) -> Message:
+        reply = ca.app(msg, context)
+        kind = msg.metadata.message_type
+        if kind == "train.secagg_input":
+            tamper.setdefault("metric_keys", set()).update(  # type: ignore[union-attr]
+                reply.content.metric_records["metrics"].keys())
+            r = int(msg.content.config_records["config"]["round"])  # type: ignore[arg-type]
+            if context.node_config["silo"] == "a" and r == 0:
+                arrays = reply.content.array_records["secagg-arrays"]
+                y = arrays["masked"].numpy()
+                forged = (np.random.default_rng(0).integers(0, 2**32, y.size, dtype=np.uint32)
+                          if tamper["how"] == "wrap" else y + np.uint32(2**28))
+                arrays["masked"] = Array(forged)
+        return reply
+
+    app.train()(train)
+    for action in ("secagg_setup", "secagg_keys", "secagg_input", "secagg_unmask"):
+        app.train(action)(train)
+    return app
+
+
+@pytest.mark.parametrize("how", ["wrap", "huge"])
+def test_a_forged_masked_input_is_refused_and_the_run_goes_on(ws: Path, tmp_path: Path, how: str,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Attack 7: a malicious silo wraps the modular sum (random uint32) or adds a large in-range
+    offset. The server refuses that round's sum (out of range / over n × max_update_norm) and the
+    run goes on: the next round, with the same silos behaving, completes. Attack 8 on the same
+    run: under SecAgg no silo sends its loss or seconds in clear, and the round's row holds
+    their secure means, the same for every silo."""
+    tamper: dict[str, object] = {"how": how}
+    cfg = tiny_cfg(ws, rounds=2, local_steps=1, secure_aggregation=True, max_update_norm=1.0)
+    with caplog.at_level(logging.WARNING):
+        run_federated(cfg, tmp_path / "run", client_app=_tampering_app(tamper))
+    first, second = rounds(tmp_path / "run")
+    why = "out of range" if how == "wrap" else "exceeds"
+    assert any("round 1" in r.getMessage() and why in r.getMessage() for r in caplog.records)
+    assert not first["completed"] and second["completed"]
+    assert "loss" not in tamper["metric_keys"] and "train_seconds" not in tamper["metric_keys"]  # type: ignore[operator]
+    losses = {row["loss"] for row in second["silos"].values()}
+    assert len(losses) == 1 and abs(second["loss"] - losses.pop()) < 1e-3
+
+
+def test_a_rejected_update_does_not_reveal_its_norm(ws: Path, tmp_path: Path) -> None:
+    """Attack 8: the silo checks its update against max_update_norm before masking; the reason
+    the server gets names the rule, not the norm."""
+    cfg = tiny_cfg(ws, rounds=1, local_steps=1, secure_aggregation=True, max_update_norm=1e-9)
+    run_federated(cfg, tmp_path / "run")
+    row = rounds(tmp_path / "run")[0]
+    assert not row["completed"] and set(row["dropped"]) == {"a", "b", "c"}
+    for why in row["dropped"].values():
+        assert "max_update_norm" in why and not re.search(r"\d\.\d|\de-", why)
+
+
+def test_insecure_noise_is_refused_across_organisations(ws: Path, tmp_path: Path) -> None:
+    """The deployed engine (Flower's ServerApp, one process per organisation) refuses
+    reproducible noise: any silo could rebuild it from the config."""
+    from fedlm.config import save_config
+    from fedlm.federation import server_app
+
+    cfg = _dp(ws, "client")
+    cfg.privacy.insecure_reproducible_noise = True
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(cfg, run_dir / "config.toml")
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={"run-dir": str(run_dir), "resume": False})
+    with pytest.raises(UserError, match="insecure_reproducible_noise = true is refused on the deployed"):
+        server_app.main(None, context)  # type: ignore[arg-type]  # refused before any message
+    assert "refused" in json.loads((run_dir / "error.json").read_text())["error"]
+
+
+def test_a_silo_enforces_its_own_mode_and_budget(ws: Path, tmp_path: Path) -> None:
+    """Attack 6: the silo takes its mode and ε from its own privacy.toml and ledger, not from the
+    server: a run that drops privacy or raises ε is refused; a share std too small for the
+    silo's budget is refused by its ledger; the same request again is not charged twice."""
+    silo = tmp_path / "silos" / "a"
+    shutil.copytree(ws / "silos" / "a", silo, ignore=shutil.ignore_patterns(".secrets"))
+    (silo / "privacy.toml").write_text('[privacy]\nmode = "client"\ntarget_epsilon = 2.0\ndelta = 0.01\n')
+    arrays = {"w": torch.zeros(3)}
+
+    def rules(cfg: Config, r: int = 0) -> SiloPrivacy:
+        return SiloPrivacy(cfg, silo, config_text=repr(cfg), round_idx=r, arrays=arrays)
+
+    with pytest.raises(UserError, match="privacy.mode = 'client', the run asks for 'none'"):
+        rules(tiny_cfg(ws))
+    greedy = _dp(ws, "client")  # target 8 > the silo's 2
+    with pytest.raises(UserError, match="allows at most ε = 2"):
+        rules(greedy)
+    cfg = _dp(ws, "client")
+    cfg.privacy.target_epsilon = 2.0
+    update = {"w": torch.zeros(3)}
+    with pytest.raises(UserError, match="its own ε"):  # a server asking for almost no noise
+        rules(cfg).noise_share(update, share_std=1e-3, threshold=2, num_silos=3)
+    first = rules(cfg).noise_share(update, share_std=3.0, threshold=2, num_silos=3)
+    again = rules(cfg).noise_share(update, share_std=3.0, threshold=2, num_silos=3)
+    assert torch.equal(first["w"], again["w"])  # the same release, charged once
+    ledger = json.loads((silo / ".secrets" / "ledger.json").read_text())
+    assert len(ledger["lifetime"]["releases"]) == 1
+    spent = 1
+    with pytest.raises(UserError, match="stops contributing"):
+        for r in range(1, 100):
+            rules(cfg, r).noise_share(update, share_std=3.0, threshold=2, num_silos=3)
+            spent += 1
+    assert 1 < spent < 100
