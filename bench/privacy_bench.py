@@ -222,14 +222,22 @@ def _base_overrides(ws: Path, s: Settings) -> list[str]:
 
 
 def dp_throughput(ws: Path, s: Settings) -> dict[str, float]:
-    """Tokens per CPU second of local training on the canary silo: DP-SGD vs plain, same batch size.
+    """Tokens per CPU second of local training on the canary silo: DP-SGD (secret generator,
+    Opacus secure-mode noise, as the silos run it) vs plain, same batch size.
 
     The DP-SGD sampling rate is set so its expected batch equals the plain batch; the two
     alternate `throughput_steps` steps at a time (three times) after a warm-up, medians.
     """
     from fedlm.config import load_config
     from fedlm.data.shards import open_split
-    from fedlm.privacy.dpsgd import DPSGD, PoissonRecords, num_records, plan_record_dp
+    from fedlm.privacy.dpsgd import (
+        DPSGD,
+        PoissonRecords,
+        num_records,
+        plan_record_dp,
+        secret_generator,
+    )
+    from fedlm.privacy.randomness import NoiseKey
     from fedlm.train import build_model, make_optimizer, train_step
 
     cfg = load_config(overrides=[*_base_overrides(ws, s), "train.mode=federated", "privacy.mode=record",
@@ -239,7 +247,7 @@ def dp_throughput(ws: Path, s: Settings) -> dict[str, float]:
     n = num_records(len(tokens), tc.seq_len)
     model = build_model(cfg)
     plan = plan_record_dp(num_records=n, batch_size=tc.batch_size, steps=100, privacy=cfg.privacy)
-    g = torch.Generator().manual_seed(0)
+    g = secret_generator(NoiseKey.fresh(), "throughput")  # as a silo draws it: secret, full-state
     rng = np.random.default_rng(0)
 
     def plain_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,7 +408,7 @@ def run(quick: bool = True, settings: Settings | None = None, only: list[str] | 
             row["slowdown"] = (row["cpu_seconds"] - row["search_cpu_seconds"]) / base_row["cpu_seconds"]
             row["bpb_ratio"] = row["bits_per_byte"] / base_row["bits_per_byte"]
         t0 = time.perf_counter()
-        throughput = dp_throughput(ws, s) if only is None else None
+        throughput = dp_throughput(ws, s)
         timings["throughput_s"] = time.perf_counter() - t0
         chance = 1 / math.log(2)
         return {"rows": rows, "settings": {**asdict(s), "records": records,

@@ -15,6 +15,7 @@ from fedlm.data.tokenizer import (
     agree_tokenizer,
     count_pretokens,
     load_tokenizer,
+    release_silo_counts,
     token_byte_lengths,
     tokenizer_hash,
     train_from_counts,
@@ -173,3 +174,19 @@ def test_hash_ignores_formatting(tmp_path: Path, tok) -> None:  # type: ignore[n
     b.write_text(tok.to_str(pretty=False))
     assert a.read_text() != b.read_text() and tokenizer_hash(a) == tokenizer_hash(b)
     assert np.array_equal(token_byte_lengths(load_tokenizer(a)), token_byte_lengths(tok))
+
+
+def test_dp_counts_are_one_mechanism_with_the_silos_secret_noise(tmp_path: Path) -> None:
+    """`fedlm data counts` (one silo) and `agree_tokenizer` (all) release the same counts: one
+    mechanism, one stream from the silo's own key. Asked again, a silo releases the same counts
+    (no second draw to average); the same documents in another workspace (another key) get
+    other noise: nothing public seeds it."""
+    ws = make_workspace(tmp_path / "one", {"a": CORPUS * 20, "b": EN * 50})
+    other = make_workspace(tmp_path / "two", {"a": CORPUS * 20, "b": EN * 50})
+    record = agree_tokenizer(ws, vocab_size=400, epsilon=1.0, max_pretokens_per_doc=16)
+    first = release_silo_counts(ws, "a", epsilon=1.0, max_pretokens_per_doc=16)
+    assert first["privacy"] == record["silos"]["a"] and first["privacy"]["noise"].startswith("secret")
+    assert release_silo_counts(ws, "a", epsilon=1.0, max_pretokens_per_doc=16)["counts"] == first["counts"]
+    assert release_silo_counts(other, "a", epsilon=1.0, max_pretokens_per_doc=16)["counts"] != first["counts"]
+    key = ws / "silos" / "a" / ".secrets" / "noise.key"
+    assert key.stat().st_mode & 0o077 == 0 and key.read_bytes().hex() not in json.dumps(record)

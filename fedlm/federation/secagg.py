@@ -34,9 +34,12 @@ where s_uv is the ECDH key of u's and v's mask key pairs. The pairwise masks can
 sum; the server removes the self masks of the silos whose vectors arrived (from t shares of
 b_u) and, for a silo that dropped after sharing keys, rebuilds its pairwise masks from t
 shares of its mask secret key. An honest silo never reveals both b_u and s_sk_u of the same
-silo, and refuses to unmask with fewer than t survivors. Threat model: an honest-but-curious
-server and silos (Bonawitz's round 3 consistency check with signatures, which guards against
-a server that lies about who dropped, is not implemented). The PRG is AES-256 in counter mode (`fedlm.privacy.randomness.prg`)
+silo. It enforces its own rules, whatever the server asks: a threshold t that is a majority
+of at least 3 silos, bits in [8, 32], the clip range its own config implies, one masked input
+and one unmask answer per round, and no unmasking with fewer than max(t, 3) survivors (with
+2, each could read the other's update off the sum). Not implemented: Bonawitz's round 3
+consistency check with signatures (a server that tells silos different survivor lists), and
+binding the public keys to the silos' node identities. The PRG is AES-256 in counter mode (`fedlm.privacy.randomness.prg`)
 keyed by the 32-byte secret (a real CSPRNG, ~10 ms per 5 M values), fresh keys every round.
 
 Quantisation. With n silos at setup, each value is clipped to ±clip_range and rounded to the

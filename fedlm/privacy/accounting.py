@@ -14,8 +14,8 @@ clipped update to a sum released with N(0, (z·clip)²) noise: a Gaussian mechan
 sensitivity `clip` (add/remove one silo). The silos of a round are drawn from a public seed
 (`federation.fraction`), so no amplification by sampling is claimed; a silo spends only in
 the rounds it takes part in. ε comes from dp-accounting's RDP accountant (the library Flower's
-`flwr[dp]` accountant uses), one `GaussianDpEvent` per round, with the noise really added
-that round (fewer survivors of distributed noise = less noise = a smaller effective z).
+`flwr[dp]` accountant uses), one `GaussianDpEvent` per round, with the noise the party in
+question really faces that round (`ClientPlan.against_peer`, `against_server`).
 
 `PrivacyLedger` holds each silo's history; the federation checks `would_exceed` before a
 round and stops a silo whose budget the round would overrun, and writes `to_json()` to

@@ -35,9 +35,11 @@ of Korolova, Kenthapadi, Mishra & Ntoulas 2009 ("Releasing search queries and cl
 privately") and Gopi, Gulhane, Kulkarni, Shen, Shokouhi & Yekhanin 2020 ("Differentially
 Private Set Union", section 3).
 
-Caveat: the noise comes from numpy's PCG64 with floating-point Gaussians, not a discrete or
-cryptographically secure sampler (Mironov 2012); fine for research, not for adversarial
-deployments. A fixed seed makes the noise reproducible, so never publish it.
+The caller passes the generator. fedlm's callers draw it from the releasing party's secret
+key (`fedlm.privacy.randomness`: PCG64 seeded with 256 bits of an AES-CTR stream), never from
+the config. Caveat: the Gaussians are floating-point samples, not a discrete Gaussian
+(Mironov 2012 shows how low-order bits of such noise can leak); the released counts are
+rounded to integers, which removes those bits.
 """
 
 from __future__ import annotations
