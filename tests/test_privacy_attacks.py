@@ -147,7 +147,7 @@ def _tampering_app(tamper: dict[str, object]) -> ClientApp:
             tamper.setdefault("metric_keys", set()).update(  # type: ignore[union-attr]
                 reply.content.metric_records["metrics"].keys())
             r = int(msg.content.config_records["config"]["round"])  # type: ignore[arg-type]
-            if context.node_config["silo"] == "a" and r == 0:
+            if context.node_config["silo"] == "a" and r == 1:  # round 1 (the wire counts from 1)
                 arrays = reply.content.array_records["secagg-arrays"]
                 y = arrays["masked"].numpy()
                 forged = (np.random.default_rng(0).integers(0, 2**32, y.size, dtype=np.uint32)
