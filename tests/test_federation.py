@@ -434,7 +434,7 @@ def test_secure_aggregation_equals_fedavg_and_refuses_two_survivors(ws: Path, tm
     row = rounds(tmp_path / "secagg-ab")[0]
     assert not row["completed"] and set(row["dropped"]) == {"c"} and "secagg_input" in row["dropped"]["c"]
     start = weights(tmp_path / "secagg-ab")
-    fresh = build_model(tiny_cfg(ws, rounds=1), vocab(ws)).state_dict()
+    fresh = build_model(tiny_cfg(ws, rounds=1)).state_dict()
     assert all(torch.equal(start[k], fresh[k]) for k in start)
 
 
