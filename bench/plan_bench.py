@@ -37,7 +37,8 @@ def _measure_main(overrides: list[str], steps: int) -> dict[str, Any]:
     import torch
 
     from fedlm.config import load_config
-    from fedlm.plan import _with_lora, resolve_model
+    from fedlm.lora import apply_lora
+    from fedlm.plan import resolve_model
     from fedlm.train import SiloBatches, lm_loss, lr_at, make_optimizer, train_step
 
     torch.set_num_threads(1)
@@ -51,10 +52,11 @@ def _measure_main(overrides: list[str], steps: int) -> dict[str, Any]:
     baseline = int(Path("/proc/self/statm").read_text().split()[1]) * page
     from fedlm.model import Transformer
 
-    model: torch.nn.Module = Transformer(mc)
-    model.activation_checkpointing = tc.activation_checkpointing  # type: ignore[assignment]
+    model = Transformer(mc)
+    model.activation_checkpointing = tc.activation_checkpointing
     if cfg.lora.rank:
-        model = _with_lora(model, cfg)
+        apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                   targets=cfg.lora.targets)
     model.train()
     wire = [n for n, p in model.named_parameters() if p.requires_grad]
     state = model.state_dict()

@@ -323,7 +323,7 @@ def run(quick: bool = True, settings: Settings | None = None, only: list[str] | 
     from fedlm.config import load_config
     from fedlm.data.shards import read_meta
     from fedlm.federation.runner import run_federated
-    from fedlm.modelio import load_model
+    from fedlm.pretrained import load_model
     from fedlm.privacy.audit import audit, membership_inference
     from fedlm.privacy.dpsgd import num_records
     from fedlm.train import train

@@ -152,7 +152,7 @@ def _quantization(model_dir: Path, held_out: str) -> dict[str, Any]:
     """fp32 vs int8: decode tokens/s (batch 1 and 16), weight bytes, bits/byte on held-out text."""
     from tokenizers import Tokenizer
 
-    from fedlm.modelio import load_model
+    from fedlm.pretrained import load_model
     from fedlm.serve.engine import quantize_int8
 
     model, tok_path = load_model(model_dir)
@@ -184,7 +184,7 @@ def _http(model_dir: Path, held_out: str) -> dict[str, Any]:
     import torch
     from tokenizers import Tokenizer
 
-    from fedlm.modelio import load_model
+    from fedlm.pretrained import load_model
 
     model, tok_path = load_model(model_dir)
     assert tok_path is not None

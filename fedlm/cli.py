@@ -242,7 +242,7 @@ def eval_(
 ) -> None:
     """Perplexity, bits per byte, next-token accuracy on a silo's validation split."""
     from fedlm.evaluate import evaluate_silo
-    from fedlm.modelio import load_model
+    from fedlm.pretrained import load_model
 
     if split not in ("val", "train"):
         raise UserError(f"--split {split!r}: use val or train")
@@ -271,7 +271,7 @@ def generate(
 
     from fedlm.data.tokenizer import EOS
     from fedlm.generate import generate as gen
-    from fedlm.modelio import load_model
+    from fedlm.pretrained import load_model
 
     if max_new_tokens <= 0:
         raise UserError("--max-new-tokens must be > 0")
@@ -305,7 +305,7 @@ def export(
 ) -> None:
     """Export a model for other tools (hf: loads as transformers' LlamaForCausalLM)."""
     from fedlm.hf import export_hf
-    from fedlm.modelio import load_model
+    from fedlm.pretrained import load_model
 
     if format != "hf":
         raise UserError(f"--format {format!r}: only 'hf' is supported")
@@ -480,7 +480,7 @@ def audit(
 ) -> None:
     """Privacy audit: exposure of planted canaries and membership inference (AUC, TPR at 1% FPR)."""
     from fedlm.data.shards import list_silos
-    from fedlm.modelio import load_model
+    from fedlm.pretrained import load_model
     from fedlm.privacy.audit import audit as run_audit
 
     if candidates < 10 or seq_len < 2:

@@ -34,7 +34,7 @@ from fedlm.evaluate import evaluate_silo
 from fedlm.federation.runner import run_federated
 from fedlm.fileio import write_json
 from fedlm.generate import generate
-from fedlm.modelio import load_model
+from fedlm.pretrained import load_model
 from fedlm.progress import console, progress_bar
 from fedlm.train import personalise, train
 

@@ -4,6 +4,7 @@
     adapter_names(model)          # the state-dict names that train (and cross the wire)
     merged_state(model)           # the base weights with W + (alpha/rank)·B·A folded in
     plain = merge_lora(model)     # a new plain Transformer with the adapters merged
+    save_model(plain_model(model), out)   # plain_model: merge_lora only when there are adapters
 
 `apply_lora` injects peft's LoRA layers in place (`peft.inject_adapter_in_model`): the model
 stays a `Transformer`, every base weight is frozen, and only `lora_A` / `lora_B` train. B starts
@@ -14,8 +15,9 @@ no module is a UserError naming it and listing the Linear modules there are.
 fedlm fuses q/k/v (`wqkv`) and gate/up (`w13`), so an adapter on `wqkv` shares one A between
 q, k and v (its B is the three Bs stacked): a rank-r adapter of the fused matrix, not three.
 
-Saving a model (`fedlm.modelio.save_model`) writes `merged_state`, so a model directory never
-holds adapters: `load_model`, `fedlm eval/generate/serve/export` work on it unchanged.
+A model directory never holds adapters: `fedlm.modelio.save_model` takes a plain model, so a
+LoRA model is saved as `save_model(plain_model(model), ...)` (its adapters merged), and
+`load_model`, `fedlm eval/generate/serve/export` work on it unchanged.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 
 from fedlm.errors import UserError
 from fedlm.model import Transformer
+from fedlm.modelio import assign_weights
 
 ADAPTER = "default"  # peft's adapter name; one adapter per model
 
@@ -134,10 +137,13 @@ def merged_state(model: Transformer) -> dict[str, Tensor]:
 
 def merge_lora(model: Transformer) -> Transformer:
     """A new plain Transformer (no peft layers) computing what `model` computes, adapters merged."""
-    from fedlm.modelio import assign_weights  # modelio imports this module lazily too
-
     with torch.random.fork_rng(devices=[]):  # building the model must not move the caller's RNG
         plain = Transformer(dataclasses.replace(model.cfg))
     assign_weights(plain, merged_state(model), where="merged LoRA model")
     plain.activation_checkpointing = model.activation_checkpointing
     return plain.train(model.training)
+
+
+def plain_model(model: Transformer) -> Transformer:
+    """`model` itself when it has no adapters, else `merge_lora(model)`: what a model directory stores."""
+    return merge_lora(model) if has_lora(model) else model

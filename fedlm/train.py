@@ -35,7 +35,7 @@ from fedlm.data.shards import open_split, sample_batch
 from fedlm.data.tokenizer import load_tokenizer, tokenizer_hash
 from fedlm.errors import UserError
 from fedlm.fileio import append_jsonl, atomic_dir, truncate_jsonl, write_json
-from fedlm.lora import apply_lora
+from fedlm.lora import apply_lora, plain_model
 from fedlm.model import Transformer
 from fedlm.modelio import assign_weights, save_model, stored_state
 from fedlm.pretrained import load_pretrained, tokenizer_json_hash
@@ -509,7 +509,7 @@ def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCall
     elapsed = time.perf_counter() - t0
     if dp is not None:
         dp.close()  # the plain model again: same names, generates
-    save_model(model, out_dir / "model", tokenizer_path=tok_path)
+    save_model(plain_model(model), out_dir / "model", tokenizer_path=tok_path)
     summary = {
         "steps": step,
         "loss": last["loss"],

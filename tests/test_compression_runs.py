@@ -14,7 +14,7 @@ import pytest
 from fedlm.config import load_config
 from fedlm.evaluate import evaluate_silo
 from fedlm.federation.runner import run_federated
-from fedlm.modelio import load_model
+from fedlm.pretrained import load_model
 
 SILOS = ("legal", "technical", "drama")
 

@@ -12,7 +12,7 @@ from fedlm.config import ModelConfig
 from fedlm.errors import UserError
 from fedlm.hf import export_hf, load_hf
 from fedlm.model import Transformer
-from fedlm.modelio import load_model
+from fedlm.pretrained import load_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -15,9 +15,17 @@ from fedlm.errors import UserError
 from fedlm.federation.runner import run_federated
 from fedlm.federation.task import wire_names
 from fedlm.hf import export_hf
-from fedlm.lora import adapter_names, apply_lora, merge_lora, merged_state, num_trainable
+from fedlm.lora import (
+    adapter_names,
+    apply_lora,
+    merge_lora,
+    merged_state,
+    num_trainable,
+    plain_model,
+)
 from fedlm.model import Transformer
-from fedlm.modelio import load_model, save_model
+from fedlm.modelio import save_model
+from fedlm.pretrained import load_model
 from fedlm.train import build_model
 
 
@@ -68,13 +76,16 @@ def test_bad_target_names_it_and_lists_modules() -> None:
 
 
 def test_saved_model_is_merged_and_loads_in_transformers(tmp_path: Path) -> None:
-    """save_model writes merged weights; load_model and transformers' Llama give the same logits."""
+    """A LoRA model saves merged (plain_model); load_model and transformers' Llama give the same logits."""
     transformers = pytest.importorskip("transformers")
     model = _tiny()
     apply_lora(model, rank=8, alpha=16.0, dropout=0.0, targets=["wqkv", "wo", "w13", "w2"])
     _perturb_adapters(model)
     model.eval()
-    save_model(model, tmp_path / "m")
+    with pytest.raises(ValueError, match="merge its LoRA adapters first"):
+        save_model(model, tmp_path / "m")  # a model directory never holds adapters
+    assert not (tmp_path / "m").exists()
+    save_model(plain_model(model), tmp_path / "m")
     assert not any("lora" in k for k in load_file(str(tmp_path / "m" / "model.safetensors")))
     loaded, _ = load_model(tmp_path / "m")
     x = torch.randint(0, 512, (2, 16))

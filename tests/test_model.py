@@ -12,7 +12,8 @@ import torch
 from fedlm.config import ModelConfig
 from fedlm.errors import UserError
 from fedlm.model import Attention, RMSNorm, Transformer, num_params
-from fedlm.modelio import find_model_dir, load_model, save_model
+from fedlm.modelio import find_model_dir, save_model
+from fedlm.pretrained import load_model
 
 
 def small_cfg(**kw: object) -> ModelConfig:

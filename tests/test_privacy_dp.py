@@ -228,7 +228,7 @@ def _cfg(ws: Path, *sets: str):  # type: ignore[no-untyped-def]
 
 def test_record_dp_run_reports_true_epsilon_and_generates(workspace: Path, tmp_path: Path) -> None:
     from fedlm.generate import generate
-    from fedlm.modelio import load_model
+    from fedlm.pretrained import load_model
     from fedlm.train import train
 
     cfg = _cfg(workspace, "data.silos=legal", "train.steps=6", "train.checkpoint_every=3",

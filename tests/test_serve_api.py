@@ -25,10 +25,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 from tokenizers import Tokenizer
 
-import fedlm.modelio
+import fedlm.pretrained
 from fedlm.generate import generate
 from fedlm.model import Transformer
-from fedlm.modelio import load_model
+from fedlm.pretrained import load_model
 from fedlm.serve.app import Limits, create_app, max_token_bytes
 from fedlm.serve.engine import Engine
 from fedlm.serve.text import FEDLM_STOPS, render_chat
@@ -76,13 +76,13 @@ def test_health_is_503_while_loading_then_200(run_dir: Path, monkeypatch: pytest
                                               ) -> None:
     """/health says 503 until the model is loaded, then 200; other endpoints 503 meanwhile."""
     gate = threading.Event()
-    real = fedlm.modelio.load_model
+    real = fedlm.pretrained.load_model
 
     def slow_load(*args: Any, **kwargs: Any) -> Any:
         gate.wait(30)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fedlm.modelio, "load_model", slow_load)
+    monkeypatch.setattr(fedlm.pretrained, "load_model", slow_load)
     with live_server(create_app(run_dir, api_key=KEY), ready=False) as url:
         assert httpx.get(f"{url}/health").status_code == 503  # no key needed for /health
         resp = httpx.get(f"{url}/v1/models", headers=AUTH)

@@ -66,8 +66,14 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
 
 
-def _split_hash(text: str, seed: int) -> float:
-    """A uniform number in [0, 1) from (seed, text): the document's place in the split."""
+def split_hash(text: str, seed: int) -> float:
+    """A uniform number in [0, 1) from (seed, text): the document's place in the train/val split.
+
+    `fedlm data shard` puts a document in val when this is below `val_fraction`, so anyone
+    holding the text and the seed (the canary audit, which must plant canaries in train)
+    knows the split a document lands in without sharding it. Keyed BLAKE2b: stable across
+    processes, Python versions and platforms, unlike `hash()`.
+    """
     h = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8,
                         key=seed.to_bytes(8, "little", signed=True))
     return int.from_bytes(h.digest(), "little") / 2.0**64
@@ -189,7 +195,7 @@ def _write_splits(
                         encode, encoder_name, ids = hf, "tokenizers", hf(batch)
                 parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
                 for text, doc_ids in zip(batch, ids, strict=True):
-                    h = _split_hash(text, seed)
+                    h = split_hash(text, seed)
                     split = "val" if h < val_fraction else "train"
                     hashes.append(h)
                     parts[split] += [doc_ids, eos]

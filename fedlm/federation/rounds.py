@@ -45,6 +45,7 @@ from fedlm.federation.strategies import (
 )
 from fedlm.federation.task import expand_state, federated_train_config, planned_tokens, wire_names
 from fedlm.fileio import append_jsonl, truncate_jsonl
+from fedlm.lora import plain_model
 from fedlm.model import Transformer
 from fedlm.modelio import save_model
 from fedlm.resolve import resolve_config, resolve_silos
@@ -84,7 +85,7 @@ def run_rounds(grid: Grid, cfg: Config, run_dir: Path, *, resume: bool = False,
         if on_round is not None:
             on_round(round_no, rounds, row)
     run.model.load_state_dict(expand_state(run.model, run.global_state))
-    save_model(run.model, run_dir / "model", tokenizer_path=Path(run.cfg.data.workspace) / "tokenizer.json")
+    save_model(plain_model(run.model), run_dir / "model", tokenizer_path=Path(run.cfg.data.workspace) / "tokenizer.json")
     return write_summary(run_dir, run.cfg, run.silos, rounds_run=rounds - first)
 
 

@@ -33,8 +33,7 @@ from fedlm.federation.runner import RoundCallback, run_federated
 from fedlm.fileio import write_json
 from fedlm.lora import num_trainable
 from fedlm.model import Transformer, num_params
-from fedlm.modelio import load_model
-from fedlm.pretrained import SMOLLM2, load_pretrained, write_model_tokenizer
+from fedlm.pretrained import SMOLLM2, load_model, load_pretrained, write_model_tokenizer
 
 PRESETS = Path(__file__).parent
 

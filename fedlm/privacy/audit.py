@@ -39,7 +39,7 @@ import tokenizers
 import torch
 import torch.nn.functional as F
 
-from fedlm.data.shards import _split_hash, open_split, read_meta
+from fedlm.data.shards import open_split, read_meta, split_hash
 from fedlm.data.tokenizer import load_tokenizer
 from fedlm.errors import UserError
 from fedlm.fileio import atomic_path, write_json
@@ -111,7 +111,7 @@ def plant_canaries(silo_dir: Path, *, repeats: Sequence[int] = (1, 10), per_repe
     rows = [json.loads(line) for line in docs_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     rng = random.Random(seed)
     need = max(repeats, default=0)
-    train_idx = [i for i, r in enumerate(rows) if _split_hash(r["text"], split_seed) >= val_fraction]
+    train_idx = [i for i, r in enumerate(rows) if split_hash(r["text"], split_seed) >= val_fraction]
     if len(train_idx) < need:
         raise UserError(f"{docs_path}: {len(train_idx)} training documents, fewer than the {need} repeats asked")
     canaries = []
@@ -129,7 +129,7 @@ def plant_canaries(silo_dir: Path, *, repeats: Sequence[int] = (1, 10), per_repe
                 for _ in range(8):  # a few positions: one whose text stays in train
                     at = rng.choice(cuts)
                     new = text[:at] + ("" if at == 0 or text[at - 1] == "\n" else "\n") + line + "\n" + text[at:]
-                    if _split_hash(new, split_seed) >= val_fraction:
+                    if split_hash(new, split_seed) >= val_fraction:
                         rows[i] = {**rows[i], "text": new}
                         placed += 1
                         break

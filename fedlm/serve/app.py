@@ -106,7 +106,7 @@ class ServerState:
 def _load(state: ServerState, model_dir: Path, *, quantize: Quantize, threads: int | None) -> None:
     """Load the model and start its engine (runs on a background thread)."""
     try:
-        from fedlm.modelio import load_model
+        from fedlm.pretrained import load_model
 
         if threads:
             torch.set_num_threads(threads)
