@@ -11,7 +11,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedlm.config import load_config
+from fedlm.errors import UserError
 from fedlm.federation import codecs, secagg
+from fedlm.privacy.client_dp import clip_update
 
 
 def _update(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -141,18 +144,25 @@ def test_malformed_payload_is_a_value_error(codec: codecs.Codec) -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.sampled_from(["none", "fp16", "int8", "topk"]), st.floats(1e-3, 10.0), st.integers(0, 2**31 - 1))
-def test_clip_after_coding_keeps_the_dp_bound(codec: codecs.Codec, clip: float, seed: int) -> None:
-    """Client DP: with max_norm, the decoded update sent (after error feedback too) has norm <= clip."""
+@given(st.floats(1e-3, 10.0), st.floats(1e-3, 1e3), st.integers(0, 2**31 - 1))
+def test_client_dp_update_sent_keeps_the_clip_bound(clip: float, scale: float, seed: int) -> None:
+    """Client DP as a silo sends it (clip_update, then encode_for_send with the clip; compression
+    is "none", the only codec the config allows with it): the decoded update's norm is <= clip."""
     g = torch.Generator().manual_seed(seed)
-    residual = {"w": torch.randn(64, generator=g) * 5}
-    x = {"w": torch.randn(64, generator=g)}
-    x = {"w": x["w"] * min(1.0, clip / float(x["w"].norm()))}  # the update was clipped before coding
-    acc = {"w": x["w"] + residual["w"]} if codec == "topk" else x
-    payload = codecs.encode(acc, codec=codec, topk_fraction=0.25)
-    clipped = codecs.clip_payload(payload, codec=codec, expected={"w": (64,)}, max_norm=clip)
-    sent = codecs.decode(clipped, codec=codec, expected={"w": (64,)})["w"]
-    assert float(sent.double().norm()) <= clip
+    update = {"w": torch.randn(64, 3, generator=g) * scale, "b": torch.randn(5, generator=g) * scale}
+    clipped, _ = clip_update(update, max_norm=clip)
+    payload = codecs.encode_for_send(clipped, codec="none", max_norm=clip)
+    sent = codecs.decode(payload, codec="none", expected=_shapes(update))
+    assert math.sqrt(sum(float(t.double().pow(2).sum()) for t in sent.values())) <= clip
+
+
+@pytest.mark.parametrize("codec", ["fp16", "int8", "topk"])
+def test_config_refuses_client_dp_with_compression(codec: str) -> None:
+    """A codec after clipping would change what the DP bound is about: the config says so, naming the key."""
+    sets = ['train.mode="federated"', 'privacy.mode="client"', "privacy.target_epsilon=8.0",
+            f'federation.compression="{codec}"']
+    with pytest.raises(UserError, match=r"federation\.compression = .* use compression = \"none\""):
+        load_config(None, sets)
 
 
 @pytest.mark.parametrize("codec", ["fp16", "int8", "topk"])

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlm.federation.strategies import ServerOptimizer, prox_penalty, sample_silos
+from fedlm.federation.strategies import ServerOptimizer, sample_silos
 
 SHAPES = {"w": (3, 4), "b": (4,)}
 LR, B1, B2, TAU = 0.05, 0.9, 0.99, 1e-3
@@ -171,20 +171,6 @@ def test_apply_rejects_unknown_names_and_keeps_the_rest() -> None:
         opt.apply(w, {"w": torch.ones(3)})
     with pytest.raises(ValueError, match="unknown strategy"):
         ServerOptimizer("fedsgd", lr=1.0, beta1=B1, beta2=B2, tau=TAU)
-
-
-def test_prox_penalty_value_and_gradient() -> None:
-    """(mu/2)||w - g||^2 and its gradient mu (w - g), by hand."""
-    w = {
-        "a": torch.tensor([1.0, 2.0], requires_grad=True),
-        "b": torch.tensor([[3.0]], requires_grad=True),
-    }
-    g = {"a": torch.tensor([0.0, 4.0]), "b": torch.tensor([[1.0]])}
-    p = prox_penalty(w, g, mu=0.1)
-    assert p.item() == pytest.approx(0.05 * (1 + 4 + 4))
-    p.backward()
-    assert torch.allclose(w["a"].grad, torch.tensor([0.1, -0.2]))  # type: ignore[arg-type]
-    assert torch.allclose(w["b"].grad, torch.tensor([[0.2]]))  # type: ignore[arg-type]
 
 
 @settings(max_examples=60, deadline=None)

@@ -13,7 +13,8 @@ bytes a SuperLink would carry. A ClientApp that raises becomes an error reply, w
 Flower's `flwr-clientapp` words it; a late reply is dropped when the wait's timeout ends.
 
 It leans on Flower internals (message metadata, `TaskIdentity`, object inflation): pin
-`flwr==1.42.*` and keep `tests/test_federation.py` passing.
+`flwr==1.42.*` and keep `tests/test_federation.py` (the in-process engine) and
+`tests/test_federation_deploy.py` (the same apps on the deployment engine) passing.
 """
 
 from __future__ import annotations

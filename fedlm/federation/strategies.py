@@ -1,5 +1,5 @@
-"""Strategies: the server optimiser that turns an aggregated update into new global weights,
-FedProx's proximal term, and the per-round sample of silos.
+"""Strategies: the server optimiser that turns an aggregated update into new global weights
+and the per-round sample of silos.
 
     opt = ServerOptimizer("fedadam", lr=1e-2, beta1=0.9, beta2=0.99, tau=1e-3)
     new_global = opt.apply(global_state, aggregated_update)   # aggregated_update = mean of updates
@@ -7,7 +7,7 @@ FedProx's proximal term, and the per-round sample of silos.
 
 Strategies (Reddi et al. 2021, "Adaptive Federated Optimization", Algorithm 2), with
 Δ = aggregated update (mean of local − global) and η = server lr:
-- fedavg, fedprox:  w ← w + η Δ   (FedProx differs only on the client: `prox_penalty`)
+- fedavg, fedprox:  w ← w + η Δ   (FedProx differs only on the client: `train.local_update`'s prox_mu)
 - cyclic:  w ← w + η Δ with Δ = the sum of the silos' updates made in turn (cyclic weight
   transfer, Chang et al. 2018): each silo trains from the weights the one before it left.
 - fedadam:  m ← β1 m + (1 − β1) Δ;  v ← β2 v + (1 − β2) Δ²;             w ← w + η m / (√v + τ)
@@ -184,22 +184,6 @@ def make_server_optimizer(strategy: str, *, tc: TrainConfig, shapes: dict[str, t
     if strategy == "fedsgd":
         return ServerAdamW(tc, shapes, server_lr=lr)
     return ServerOptimizer(strategy, lr=lr, beta1=beta1, beta2=beta2, tau=tau)
-
-
-def prox_penalty(
-    params: dict[str, torch.Tensor], global_params: dict[str, torch.Tensor], *, mu: float
-) -> torch.Tensor:
-    """FedProx's proximal term (mu / 2) * ||w − w_global||², added to the local loss.
-
-    `params` are the live (trainable) parameters, `global_params` the round's starting
-    weights (detached); the gradient mu * (w − w_global) pulls each silo back toward the
-    global model, which limits client drift with many local steps (Li et al. 2020).
-    """
-    total = torch.zeros((), dtype=torch.float32)
-    for name, p in params.items():
-        g = global_params[name].detach().to(p.dtype)
-        total = total + torch.sum((p - g).float() ** 2)
-    return 0.5 * mu * total
 
 
 def num_sampled(num_silos: int, fraction: float) -> int:
