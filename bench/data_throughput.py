@@ -55,7 +55,7 @@ def run(folders: dict[str, list[Path]] | None = None, workspace: Path | None = N
                 cpu_timings: dict[str, float] = {}
                 w, c = time.perf_counter(), time.process_time()
                 card = prepare_silo(sources, silo=silo, workspace=ws, timings=timings,
-                                    cpu_timings=cpu_timings)
+                                    cpu_timings=cpu_timings, replace=True)
                 w, c = time.perf_counter() - w, time.process_time() - c
                 for k in STAGES:
                     wall_stage[k] += timings[k]

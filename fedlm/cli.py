@@ -9,9 +9,10 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from fedlm.errors import UserError
 from fedlm.progress import console, progress_bar
@@ -51,6 +52,8 @@ def data_prepare(
     text_field: Annotated[str, typer.Option(help="JSONL field holding the text.")] = "text",
     text_column: Annotated[str, typer.Option(help="CSV/Parquet column holding the text.")] = "text",
     near_dup_threshold: Annotated[float, typer.Option(help="MinHash Jaccard threshold for near duplicates.")] = 0.8,
+    replace: Annotated[bool, typer.Option(
+        "--replace", help="Rebuild an existing silo from these sources alone (its documents and shards go).")] = False,
 ) -> None:
     """Read, normalise, PII-scrub, deduplicate and filter raw files into a silo (+ card.json)."""
     from fedlm.data.prepare import prepare_silo
@@ -60,9 +63,10 @@ def data_prepare(
         card = prepare_silo(
             list(sources), silo=silo, workspace=workspace, text_field=text_field,
             text_column=text_column, near_dup_threshold=near_dup_threshold, on_progress=update,
+            replace=replace,
         )
     for err in card.get("errors", []):
-        console.print(f"[yellow]skipped[/] {err['path']}: {err['reason']}", highlight=False)
+        console.print(f"[yellow]skipped[/] {escape(err['path'])}: {escape(err['reason'])}", highlight=False)
     dups = card.get("duplicates_removed", {})
     _out(
         f"{silo}: {card['documents_out']}/{card['documents_in']} documents kept, "
@@ -97,8 +101,8 @@ def data_tokenizer(
             raise UserError("--epsilon/--seed apply where counts are made (`fedlm data counts`), not with --counts")
         record = agree_tokenizer_from_counts(workspace, list(counts), vocab_size=vocab_size)
         for silo, rec in record["silos"].items():
-            _out(f"{silo}: ε = {rec.get('epsilon')}, δ = {rec.get('delta')}, released {rec.get('released_pretokens')} pre-tokens")
-        _out(f"tokenizer -> {workspace / 'tokenizer.json'} (vocab {vocab_size}); send it to every silo")
+            _out(_released_line(silo, rec))
+        _out(f"tokenizer -> {workspace / 'tokenizer.json'} ({_vocab_note(record)}); send it to every silo")
         return
     with progress_bar("count + train BPE") as update:
         record = agree_tokenizer(workspace, vocab_size=vocab_size, epsilon=epsilon, delta=delta,
@@ -107,8 +111,21 @@ def data_tokenizer(
         _out("exact counts, no privacy: each silo released its exact pre-token counts")
     for silo, rec in record.get("silos", {}).items():
         if epsilon is not None:
-            _out(f"{silo}: ε = {rec.get('epsilon')}, δ = {rec.get('delta')}, released {rec.get('released')} pre-tokens")
-    _out(f"tokenizer -> {workspace / 'tokenizer.json'} (vocab {vocab_size})")
+            _out(_released_line(silo, rec))
+    _out(f"tokenizer -> {workspace / 'tokenizer.json'} ({_vocab_note(record)})")
+
+
+def _released_line(silo: str, rec: dict[str, Any]) -> str:
+    """One silo's line of WS/tokenizer_privacy.json: its ε, δ and how many pre-tokens it released."""
+    return f"{silo}: ε = {rec.get('epsilon')}, δ = {rec.get('delta')}, released {rec['released_pretokens']:,} pre-tokens"
+
+
+def _vocab_note(record: dict[str, Any]) -> str:
+    """The vocabulary the tokenizer got, and the size asked when the released counts gave fewer merges."""
+    got, asked = int(record["vocab_size"]), int(record["vocab_size_requested"])
+    if got < asked:
+        return f"vocab {got:,}; {asked:,} asked, but the released pre-tokens support no more merges"
+    return f"vocab {got:,}"
 
 
 @data_app.command("counts")
@@ -214,7 +231,7 @@ def train(
             summary = run_federated(cfg, out, resume=resume, on_round=lambda r, n, row: update(r, n),
                                     superlink=superlink, root_certificates=root_certificates, insecure=insecure)
         _out(f"federated: {summary.get('rounds', cfg.federation.rounds)} rounds -> {out}")
-        if cfg.federation.personalize_steps:
+        if cfg.federation.personalise_steps:
             from fedlm.train import personalise
 
             with progress_bar("personalise", unit="steps") as update:
@@ -513,7 +530,7 @@ def main() -> None:
     except UserError as e:
         if debug:
             raise
-        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]")
@@ -521,7 +538,7 @@ def main() -> None:
     except Exception as e:  # a bug, not bad input: say so, keep the traceback for --debug
         if debug:
             raise
-        console.print(f"[red]internal error:[/] {type(e).__name__}: {e} (run with --debug for the traceback)",
+        console.print(f"[red]internal error:[/] {type(e).__name__}: {escape(str(e))} (run with --debug for the traceback)",
                       highlight=False, soft_wrap=True)
         sys.exit(1)
 

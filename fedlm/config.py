@@ -112,7 +112,7 @@ class TrainConfig:
     warmup_steps: int = 20
     """Linear warm-up steps."""
     weight_decay: float = 0.1
-    """AdamW weight decay (matrices only; norms and embeddings are not decayed)."""
+    """AdamW weight decay of the weight matrices, the (tied) embedding among them; norms are not decayed."""
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
@@ -193,7 +193,7 @@ class FederationConfig:
     """Mask updates so the server learns only their sum."""
     round_timeout: float = 600.0
     """Seconds to wait for the silos each round; late silos are dropped from the round."""
-    personalize_steps: int = 0
+    personalise_steps: int = 0
     """After the run, each silo fine-tunes the global model this many steps on its own shards."""
     compression: Literal["none", "fp16", "int8", "topk"] = "none"
     """Codec applied to each update before it is sent (undone on the server)."""
@@ -216,9 +216,9 @@ class FederationConfig:
             raise ValueError("federation.trim_fraction must be in [0, 0.5)")
         if not 0 < self.topk_fraction <= 1:
             raise ValueError("federation.topk_fraction must be in (0, 1]")
-        if self.max_update_norm < 0 or self.round_timeout <= 0 or self.personalize_steps < 0:
+        if self.max_update_norm < 0 or self.round_timeout <= 0 or self.personalise_steps < 0:
             raise ValueError(
-                "federation.max_update_norm and personalize_steps must be >= 0, round_timeout > 0"
+                "federation.max_update_norm and personalise_steps must be >= 0, round_timeout > 0"
             )
 
 
@@ -335,8 +335,8 @@ class Config:
             if fed.compression != "none":
                 raise ValueError(f"{where}: federation.compression = {fed.compression!r} changes what is sent "
                                  "after clipping (norm no longer bounded); use compression = \"none\"")
-        if fed.personalize_steps > 0 and self.train.mode == "federated" and mode == "record":
-            raise ValueError(f"{where}: federation.personalize_steps trains on the silo's records outside "
+        if fed.personalise_steps > 0 and self.train.mode == "federated" and mode == "record":
+            raise ValueError(f"{where}: federation.personalise_steps trains on the silo's records outside "
                              "DP-SGD's accounting; set it to 0")
         if mode == "record":
             if self.train.mode == "federated" and fed.strategy == "fedprox":
@@ -398,6 +398,10 @@ def _section_types() -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
 
 
+RENAMED = {"federation.personalize_steps": "federation.personalise_steps"}
+"""Keys renamed to the house spelling (-ise): accepted no more; the error names the new key."""
+
+
 def _merge(raw: dict[str, dict[str, Any]], table: dict[str, Any], where: str) -> None:
     sections = _section_types()
     for name, body in table.items():
@@ -407,6 +411,8 @@ def _merge(raw: dict[str, dict[str, Any]], table: dict[str, Any], where: str) ->
             raise UserError(f"{where}: [{name}] must be a table of keys")
         known = {f.name for f in dataclasses.fields(sections[name])}
         for key, value in body.items():
+            if f"{name}.{key}" in RENAMED:
+                raise UserError(f"{where}: {name}.{key} is now {RENAMED[f'{name}.{key}']}; rename the key")
             if key not in known:
                 raise UserError(
                     f"{where}: unknown key {name}.{key}; known keys of [{name}]: {', '.join(sorted(known))}"

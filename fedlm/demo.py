@@ -11,7 +11,7 @@ Budgets are equal by construction, counted in training sequences (tokens):
 - centralised: the same sequences from the silos pooled, in steps of batch_size (the
   local-only runs' step size: more, smaller steps, the strongest use of those tokens measured);
 - local-only: each silo's federated sequences in steps of batch_size, plus
-  personalize_steps steps: the same per-silo compute as federated + personalised.
+  personalise_steps steps: the same per-silo compute as federated + personalised.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class DemoSize:
     rounds: int
     local_steps: int
     silo_batch: int  # sequences per silo and local step in the federated run
-    personalize_steps: int
+    personalise_steps: int
     server_lr: float
     batch_size: int  # sequences per step of the centralised, local-only and personalising runs
     seq_len: int
@@ -58,13 +58,12 @@ class DemoSize:
         return self.rounds * self.local_steps * self.silo_batch // self.batch_size
 
 
-# fedsgd: the most sequential steps a silo's budget buys. Measured with FULL over seeds 1337, 1, 2
-# (mean bits/byte; personalised wins of 6): 600 × 2 reached 2.61, 2.71, 2.70 (5, 5, 5); 300 × 4
-# reached 2.77, 2.73, 2.91 (5, 5, 2); FedAvg 30 × 5 at batch 8, the same sequences in 30 averaged
-# steps, reached 3.47 (0) at seed 1337.
-QUICK = DemoSize(vocab_size=1024, strategy="fedsgd", rounds=48, local_steps=1, silo_batch=4, personalize_steps=16,
+# fedsgd with one local step of silo_batch sequences: a silo's fixed budget of sequences buys the
+# most sequential optimizer steps this way, and more, smaller steps use the same tokens best
+# (fewer, larger rounds and FedAvg's averaged local steps were tried and did worse).
+QUICK = DemoSize(vocab_size=1024, strategy="fedsgd", rounds=48, local_steps=1, silo_batch=4, personalise_steps=16,
                  server_lr=1.0, batch_size=8, seq_len=64, eval_tokens=4096)
-FULL = DemoSize(vocab_size=4096, strategy="fedsgd", rounds=600, local_steps=1, silo_batch=2, personalize_steps=30,
+FULL = DemoSize(vocab_size=4096, strategy="fedsgd", rounds=600, local_steps=1, silo_batch=2, personalise_steps=30,
                 server_lr=1.0, batch_size=8, seq_len=128, eval_tokens=32768)
 
 
@@ -74,7 +73,7 @@ def prepare_workspace(out: Path, *, vocab_size: int, epsilon: float = 8.0) -> Pa
     raw = extract(out / "raw")
     for silo in SILOS:
         with progress_bar(f"prepare {silo}", unit="bytes") as update:
-            card = prepare_silo([raw[silo]], silo=silo, workspace=ws, on_progress=update)
+            card = prepare_silo([raw[silo]], silo=silo, workspace=ws, on_progress=update, replace=True)
         console.print(f"  {silo}: {card['documents_out']} documents, {card['bytes_out']:,} bytes, "
                       f"{sum(card['pii'].values())} PII replaced, "
                       f"{sum(card['duplicates_removed'].values())} duplicates removed")
@@ -93,7 +92,7 @@ def demo_sets(ws: Path, size: DemoSize, *, seed: int = 1337) -> list[str]:
     return [
         f"data.workspace={json.dumps(str(ws))}",
         "model.preset=tiny",
-        "model.tie_embeddings=false",  # an untied head: 0.1-0.4 bits/byte better for every model here
+        "model.tie_embeddings=false",  # an untied head: better bits/byte for every model here
         f"model.max_seq_len={size.seq_len}",
         f"train.seq_len={size.seq_len}",
         f"train.batch_size={size.silo_batch}",
@@ -106,7 +105,7 @@ def demo_sets(ws: Path, size: DemoSize, *, seed: int = 1337) -> list[str]:
         f"federation.strategy={json.dumps(size.strategy)}",
         f"federation.rounds={size.rounds}",
         f"federation.local_steps={size.local_steps}",
-        f"federation.personalize_steps={size.personalize_steps}",
+        f"federation.personalise_steps={size.personalise_steps}",
         f"federation.server_lr={size.server_lr}",
     ]
 
@@ -141,9 +140,9 @@ def run_all(base: list[str], out: Path, size: DemoSize) -> dict[str, Path]:
     # the same sequences from the pooled silos, in steps of the local-only runs' batch
     runs["centralised"] = _train(baseline(n * size.silo_steps), out / "centralised", "centralised")
     for silo in SILOS:
-        local = baseline(size.silo_steps + fed.personalize_steps, **{"data.silos": [silo]})
+        local = baseline(size.silo_steps + fed.personalise_steps, **{"data.silos": [silo]})
         runs[f"local:{silo}"] = _train(local, out / f"local-{silo}", f"local {silo}")
-    if fed.personalize_steps:
+    if fed.personalise_steps:
         personal = _with(base, **{"train.batch_size": size.batch_size})
         with progress_bar("personalise", unit="steps") as update:
             for silo, run_dir in personalise(personal, runs["federated"], on_step=lambda s, t, row: update(s, t)).items():

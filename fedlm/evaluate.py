@@ -62,6 +62,22 @@ def evaluate_tokens(
     }
 
 
+def check_silo_dir(silo_dir: Path) -> None:
+    """UserError unless `silo_dir` is a silo, WS/silos/NAME, saying what the path is instead."""
+    silo_dir = Path(silo_dir)
+    guess = silo_dir.parent / "silos" / silo_dir.name
+    hint = f"did you mean {guess}?" if guess.is_dir() else "give a silo, WS/silos/NAME"
+    if not silo_dir.is_dir():
+        raise UserError(f"{silo_dir}: no such directory, so not a silo; {hint}")
+    if silo_dir.parent.name == "silos" and ((silo_dir / "meta.json").is_file() or (silo_dir / "docs.jsonl").is_file()):
+        return  # a silo (open_split says so if it is not sharded yet)
+    if (silo_dir / "silos").is_dir():
+        names = sorted(p.name for p in (silo_dir / "silos").iterdir() if p.is_dir())
+        raise UserError(f"{silo_dir}: a workspace, not a silo; give one of its silos, "
+                        f"{silo_dir / 'silos' / (names[0] if names else 'NAME')} (silos: {', '.join(names) or 'none'})")
+    raise UserError(f"{silo_dir}: not a silo (a silo is WS/silos/NAME, with meta.json once sharded); {hint}")
+
+
 def evaluate_silo(
     model: Transformer,
     model_tokenizer: Path | None,
@@ -77,6 +93,7 @@ def evaluate_silo(
     `max_tokens` > 0 scores only the split's first max_tokens targets (the same prefix for every
     model, so comparisons stay fair).
     """
+    check_silo_dir(silo_dir)
     tok_path = silo_dir.parent.parent / "tokenizer.json"
     if model_tokenizer is not None and tokenizer_hash(model_tokenizer) != tokenizer_hash(tok_path):
         raise UserError(

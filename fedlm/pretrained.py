@@ -5,9 +5,9 @@
     model, tokenizer_json = load_pretrained("runs/a")             # a run / model / HF Llama dir
     write_model_tokenizer(Path("WS"), "smollm2")                  # WS/tokenizer.json = the model's
 
-A GGUF file is dequantised by `transformers` once (10-60 s on this machine) and the fp32 result
+A GGUF file is dequantised by `transformers` once (the slow part) and the fp32 result
 kept as a fedlm model directory in the cache (`$FEDLM_CACHE`, default ~/.cache/fedlm), keyed by
-the file's name, size and mtime; later loads read that directory (under a second). Nothing is
+the file's name, size and mtime; later loads read that directory. Nothing is
 downloaded. In one process the loaded model is kept too, and every caller gets its own copy;
 `share_frozen=True` gives a copy whose parameters are the cached ones (no new memory), for LoRA,
 where the base weights are frozen and never written.

@@ -556,15 +556,14 @@ def train_local_only(cfg: Config, out_dir: Path, *, resume: bool = False,
 
 
 def personalise(cfg: Config, run_dir: Path, *, on_step: StepCallback | None = None) -> dict[str, Path]:
-    """Each silo fine-tunes the run's model for federation.personalize_steps steps on its own shards.
+    """Each silo fine-tunes the run's model for federation.personalise_steps steps on its own shards.
 
     Writes run_dir/personalised-SILO (a run directory each); returns them by silo. In a
     deployment this step runs at each silo; here every silo of the workspace runs in turn.
     """
-    steps = cfg.federation.personalize_steps
+    steps = cfg.federation.personalise_steps
     # a fresh AdamW's first steps move every weight by about lr whatever its gradient; warming up
-    # over a third of the steps spares the trained model that jolt (measured: 0.01-0.03 bits/byte
-    # better on each of the demo's 6 silos than 1 warm-up step)
+    # over a third of the steps spares the trained model that jolt
     warmup = max(1, steps // 3)
     out: dict[str, Path] = {}
     workspace = Path(cfg.data.workspace)

@@ -175,12 +175,12 @@ def test_interrupted_prepare_keeps_old_silo(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(prepare_mod, "_BATCH_DOCS", 1)
     monkeypatch.setattr(prepare_mod, "_process", boom)
     with pytest.raises(KeyboardInterrupt):
-        prepare_silo([src], silo="s", workspace=ws)
+        prepare_silo([src], silo="s", workspace=ws, replace=True)
     assert calls == 3
     assert json.loads((ws / "silos" / "s" / "card.json").read_text()) == first
     assert sorted(p.name for p in (ws / "silos").iterdir()) == ["s"]
     monkeypatch.setattr(prepare_mod, "_process", real)
-    again = prepare_silo([src], silo="s", workspace=ws)
+    again = prepare_silo([src], silo="s", workspace=ws, replace=True)
     assert again["sha256"] == first["sha256"]  # deterministic (and one batch = many batches)
     assert not (ws / "silos" / "s" / "train.bin").exists()  # re-prepare replaces the silo
 
@@ -215,7 +215,7 @@ def test_malformed_files_never_lose_good_ones(tmp_path: Path, junk: list[bytes])
     (src / "good.txt").write_text("keep me " + PROSE)
     for i, b in enumerate(junk):
         (src / f"junk{i}.{['txt', 'jsonl', 'csv', 'md'][i % 4]}").write_bytes(b)
-    prepare_silo([src], silo="p", workspace=tmp_path / "ws")
+    prepare_silo([src], silo="p", workspace=tmp_path / "ws", replace=True)  # one workspace across examples
     assert any(d["text"].startswith("keep me") for d in _read(tmp_path / "ws", "p"))
 
 

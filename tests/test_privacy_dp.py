@@ -144,7 +144,7 @@ def test_budget_refusals_name_the_numbers() -> None:
     (["privacy.mode=client"], "train.mode"),
     (["privacy.mode=client", "train.mode=federated", "federation.aggregation=median"], "sensitivity"),
     (["privacy.mode=client", "train.mode=federated", "federation.max_update_norm=0.5"], "depending on their data"),
-    (["privacy.mode=record", "train.mode=federated", "federation.personalize_steps=5"], "outside"),
+    (["privacy.mode=record", "train.mode=federated", "federation.personalise_steps=5"], "outside"),
     (["privacy.mode=record", "train.grad_accum=2"], "grad_accum"),
 ])
 def test_options_that_break_the_guarantee_are_refused(sets: list[str], match: str) -> None:

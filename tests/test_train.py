@@ -124,7 +124,7 @@ def test_personalise_fine_tunes_the_run_model_on_each_silo(workspace: Path, tmp_
     base = _cfg(workspace, steps=2, checkpoint_every=2)
     train(base, tmp_path / "run")
     cfg = load_config(None, [f'data.workspace="{workspace}"', "model.max_seq_len=64", "train.seq_len=64",
-                             "train.batch_size=4", "train.threads=1", "federation.personalize_steps=6"])
+                             "train.batch_size=4", "train.threads=1", "federation.personalise_steps=6"])
     done = personalise(cfg, tmp_path / "run")
     start = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
     assert set(done) == {"drama", "legal", "technical"}

@@ -50,8 +50,12 @@ def prepare_silo(sources: list[Path], *, silo: str, workspace: Path,
                  on_progress: Callable[[int, int], None] | None = None,
                  max_doc_chars: int = MAX_DOC_CHARS,
                  timings: dict[str, float] | None = None,
-                 cpu_timings: dict[str, float] | None = None) -> dict[str, Any]:
+                 cpu_timings: dict[str, float] | None = None,
+                 replace: bool = False) -> dict[str, Any]:
     """Prepare one silo from `sources`; return its card. Raise UserError if nothing survived.
+
+    A silo is prepared from all its sources at once (dedup spans them), so an existing silo is
+    replaced as a whole, shards included; without `replace` that is refused (UserError).
 
     `on_progress(bytes_done, bytes_total)` is called as files are read (input bytes).
     `timings` / `cpu_timings`, if given, receive the wall / CPU seconds spent per stage (for
@@ -71,6 +75,8 @@ def prepare_silo(sources: list[Path], *, silo: str, workspace: Path,
     bytes_in = 0
     done = 0
     silo_dir = Path(workspace) / "silos" / silo
+    if not replace:
+        _refuse_existing(silo_dir, silo)
 
     with atomic_dir(silo_dir) as tmp:
         with open(tmp / "docs.jsonl", "wb") as out:
@@ -129,6 +135,20 @@ def prepare_silo(sources: list[Path], *, silo: str, workspace: Path,
     if cpu_timings is not None:
         cpu_timings.update(clock.cpu)
     return card
+
+
+def _refuse_existing(silo_dir: Path, silo: str) -> None:
+    """UserError when `silo_dir` already holds a silo: preparing again would drop its documents."""
+    if not silo_dir.is_dir() or not any(silo_dir.iterdir()):
+        return
+    try:
+        held = f"{json.loads((silo_dir / 'card.json').read_text(encoding='utf-8'))['documents_out']:,} documents"
+    except (OSError, ValueError, KeyError, TypeError):
+        held = "files"
+    raise UserError(
+        f"{silo_dir} already holds silo {silo!r} ({held}); preparing it again replaces them and its shards "
+        "with these sources alone: pass --replace to do that (list every source to keep), or choose another --silo"
+    )
 
 
 _BATCH_DOCS = 1024

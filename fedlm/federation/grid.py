@@ -4,7 +4,7 @@
     replies = grid.send_and_receive(messages, timeout=60.0)
     grid.close()
 
-Flower 1.42 simulates only on Ray (≈6 s to start, ≈850 MB); this Grid hands each message to
+Flower 1.42 simulates only on Ray (slow to start, heavy in memory); this Grid hands each message to
 the `ClientApp` of a virtual node instead, each on its own worker thread so silos train side
 by side (one torch thread each). Every message crosses a real wire format on the way: it is
 deflated into Flower's content-addressed objects and inflated again on the other side, as the
@@ -69,7 +69,7 @@ def wire_bytes(message: Message) -> int:
     """Bytes of the message's objects on the wire (identical objects counted once, as sent).
 
     A message this Grid sent or delivered was measured on its way: hashing a model's arrays
-    again for the log cost as much as sending them (measured: ~0.1 s of a 0.6 s demo round)."""
+    again for the log would cost as much as sending them."""
     if _WIRE_BYTES not in message.__dict__:
         serialise(message)
     return int(message.__dict__[_WIRE_BYTES])
