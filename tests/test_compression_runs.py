@@ -48,6 +48,7 @@ def test_compressed_run_is_close_and_small(workspace: Path, tmp_path: Path, plai
     assert up <= max_share * plain[1], (up, plain[1])
 
 
+@pytest.mark.slow
 def test_secagg_with_topk_runs_and_keeps_residuals(workspace: Path, tmp_path: Path) -> None:
     """Decode before masking: SecAgg + top-k completes; each silo keeps its residual on disk."""
     cfg = load_config(None, [f"data.workspace={json.dumps(str(workspace))}", "train.mode=federated",

@@ -82,6 +82,7 @@ def test_every_silo_extracts_into_its_own_folder(silos: dict[str, Path], tmp_pat
     assert [p.name for p in tmp_path.iterdir()] == ["drama"]
 
 
+@pytest.mark.slow
 def test_english_silos_are_english_and_chinese_silo_is_chinese(silos: dict[str, Path]) -> None:
     for silo in ENGLISH:
         cjk, latin, func = shares("\n".join(documents(silos[silo]).values()))

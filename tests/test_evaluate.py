@@ -40,6 +40,7 @@ def test_uniform_model_matches_hand_computed_metrics(workspace: Path) -> None:
     assert got["bits_per_byte"] == pytest.approx(expected_bpb, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_bits_per_byte_matches_direct_computation(workspace: Path) -> None:
     """A real (random) model: the windowed metrics equal a direct per-token computation."""
     tok = load_tokenizer(workspace / "tokenizer.json")

@@ -243,6 +243,7 @@ def test_fedsgd_refuses_local_steps_and_record_dp(ws: Path, tmp_path: Path) -> N
         run_federated(cfg, tmp_path / "record")
 
 
+@pytest.mark.slow
 def test_cyclic_with_lora_passes_only_the_adapters_state(ws: Path, tmp_path: Path) -> None:
     """LoRA + cyclic: the adapters and their AdamW moments travel; every silo's turn is accepted."""
     cfg = tiny_cfg(ws, rounds=2, strategy="cyclic")

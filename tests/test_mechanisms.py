@@ -98,6 +98,7 @@ def test_threshold_bounds_the_chance_a_unit_only_key_is_released(
     assert -math.expm1(max_keys * math.log1p(-p_one)) <= delta * (1 + 1e-6)
 
 
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None)
 @given(
     epsilon=st.floats(0.1, 10.0),

@@ -132,6 +132,7 @@ def test_superlink_flags_need_the_flower_engine(tmp_path: Path, capfd: pytest.Ca
     _one_line_error(fedlm_here(capfd, *node), "legal.key: no such file", "fedlm silo key")
 
 
+@pytest.mark.slow
 def test_unreachable_superlink_fails_before_any_round(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     """`fedlm train --superlink` at a closed port: exit 2 naming the endpoint, no round logged."""
     ws = make_ws(tmp_path / "ws", silos=("a", "b"), docs=20)
@@ -184,6 +185,7 @@ def _ca_and_server_cert(dir: Path, *, names: list[str]) -> tuple[Path, Path, Pat
     return dir / "ca.pem", dir / "server.pem", dir / "server.key"
 
 
+@pytest.mark.slow
 def test_superlink_certificate_must_name_loopback(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     """A certificate without 127.0.0.1: `fedlm superlink` stops at start with the fix, not a hung run."""
     ca, cert, key = _ca_and_server_cert(tmp_path, names=["coordinator.example.org"])

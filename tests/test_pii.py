@@ -195,6 +195,7 @@ def test_false_positives_on_disk_text() -> None:
     assert n <= max(1.0, mb), (n, mb)
 
 
+@pytest.mark.slow
 def test_false_positives_on_bundled_corpus(tmp_path: Path) -> None:
     """On the bundled corpus (12 MB): types with no genuine instance in it (cards, IBANs, IDs,
     Chinese mobiles) <= 1 per MB overall; phones and IPs <= 1 per MB in the silos that hold no
@@ -250,6 +251,7 @@ _PIECES = ["2.1.1.1.", "  ", "\n", "\n   ", " ", "version ", "§ ", "fe80::1:2:3
            "4111 1111 1111 1111", "(0755) 8888 8888", "1-800-555-0199"]
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None)
 @given(data=st.data())
 def test_windowed_scrub_equals_whole_text_rules(data: st.DataObject) -> None:

@@ -202,6 +202,7 @@ def test_fedsgd_silos_hold_no_optimizer_state(workspace: Path) -> None:
     assert sgd.memory["peak"] < avg.memory["peak"]
 
 
+@pytest.mark.slow
 def test_memory_within_25_percent_of_a_measured_silo() -> None:
     """Peak RSS of a real silo round in a subprocess (time is compared in bench/plan_bench.py, not here:
     a timed assertion on a shared machine tests the neighbours)."""

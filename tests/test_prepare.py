@@ -185,6 +185,7 @@ def test_interrupted_prepare_keeps_old_silo(tmp_path: Path, monkeypatch: pytest.
     assert not (ws / "silos" / "s" / "train.bin").exists()  # re-prepare replaces the silo
 
 
+@pytest.mark.slow
 def test_50mb_single_line_is_split_not_fatal(tmp_path: Path) -> None:
     """A 50 MB file of one line: processed in bounded pieces, reported, in reasonable time."""
     src = tmp_path / "src"
@@ -275,6 +276,7 @@ def test_normalize_matches_plain_regex_version(text: str) -> None:
     assert normalize(text) == _normalize_reference(text)
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None)
 @given(text=st.text(alphabet=st.sampled_from(list("ab_ \t\n.,!ß中文かな한€™\u0301\u00d7\u2028\U0001f600١")),
                     min_size=2000, max_size=3000))

@@ -26,6 +26,7 @@ from fedlm.privacy.client_dp import clip_update, plan_client_dp
 from fedlm.privacy.dpsgd import DPSGD, PoissonRecords, RecordPlan, plan_record_dp
 
 
+@pytest.mark.slow
 @settings(max_examples=4, deadline=None)
 @given(target=st.floats(0.5, 10), q=st.floats(0.002, 0.2), steps=st.integers(1, 400))
 def test_record_plan_never_exceeds_target_and_matches_opacus(target: float, q: float, steps: int) -> None:
@@ -226,6 +227,7 @@ def _cfg(ws: Path, *sets: str):  # type: ignore[no-untyped-def]
                               "train.eval_batches=2", "privacy.delta=1e-4", *sets])
 
 
+@pytest.mark.slow
 def test_record_dp_run_reports_true_epsilon_and_generates(workspace: Path, tmp_path: Path) -> None:
     from fedlm.generate import generate
     from fedlm.pretrained import load_model
@@ -245,6 +247,7 @@ def test_record_dp_run_reports_true_epsilon_and_generates(workspace: Path, tmp_p
     assert len(list(generate(model, [1, 2, 3], max_new_tokens=5, temperature=0))) <= 5
 
 
+@pytest.mark.slow
 def test_record_dp_with_lora_trains_only_adapters(workspace: Path, tmp_path: Path) -> None:
     """DP-SGD over LoRA adapters: the true ε is reported, the adapters move, the base stays as it was."""
     from safetensors.torch import load_file
@@ -268,6 +271,7 @@ def test_record_dp_with_lora_trains_only_adapters(workspace: Path, tmp_path: Pat
     assert any("lora_B" in n for n in moved)  # B starts at 0: the noisy steps moved it
 
 
+@pytest.mark.slow
 def test_federated_record_dp_with_lora_sends_only_adapters(workspace: Path, tmp_path: Path) -> None:
     """Federated DP-SGD over LoRA adapters: rounds complete, each silo's ε is logged, and only
     adapter arrays cross the wire (bytes up = the adapters' fp32 size)."""
@@ -286,6 +290,7 @@ def test_federated_record_dp_with_lora_sends_only_adapters(workspace: Path, tmp_
         assert 4 * adapters <= silo["bytes_up"] < 4 * adapters + 64 * 1024  # the arrays plus message framing
 
 
+@pytest.mark.slow
 def test_client_dp_federated_logs_epsilon_per_silo(workspace: Path, tmp_path: Path) -> None:
     from fedlm.federation.runner import run_federated
 

@@ -13,6 +13,7 @@ from openai import OpenAI
 from tests.serve_support import SERVE, serve_process, tiny_model_dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_fedlm_serve_subprocess(tmp_path: Path, quantize: str) -> None:
     run = tiny_model_dir(tmp_path)
@@ -27,6 +28,7 @@ def test_fedlm_serve_subprocess(tmp_path: Path, quantize: str) -> None:
             OpenAI(base_url=f"{base}/v1", api_key="nope", max_retries=0).models.list()
 
 
+@pytest.mark.slow
 def test_fedlm_serve_bad_model_path_exits_2(tmp_path: Path) -> None:
     proc = subprocess.run([*SERVE, str(tmp_path / "missing")], capture_output=True, text=True,
                           timeout=60)

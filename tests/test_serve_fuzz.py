@@ -37,6 +37,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield base
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_no_server_errors(server: str, mode: GenerationMode) -> None:
     """Valid (positive) and invalid (negative) bodies for every operation: never a 5xx."""
@@ -61,6 +62,7 @@ def test_no_server_errors(server: str, mode: GenerationMode) -> None:
         fuzz()
 
 
+@pytest.mark.slow  # it checks what test_no_server_errors left: the two run together
 def test_server_still_serves_after_fuzzing(server: str) -> None:
     resp = httpx.post(f"{server}/v1/completions", headers=AUTH,
                       json={"model": "run", "prompt": "The silos", "max_tokens": 4})

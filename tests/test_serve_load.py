@@ -22,6 +22,7 @@ torch.set_num_threads(1)
 REQUESTS, CONCURRENCY, MAX_TOKENS = 200, 16, 6
 
 
+@pytest.mark.slow
 def test_200_requests_16_concurrent_no_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                               ) -> None:
     run = tiny_model_dir(tmp_path, max_seq_len=64)

@@ -39,6 +39,7 @@ def test_schedule_warmup_then_cosine() -> None:
     assert lr_at(110, tc) == pytest.approx(1e-4)
 
 
+@pytest.mark.slow
 def test_loss_falls_and_run_dir_describes_itself(workspace: Path, tmp_path: Path) -> None:
     cfg = _cfg(workspace, steps=40, checkpoint_every=20)
     summary = train(cfg, tmp_path / "run")
@@ -51,6 +52,7 @@ def test_loss_falls_and_run_dir_describes_itself(workspace: Path, tmp_path: Path
     assert load_config(run / "config.toml") == resolve_config(cfg)  # the resolved config repeats the run
 
 
+@pytest.mark.slow
 def test_bf16_and_activation_checkpointing_train(workspace: Path, tmp_path: Path) -> None:
     summary = train(_cfg(workspace, steps=6, precision="bf16", activation_checkpointing=True,
                          grad_accum=2, checkpoint_every=6), tmp_path / "run")
@@ -117,6 +119,7 @@ def test_local_only_trains_each_silo_alone(workspace: Path, tmp_path: Path) -> N
         assert (Path(run) / "model" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_personalise_fine_tunes_the_run_model_on_each_silo(workspace: Path, tmp_path: Path) -> None:
     """Each silo starts from the run's weights (not fresh ones) and trains only on its own shards."""
     from fedlm.train import personalise
