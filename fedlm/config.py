@@ -506,20 +506,19 @@ def config_diff(a: Config, b: Config) -> list[str]:
 
 
 def check_resume_config(cfg: Config, saved: Path) -> None:
-    """UserError naming the first differing key when the config given to --resume is not the run's."""
+    """UserError naming each key (and both values) where the config given to --resume is not the run's."""
     if not saved.exists():
         return
     old = load_config(saved)
-    keys = config_diff(old, cfg)
-    if keys:
-        key = keys[0]
+
+    def value(c: Config, key: str) -> str:
         section, name = key.split(".")
-        was, now = getattr(getattr(old, section), name), getattr(getattr(cfg, section), name)
-        more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-        raise UserError(
-            f"{saved}: the run has {key} = {_toml_value(was)}, the config given to --resume {_toml_value(now)}"
-            f"{more}; resume with `fedlm train {saved} --resume`"
-        )
+        return _toml_value(getattr(getattr(c, section), name))
+
+    changes = [f"{key} from {value(old, key)} to {value(cfg, key)}" for key in config_diff(old, cfg)]
+    if changes:
+        raise UserError(f"{saved}: the config given to --resume changes {', '.join(changes)}; "
+                        f"resume with `fedlm train {saved} --resume`")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlm.config import MODEL_PRESETS, load_config, save_config
+from fedlm.config import MODEL_PRESETS, check_resume_config, config_diff, load_config, save_config
 from fedlm.errors import UserError
 
 
@@ -53,3 +53,47 @@ def test_bad_config_names_the_key(tmp_path: Path, text: str, sets: list[str], ne
         load_config(p, sets)
     assert needle in str(e.value)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("sets", "needles"),
+    [
+        (['federation.strategy="cyclic"', "federation.secure_aggregation=true"],
+         ["cyclic", "federation.secure_aggregation"]),
+        (['federation.strategy="cyclic"', 'federation.aggregation="median"'], ["cyclic", "federation.aggregation"]),
+        (['federation.strategy="cyclic"', 'privacy.mode="record"'], ["cyclic", "privacy.mode = 'record'"]),
+        (['federation.strategy="fedsgd"', "federation.local_steps=1", 'privacy.mode="record"'],
+         ["fedsgd", "privacy.mode"]),
+        (["federation.secure_aggregation=true", 'federation.aggregation="trimmed_mean"'],
+         ["federation.aggregation", "secure aggregation"]),
+        (['federation.strategy="fedprox"', 'privacy.mode="record"'], ["fedprox", "privacy.mode = 'record'"]),
+    ],
+)
+def test_combinations_refused_when_the_config_is_read(sets: list[str], needles: list[str]) -> None:
+    """Every check across sections is Config's: a combination that cannot run fails at load time,
+    naming both keys, before any workspace or model is touched."""
+    with pytest.raises(UserError) as e:
+        load_config(None, ["train.mode=federated", *sets])
+    assert all(n in str(e.value) for n in needles), str(e.value)
+
+
+def test_validate_catches_a_field_changed_after_loading() -> None:
+    cfg = load_config(None, ["train.mode=federated", 'federation.strategy="cyclic"'])
+    cfg.federation.secure_aggregation = True
+    with pytest.raises(ValueError, match="cyclic.*secure_aggregation"):
+        cfg.validate()
+
+
+def test_resume_with_another_config_names_the_key(tmp_path: Path) -> None:
+    """`--resume` with a changed config says which key differs, its value in the run, and the fix."""
+    cfg = load_config(None, ["train.lr=1e-3", "train.steps=7"])
+    save_config(cfg, tmp_path / "config.toml")
+    check_resume_config(cfg, tmp_path / "config.toml")  # the same config: fine
+    changed = load_config(None, ["train.lr=2e-3", "train.steps=7"])
+    assert config_diff(cfg, changed) == ["train.lr"]
+    with pytest.raises(UserError, match=r"config.toml: the config given to --resume changes train.lr from 0.001 "
+                                        r"to 0.002; resume with `fedlm train .*config.toml --resume`"):
+        check_resume_config(changed, tmp_path / "config.toml")
+    two = load_config(None, ["train.lr=2e-3", "train.steps=8"])
+    with pytest.raises(UserError, match=r"changes train.steps from 7 to 8, train.lr from 0.001 to 0.002;"):
+        check_resume_config(two, tmp_path / "config.toml")

@@ -439,3 +439,32 @@ def test_secure_aggregation_equals_fedavg_and_refuses_two_survivors(ws: Path, tm
     assert all(torch.equal(start[k], fresh[k]) for k in start)
 
 
+def test_resume_summary_counts_the_whole_run_and_names_a_changed_key(ws: Path, tmp_path: Path) -> None:
+    """After a stop and a resume, summary.json describes the whole run (every round, all its seconds,
+    the last round's loss), and --resume with a changed config names the key that differs."""
+    with pytest.raises(Stop):
+        run_federated(tiny_cfg(ws), tmp_path / "cut", on_round=stop_after_1)
+    with pytest.raises(UserError, match="changes federation.server_lr from 1.0 to 0.5; resume with `fedlm train"):
+        run_federated(tiny_cfg(ws, server_lr=0.5), tmp_path / "cut", resume=True)
+    summary = run_federated(tiny_cfg(ws), tmp_path / "cut", resume=True)
+    rows = rounds(tmp_path / "cut")
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert summary["rounds"] == 3 and summary["rounds_completed"] == 3 and summary["rounds_run"] == 2
+    assert summary["seconds"] == pytest.approx(sum(r["seconds"] for r in rows))  # round 1's too
+    assert summary["loss"] == rows[-1]["loss"]
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text()) == summary
+
+
+def test_rounds_are_numbered_from_1_on_the_wire_and_in_the_log(ws: Path, tmp_path: Path) -> None:
+    """One convention: the round a silo is sent is the round rounds.jsonl and on_round name."""
+    sent: list[int] = []
+    seen: list[int] = []
+
+    def tap(way: str, node: int, objs: dict[str, bytes]) -> None:
+        msg = decode(objs)
+        if way == "down" and msg.metadata.message_type == "train":
+            sent.append(int(msg.content.config_records["config"]["round"]))  # type: ignore[arg-type]
+            assert msg.metadata.group_id == str(sent[-1])
+
+    run_federated(tiny_cfg(ws, rounds=2), tmp_path / "run", on_wire=tap, on_round=lambda r, n, row: seen.append(r))
+    assert sorted(set(sent)) == seen == [r["round"] for r in rounds(tmp_path / "run")] == [1, 2]
