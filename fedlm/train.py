@@ -380,36 +380,37 @@ def load_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.
 
 
 def build_model(cfg: Config) -> Transformer:
-    """The model a run starts from: fresh (seeded from cfg.train.seed) or `train.init_from`'s weights,
-    with LoRA adapters when lora.rank > 0. Reads `cfg` and changes nothing in it.
+    """The model a run starts from: fresh (seeded from cfg.train.seed, shaped by `resolve_model`) or
+    `train.init_from`'s weights, with LoRA adapters when lora.rank > 0. Changes nothing in `cfg`.
 
-    The shape is `resolve_model(cfg)`'s (the one a run's resolved config.toml records); with
-    init_from, the model's tokenizer must be the workspace's.
+    With init_from, the model's own shape is the one `resolve_model` reads from its header, and
+    its tokenizer must be the workspace's.
     """
-    mc = resolve_model(cfg)
-    ws_tok = Path(cfg.data.workspace) / "tokenizer.json"
     if cfg.train.init_from:
-        # a run/model/HF dir, a .gguf or "smollm2"; a LoRA base is frozen, so its copies share memory
-        model, tok = load_pretrained(cfg.train.init_from, share_frozen=cfg.lora.rank > 0)
-        if tok is not None and ws_tok.exists() and tokenizer_json_hash(tok) != tokenizer_hash(ws_tok):
-            raise UserError(
-                f"train.init_from = {cfg.train.init_from!r} uses another tokenizer than {ws_tok}; "
-                f"shard the workspace with the model's tokenizer (`fedlm data tokenizer --workspace "
-                f"{cfg.data.workspace} --from-model {cfg.train.init_from}`, then `fedlm data shard`)"
-            )
-        if model.cfg != mc:
-            raise UserError(f"train.init_from = {cfg.train.init_from!r}: the model loaded is not the shape its "
-                            "header gives; re-export it (`fedlm export`)")
-        if ws_tok.exists() and mc.vocab_size != (vocab := load_tokenizer(ws_tok).get_vocab_size()):
-            raise UserError(f"the model has {mc.vocab_size} tokens, the workspace tokenizer {vocab}")
-        model.train()
+        model = _pretrained(cfg)
     else:
-        model = Transformer(mc, seed=cfg.train.seed)
+        model = Transformer(resolve_model(cfg), seed=cfg.train.seed)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     if cfg.lora.rank > 0:  # only the adapters train (and, federated, cross the wire)
         apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                    targets=cfg.lora.targets, seed=cfg.train.seed + 1)  # A: the same on every silo and the server
     return model
+
+
+def _pretrained(cfg: Config) -> Transformer:
+    """A copy of the model train.init_from names (a run/model/HF dir, a .gguf or "smollm2"), checked
+    against the workspace's tokenizer. A LoRA base is frozen, so its copies share memory."""
+    model, tok = load_pretrained(cfg.train.init_from, share_frozen=cfg.lora.rank > 0)
+    ws_tok = Path(cfg.data.workspace) / "tokenizer.json"
+    if tok is not None and ws_tok.exists() and tokenizer_json_hash(tok) != tokenizer_hash(ws_tok):
+        raise UserError(
+            f"train.init_from = {cfg.train.init_from!r} uses another tokenizer than {ws_tok}; "
+            f"shard the workspace with the model's tokenizer (`fedlm data tokenizer --workspace "
+            f"{cfg.data.workspace} --from-model {cfg.train.init_from}`, then `fedlm data shard`)"
+        )
+    if ws_tok.exists() and model.cfg.vocab_size != (vocab := load_tokenizer(ws_tok).get_vocab_size()):
+        raise UserError(f"the model has {model.cfg.vocab_size} tokens, the workspace tokenizer {vocab}")
+    return model.train()
 
 
 def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCallback | None = None) -> dict[str, Any]:
