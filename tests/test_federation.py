@@ -468,3 +468,17 @@ def test_rounds_are_numbered_from_1_on_the_wire_and_in_the_log(ws: Path, tmp_pat
 
     run_federated(tiny_cfg(ws, rounds=2), tmp_path / "run", on_wire=tap, on_round=lambda r, n, row: seen.append(r))
     assert sorted(set(sent)) == seen == [r["round"] for r in rounds(tmp_path / "run")] == [1, 2]
+
+
+def test_silo_task_and_run_directory_import_without_flower() -> None:
+    """The silo's work (`task`) and the run directory (`rundir`) are plain PyTorch, as in Flower's
+    examples: the Flower apps wrap them, and nothing the server needs lives in the client app."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fedlm.federation.task, fedlm.federation.rundir, fedlm.resolve; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'flwr'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
+    rounds_src = (Path(__file__).parents[1] / "fedlm" / "federation" / "rounds.py").read_text()
+    assert "client_app" not in rounds_src
