@@ -81,6 +81,7 @@ from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
 )
 
 from fedlm.errors import UserError
+from fedlm.federation.silo_privacy import MIN_SURVIVORS
 from fedlm.privacy.randomness import CHUNK, KeyStream, prg  # noqa: F401  (secagg.prg: the masks' PRG)
 
 Msg = dict[str, Any]
@@ -228,9 +229,6 @@ def _unpack_share(p: bytes) -> tuple[int, int, bytes, bytes]:
     return src, dst, p[20 : 20 + n], p[20 + n :]
 
 
-MIN_SURVIVORS = 3
-"""Never unmask a sum of fewer silos: with 2, each could take its own update off the sum
-(or the next global model) and read the other's."""
 MIN_BITS = 8
 METRIC_MAX = 1e4
 """Metrics (loss, seconds) ride in the secure sum as extra coordinates, clamped to [0, METRIC_MAX]."""

@@ -35,12 +35,15 @@ import torch
 
 from fedlm.config import Config, PrivacyConfig
 from fedlm.errors import UserError
-from fedlm.federation.secagg import MIN_SURVIVORS
 from fedlm.fileio import write_json
 from fedlm.privacy.accounting import PrivacyLedger
 from fedlm.privacy.client_dp import noise_like
 from fedlm.privacy.dpsgd import RecordPlan
 from fedlm.privacy.randomness import NoiseKey, party_key, reseed
+
+MIN_SURVIVORS = 3
+"""Never unmask a sum of fewer silos: with 2, each could take its own update off the sum
+(or the next global model) and read the other's."""
 
 log = logging.getLogger("fedlm.federation")
 
