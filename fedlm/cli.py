@@ -289,6 +289,7 @@ def generate(
     from fedlm.data.tokenizer import EOS
     from fedlm.generate import generate as gen
     from fedlm.pretrained import load_model
+    from fedlm.serve.text import TextDecoder
 
     if max_new_tokens <= 0:
         raise UserError("--max-new-tokens must be > 0")
@@ -301,17 +302,12 @@ def generate(
     ids: list[int] = tok.encode(prompt).ids
     eos = tok.token_to_id(EOS)
     sys.stdout.write(prompt)
-    printed = ""
-    new: list[int] = []
+    text = TextDecoder(tok)  # holds back a token that ends inside a multi-byte character
     for token in gen(net, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                      top_p=top_p, eos_id=eos, seed=seed):
-        new.append(token)
-        text = tok.decode(new)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(printed):])
-            sys.stdout.flush()
-            printed = text
-    sys.stdout.write(tok.decode(new)[len(printed):] + "\n")
+        sys.stdout.write(text.push(token)[0])
+        sys.stdout.flush()
+    sys.stdout.write(text.flush() + "\n")
 
 
 @app.command()

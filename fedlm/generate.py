@@ -4,9 +4,10 @@
                              top_p=0.95, eos_id=eos, seed=0):
         print(tokenizer.decode([token_id]), end="", flush=True)
 
-The prompt is prefilled in one forward pass; each new token then costs one single-position
-forward that reads the cache. Sampling uses its own `torch.Generator`, so a seed reproduces
-the same tokens whatever else touched torch's global RNG.
+Every step is the model's own forward with a `KVCache`: the prompt is prefilled in one call,
+then each new token costs one single-position call that reads the cache. Sampling uses its
+own `torch.Generator`, so a seed reproduces the same tokens whatever else touched torch's
+global RNG. `quantize_int8` makes the int8 copy that `--quantize int8` serves.
 """
 
 from __future__ import annotations
@@ -16,86 +17,75 @@ import warnings
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from fedlm.errors import UserError
-from fedlm.model import Block, KVCache, Transformer, apply_rope
+from fedlm.model import Block, KVCache, Transformer
+
+ROW_MAJOR_MIN_TOKENS = 16
+"""Decodes this long (or longer) on CPU run on a `row_major_copy`; shorter ones do not repay it."""
 
 
 def quantize_int8(model: Transformer) -> Transformer:
     """A copy of `model` for fast CPU decoding: every Linear's weights in int8 (dynamic quantisation).
 
-    Decoding at batch 1 reads every weight once per token, so it runs at memory speed;
-    int8 weights are 4x fewer bytes than fp32 (about 2x the tokens/s of the fp32 model on a
-    laptop-class CPU). Logits move by about 1-5%, so greedy text can differ from fp32's.
+    Decoding reads every weight once per step, so it runs at memory speed; int8 weights are
+    4x fewer bytes than fp32. Logits move by about 1-5%, so greedy text can differ from fp32's.
+    The original is left as it was.
     """
     # torch.ao.quantization is deprecated in favour of torchao but still works and needs
     # no extra package; its warning is not the user's concern.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        quantized = torch.ao.quantization.quantize_dynamic(
-            copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8
+        quantized = torch.ao.quantization.quantize_dynamic(  # a copy: inplace=False
+            model, {nn.Linear}, dtype=torch.qint8
         )
     assert isinstance(quantized, Transformer)
     return quantized.eval()
 
 
-class _Decoder:
-    """One-token decode steps for a plain `Transformer`, with every matrix pre-transposed.
+class RowMajorLinear(nn.Module):
+    """A bias-free Linear that holds its weight transposed, Wᵀ (C_in, C_out) contiguous.
 
-    At batch 1 a step is a chain of matrix-vector products that read every weight once, so it
-    runs at memory speed; on this CPU `x @ Wᵀ` with Wᵀ stored contiguous (C_in, C_out) streams
-    about 30% faster than with W stored (C_out, C_in), and calling the matmuls directly skips
-    the module and autocast dispatch of the full forward. The copies cost one pass over the
-    weights per `generate` call. The cache is the model's own `KVCache`: the prompt is
-    prefilled by the model's forward, then each step appends one position to it.
+    At batch 1 a decode step is a chain of vector-matrix products that read every weight
+    once, so it runs at memory speed; on CPU `x @ Wᵀ` over a contiguous Wᵀ streams markedly
+    faster than `F.linear` over W (C_out, C_in) (bench/model_bench.py measures the two).
     """
 
-    def __init__(self, model: Transformer) -> None:
-        self.model = model
-        self.layers = []
-        for block in model.layers:
-            assert isinstance(block, Block)
-            attn, mlp = block.attn, block.mlp
-            self.layers.append((block.attn_norm, attn.wqkv.weight.t().contiguous(), attn.wo.weight.t().contiguous(),
-                                block.mlp_norm, mlp.w13.weight.t().contiguous(), mlp.w2.weight.t().contiguous(),
-                                attn.split))
-        self.head = model.lm_head.weight.t().contiguous()  # (C, V)
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight_t = nn.Buffer(linear.weight.detach().t().contiguous())  # (C_in, C_out)
 
-    @staticmethod
-    def supports(model: Transformer) -> bool:
-        """Plain fp32/bf16 Linear weights only (not a quantised copy, not LoRA-wrapped layers)."""
-        if torch.is_autocast_enabled("cpu") or not all(type(b) is Block for b in model.layers):
-            return False
-        linears: list[torch.nn.Module] = [model.lm_head]
-        for block in model.layers:
-            assert isinstance(block, Block)
-            linears += [block.attn.wqkv, block.attn.wo, block.mlp.w13, block.mlp.w2]
-        return all(type(m) is torch.nn.Linear for m in linears)
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.weight_t
 
-    def step(self, token: int, cache: KVCache) -> Tensor:
-        """Next-token logits (V,) after `token` at position cache.pos; advances the cache."""
-        cfg = self.model.cfg
-        H, KV, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        pos = cache.pos
-        x = self.model.tok_emb.weight[token][None]  # (1, C)
-        cos = self.model.rope_cos[pos].to(x.dtype)  # (D,)
-        sin = self.model.rope_sin[pos].to(x.dtype)
-        for i, (attn_norm, wqkv, wo, mlp_norm, w13, w2, split) in enumerate(self.layers):
-            q, k, v = (attn_norm(x) @ wqkv).split(split, dim=-1)  # (1, H*D), (1, KV*D) x2
-            q = apply_rope(q.view(1, H, 1, D), cos, sin)  # (1, H, 1, D)
-            k = apply_rope(k.view(1, KV, 1, D), cos, sin)
-            cache.k[i][:, :, pos : pos + 1] = k
-            cache.v[i][:, :, pos : pos + 1] = v.view(1, KV, 1, D)
-            y = F.scaled_dot_product_attention(
-                q, cache.k[i][:, :, : pos + 1], cache.v[i][:, :, : pos + 1], enable_gqa=KV != H
-            )  # (1, H, 1, D)
-            x = x + y.reshape(1, H * D) @ wo
-            gate, up = (mlp_norm(x) @ w13).chunk(2, dim=-1)  # (1, F) each
-            x = x + (F.silu(gate) * up) @ w2
-        cache.pos += 1
-        return (self.model.norm(x) @ self.head)[0]  # (V,)
+
+def _linear_slots(model: Transformer) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute) of every Linear in the model: q/k/v, o, gate/up, down, head."""
+    slots: list[tuple[nn.Module, str]] = [(model, "lm_head")]
+    for block in model.layers:
+        assert isinstance(block, Block)
+        slots += [(block.attn, "wqkv"), (block.attn, "wo"), (block.mlp, "w13"), (block.mlp, "w2")]
+    return slots
+
+
+def row_major_copy(model: Transformer) -> Transformer | None:
+    """`model` for CPU decoding: the same modules and forward, each Linear a `RowMajorLinear`.
+
+    The copy shares every other tensor (embeddings, norms, rotary tables) with `model` and
+    costs one pass over the Linear weights. None where it does not apply: off the CPU, under
+    autocast, or for Linears that are not plain (int8, LoRA).
+    """
+    if (model.tok_emb.weight.device.type != "cpu" or torch.is_autocast_enabled("cpu")
+            or not all(type(b) is Block for b in model.layers)
+            or not all(type(getattr(m, name)) is nn.Linear for m, name in _linear_slots(model))):
+        return None
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    fast = copy.deepcopy(model, memo=shared)  # new modules over the same tensors
+    with torch.no_grad():
+        for parent, name in _linear_slots(fast):
+            setattr(parent, name, RowMajorLinear(getattr(parent, name)))
+    return fast.eval()
 
 
 def filter_logits(logits: Tensor, *, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -135,18 +125,9 @@ def sample_next(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def generate(
-    model: Transformer,
-    prompt_ids: list[int],
-    *,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    eos_id: int | None = None,
-    seed: int | None = None,
-) -> Iterator[int]:
-    """Stream up to `max_new_tokens` new token ids after `prompt_ids`; EOS ends it unyielded."""
+def _check(model: Transformer, prompt_ids: list[int], *, max_new_tokens: int, temperature: float,
+           top_k: int, top_p: float) -> None:
+    """UserError naming the first argument of `generate` that cannot work."""
     context = model.cfg.max_seq_len
     if not prompt_ids:
         raise UserError("the prompt is empty: give at least one token of text")
@@ -168,30 +149,39 @@ def generate(
     bad = [t for t in prompt_ids if not 0 <= t < vocab]
     if bad:
         raise UserError(f"prompt token id {bad[0]} is outside the model's vocabulary of {vocab}")
+
+
+def generate(
+    model: Transformer,
+    prompt_ids: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    seed: int | None = None,
+) -> Iterator[int]:
+    """Stream up to `max_new_tokens` new token ids after `prompt_ids`; EOS ends it unyielded."""
+    _check(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+           top_k=top_k, top_p=top_p)
     if max_new_tokens == 0:
         return
-
     device = model.tok_emb.weight.device
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
     else:
         generator.manual_seed(seed)
+    if max_new_tokens >= ROW_MAJOR_MIN_TOKENS:
+        model = row_major_copy(model) or model
     cache = KVCache.for_model(model, max_len=len(prompt_ids) + max_new_tokens)
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-    decoder: _Decoder | None = None
-    if max_new_tokens > 1 and _Decoder.supports(model):
-        with torch.inference_mode():
-            decoder = _Decoder(model)
-    token = -1
     for step in range(max_new_tokens):
         # inference_mode per step, not around the loop: it must not stay on while the caller
         # runs between yields.
         with torch.inference_mode():
-            if step > 0 and decoder is not None:
-                logits = decoder.step(token, cache)  # (V,)
-            else:
-                logits = model(idx, cache=cache, last_only=True)[0, -1]  # (V,)
+            logits = model(idx, cache=cache, last_only=True)[0, -1]  # (V,)
             token = sample_next(
                 logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
             )

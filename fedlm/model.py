@@ -2,8 +2,9 @@
 
     model = Transformer(ModelConfig(preset="tiny", vocab_size=4096))
     logits = model(idx)                      # idx (B, T) int64 -> logits (B, T, V)
-    cache = KVCache.for_model(model, batch_size=1, max_len=64)
-    logits = model(prompt, cache=cache)      # prefill; later calls continue at cache.pos
+    cache = KVCache.for_model(model, batch_size=2, max_len=64)
+    logits = model(prompts, cache=cache, pad_mask=real)  # prefill (B, T); real: False at padding
+    logits = model(next_ids, cache=cache)    # (B, 1): each row continues at its own cache.pos[b]
 
 Llama's architecture, weight for weight: pre-norm RMSNorm (computed in fp32, as Hugging Face
 does, so bf16 autocast stays faithful), rotary position embeddings in the `rotate_half`
@@ -21,7 +22,9 @@ is about twice as fast as the fused SDPA kernel's backward.
 
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +34,38 @@ from torch.utils.checkpoint import checkpoint
 from fedlm.config import ModelConfig
 
 
-class KVCache:
-    """Preallocated keys/values for every layer, (B, n_kv_heads, max_len, head_dim) each.
+@dataclass
+class Positions:
+    """Where one forward's T tokens sit: their rotary angles and the keys each may attend to.
 
-    `pos` counts the tokens already written; `Transformer.forward` writes the new keys and
-    values at `pos` and advances it, so decoding never reallocates or concatenates.
+    Without a cache every row holds positions 0..T-1 under plain causal attention,
+    `Positions(cos[:T], sin[:T])`; with one, `KVCache.place` builds it.
+    """
+
+    cos: Tensor
+    """(T, D), or (B, 1, T, D) when rows hold different positions."""
+    sin: Tensor
+    mask: Tensor | None = None
+    """(T, K) or (B, 1, T, K) bool, True where a query may read a key; None: `is_causal` says it."""
+    is_causal: bool = True
+    start: int | None = 0
+    """The cache column where every row's new tokens start; None when rows start apart (`cols`)."""
+    cols: Tensor | None = None
+    """(B, T) the cache column of each new token."""
+    keys: int = 0
+    """Cache columns the queries read (the last column written + 1)."""
+
+
+class KVCache:
+    """Preallocated keys/values per layer, (B, n_kv_heads, max_len, head_dim), for B rows.
+
+    Each row has its own write position `pos[b]` (cache columns used) and padding mask
+    `valid[b]` (columns that hold a real token). A forward writes its T new tokens at
+    columns pos[b]..pos[b]+T-1 of every row and advances `pos` by T, so decoding never
+    reallocates or concatenates. A padded token (`pad_mask` False) is written but never
+    attended to, and a token's rotary position is the number of real tokens before it in
+    its row: rows padded on the left, the right or both decode as each would alone.
+    `rows(i, j)` views some rows, so that one row can be prefilled while others wait.
     """
 
     def __init__(
@@ -52,8 +82,9 @@ class KVCache:
         shape = (batch_size, n_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, L)
         self.max_len = max_len
-        self.pos = 0
 
     @classmethod
     def for_model(
@@ -72,12 +103,70 @@ class KVCache:
             device=weight.device,
         )
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, KV, T, D) at `pos`; return all keys/values so far (B, KV, pos+T, D)."""
-        end = self.pos + k.shape[2]
-        self.k[layer][:, :, self.pos : end] = k
-        self.v[layer][:, :, self.pos : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows start..stop-1 as a cache of their own that shares this one's memory."""
+        view = copy.copy(self)
+        view.k = [k[start:stop] for k in self.k]
+        view.v = [v[start:stop] for v in self.v]
+        view.pos, view.valid = self.pos[start:stop], self.valid[start:stop]
+        return view
+
+    def clear(self) -> None:
+        """Empty every row (a new sequence starts at position 0)."""
+        self.pos.zero_()
+        self.valid.zero_()
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row `src` (its keys, values, position and padding) into row `dst`."""
+        n = int(self.pos[src])
+        for k, v in zip(self.k, self.v, strict=True):
+            k[dst, :, :n] = k[src, :, :n]
+            v[dst, :, :n] = v[src, :, :n]
+        self.valid[dst] = self.valid[src]
+        self.pos[dst] = self.pos[src]
+
+    def place(self, T: int, pad_mask: Tensor | None, cos: Tensor, sin: Tensor) -> Positions:
+        """Where T new tokens go in each row, and what each may see; marks them real or padding.
+
+        cos, sin: the model's rotary tables (max_seq_len, D). pad_mask (B, T): False at padding.
+        """
+        device = self.pos.device
+        first = int(self.pos[0])
+        uniform = bool((self.pos == first).all())
+        end = (first if uniform else int(self.pos.max())) + T
+        limit = min(self.max_len, cos.shape[0])
+        if end > limit:
+            raise ValueError(f"{end} positions exceed the context of {limit} tokens")
+        cols = self.pos[:, None] + torch.arange(T, device=device)  # (B, T) columns written
+        real = torch.ones_like(cols, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
+        self.valid.scatter_(1, cols, real)
+        if uniform and bool(self.valid[:, :end].all()):  # no padding, every row at `first`
+            if T == 1 or first == 0:
+                mask, is_causal = None, T > 1
+            else:  # query t sits at column first+t and may see keys 0..first+t
+                keys = torch.arange(end, device=device)
+                mask, is_causal = keys[None, :] <= cols[0, :, None], False  # (T, end)
+            return Positions(cos[first:end], sin[first:end], mask, is_causal, start=first, keys=end)
+        seen = self.valid[:, :end].cumsum(-1)  # (B, end): real tokens up to each column
+        at = (seen.gather(1, cols) - 1).clamp(min=0)  # (B, T) rotary position of each token
+        keys = torch.arange(end, device=device)
+        # A real key at or before the query's column; a padded query sees only itself.
+        mask = (keys <= cols[..., None]) & (self.valid[:, None, :end] | (keys == cols[..., None]))
+        return Positions(cos[at][:, None], sin[at][:, None], mask[:, None], False,
+                         start=first if uniform else None, cols=cols, keys=end)
+
+    def update(self, layer: int, k: Tensor, v: Tensor, at: Positions) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, KV, T, D) where `at` places them; return keys/values (B, KV, at.keys, D)."""
+        ks, vs = self.k[layer], self.v[layer]
+        if at.start is not None:  # every row writes the same columns: a slice
+            ks[:, :, at.start : at.start + k.shape[2]] = k
+            vs[:, :, at.start : at.start + v.shape[2]] = v
+        else:
+            assert at.cols is not None
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
+            ks[rows, :, at.cols] = k.transpose(1, 2)  # (B, T, KV, D)
+            vs[rows, :, at.cols] = v.transpose(1, 2)
+        return ks[:, :, : at.keys], vs[:, :, : at.keys]
 
 
 class RMSNorm(nn.Module):
@@ -160,34 +249,23 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=False)
         self.wo = nn.Linear(q_dim, cfg.d_model, bias=False)
 
-    def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, layer: int
-    ) -> Tensor:
+    def forward(self, x: Tensor, at: Positions, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         B, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.wqkv(x).split(self.split, dim=-1)  # (B, T, H*D), (B, T, KV*D) x2
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
         v = v.view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-        mask: Tensor | None = None
-        is_causal = T > 1
+        q, k = apply_rope(q, at.cos, at.sin), apply_rope(k, at.cos, at.sin)
         if cache is not None:
-            start = cache.pos
-            k, v = cache.update(layer, k, v)  # (B, KV, start+T, D)
-            if T > 1 and start > 0:
-                # Query i sits at position start+i and may see keys 0..start+i.
-                keys = torch.arange(start + T, device=x.device)
-                queries = torch.arange(start, start + T, device=x.device)
-                mask = keys[None, :] <= queries[:, None]  # (T, start+T) bool
-                is_causal = False
-        if is_causal and KV == H and torch.is_grad_enabled() and _compute_dtype(x) == torch.bfloat16:
+            k, v = cache.update(layer, k, v, at)  # (B, KV, at.keys, D)
+        if (at.is_causal and at.mask is None and KV == H and torch.is_grad_enabled()
+                and _compute_dtype(x) == torch.bfloat16):
             y = CausalAttention.apply(q, k, v)  # same values; a faster backward on CPU
         else:
-            # softmax(q kᵀ / √D) v, each query head reading key/value head h // (H / KV).
+            # softmax(q kᵀ / √D + mask) v, each query head reading key/value head h // (H / KV).
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=KV != H
+                q, k, v, attn_mask=at.mask, is_causal=at.is_causal, enable_gqa=KV != H
             )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.wo(y)
@@ -217,8 +295,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, self.layer)
+    def forward(self, x: Tensor, at: Positions, cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), at, cache, self.layer)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -267,37 +345,31 @@ class Transformer(nn.Module):
         idx: Tensor,
         *,
         cache: KVCache | None = None,
+        pad_mask: Tensor | None = None,
         last_only: bool = False,
         targets: Tensor | None = None,
     ) -> Tensor:
-        """Logits (B, T, V) for idx (B, T); with a cache, positions start at cache.pos.
+        """Logits (B, T, V) for idx (B, T); with a cache, each row continues where it stopped.
 
-        `last_only` computes the head for the last position only (B, 1, V): a prefill that
-        only needs the next token skips T-1 rows of the largest matmul. With `targets`
-        (B, T) it returns instead the mean next-token cross-entropy (a scalar, fp32), equal
-        to `F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())` but computed
+        `pad_mask` (B, T) is False where idx holds padding: those positions are never attended
+        to and do not count as positions, and their logits are meaningless (a padded forward
+        keeps its rows in a cache; without one it makes a temporary one). `last_only` computes
+        the head for the last column only (B, 1, V): a prefill that only needs the next token
+        skips T-1 rows of the largest matmul. With `targets` (B, T) it returns instead the mean
+        next-token cross-entropy (a scalar, fp32), equal to
+        `F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())` but computed
         without holding the logits.
         """
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        limit = cache.max_len if cache is not None else self.cfg.max_seq_len
-        if start + T > min(limit, self.cfg.max_seq_len):
-            limit = min(limit, self.cfg.max_seq_len)
-            raise ValueError(f"{start + T} positions exceed the context of {limit} tokens")
-        # Rotary tables in the dtype q and k are computed in (bf16 under autocast).
-        device = idx.device.type
-        dtype = self.tok_emb.weight.dtype
-        if torch.is_autocast_enabled(device):
-            dtype = torch.get_autocast_dtype(device)
-        cos = self.rope_cos[start : start + T].to(dtype)  # (T, D)
-        sin = self.rope_sin[start : start + T].to(dtype)
-
+        if pad_mask is not None and cache is None:
+            cache = KVCache.for_model(self, batch_size=B, max_len=T)
+        at = self._positions(idx, cache, pad_mask)
         x = self.tok_emb(idx)  # (B, T, C)
         for block in self.layers:
             if self.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = checkpoint(block, x, at, use_reentrant=False)
             else:
-                x = block(x, cos, sin, cache)
+                x = block(x, at, cache)
         if cache is not None:
             cache.pos += T
         if targets is not None:
@@ -306,6 +378,20 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def _positions(self, idx: Tensor, cache: KVCache | None, pad_mask: Tensor | None) -> Positions:
+        """The rotary angles (in the dtype q and k are computed in) and attention of idx's tokens."""
+        T = idx.shape[1]
+        device = idx.device.type
+        dtype = self.tok_emb.weight.dtype
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+        cos, sin = self.rope_cos.to(dtype), self.rope_sin.to(dtype)  # (max_seq_len, D)
+        if cache is not None:
+            return cache.place(T, pad_mask, cos, sin)
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"{T} positions exceed the context of {self.cfg.max_seq_len} tokens")
+        return Positions(cos[:T], sin[:T], is_causal=T > 1)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):

@@ -39,8 +39,83 @@ def test_cached_decoding_matches_the_full_forward(kv_heads: int) -> None:
         cache = KVCache.for_model(model, batch_size=2, max_len=30)
         parts = [model(idx[:, :9], cache=cache), model(idx[:, 9:16], cache=cache)]
         parts += [model(idx[:, t : t + 1], cache=cache) for t in range(16, 30)]
-    assert cache.pos == 30
+    assert cache.pos.tolist() == [30, 30]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-4)
+
+
+def _pad(rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows padded to one width with token 0 on `side`: ids (B, W) and real-token mask (B, W)."""
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    real = torch.zeros(len(rows), width, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[b, cols], real[b, cols] = torch.tensor(r, dtype=torch.long), True
+    return ids, real
+
+
+def test_padded_rows_at_different_positions_match_each_row_alone() -> None:
+    """Rows at different cache positions fed left-padded, then right-padded chunks (one row all
+    padding), then single steps: each real token gets the logits of its row's tokens run alone."""
+    model = make_model(n_kv_heads=2)
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, 97, (12,), generator=g).tolist() for _ in range(4)]
+    alone = [[] for _ in seqs]  # type: list[list[int]]
+    got: list[list[torch.Tensor]] = [[] for _ in seqs]
+
+    def feed(cache: KVCache, first_row: int, counts: list[int], side: str) -> None:
+        chunks = []
+        for i, n in enumerate(counts):
+            b = first_row + i
+            chunks.append(seqs[b][len(alone[b]) : len(alone[b]) + n])
+            alone[b] += chunks[-1]
+        ids, real = _pad(chunks, side)
+        logits = model(ids, cache=cache, pad_mask=real)
+        for i in range(len(counts)):
+            got[first_row + i] += list(logits[i][real[i]])
+
+    cache = KVCache.for_model(model, batch_size=4, max_len=24)
+    with torch.no_grad():
+        feed(cache.rows(3, 4), 3, [6], "left")  # row 3 alone: the rows now sit apart
+        feed(cache, 0, [5, 1, 3, 2], "left")
+        feed(cache, 0, [2, 3, 0, 1], "right")
+        for _ in range(3):
+            feed(cache, 0, [1, 1, 1, 1], "left")
+        assert cache.pos.tolist() == [5 + 3 + 3] * 3 + [6 + 5 + 3 + 3]
+        for b in range(4):
+            want = model(torch.tensor([alone[b]]))[0]  # (n, V)
+            torch.testing.assert_close(torch.stack(got[b]), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_decoding_matches_transformers(tmp_path: Path, side: str) -> None:
+    """A padded batch prefilled and then decoded greedily through the cache gives
+    LlamaForCausalLM's logits for the same tokens (its attention_mask, positions counted over
+    real tokens) at every real position; a padded forward without a cache gives them too."""
+    transformers = pytest.importorskip("transformers")
+    from fedlm.hf import export_hf
+
+    model = make_model(seed=1, n_kv_heads=2)
+    export_hf(model, tmp_path / "hf", tokenizer_path=None)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids, real = _pad([[5, 17, 3, 88, 41, 9, 60], [7, 2, 30], [11, 12, 13, 14, 15]], side)
+    cache = KVCache.for_model(model, batch_size=3, max_len=ids.shape[1] + 6)
+    with torch.no_grad():
+        no_cache = model(ids, pad_mask=real)
+        ours = [model(ids, cache=cache, pad_mask=real)]
+        last = real.cumsum(-1).argmax(-1)  # each row's last real column
+        nxt = ours[0][torch.arange(3), last].argmax(-1)[:, None]  # (3, 1)
+        for _ in range(6):
+            ids, real = torch.cat([ids, nxt], 1), torch.cat([real, torch.ones(3, 1, dtype=torch.bool)], 1)
+            ours.append(model(nxt, cache=cache))
+            nxt = ours[-1][:, -1].argmax(-1)[:, None]
+        positions = (real.cumsum(-1) - 1).clamp(min=0)
+        theirs = hf(ids, attention_mask=real.long(), position_ids=positions).logits
+    width = no_cache.shape[1]
+    torch.testing.assert_close(no_cache[real[:, :width]], theirs[:, :width][real[:, :width]],
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.cat(ours, 1)[real], theirs[real], rtol=1e-4, atol=1e-4)
+    assert theirs[real].abs().max() > 1.0  # a meaningful comparison
 
 
 def test_cache_overflow_is_refused() -> None:
@@ -157,3 +232,27 @@ def test_int8_copy_stays_close_and_leaves_the_original() -> None:
     assert (got - ref).abs().max() < 0.1 * ref.abs().max()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert len(list(generate(q, [1, 2, 3], max_new_tokens=5, temperature=0))) == 5
+
+
+def test_cli_generate_prints_the_generated_text(tmp_path: Path) -> None:
+    """`fedlm generate` prints the prompt, then generate()'s tokens streamed through the
+    serving TextDecoder: the text of decoding them all at once, no broken characters."""
+    from tokenizers import Tokenizer
+    from typer.testing import CliRunner
+
+    from fedlm.cli import app
+    from fedlm.data.tokenizer import EOS
+    from fedlm.modelio import load_model
+    from tests.serve_support import tiny_model_dir
+
+    run = tiny_model_dir(tmp_path, seed=1)
+    model, tok_path = load_model(run)
+    tok = Tokenizer.from_file(str(tok_path))
+    prompt = "naïve café 東京"
+    want = list(generate(model, tok.encode(prompt).ids, max_new_tokens=30, temperature=0,
+                         eos_id=tok.token_to_id(EOS)))
+    args = ["generate", str(run), prompt, "--max-new-tokens", "30", "--temperature", "0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == prompt + tok.decode(want) + "\n"
+    assert "\ufffd" not in result.stdout and len(want) > 0

@@ -11,7 +11,7 @@ import torch
 
 from fedlm.config import ModelConfig
 from fedlm.errors import UserError
-from fedlm.model import Attention, RMSNorm, Transformer, num_params
+from fedlm.model import Attention, Positions, RMSNorm, Transformer, num_params
 from fedlm.modelio import find_model_dir, save_model
 from fedlm.pretrained import load_model
 
@@ -54,7 +54,7 @@ def test_attention_matches_numpy_softmax_formula() -> None:
     x = torch.randn(1, T, cfg.d_model)
     cos, sin = Transformer(cfg).rope_cos[:T], Transformer(cfg).rope_sin[:T]
     with torch.no_grad():
-        got = attn(x, cos, sin, None, 0)[0].double().numpy()
+        got = attn(x, Positions(cos, sin))[0].double().numpy()
 
     xn = x[0].double().numpy()
     w = attn.wqkv.weight.detach().double().numpy()

@@ -16,8 +16,8 @@ from tokenizers import Tokenizer
 
 from fedlm.config import ModelConfig
 from fedlm.generate import generate
-from fedlm.model import Transformer
-from fedlm.serve.engine import Engine, Event, RowCache, SamplingParams, forward_rows, quantize_int8
+from fedlm.model import KVCache, Transformer
+from fedlm.serve.engine import Engine, Event, SamplingParams, quantize_int8
 from fedlm.serve.text import TextDecoder, chat_template, eos_ids, render_chat
 from tests.serve_support import train_tokenizer
 
@@ -70,22 +70,26 @@ def _submit_all(engine: Engine, prompts: list[list[int]], params: list[SamplingP
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
-def test_batched_rows_match_full_forward(n_kv_heads: int) -> None:
-    """forward_rows on rows at different positions gives the logits of a plain forward pass."""
+def test_rows_prefilled_apart_then_decoded_together_match_full_forward(n_kv_heads: int) -> None:
+    """The engine's use of the cache: each prompt prefilled into its own row (a view), then one
+    batched step over rows at different positions: each row gets its plain forward's logits."""
     model = _model(300, n_kv_heads=n_kv_heads)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (5, 17, 9)]
-    cache = RowCache(model, max_batch=4, max_len=32)
+    cache = KVCache.for_model(model, batch_size=4, max_len=32)
     with torch.inference_mode():
         for row, p in enumerate(prompts):
-            forward_rows(model, torch.tensor([p[:-1]]), cache, torch.zeros(1, dtype=torch.long),
-                         prefill_row=row)
+            model(torch.tensor([p[:-1]]), cache=cache.rows(row, row + 1))
+        assert cache.pos.tolist() == [4, 16, 8, 0]
         last = torch.tensor([[p[-1]] for p in prompts])
-        pos = torch.tensor([len(p) - 1 for p in prompts])
-        got = forward_rows(model, last, cache, pos)  # (3, V)
+        got = model(last, cache=cache.rows(0, 3))[:, -1]  # (3, V)
+        cache.move_row(2, 0)  # the engine refills a freed row with the last one
+        moved = model(torch.tensor([[7]]), cache=cache.rows(0, 1))[0, -1]
         for row, p in enumerate(prompts):
             want = model(torch.tensor([p]))[0, -1]
             torch.testing.assert_close(got[row], want, atol=1e-4, rtol=1e-4)
+        want = model(torch.tensor([prompts[2] + [7]]))[0, -1]
+        torch.testing.assert_close(moved, want, atol=1e-4, rtol=1e-4)
 
 
 def test_concurrent_greedy_equals_generate_alone(tokenizer: Tokenizer) -> None:
@@ -176,7 +180,7 @@ def test_int8_engine_matches_quantized_model(tokenizer: Tokenizer) -> None:
     model = _model(tokenizer.get_vocab_size())
     q = quantize_int8(model)
     assert sum(isinstance(m, torch.nn.Linear) for m in q.modules()) == 0  # all Linears swapped
-    engine = Engine(q, tokenizer, max_batch=2)  # type: ignore[arg-type]
+    engine = Engine(q, tokenizer, max_batch=2)
     engine.start()
     try:
         ids, _, _ = _run(engine, [3, 4, 5], SamplingParams(max_tokens=8, temperature=0.0))

@@ -9,14 +9,11 @@
 
 Continuous batching: every step the engine admits waiting sequences (one prefill forward
 each, which also yields their first token), then advances every running sequence by one
-token in a single batched forward. Rows of different lengths share one preallocated KV
-cache (max_batch, n_kv_heads, max_len, head_dim) per layer, with a position per row and a
-mask per row; a finished row is refilled by moving the last row into it, so the running
-rows are always 0..n-1 and attention reads one contiguous slice.
-
-The model's own `KVCache` keeps one position for the whole batch, so the batched forward
-is written here on top of the model's modules (its norms, fused q/k/v, MLP, head), which
-also makes it work unchanged on a dynamically quantised (int8) model.
+token in a single batched forward. Both are the model's own forward over one `KVCache`
+of max_batch rows, each row at its own position: a prefill writes one row (a view of
+it), a decode step all running rows. A finished row is refilled by moving the last row
+into it, so the running rows are always 0..n-1 and a step reads one contiguous slice.
+The model may be `quantize_int8`'s copy: its forward is the same.
 """
 
 from __future__ import annotations
@@ -28,13 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
-from torch import Tensor, nn
+from torch import Tensor
 
-from fedlm.generate import sample_next
-from fedlm.model import Attention, Block, Transformer, apply_rope
+from fedlm.generate import quantize_int8, sample_next
+from fedlm.model import KVCache, Transformer
 from fedlm.serve.text import TextDecoder
+
+__all__ = ["Engine", "Event", "SamplingParams", "Sequence", "quantize_int8"]
 
 
 @dataclass
@@ -97,87 +95,6 @@ class Sequence:
         self.cancelled = True
 
 
-class RowCache:
-    """Per-layer K/V buffers (max_batch, KV, max_len, D) with one position per row."""
-
-    def __init__(self, model: Transformer, *, max_batch: int, max_len: int) -> None:
-        cfg = model.cfg
-        shape = (max_batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-        dtype = model.tok_emb.weight.dtype
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.max_len = max_len
-
-    def move_row(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` positions of row `src` into row `dst`."""
-        for k, v in zip(self.k, self.v, strict=True):
-            k[dst, :, :length] = k[src, :, :length]
-            v[dst, :, :length] = v[src, :, :length]
-
-
-def _attend(
-    attn: Attention, x: Tensor, cos: Tensor, sin: Tensor, cache: RowCache, layer: int,
-    pos: Tensor, prefill_row: int | None,
-) -> Tensor:
-    """Attention for rows that continue at `pos` (B,), or one row's prompt when prefilling."""
-    B, T, _ = x.shape
-    H, KV, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    q, k, v = attn.wqkv(x).split(attn.split, dim=-1)
-    q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-    k = k.view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
-    v = v.view(B, T, KV, D).transpose(1, 2)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if prefill_row is not None:  # one row (B = 1), positions 0..T-1: plain causal attention
-        cache.k[layer][prefill_row, :, :T] = k[0]
-        cache.v[layer][prefill_row, :, :T] = v[0]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=KV != H)
-    else:  # rows 0..B-1, one new token each at its own position
-        rows = torch.arange(B)
-        cache.k[layer][rows, :, pos] = k[:, :, 0]  # (B, KV, D)
-        cache.v[layer][rows, :, pos] = v[:, :, 0]
-        L = int(pos.max()) + 1
-        keys = cache.k[layer][:B, :, :L]  # (B, KV, L, D)
-        values = cache.v[layer][:B, :, :L]
-        mask = (torch.arange(L)[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, L)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=KV != H)
-    y = y.transpose(1, 2).reshape(B, T, H * D)
-    return attn.wo(y)
-
-
-def forward_rows(
-    model: Transformer, idx: Tensor, cache: RowCache, pos: Tensor, *, prefill_row: int | None = None
-) -> Tensor:
-    """Next-token logits (B, V) for the last position of each row of idx (B, T).
-
-    Decoding: idx (B, 1), row b's token sits at position pos[b]. Prefill: idx (1, T) is the
-    prompt of cache row `prefill_row`, at positions 0..T-1 (pos is ignored).
-    """
-    B, T = idx.shape
-    if prefill_row is not None:
-        cos = model.rope_cos[:T]  # (T, D)
-        sin = model.rope_sin[:T]
-    else:
-        cos = model.rope_cos[pos][:, None, None, :]  # (B, 1, 1, D)
-        sin = model.rope_sin[pos][:, None, None, :]
-    x = model.tok_emb(idx)  # (B, T, C)
-    for layer, block in enumerate(model.layers):
-        assert isinstance(block, Block)
-        x = x + _attend(block.attn, block.attn_norm(x), cos, sin, cache, layer, pos, prefill_row)
-        x = x + block.mlp(block.mlp_norm(x))
-    return model.lm_head(model.norm(x[:, -1]))  # (B, V)
-
-
-def quantize_int8(model: Transformer) -> nn.Module:
-    """A copy of `model` with every Linear dynamically quantised to int8 (CPU inference)."""
-    import warnings
-
-    from torch.ao.quantization import quantize_dynamic
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization announces its deprecation
-        return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
-
-
 class Engine:
     """Runs one model for many sequences at once on a background thread."""
 
@@ -195,7 +112,7 @@ class Engine:
         self.max_batch = max_batch
         self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
         self.eos_ids = set(eos_ids or [])
-        self.cache = RowCache(model, max_batch=max_batch, max_len=self.max_len)
+        self.cache = KVCache.for_model(model, batch_size=max_batch, max_len=self.max_len)
         self.running: list[Sequence] = []
         self.waiting: deque[Sequence] = deque()
         self.cond = threading.Condition()
@@ -270,18 +187,18 @@ class Engine:
             self._emit(seq, Event("", 0, "cancelled"))
 
     def _prefill(self, seq: Sequence) -> None:
-        row = len(self.running)
+        row = self.cache.rows(len(self.running), len(self.running) + 1)
+        row.clear()
         idx = torch.tensor([seq.prompt_ids], dtype=torch.long)  # (1, T)
-        logits = forward_rows(self.model, idx, self.cache, torch.zeros(1, dtype=torch.long),
-                              prefill_row=row)
+        logits = self.model(idx, cache=row, last_only=True)[0, -1]  # (V,)
         seq.pos = len(seq.prompt_ids)
         self.running.append(seq)
-        self._accept(seq, logits[0])
+        self._accept(seq, logits)
 
     def _decode_step(self) -> None:
         idx = torch.tensor([[s.last_token] for s in self.running], dtype=torch.long)  # (B, 1)
-        pos = torch.tensor([s.pos for s in self.running], dtype=torch.long)  # (B,)
-        logits = forward_rows(self.model, idx, self.cache, pos)  # (B, V)
+        rows = self.cache.rows(0, len(self.running))  # each row continues at its own position
+        logits = self.model(idx, cache=rows, last_only=True)[:, -1]  # (B, V)
         self.steps += 1
         for seq, row in zip(self.running, logits, strict=True):
             seq.pos += 1
@@ -335,7 +252,7 @@ class Engine:
             last = len(self.running) - 1
             if i != last:
                 moved = self.running[last]
-                self.cache.move_row(last, i, moved.pos)
+                self.cache.move_row(last, i)
                 self.running[i] = moved
             self.running.pop()
 
