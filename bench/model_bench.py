@@ -10,8 +10,9 @@ names and loaded with `from_pretrained`) and run at the same precision, batch an
   after warm-up (plus fedlm under `torch.compile` in bf16, marked as such);
 - model FLOPs utilisation (MFU) of those runs against a square-matmul peak (fp32 and bf16)
   measured in the same call;
-- decode tokens/s at batch 1, prompt 32, 128 greedy new tokens: `fedlm.generate.generate`
-  against `generate(use_cache=True, do_sample=False)`, plus fedlm's int8 copy.
+- decode tokens/s, prompt 32, 128 greedy new tokens, fp32 and fedlm's int8 copy, against
+  `generate(use_cache=True, do_sample=False)`: at batch 1 `fedlm.generate.generate`, at
+  batch 16 the serving engine (`fedlm.serve.engine`, all 16 prompts in one batch).
 
 Threads: `torch.set_num_threads(1)` for everything here, on purpose. The machine has two
 cores shared with other work, where two OpenMP threads run several times slower than one
@@ -38,6 +39,7 @@ THREADS = 1
 VOCAB = 8192
 BATCH, SEQ = 8, 256
 PROMPT, NEW_TOKENS = 32, 128
+BATCH_DECODE = 16
 TARGET_TRAIN = 1.3
 TARGET_MFU = 0.5
 TARGET_DECODE = 2.0
@@ -195,8 +197,35 @@ def _decode_ours(model: nn.Module, prompt: list[int]) -> Callable[[], object]:
     return go
 
 
-def _decode_hf(model: nn.Module, prompt: list[int]) -> Callable[[], object]:
-    ids = torch.tensor([prompt])
+def _decode_engine(model: nn.Module, prompts: list[list[int]]) -> Callable[[], object]:
+    """fedlm's batched decoding: the serving engine with all prompts in one batch (no HTTP)."""
+    import threading
+
+    from tokenizers import Tokenizer, models
+
+    from fedlm.serve.engine import Engine, SamplingParams
+
+    # A word-level vocabulary of VOCAB names: the engine detokenizes every step, as it serves.
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+
+    def go() -> None:
+        engine = Engine(model, tokenizer, max_batch=len(prompts))  # type: ignore[arg-type]
+        engine.start()
+        try:
+            done = threading.Semaphore(0)
+            for p in prompts:
+                engine.submit(p, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0),
+                              lambda e: done.release() if e.finish_reason else None)
+            for _ in prompts:
+                assert done.acquire(timeout=600)
+        finally:
+            engine.stop()
+
+    return go
+
+
+def _decode_hf(model: nn.Module, prompts: list[list[int]]) -> Callable[[], object]:
+    ids = torch.tensor(prompts)  # (B, PROMPT): equal lengths, no padding
 
     def go() -> None:
         with torch.inference_mode():
@@ -208,15 +237,19 @@ def _decode_hf(model: nn.Module, prompt: list[int]) -> Callable[[], object]:
 
 
 def decode_throughput(ours: nn.Module, hf: nn.Module, *, runs: int) -> dict[str, float]:
-    """New tokens per CPU second (and wall) at batch 1: fedlm fp32, transformers fp32, fedlm int8."""
+    """New tokens per CPU second (and wall) of greedy decoding, fedlm fp32 and int8 against
+    transformers fp32: at batch 1 `generate`, at batch BATCH_DECODE the serving engine."""
     from fedlm.generate import quantize_int8
 
     ours.eval()
     hf.eval()
+    int8 = quantize_int8(ours)  # type: ignore[arg-type]
     g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, VOCAB, (PROMPT,), generator=g).tolist()
-    fns = {"fedlm": _decode_ours(ours, prompt), "hf": _decode_hf(hf, prompt),
-           "fedlm_int8": _decode_ours(quantize_int8(ours), prompt)}  # type: ignore[arg-type]
+    prompts = torch.randint(0, VOCAB, (BATCH_DECODE, PROMPT), generator=g).tolist()
+    fns = {"fedlm": _decode_ours(ours, prompts[0]), "hf": _decode_hf(hf, prompts[:1]),
+           "fedlm_int8": _decode_ours(int8, prompts[0]),
+           "b16_fedlm": _decode_engine(ours, prompts), "b16_hf": _decode_hf(hf, prompts),
+           "b16_fedlm_int8": _decode_engine(int8, prompts)}
     for fn in fns.values():
         fn()
     samples: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
@@ -227,8 +260,13 @@ def decode_throughput(ours: nn.Module, hf: nn.Module, *, runs: int) -> dict[str,
     out: dict[str, float] = {}
     for k, s in samples.items():
         cpu, wall = _median_pair(s)
-        out[f"{k}_tok_s"] = NEW_TOKENS / cpu
-        out[f"{k}_tok_s_wall"] = NEW_TOKENS / wall
+        rows = BATCH_DECODE if k.startswith("b16_") else 1
+        out[f"{k}_tok_s"] = rows * NEW_TOKENS / cpu
+        out[f"{k}_tok_s_wall"] = rows * NEW_TOKENS / wall
+    for pre in ("", "b16_"):
+        out[f"{pre}ratio"] = out[f"{pre}fedlm_tok_s"] / out[f"{pre}hf_tok_s"]
+        out[f"{pre}ratio_wall"] = out[f"{pre}fedlm_tok_s_wall"] / out[f"{pre}hf_tok_s_wall"]
+        out[f"{pre}int8_ratio"] = out[f"{pre}fedlm_int8_tok_s"] / out[f"{pre}hf_tok_s"]
     return out
 
 
@@ -299,9 +337,6 @@ def run(quick: bool = False, *, compile: bool = True) -> dict[str, Any]:
                 c["ratio_vs_hf_bf16"] = c["tok_s"] / res["train_bf16"]["hf_tok_s"]
             res["train_bf16_compiled"] = c
         d = decode_throughput(ours, hf, runs=runs)
-        d["ratio"] = d["fedlm_tok_s"] / d["hf_tok_s"]
-        d["ratio_wall"] = d["fedlm_tok_s_wall"] / d["hf_tok_s_wall"]
-        d["int8_ratio"] = d["fedlm_int8_tok_s"] / d["hf_tok_s"]
         res["decode"] = d
         res["targets"] = {
             "train_fp32_1_3x": res["train_fp32"]["ratio"] >= TARGET_TRAIN,

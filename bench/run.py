@@ -69,6 +69,10 @@ def model_section(quick: bool) -> tuple[dict[str, Any], str]:
          _ok(dec["ratio"] >= TARGET_DECODE)],
         ["decode tok/s, batch 1, fedlm int8 vs HF fp32", _f(dec["fedlm_int8_tok_s"], 1), _f(dec["hf_tok_s"], 1),
          f"{dec['int8_ratio']:.2f}×", "(not the target: other precision)", "–"],
+        ["decode tok/s, batch 16, fp32 (fedlm: the serving engine)", _f(dec["b16_fedlm_tok_s"], 1),
+         _f(dec["b16_hf_tok_s"], 1), f"{dec['b16_ratio']:.2f}× (wall {dec['b16_ratio_wall']:.2f}×)", "", "–"],
+        ["decode tok/s, batch 16, fedlm int8 vs HF fp32", _f(dec["b16_fedlm_int8_tok_s"], 1),
+         _f(dec["b16_hf_tok_s"], 1), f"{dec['b16_int8_ratio']:.2f}×", "(other precision)", "–"],
     ]
     c = r.get("train_bf16_compiled")
     if c is not None and "tok_s" in c:

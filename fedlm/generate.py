@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from fedlm.errors import UserError
 from fedlm.model import Block, KVCache, Transformer
 
-ROW_MAJOR_MIN_TOKENS = 16
-"""Decodes this long (or longer) on CPU run on a `row_major_copy`; shorter ones do not repay it."""
+COLUMN_MAJOR_MIN_TOKENS = 16
+"""Decodes this long (or longer) on CPU run on a `column_major_copy`; shorter ones do not repay it."""
 
 
 def quantize_int8(model: Transformer) -> Transformer:
@@ -44,22 +44,6 @@ def quantize_int8(model: Transformer) -> Transformer:
     return quantized.eval()
 
 
-class RowMajorLinear(nn.Module):
-    """A bias-free Linear that holds its weight transposed, Wᵀ (C_in, C_out) contiguous.
-
-    At batch 1 a decode step is a chain of vector-matrix products that read every weight
-    once, so it runs at memory speed; on CPU `x @ Wᵀ` over a contiguous Wᵀ streams markedly
-    faster than `F.linear` over W (C_out, C_in) (bench/model_bench.py measures the two).
-    """
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.weight_t = nn.Buffer(linear.weight.detach().t().contiguous())  # (C_in, C_out)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x @ self.weight_t
-
-
 def _linear_slots(model: Transformer) -> list[tuple[nn.Module, str]]:
     """(parent, attribute) of every Linear in the model: q/k/v, o, gate/up, down, head."""
     slots: list[tuple[nn.Module, str]] = [(model, "lm_head")]
@@ -69,12 +53,17 @@ def _linear_slots(model: Transformer) -> list[tuple[nn.Module, str]]:
     return slots
 
 
-def row_major_copy(model: Transformer) -> Transformer | None:
-    """`model` for CPU decoding: the same modules and forward, each Linear a `RowMajorLinear`.
+def column_major_copy(model: Transformer) -> Transformer | None:
+    """`model` for CPU decoding: the same modules and forward, each Linear's weight column-major.
 
-    The copy shares every other tensor (embeddings, norms, rotary tables) with `model` and
-    costs one pass over the Linear weights. None where it does not apply: off the CPU, under
-    autocast, or for Linears that are not plain (int8, LoRA).
+    At batch 1 a decode step is a chain of vector-matrix products that read every weight
+    once, so it runs at memory speed; on CPU `F.linear` streams a weight laid out as Wᵀ
+    (C_in, C_out) in memory markedly faster than the usual W (C_out, C_in)
+    (bench/model_bench.py measures the decode speeds). At batch 16 the usual layout is the
+    faster one, so the serving engine keeps it. The copy shares every other tensor
+    (embeddings, norms, rotary tables) with `model` and costs one pass over the Linear
+    weights. None where it does not apply: off the CPU, under autocast, or for Linears that
+    are not plain (int8, LoRA).
     """
     if (model.tok_emb.weight.device.type != "cpu" or torch.is_autocast_enabled("cpu")
             or not all(type(b) is Block for b in model.layers)
@@ -82,9 +71,10 @@ def row_major_copy(model: Transformer) -> Transformer | None:
         return None
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     fast = copy.deepcopy(model, memo=shared)  # new modules over the same tensors
-    with torch.no_grad():
-        for parent, name in _linear_slots(fast):
-            setattr(parent, name, RowMajorLinear(getattr(parent, name)))
+    for parent, name in _linear_slots(fast):
+        linear = getattr(parent, name)
+        column_major = linear.weight.detach().t().contiguous().t()  # (C_out, C_in), Wᵀ in memory
+        linear.weight = nn.Parameter(column_major, requires_grad=False)
     return fast.eval()
 
 
@@ -173,8 +163,8 @@ def generate(
         generator.seed()
     else:
         generator.manual_seed(seed)
-    if max_new_tokens >= ROW_MAJOR_MIN_TOKENS:
-        model = row_major_copy(model) or model
+    if max_new_tokens >= COLUMN_MAJOR_MIN_TOKENS:
+        model = column_major_copy(model) or model
     cache = KVCache.for_model(model, max_len=len(prompt_ids) + max_new_tokens)
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     for step in range(max_new_tokens):

@@ -132,21 +132,24 @@ class KVCache:
         """
         device = self.pos.device
         first = int(self.pos[0])
-        uniform = bool((self.pos == first).all())
+        uniform = self.pos.shape[0] == 1 or bool((self.pos == first).all())
         end = (first if uniform else int(self.pos.max())) + T
         limit = min(self.max_len, cos.shape[0])
         if end > limit:
             raise ValueError(f"{end} positions exceed the context of {limit} tokens")
+        if uniform:
+            self.valid[:, first:end] = True if pad_mask is None else pad_mask
+            if bool(self.valid[:, :end].all()):  # no padding: positions are columns
+                if T == 1 or first == 0:
+                    mask, is_causal = None, T > 1
+                else:  # query t sits at column first+t and may see keys 0..first+t
+                    keys = torch.arange(end, device=device)
+                    mask, is_causal = keys[None, :] <= keys[first:, None], False  # (T, end)
+                return Positions(cos[first:end], sin[first:end], mask, is_causal, start=first, keys=end)
         cols = self.pos[:, None] + torch.arange(T, device=device)  # (B, T) columns written
-        real = torch.ones_like(cols, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
-        self.valid.scatter_(1, cols, real)
-        if uniform and bool(self.valid[:, :end].all()):  # no padding, every row at `first`
-            if T == 1 or first == 0:
-                mask, is_causal = None, T > 1
-            else:  # query t sits at column first+t and may see keys 0..first+t
-                keys = torch.arange(end, device=device)
-                mask, is_causal = keys[None, :] <= cols[0, :, None], False  # (T, end)
-            return Positions(cos[first:end], sin[first:end], mask, is_causal, start=first, keys=end)
+        if not uniform:
+            real = torch.ones_like(cols, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
+            self.valid.scatter_(1, cols, real)
         seen = self.valid[:, :end].cumsum(-1)  # (B, end): real tokens up to each column
         at = (seen.gather(1, cols) - 1).clamp(min=0)  # (B, T) rotary position of each token
         keys = torch.arange(end, device=device)
@@ -252,11 +255,10 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, at: Positions, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         B, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.wqkv(x).split(self.split, dim=-1)  # (B, T, H*D), (B, T, KV*D) x2
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
-        v = v.view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
-        q, k = apply_rope(q, at.cos, at.sin), apply_rope(k, at.cos, at.sin)
+        qkv = self.wqkv(x).view(B, T, H + 2 * KV, D).transpose(1, 2)  # (B, H+2KV, T, D)
+        # q and k rotated in one call: a decode step is a chain of small ops, each op counts.
+        qk = apply_rope(qkv[:, : H + KV], at.cos, at.sin)  # (B, H+KV, T, D)
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV :]  # (B, H, T, D), (B, KV, T, D) x2
         if cache is not None:
             k, v = cache.update(layer, k, v, at)  # (B, KV, at.keys, D)
         if (at.is_causal and at.mask is None and KV == H and torch.is_grad_enabled()
