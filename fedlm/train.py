@@ -34,7 +34,7 @@ from fedlm.config import Config, TrainConfig, check_resume_config, save_config
 from fedlm.data.shards import open_split, sample_batch
 from fedlm.data.tokenizer import load_tokenizer, tokenizer_hash
 from fedlm.errors import UserError
-from fedlm.fileio import append_jsonl, atomic_dir, truncate_jsonl, write_json
+from fedlm.fileio import append_jsonl, atomic_dir, recover_dir, truncate_jsonl, write_json
 from fedlm.lora import apply_lora, plain_model
 from fedlm.model import Transformer
 from fedlm.modelio import assign_weights, save_model, stored_state
@@ -439,7 +439,7 @@ def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCall
     metrics_path = out_dir / "metrics.jsonl"
     start = 0
     if resume:
-        if not ckpt_dir.exists():
+        if not recover_dir(ckpt_dir):  # a swap cut by a kill: the previous checkpoint
             raise UserError(f"{out_dir}: no checkpoint to resume from; run without --resume")
         check_resume_config(cfg, out_dir / "config.toml")
         start = int(load_checkpoint(ckpt_dir, model=model, optimizer=optimizer, generator=data.generator)["step"])
@@ -447,7 +447,7 @@ def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCall
         if start >= tc.steps and (out_dir / "summary.json").exists() and (out_dir / "model").exists():
             return dict(json.loads((out_dir / "summary.json").read_text()))  # already complete
     else:
-        if ckpt_dir.exists():
+        if recover_dir(ckpt_dir):
             raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
         out_dir.mkdir(parents=True, exist_ok=True)
         metrics_path.unlink(missing_ok=True)

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from fedlm.config import Config, check_resume_config, save_config
 from fedlm.errors import UserError
 from fedlm.federation.strategies import ServerAdamW, ServerOptimizer
-from fedlm.fileio import atomic_dir, write_json
+from fedlm.fileio import atomic_dir, recover_dir, write_json
 
 RoundCallback = Callable[[int, int, dict[str, Any]], None]
 """Called after each round with (round, rounds, the rounds.jsonl row); rounds count from 1."""
@@ -39,11 +39,12 @@ FLOWER_ENV = {
 def prepare_run_dir(cfg: Config, out_dir: Path, *, resume: bool) -> None:
     """Check `out_dir` for a new run or a resume, and write the (resolved) config there."""
     ckpt = out_dir / "checkpoint"
+    has_ckpt = recover_dir(ckpt)  # a swap cut by a kill: the previous checkpoint
     if resume:
-        if not ckpt.exists():
+        if not has_ckpt:
             raise UserError(f"{out_dir}: no round checkpoint to resume from; run without --resume")
         check_resume_config(cfg, out_dir / "config.toml")
-    elif ckpt.exists():
+    elif has_ckpt:
         raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.toml")
