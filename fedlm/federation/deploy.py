@@ -23,6 +23,7 @@ module waits for its summary.json (or error.json) and replays rounds.jsonl to `o
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shlex
@@ -43,7 +44,7 @@ import httpx
 
 from fedlm.config import Config
 from fedlm.errors import UserError
-from fedlm.federation import trust
+from fedlm.federation import trust, warm_exec
 from fedlm.federation.rundir import FLOWER_ENV, RoundCallback
 from fedlm.fileio import write_json
 from fedlm.resolve import resolve_silos
@@ -83,7 +84,29 @@ def _start(cmd: list[str], *, log_path: Path, flwr_home: Path) -> subprocess.Pop
     flwr_home.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=flower_env(flwr_home), start_new_session=True)
+                                env=flower_env(flwr_home), start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    """In a started child (Linux): SIGTERM it when the process that started it dies, even by SIGKILL,
+    so a killed `fedlm train` leaves no SuperLink running its run on."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def start_launcher(supernode: subprocess.Popen[bytes], *, port: int, flwr_home: Path,
+                   log_path: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start fedlm's ClientApp launcher (`warm_exec`) beside a SuperNode in `--isolation process`;
+    it exits within its poll interval when the SuperNode does."""
+    cmd = warm_exec.command(f"127.0.0.1:{port}", supernode.pid)
+    out = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115  closed below
+    try:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                stdin=subprocess.DEVNULL, env=flower_env(flwr_home),
+                                start_new_session=True, preexec_fn=_die_with_parent)
+    finally:
+        if out is not None:
+            out.close()
 
 
 def stop(procs: Sequence[subprocess.Popen[bytes]], *, grace: float = 5.0) -> None:
@@ -306,7 +329,7 @@ def supernode_command(superlink: str, workspace: Path, silo: str, *, port: int,
     """The `flower-supernode` command that serves `silo` of `workspace` to `superlink`, signing with `key`."""
     node_config = f'workspace="{Path(workspace).resolve()}" silo="{silo}"'
     cmd = [str(BIN / "flower-supernode"), "--superlink", superlink, "--port", str(port),
-           "--node-config", node_config]
+           "--node-config", node_config, "--isolation", "process"]  # ClientApps: start_launcher
     if key is not None:
         cmd += ["--auth-supernode-private-key", str(Path(key).resolve())]
     if insecure:
@@ -329,7 +352,9 @@ def start_supernode(superlink: str, workspace: Path, silo: str, *, port: int, lo
     _check_silo_dir(workspace, silo)
     cmd = supernode_command(superlink, workspace, silo, port=port,
                             root_certificates=root_certificates, insecure=insecure)
-    return _start(cmd, log_path=log_path, flwr_home=flwr_home)
+    proc = _start(cmd, log_path=log_path, flwr_home=flwr_home)
+    start_launcher(proc, port=port, log_path=log_path, flwr_home=flwr_home)
+    return proc
 
 
 def run_node(superlink: str, workspace: Path, silo: str, *, root_certificates: Path, key: Path,
@@ -347,6 +372,7 @@ def run_node(superlink: str, workspace: Path, silo: str, *, root_certificates: P
     with _sigterm_as_interrupt():
         proc = subprocess.Popen(cmd, env=flower_env(flwr_home), start_new_session=True, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT)
+        start_launcher(proc, port=int(cmd[cmd.index("--port") + 1]), flwr_home=flwr_home)
         try:
             assert proc.stdout is not None
             for raw in proc.stdout:  # Flower's log, passed on; a refusal ends the command

@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlm.config import load_config
 from fedlm.errors import UserError
+from fedlm.federation.replies import quick_replies
 from fedlm.federation.rounds import run_rounds
 from fedlm.fileio import write_json
 from fedlm.privacy.randomness import refuse_across_organisations
@@ -40,7 +41,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         cfg = load_config(run_dir / "config.toml")
         refuse_across_organisations(cfg.privacy.insecure_reproducible_noise, where="the deployed Flower engine")
-        run_rounds(grid, cfg, run_dir, resume=resume)
+        run_rounds(quick_replies(grid), cfg, run_dir, resume=resume)
     except UserError as e:
         write_json(run_dir / "error.json", {"error": str(e)})
         raise

@@ -1,0 +1,154 @@
+"""The ClientApp launcher beside a SuperNode: fedlm's client imported once, one forked process per message.
+
+    python -m fedlm.federation.warm_exec --runtime-api-address 127.0.0.1:PORT --parent-pid PID
+
+Flower's own launcher (`flower-superexec`, started by a SuperNode in `--isolation subprocess`)
+starts a new `flwr-clientapp` process for every message, and each spends seconds importing
+torch and fedlm before a fraction of a second of training. A SuperNode in `--isolation
+process` leaves the launching to another process: this one. It imports the client once, asks
+the SuperNode's Runtime API for a task every `--poll` seconds, and forks a child per task that
+runs Flower's own `run_clientapp` with the task's token. Each message still runs in a process
+of its own (nothing survives between messages, as under Flower's launcher); only the imports
+are shared, copied at the fork. The parent never runs torch, so no thread pool is forked.
+
+It exits when the SuperNode (`--parent-pid`) is gone, and stops its children on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+POLL_SECONDS = 0.05
+PULL_RETRY_SECONDS, PULL_RETRY_CAP_SECONDS = 0.05, 0.5  # Flower's launcher polls every 1 s; the Runtime API is local, asking is cheap
+
+
+def command(runtime_api_address: str, parent_pid: int, *, root_certificates: Path | None = None) -> list[str]:
+    """The command line that starts this launcher for the SuperNode `parent_pid`."""
+    cmd = [sys.executable, "-m", "fedlm.federation.warm_exec", "--runtime-api-address", runtime_api_address,
+           "--parent-pid", str(parent_pid)]
+    return cmd + (["--root-certificates", str(root_certificates)] if root_certificates else ["--insecure"])
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _run_task(address: str, token: str, insecure: bool, certificates: bytes | None) -> None:
+    """In the forked child: Flower's ClientApp process body for one task, then exit."""
+    code = 1
+    try:
+        from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+        run_clientapp(runtime_api_address=address, token=token, insecure=insecure, certificates=certificates,
+                      parent_pid=None, runtime_dependency_install=False)
+        code = 0
+    except SystemExit as e:  # Flower's exit path: flwr_exit raises SystemExit with its code
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _preload() -> None:
+    """Import what every ClientApp message needs, so each child starts with it: fedlm's client, and
+    torch._dynamo, which torch imports lazily on the first optimizer built (seconds here)."""
+    import threading
+
+    import torch
+
+    import fedlm.federation.client_app  # noqa: F401
+
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    # The child pulls the message's objects from its SuperNode, which may still be fetching them
+    # from the SuperLink: Flower retries after 1 s, 2 s, 4 s ... (capped at 10 s); the SuperNode
+    # is on this machine, so retry every 50 ms, then every 0.5 s at most.
+    from flwr.supercore.inflatable import inflatable_utils
+
+    kw = inflatable_utils.pull_objects.__kwdefaults__
+    assert kw is not None
+    kw["initial_backoff"], kw["backoff_cap"] = PULL_RETRY_SECONDS, PULL_RETRY_CAP_SECONDS
+    assert threading.active_count() == 1, "a thread started before fork: the children would not get it"
+
+
+def serve(address: str, *, parent_pid: int, insecure: bool, root_certificates: Path | None,
+          poll: float = POLL_SECONDS) -> None:
+    """Acquire ClientApp tasks from the SuperNode at `address` and fork one child per task."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry.http_retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    _preload()
+
+    certificates = None if root_certificates is None else root_certificates.read_bytes()
+    client = RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=insecure, root_certificates=certificates,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+        retry_invoker=make_simple_http_retry_invoker())
+    children: set[int] = set()
+
+    def stop(signum: int, frame: object) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while _alive(parent_pid):
+        for pid in list(children):
+            try:
+                done = os.waitpid(pid, os.WNOHANG)[0] == pid
+            except ChildProcessError:
+                done = True
+            if done:
+                children.discard(pid)
+        try:
+            res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+        except Exception:  # noqa: BLE001  the SuperNode is starting or stopping: ask again
+            time.sleep(0.5)
+            continue
+        if res.HasField("task") and res.token:
+            pid = os.fork()
+            if pid == 0:
+                _run_task(address, res.token, insecure, certificates)
+            children.add(pid)
+            continue  # a round sends one message per node, but ask again at once
+        time.sleep(poll)
+    stop(signal.SIGTERM, None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runtime-api-address", required=True)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--insecure", action="store_true")
+    parser.add_argument("--root-certificates", type=Path)
+    parser.add_argument("--poll", type=float, default=POLL_SECONDS)
+    args = parser.parse_args(argv)
+    serve(args.runtime_api_address, parent_pid=args.parent_pid, insecure=args.insecure,
+          root_certificates=args.root_certificates, poll=args.poll)
+
+
+if __name__ == "__main__":
+    main()
