@@ -230,7 +230,10 @@ def train(
         with progress_bar("federated", unit="rounds") as update:
             summary = run_federated(cfg, out, resume=resume, on_round=lambda r, n, row: update(r, n),
                                     superlink=superlink, root_certificates=root_certificates, insecure=insecure)
-        _out(f"federated: {summary.get('rounds', cfg.federation.rounds)} rounds -> {out}")
+        rounds = summary.get("rounds", cfg.federation.rounds)
+        _out(f"federated: {summary.get('rounds_completed', rounds)} of {rounds} rounds completed -> {out}")
+        if _federated_outcome(summary, out):
+            sys.exit(1)
         if cfg.federation.personalise_steps:
             from fedlm.train import personalise
 
@@ -248,6 +251,19 @@ def train(
             summary = run_train(cfg, out, resume=resume, on_step=on_step)
     _out(f"trained {summary['steps']} steps, final loss {summary['loss']:.4f}, "
          f"{summary['tokens_per_s']:,.0f} tokens/s -> {out}")
+
+
+def _federated_outcome(summary: dict[str, Any], out: Path) -> bool:
+    """Print skipped rounds and silos left worse off; True when a round did not complete."""
+    from fedlm.federation.outcome import incomplete, outcome_lines
+
+    for line in outcome_lines(summary):
+        console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+    if not incomplete(summary):
+        return False
+    console.print(f"[red]error:[/] {summary['rounds'] - summary['rounds_completed']} of {summary['rounds']} "
+                  f"rounds did not complete (see {out / 'rounds.jsonl'})", highlight=False, soft_wrap=True)
+    return True
 
 
 @app.command("eval")

@@ -6,17 +6,32 @@ resume, and compare the final global weights bit for bit with an uninterrupted r
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from fedlm.federation.runner import run_federated
-from fedlm.fileio import atomic_dir, recover_dir
+from fedlm.config import config_to_toml
+from fedlm.errors import UserError
+from fedlm.federation.deploy import (
+    free_port,
+    start_superlink,
+    start_supernode,
+    stop,
+    wait_superlink,
+)
+from fedlm.federation.outcome import outcome_lines, worse_silos
+from fedlm.federation.runner import FLOWER_ENV, run_federated
+from fedlm.fileio import atomic_dir, recover_dir, write_json
+from fedlm.runlock import FLOWER_RUN, live_run
 from tests.test_federation import make_ws, rounds, tiny_cfg, weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +58,8 @@ KILLER = textwrap.dedent("""
     from pathlib import Path
     import fedlm.fileio as fileio
     from tests.test_federation import tiny_cfg
-    from fedlm.federation.runner import run_federated
+    from fedlm.federation.deploy import free_port, start_superlink, start_supernode, stop, wait_superlink
+from fedlm.federation.runner import FLOWER_ENV, run_federated
 
     ws, out, at = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     calls = []
@@ -90,3 +106,164 @@ def test_recover_dir_puts_back_the_old_copy_and_clears_strays(tmp_path: Path) ->
     assert (target / "x").read_text() == "1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert not recover_dir(tmp_path / "none")
+
+
+# ---------------------------------------------------------------------------------------
+# one live run per run folder
+
+
+def test_a_live_run_holds_its_folder(ws: Path, reference: Path, tmp_path: Path) -> None:
+    """While a run writes its folder, a second run or a resume there is refused, naming the live run."""
+    seen: list[dict | None] = []
+    run_federated(tiny_cfg(ws, rounds=1), tmp_path / "run", on_round=lambda r, n, row: seen.append(
+        live_run(tmp_path / "run")))
+    assert seen and seen[0] is not None and seen[0]["pid"] == os.getpid()
+    assert live_run(tmp_path / "run") is None  # released at the end
+
+    # a deployed run's ServerApp holds `reference` (here: a lock taken in another process)
+    write_json(reference / FLOWER_RUN, {"run_id": 4242, "superlink": "10.0.0.5:9092"})
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from fedlm.runlock import hold
+        with hold(__import__("pathlib").Path({str(reference)!r}), engine="flower", run_id=4242):
+            print("held", flush=True)
+            time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=r"live Flower run 4242 on SuperLink 10\.0\.0\.5:9092 .*flwr stop 4242"):
+            run_federated(tiny_cfg(ws), reference, resume=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert live_run(reference) is None  # the kernel dropped the killed holder's lock
+
+
+# ---------------------------------------------------------------------------------------
+# honest rounds
+
+
+def test_skipped_rounds_make_the_command_fail(ws: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Every update rejected (norm bound below any update): each round is printed as skipped,
+    summary.json counts 0 completed rounds and `fedlm train` exits 1."""
+    from tests.test_multimachine import fedlm_here
+
+    cfg_path = tmp_path / "fed.toml"
+    cfg_path.write_text(config_to_toml(tiny_cfg(ws, rounds=2, max_update_norm=1e-9)))
+    r = fedlm_here(capfd, "train", str(cfg_path), "--out", str(tmp_path / "run"))
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "round 1 skipped (a: rejected: norm" in r.stdout + r.stderr
+    assert "federated: 0 of 2 rounds completed" in r.stdout and "2 of 2 rounds did not complete" in r.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["rounds_completed"] == 0 and [s["round"] for s in summary["rounds_skipped"]] == [1, 2]
+
+
+def test_a_silo_left_worse_than_at_the_start_is_named() -> None:
+    def row(n: int, losses: dict[str, float], completed: bool = True) -> dict:
+        return {"round": n, "completed": completed, "silos": {s: {"loss": v} for s, v in losses.items()},
+                "dropped": {}}
+    rows = [row(1, {"a": 5.0, "b": 5.0}), row(2, {"a": 4.0, "b": 6.0}), row(3, {"a": 9.0, "b": 9.0}, False)]
+    assert worse_silos(rows) == {"b": {"first": 5.0, "last": 6.0}}
+    lines = outcome_lines({"rounds_skipped": [], "worse_than_start": worse_silos(rows)})
+    assert lines == ["silo b: training loss 5.0000 in its first round, 6.0000 in its last: worse than at the start"]
+
+
+# ---------------------------------------------------------------------------------------
+# on Flower's deployment engine (real SuperLink, SuperNodes and `fedlm train` processes)
+
+CLI = [sys.executable, "-m", "fedlm.cli"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, **FLOWER_ENV, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def _wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
+        time.sleep(0.5)
+
+
+def _rows_done(run: Path) -> int:
+    path = run / "rounds.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.mark.slow
+def test_kill9_of_train_then_resume_on_flower(ws: Path, reference: Path, tmp_path: Path) -> None:
+    """`fedlm train` killed with SIGKILL after round 1: the SuperLink and SuperNodes it started die
+    with it, the run folder is free again, and --resume finishes the one run: rounds 1, 2, 3 once
+    each and the global weights of the uninterrupted run, bit for bit."""
+    cfg_path, out = tmp_path / "fed.toml", tmp_path / "run"
+    cfg_path.write_text(config_to_toml(tiny_cfg(ws, engine="flower", round_timeout=120.0)))
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen([*CLI, "train", str(cfg_path), "--out", str(out)], env=_env(), stdout=log,
+                                 stderr=subprocess.STDOUT)
+        try:
+            _wait_for(lambda: _rows_done(out) >= 1 or first.poll() is not None, 400, "round 1")
+        finally:
+            first.kill()
+            first.wait()
+    _wait_for(lambda: live_run(out) is None, 60, "the killed run's ServerApp to stop")
+    r = subprocess.run([*CLI, "train", str(out / "config.toml"), "--resume", "--out", str(out)], env=_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [row["round"] for row in rounds(out)] == [1, 2, 3]
+    a, b = weights(reference), weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (out / ".flower").exists() and not list(out.glob(".checkpoint*"))
+
+
+@pytest.mark.slow
+def test_a_silo_killed_and_restarted_mid_run_rejoins(ws: Path, tmp_path: Path) -> None:
+    """A running SuperLink and three SuperNodes; silo b's SuperNode is killed after round 1 and
+    restarted. Round 2 names b as unavailable (Flower's node-unavailable reply, not a timeout)
+    and, with min_silos = 3, is skipped; b rejoins at round 3; `fedlm train` exits 1 and
+    summary.json counts 3 of 4 rounds. Then a run stopped with SIGTERM is stopped on the
+    SuperLink too (its ServerApp lets go of the run folder)."""
+    port = free_port()
+    link = f"127.0.0.1:{port}"
+    logs, homes = tmp_path / "logs", tmp_path / "homes"
+    procs = [start_superlink(port=port, log_path=logs / "superlink.log", flwr_home=homes / "link")]
+    try:
+        wait_superlink(link, insecure=True, proc=procs[0])
+        nodes = {s: start_supernode(link, ws, s, port=free_port(), log_path=logs / f"{s}.log",
+                                    flwr_home=homes / s, insecure=True) for s in ("a", "b", "c")}
+        procs += nodes.values()
+        cfg_path, out = tmp_path / "fed.toml", tmp_path / "run"
+        cfg_path.write_text(config_to_toml(tiny_cfg(ws, engine="flower", rounds=4, min_silos=3,
+                                                    round_timeout=150.0)))
+        cmd = [*CLI, "train", str(cfg_path), "--superlink", link, "--insecure"]
+        with open(tmp_path / "train.log", "w") as log:
+            train = subprocess.Popen([*cmd, "--out", str(out)], env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+            procs.append(train)
+            _wait_for(lambda: _rows_done(out) >= 1 or train.poll() is not None, 400, "round 1")
+            os.killpg(nodes["b"].pid, signal.SIGKILL)  # as a crash: no goodbye to the SuperLink
+            nodes["b"].wait()
+            time.sleep(5)
+            procs.append(start_supernode(link, ws, "b", port=free_port(), log_path=logs / "b2.log",
+                                         flwr_home=homes / "b2", insecure=True))
+            assert train.wait(timeout=600) == 1, (tmp_path / "train.log").read_text()
+        rows = rounds(out)
+        assert [r["round"] for r in rows] == [1, 2, 3, 4]
+        assert not rows[1]["completed"] and rows[1]["dropped"]["b"].startswith("failed: node unavailable"), rows[1]
+        assert all(r["completed"] and not r["dropped"] and set(r["silos"]) == {"a", "b", "c"} for r in rows[2:])
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["rounds_completed"] == 3 and summary["rounds_skipped"][0]["round"] == 2
+        text = (tmp_path / "train.log").read_text()
+        assert "round 2 skipped (b: failed: node unavailable" in text and "1 of 4 rounds did not complete" in text
+
+        # SIGTERM while a run is live on this SuperLink: `flwr stop` ends it there
+        with open(tmp_path / "term.log", "w") as log:
+            term = subprocess.Popen([*cmd, "--out", str(tmp_path / "term")], env=_env(), stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            procs.append(term)
+            _wait_for(lambda: live_run(tmp_path / "term") is not None, 300, "the ServerApp to start")
+            term.send_signal(signal.SIGTERM)
+            assert term.wait(timeout=60) != 0
+        _wait_for(lambda: live_run(tmp_path / "term") is None, 60, "the stopped run's ServerApp to end")
+    finally:
+        stop(procs)

@@ -27,6 +27,7 @@ import ctypes
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import ssl
@@ -45,9 +46,11 @@ import httpx
 from fedlm.config import Config
 from fedlm.errors import UserError
 from fedlm.federation import trust, warm_exec
+from fedlm.federation.outcome import amend_summary
 from fedlm.federation.rundir import FLOWER_ENV, RoundCallback
 from fedlm.fileio import write_json
 from fedlm.resolve import resolve_silos
+from fedlm.runlock import FLOWER_RUN
 
 APP_DIR = Path(__file__).parent / "flwr_app"
 BIN = Path(sys.executable).parent
@@ -472,39 +475,58 @@ def run_on_flower(cfg: Config, out_dir: Path, *, resume: bool = False, on_round:
 
     With `superlink` the run directory must be readable and writable by the SuperLink's
     machine at the same path (run this on that machine): the ServerApp reads config.toml
-    there and writes rounds, checkpoints and the model beside it.
+    there and writes rounds, checkpoints and the model beside it. SIGTERM and Ctrl-C stop the
+    Flower run (`flwr stop`) before the command ends; the Flower processes started here die
+    with this one even when it is killed. Flower's homes live in RUN/.flower (removed at the
+    end, and at the start after a kill); the processes' logs in RUN/flower-logs.
     """
     out_dir = out_dir.resolve()
-    for stale in ("summary.json", "error.json"):
+    for stale in ("summary.json", "error.json", FLOWER_RUN):
         (out_dir / stale).unlink(missing_ok=True)
-    home = Path(tempfile.mkdtemp(prefix="fedlm-flower-"))
-    logs = logs_dir or home / "logs"
+    home = out_dir / ".flower"
+    shutil.rmtree(home, ignore_errors=True)
+    logs = logs_dir or out_dir / "flower-logs"
     procs: list[subprocess.Popen[bytes]] = []
-    fed = cfg.federation
     try:
-        if superlink is None:  # a federation on this machine: loopback, no TLS needed
-            insecure, root_certificates = True, None
-            port = free_port()
-            superlink = f"127.0.0.1:{port}"
-            link = start_superlink(port=port, log_path=logs / "superlink.log", flwr_home=home / "superlink")
-            procs.append(link)
-            wait_superlink(superlink, insecure=True, proc=link, log_path=logs / "superlink.log")
-            workspace = Path(cfg.data.workspace)
-            for silo in resolve_silos(workspace, cfg.data.silos):
-                procs.append(start_supernode(superlink, workspace, silo, port=free_port(),
-                                             log_path=logs / f"supernode-{silo}.log",
-                                             flwr_home=home / f"node-{silo}", insecure=True))
-        else:  # a running SuperLink (`fedlm superlink`): it should answer at once
-            wait_superlink(superlink, root_certificates=root_certificates, insecure=insecure,
-                           timeout=connect_timeout)
-        run_id = submit_run(superlink, {"run-dir": str(out_dir), "resume": resume}, flwr_home=home / "cli",
-                            root_certificates=root_certificates, insecure=insecure)
-        # Per round: the wait, plus Flower's per-message process start and polling (≈20 s here).
-        budget = fed.round_timeout * (fed.rounds + 1) + 60.0 * (fed.rounds + 2)
-        try:
-            return follow_run(out_dir, timeout=budget, on_round=on_round, procs=procs, rounds=fed.rounds)
-        except BaseException:
-            stop_run(superlink, run_id, flwr_home=home / "cli")
-            raise
+        with _sigterm_as_interrupt():
+            if superlink is None:  # a federation on this machine: loopback, no TLS needed
+                insecure, root_certificates = True, None
+                superlink, procs = _local_federation(cfg, home, logs)
+            else:  # a running SuperLink (`fedlm superlink`): it should answer at once
+                wait_superlink(superlink, root_certificates=root_certificates, insecure=insecure,
+                               timeout=connect_timeout)
+            run_id = submit_run(superlink, {"run-dir": str(out_dir), "resume": resume}, flwr_home=home / "cli",
+                                root_certificates=root_certificates, insecure=insecure)
+            write_json(out_dir / FLOWER_RUN, {"run_id": run_id, "superlink": superlink})
+            fed = cfg.federation
+            # Per round: the wait, plus Flower's message passing (seconds) and a dead silo's heartbeat.
+            budget = fed.round_timeout * (fed.rounds + 1) + 60.0 * (fed.rounds + 2)
+            try:
+                summary = follow_run(out_dir, timeout=budget, on_round=on_round, procs=procs, rounds=fed.rounds)
+            except BaseException:
+                stop_run(superlink, run_id, flwr_home=home / "cli")
+                raise
+            return amend_summary(out_dir, summary)
     finally:
         stop(procs)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _local_federation(cfg: Config, home: Path, logs: Path) -> tuple[str, list[subprocess.Popen[bytes]]]:
+    """A SuperLink and one SuperNode per silo on 127.0.0.1; (its address, the processes)."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        port = free_port()
+        superlink = f"127.0.0.1:{port}"
+        link = start_superlink(port=port, log_path=logs / "superlink.log", flwr_home=home / "superlink")
+        procs.append(link)
+        wait_superlink(superlink, insecure=True, proc=link, log_path=logs / "superlink.log")
+        workspace = Path(cfg.data.workspace)
+        for silo in resolve_silos(workspace, cfg.data.silos):
+            procs.append(start_supernode(superlink, workspace, silo, port=free_port(),
+                                         log_path=logs / f"supernode-{silo}.log",
+                                         flwr_home=home / f"node-{silo}", insecure=True))
+        return superlink, procs
+    except BaseException:
+        stop(procs)
+        raise

@@ -1,40 +1,123 @@
-"""Waiting for replies on the deployment engine without Flower's 3 s steps.
+"""The ServerApp's waits on the deployment engine: prompt, honest about dead silos, open to restarted ones.
 
-    run_rounds(quick_replies(grid), cfg, run_dir)      # in the ServerApp
+    run_rounds(deployed(grid), cfg, run_dir)      # in the ServerApp
 
-Flower 1.42's `Grid.send_and_receive` on the deployment engine pulls the replies, then sleeps
-3 s (hard-coded) before it pulls again, so every exchange of a round ends up to 3 s after its
-last reply arrived. `quick_replies` gives the grid a `send_and_receive` that pulls every
-`POLL_SECONDS` instead, through the grid's own `push_messages` / `pull_messages`; a pull is one
-HTTP request to the SuperLink on the same machine.
+`deployed(grid)` gives Flower's grid a `send_and_receive` that
+
+- pulls replies every `POLL_SECONDS`: Flower 1.42's pulls, then sleeps 3 s (hard-coded), so
+  each exchange ended up to 3 s after its last reply;
+- turns the SuperLink's node-unavailable reply (sent when a SuperNode misses its heartbeats;
+  it comes from the SuperLink's own node id) into an error reply from the node that was
+  asked, so the rounds loop drops that silo with the reason, not as a timeout;
+- lets a silo whose SuperNode died rejoin: a restarted SuperNode registers under a new node
+  id, and a message for a node that is no longer online goes to the new node that answers
+  the run's connect query with the same silo name (its replies are given the old id back).
+
+The connect query is the rounds loop's own: the first "query" messages it sends are kept and
+re-sent to each node that appears later. A node's silo name is what its reply says, as at
+connect (node authentication binds names to keys where it is on).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 
-from flwr.app import Message
+from flwr.app import Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
+log = logging.getLogger("fedlm.federation")
+
 POLL_SECONDS = 0.1
+UNAVAILABLE = "node unavailable: its SuperNode stopped sending heartbeats (stopped, killed or cut off)"
 
 
-def quick_replies(grid: Grid, *, poll: float = POLL_SECONDS) -> Grid:
-    """`grid`, its `send_and_receive` polling every `poll` seconds (the same replies, sooner)."""
+class DeployedGrid:
+    """State kept beside a Flower grid: the connect query, each node's silo, node-id aliases."""
 
-    def send_and_receive(messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        wanted = set(grid.push_messages(messages))
+    def __init__(self, grid: Grid, *, poll: float = POLL_SECONDS) -> None:
+        self.grid, self.poll = grid, poll
+        self.query: RecordDict | None = None  # the connect query's content, re-sent to new nodes
+        self.silo_of: dict[int, str] = {}  # node id -> silo, from query replies
+        self.alias: dict[int, int] = {}  # the node id the rounds loop knows -> the node now serving it
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        msgs = list(messages)
+        if self.query is None and msgs and msgs[0].metadata.message_type == "query":
+            self.query = msgs[0].content
         deadline = None if timeout is None else time.monotonic() + timeout
-        got: list[Message] = []
+        asked: dict[int, int] = {}  # the node a message goes to -> the id the caller used
+        for msg in msgs:
+            known = msg.metadata.dst_node_id
+            node = self.alias.get(known, known)
+            if msg.metadata.message_type != "query" and node not in set(self.grid.get_node_ids()):
+                node = self._rejoin(known, deadline) or node
+            msg.metadata.dst_node_id = node
+            asked[node] = known
+        replies = self._exchange(msgs, deadline)
+        for reply in replies:
+            self._own(reply, asked)
+        return replies
+
+    def _exchange(self, msgs: list[Message], deadline: float | None) -> list[Message]:
+        """Push, then pull every `poll` seconds until each message has its reply or the deadline.
+
+        A node-unavailable reply (from the SuperLink's node id) is made to come from the node asked."""
+        ids = list(self.grid.push_messages(msgs))
+        node_of = {i: m.metadata.dst_node_id for m, i in zip(msgs, ids, strict=True) if i}
+        got = [_unavailable(m) for m, i in zip(msgs, ids, strict=True) if not i]  # refused: offline
+        wanted = set(node_of)
         while wanted:
-            replies = list(grid.pull_messages(wanted))
+            replies = list(self.grid.pull_messages(wanted))
+            for reply in replies:
+                if reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                    reply.metadata.__dict__["_src_node_id"] = node_of[reply.metadata.reply_to_message_id]
+                    reply.error = Error(code=ErrorCode.NODE_UNAVAILABLE, reason=UNAVAILABLE)
             got += replies
             wanted -= {m.metadata.reply_to_message_id for m in replies}
             if not wanted or (deadline is not None and time.monotonic() >= deadline):
                 break
-            time.sleep(poll)
+            time.sleep(self.poll)
         return got
 
-    grid.send_and_receive = send_and_receive  # type: ignore[method-assign]
+    def _own(self, reply: Message, asked: dict[int, int]) -> None:
+        """Give a reply the node id the caller knows; learn a node's silo from a query reply."""
+        meta = reply.metadata
+        node = meta.src_node_id
+        if not reply.has_error() and meta.message_type == "query" and "silo" in reply.content.config_records:
+            self.silo_of[node] = str(reply.content.config_records["silo"]["silo"])
+        if node in asked:
+            meta.__dict__["_src_node_id"] = asked[node]
+
+    def _rejoin(self, known: int, deadline: float | None) -> int | None:
+        """A new online node serving the silo of `known` (which is offline), or None."""
+        silo = self.silo_of.get(known)
+        if silo is None or self.query is None:
+            return None
+        new = [n for n in self.grid.get_node_ids() if n not in self.silo_of]
+        if new:
+            asks = [Message(self.query.copy(), n, "query", group_id="rejoin") for n in new]
+            wait = None if deadline is None else time.monotonic() + max(1.0, deadline - time.monotonic())
+            for reply in self._exchange(asks, wait):
+                self._own(reply, {})
+        node = next((n for n, s in self.silo_of.items() if s == silo and n not in (known, *self.alias.values())
+                     and n in set(self.grid.get_node_ids())), None)
+        if node is not None:
+            self.alias[known] = node
+            log.warning("silo %s rejoined as node %d (was node %d)", silo, node, known)
+        return node
+
+
+def _unavailable(msg: Message) -> Message:
+    """The reply for a message the SuperLink would not take (its node is offline)."""
+    reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=UNAVAILABLE), reply_to=msg)
+    reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+    return reply
+
+
+def deployed(grid: Grid, *, poll: float = POLL_SECONDS) -> Grid:
+    """`grid` with `DeployedGrid.send_and_receive` (see the module docstring)."""
+    grid.send_and_receive = DeployedGrid(grid, poll=poll).send_and_receive  # type: ignore[method-assign]
     return grid

@@ -27,9 +27,11 @@ from fedlm.config import Config
 from fedlm.federation.client_app import app as default_app
 from fedlm.federation.deploy import run_on_flower
 from fedlm.federation.grid import InProcessGrid, WireTap
+from fedlm.federation.outcome import amend_summary
 from fedlm.federation.rounds import run_rounds
 from fedlm.federation.rundir import FLOWER_ENV, RoundCallback, prepare_run_dir
 from fedlm.resolve import resolve_config, resolve_silos
+from fedlm.runlock import hold, refuse_if_live
 
 __all__ = ["FLOWER_ENV", "RoundCallback", "run_federated"]
 
@@ -50,6 +52,7 @@ def run_federated(
     for key, value in FLOWER_ENV.items():
         os.environ.setdefault(key, value)
     cfg = resolve_config(cfg)  # checks the config again: its fields may have changed since it was built
+    refuse_if_live(out_dir)  # one live run per run folder
     prepare_run_dir(cfg, out_dir, resume=resume)
     if cfg.federation.engine == "flower":
         return run_on_flower(cfg, out_dir, resume=resume, on_round=on_round, superlink=superlink,
@@ -60,7 +63,8 @@ def run_federated(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return run_rounds(grid, cfg, out_dir, resume=resume, on_round=on_round)
+        with hold(out_dir, engine="inprocess"):
+            return amend_summary(out_dir, run_rounds(grid, cfg, out_dir, resume=resume, on_round=on_round))
     finally:
         grid.close()
         torch.set_num_threads(threads)

@@ -21,10 +21,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlm.config import load_config
 from fedlm.errors import UserError
-from fedlm.federation.replies import quick_replies
+from fedlm.federation.replies import deployed
 from fedlm.federation.rounds import run_rounds
 from fedlm.fileio import write_json
 from fedlm.privacy.randomness import refuse_across_organisations
+from fedlm.runlock import hold
 
 app = ServerApp()
 
@@ -41,7 +42,8 @@ def main(grid: Grid, context: Context) -> None:
     try:
         cfg = load_config(run_dir / "config.toml")
         refuse_across_organisations(cfg.privacy.insecure_reproducible_noise, where="the deployed Flower engine")
-        run_rounds(quick_replies(grid), cfg, run_dir, resume=resume)
+        with hold(run_dir, engine="flower", run_id=context.run_id):
+            run_rounds(deployed(grid), cfg, run_dir, resume=resume)
     except UserError as e:
         write_json(run_dir / "error.json", {"error": str(e)})
         raise
