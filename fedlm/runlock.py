@@ -18,6 +18,8 @@ import fcntl
 import json
 import os
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,23 @@ def refuse_if_live(run_dir: Path) -> None:
     info = live_run(run_dir)
     if info is not None:
         raise UserError(describe(run_dir, info))
+
+
+def exit_with_parent(poll: float = 0.5) -> None:
+    """End this process when the one that started it is gone (a daemon thread watches).
+
+    The ServerApp holds the lock; when its SuperLink dies (killed with the `fedlm train` that
+    started it) Flower's own exit path retries the dead SuperLink for minutes while the lock is
+    held. The run cannot go on without its SuperLink, and a cut checkpoint swap is repaired
+    on resume, so the process exits at once and the kernel drops the lock."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 @contextlib.contextmanager

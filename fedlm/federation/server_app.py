@@ -25,7 +25,7 @@ from fedlm.federation.replies import deployed
 from fedlm.federation.rounds import run_rounds
 from fedlm.fileio import write_json
 from fedlm.privacy.randomness import refuse_across_organisations
-from fedlm.runlock import hold
+from fedlm.runlock import exit_with_parent, hold
 
 app = ServerApp()
 
@@ -42,6 +42,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         cfg = load_config(run_dir / "config.toml")
         refuse_across_organisations(cfg.privacy.insecure_reproducible_noise, where="the deployed Flower engine")
+        exit_with_parent()  # the lock must not outlive the SuperLink that runs this
         with hold(run_dir, engine="flower", run_id=context.run_id):
             run_rounds(deployed(grid), cfg, run_dir, resume=resume)
     except UserError as e:
