@@ -58,8 +58,7 @@ KILLER = textwrap.dedent("""
     from pathlib import Path
     import fedlm.fileio as fileio
     from tests.test_federation import tiny_cfg
-    from fedlm.federation.deploy import free_port, start_superlink, start_supernode, stop, wait_superlink
-from fedlm.federation.runner import FLOWER_ENV, run_federated
+    from fedlm.federation.runner import run_federated
 
     ws, out, at = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     calls = []
