@@ -11,13 +11,20 @@ the app's dependencies) and the venv's bin/ first on PATH (the SuperLink starts
 `flower-superexec` by name). Each started process gets its own FLWR_HOME, so installed app
 bundles never leak between runs. Readiness is checked before use and every wait is bounded;
 a SuperLink that cannot be reached or whose TLS certificate does not verify is a `UserError`
-naming the endpoint and the fix. Processes are stopped (SIGTERM, then SIGKILL) in `finally`.
+naming the endpoint and the fix. Processes are stopped (SIGTERM, then SIGKILL) in `finally`,
+and get SIGTERM from the kernel when the process that started them dies (even by SIGKILL).
 
 Across organisations `fedlm superlink` exposes only Flower's Fleet API, through a proxy, to
 silos whose keys the coordinator registered; see `trust` for the mechanism and why.
 
-The ServerApp runs on the SuperLink's machine and writes the run directory there; this
-module waits for its summary.json (or error.json) and replays rounds.jsonl to `on_round`.
+Each SuperNode runs in `--isolation process` beside fedlm's launcher (`warm_exec`), which
+imports the client once and forks a process per message instead of Flower starting a fresh
+interpreter for each.
+
+The ServerApp runs on the SuperLink's machine, holds the run folder's lock (`fedlm.runlock`)
+and writes the run directory there; this module waits for its summary.json (or error.json),
+replays rounds.jsonl to `on_round`, and stops the Flower run (`flwr stop`) when it is itself
+stopped (Ctrl-C, SIGTERM) or gives up waiting.
 """
 
 from __future__ import annotations
