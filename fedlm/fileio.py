@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -130,3 +131,16 @@ def recover_dir(path: str | Path) -> bool:
         else:
             stray.unlink(missing_ok=True)
     return path.exists()
+
+
+def recover_strays(folder: str | Path) -> None:
+    """`recover_dir` for everything in `folder` that a killed atomic write left behind: the
+    temporaries of `atomic_path` and `atomic_dir` and the old copies of a cut swap. Call it
+    only while no other process writes there (a run holds its folder's lock)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        m = re.fullmatch(r"\.(.+?)\.(old-\d+|[^.]+\.tmp)", entry.name)
+        if m:
+            recover_dir(folder / m.group(1))

@@ -30,7 +30,7 @@ from fedlm.federation.deploy import (
 )
 from fedlm.federation.outcome import outcome_lines, worse_silos
 from fedlm.federation.runner import FLOWER_ENV, run_federated
-from fedlm.fileio import atomic_dir, recover_dir, write_json
+from fedlm.fileio import atomic_dir, recover_dir, recover_strays, write_json
 from fedlm.runlock import FLOWER_RUN, live_run
 from tests.test_federation import make_ws, rounds, tiny_cfg, weights
 
@@ -105,6 +105,10 @@ def test_recover_dir_puts_back_the_old_copy_and_clears_strays(tmp_path: Path) ->
     assert (target / "x").read_text() == "1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert not recover_dir(tmp_path / "none")
+    (tmp_path / ".summary.json.x1y2.tmp").write_text("{")  # an atomic_path write cut by a kill
+    (tmp_path / ".model.abc.tmp").mkdir()
+    recover_strays(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
 # ---------------------------------------------------------------------------------------

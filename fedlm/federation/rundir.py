@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from fedlm.config import Config, check_resume_config, save_config
 from fedlm.errors import UserError
 from fedlm.federation.strategies import ServerAdamW, ServerOptimizer
-from fedlm.fileio import atomic_dir, recover_dir, write_json
+from fedlm.fileio import atomic_dir, recover_strays, write_json
 
 RoundCallback = Callable[[int, int, dict[str, Any]], None]
 """Called after each round with (round, rounds, the rounds.jsonl row); rounds count from 1."""
@@ -39,7 +39,8 @@ FLOWER_ENV = {
 def prepare_run_dir(cfg: Config, out_dir: Path, *, resume: bool) -> None:
     """Check `out_dir` for a new run or a resume, and write the (resolved) config there."""
     ckpt = out_dir / "checkpoint"
-    has_ckpt = recover_dir(ckpt)  # a swap cut by a kill: the previous checkpoint
+    recover_strays(out_dir)  # a kill inside an atomic write: the previous copy, no temporaries
+    has_ckpt = ckpt.exists()
     if resume:
         if not has_ckpt:
             raise UserError(f"{out_dir}: no round checkpoint to resume from; run without --resume")
