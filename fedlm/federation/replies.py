@@ -14,8 +14,9 @@
   the run's connect query with the same silo name (its replies are given the old id back).
 
 The connect query is the rounds loop's own: the first "query" messages it sends are kept and
-re-sent to each node that appears later. A node's silo name is what its reply says, as at
-connect (node authentication binds names to keys where it is on).
+re-sent to each node that appears later. A node serves the silo its reply names only where
+that is the silo the coordinator registered its key for (`trust.registered_nodes`), as at
+connect; on one machine, without a registry, the name it gives.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from collections.abc import Iterable
 from flwr.app import Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
+
+from fedlm.federation import trust
 
 log = logging.getLogger("fedlm.federation")
 
@@ -42,6 +45,7 @@ class DeployedGrid:
         self.query: RecordDict | None = None  # the connect query's content, re-sent to new nodes
         self.silo_of: dict[int, str] = {}  # node id -> silo, from query replies
         self.alias: dict[int, int] = {}  # the node id the rounds loop knows -> the node now serving it
+        self.registry = trust.registered_nodes()  # across organisations: {node id: its registered silo}
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         msgs = list(messages)
@@ -87,7 +91,9 @@ class DeployedGrid:
         meta = reply.metadata
         node = meta.src_node_id
         if not reply.has_error() and meta.message_type == "query" and "silo" in reply.content.config_records:
-            self.silo_of[node] = str(reply.content.config_records["silo"]["silo"])
+            claimed = str(reply.content.config_records["silo"]["silo"])
+            if self.registry is None or self.registry.get(node) == claimed:  # as connect_silos judges
+                self.silo_of[node] = claimed
         if node in asked:
             meta.__dict__["_src_node_id"] = asked[node]
 
