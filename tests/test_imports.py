@@ -13,7 +13,7 @@ import pytest
 # DESIGN.md's layers, bottom (0) to top. A module's part is its longest prefix listed here.
 LAYERS: dict[str, int] = {
     # the bottom: config, model, data and the privacy mechanisms (and plain helpers)
-    "fedlm.errors": 0, "fedlm.fileio": 0, "fedlm.progress": 0, "fedlm.config": 0,
+    "fedlm.errors": 0, "fedlm.fileio": 0, "fedlm.runlock": 0, "fedlm.progress": 0, "fedlm.config": 0,
     "fedlm.model": 0, "fedlm.data": 0, "fedlm.corpus": 0, "fedlm.privacy": 0,
     # model I/O on top of the model: fedlm's format, Hugging Face's, LoRA, any directory, and the
     # resolution of a run's model config and silos from them and the workspace
