@@ -242,7 +242,7 @@ def test_cli_generate_prints_the_generated_text(tmp_path: Path) -> None:
 
     from fedlm.cli import app
     from fedlm.data.tokenizer import EOS
-    from fedlm.modelio import load_model
+    from fedlm.pretrained import load_model
     from tests.serve_support import tiny_model_dir
 
     run = tiny_model_dir(tmp_path, seed=1)
