@@ -196,22 +196,8 @@ def train_from_counts(counts: dict[str, int], *, vocab_size: int) -> tokenizers.
 # The agreement
 
 
-def agree_tokenizer(
-    workspace: Path,
-    *,
-    vocab_size: int,
-    epsilon: float | None = None,
-    delta: float = 1e-6,
-    seed: int | None = None,
-    on_progress: Callable[[int, int], None] | None = None,
-    max_pretokens_per_doc: int = DEFAULT_MAX_PRETOKENS_PER_DOC,
-) -> dict:
-    """Train WS/tokenizer.json on the sum of each silo's released counts; return the privacy record.
-
-    epsilon None releases exact counts (no privacy). Each silo's release is `release_counts`;
-    `seed` makes its noise public and reproducible (tests only, warned: see there).
-    """
-    workspace = Path(workspace)
+def _check_agree_args(vocab_size: int, epsilon: float | None, delta: float, max_pretokens_per_doc: int) -> None:
+    """Refuse `agree_tokenizer`'s arguments that cannot work (UserError saying what to use)."""
     if vocab_size < 257:
         raise UserError(
             f"--vocab-size {vocab_size} is too small: a byte-level tokenizer needs at least "
@@ -223,13 +209,20 @@ def agree_tokenizer(
         raise UserError(f"delta {delta} must be in (0, 1), e.g. 1e-6")
     if max_pretokens_per_doc < 1:
         raise UserError(f"max_pretokens_per_doc {max_pretokens_per_doc} must be >= 1")
-    paths = silo_docs_paths(workspace)
-    if not paths:
-        raise UserError(
-            f"no silos with docs.jsonl under {workspace / 'silos'}: run "
-            f"`fedlm data prepare SRC --silo NAME --workspace {workspace}` first"
-        )
-    start = time.perf_counter()
+
+
+def _release_all(
+    paths: list[Path],
+    *,
+    epsilon: float | None,
+    delta: float,
+    seed: int | None,
+    on_progress: Callable[[int, int], None] | None,
+    max_pretokens_per_doc: int,
+) -> tuple[Counter[str], dict[str, dict]]:
+    """Each silo's `release_counts`, in `paths` order: the summed counts and each silo's record.
+
+    on_progress(bytes read, bytes in all) after each line read."""
     total_bytes = sum(p.stat().st_size for p in paths)
     done = 0
 
@@ -246,6 +239,35 @@ def agree_tokenizer(
         counts, silos[silo] = release_counts(path, read_texts(path, on_bytes=advance), epsilon=epsilon,
                                              delta=delta, seed=seed, max_pretokens_per_doc=max_pretokens_per_doc)
         summed.update(counts)
+    return summed, silos
+
+
+def agree_tokenizer(
+    workspace: Path,
+    *,
+    vocab_size: int,
+    epsilon: float | None = None,
+    delta: float = 1e-6,
+    seed: int | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    max_pretokens_per_doc: int = DEFAULT_MAX_PRETOKENS_PER_DOC,
+) -> dict:
+    """Train WS/tokenizer.json on the sum of each silo's released counts; return the privacy record.
+
+    epsilon None releases exact counts (no privacy). Each silo's release is `release_counts`;
+    `seed` makes its noise public and reproducible (tests only, warned: see there).
+    """
+    workspace = Path(workspace)
+    _check_agree_args(vocab_size, epsilon, delta, max_pretokens_per_doc)
+    paths = silo_docs_paths(workspace)
+    if not paths:
+        raise UserError(
+            f"no silos with docs.jsonl under {workspace / 'silos'}: run "
+            f"`fedlm data prepare SRC --silo NAME --workspace {workspace}` first"
+        )
+    start = time.perf_counter()
+    summed, silos = _release_all(paths, epsilon=epsilon, delta=delta, seed=seed, on_progress=on_progress,
+                                 max_pretokens_per_doc=max_pretokens_per_doc)
     tok = train_from_counts(dict(summed), vocab_size=vocab_size)
     tok_path = workspace / "tokenizer.json"
     write_text(tok_path, tok.to_str(pretty=True))

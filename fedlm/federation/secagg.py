@@ -369,30 +369,21 @@ def _quantize(
     return out, clipped
 
 
-def client_masked_input(
-    state: Msg,
-    request: Msg,
-    update: np.ndarray,
-    *,
-    weight: float = 1.0,
-    rounding: Literal["nearest", "stochastic"] = "nearest",
-    rounding_seed: int = 0,
-    expect_clip_range: float | None = None,
-) -> tuple[Msg, Msg]:
-    """Stage 2: store the peers' shares, then send weight * update quantised and masked.
-
-    `update` is the flat fp32 update (`flatten`); `weight` is this silo's public FedAvg weight
-    (<= 1 so the clip range holds). The reply's "masked" vector is uniform noise to anyone
-    without the masks' keys. A silo masks once per round: a second request is refused (the
-    same masks on two inputs would give away their difference). `expect_clip_range`: the
-    range this silo's own config implies; a server that set another one is refused.
-    """
-    me, silos = state["silo"], state["silos"]
+def _check_mask_request(state: Msg, expect_clip_range: float | None) -> None:
+    """Refuse a second masked input this round, and a clip range this silo's config does not imply."""
+    me = state["silo"]
     if state.get("masked"):
         raise SecAggError(f"silo {me}: already sent its masked input this round; a second one is refused")
     if expect_clip_range is not None and not np.isclose(state["clip_range"], expect_clip_range, rtol=1e-9):
         raise SecAggError(f"silo {me}: the server set clip range {state['clip_range']:g}, this silo's config "
                           f"implies {expect_clip_range:g}; refused")
+
+
+def _receive_shares(state: Msg, request: Msg) -> tuple[list[str], list[bytes], list[bytes]]:
+    """Decrypt and check the peers' shares for this silo; return (sources, b shares, s_sk shares),
+    this silo's own shares first. Refuses an unknown, repeated, undecryptable or misaddressed
+    share, and fewer sources than the threshold."""
+    me, silos = state["silo"], state["silos"]
     i = silos.index(me)
     c_sk = _sk_from_bytes(state["c_sk"])
     share_src, share_b, share_sk = (
@@ -418,6 +409,12 @@ def client_masked_input(
         raise SecAggError(
             f"silo {me}: only {len(share_src)} silos shared keys, fewer than the threshold {state['threshold']}"
         )
+    return share_src, share_b, share_sk
+
+
+def _checked_update(state: Msg, update: np.ndarray, weight: float) -> np.ndarray:
+    """The update as a flat fp32 vector; refuses a wrong size, non-finite values, a weight outside [0, 1]."""
+    me = state["silo"]
     x = np.asarray(update, dtype=np.float32).reshape(-1)
     if x.size != state["dim"]:
         raise SecAggError(
@@ -425,18 +422,16 @@ def client_masked_input(
         )
     if not np.isfinite(x).all():
         raise SecAggError(f"silo {me}: update has non-finite values; check it before masking")
-    bits, clip = state["bits"], state["clip_range"]
     if not 0 <= weight <= 1:
         raise SecAggError(f"silo {me}: weight {weight} must be in [0, 1] so the clip range holds")
-    step = quantization_step(clip, bits, len(silos))
-    y, clipped = _quantize(
-        x,
-        scale=weight / step,
-        qmax=_qmax(bits, len(silos)),
-        bits=bits,
-        rounding=rounding,
-        seed=rounding_seed,
-    )
+    return x
+
+
+def _add_masks(y: np.ndarray, state: Msg, share_src: list[str]) -> None:
+    """y += PRG(b) ± PRG(s_uv) for every peer v that shared keys (+ if this silo sorts first),
+    mod 2^bits, in place."""
+    me, silos = state["silo"], state["silos"]
+    i = silos.index(me)
     s_sk = _sk_from_bytes(state["s_sk"])
     masks = [(bytes(state["b"]), 1)]
     for peer in share_src:  # the silos that shared keys (U2), this one included
@@ -445,8 +440,41 @@ def client_masked_input(
             key = base64.urlsafe_b64decode(_shared_key(s_sk, state["s_pks"][j]))
             masks.append((key, 1 if i < j else -1))
     _apply_masks(y, masks)
-    if bits < 32:
-        y &= np.uint32((1 << bits) - 1)
+    if state["bits"] < 32:
+        y &= np.uint32((1 << state["bits"]) - 1)
+
+
+def client_masked_input(
+    state: Msg,
+    request: Msg,
+    update: np.ndarray,
+    *,
+    weight: float = 1.0,
+    rounding: Literal["nearest", "stochastic"] = "nearest",
+    rounding_seed: int = 0,
+    expect_clip_range: float | None = None,
+) -> tuple[Msg, Msg]:
+    """Stage 2: store the peers' shares, then send weight * update quantised and masked.
+
+    `update` is the flat fp32 update (`flatten`); `weight` is this silo's public FedAvg weight
+    (<= 1 so the clip range holds). The reply's "masked" vector is uniform noise to anyone
+    without the masks' keys. A silo masks once per round: a second request is refused (the
+    same masks on two inputs would give away their difference). `expect_clip_range`: the
+    range this silo's own config implies; a server that set another one is refused.
+    """
+    _check_mask_request(state, expect_clip_range)
+    share_src, share_b, share_sk = _receive_shares(state, request)
+    x = _checked_update(state, update, weight)
+    bits, clip, n = state["bits"], state["clip_range"], len(state["silos"])
+    y, clipped = _quantize(
+        x,
+        scale=weight / quantization_step(clip, bits, n),
+        qmax=_qmax(bits, n),
+        bits=bits,
+        rounding=rounding,
+        seed=rounding_seed,
+    )
+    _add_masks(y, state, share_src)
     state = {**state, "share_src": share_src, "share_b": share_b, "share_sk": share_sk, "masked": True}
     state["clipped"] = clipped
     return state, {"masked": y}
@@ -647,6 +675,91 @@ def _nbytes(msg: Msg) -> int:
     return total
 
 
+class _Meter:
+    """What an in-memory round costs: seconds on the server, seconds and bytes up/down per silo."""
+
+    def __init__(self, silos: list[str]) -> None:
+        self.up = dict.fromkeys(silos, 0)
+        self.down = dict.fromkeys(silos, 0)
+        self.t_client = dict.fromkeys(silos, 0.0)
+        self.t_server = 0.0
+
+    def server(self, fn: Any, *args: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.t_server += time.perf_counter() - t0
+        return out
+
+    def client(self, silo: str, fn: Any, *args: Any, **kw: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args, **kw)
+        self.t_client[silo] += time.perf_counter() - t0
+        return out
+
+
+def _run_key_stages(server: SecAggServer, silos: list[str], meter: _Meter) -> tuple[dict[str, Msg], dict[str, Msg]]:
+    """Stages 0 and 1 in memory: return each silo's state and each silo's stage 2 request."""
+    states: dict[str, Msg] = {}
+    replies: dict[str, Msg] = {}
+    req = meter.server(server.setup_request)
+    for s in silos:
+        meter.down[s] += _nbytes(req)
+        states[s], replies[s] = meter.client(s, client_setup, s, req)
+        meter.up[s] += _nbytes(replies[s])
+    req = meter.server(server.receive_setup, replies)
+    replies = {}
+    for s in server.u1:
+        meter.down[s] += _nbytes(req)
+        states[s], replies[s] = meter.client(s, client_share_keys, states[s], req)
+        meter.up[s] += _nbytes(replies[s])
+    return states, meter.server(server.receive_share_keys, replies)
+
+
+def _run_mask_stage(
+    server: SecAggServer,
+    states: dict[str, Msg],
+    reqs: dict[str, Msg],
+    updates: dict[str, np.ndarray],
+    w: dict[str, float],
+    meter: _Meter,
+    *,
+    dropouts: set[str] | frozenset[str],
+    rounding: Literal["nearest", "stochastic"],
+    seed: int,
+) -> Msg:
+    """Stage 2 in memory (updates `states`); a silo in `dropouts` masks but its reply is lost.
+    Return the stage 3 request."""
+    replies: dict[str, Msg] = {}
+    for k, s in enumerate(server.u2):
+        meter.down[s] += _nbytes(reqs[s])
+        states[s], rep = meter.client(
+            s,
+            client_masked_input,
+            states[s],
+            reqs[s],
+            updates[s],
+            weight=w[s],
+            rounding=rounding,
+            rounding_seed=seed * 1_000_003 + k,
+        )
+        if s not in dropouts:
+            replies[s] = rep
+            meter.up[s] += _nbytes(rep)
+    return meter.server(server.receive_masked_inputs, replies)
+
+
+def _run_unmask_stage(server: SecAggServer, states: dict[str, Msg], req: Msg, meter: _Meter,
+                      dropouts: set[str] | frozenset[str]) -> np.ndarray:
+    """Stage 3 in memory: the survivors not in `dropouts` answer; return the decoded sum."""
+    replies: dict[str, Msg] = {}
+    for s in server.u3:
+        meter.down[s] += _nbytes(req)
+        if s not in dropouts:
+            replies[s] = meter.client(s, client_unmask, states[s], req)
+            meter.up[s] += _nbytes(replies[s])
+    return meter.server(server.receive_unmask, replies)
+
+
 def run_secagg_round(
     updates: dict[str, np.ndarray],
     *,
@@ -672,63 +785,11 @@ def run_secagg_round(
     dim = int(next(iter(updates.values())).size)
     w = {s: 1.0 for s in silos} if weights is None else dict(weights)
     server = SecAggServer(silos, dim=dim, clip_range=clip_range, threshold=threshold, bits=bits)
-    up = dict.fromkeys(silos, 0)
-    down = dict.fromkeys(silos, 0)
-    t_client = dict.fromkeys(silos, 0.0)
-    t_server = 0.0
-
-    def timed_server(fn: Any, *args: Any) -> Any:
-        nonlocal t_server
-        t0 = time.perf_counter()
-        out = fn(*args)
-        t_server += time.perf_counter() - t0
-        return out
-
-    def timed_client(silo: str, fn: Any, *args: Any, **kw: Any) -> Any:
-        t0 = time.perf_counter()
-        out = fn(*args, **kw)
-        t_client[silo] += time.perf_counter() - t0
-        return out
-
-    states: dict[str, Msg] = {}
-    replies: dict[str, Msg] = {}
-    req = timed_server(server.setup_request)
-    for s in silos:
-        down[s] += _nbytes(req)
-        states[s], replies[s] = timed_client(s, client_setup, s, req)
-        up[s] += _nbytes(replies[s])
-    req = timed_server(server.receive_setup, replies)
-    replies = {}
-    for s in server.u1:
-        down[s] += _nbytes(req)
-        states[s], replies[s] = timed_client(s, client_share_keys, states[s], req)
-        up[s] += _nbytes(replies[s])
-    reqs = timed_server(server.receive_share_keys, replies)
-    replies = {}
-    for k, s in enumerate(server.u2):
-        down[s] += _nbytes(reqs[s])
-        states[s], rep = timed_client(
-            s,
-            client_masked_input,
-            states[s],
-            reqs[s],
-            updates[s],
-            weight=w[s],
-            rounding=rounding,
-            rounding_seed=seed * 1_000_003 + k,
-        )
-        if s not in dropouts_after_masking:
-            replies[s] = rep
-            up[s] += _nbytes(rep)
-    req = timed_server(server.receive_masked_inputs, replies)
-    replies = {}
-    for s in server.u3:
-        down[s] += _nbytes(req)
-        if s not in dropouts_at_unmask:
-            replies[s] = timed_client(s, client_unmask, states[s], req)
-            up[s] += _nbytes(replies[s])
-    total = timed_server(server.receive_unmask, replies)
-    n_counted = len(server.u3)
+    meter = _Meter(silos)
+    states, reqs = _run_key_stages(server, silos, meter)
+    req = _run_mask_stage(server, states, reqs, updates, w, meter,
+                          dropouts=dropouts_after_masking, rounding=rounding, seed=seed)
+    total = _run_unmask_stage(server, states, req, meter, dropouts_at_unmask)
     per_value = 0.5 if rounding == "nearest" else 1.0
     stats = {
         "silos": silos,
@@ -738,12 +799,12 @@ def run_secagg_round(
         "bits": bits,
         "clip_range": clip_range,
         "step": server.step,
-        "error_bound": n_counted * per_value * server.step,
+        "error_bound": len(server.u3) * per_value * server.step,
         "clipped_values": sum(int(states[s].get("clipped", 0)) for s in server.u3),
         "weight_sum": sum(w[s] for s in server.u3),
-        "server_seconds": t_server,
-        "client_seconds": t_client,
-        "bytes_up": up,
-        "bytes_down": down,
+        "server_seconds": meter.t_server,
+        "client_seconds": meter.t_client,
+        "bytes_up": meter.up,
+        "bytes_down": meter.down,
     }
     return total, stats
