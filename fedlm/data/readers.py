@@ -94,43 +94,52 @@ def discover(sources: list[Path]) -> tuple[list[SourceFile], list[FileError]]:
     skipped, as are files with suffixes we don't read (each reported). Symlinks are followed,
     but a folder already visited (a symlink loop) is reported and not entered again.
     """
-    files: list[SourceFile] = []
-    errors: list[FileError] = []
-    seen_files: set[tuple[int, int]] = set()
-    seen_dirs: set[tuple[int, int]] = set()
+    found = _Discovery()
+    for src in sources:
+        src = Path(src)
+        try:
+            src.stat()
+        except OSError as e:
+            if e.errno == errno.ENOENT and not src.is_symlink():
+                found.errors.append(FileError(str(src), "does not exist"))
+            else:
+                found.errors.append(FileError(str(src), os_reason(e)))
+            continue
+        if src.is_dir():
+            found.walk(src, src)
+        else:
+            found.add_file(src, src.name, explicit=True)
+    return found.files, found.errors
 
-    def add_file(path: Path, rel: str, explicit: bool) -> None:
+
+@dataclass
+class _Discovery:
+    """What `discover` has found so far, and the files and folders already seen (by inode)."""
+
+    files: list[SourceFile] = field(default_factory=list)
+    errors: list[FileError] = field(default_factory=list)
+    seen_files: set[tuple[int, int]] = field(default_factory=set)
+    seen_dirs: set[tuple[int, int]] = field(default_factory=set)
+
+    def add_file(self, path: Path, rel: str, explicit: bool) -> None:
         try:
             st = path.stat()
         except OSError as e:
-            errors.append(FileError(str(path), os_reason(e)))
+            self.errors.append(FileError(str(path), os_reason(e)))
             return
         key = (st.st_dev, st.st_ino)
-        if key in seen_files:
+        if key in self.seen_files:
             return  # the same file reached twice (symlink or repeated SRC): read it once
-        seen_files.add(key)
+        self.seen_files.add(key)
         if not explicit and path.suffix.lower() not in SUFFIXES:
-            errors.append(FileError(str(path), f"unsupported file type {path.suffix or '(none)'!r}: "
-                                    f"skipped (read: {' '.join(sorted(SUFFIXES))})"))
+            self.errors.append(FileError(
+                str(path), f"unsupported file type {path.suffix or '(none)'!r}: "
+                f"skipped (read: {' '.join(sorted(SUFFIXES))})"))
             return
-        files.append(SourceFile(path, rel, st.st_size, explicit))
+        self.files.append(SourceFile(path, rel, st.st_size, explicit))
 
-    def walk(root: Path, folder: Path) -> None:
-        try:
-            st = folder.stat()
-        except OSError as e:
-            errors.append(FileError(str(folder), os_reason(e)))
-            return
-        key = (st.st_dev, st.st_ino)
-        if key in seen_dirs:
-            errors.append(FileError(str(folder), "symlink loop: folder already visited, skipped"))
-            return
-        seen_dirs.add(key)
-        try:
-            entries = sorted(os.scandir(folder), key=lambda d: d.name)
-        except OSError as e:
-            errors.append(FileError(str(folder), os_reason(e)))
-            return
+    def walk(self, root: Path, folder: Path) -> None:
+        entries = self._entries(folder)
         for entry in entries:
             if entry.name.startswith("."):
                 continue
@@ -138,28 +147,32 @@ def discover(sources: list[Path]) -> tuple[list[SourceFile], list[FileError]]:
             try:
                 is_dir = entry.is_dir(follow_symlinks=True)
             except OSError as e:
-                errors.append(FileError(str(path), os_reason(e)))
+                self.errors.append(FileError(str(path), os_reason(e)))
                 continue
             if is_dir:
-                walk(root, path)
+                self.walk(root, path)
             else:
-                add_file(path, path.relative_to(root).as_posix(), explicit=False)
+                self.add_file(path, path.relative_to(root).as_posix(), explicit=False)
 
-    for src in sources:
-        src = Path(src)
+    def _entries(self, folder: Path) -> list[os.DirEntry[str]]:
+        """The entries of `folder` sorted by name; none (and an error) if it can't be listed
+        or was already visited (a symlink loop)."""
         try:
-            src.stat()
+            st = folder.stat()
         except OSError as e:
-            if e.errno == errno.ENOENT and not src.is_symlink():
-                errors.append(FileError(str(src), "does not exist"))
-            else:
-                errors.append(FileError(str(src), os_reason(e)))
-            continue
-        if src.is_dir():
-            walk(src, src)
-        else:
-            add_file(src, src.name, explicit=True)
-    return files, errors
+            self.errors.append(FileError(str(folder), os_reason(e)))
+            return []
+        key = (st.st_dev, st.st_ino)
+        if key in self.seen_dirs:
+            self.errors.append(FileError(str(folder),
+                                         "symlink loop: folder already visited, skipped"))
+            return []
+        self.seen_dirs.add(key)
+        try:
+            return sorted(os.scandir(folder), key=lambda d: d.name)
+        except OSError as e:
+            self.errors.append(FileError(str(folder), os_reason(e)))
+            return []
 
 
 def decode(data: bytes) -> tuple[str, str]:
