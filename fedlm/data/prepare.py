@@ -16,7 +16,7 @@ import hashlib
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -68,62 +68,22 @@ def prepare_silo(sources: list[Path], *, silo: str, workspace: Path,
     if not 0.0 < near_dup_threshold <= 1.0:
         raise UserError(f"near-duplicate threshold {near_dup_threshold} must be in (0, 1]")
     files, found_errors = discover([Path(s) for s in sources])
-    errors: list[dict[str, str]] = [{"path": e.path, "reason": e.reason} for e in found_errors]
-    total = sum(f.size for f in files)
     clock = _StageClock()
     st = _Stats(deduper=Deduper(near_dup_threshold))
-    bytes_in = 0
-    done = 0
+    st.errors = [{"path": e.path, "reason": e.reason} for e in found_errors]
     silo_dir = Path(workspace) / "silos" / silo
     if not replace:
         _refuse_existing(silo_dir, silo)
 
     with atomic_dir(silo_dir) as tmp:
         with open(tmp / "docs.jsonl", "wb") as out:
-            # One batch may span many files (a silo of 480 one-document files is a few
-            # batches, not 480): the per-batch numpy work in dedup is then paid a few times.
-            batch = _Batch()
-            for src in files:
-                report = FileReport()
-                docs = read_documents(src, report, text_field=text_field,
-                                      text_column=text_column, max_doc_chars=max_doc_chars)
-                n_docs = file_bytes = 0
-                try:
-                    while True:
-                        clock.start()
-                        raw = next(docs, None)
-                        if raw is not None:
-                            raw_bytes = (len(raw) if raw.isascii()
-                                         else len(raw.encode("utf-8", "surrogatepass")))
-                        clock.lap("read")
-                        if raw is None:
-                            break
-                        n_docs += 1
-                        st.docs_in += 1
-                        bytes_in += raw_bytes
-                        file_bytes += raw_bytes
-                        if batch.add(raw, src.rel):
-                            _process(batch.raws, batch.rels, st, clock, out)
-                            batch = _Batch()
-                            if on_progress is not None and src.size:
-                                # progress within a big file: by decoded bytes read so far
-                                on_progress(done + min(src.size, file_bytes), total)
-                except (OSError, ValueError) as e:
-                    reason = str(e) if isinstance(e, ValueError) else os_reason(e)
-                    if n_docs:
-                        reason += f" (after {n_docs} documents, which were kept)"
-                    errors.append({"path": str(src.path), "reason": reason})
-                for problem in report.errors:
-                    errors.append({"path": str(src.path), "reason": problem})
-                if report.encoding is not None and n_docs:
-                    st.encodings[report.encoding] += 1
-                done += src.size
-                if on_progress is not None:
-                    on_progress(done, total)
-            _process(batch.raws, batch.rels, st, clock, out)
+            reader = _Reader(st, clock, out, text_field=text_field, text_column=text_column,
+                             max_doc_chars=max_doc_chars, on_progress=on_progress,
+                             total=sum(f.size for f in files))
+            reader.read_all(files)
         card = _card(silo=silo, sources=sources, files=files, docs_in=st.docs_in,
-                     docs_out=st.docs_out, bytes_in=bytes_in, bytes_out=st.bytes_out,
-                     errors=errors, pii=st.pii, dups=st.dups, filtered=st.filtered,
+                     docs_out=st.docs_out, bytes_in=st.bytes_in, bytes_out=st.bytes_out,
+                     errors=st.errors, pii=st.pii, dups=st.dups, filtered=st.filtered,
                      scripts=st.scripts, encodings=st.encodings, threshold=near_dup_threshold,
                      sha256=st.digest.hexdigest())
         if st.docs_out == 0:
@@ -197,13 +157,84 @@ class _Stats:
     deduper: Deduper
     docs_in: int = 0
     docs_out: int = 0
+    bytes_in: int = 0
     bytes_out: int = 0
+    errors: list[dict[str, str]] = field(default_factory=list)
     pii: Counter[str] = field(default_factory=Counter)
     filtered: Counter[str] = field(default_factory=Counter)
     dups: dict[str, int] = field(default_factory=lambda: {"exact": 0, "near": 0})
     encodings: Counter[str] = field(default_factory=Counter)
     scripts: dict[str, Counter[str]] = field(default_factory=dict)
     digest: Any = field(default_factory=hashlib.sha256)
+
+
+class _Reader:
+    """Reads a silo's files document by document into batches, processing each full batch
+    (`_process`) and reporting progress; the counts and problems go to `st`."""
+
+    def __init__(self, st: _Stats, clock: _StageClock, out: BinaryIO, *, text_field: str,
+                 text_column: str, max_doc_chars: int,
+                 on_progress: Callable[[int, int], None] | None, total: int) -> None:
+        self.st, self.clock, self.out = st, clock, out
+        self.text_field, self.text_column = text_field, text_column
+        self.max_doc_chars = max_doc_chars
+        self.on_progress, self.total = on_progress, total
+        self.batch = _Batch()
+        self.done = 0  # input bytes of the files read so far
+        self.n_docs = self.file_bytes = 0  # documents, decoded bytes read from the current file
+
+    def read_all(self, files: list[SourceFile]) -> None:
+        # One batch may span many files (a silo of 480 one-document files is a few
+        # batches, not 480): the per-batch numpy work in dedup is then paid a few times.
+        for src in files:
+            self._read_file(src)
+        self._flush()
+
+    def _flush(self) -> None:
+        _process(self.batch.raws, self.batch.rels, self.st, self.clock, self.out)
+        self.batch = _Batch()
+
+    def _read_file(self, src: SourceFile) -> None:
+        """Read one file; a read error keeps the documents before it and is reported."""
+        report = FileReport()
+        docs = read_documents(src, report, text_field=self.text_field,
+                              text_column=self.text_column, max_doc_chars=self.max_doc_chars)
+        self.n_docs = self.file_bytes = 0
+        try:
+            self._read_docs(src, docs)
+        except (OSError, ValueError) as e:
+            reason = str(e) if isinstance(e, ValueError) else os_reason(e)
+            if self.n_docs:
+                reason += f" (after {self.n_docs} documents, which were kept)"
+            self.st.errors.append({"path": str(src.path), "reason": reason})
+        for problem in report.errors:
+            self.st.errors.append({"path": str(src.path), "reason": problem})
+        if report.encoding is not None and self.n_docs:
+            self.st.encodings[report.encoding] += 1
+        self.done += src.size
+        if self.on_progress is not None:
+            self.on_progress(self.done, self.total)
+
+    def _read_docs(self, src: SourceFile, docs: Iterator[str]) -> None:
+        clock = self.clock
+        while True:
+            clock.start()
+            raw = next(docs, None)
+            if raw is not None:
+                raw_bytes = (len(raw) if raw.isascii()
+                             else len(raw.encode("utf-8", "surrogatepass")))
+            clock.lap("read")
+            if raw is None:
+                break
+            self.n_docs += 1
+            self.st.docs_in += 1
+            self.st.bytes_in += raw_bytes
+            self.file_bytes += raw_bytes
+            if self.batch.add(raw, src.rel):
+                self._flush()
+                if self.on_progress is not None and src.size:
+                    # progress within a big file: by decoded bytes read so far
+                    self.on_progress(self.done + min(src.size, self.file_bytes), self.total)
 
 
 def _process(raws: list[str], rels: list[str], st: _Stats, clock: _StageClock,
