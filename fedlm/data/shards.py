@@ -180,7 +180,6 @@ def _write_splits(
     docs.jsonl holds no document."""
     counts = {s: {"tokens": 0, "documents": 0, "bytes": 0} for s in ("train", "val")}
     encode, encoder_name = (fast, "tiktoken") if fast is not None else (hf, "tokenizers")
-    eos = np.zeros(1, dtype=np.int64)
     hashes = array("d")
     place = array("q")  # per document: first token in its side's file, tokens, bytes
     with atomic_path(silo_dir / "train.bin") as tmp_train, atomic_path(silo_dir / "val.bin") as tmp_val:
@@ -193,40 +192,61 @@ def _write_splits(
                     heads = [t[:_CHECK_CHARS] for t in batch[:_CHECK_DOCS]]
                     if not _engines_agree(encode, hf, heads):
                         encode, encoder_name, ids = hf, "tokenizers", hf(batch)
-                parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-                for text, doc_ids in zip(batch, ids, strict=True):
-                    h = split_hash(text, seed)
-                    split = "val" if h < val_fraction else "train"
-                    hashes.append(h)
-                    parts[split] += [doc_ids, eos]
-                    c = counts[split]
-                    n_bytes = len(text) if text.isascii() else len(text.encode("utf-8"))
-                    place.extend((c["tokens"], doc_ids.size + 1, n_bytes))
-                    c["tokens"] += doc_ids.size + 1
-                    c["documents"] += 1
-                    c["bytes"] += n_bytes
+                parts = _assign_sides(batch, ids, seed=seed, val_fraction=val_fraction,
+                                      counts=counts, hashes=hashes, place=place)
                 for split, arrays in parts.items():
                     if arrays:
                         np.concatenate(arrays).astype(dtype).tofile(files[split])
         if not hashes:
             raise UserError(f"{docs_path} has no documents: re-run `fedlm data prepare` with more text")
-        h_all = np.frombuffer(hashes, dtype=np.float64)
-        forced = _forced_sides(h_all, val_fraction)
-        if forced is not None:
-            was_val = h_all < val_fraction
-            # one side is empty: the moved documents are all of it, in document order
-            src, dst = (tmp_val, tmp_train) if was_val.any() else (tmp_train, tmp_val)
-            side = "val" if was_val.any() else "train"
-            other = "train" if side == "val" else "val"
-            where = np.frombuffer(place, dtype=np.int64).reshape(-1, 3)
-            moved = where[forced != was_val]
-            _move_spans(src, dst, moved[:, 0], moved[:, 1], dtype)
-            for key, col in (("tokens", 1), ("bytes", 2)):
-                counts[side][key] -= int(moved[:, col].sum())
-                counts[other][key] += int(moved[:, col].sum())
-            counts[side]["documents"] -= len(moved)
-            counts[other]["documents"] += len(moved)
+        _rebalance(hashes, place, counts, val_fraction=val_fraction, tmp_train=tmp_train,
+                   tmp_val=tmp_val, dtype=dtype)
     return counts, encoder_name
+
+
+def _assign_sides(batch: list[str], ids: list[np.ndarray], *, seed: int, val_fraction: float,
+                  counts: dict[str, dict[str, int]], hashes: array[float],
+                  place: array[int]) -> dict[str, list[np.ndarray]]:
+    """Send each document of a batch to val or train by its split hash; return each side's
+    token arrays (a document's tokens then EOS), in order. Counts each document on its side
+    and records its hash and place (`hashes`, `place`) for `_rebalance`."""
+    eos = np.zeros(1, dtype=np.int64)
+    parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    for text, doc_ids in zip(batch, ids, strict=True):
+        h = split_hash(text, seed)
+        split = "val" if h < val_fraction else "train"
+        hashes.append(h)
+        parts[split] += [doc_ids, eos]
+        c = counts[split]
+        n_bytes = len(text) if text.isascii() else len(text.encode("utf-8"))
+        place.extend((c["tokens"], doc_ids.size + 1, n_bytes))
+        c["tokens"] += doc_ids.size + 1
+        c["documents"] += 1
+        c["bytes"] += n_bytes
+    return parts
+
+
+def _rebalance(hashes: array[float], place: array[int], counts: dict[str, dict[str, int]], *,
+               val_fraction: float, tmp_train: Path, tmp_val: Path, dtype: np.dtype) -> None:
+    """If the hash split left a side empty (`_forced_sides`), move the chosen documents'
+    tokens over between the files and their counts with them."""
+    h_all = np.frombuffer(hashes, dtype=np.float64)
+    forced = _forced_sides(h_all, val_fraction)
+    if forced is None:
+        return
+    was_val = h_all < val_fraction
+    # one side is empty: the moved documents are all of it, in document order
+    src, dst = (tmp_val, tmp_train) if was_val.any() else (tmp_train, tmp_val)
+    side = "val" if was_val.any() else "train"
+    other = "train" if side == "val" else "val"
+    where = np.frombuffer(place, dtype=np.int64).reshape(-1, 3)
+    moved = where[forced != was_val]
+    _move_spans(src, dst, moved[:, 0], moved[:, 1], dtype)
+    for key, col in (("tokens", 1), ("bytes", 2)):
+        counts[side][key] -= int(moved[:, col].sum())
+        counts[other][key] += int(moved[:, col].sum())
+    counts[side]["documents"] -= len(moved)
+    counts[other]["documents"] += len(moved)
 
 
 def _move_spans(src: Path, dst: Path, starts: np.ndarray, lengths: np.ndarray,
