@@ -323,6 +323,33 @@ class Deduper:
     def check_batch(self, texts: Sequence[str], scripts: Sequence[str]) -> list[str | None]:
         """`check` for each text in order (a text may duplicate an earlier one of the batch)."""
         out: list[str | None] = [None] * len(texts)
+        fresh = self._drop_exact(texts, out)
+        if not fresh:
+            return out
+        keys, docs = _keys([texts[i] for i in fresh], [scripts[i] for i in fresh])
+        sigs = signatures(keys, docs, len(fresh), self.num_perm)
+        swapped, bands = self._band_keys(sigs)
+        ids = range(self._next_id, self._next_id + len(fresh))
+        self._next_id += len(fresh)
+        dicts = [_table_dict(t) for t in self._lsh.hashtables]
+        # A row can have a candidate only if one of its band keys is in the index or shared
+        # with another row of the batch. The others (nearly all) are new: stored in bulk.
+        maybe = _shares_a_band(swapped, self._lsh.hashranges)
+        for table, d, band in zip(self._lsh.hashtables, dicts, bands, strict=True):
+            if d is not None:
+                maybe |= np.fromiter(map(d.__contains__, band), dtype=bool, count=len(band))
+            else:
+                maybe |= np.fromiter((bool(table.get(k)) for k in band), dtype=bool,
+                                     count=len(band))
+        self._store_clean(np.flatnonzero(~maybe), ids, sigs, bands, dicts)
+        for row in np.flatnonzero(maybe).tolist():
+            if self._is_near(sigs[row], ids[row], [band[row] for band in bands]):
+                out[fresh[row]] = "near"
+        return out
+
+    def _drop_exact(self, texts: Sequence[str], out: list[str | None]) -> list[int]:
+        """Mark exact duplicates 'exact' in `out`, remember the others' keys; return the
+        indices of the others."""
         fresh: list[int] = []
         for i, text in enumerate(texts):
             key = exact_key(text)
@@ -331,36 +358,28 @@ class Deduper:
             else:
                 self._exact.add(key)
                 fresh.append(i)
-        if not fresh:
-            return out
-        keys, docs = _keys([texts[i] for i in fresh], [scripts[i] for i in fresh])
-        sigs = signatures(keys, docs, len(fresh), self.num_perm)
-        # The band keys MinHashLSH.insert/query would make (its `_H`: the band's values
-        # byte-swapped), made here for the whole batch at once, then looked up and inserted
-        # in the index's own tables.
+        return fresh
+
+    def _band_keys(self, sigs: np.ndarray) -> tuple[np.ndarray, list[list[bytes]]]:
+        """The signatures byte-swapped, and per band the key of each row.
+
+        The band keys MinHashLSH.insert/query would make (its `_H`: the band's values
+        byte-swapped), made here for the whole batch at once, then looked up and inserted
+        in the index's own tables."""
         swapped = sigs.byteswap()
         bands: list[list[bytes]] = []
         for start, end in self._lsh.hashranges:
             blob = np.ascontiguousarray(swapped[:, start:end]).tobytes()
             width = (end - start) * swapped.itemsize
             bands.append([blob[j: j + width] for j in range(0, len(blob), width)])
-        tables = self._lsh.hashtables
-        ids = range(self._next_id, self._next_id + len(fresh))
-        self._next_id += len(fresh)
-        # A row can have a candidate only if one of its band keys is in the index or shared
-        # with another row of the batch. The others (nearly all) are new: stored in bulk.
-        maybe = _shares_a_band(swapped, self._lsh.hashranges)
-        dicts = [_table_dict(t) for t in tables]
-        for table, d, band in zip(tables, dicts, bands, strict=True):
-            if d is not None:
-                maybe |= np.fromiter(map(d.__contains__, band), dtype=bool, count=len(band))
-            else:
-                maybe |= np.fromiter((bool(table.get(k)) for k in band), dtype=bool,
-                                     count=len(band))
-        clean_rows = np.flatnonzero(~maybe)
+        return swapped, bands
+
+    def _store_clean(self, clean_rows: np.ndarray, ids: range, sigs: np.ndarray,
+                     bands: list[list[bytes]], dicts: list[dict[bytes, set[int]] | None]) -> None:
+        """Index the rows that can have no candidate, in bulk."""
         clean_ids: list[int] = (clean_rows + ids.start).tolist()
         clean: list[int] = clean_rows.tolist()
-        for table, d, band in zip(tables, dicts, bands, strict=True):
+        for table, d, band in zip(self._lsh.hashtables, dicts, bands, strict=True):
             band_keys = [band[row] for row in clean]
             if d is not None:  # keys of clean rows are in no table yet: a new set each
                 d.update(zip(band_keys, map(set, zip(clean_ids, strict=True)), strict=True))
@@ -368,19 +387,20 @@ class Deduper:
                 for key, idx in zip(band_keys, clean_ids, strict=True):
                     table.insert(key, idx)
         self._sigs.update(zip(clean_ids, sigs[clean], strict=True))
+
+    def _is_near(self, sig: np.ndarray, idx: int, row_bands: list[bytes]) -> bool:
+        """True if a candidate sharing a band agrees on enough of `sig`; else index it."""
+        tables = self._lsh.hashtables
+        cands: set[int] = set()
+        for table, key in zip(tables, row_bands, strict=True):
+            cands.update(table.get(key))
         need = self.threshold * self.num_perm
-        for row in np.flatnonzero(maybe).tolist():
-            sig = sigs[row]
-            cands: set[int] = set()
-            for table, band in zip(tables, bands, strict=True):
-                cands.update(table.get(band[row]))
-            if any(np.count_nonzero(self._sigs[c] == sig) >= need for c in cands):
-                out[fresh[row]] = "near"
-                continue
-            self._sigs[ids[row]] = sig
-            for table, band in zip(tables, bands, strict=True):
-                table.insert(band[row], ids[row])
-        return out
+        if any(np.count_nonzero(self._sigs[c] == sig) >= need for c in cands):
+            return True
+        self._sigs[idx] = sig
+        for table, key in zip(tables, row_bands, strict=True):
+            table.insert(key, idx)
+        return False
 
 
 def _shares_a_band(sigs: np.ndarray, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
