@@ -315,8 +315,6 @@ def silo_tokens(cfg: Config) -> dict[str, int | None]:
 def plan_run(cfg: Config, *, device_flops: float | None = None, calibrate: bool = True,
              _timer: dict[tuple[Any, ...], float] | None = None) -> Plan:
     """Predict the run's cost per silo and per round (see the module docstring for the formulas)."""
-    from fedlm.federation.strategies import num_sampled
-
     mc = resolve_model(cfg)
     if cfg.train.seq_len > mc.max_seq_len:
         raise UserError(f"train.seq_len ({cfg.train.seq_len}) exceeds the model's context ({mc.max_seq_len})")
@@ -330,40 +328,13 @@ def plan_run(cfg: Config, *, device_flops: float | None = None, calibrate: bool 
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
     n_silos = len(silos)
     cyclic = federated and fed.strategy == "cyclic"
-    if federated:
-        sampled = num_sampled(n_silos, fed.fraction)
-        rounds, steps_per_silo, concurrent = fed.rounds, fed.local_steps, 1 if cyclic else sampled
-    elif tc.mode == "local-only":
-        sampled, rounds, steps_per_silo, concurrent = n_silos, 1, tc.steps, 1
-    else:  # centralised: one process trains the pooled silos
-        sampled, rounds, steps_per_silo, concurrent = 1, 1, tc.steps, 1
+    sampled, rounds, steps_per_silo, concurrent = _schedule(cfg, n_silos)
     tokens_per_round = sampled * steps_per_silo * tokens_per_step
     mem = memory_breakdown(mc, p, cfg, federated=federated)
-    up = update_bytes(p.wire, fed.compression, fed.topk_fraction, secure=fed.secure_aggregation)
-    down = 4 * sum(p.wire.values())
-    if cyclic:  # the AdamW state travels with the weights, both ways: two fp32 moments and the step
-        carried = 2 * down + 4
-        up, down = up + carried, down + carried
-    notes = []
-    step_s: float | None = None
-    if device_flops:
-        step_s, source = fpt * tokens_per_step / device_flops, f"device_flops={device_flops:.3g}"
-        wall_factor = 1.0
-    elif calibrate:
-        threads = 1 if federated else (tc.threads or _default_threads())
-        key = (repr(mc), tc.precision, tc.activation_checkpointing, tc.batch_size, tc.seq_len, tc.grad_accum,
-               cfg.lora.rank, tuple(cfg.lora.targets), threads)
-        if _timer is not None and key in _timer:
-            step_s = _timer[key]
-        else:
-            step_s = calibrate_step_seconds(mc, cfg, threads=threads)
-            if _timer is not None:
-                _timer[key] = step_s
-        c = cores()
-        wall_factor = max(1.0, concurrent / c) if federated else 1.0
-        source = f"calibrated: {threads} thread(s) per silo, {concurrent} silo(s) on {c} core(s)"
-    else:
-        source, wall_factor = "none", 1.0
+    up, down = _wire_bytes(p, cfg, cyclic=cyclic)
+    step_s, source, wall_factor = _step_seconds(
+        cfg, mc, fpt * tokens_per_step, device_flops=device_flops, calibrate=calibrate,
+        _timer=_timer, concurrent=concurrent)
     if tc.mode == "local-only":
         wall_factor = float(n_silos)  # the baseline trains the silos one after another
     round_s = total_s = None
@@ -372,14 +343,8 @@ def plan_run(cfg: Config, *, device_flops: float | None = None, calibrate: bool 
         turns = sampled if cyclic else 1  # cyclic: one silo after another
         round_s = steps_per_silo * step_s * wall_factor * turns + overhead
         total_s = round_s * rounds
-    held = [t for t in silos.values() if t is not None]
     optimal = CHINCHILLA_TOKENS_PER_PARAM * p.total
-    if held and federated:
-        notes.append(f"silos hold {sum(held):,} training tokens; the run reads {tokens_per_round * rounds:,} "
-                     f"({tokens_per_round * rounds / sum(held):.2f} epochs); Chinchilla-optimal for "
-                     f"{p.total:,} parameters: {optimal:,}")
-    if not federated:
-        notes.append(f"train.mode = {tc.mode!r}: one 'round' is the whole run; nothing crosses a wire")
+    notes = _notes(cfg, silos, tokens_read=tokens_per_round * rounds, params=p.total, optimal=optimal)
     return Plan(
         mode=tc.mode, model={k: getattr(mc, k) for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
                                                          "vocab_size", "tie_embeddings")},
@@ -394,6 +359,70 @@ def plan_run(cfg: Config, *, device_flops: float | None = None, calibrate: bool 
         silo_tokens=silos, tokens_per_round=tokens_per_round, tokens_total=tokens_per_round * rounds,
         compute_optimal_tokens=optimal, notes=notes,
     )
+
+
+def _schedule(cfg: Config, n_silos: int) -> tuple[int, int, int, int]:
+    """(silos trained per round, rounds, steps per silo per round, silos training at once)."""
+    from fedlm.federation.strategies import num_sampled
+
+    tc, fed = cfg.train, cfg.federation
+    if tc.mode == "federated":
+        sampled = num_sampled(n_silos, fed.fraction)
+        return sampled, fed.rounds, fed.local_steps, 1 if fed.strategy == "cyclic" else sampled
+    if tc.mode == "local-only":
+        return n_silos, 1, tc.steps, 1
+    return 1, 1, tc.steps, 1  # centralised: one process trains the pooled silos
+
+
+def _wire_bytes(p: Params, cfg: Config, *, cyclic: bool) -> tuple[int, int]:
+    """(bytes up, bytes down) per silo and federated round."""
+    fed = cfg.federation
+    up = update_bytes(p.wire, fed.compression, fed.topk_fraction, secure=fed.secure_aggregation)
+    down = 4 * sum(p.wire.values())
+    if cyclic:  # the AdamW state travels with the weights, both ways: two fp32 moments and the step
+        carried = 2 * down + 4
+        up, down = up + carried, down + carried
+    return up, down
+
+
+def _step_seconds(cfg: Config, mc: ModelConfig, flops_per_step: float, *,
+                  device_flops: float | None, calibrate: bool,
+                  _timer: dict[tuple[Any, ...], float] | None,
+                  concurrent: int) -> tuple[float | None, str, float]:
+    """(seconds per step or None, where that figure comes from, wall-clock factor for silos
+    sharing the cores), from `device_flops`, else a calibration run (memoised in `_timer`)."""
+    tc = cfg.train
+    federated = tc.mode == "federated"
+    if device_flops:
+        return flops_per_step / device_flops, f"device_flops={device_flops:.3g}", 1.0
+    if not calibrate:
+        return None, "none", 1.0
+    threads = 1 if federated else (tc.threads or _default_threads())
+    key = (repr(mc), tc.precision, tc.activation_checkpointing, tc.batch_size, tc.seq_len, tc.grad_accum,
+           cfg.lora.rank, tuple(cfg.lora.targets), threads)
+    if _timer is not None and key in _timer:
+        step_s = _timer[key]
+    else:
+        step_s = calibrate_step_seconds(mc, cfg, threads=threads)
+        if _timer is not None:
+            _timer[key] = step_s
+    c = cores()
+    wall_factor = max(1.0, concurrent / c) if federated else 1.0
+    return step_s, f"calibrated: {threads} thread(s) per silo, {concurrent} silo(s) on {c} core(s)", wall_factor
+
+
+def _notes(cfg: Config, silos: dict[str, int | None], *, tokens_read: int, params: int,
+           optimal: int) -> list[str]:
+    """What the plan tells the user beside its figures."""
+    notes = []
+    held = [t for t in silos.values() if t is not None]
+    if held and cfg.train.mode == "federated":
+        notes.append(f"silos hold {sum(held):,} training tokens; the run reads {tokens_read:,} "
+                     f"({tokens_read / sum(held):.2f} epochs); Chinchilla-optimal for "
+                     f"{params:,} parameters: {optimal:,}")
+    if cfg.train.mode != "federated":
+        notes.append(f"train.mode = {cfg.train.mode!r}: one 'round' is the whole run; nothing crosses a wire")
+    return notes
 
 
 def _default_threads() -> int:
