@@ -200,7 +200,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def _install_routes(app: FastAPI, state: ServerState) -> None:
-    limits = state.limits
+    _install_status_routes(app, state)
+    _install_generation_routes(app, state)
+
+
+def _install_status_routes(app: FastAPI, state: ServerState) -> None:
+    """Health, metrics and the model list: they answer while the model loads (or failed)."""
 
     @app.get("/health")
     async def health() -> Response:
@@ -226,6 +231,11 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         state.ready()
         _check_model(state, model)
         return JSONResponse(_card(state))
+
+
+def _install_generation_routes(app: FastAPI, state: ServerState) -> None:
+    """The OpenAI completion and chat completion endpoints."""
+    limits = state.limits
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Response:
