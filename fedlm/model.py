@@ -55,6 +55,11 @@ class Positions:
     keys: int = 0
     """Cache columns the queries read (the last column written + 1)."""
 
+    def __post_init__(self) -> None:
+        # sin with its first half negated, made once per forward for every layer's apply_rope.
+        half = self.sin.shape[-1] // 2
+        self.signed_sin = torch.cat((-self.sin[..., :half], self.sin[..., half:]), dim=-1)
+
 
 class KVCache:
     """Preallocated keys/values per layer, (B, n_kv_heads, max_len, head_dim), for B rows.
@@ -85,6 +90,9 @@ class KVCache:
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, L)
         self.max_len = max_len
+        # [True] once any forward passed a pad_mask (a list: `rows` views share it). Until
+        # then every written column is real, and `place` skips checking `valid`.
+        self.padded = [False]
 
     @classmethod
     def for_model(
@@ -137,9 +145,10 @@ class KVCache:
         limit = min(self.max_len, cos.shape[0])
         if end > limit:
             raise ValueError(f"{end} positions exceed the context of {limit} tokens")
+        self.padded[0] = self.padded[0] or pad_mask is not None
         if uniform:
             self.valid[:, first:end] = True if pad_mask is None else pad_mask
-            if bool(self.valid[:, :end].all()):  # no padding: positions are columns
+            if not self.padded[0] or bool(self.valid[:, :end].all()):  # no padding: positions are columns
                 if T == 1 or first == 0:
                     mask, is_causal = None, T > 1
                 else:  # query t sits at column first+t and may see keys 0..first+t
@@ -181,10 +190,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # F.rms_norm gives x * rsqrt(mean(x²) + eps) bit for bit in one call; the weight stays
+        # outside it, applied after the cast back as Hugging Face does (and where Opacus's
+        # functorch per-sample gradient sees it).
+        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -195,11 +205,13 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tens
     return emb.cos(), emb.sin()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x (B, H, T, D) by position: pairs are (i, i + D/2), the `rotate_half` layout."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """Rotate x (B, H, T, D) by position: pairs are (i, i + D/2), the `rotate_half` layout.
+
+    signed_sin is sin with its first half negated (`Positions.signed_sin`), so that
+    rotate_half(x) * sin = roll(x, D/2) * signed_sin: two ops fewer per call, same bits.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -257,7 +269,7 @@ class Attention(nn.Module):
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x).view(B, T, H + 2 * KV, D).transpose(1, 2)  # (B, H+2KV, T, D)
         # q and k rotated in one call: a decode step is a chain of small ops, each op counts.
-        qk = apply_rope(qkv[:, : H + KV], at.cos, at.sin)  # (B, H+KV, T, D)
+        qk = apply_rope(qkv[:, : H + KV], at.cos, at.signed_sin)  # (B, H+KV, T, D)
         q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV :]  # (B, H, T, D), (B, KV, T, D) x2
         if cache is not None:
             k, v = cache.update(layer, k, v, at)  # (B, KV, at.keys, D)
