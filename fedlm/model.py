@@ -171,14 +171,14 @@ class KVCache:
         """Write k, v (B, KV, T, D) where `at` places them; return keys/values (B, KV, at.keys, D)."""
         ks, vs = self.k[layer], self.v[layer]
         if at.start is not None:  # every row writes the same columns: a slice
-            ks[:, :, at.start : at.start + k.shape[2]] = k
-            vs[:, :, at.start : at.start + v.shape[2]] = v
+            ks.narrow(2, at.start, k.shape[2]).copy_(k)  # narrow: cheaper than indexing, per layer and step
+            vs.narrow(2, at.start, v.shape[2]).copy_(v)
         else:
             assert at.cols is not None
             rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
             ks[rows, :, at.cols] = k.transpose(1, 2)  # (B, T, KV, D)
             vs[rows, :, at.cols] = v.transpose(1, 2)
-        return ks[:, :, : at.keys], vs[:, :, : at.keys]
+        return ks.narrow(2, 0, at.keys), vs.narrow(2, 0, at.keys)
 
 
 class RMSNorm(nn.Module):
@@ -269,8 +269,9 @@ class Attention(nn.Module):
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x).view(B, T, H + 2 * KV, D).transpose(1, 2)  # (B, H+2KV, T, D)
         # q and k rotated in one call: a decode step is a chain of small ops, each op counts.
-        qk = apply_rope(qkv[:, : H + KV], at.cos, at.signed_sin)  # (B, H+KV, T, D)
-        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV :]  # (B, H, T, D), (B, KV, T, D) x2
+        qk, v = qkv.split((H + KV, KV), dim=1)
+        qk = apply_rope(qk, at.cos, at.signed_sin)  # (B, H+KV, T, D)
+        q, k = qk.split((H, KV), dim=1)  # (B, H, T, D), (B, KV, T, D); v (B, KV, T, D)
         if cache is not None:
             k, v = cache.update(layer, k, v, at)  # (B, KV, at.keys, D)
         if (at.is_causal and at.mask is None and KV == H and torch.is_grad_enabled()
