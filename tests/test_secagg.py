@@ -86,12 +86,9 @@ def test_masks_cancel_exactly(n: int, dim: int, bits: int, seed: int) -> None:
     assert np.abs(total - q * step).max() <= 1e-9 * max(1.0, np.abs(total).max())
 
 
-def _stages_until_masked(
-    updates: dict[str, np.ndarray],
-) -> tuple[SecAggServer, dict[str, dict], dict[str, dict]]:
-    """Run stages 0-2 by hand; return the server, client states and masked replies."""
-    silos = sorted(updates)
-    dim = next(iter(updates.values())).size
+def _stages_until_keys_shared(silos: list[str], *, dim: int
+                              ) -> tuple[SecAggServer, dict[str, dict], dict[str, dict]]:
+    """Run stages 0-1 by hand; return the server, client states and each silo's share request."""
     server = SecAggServer(silos, dim=dim, clip_range=1.0)
     req = server.setup_request()
     states, replies = {}, {}
@@ -100,7 +97,16 @@ def _stages_until_masked(
     req = server.receive_setup(replies)
     for s in silos:
         states[s], replies[s] = client_share_keys(states[s], req)
-    reqs = server.receive_share_keys(replies)
+    return server, states, server.receive_share_keys(replies)
+
+
+def _stages_until_masked(
+    updates: dict[str, np.ndarray],
+) -> tuple[SecAggServer, dict[str, dict], dict[str, dict]]:
+    """Run stages 0-2 by hand; return the server, client states and masked replies."""
+    silos = sorted(updates)
+    server, states, reqs = _stages_until_keys_shared(silos, dim=next(iter(updates.values())).size)
+    replies = {}
     for s in silos:
         states[s], replies[s] = client_masked_input(states[s], reqs[s], updates[s])
     return server, states, replies
@@ -270,16 +276,7 @@ def test_a_second_masked_input_for_one_round_is_refused() -> None:
     update as the difference of the two. A silo masks once per round; and it refuses a clip
     range other than the one its own config implies."""
     ups = _updates(3, 30, seed=14)
-    silos = sorted(ups)
-    server = SecAggServer(silos, dim=30, clip_range=1.0)
-    req = server.setup_request()
-    states, replies = {}, {}
-    for s in silos:
-        states[s], replies[s] = client_setup(s, req)
-    bcast = server.receive_setup(replies)
-    for s in silos:
-        states[s], replies[s] = client_share_keys(states[s], bcast)
-    reqs = server.receive_share_keys(replies)
+    _, states, reqs = _stages_until_keys_shared(sorted(ups), dim=30)
     with pytest.raises(SecAggError, match="implies 0.5; refused"):
         client_masked_input(states["silo0"], reqs["silo0"], ups["silo0"], expect_clip_range=0.5)
     st_, _ = client_masked_input(states["silo0"], reqs["silo0"], ups["silo0"], expect_clip_range=1.0)
