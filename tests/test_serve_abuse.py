@@ -129,6 +129,7 @@ def test_partial_bodies_are_cut_at_the_timeout_and_hold_only_slots(
 
 
 def test_no_server_errors(server: tuple[str, int]) -> None:
-    """Nothing above was answered with a 5xx."""
+    """Nothing above was answered with a 5xx, apart from /health's documented 503 while the
+    model loads (the fixture polls it until ready; on a slow machine the first poll is early)."""
     counts, _ = _metrics(server[0])
-    assert not [key for key in counts if key[1].startswith("5")], counts
+    assert not [key for key in counts if key[1].startswith("5") and key != ("/health", "503")], counts
