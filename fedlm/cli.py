@@ -535,6 +535,55 @@ def audit(
         _out(line)
 
 
+@app.command("explain")
+def explain_(
+    model: Annotated[Path, typer.Argument(help="Run directory, model directory or its HF export.")],
+    text: Annotated[str, typer.Argument(help="The text to explain (within the model's context).")],
+    target: Annotated[str | None, typer.Option(
+        help="The next token to attribute (one token, e.g. ' the'; default: the model's top prediction).")] = None,
+    html: Annotated[Path | None, typer.Option("--html", help="Write one self-contained HTML page here.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object (every key).")] = False,
+    layer: Annotated[int, typer.Option(help="The attention map the page shows first: layer (1-based; 0 = last).")] = 0,
+    head: Annotated[int, typer.Option(help="... and head (1-based).")] = 1,
+) -> None:
+    """Surprisal per token, attention, attributions, logit lens and (federated runs) provenance of TEXT."""
+    from fedlm.explain import explain, html_page
+    from fedlm.fileio import write_text
+
+    result = explain(model, text, target)
+    n_layers, n_heads = len(result["attention"]), len(result["attention"][0])
+    if not (0 <= layer <= n_layers and 1 <= head <= n_heads):
+        raise UserError(f"--layer {layer} --head {head}: the model has layers 1-{n_layers} (0 = the last) "
+                        f"and heads 1-{n_heads}")
+    if html is not None:
+        write_text(html, html_page(result, layer=layer - 1, head=head - 1))
+    if json_:
+        _out(json.dumps(result))
+        return
+    _explain_summary(result)
+    if html is not None:
+        _out(f"html -> {html}")
+
+
+def _explain_summary(r: dict[str, Any]) -> None:
+    """The terminal view of `fedlm explain`: the totals and what stands out (all of it: --json)."""
+    _out(f"{len(r['surprisal_bits'])} tokens, {r['total_bits']:.2f} bits, {r['bits_per_byte']:.4f} bits/byte")
+    worst = sorted(range(len(r["surprisal_bits"])), key=lambda i: -r["surprisal_bits"][i])[:5]
+    for i in sorted(worst):
+        alts = ", ".join(f"{a['token']!r} {a['prob']:.0%}" for a in r["alternatives"][i][:3])
+        _out(f"  {r['tokens'][i + 1]!r}: {r['surprisal_bits'][i]:.2f} bits (expected {alts})")
+    a = r["attributions"]
+    top = sorted(range(len(a["scores"])), key=lambda i: -abs(a["scores"][i]))[:5]
+    _out(f"next token {a['target']!r}: log2 p = {a['f_x']:.3f}; most attributed: "
+         + ", ".join(f"{r['tokens'][i]!r} {a['scores'][i]:+.2f}" for i in top)
+         + f" (completeness error {a['completeness_error']:.2%})")
+    _out("logit lens at the last token: " + " -> ".join(
+        f"{e['tokens'][-1]!r} {e['probs'][-1]:.0%}" for e in r["logit_lens"]))
+    if r.get("provenance"):
+        _out(f"provenance ({r['provenance_models']} models, bits/byte): " + ", ".join(
+            f"{s} {v:.3f}" for s, v in sorted(r["provenance"].items(), key=lambda kv: kv[1])))
+
+
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
     try:

@@ -264,7 +264,9 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=False)
         self.wo = nn.Linear(q_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor, at: Positions, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+    def forward(self, x: Tensor, at: Positions, cache: KVCache | None = None, layer: int = 0,
+                probs: list[Tensor] | None = None) -> Tensor:
+        """`probs`: a list that receives this layer's attention probabilities (see `explicit`)."""
         B, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x).view(B, T, H + 2 * KV, D).transpose(1, 2)  # (B, H+2KV, T, D)
@@ -274,7 +276,9 @@ class Attention(nn.Module):
         q, k = qk.split((H, KV), dim=1)  # (B, H, T, D), (B, KV, T, D); v (B, KV, T, D)
         if cache is not None:
             k, v = cache.update(layer, k, v, at)  # (B, KV, at.keys, D)
-        if (at.is_causal and at.mask is None and KV == H and torch.is_grad_enabled()
+        if probs is not None:
+            y = self.explicit(q, k, v, at, probs)
+        elif (at.is_causal and at.mask is None and KV == H and torch.is_grad_enabled()
                 and _compute_dtype(x) == torch.bfloat16):
             y = CausalAttention.apply(q, k, v)  # same values; a faster backward on CPU
         else:
@@ -284,6 +288,28 @@ class Attention(nn.Module):
             )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.wo(y)
+
+    def explicit(self, q: Tensor, k: Tensor, v: Tensor, at: Positions, probs: list[Tensor]) -> Tensor:
+        """softmax(q kᵀ/√D + mask) v with the probabilities P written out, for when they are asked for.
+
+        Appends P (B, H, T, K), fp32 (the softmax runs in fp32, as Hugging Face's eager attention
+        does), to `probs` and returns P v (B, H, T, D): the output is computed from the very
+        probabilities shown. The fused kernel never materialises P, so training and decoding
+        keep it; only `Transformer.forward(..., attention=[])` comes here.
+        """
+        H, KV = self.n_heads, self.n_kv_heads
+        if KV != H:  # query head h reads key/value head h // (H / KV)
+            k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
+        T, K = q.shape[-2], k.shape[-2]
+        s = torch.matmul(q, k.transpose(-1, -2)).float() * (self.head_dim ** -0.5)  # (B, H, T, K)
+        if at.mask is not None:
+            s = s.masked_fill(~at.mask, float("-inf"))
+        elif at.is_causal:  # query t (at key column K - T + t) sees keys up to its own column
+            above = torch.ones(T, K, dtype=torch.bool, device=s.device).triu(K - T + 1)
+            s = s.masked_fill(above, float("-inf"))
+        p = s.softmax(dim=-1)
+        probs.append(p)
+        return torch.matmul(p.to(v.dtype), v)
 
 
 class MLP(nn.Module):
@@ -310,8 +336,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, at: Positions, cache: KVCache | None = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), at, cache, self.layer)
+    def forward(self, x: Tensor, at: Positions, cache: KVCache | None = None,
+                probs: list[Tensor] | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), at, cache, self.layer, probs)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -363,6 +390,7 @@ class Transformer(nn.Module):
         pad_mask: Tensor | None = None,
         last_only: bool = False,
         targets: Tensor | None = None,
+        attention: list[Tensor] | None = None,
     ) -> Tensor:
         """Logits (B, T, V) for idx (B, T); with a cache, each row continues where it stopped.
 
@@ -373,7 +401,9 @@ class Transformer(nn.Module):
         skips T-1 rows of the largest matmul. With `targets` (B, T) it returns instead the mean
         next-token cross-entropy (a scalar, fp32), equal to
         `F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())` but computed
-        without holding the logits.
+        without holding the logits. With `attention` (a list) each layer appends its attention
+        probabilities (B, H, T, K) in fp32, computed explicitly (`Attention.explicit`) instead
+        of by the fused kernel: for inspection, not for speed.
         """
         B, T = idx.shape
         if pad_mask is not None and cache is None:
@@ -384,7 +414,7 @@ class Transformer(nn.Module):
             if self.activation_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, at, use_reentrant=False)
             else:
-                x = block(x, at, cache)
+                x = block(x, at, cache, attention)
         if cache is not None:
             cache.pos += T
         if targets is not None:

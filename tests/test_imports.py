@@ -21,6 +21,8 @@ LAYERS: dict[str, int] = {
     "fedlm.resolve": 1,
     # train and evaluate (and the audits, which evaluate a trained model)
     "fedlm.train": 2, "fedlm.evaluate": 2, "fedlm.privacy.audit": 2,
+    # a model's predictions made visible (explain) reads models as evaluate does
+    "fedlm.explain": 2,
     # federation above train
     "fedlm.federation": 3,
     # what drives the parts: the planner, the server, the presets and the demo, the CLI on top
