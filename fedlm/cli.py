@@ -54,8 +54,14 @@ def data_prepare(
     near_dup_threshold: Annotated[float, typer.Option(help="MinHash Jaccard threshold for near duplicates.")] = 0.8,
     replace: Annotated[bool, typer.Option(
         "--replace", help="Rebuild an existing silo from these sources alone (its documents and shards go).")] = False,
+    min_chars: Annotated[int, typer.Option(help="Filter: drop documents with fewer non-space characters.")] = 8,
+    max_symbol_ratio: Annotated[float, typer.Option(
+        help="Filter: drop documents whose share of punctuation/symbols (of non-space characters) is above this.")] = 0.5,
+    max_repeated_lines_ratio: Annotated[float, typer.Option(
+        help="Filter: drop documents (>= 6 lines) whose share of characters in repeated lines is above this.")] = 0.6,
 ) -> None:
-    """Read, normalise, PII-scrub, deduplicate and filter raw files into a silo (+ card.json)."""
+    """Read, normalise, PII-scrub, deduplicate and filter raw files or instruction data
+    (messages, prompt/response, Alpaca records) into a silo (+ card.json)."""
     from fedlm.data.prepare import prepare_silo
 
     _check_silo_name(silo)
@@ -63,10 +69,15 @@ def data_prepare(
         card = prepare_silo(
             list(sources), silo=silo, workspace=workspace, text_field=text_field,
             text_column=text_column, near_dup_threshold=near_dup_threshold, on_progress=update,
-            replace=replace,
+            replace=replace, min_chars=min_chars, max_symbol_ratio=max_symbol_ratio,
+            max_repeated_lines_ratio=max_repeated_lines_ratio,
         )
     for err in card.get("errors", []):
         console.print(f"[yellow]skipped[/] {escape(err['path'])}: {escape(err['reason'])}", highlight=False)
+    if card.get("filtered"):
+        console.print(f"[yellow]filtered out[/] {_filtered_line(card)}", highlight=False, soft_wrap=True)
+    if card.get("conversations_in"):
+        _out(f"{silo}: {card['conversations']}/{card['conversations_in']} conversations kept")
     dups = card.get("duplicates_removed", {})
     _out(
         f"{silo}: {card['documents_out']}/{card['documents_in']} documents kept, "
@@ -74,6 +85,22 @@ def data_prepare(
         f"duplicates removed: {sum(dups.values()) if isinstance(dups, dict) else dups}; "
         f"errors: {len(card.get('errors', []))} -> {workspace / 'silos' / silo}"
     )
+
+
+_FILTER_FLAGS = {"too_short": ("fewer non-space characters than --min-chars", "min_chars"),
+                 "symbols": ("symbols above --max-symbol-ratio", "max_symbol_ratio"),
+                 "repeated_lines": ("repeated lines above --max-repeated-lines-ratio", "max_repeated_lines_ratio"),
+                 "empty_turn": ("a conversation turn empty after cleaning", "")}
+
+
+def _filtered_line(card: dict[str, Any]) -> str:
+    """The filter's removals by reason, each with the flag (and value) that decided it."""
+    limits = card.get("filter_thresholds", {})
+    parts = []
+    for reason, n in card["filtered"].items():
+        why, key = _FILTER_FLAGS.get(reason, (reason, ""))
+        parts.append(f"{n} {reason} ({why}{f' = {limits[key]}' if key in limits else ''})")
+    return f"{sum(card['filtered'].values())} of {card['documents_in']} documents: " + ", ".join(parts)
 
 
 @data_app.command("tokenizer")
@@ -165,6 +192,8 @@ def data_shard(
         with progress_bar(f"shard {name}", unit="bytes") as update:
             meta = shard_silo(workspace, name, val_fraction=val_fraction, seed=seed, on_progress=update)
         _out(f"{name}: {meta['tokens']['train']:,} train / {meta['tokens']['val']:,} val tokens ({meta['dtype']})")
+        if "chat" in meta:
+            _chat_lines(name, meta["chat"], workspace)
 
 
 @data_app.command("canaries")
@@ -186,6 +215,19 @@ def data_canaries(
     planted = plant_canaries(workspace / "silos" / silo, repeats=counts, seed=seed)
     _out(f"{silo}: planted {len(planted)} canaries (repeats {', '.join(map(str, counts))}); "
          f"re-run `fedlm data shard --workspace {workspace} --silo {silo}`, then train and `fedlm audit`")
+
+
+def _chat_lines(name: str, chat: dict[str, Any], workspace: Path) -> None:
+    """A chat silo's conversations per split, and those skipped (by reason and first lines)."""
+    conv = chat["conversations"]
+    _out(f"{name}: {conv['train']:,} train / {conv['val']:,} held-out conversations in the model's chat "
+         f"template ({chat['answer_tokens']['train']:,} answer tokens trained on)")
+    for skip in chat.get("skipped", []):
+        lines = ", ".join(map(str, skip["first_lines"]))
+        console.print(f"[yellow]skipped[/] {skip['lines']} conversations of "
+                      f"{escape(str(workspace / 'silos' / name / 'docs.jsonl'))} (lines {lines}"
+                      f"{', ...' if skip['lines'] > len(skip['first_lines']) else ''}): {escape(skip['reason'])}",
+                      highlight=False, soft_wrap=True)
 
 
 def _check_silo_name(silo: str) -> None:
@@ -251,6 +293,10 @@ def train(
             summary = run_train(cfg, out, resume=resume, on_step=on_step)
     _out(f"trained {summary['steps']} steps, final loss {summary['loss']:.4f}, "
          f"{summary['tokens_per_s']:,.0f} tokens/s -> {out}")
+    for silo_name, n in summary.get("truncated_conversations", {}).items():
+        console.print(f"[yellow]warning:[/] silo {silo_name!r}: {n} conversations are longer than train.seq_len = "
+                      f"{cfg.train.seq_len} tokens and were cut to it (raise train.seq_len to train on them whole)",
+                      highlight=False, soft_wrap=True)
 
 
 def _federated_outcome(summary: dict[str, Any], out: Path) -> bool:
@@ -272,21 +318,34 @@ def eval_(
     data: Annotated[Path, typer.Option(help="Silo directory: WS/silos/NAME (sharded).")],
     split: Annotated[str, typer.Option(help="val or train.")] = "val",
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    max_questions: Annotated[int, typer.Option(
+        help="Chat silos: answer at most this many held-out questions (0 = all).")] = 0,
+    max_new_tokens: Annotated[int, typer.Option(help="Chat silos: longest greedy answer, in tokens.")] = 64,
 ) -> None:
-    """Perplexity, bits per byte, next-token accuracy on a silo's validation split."""
-    from fedlm.evaluate import evaluate_silo
+    """Perplexity, bits per byte, next-token accuracy on a silo's validation split; on a chat
+    silo also answer bits/byte and exact match of greedy answers to its held-out questions."""
+    from fedlm.data.shards import open_chat
+    from fedlm.evaluate import answer_metrics, evaluate_silo
     from fedlm.pretrained import load_model
 
     if split not in ("val", "train"):
         raise UserError(f"--split {split!r}: use val or train")
     net, tok_path = load_model(model)
     with progress_bar("eval", unit="tokens") as update:
-        result = evaluate_silo(net, tok_path, data, split=split, on_progress=update)
+        result: dict[str, Any] = dict(evaluate_silo(net, tok_path, data, split=split, on_progress=update))
+    if open_chat(data, split) is not None:  # type: ignore[arg-type]
+        answers = answer_metrics(net, data, model_tokenizer=tok_path, split=split, max_questions=max_questions,
+                                 max_new_tokens=max_new_tokens)
+        result.update(answer_bits_per_byte=answers["answer_bits_per_byte"], exact_match=answers["exact_match"],
+                      questions=answers["n"])
     if json_:
         _out(json.dumps(result))
     else:
         _out(f"perplexity {result['perplexity']:.3f}  bits/byte {result['bits_per_byte']:.4f}  "
              f"accuracy {result['token_accuracy']:.4f}  tokens {result['tokens']:,}")
+        if "exact_match" in result:
+            _out(f"answers: bits/byte {result['answer_bits_per_byte']:.4f}  exact match "
+                 f"{result['exact_match']:.3f} over {result['questions']} held-out questions")
 
 
 @app.command()

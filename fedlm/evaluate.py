@@ -1,12 +1,22 @@
-"""Evaluation: perplexity, bits per byte, next-token accuracy over a silo's whole validation split.
+"""Evaluation: perplexity, bits per byte, next-token accuracy over a silo's whole validation split,
+and on a chat silo the answers themselves.
 
 Bits per byte divides the summed negative log-likelihood (in bits) by the UTF-8 bytes of the
 predicted tokens, so models with different tokenizers compare on the same text.
+
+    answer_metrics(model, WS / "silos" / "qa")   # {"answer_bits_per_byte", "exact_match", "n", ...}
+
+On a chat silo's held-out conversations (its val split), `answer_metrics` scores the
+assistant's tokens only, each conversation read from its start (answer bits per byte: the
+answers' NLL in bits over their UTF-8 bytes; the end-of-turn token counts in the NLL, zero
+bytes), and lets the model answer each last question greedily: exact match is the share of
+answers equal to the reference after `normalise_answer` (case, whitespace, punctuation).
 """
 
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,10 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedlm.data.shards import iter_eval_windows, open_split
+from fedlm.data.shards import ChatIndex, iter_eval_windows, open_chat, open_split
 from fedlm.data.tokenizer import load_tokenizer, token_byte_lengths, tokenizer_hash
 from fedlm.errors import UserError
-from fedlm.model import Transformer
+from fedlm.model import KVCache, Transformer
 
 
 @torch.no_grad()
@@ -93,13 +103,7 @@ def evaluate_silo(
     `max_tokens` > 0 scores only the split's first max_tokens targets (the same prefix for every
     model, so comparisons stay fair).
     """
-    check_silo_dir(silo_dir)
-    tok_path = silo_dir.parent.parent / "tokenizer.json"
-    if model_tokenizer is not None and tokenizer_hash(model_tokenizer) != tokenizer_hash(tok_path):
-        raise UserError(
-            f"{silo_dir}: its shards use {tok_path}, not the model's tokenizer ({model_tokenizer}); "
-            "evaluate on a workspace sharded with the model's tokenizer"
-        )
+    tok_path = _silo_tokenizer(silo_dir, model_tokenizer)
     tokens = open_split(silo_dir, split, expect_tokenizer_sha256=tokenizer_hash(tok_path))  # type: ignore[arg-type]
     if max_tokens > 0:
         tokens = tokens[: max_tokens + 1]
@@ -107,3 +111,148 @@ def evaluate_silo(
     seq_len = int(model.cfg.max_seq_len)
     return evaluate_tokens(model, tokens, token_bytes, seq_len=seq_len, batch_size=batch_size,
                            on_progress=on_progress)
+
+
+def _silo_tokenizer(silo_dir: Path, model_tokenizer: Path | None) -> Path:
+    """The silo's workspace tokenizer, checked to be the model's (UserError if not)."""
+    check_silo_dir(silo_dir)
+    tok_path = Path(silo_dir).parent.parent / "tokenizer.json"
+    if model_tokenizer is not None and tokenizer_hash(model_tokenizer) != tokenizer_hash(tok_path):
+        raise UserError(
+            f"{silo_dir}: its shards use {tok_path}, not the model's tokenizer ({model_tokenizer}); "
+            "evaluate on a workspace sharded with the model's tokenizer"
+        )
+    return tok_path
+
+
+# ---------------------------------------------------------------------------------------
+# answers: a chat silo's held-out questions
+
+
+def normalise_answer(text: str) -> str:
+    """An answer as exact match compares it: NFKC, case-folded, punctuation dropped, whitespace
+    runs made one space."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    text = "".join(c for c in text if not unicodedata.category(c).startswith("P"))
+    return " ".join(text.split())
+
+
+def held_out_questions(tokens: np.ndarray, chat: ChatIndex) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per conversation of a split: (ids, mask, answer) where answer = the ids of its last
+    assistant turn (end-of-turn token included) and ids[:len(ids) - len(answer)] its prompt."""
+    out = []
+    for a, b in zip(chat.starts[:-1].tolist(), chat.starts[1:].tolist(), strict=True):
+        ids = np.asarray(tokens[a:b], dtype=np.int64)
+        mask = np.asarray(chat.mask[a:b]).astype(bool)
+        end = ids.size
+        while end > 0 and not mask[end - 1]:
+            end -= 1  # the EOS after the conversation (and any trailing untrained text)
+        if end == 0:
+            continue  # a text document, not a conversation
+        start = end
+        while start > 0 and mask[start - 1]:
+            start -= 1
+        out.append((ids[:end], mask[:end], ids[start:end]))
+    return out
+
+
+@torch.no_grad()
+def answer_nll(model: Transformer, convs: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+               token_bytes: np.ndarray, *, batch_size: int = 8) -> tuple[float, int]:
+    """(NLL in nats, UTF-8 bytes) of the assistant tokens of `convs`, each read from its start
+    (right-padded batches: a causal model's earlier positions never see the padding)."""
+    ctx = int(model.cfg.max_seq_len)
+    nll, n_bytes = 0.0, 0
+    for i in range(0, len(convs), batch_size):
+        rows = [(ids[:ctx], mask[:ctx]) for ids, mask, _ in convs[i:i + batch_size]]
+        T = max(ids.size for ids, _ in rows)
+        x = torch.zeros((len(rows), T), dtype=torch.long)
+        y = torch.full((len(rows), T), -100, dtype=torch.long)
+        for r, (ids, mask) in enumerate(rows):
+            x[r, :ids.size] = torch.from_numpy(ids)
+            target = torch.from_numpy(ids[1:])
+            y[r, :ids.size - 1] = torch.where(torch.from_numpy(mask[1:]), target, torch.full_like(target, -100))
+        logits = model(x).float()  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")  # -100 skipped
+        nll += float(loss)
+        n_bytes += int(token_bytes[y[y >= 0].numpy()].sum())
+    return nll, n_bytes
+
+
+@torch.no_grad()
+def greedy_answers(model: Transformer, prompts: list[np.ndarray], *, max_new_tokens: int,
+                   stop_ids: set[int], batch_size: int = 8) -> list[list[int]]:
+    """Greedy continuation of each prompt until a stop id (not included) or max_new_tokens,
+    batched: prompts left-padded, one prefill, then one forward per new token, all through
+    the model's forward and KV cache (rows decode as each would alone)."""
+    device = model.tok_emb.weight.device
+    out: list[list[int]] = []
+    for i in range(0, len(prompts), batch_size):
+        group = prompts[i:i + batch_size]
+        T = max(p.size for p in group)
+        idx = torch.zeros((len(group), T), dtype=torch.long, device=device)
+        real = torch.zeros((len(group), T), dtype=torch.bool, device=device)
+        for r, p in enumerate(group):
+            idx[r, T - p.size:] = torch.from_numpy(p)
+            real[r, T - p.size:] = True
+        cache = KVCache.for_model(model, batch_size=len(group), max_len=T + max_new_tokens)
+        logits = model(idx, cache=cache, pad_mask=real, last_only=True)[:, -1]  # (B, V)
+        answers: list[list[int]] = [[] for _ in group]
+        done = torch.zeros(len(group), dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            nxt = logits.argmax(-1)  # (B,)
+            for r, t in enumerate(nxt.tolist()):
+                if not done[r]:
+                    if t in stop_ids:
+                        done[r] = True
+                    else:
+                        answers[r].append(t)
+            if bool(done.all()) or step + 1 == max_new_tokens:
+                break
+            logits = model(nxt[:, None], cache=cache)[:, -1]
+        out += answers
+    return out
+
+
+def answer_metrics(
+    model: Transformer,
+    silo_dir: Path,
+    *,
+    model_tokenizer: Path | None = None,
+    split: str = "val",
+    max_questions: int = 0,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+) -> dict[str, float | int]:
+    """Answer bits/byte and greedy exact match over a chat silo's held-out conversations.
+
+    Returns {"answer_bits_per_byte", "exact_match", "n" (questions), "answer_bytes"}.
+    `max_questions` > 0 takes the split's first that many (the same for every model).
+    UserError when the silo holds no conversations."""
+    tok_path = _silo_tokenizer(silo_dir, model_tokenizer)
+    tokens = open_split(silo_dir, split, expect_tokenizer_sha256=tokenizer_hash(tok_path))  # type: ignore[arg-type]
+    chat = open_chat(silo_dir, split)  # type: ignore[arg-type]
+    if chat is None:
+        raise UserError(f"{silo_dir}: not a chat silo (its shards hold no conversations); answer metrics "
+                        "need instruction data: `fedlm data prepare` a messages/prompt-response/Alpaca file")
+    convs = held_out_questions(tokens, chat)
+    if max_questions > 0:
+        convs = convs[:max_questions]
+    if not convs:
+        raise UserError(f"{silo_dir}: the {split} split holds no conversation; re-shard with a larger --val-fraction")
+    tok = load_tokenizer(tok_path)
+    token_bytes = token_byte_lengths(tok)
+    was_training = model.training
+    model.eval()
+    nll, n_bytes = answer_nll(model, convs, token_bytes, batch_size=batch_size)
+    special = set(tok.get_added_tokens_decoder())
+    stop = {0} | {int(ans[-1]) for _, _, ans in convs if int(ans[-1]) in special}  # EOS, end of turn
+    ctx = int(model.cfg.max_seq_len)
+    prompts = [ids[:ids.size - ans.size][-(ctx - max_new_tokens):] for ids, _, ans in convs]
+    got = greedy_answers(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop, batch_size=batch_size)
+    model.train(was_training)
+    hits = sum(normalise_answer(tok.decode(g, skip_special_tokens=True))
+               == normalise_answer(tok.decode(ans.tolist(), skip_special_tokens=True))
+               for g, (_, _, ans) in zip(got, convs, strict=True))
+    return {"answer_bits_per_byte": nll / math.log(2) / max(n_bytes, 1), "exact_match": hits / len(convs),
+            "n": len(convs), "answer_bytes": n_bytes}

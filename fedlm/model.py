@@ -439,6 +439,10 @@ class Transformer(nn.Module):
         return Positions(cos[:T], sin[:T], is_causal=T > 1)
 
 
+IGNORE_INDEX = -100
+"""A target that is not trained on (PyTorch's and Hugging Face's ignore_index)."""
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of h Wᵀ against targets, and its gradients, a chunk of rows at a time.
 
@@ -487,12 +491,20 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 def chunked_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, *, chunk: int = 256) -> Tensor:
     """Mean cross-entropy of logits h Wᵀ (N, V) against targets (N,) without holding the logits.
 
+    Targets equal to IGNORE_INDEX (-100) count for nothing: the mean is over the others, as
+    `F.cross_entropy`'s default ignore_index does.
+
     h (N, C), weight (V, C). Under autocast the head matmuls run in autocast's dtype and the
     softmax in fp32, as `F.cross_entropy(logits.float(), ...)` over autocast logits would.
     """
     dtype = _compute_dtype(h)
     if not torch.is_grad_enabled():
         h, weight = h.detach(), weight.detach()
+    keep = targets != IGNORE_INDEX  # a loss mask (chat silos train on the answers only)
+    if not bool(keep.all()):
+        if not bool(keep.any()):  # nothing to learn here: a zero loss whose gradients are zero
+            return (h.sum() + weight.sum()).float() * 0.0
+        h, targets = h[keep], targets[keep]
     with torch.autocast(h.device.type, enabled=False):
         loss = _ChunkedCrossEntropy.apply(h, weight, targets, dtype, chunk)
     assert isinstance(loss, Tensor)

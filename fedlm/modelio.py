@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from fedlm.config import ModelConfig
+from fedlm.data.chat import TEMPLATE_FILE
 from fedlm.errors import UserError
 from fedlm.fileio import atomic_dir, write_json
 from fedlm.model import Transformer
@@ -110,6 +111,9 @@ def save_model(model: Transformer, out_dir: Path, *, tokenizer_path: Path | None
         write_json(tmp / CONFIG, config)
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+            template = Path(tokenizer_path).parent / TEMPLATE_FILE  # the workspace's chat template
+            if template.is_file():
+                shutil.copyfile(template, tmp / TEMPLATE_FILE)
 
 
 def find_model_dir(path: Path) -> Path:

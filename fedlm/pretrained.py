@@ -14,6 +14,7 @@ where the base weights are frozen and never written.
 
 A workspace fine-tunes a model only when its shards use the model's tokenizer:
 `write_model_tokenizer` installs it as WS/tokenizer.json (`fedlm data tokenizer --from-model`),
+with the model's chat template as WS/chat_template.jinja when it has one (for chat silos),
 then `fedlm data shard` tokenizes the silos with it. Shards end each document with
 "<|endoftext|>" at id 0, which is SmolLM2's end-of-text token too (its chat turns end with
 "<|im_end|>", id 2, which plain-text documents do not use).
@@ -22,6 +23,7 @@ then `fedlm data shard` tokenizes the silos with it. Shards end each document wi
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from fedlm.data.chat import TEMPLATE_FILE
 from fedlm.data.tokenizer import EOS, load_tokenizer, token_byte_lengths
 from fedlm.errors import UserError
 from fedlm.fileio import write_text
@@ -166,4 +169,35 @@ def write_model_tokenizer(workspace: Path, spec: str) -> Path:
     Path(workspace).mkdir(parents=True, exist_ok=True)
     write_text(out, text)
     load_tokenizer(out)  # the same checks every later stage makes
+    template = chat_template_of(spec)  # the model's own, for chat silos; a stale one goes
+    if template is None:
+        (Path(workspace) / TEMPLATE_FILE).unlink(missing_ok=True)
+    else:
+        write_text(Path(workspace) / TEMPLATE_FILE, template)
     return out
+
+
+def chat_template_of(spec: str) -> str | None:
+    """The chat template of the model `spec` names, or None: a GGUF header's
+    tokenizer.chat_template, or a model directory's chat_template.jinja / tokenizer_config.json."""
+    path = resolve(spec)
+    if path.is_file() and path.suffix == ".gguf":
+        st = path.stat()
+        return _gguf_template(path.resolve(), st.st_size, st.st_mtime_ns)
+    model_dir = find_model_dir(path)
+    if (model_dir / TEMPLATE_FILE).is_file():
+        return (model_dir / TEMPLATE_FILE).read_text(encoding="utf-8")
+    if (model_dir / "tokenizer_config.json").is_file():
+        value = read_json_object(model_dir / "tokenizer_config.json").get("chat_template")
+        if isinstance(value, str):
+            return value
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_template(path: Path, size: int, mtime_ns: int) -> str | None:
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("tokenizer.chat_template")
+    value = field.contents() if field is not None else None
+    return value if isinstance(value, str) else None

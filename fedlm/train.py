@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedlm.config import Config, TrainConfig, check_resume_config, save_config
-from fedlm.data.shards import open_split, sample_batch
+from fedlm.data.shards import ChatIndex, open_chat, open_split, sample_batch, sample_chat_batch
 from fedlm.data.tokenizer import load_tokenizer, tokenizer_hash
 from fedlm.errors import UserError
 from fedlm.fileio import append_jsonl, atomic_dir, recover_dir, truncate_jsonl, write_json
@@ -62,36 +62,72 @@ StepCallback = Callable[[int, int, dict[str, float]], None]
 
 @dataclass
 class SiloBatches:
-    """Samples training batches from one or more silos' train splits; the generator is the position."""
+    """Samples training batches from one or more silos' train splits; the generator is the position.
+
+    A chat silo's windows start at a conversation and target only the answers' tokens (the
+    others are -100, which the loss skips: `sample_chat_batch`); raw-text and chat silos pool."""
 
     splits: list[np.ndarray]
     weights: torch.Tensor  # (S,) sampling weight per silo: its share of the tokens
     generator: torch.Generator
+    chats: list[ChatIndex | None] = dataclasses.field(default_factory=list)  # per silo: its loss mask
+    names: list[str] = dataclasses.field(default_factory=list)
 
     @classmethod
     def open(cls, silo_dirs: Sequence[Path], *, seed: int, tokenizer_sha256: str | None) -> SiloBatches:
         splits = [open_split(d, "train", expect_tokenizer_sha256=tokenizer_sha256) for d in silo_dirs]
+        _check_one_template(silo_dirs)
         weights = torch.tensor([float(len(s)) for s in splits], dtype=torch.float64)
         generator = torch.Generator().manual_seed(seed)
-        return cls(splits, weights, generator)
+        return cls(splits, weights, generator, [open_chat(d, "train") for d in silo_dirs],
+                   [Path(d).name for d in silo_dirs])
+
+    @property
+    def masks(self) -> list[np.ndarray | None]:
+        """Each silo's loss mask (None: every token is trained on), for DP-SGD's records."""
+        return [c.mask if c is not None else None for c in self.chats] or [None] * len(self.splits)
+
+    def truncated(self, seq_len: int) -> dict[str, int]:
+        """Per chat silo, its conversations longer than a window (their tails are not trained)."""
+        return {n: c.truncated(seq_len) for n, c in zip(self.names, self.chats, strict=True)
+                if c is not None and c.truncated(seq_len)}
+
+    def _sample(self, s: int, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        chat = self.chats[s] if self.chats else None
+        if chat is not None:
+            return sample_chat_batch(self.splits[s], chat, batch_size=batch_size, seq_len=seq_len,
+                                     generator=self.generator)
+        return sample_batch(self.splits[s], batch_size=batch_size, seq_len=seq_len, generator=self.generator)
 
     def next(self, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         if len(self.splits) == 1:
-            return sample_batch(
-                self.splits[0], batch_size=batch_size, seq_len=seq_len, generator=self.generator
-            )
+            return self._sample(0, batch_size, seq_len)
         # pooled: each row comes from a silo drawn in proportion to its tokens
         rows = torch.multinomial(self.weights, batch_size, replacement=True, generator=self.generator)
         xs, ys = [], []
         for s in range(len(self.splits)):
             n = int((rows == s).sum())
             if n:
-                x, y = sample_batch(
-                    self.splits[s], batch_size=n, seq_len=seq_len, generator=self.generator
-                )
+                x, y = self._sample(s, n, seq_len)
                 xs.append(x)
                 ys.append(y)
         return torch.cat(xs), torch.cat(ys)
+
+
+def _check_one_template(silo_dirs: Sequence[Path]) -> None:
+    """UserError when the chat silos of one run were formatted with different chat templates."""
+    from fedlm.data.shards import read_meta
+
+    seen: dict[str, str] = {}
+    for d in silo_dirs:
+        sha = read_meta(d).get("chat", {}).get("template_sha256")
+        if sha is not None:
+            seen.setdefault(sha, Path(d).name)
+    if len(seen) > 1:
+        (a_sha, a), (b_sha, b) = list(seen.items())[:2]
+        raise UserError(f"silos {a!r} and {b!r} were formatted with different chat templates "
+                        f"({a_sha[:12]}… vs {b_sha[:12]}…): shard every silo of the run with one workspace "
+                        "tokenizer (`fedlm data tokenizer --from-model`, then `fedlm data shard`)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -267,7 +303,7 @@ def local_update(
     if dp_plan is not None:  # record-level DP: Opacus per-sample clipping + noise, Poisson sampling
         t0 = time.perf_counter()
         records = PoissonRecords(data.splits, seq_len=tc.seq_len, sample_rate=dp_plan.sample_rate,
-                                 generator=data.generator)
+                                 generator=data.generator, masks=data.masks)
         dp_losses = dp_train_steps(model, optimizer, records, plan=dp_plan, precision=tc.precision,
                                    lrs=[lr_at(first_step + i, tc) for i in range(steps)])
         local = model.state_dict()
@@ -468,7 +504,7 @@ def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCall
                               owner_dir=workspace)
         stream = stream_name(out_dir, resume=resume)
         records = PoissonRecords(data.splits, seq_len=tc.seq_len, sample_rate=dp_plan.sample_rate,
-                                 generator=torch.Generator())
+                                 generator=torch.Generator(), masks=data.masks)
         dp = DPSGD(model, optimizer, plan=dp_plan, generator=records.generator)
 
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
@@ -519,6 +555,8 @@ def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCall
         "tokens_per_s": (step - start) * tokens_per_step / max(elapsed, 1e-9),
         "silos": [d.name for d in silo_dirs],
     }
+    if truncated := data.truncated(tc.seq_len):  # never silently: the CLI prints it
+        summary["truncated_conversations"] = truncated
     write_json(out_dir / "summary.json", summary)
     return summary
 

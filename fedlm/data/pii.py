@@ -7,8 +7,10 @@
                country's length;
 - `<CN_ID>`    18-character mainland resident ID numbers (region, a real birth date,
                sequence, GB 11643 check character);
-- `<CARD>`     payment card numbers, 13-19 digits compact or in 4-4-4-4(-3) / 4-6-5 groups,
-               with a card-network prefix and a valid Luhn check digit;
+- `<CARD>`     payment card numbers, 12-19 digits compact or in groups of four (the last
+               shorter) / 4-6-5 groups, with a card-network prefix and a valid Luhn check
+               digit; 12 digits only for Maestro (prefixes 50, 56-69), the one network
+               that issues them;
 - `<CN_PHONE>` mainland mobile numbers 1[3-9]x xxxx xxxx, optional +86/0086 prefix;
 - `<PHONE>`    other phone numbers: international `+CC ...` (8-15 digits), North American
                `(415) 555-0132` / `415-555-0132` / `415.555.0132` / `1-800-...`, Chinese
@@ -94,7 +96,7 @@ _CN_ID = re.compile(
     r"[1-9](?<![\w.][1-9])\d{5} ?(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01]) ?"
     r"\d{3}[\dXx](?![\w]|\.\d)", _F)
 _CARD = re.compile(
-    r"\d(?<![\w.-]\d)(?:\d{12,18}|\d{3}([ -])\d{4}\1\d{4}\1\d{4}(?:\1\d{1,3})?"
+    r"\d(?<![\w.-]\d)(?:\d{11,18}|\d{3}([ -])\d{4}\1\d{4}(?:\1\d{1,4}(?:\1\d{1,3})?)?"
     r"|\d{3}([ -])\d{6}\2\d{4,5})(?![\w-]|[.,]\d)", _F)
 _CN_MOBILE = r"1[3-9]\d(?:[ -]?\d{4}){2}(?![\w-]|[.,]\d)"
 _CN_PHONE = re.compile(r"1(?<![\w+.]1)" + _CN_MOBILE[1:], _F)
@@ -119,13 +121,17 @@ _NOT_IP_CONTEXT = re.compile(
     r"(?:[=<>~]=?|@|version|ver\.?|v|release|section|sec\.?|§|chapter|clause|article|art\.|rule|step|"
     r"table|figure|fig\.|item|paragraph|para\.?|no\.|isbn|oid)\s*$", re.IGNORECASE)
 
-_CARD_PREFIX = re.compile(r"4|5[1-5]|2[2-7]|3[47]|3[0689]|6(?:011|5|4[4-9]|2)|35", _F)
+# Visa 4, Mastercard 51-55 and 2221-2720, Amex 34/37, Diners 30/36/38/39, JCB 35, Discover and
+# UnionPay 6011/62/644-65, and Maestro 50 and 56-69 (which covers every 6x)
+_CARD_PREFIX = re.compile(r"4|5[0-9]|2[2-7]|3[47]|3[0689]|6|35", _F)
+_MAESTRO_PREFIX = re.compile(r"50|5[6-9]|6", _F)
 _NON_DIGIT = re.compile(r"\D", _F)
 
 
 def _card_len(m: re.Match[str]) -> int:
     digits = _NON_DIGIT.sub("", m.group(0))
-    ok = 13 <= len(digits) <= 19 and _CARD_PREFIX.match(digits) is not None and luhn_ok(digits)
+    prefix = _CARD_PREFIX if len(digits) > 12 else _MAESTRO_PREFIX
+    ok = 12 <= len(digits) <= 19 and prefix.match(digits) is not None and luhn_ok(digits)
     return len(m.group(0)) if ok else 0
 
 

@@ -5,7 +5,13 @@
 Each file is read (readers.py), each document normalised (NFKC, whitespace; clean.py),
 scrubbed of personal data (pii.py), filtered for quality (clean.py) and checked for exact
 and near duplicates (dedup.py). The survivors go to `WS/silos/SILO/docs.jsonl`, one
-`{"text", "source"}` object per line, and the card to `WS/silos/SILO/card.json`. The silo
+`{"text", "source"}` object per line, and the card to `WS/silos/SILO/card.json`.
+
+Instruction records (chat.py) go through the same stages as conversations: each turn is
+normalised and scrubbed, the filter and dedup judge the conversation's words (`flat_text`),
+and a survivor is written as `{"text", "messages", "source"}`; the card counts them
+(`conversations`, `conversations_in`). The quality filter's thresholds are arguments (and
+`fedlm data prepare` flags), and the card records the values used. The silo
 directory is written as a whole (`atomic_dir`): an interrupted prepare leaves the old silo or
 none, and a re-run replaces it (shards from an earlier run go with it).
 """
@@ -21,11 +27,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from fedlm.data.clean import normalize, quality_reason, script_of
+from fedlm.data.chat import Message, check_conversation, flat_text
+from fedlm.data.clean import (
+    MAX_REPEATED_LINES_RATIO,
+    MAX_SYMBOL_RATIO,
+    MIN_CHARS,
+    normalize,
+    quality_reason,
+    script_of,
+)
 from fedlm.data.dedup import Deduper
 from fedlm.data.pii import scrub
 from fedlm.data.readers import (
     MAX_DOC_CHARS,
+    Document,
     FileReport,
     SourceFile,
     discover,
@@ -51,7 +66,9 @@ def prepare_silo(sources: list[Path], *, silo: str, workspace: Path,
                  max_doc_chars: int = MAX_DOC_CHARS,
                  timings: dict[str, float] | None = None,
                  cpu_timings: dict[str, float] | None = None,
-                 replace: bool = False) -> dict[str, Any]:
+                 replace: bool = False, min_chars: int = MIN_CHARS,
+                 max_symbol_ratio: float = MAX_SYMBOL_RATIO,
+                 max_repeated_lines_ratio: float = MAX_REPEATED_LINES_RATIO) -> dict[str, Any]:
     """Prepare one silo from `sources`; return its card. Raise UserError if nothing survived.
 
     A silo is prepared from all its sources at once (dedup spans them), so an existing silo is
@@ -62,14 +79,16 @@ def prepare_silo(sources: list[Path], *, silo: str, workspace: Path,
     the benchmark). Documents go through the stages in batches of up to `_BATCH_DOCS`
     documents or `_BATCH_CHARS` characters, across file boundaries (numpy work in dedup is per
     batch, and timing each batch rather than each document costs nothing); the output is the
-    same as one document at a time.
+    same as one document at a time. `min_chars`, `max_symbol_ratio` and
+    `max_repeated_lines_ratio` are the quality filter's thresholds (clean.py).
     """
     _check_silo_name(silo)
     if not 0.0 < near_dup_threshold <= 1.0:
         raise UserError(f"near-duplicate threshold {near_dup_threshold} must be in (0, 1]")
+    thresholds = _check_thresholds(min_chars, max_symbol_ratio, max_repeated_lines_ratio)
     files, found_errors = discover([Path(s) for s in sources])
     clock = _StageClock()
-    st = _Stats(deduper=Deduper(near_dup_threshold))
+    st = _Stats(deduper=Deduper(near_dup_threshold), thresholds=thresholds)
     st.errors = [{"path": e.path, "reason": e.reason} for e in found_errors]
     silo_dir = Path(workspace) / "silos" / silo
     if not replace:
@@ -86,6 +105,8 @@ def prepare_silo(sources: list[Path], *, silo: str, workspace: Path,
                      errors=st.errors, pii=st.pii, dups=st.dups, filtered=st.filtered,
                      scripts=st.scripts, encodings=st.encodings, threshold=near_dup_threshold,
                      sha256=st.digest.hexdigest())
+        card.update(conversations=st.convs_out, conversations_in=st.convs_in,
+                    filter_thresholds=thresholds)
         if st.docs_out == 0:
             raise UserError(_nothing_prepared(silo, card))
         (tmp / "card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n",
@@ -95,6 +116,19 @@ def prepare_silo(sources: list[Path], *, silo: str, workspace: Path,
     if cpu_timings is not None:
         cpu_timings.update(clock.cpu)
     return card
+
+
+def _check_thresholds(min_chars: int, max_symbol_ratio: float,
+                      max_repeated_lines_ratio: float) -> dict[str, float]:
+    """The filter's thresholds as the card records them; UserError naming a flag out of range."""
+    if min_chars < 0:
+        raise UserError(f"--min-chars {min_chars} must be >= 0")
+    for flag, value in (("--max-symbol-ratio", max_symbol_ratio),
+                        ("--max-repeated-lines-ratio", max_repeated_lines_ratio)):
+        if not 0.0 <= value <= 1.0:
+            raise UserError(f"{flag} {value} must be in [0, 1] (1 keeps every document)")
+    return {"min_chars": min_chars, "max_symbol_ratio": max_symbol_ratio,
+            "max_repeated_lines_ratio": max_repeated_lines_ratio}
 
 
 def _refuse_existing(silo_dir: Path, silo: str) -> None:
@@ -119,15 +153,15 @@ class _Batch:
     """Raw documents waiting to be processed, and the source (relative path) of each."""
 
     def __init__(self) -> None:
-        self.raws: list[str] = []
+        self.raws: list[Document] = []
         self.rels: list[str] = []
         self.chars = 0
 
-    def add(self, raw: str, rel: str) -> bool:
+    def add(self, raw: Document, rel: str, chars: int) -> bool:
         """Add a document; True when the batch is full (process it and start a new one)."""
         self.raws.append(raw)
         self.rels.append(rel)
-        self.chars += len(raw)
+        self.chars += chars
         return len(self.raws) >= _BATCH_DOCS or self.chars >= _BATCH_CHARS
 
 
@@ -155,7 +189,10 @@ class _Stats:
     """What the card counts, gathered batch by batch."""
 
     deduper: Deduper
+    thresholds: dict[str, float] = field(default_factory=dict)
     docs_in: int = 0
+    convs_in: int = 0
+    convs_out: int = 0
     docs_out: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
@@ -215,14 +252,16 @@ class _Reader:
         if self.on_progress is not None:
             self.on_progress(self.done, self.total)
 
-    def _read_docs(self, src: SourceFile, docs: Iterator[str]) -> None:
+    def _read_docs(self, src: SourceFile, docs: Iterator[Document]) -> None:
         clock = self.clock
         while True:
             clock.start()
             raw = next(docs, None)
             if raw is not None:
-                raw_bytes = (len(raw) if raw.isascii()
-                             else len(raw.encode("utf-8", "surrogatepass")))
+                words = raw if isinstance(raw, str) else flat_text(raw)
+                raw_bytes = (len(words) if words.isascii()
+                             else len(words.encode("utf-8", "surrogatepass")))
+                self.st.convs_in += not isinstance(raw, str)
             clock.lap("read")
             if raw is None:
                 break
@@ -230,33 +269,45 @@ class _Reader:
             self.st.docs_in += 1
             self.st.bytes_in += raw_bytes
             self.file_bytes += raw_bytes
-            if self.batch.add(raw, src.rel):
+            if self.batch.add(raw, src.rel, len(words)):
                 self._flush()
                 if self.on_progress is not None and src.size:
                     # progress within a big file: by decoded bytes read so far
                     self.on_progress(self.done + min(src.size, self.file_bytes), self.total)
 
 
-def _process(raws: list[str], rels: list[str], st: _Stats, clock: _StageClock,
+def _process(raws: list[Document], rels: list[str], st: _Stats, clock: _StageClock,
              out: BinaryIO) -> None:
     """Normalise, scrub, filter and dedup a batch of documents (in order; `rels[i]` is the
-    source of `raws[i]`); write the survivors."""
+    source of `raws[i]`); write the survivors. A conversation is normalised and scrubbed turn
+    by turn and judged by its words."""
     if not raws:
         return
     clock.start()
-    texts = [normalize(raw) for raw in raws]
+    docs: list[Document] = [normalize(raw) if isinstance(raw, str) else
+                            [{"role": m["role"], "content": normalize(m["content"])} for m in raw]
+                            for raw in raws]
     clock.lap("normalize")
-    for i, text in enumerate(texts):
-        texts[i], counts = scrub(text)
-        if counts:
-            st.pii.update(counts)
+    for i, doc in enumerate(docs):
+        if isinstance(doc, str):
+            docs[i] = _scrub(doc, st)
+        else:
+            docs[i] = [{"role": m["role"], "content": _scrub(m["content"], st)} for m in doc]
     clock.lap("pii")
     kept: list[str] = []
+    kept_msgs: list[list[Message] | None] = []
     kept_rels: list[str] = []
-    for text, rel in zip(texts, rels, strict=True):
-        reason = quality_reason(text)
+    for doc, rel in zip(docs, rels, strict=True):
+        text = doc if isinstance(doc, str) else flat_text(doc)
+        reason = quality_reason(text, **st.thresholds)  # type: ignore[arg-type]
+        if reason is None and not isinstance(doc, str):
+            try:
+                check_conversation(doc)  # a turn normalised to nothing
+            except ValueError:
+                reason = "empty_turn"
         if reason is None:
             kept.append(text)
+            kept_msgs.append(None if isinstance(doc, str) else doc)
             kept_rels.append(rel)
         else:
             st.filtered[reason] += 1
@@ -267,7 +318,7 @@ def _process(raws: list[str], rels: list[str], st: _Stats, clock: _StageClock,
     verdicts = st.deduper.check_batch(kept, scripts)
     clock.lap("dedup")
     lines: list[str] = []
-    for text, rel, script, dup in zip(kept, kept_rels, scripts, verdicts, strict=True):
+    for text, msgs, rel, script, dup in zip(kept, kept_msgs, kept_rels, scripts, verdicts, strict=True):
         if dup is not None:
             st.dups[dup] += 1
             continue
@@ -276,13 +327,24 @@ def _process(raws: list[str], rels: list[str], st: _Stats, clock: _StageClock,
         n_bytes = len(text) if text.isascii() else len(text.encode("utf-8"))
         mix["bytes"] += n_bytes
         st.bytes_out += n_bytes
-        lines.append(json.dumps({"text": text, "source": rel}, ensure_ascii=False) + "\n")
+        record: dict[str, Any] = {"text": text, "source": rel}
+        if msgs is not None:
+            record = {"text": text, "messages": msgs, "source": rel}
+            st.convs_out += 1
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
     if lines:
         chunk = "".join(lines).encode("utf-8")  # encoded once, for the file and its hash
         out.write(chunk)
         st.digest.update(chunk)
         st.docs_out += len(lines)
     clock.lap("write")
+
+
+def _scrub(text: str, st: _Stats) -> str:
+    text, counts = scrub(text)
+    if counts:
+        st.pii.update(counts)
+    return text
 
 
 def _card(*, silo: str, sources: list[Path], files: list[SourceFile], docs_in: int,

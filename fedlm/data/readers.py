@@ -11,6 +11,11 @@ looping) and returns the files to read plus a `FileError` for every path that ca
 - `.csv` a text column (`text` by default), `.tsv` likewise;
 - `.parquet` a text column, when pyarrow imports.
 
+A JSON record or parquet row holding instruction data (OpenAI `messages`, `prompt`/`response`,
+Alpaca `instruction`/`input`/`output`; see chat.py) is read as a conversation: a list of
+messages instead of a string. A malformed one (missing role, empty answer, wrong types) is
+skipped and reported with its line (row) number and why; its good neighbours are kept.
+
 Bytes are decoded as UTF-8 (with or without BOM) or UTF-16/32 with a BOM; anything else is
 detected with charset-normalizer (GBK, Latin-1, ...) or reported. Problems that lose part of
 a file (malformed JSON lines, oversized lines split up) are reported beside the good part.
@@ -27,6 +32,12 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from fedlm.data.chat import Message, conversation, is_chat_record
+
+Document = str | list[Message]
+"""What a reader yields: a text, or a conversation (its messages)."""
 
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".rst", ".text", ".markdown"})
 JSON_SUFFIXES = frozenset({".jsonl", ".ndjson", ".json"})
@@ -246,8 +257,8 @@ def line_ranges(numbers: list[int], limit: int = 20) -> str:
     return ", ".join(ranges[:limit]) + more
 
 
-def _lines(numbers: list[int]) -> str:
-    return f"line{'s' if len(numbers) > 1 else ''} {line_ranges(numbers)}"
+def _lines(numbers: list[int], unit: str = "line") -> str:
+    return f"{unit}{'s' if len(numbers) > 1 else ''} {line_ranges(numbers)}"
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -275,7 +286,7 @@ def _long_pieces(text: str, where: str, report: FileReport, max_doc_chars: int) 
 
 
 def _iter_json(text: str, suffix: str, text_field: str, report: FileReport,
-               max_doc_chars: int) -> Iterator[str]:
+               max_doc_chars: int) -> Iterator[Document]:
     if suffix == ".json":
         try:
             obj = json.loads(text)
@@ -283,41 +294,63 @@ def _iter_json(text: str, suffix: str, text_field: str, report: FileReport,
             obj = None  # not one JSON value: read it as JSON lines
         if obj is not None:
             items = obj if isinstance(obj, list) else [obj]
-            bad = 0
-            for item in items:
-                value = item if isinstance(item, str) else (
-                    item.get(text_field) if isinstance(item, dict) else None)
-                if isinstance(value, str):
-                    yield from _long_pieces(value, "", report, max_doc_chars)
-                else:
-                    bad += 1
-            if bad:
-                report.errors.append(f"{bad} of {len(items)} items have no string field "
-                                     f"{text_field!r}: skipped (set the text field)")
+            yield from _iter_items(enumerate(items, 1), "item", text_field, report, max_doc_chars)
             return
     bad_json: list[int] = []
-    no_field: list[int] = []
-    good = 0
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            bad_json.append(lineno)
-            continue
-        value = obj.get(text_field) if isinstance(obj, dict) else None
-        if not isinstance(value, str):
-            no_field.append(lineno)
-            continue
-        good += 1
-        yield from _long_pieces(value, f"line {lineno}: ", report, max_doc_chars)
+
+    def objects() -> Iterator[tuple[int, Any]]:
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError:
+                bad_json.append(lineno)
+
+    kept = _Kept()
+    yield from _iter_items(objects(), "line", text_field, report, max_doc_chars, kept)
     if bad_json:
         report.errors.append(f"{_lines(bad_json)}: not valid JSON, skipped "
-                             f"({good} good lines kept)")
+                             f"({kept.good} good lines kept)")
+
+
+@dataclass
+class _Kept:
+    good: int = 0
+
+
+def _iter_items(items: Iterator[tuple[int, Any]], unit: str, text_field: str, report: FileReport,
+                max_doc_chars: int, kept: _Kept | None = None) -> Iterator[Document]:
+    """The documents of numbered JSON values (lines, list items or parquet rows): a string field
+    is a text, a chat record a conversation; each bad one is reported by number and reason."""
+    kept = kept if kept is not None else _Kept()
+    no_field: list[int] = []
+    bad_chat: dict[str, list[int]] = {}
+    for number, obj in items:
+        if is_chat_record(obj):
+            try:
+                messages = conversation(obj)
+            except ValueError as e:
+                bad_chat.setdefault(str(e), []).append(number)
+                continue
+            kept.good += 1
+            yield messages
+            continue
+        value = obj if isinstance(obj, str) and unit == "item" else (
+            obj.get(text_field) if isinstance(obj, dict) else None)
+        if not isinstance(value, str):
+            no_field.append(number)
+            continue
+        kept.good += 1
+        yield from _long_pieces(value, f"{unit} {number}: " if unit != "item" else "", report,
+                                max_doc_chars)
+    what = "lines" if unit == "line" else unit + "s"
+    for reason, numbers in bad_chat.items():
+        report.errors.append(f"{_lines(numbers, unit)}: malformed conversation ({reason}), skipped "
+                             f"({kept.good} good {what} kept)")
     if no_field:
-        report.errors.append(f"{_lines(no_field)}: no string field {text_field!r}, "
-                             f"skipped ({good} good lines kept; set the text field)")
+        report.errors.append(f"{_lines(no_field, unit)}: no string field {text_field!r} and no "
+                             f"conversation, skipped ({kept.good} good {what} kept; set the text field)")
 
 
 def _iter_csv(text: str, suffix: str, text_column: str, report: FileReport,
@@ -354,7 +387,7 @@ def _iter_csv(text: str, suffix: str, text_column: str, report: FileReport,
 
 
 def _iter_parquet(path: Path, text_column: str, report: FileReport,
-                  max_doc_chars: int) -> Iterator[str]:
+                  max_doc_chars: int) -> Iterator[Document]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -364,10 +397,24 @@ def _iter_parquet(path: Path, text_column: str, report: FileReport,
         names = pf.schema_arrow.names
     except Exception as e:  # pyarrow raises its own types for corrupt files
         raise ValueError(f"not a readable parquet file ({type(e).__name__}: {e})") from None
+    report.encoding = "utf-8"
+    if text_column not in names and is_chat_record(dict.fromkeys(names)):
+        chat_columns = [n for n in names if n in ("messages", "prompt", "response", "instruction",
+                                                  "input", "output")]
+
+        def rows() -> Iterator[tuple[int, Any]]:
+            number = 0
+            for batch in pf.iter_batches(columns=chat_columns, batch_size=1024):
+                for row in batch.to_pylist():
+                    number += 1
+                    yield number, {k: v for k, v in row.items() if v is not None}
+
+        yield from _iter_items(rows(), "row", text_column, report, max_doc_chars)
+        return
     if text_column not in names:
         shown = ", ".join(repr(n) for n in names[:10])
-        raise ValueError(f"no column {text_column!r} (columns: {shown}); set the text column")
-    report.encoding = "utf-8"
+        raise ValueError(f"no column {text_column!r} (columns: {shown}); set the text column, "
+                         "or give instruction data (messages, prompt/response or instruction/output)")
     for batch in pf.iter_batches(columns=[text_column], batch_size=1024):
         for value in batch.column(0).to_pylist():
             if isinstance(value, str):
@@ -376,7 +423,7 @@ def _iter_parquet(path: Path, text_column: str, report: FileReport,
 
 def read_documents(src: SourceFile, report: FileReport, *, text_field: str = "text",
                    text_column: str = "text",
-                   max_doc_chars: int = MAX_DOC_CHARS) -> Iterator[str]:
+                   max_doc_chars: int = MAX_DOC_CHARS) -> Iterator[Document]:
     """Yield the raw documents of one file; raise ValueError/OSError if none can be read.
 
     Partial problems (bad lines, split documents) go to `report.errors`; the encoding used

@@ -136,8 +136,9 @@ class PoissonRecords:
     """Poisson-sampled batches of records (windows) from one or more token splits (pooled)."""
 
     def __init__(self, splits: list[np.ndarray], *, seq_len: int, sample_rate: float,
-                 generator: torch.Generator) -> None:
+                 generator: torch.Generator, masks: list[np.ndarray | None] | None = None) -> None:
         self.splits, self.seq_len, self.sample_rate, self.generator = splits, seq_len, sample_rate, generator
+        self.masks = masks or [None] * len(splits)  # per split: a chat silo's loss mask (1: trained)
         self.counts = [num_records(len(s), seq_len) for s in splits]
         self.starts = np.cumsum([0, *self.counts])  # record r of the pool is split k, window r - starts[k]
         self.num_records = int(self.starts[-1])
@@ -148,6 +149,15 @@ class PoissonRecords:
         i = (r - int(self.starts[k])) * self.seq_len
         return np.asarray(self.splits[k][i : i + self.seq_len + 1], dtype=np.int64)
 
+    def trained(self, r: int) -> np.ndarray:
+        """Record r's loss mask over its seq_len + 1 tokens (all True outside chat silos)."""
+        k = int(np.searchsorted(self.starts, r, side="right") - 1)
+        mask = self.masks[k]
+        if mask is None:
+            return np.ones(self.seq_len + 1, dtype=bool)
+        i = (r - int(self.starts[k])) * self.seq_len
+        return np.asarray(mask[i : i + self.seq_len + 1]) == 1
+
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y of shape (b, T): each record included independently with probability q (b may be 0)."""
         picked = torch.rand(self.num_records, generator=self.generator) < self.sample_rate
@@ -156,7 +166,11 @@ class PoissonRecords:
             empty = torch.zeros((0, self.seq_len), dtype=torch.int64)
             return empty, empty
         chunk = torch.from_numpy(np.stack([self.window(r) for r in rows]))  # (b, T + 1)
-        return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
+        y = chunk[:, 1:].contiguous()
+        if any(m is not None for m in self.masks):  # targets outside the answers are not trained
+            trained = torch.from_numpy(np.stack([self.trained(r) for r in rows]))[:, 1:]
+            y = torch.where(trained, y, torch.full_like(y, -100))
+        return chunk[:, :-1].contiguous(), y
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
@@ -214,11 +228,25 @@ class DPSGD:
             with ctx:
                 logits = self.gsm(x)  # (b, T, V)
             # mean over each record's tokens, then over records: Opacus scales by b per sample
-            out = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            out = record_mean_loss(logits, y)
             out.backward()
             loss = float(out.detach())
         self.optimizer.step()
         return loss
+
+
+def record_mean_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean over records of each record's mean cross-entropy over its trained targets (y != -100).
+
+    Each record is normalised by its own count, never by the batch's: a record's gradient must
+    not depend on which other records were sampled, or clipping would not bound its influence.
+    A record with no trained target contributes zero."""
+    logits = logits.float()
+    trained = y != -100
+    if bool(trained.all()):  # no loss mask: the plain mean (same numbers as before masks existed)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)  # (b, T), 0 at -100
+    return (ce.sum(1) / trained.sum(1).clamp(min=1)).mean()
 
 
 def dp_train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, records: PoissonRecords, *,
