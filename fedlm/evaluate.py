@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from fedlm.data.shards import iter_eval_windows, open_split
 from fedlm.data.tokenizer import load_tokenizer, token_byte_lengths, tokenizer_hash
+from fedlm.device import module_device
 from fedlm.errors import UserError
 from fedlm.model import Transformer
 
@@ -33,13 +34,15 @@ def evaluate_tokens(
     """Score every token of `tokens` (after the first of each window) with `model`."""
     was_training = model.training
     model.eval()
-    byte_len = torch.from_numpy(token_bytes.astype(np.int64))
+    device = module_device(model)  # the windows go where the model is; the sums come back as numbers
+    byte_len = torch.from_numpy(token_bytes.astype(np.int64)).to(device)
     nll = 0.0
     correct = 0
     count = 0
     n_bytes = 0
     done = 0
     for x, y in iter_eval_windows(tokens, seq_len=seq_len, batch_size=batch_size):
+        x, y = x.to(device), y.to(device)
         logits = model(x).float()  # (B, T, V)
         mask = y >= 0  # windows shorter than seq_len are padded with -1 targets
         target = y.clamp(min=0)
