@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from fedlm.config import DEVICE_HELP, check_device_spelling
+from fedlm.config import check_device_spelling
 from fedlm.errors import UserError
+
 
 def _mps_available() -> bool:
     mps = getattr(torch.backends, "mps", None)

@@ -17,7 +17,14 @@ from fedlm import device as dev
 from fedlm.config import load_config
 from fedlm.errors import UserError
 from fedlm.model import KVCache
-from fedlm.train import SiloBatches, build_model, lm_loss, local_update, make_optimizer, silo_gradient
+from fedlm.train import (
+    SiloBatches,
+    build_model,
+    lm_loss,
+    local_update,
+    make_optimizer,
+    silo_gradient,
+)
 
 META = torch.device("meta")
 LORA = ["model.vocab_size=256", "model.max_seq_len=32", "train.seq_len=16", "train.batch_size=2",
