@@ -20,6 +20,12 @@ from fedlm.device import module_device
 from fedlm.errors import UserError
 from fedlm.model import Transformer
 
+MAX_EVAL_CONTEXT = 1024
+"""Longest window `evaluate_silo` scores: a pretrained model's whole context (SmolLM2: 8192
+tokens) would make each window's (T, V) logits gigabytes, and a silo's text is scored the same."""
+MAX_LOGITS = 2**27
+"""Logits a batch of windows may hold (512 MiB in fp32): fewer windows a batch for large vocabularies."""
+
 
 @torch.no_grad()
 def evaluate_tokens(
@@ -107,6 +113,7 @@ def evaluate_silo(
     if max_tokens > 0:
         tokens = tokens[: max_tokens + 1]
     token_bytes = token_byte_lengths(load_tokenizer(tok_path))
-    seq_len = int(model.cfg.max_seq_len)
-    return evaluate_tokens(model, tokens, token_bytes, seq_len=seq_len, batch_size=batch_size,
+    seq_len = min(int(model.cfg.max_seq_len), MAX_EVAL_CONTEXT)
+    rows = max(1, min(batch_size, MAX_LOGITS // (seq_len * int(model.cfg.vocab_size))))
+    return evaluate_tokens(model, tokens, token_bytes, seq_len=seq_len, batch_size=rows,
                            on_progress=on_progress)

@@ -142,3 +142,40 @@ def test_device_memory_reads_this_machine() -> None:
     assert 0 < free <= total
     meminfo = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()}
     assert total == meminfo["MemTotal"]
+
+
+@pytest.mark.slow
+def test_readme_pretrained_commands_run_and_a_gguf_file_is_a_model(tmp_path: Path) -> None:
+    """README's "Pretrained models and devices" commands as written: the base SmolLM2 is measured
+    on a silo before any tuning (`fedlm eval smollm2`), and its .gguf file, named by path, is the
+    same model (the same bits/byte); `fedlm plan` on SmolLM2 LoRA reports the device's memory."""
+    import json
+    import shlex
+
+    from fedlm.corpus import extract
+    from fedlm.hf import smollm2_gguf_path
+    from tests.test_cli import _readme_block, fedlm
+
+    raw = extract(tmp_path / "raw", ["legal"])
+    (tmp_path / "contracts").mkdir()
+    for p in sorted(raw["legal"].rglob("*.txt"))[:40]:
+        (tmp_path / "contracts" / p.name).write_text(p.read_text()[:6000])
+    (tmp_path / "fed.toml").write_text(_readme_block("## Federated training, privacy", "toml"))
+    results = {}
+    for line in _readme_block("## Pretrained models and devices", "sh").splitlines():
+        line = line.split("#")[0].strip()
+        if not line.startswith("fedlm "):
+            continue
+        args = shlex.split(line)[1:]
+        r = fedlm(*args, *(["--json"] if args[0] == "plan" else []), cwd=tmp_path, timeout=900)
+        assert r.returncode == 0, (line, r.stdout[-2000:], r.stderr[-2000:])
+        results[args[0]] = r.stdout
+    base = json.loads(results["eval"])
+    assert set(base) >= {"perplexity", "bits_per_byte", "token_accuracy", "tokens"} and base["bits_per_byte"] < 2.0
+    plan = json.loads(results["plan"])
+    assert plan["device"] and 0 < plan["device_memory_bytes"]["free"] <= plan["device_memory_bytes"]["total"]
+    assert plan["model"]["n_layers"] == 30 and plan["seconds_per_round"] > 0
+    r = fedlm("eval", str(smollm2_gguf_path()), "--data", "ws-smollm2/silos/lawfirm", "--json", cwd=tmp_path,
+              timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["bits_per_byte"] == pytest.approx(base["bits_per_byte"], rel=1e-6)
