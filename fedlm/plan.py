@@ -229,29 +229,30 @@ def calibrate_step_seconds(mc: ModelConfig, cfg: Config, *, threads: int, concur
     (so their contention for the cores, the GIL and memory bandwidth is in the figure).
 
     Every layer costs the same, so the model is timed cut to 1 and to 3 layers (same width,
-    vocabulary, precision, batch and LoRA) and the step is extrapolated linearly in the layers:
-    a 30-layer model is planned from 4 layers' work, in seconds rather than a minute.
+    vocabulary, precision, batch and LoRA), their steps interleaved so that both see the same
+    load, and the step is extrapolated linearly in the layers: a 30-layer model is planned from
+    4 layers' work, in seconds rather than a minute.
     """
-    if mc.n_layers <= max(CALIBRATION_DEPTHS):
-        return _time_steps(mc, cfg, threads=threads, concurrent=concurrent, device=device) * cfg.train.grad_accum
-    shallow, deep = (_time_steps(dataclasses.replace(mc, n_layers=k), cfg, threads=threads,
-                                 concurrent=concurrent, device=device) for k in CALIBRATION_DEPTHS)
-    per_layer = max(0.0, (deep - shallow) / (CALIBRATION_DEPTHS[1] - CALIBRATION_DEPTHS[0]))
-    return (shallow + (mc.n_layers - CALIBRATION_DEPTHS[0]) * per_layer) * cfg.train.grad_accum
+    depths = [mc.n_layers] if mc.n_layers <= max(CALIBRATION_DEPTHS) else list(CALIBRATION_DEPTHS)
+    times = _time_steps([dataclasses.replace(mc, n_layers=k) for k in depths], cfg, threads=threads,
+                        concurrent=concurrent, device=device)
+    if len(depths) == 1:
+        return times[0] * cfg.train.grad_accum
+    (d0, d1), (t0, t1) = depths, times
+    per_layer = max(0.0, (t1 - t0) / (d1 - d0))
+    return (t0 + (mc.n_layers - d0) * per_layer) * cfg.train.grad_accum
 
 
-def _time_steps(mc: ModelConfig, cfg: Config, *, threads: int, concurrent: int, device: str,
-                steps: int = 2) -> float:
-    """Median wall seconds per micro-batch step of `concurrent` replicas of the model stepping together."""
-    import copy
+def _time_steps(mcs: list[ModelConfig], cfg: Config, *, threads: int, concurrent: int, device: str,
+                steps: int = 2) -> list[float]:
+    """Median wall seconds per micro-batch step of each model in `mcs`, `concurrent` replicas of it
+    stepping together; the models take turns, step by step."""
     import threading
 
     import torch
 
     from fedlm.device import resolve_device, synchronize
-    from fedlm.lora import apply_lora
-    from fedlm.model import Transformer
-    from fedlm.train import make_optimizer, train_step
+    from fedlm.train import train_step
 
     tc = cfg.train
     on = resolve_device(device)
@@ -260,33 +261,21 @@ def _time_steps(mc: ModelConfig, cfg: Config, *, threads: int, concurrent: int, 
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            base = Transformer(mc).to(on)
-            base.activation_checkpointing = tc.activation_checkpointing
-            if cfg.lora.rank:  # the silos share one frozen base, as load_pretrained(share_frozen=True) does
-                base.requires_grad_(False)
-            replicas = []
-            for _ in range(concurrent):
-                memo: dict[int, object] = {id(p): p for p in base.parameters()} if cfg.lora.rank else {}
-                model = copy.deepcopy(base, memo)
-                if cfg.lora.rank:
-                    apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                               targets=cfg.lora.targets)
-                batch = torch.randint(0, mc.vocab_size, (tc.batch_size, tc.seq_len + 1))
-                replicas.append((model.train(), make_optimizer(model, tc), batch))
+            replicas = [_replicas(mc, cfg, on, concurrent) for mc in mcs]  # [model][silo]
         start = threading.Barrier(concurrent)
-        walls: list[list[float]] = [[] for _ in replicas]
+        walls: list[list[list[float]]] = [[[] for _ in range(concurrent)] for _ in mcs]
 
         def run(i: int) -> None:
-            model, opt, batch = replicas[i]
-            x, y = batch[:, :-1], batch[:, 1:]
             for k in range(steps + 1):  # the first step is a warm-up: allocations, kernels chosen
-                start.wait()
-                t0 = time.perf_counter()
-                train_step(model, opt, lambda: (x, y), lr=1e-4, grad_accum=1,
-                           grad_clip=tc.grad_clip, precision=tc.precision)
-                synchronize(on)
-                if k:
-                    walls[i].append(time.perf_counter() - t0)
+                for m, per_model in enumerate(replicas):
+                    model, opt, (x, y) = per_model[i]
+                    start.wait()
+                    t0 = time.perf_counter()
+                    train_step(model, opt, lambda x=x, y=y: (x, y), lr=1e-4, grad_accum=1,  # type: ignore[misc]
+                               grad_clip=tc.grad_clip, precision=tc.precision)
+                    synchronize(on)
+                    if k:
+                        walls[m][i].append(time.perf_counter() - t0)
 
         workers = [threading.Thread(target=run, args=(i,)) for i in range(concurrent)]
         for w in workers:
@@ -296,7 +285,35 @@ def _time_steps(mc: ModelConfig, cfg: Config, *, threads: int, concurrent: int, 
     finally:
         torch.set_num_threads(old)
     # a step of the round ends when its slowest silo's does
-    return statistics.median(max(w[k] for w in walls) for k in range(steps))
+    return [statistics.median(max(w[k] for w in per_silo) for k in range(steps)) for per_silo in walls]
+
+
+def _replicas(mc: ModelConfig, cfg: Config, device: Any, n: int) -> list[tuple[Any, Any, Any]]:
+    """n silos' (model, AdamW, batch) of shape `mc` on `device`; under LoRA they share one frozen base,
+    as the silos of one process do (`load_pretrained(share_frozen=True)`)."""
+    import copy
+
+    import torch
+
+    from fedlm.lora import apply_lora
+    from fedlm.model import Transformer
+    from fedlm.train import make_optimizer
+
+    tc = cfg.train
+    base = Transformer(mc).to(device)
+    base.activation_checkpointing = tc.activation_checkpointing
+    if cfg.lora.rank:
+        base.requires_grad_(False)
+    out = []
+    for _ in range(n):
+        memo: dict[int, object] = {id(p): p for p in base.parameters()} if cfg.lora.rank else {}
+        model = copy.deepcopy(base, memo)
+        if cfg.lora.rank:
+            apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                       targets=cfg.lora.targets)
+        batch = torch.randint(0, mc.vocab_size, (tc.batch_size, tc.seq_len + 1))
+        out.append((model.train(), make_optimizer(model, tc), (batch[:, :-1], batch[:, 1:])))
+    return out
 
 
 def cores() -> int:

@@ -268,10 +268,10 @@ def test_calibration_times_one_and_three_layers_with_the_silos_together(monkeypa
 
     timed: list[tuple[int, int]] = []
 
-    def fake(mc: ModelConfig, cfg: object, *, threads: int, concurrent: int, device: str) -> float:
-        timed.append((mc.n_layers, concurrent))
-        assert threads == 1 and device == "cpu" and mc.d_model == 576 and mc.vocab_size == 49152
-        return 1.0 + 0.5 * mc.n_layers  # seconds: a fixed part (embedding, head) and 0.5 a layer
+    def fake(mcs: list[ModelConfig], cfg: object, *, threads: int, concurrent: int, device: str) -> list[float]:
+        timed.extend((mc.n_layers, concurrent) for mc in mcs)
+        assert threads == 1 and device == "cpu" and all(mc.d_model == 576 and mc.vocab_size == 49152 for mc in mcs)
+        return [1.0 + 0.5 * mc.n_layers for mc in mcs]  # seconds: a fixed part (embedding, head) and 0.5 a layer
 
     monkeypatch.setattr(plan_mod, "_time_steps", fake)
     monkeypatch.setattr(plan_mod, "cores", lambda: 2)
