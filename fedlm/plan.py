@@ -26,7 +26,7 @@ loaded: `train.init_from` is read for its config.json or GGUF header). The formu
   threads of their own as the in-process engine runs them (one torch thread each on a CPU),
   so contention is measured, not assumed; cut to 1 and 3 layers and extrapolated linearly
   in the layers (`calibrate_step_seconds`), × local_steps (cyclic: the silos train one after
-  another, × S; more silos than cores queue, × S / C). Or FLOPs / `device_flops` when given.
+  another, × S). Or FLOPs / `device_flops` when given.
 - Device memory: `train.device`'s total and free memory (`fedlm.device.device_memory`),
   with a note when a silo's peak would not fit in what is free.
 - Bytes per round: the update's arrays (LoRA: adapters only) under federation.compression —
@@ -218,6 +218,8 @@ def memory_breakdown(mc: ModelConfig, p: Params, cfg: Config, *, federated: bool
 # time: calibrate a few real steps here, or divide by a device's FLOP/s
 
 
+MAX_TIMED_SILOS = 8
+"""Most silo replicas a calibration steps at once (memory: each holds its adapters or weights and AdamW)."""
 CALIBRATION_DEPTHS = (1, 3)
 """Layers of the cut-down models a calibration times; a deeper model's step is extrapolated."""
 
@@ -472,8 +474,9 @@ def _step_seconds(cfg: Config, mc: ModelConfig, flops_per_step: float, *,
         return None, "none", 1.0
     threads = 1 if federated else (tc.threads or _default_threads())
     device = _device(cfg)
-    # silos beyond the cores (or four on an accelerator) queue for them: time as many as run at once
-    timed = max(1, min(concurrent, cores() if device.type == "cpu" else 4))
+    # as many replicas as silos train at once (each is a thread of the in-process engine, and a busy
+    # machine shares its cores out by thread); past MAX_TIMED_SILOS, the rest are taken to queue
+    timed = max(1, min(concurrent, MAX_TIMED_SILOS))
     key = (repr(mc), tc.precision, tc.activation_checkpointing, tc.batch_size, tc.seq_len, tc.grad_accum,
            cfg.lora.rank, tuple(cfg.lora.targets), threads, timed, str(device))
     if _timer is not None and key in _timer:

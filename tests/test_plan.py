@@ -263,7 +263,8 @@ def test_cli_json_and_limits(tmp_path: Path) -> None:
 
 def test_calibration_times_one_and_three_layers_with_the_silos_together(monkeypatch: pytest.MonkeyPatch) -> None:
     """A 30-layer SmolLM2 LoRA plan times only models cut to 1 and 3 layers, with as many silos
-    stepping at once as the cores run (the rest queue), and extrapolates the step linearly."""
+    stepping at once as the round trains (threads, as the in-process engine runs them), and
+    extrapolates the step linearly."""
     import fedlm.plan as plan_mod
 
     timed: list[tuple[int, int]] = []
@@ -274,17 +275,16 @@ def test_calibration_times_one_and_three_layers_with_the_silos_together(monkeypa
         return [1.0 + 0.5 * mc.n_layers for mc in mcs]  # seconds: a fixed part (embedding, head) and 0.5 a layer
 
     monkeypatch.setattr(plan_mod, "_time_steps", fake)
-    monkeypatch.setattr(plan_mod, "cores", lambda: 2)
     cfg = load_config(None, ["data.silos=['a','b','c']", "train.mode=federated", "train.init_from=smollm2",
                              "lora.rank=8", "train.seq_len=128", "train.batch_size=4", "train.grad_accum=2",
                              "federation.local_steps=3", "train.device=cpu"])
     plan = plan_run(cfg)
-    assert sorted(timed) == [(1, 2), (3, 2)]
+    assert sorted(timed) == [(1, 3), (3, 3)]
     assert plan.seconds_per_step == pytest.approx(2 * (1.0 + 0.5 * 30))  # grad_accum micro-batches
     up, down = plan.bytes_up_per_round["a"], plan.bytes_down_per_round["a"]
     overhead = (3 * (up + down) + down) / ROUND_OVERHEAD_BYTES_PER_S
-    assert plan.seconds_per_round == pytest.approx(3 * plan.seconds_per_step * 3 / 2 + overhead)
-    assert "2 silo(s) stepping at once" in plan.time_source
+    assert plan.seconds_per_round == pytest.approx(3 * plan.seconds_per_step + overhead)
+    assert "3 silo(s) stepping at once" in plan.time_source
 
 
 def test_plan_reads_the_devices_memory(monkeypatch: pytest.MonkeyPatch) -> None:
