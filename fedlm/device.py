@@ -41,6 +41,8 @@ def resolve_device(spec: str = "auto", *, key: str = "train.device") -> torch.de
         check_device_spelling(spec, key=key)
     except ValueError as e:
         raise UserError(str(e)) from None
+    said = f"{key} {spec}" if key.startswith("--") else f"{key} = {spec!r}"  # as the user wrote it
+    fix = (lambda alt: f"{key} {alt}") if key.startswith("--") else (lambda alt: f'{key} = "{alt}"')
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
@@ -48,18 +50,18 @@ def resolve_device(spec: str = "auto", *, key: str = "train.device") -> torch.de
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
             built = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise UserError(f"{key} = {spec!r} but {built} (CUDA_VISIBLE_DEVICES="
-                            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use {key} = \"auto\" or "
-                            "\"cpu\", or install a CUDA build of torch on a machine with a GPU")
+            raise UserError(f"{said} but {built} (CUDA_VISIBLE_DEVICES="
+                            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use {fix('auto')} or "
+                            f"{fix('cpu')}, or install a CUDA build of torch on a machine with a GPU")
         index = int(spec.split(":")[1]) if ":" in spec else torch.cuda.current_device()
         if index >= torch.cuda.device_count():
-            raise UserError(f"{key} = {spec!r} but this process sees {torch.cuda.device_count()} GPU(s), "
+            raise UserError(f"{said} but this process sees {torch.cuda.device_count()} GPU(s), "
                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}; with CUDA_VISIBLE_DEVICES set, "
                             "the visible GPUs are renumbered from 0")
         return torch.device("cuda", index)
     if spec == "mps" and not _mps_available():
-        raise UserError(f"{key} = \"mps\" but Apple's Metal (MPS) backend is not available here; "
-                        f"use {key} = \"auto\" or \"cpu\"")
+        raise UserError(f"{said} but Apple's Metal (MPS) backend is not available here; "
+                        f"use {fix('auto')} or {fix('cpu')}")
     return torch.device(spec)
 
 

