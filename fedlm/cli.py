@@ -31,6 +31,8 @@ silo_app = typer.Typer(help="Silo identities: a key on each silo, the registry o
 app.add_typer(silo_app, name="silo")
 
 _out = typer.echo
+_MODEL_HELP = 'Run or model directory, a Hugging Face Llama directory, a .gguf file, or "smollm2".'
+_DEVICE_HELP = 'auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.'
 
 
 @app.callback()
@@ -264,6 +266,10 @@ def train(
     if (root_certificates or insecure) and not superlink:
         raise UserError("--root-certificates/--insecure need --superlink HOST:PORT (without it fedlm starts "
                         "its own SuperLink on 127.0.0.1)")
+    if not superlink:  # the silos train on this machine: a device it lacks is named before anything starts
+        from fedlm.device import resolve_device
+
+        resolve_device(cfg.train.device)
     if out is None:
         out = config.parent if resume else Path("runs") / f"{config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if cfg.train.mode == "federated":
@@ -314,23 +320,25 @@ def _federated_outcome(summary: dict[str, Any], out: Path) -> bool:
 
 @app.command("eval")
 def eval_(
-    model: Annotated[Path, typer.Argument(help="Run directory or model directory.")],
+    model: Annotated[str, typer.Argument(help=_MODEL_HELP)],
     data: Annotated[Path, typer.Option(help="Silo directory: WS/silos/NAME (sharded).")],
     split: Annotated[str, typer.Option(help="val or train.")] = "val",
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     max_questions: Annotated[int, typer.Option(
         help="Chat silos: answer at most this many held-out questions (0 = all).")] = 0,
     max_new_tokens: Annotated[int, typer.Option(help="Chat silos: longest greedy answer, in tokens.")] = 64,
+    device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = "auto",
 ) -> None:
     """Perplexity, bits per byte, next-token accuracy on a silo's validation split; on a chat
     silo also answer bits/byte and exact match of greedy answers to its held-out questions."""
     from fedlm.data.shards import open_chat
+    from fedlm.device import resolve_device
     from fedlm.evaluate import answer_metrics, evaluate_silo
-    from fedlm.pretrained import load_model
+    from fedlm.pretrained import load_any
 
     if split not in ("val", "train"):
         raise UserError(f"--split {split!r}: use val or train")
-    net, tok_path = load_model(model)
+    net, tok_path = load_any(model, device=resolve_device(device, key="--device"))
     with progress_bar("eval", unit="tokens") as update:
         result: dict[str, Any] = dict(evaluate_silo(net, tok_path, data, split=split, on_progress=update))
     if open_chat(data, split) is not None:  # type: ignore[arg-type]
@@ -350,27 +358,29 @@ def eval_(
 
 @app.command()
 def generate(
-    model: Annotated[Path, typer.Argument(help="Run directory or model directory.")],
+    model: Annotated[str, typer.Argument(help=_MODEL_HELP)],
     prompt: Annotated[str, typer.Argument(help="Text to continue.")],
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.8,
     top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0 = all).")] = 0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
+    device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = "auto",
 ) -> None:
     """Continue PROMPT, streaming tokens as they come."""
     from tokenizers import Tokenizer
 
     from fedlm.data.tokenizer import EOS
+    from fedlm.device import resolve_device
     from fedlm.generate import generate as gen
-    from fedlm.pretrained import load_model
+    from fedlm.pretrained import load_any
     from fedlm.serve.text import TextDecoder
 
     if max_new_tokens <= 0:
         raise UserError("--max-new-tokens must be > 0")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise UserError("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0")
-    net, tok_path = load_model(model)
+    net, tok_path = load_any(model, device=resolve_device(device, key="--device"))
     if tok_path is None:
         raise UserError(f"{model}: no tokenizer.json beside the model")
     tok = Tokenizer.from_file(str(tok_path))
@@ -387,17 +397,17 @@ def generate(
 
 @app.command()
 def export(
-    model: Annotated[Path, typer.Argument(help="Run directory or model directory.")],
+    model: Annotated[str, typer.Argument(help=_MODEL_HELP)],
     out: Annotated[Path, typer.Option(help="Directory to write.")],
     format: Annotated[str, typer.Option(help="Export format: hf (Hugging Face Llama).")] = "hf",
 ) -> None:
     """Export a model for other tools (hf: loads as transformers' LlamaForCausalLM)."""
     from fedlm.hf import export_hf
-    from fedlm.pretrained import load_model
+    from fedlm.pretrained import load_any
 
     if format != "hf":
         raise UserError(f"--format {format!r}: only 'hf' is supported")
-    net, tok_path = load_model(model)
+    net, tok_path = load_any(model)
     export_hf(net, out, tokenizer_path=tok_path)
     _out(f"exported -> {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
 
@@ -416,7 +426,7 @@ def demo(
 
 @app.command()
 def serve(
-    model: Annotated[Path, typer.Argument(help="Run directory or model directory.")],
+    model: Annotated[Path, typer.Argument(help=_MODEL_HELP)],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     api_key_file: Annotated[Path | None, typer.Option(
@@ -429,6 +439,7 @@ def serve(
     threads: Annotated[int | None, typer.Option(help="Torch threads (default: torch's).")] = None,
     body_timeout: Annotated[float, typer.Option(
         help="Seconds a client has to send its request body; then 408.")] = 10.0,
+    device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = "auto",
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (completions, chat, streaming)."""
     from fedlm.serve.app import serve_forever
@@ -438,7 +449,7 @@ def serve(
     serve_forever(model, host=host, port=port, api_key_file=api_key_file,
                   quantize="int8" if quantize == "int8" else "none", max_batch=max_batch,
                   max_concurrent=max_concurrent, max_prompt_tokens=max_prompt_tokens,
-                  max_tokens=max_tokens, threads=threads, body_timeout=body_timeout)
+                  max_tokens=max_tokens, threads=threads, body_timeout=body_timeout, device=device)
 
 
 @app.command()

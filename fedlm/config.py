@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,17 @@ from typing import Any, Literal
 
 from fedlm.errors import UserError
 from fedlm.fileio import write_text
+
+DEVICE_SPELLING = re.compile(r"auto|cpu|cuda|cuda:\d+|mps")
+"""What `train.device` and the commands' `--device` accept (`fedlm.device` resolves them)."""
+DEVICE_HELP = '"auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N" or "mps"'
+
+
+def check_device_spelling(spec: str, *, key: str = "train.device") -> None:
+    """ValueError naming `key` unless `spec` is one of the accepted spellings."""
+    if not DEVICE_SPELLING.fullmatch(spec):
+        raise ValueError(f"{key} = {spec!r} is not a device; use {DEVICE_HELP}")
+
 
 # Presets for the model's shape; explicit keys in a config override them.
 MODEL_PRESETS: dict[str, dict[str, int]] = {
@@ -131,6 +143,10 @@ class TrainConfig:
     """Validation batches for the loss logged at checkpoints."""
     threads: int = 0
     """torch threads; 0 leaves torch's default."""
+    device: str = "auto"
+    """Where this process trains: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N" or
+    "mps". Model, batches, LoRA, DP-SGD and the optimiser state live there; updates cross the
+    wire from the CPU. A federated run's silos each resolve it on their own machine."""
     init_from: str = ""
     """Start from this model (run or model directory) instead of fresh weights: fine-tuning."""
     mode: Literal["centralised", "federated", "local-only"] = "centralised"
@@ -151,6 +167,7 @@ class TrainConfig:
             raise ValueError("train.grad_clip must be >= 0 (0 disables clipping)")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError("train.beta1 and train.beta2 must be in [0, 1)")
+        check_device_spelling(self.device)
 
 
 @dataclass
@@ -505,6 +522,10 @@ def config_diff(a: Config, b: Config) -> list[str]:
             if getattr(getattr(a, section.name), f.name) != getattr(getattr(b, section.name), f.name)]
 
 
+RESUME_MAY_CHANGE = {"train.device"}
+"""Keys a resumed run may change: where it computes, not what."""
+
+
 def check_resume_config(cfg: Config, saved: Path) -> None:
     """UserError naming each key (and both values) where the config given to --resume is not the run's."""
     if not saved.exists():
@@ -515,7 +536,8 @@ def check_resume_config(cfg: Config, saved: Path) -> None:
         section, name = key.split(".")
         return _toml_value(getattr(getattr(c, section), name))
 
-    changes = [f"{key} from {value(old, key)} to {value(cfg, key)}" for key in config_diff(old, cfg)]
+    changes = [f"{key} from {value(old, key)} to {value(cfg, key)}" for key in config_diff(old, cfg)
+               if key not in RESUME_MAY_CHANGE]
     if changes:
         raise UserError(f"{saved}: the config given to --resume changes {', '.join(changes)}; "
                         f"resume with `fedlm train {saved} --resume`")

@@ -26,8 +26,15 @@ import torch.nn.functional as F
 
 from fedlm.data.shards import ChatIndex, iter_eval_windows, open_chat, open_split
 from fedlm.data.tokenizer import load_tokenizer, token_byte_lengths, tokenizer_hash
+from fedlm.device import module_device
 from fedlm.errors import UserError
 from fedlm.model import KVCache, Transformer
+
+MAX_EVAL_CONTEXT = 1024
+"""Longest window `evaluate_silo` scores: a pretrained model's whole context (SmolLM2: 8192
+tokens) would make each window's (T, V) logits gigabytes, and a silo's text is scored the same."""
+MAX_LOGITS = 2**27
+"""Logits a batch of windows may hold (512 MiB in fp32): fewer windows a batch for large vocabularies."""
 
 
 @torch.no_grad()
@@ -43,13 +50,15 @@ def evaluate_tokens(
     """Score every token of `tokens` (after the first of each window) with `model`."""
     was_training = model.training
     model.eval()
-    byte_len = torch.from_numpy(token_bytes.astype(np.int64))
+    device = module_device(model)  # the windows go where the model is; the sums come back as numbers
+    byte_len = torch.from_numpy(token_bytes.astype(np.int64)).to(device)
     nll = 0.0
     correct = 0
     count = 0
     n_bytes = 0
     done = 0
     for x, y in iter_eval_windows(tokens, seq_len=seq_len, batch_size=batch_size):
+        x, y = x.to(device), y.to(device)
         logits = model(x).float()  # (B, T, V)
         mask = y >= 0  # windows shorter than seq_len are padded with -1 targets
         target = y.clamp(min=0)
@@ -108,8 +117,9 @@ def evaluate_silo(
     if max_tokens > 0:
         tokens = tokens[: max_tokens + 1]
     token_bytes = token_byte_lengths(load_tokenizer(tok_path))
-    seq_len = int(model.cfg.max_seq_len)
-    return evaluate_tokens(model, tokens, token_bytes, seq_len=seq_len, batch_size=batch_size,
+    seq_len = min(int(model.cfg.max_seq_len), MAX_EVAL_CONTEXT)
+    rows = max(1, min(batch_size, MAX_LOGITS // (seq_len * int(model.cfg.vocab_size))))
+    return evaluate_tokens(model, tokens, token_bytes, seq_len=seq_len, batch_size=rows,
                            on_progress=on_progress)
 
 

@@ -91,11 +91,12 @@ def apply_lora(model: Transformer, *, rank: int, alpha: float, dropout: float,
     # peft draws A from the global RNG (Kaiming-uniform); B = 0, so the output is unchanged.
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     if seed is not None:  # peft takes no generator: draw A again, as peft does, from our own
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)  # on the CPU: the same A on every device
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if ".lora_A." in name:
-                    nn.init.kaiming_uniform_(p, a=math.sqrt(5), generator=generator)
+                    a = torch.empty(p.shape, dtype=p.dtype)
+                    p.copy_(nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator))
     for name, p in model.named_parameters(remove_duplicate=False):
         p.requires_grad_("lora_" in name)
     return model

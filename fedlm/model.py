@@ -279,8 +279,8 @@ class Attention(nn.Module):
         if probs is not None:
             y = self.explicit(q, k, v, at, probs)
         elif (at.is_causal and at.mask is None and KV == H and torch.is_grad_enabled()
-                and _compute_dtype(x) == torch.bfloat16):
-            y = CausalAttention.apply(q, k, v)  # same values; a faster backward on CPU
+                and _compute_dtype(x) == torch.bfloat16 and x.device.type == "cpu"):
+            y = CausalAttention.apply(q, k, v)  # same values; a faster backward on CPU (GPUs: SDPA's flash)
         else:
             # softmax(q kᵀ / √D + mask) v, each query head reading key/value head h // (H / KV).
             y = F.scaled_dot_product_attention(

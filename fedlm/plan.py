@@ -1,6 +1,6 @@
 """`fedlm plan`: what a run will cost each silo — parameters, FLOPs, memory, time, bytes — before it starts.
 
-    plan = plan_run(load_config("fed.toml"))             # calibrates a few real steps on this machine
+    plan = plan_run(load_config("fed.toml"))             # calibrates a few real steps on train.device here
     plan = plan_run(cfg, device_flops=50e12)              # or: time from a given FLOP/s per silo
     print(json.dumps(plan.to_json()))
     fitted, changes = fit_limits(cfg, memory_limit=2 * 2**30, time_limit=30.0)   # `--set` lines that fit
@@ -21,10 +21,14 @@ loaded: `train.init_from` is read for its config.json or GGUF header). The formu
   token (counted tensor by tensor for this architecture, below), and the logits: log-softmax
   output, its gradient and the incoming gradient, B·T·V·4 B each (bf16 adds the bf16 logits
   and a bf16 copy of every matmul weight).
-- Time: a few real optimizer steps of this model (random weights, same shapes, precision,
-  batch and LoRA) timed on this machine with the threads the run will use (one per silo in
-  the in-process engine), × local_steps; with S silos sharing C cores, × S / C (cyclic: the
-  silos train one after another, × S). Or FLOPs / `device_flops` when given.
+- Time: real optimizer steps of this model (random weights, same width, vocabulary,
+  precision, batch and LoRA) on `train.device`, the silos of a round stepping at once on
+  threads of their own as the in-process engine runs them (one torch thread each on a CPU),
+  so contention is measured, not assumed; cut to 1 and 3 layers and extrapolated linearly
+  in the layers (`calibrate_step_seconds`), × local_steps (cyclic: the silos train one after
+  another, × S). Or FLOPs / `device_flops` when given.
+- Device memory: `train.device`'s total and free memory (`fedlm.device.device_memory`),
+  with a note when a silo's peak would not fit in what is free.
 - Bytes per round: the update's arrays (LoRA: adapters only) under federation.compression —
   none 4 B/value, fp16 2, int8 1 + one fp32 scale per 256 values, topk ⌈f·n⌉ × (4 B value
   + 4 B int32 index) per array; secure aggregation sends 4 B (uint32) per value. Down: the
@@ -214,40 +218,104 @@ def memory_breakdown(mc: ModelConfig, p: Params, cfg: Config, *, federated: bool
 # time: calibrate a few real steps here, or divide by a device's FLOP/s
 
 
-def calibrate_step_seconds(mc: ModelConfig, cfg: Config, *, threads: int, steps: int = 2) -> float:
-    """Median seconds of one optimizer step (grad_accum micro-batches) of this model on this CPU."""
+MAX_TIMED_SILOS = 8
+"""Most silo replicas a calibration steps at once (memory: each holds its adapters or weights and AdamW)."""
+CALIBRATION_DEPTHS = (1, 3)
+"""Layers of the cut-down models a calibration times; a deeper model's step is extrapolated."""
+
+
+def calibrate_step_seconds(mc: ModelConfig, cfg: Config, *, threads: int, concurrent: int = 1,
+                           device: str = "cpu") -> float:
+    """Wall seconds of one optimizer step (grad_accum micro-batches) of this model on `device` while
+    `concurrent` silos step at once, each on a thread of its own, as the in-process engine runs them
+    (so their contention for the cores, the GIL and memory bandwidth is in the figure).
+
+    Every layer costs the same, so the model is timed cut to 1 and to 3 layers (same width,
+    vocabulary, precision, batch and LoRA), their steps interleaved so that both see the same
+    load, and the step is extrapolated linearly in the layers: a 30-layer model is planned from
+    4 layers' work, in seconds rather than a minute.
+    """
+    depths = [mc.n_layers] if mc.n_layers <= max(CALIBRATION_DEPTHS) else list(CALIBRATION_DEPTHS)
+    times = _time_steps([dataclasses.replace(mc, n_layers=k) for k in depths], cfg, threads=threads,
+                        concurrent=concurrent, device=device)
+    if len(depths) == 1:
+        return times[0] * cfg.train.grad_accum
+    (d0, d1), (t0, t1) = depths, times
+    per_layer = max(0.0, (t1 - t0) / (d1 - d0))
+    return (t0 + (mc.n_layers - d0) * per_layer) * cfg.train.grad_accum
+
+
+def _time_steps(mcs: list[ModelConfig], cfg: Config, *, threads: int, concurrent: int, device: str,
+                steps: int = 2) -> list[float]:
+    """Median wall seconds per micro-batch step of each model in `mcs`, `concurrent` replicas of it
+    stepping together; the models take turns, step by step."""
+    import threading
+
     import torch
 
-    from fedlm.lora import apply_lora
-    from fedlm.model import Transformer
-    from fedlm.train import make_optimizer, train_step
+    from fedlm.device import resolve_device, synchronize
+    from fedlm.train import train_step
 
     tc = cfg.train
+    on = resolve_device(device)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = Transformer(mc)
-            model.activation_checkpointing = tc.activation_checkpointing
-            if cfg.lora.rank:
-                apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                           targets=cfg.lora.targets)
-            model.train()
-            opt = make_optimizer(model, tc)
-            batch = torch.randint(0, mc.vocab_size, (tc.batch_size, tc.seq_len + 1))
+            replicas = [_replicas(mc, cfg, on, concurrent) for mc in mcs]  # [model][silo]
+        start = threading.Barrier(concurrent)
+        walls: list[list[list[float]]] = [[[] for _ in range(concurrent)] for _ in mcs]
 
-            def one() -> float:
-                t0 = time.perf_counter()
-                train_step(model, opt, lambda: (batch[:, :-1], batch[:, 1:]), lr=1e-4, grad_accum=1,
-                           grad_clip=tc.grad_clip, precision=tc.precision)
-                return time.perf_counter() - t0
+        def run(i: int) -> None:
+            for k in range(steps + 1):  # the first step is a warm-up: allocations, kernels chosen
+                for m, per_model in enumerate(replicas):
+                    model, opt, (x, y) = per_model[i]
+                    start.wait()
+                    t0 = time.perf_counter()
+                    train_step(model, opt, lambda x=x, y=y: (x, y), lr=1e-4, grad_accum=1,  # type: ignore[misc]
+                               grad_clip=tc.grad_clip, precision=tc.precision)
+                    synchronize(on)
+                    if k:
+                        walls[m][i].append(time.perf_counter() - t0)
 
-            one()  # warm-up: allocations, oneDNN kernels
-            per_micro = statistics.median(one() for _ in range(steps))
+        workers = [threading.Thread(target=run, args=(i,)) for i in range(concurrent)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
     finally:
         torch.set_num_threads(old)
-    return per_micro * tc.grad_accum
+    # a step of the round ends when its slowest silo's does
+    return [statistics.median(max(w[k] for w in per_silo) for k in range(steps)) for per_silo in walls]
+
+
+def _replicas(mc: ModelConfig, cfg: Config, device: Any, n: int) -> list[tuple[Any, Any, Any]]:
+    """n silos' (model, AdamW, batch) of shape `mc` on `device`; under LoRA they share one frozen base,
+    as the silos of one process do (`load_pretrained(share_frozen=True)`)."""
+    import copy
+
+    import torch
+
+    from fedlm.lora import apply_lora
+    from fedlm.model import Transformer
+    from fedlm.train import make_optimizer
+
+    tc = cfg.train
+    base = Transformer(mc).to(device)
+    base.activation_checkpointing = tc.activation_checkpointing
+    if cfg.lora.rank:
+        base.requires_grad_(False)
+    out = []
+    for _ in range(n):
+        memo: dict[int, object] = {id(p): p for p in base.parameters()} if cfg.lora.rank else {}
+        model = copy.deepcopy(base, memo)
+        if cfg.lora.rank:
+            apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                       targets=cfg.lora.targets)
+        batch = torch.randint(0, mc.vocab_size, (tc.batch_size, tc.seq_len + 1))
+        out.append((model.train(), make_optimizer(model, tc), (batch[:, :-1], batch[:, 1:])))
+    return out
 
 
 def cores() -> int:
@@ -288,6 +356,9 @@ class Plan:
     tokens_per_round: int
     tokens_total: int
     compute_optimal_tokens: int
+    device: str = ""
+    device_memory_bytes: dict[str, int] = field(default_factory=dict)
+    """The device's "total" and "free" memory (`fedlm.device.device_memory`), empty when not here."""
     notes: list[str] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)
 
@@ -345,6 +416,10 @@ def plan_run(cfg: Config, *, device_flops: float | None = None, calibrate: bool 
         total_s = round_s * rounds
     optimal = CHINCHILLA_TOKENS_PER_PARAM * p.total
     notes = _notes(cfg, silos, tokens_read=tokens_per_round * rounds, params=p.total, optimal=optimal)
+    device, device_mem = _device_memory(cfg, needed=device_flops is None)
+    if device_mem and mem["peak"] > device_mem["free"]:
+        notes.append(f"a silo's peak ({_fmt_bytes(mem['peak'])}) exceeds the {_fmt_bytes(device_mem['free'])} free "
+                     f"on {device} now: see `fedlm plan --memory-limit` for changes that fit")
     return Plan(
         mode=tc.mode, model={k: getattr(mc, k) for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
                                                          "vocab_size", "tie_embeddings")},
@@ -357,7 +432,7 @@ def plan_run(cfg: Config, *, device_flops: float | None = None, calibrate: bool 
         bytes_up_per_round={s: up if federated else 0 for s in silos},
         bytes_down_per_round={s: down if federated else 0 for s in silos},
         silo_tokens=silos, tokens_per_round=tokens_per_round, tokens_total=tokens_per_round * rounds,
-        compute_optimal_tokens=optimal, notes=notes,
+        compute_optimal_tokens=optimal, device=device, device_memory_bytes=device_mem, notes=notes,
     )
 
 
@@ -398,17 +473,44 @@ def _step_seconds(cfg: Config, mc: ModelConfig, flops_per_step: float, *,
     if not calibrate:
         return None, "none", 1.0
     threads = 1 if federated else (tc.threads or _default_threads())
+    device = _device(cfg)
+    # as many replicas as silos train at once (each is a thread of the in-process engine, and a busy
+    # machine shares its cores out by thread); past MAX_TIMED_SILOS, the rest are taken to queue
+    timed = max(1, min(concurrent, MAX_TIMED_SILOS))
     key = (repr(mc), tc.precision, tc.activation_checkpointing, tc.batch_size, tc.seq_len, tc.grad_accum,
-           cfg.lora.rank, tuple(cfg.lora.targets), threads)
+           cfg.lora.rank, tuple(cfg.lora.targets), threads, timed, str(device))
     if _timer is not None and key in _timer:
         step_s = _timer[key]
     else:
-        step_s = calibrate_step_seconds(mc, cfg, threads=threads)
+        step_s = calibrate_step_seconds(mc, cfg, threads=threads, concurrent=timed, device=str(device))
         if _timer is not None:
             _timer[key] = step_s
-    c = cores()
-    wall_factor = max(1.0, concurrent / c) if federated else 1.0
-    return step_s, f"calibrated: {threads} thread(s) per silo, {concurrent} silo(s) on {c} core(s)", wall_factor
+    from fedlm.device import describe
+
+    where = f"{threads} thread(s) per silo, {cores()} core(s)" if device.type == "cpu" else describe(device)
+    return step_s, f"calibrated on {device}: {timed} silo(s) stepping at once, {where}", concurrent / timed
+
+
+def _device_memory(cfg: Config, *, needed: bool) -> tuple[str, dict[str, int]]:
+    """(device, {"total", "free"} bytes) of `train.device` here; ("", {}) when this machine lacks it
+    and the plan does not need it (`--device-flops` plans for another machine)."""
+    from fedlm.device import device_memory
+
+    try:
+        device = _device(cfg)
+    except UserError:
+        if needed:
+            raise
+        return "", {}
+    total, free = device_memory(device)
+    return str(device), {"total": total, "free": free}
+
+
+def _device(cfg: Config) -> Any:
+    """The torch device the run's silos train on here (`train.device`)."""
+    from fedlm.device import resolve_device
+
+    return resolve_device(cfg.train.device)
 
 
 def _notes(cfg: Config, silos: dict[str, int | None], *, tokens_read: int, params: int,
@@ -587,6 +689,9 @@ def render(plan: Plan) -> Any:
     t.add_row("FLOPs per token / per round", f"{plan.flops_per_token:.3g} / {plan.flops_per_round:.3g}")
     for k, v in plan.memory.items():
         t.add_row(f"memory per silo: {k}", _fmt_bytes(v))
+    if plan.device_memory_bytes:
+        t.add_row(f"device {plan.device}: memory free / total",
+                  f"{_fmt_bytes(plan.device_memory_bytes['free'])} / {_fmt_bytes(plan.device_memory_bytes['total'])}")
     if plan.seconds_per_round is not None:
         t.add_row("seconds per step / per round / run",
                   f"{plan.seconds_per_step:.3g} / {plan.seconds_per_round:.3g} / {plan.seconds_total:.4g}")

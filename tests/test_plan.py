@@ -259,3 +259,87 @@ def test_cli_json_and_limits(tmp_path: Path) -> None:
     res = runner.invoke(app, ["plan", str(config), "--memory-limit", "1MiB", "--device-flops", "20G"])
     assert res.exit_code != 0 and isinstance(res.exception, UserError)
     assert "memory" in str(res.exception)
+
+
+def test_calibration_times_one_and_three_layers_with_the_silos_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 30-layer SmolLM2 LoRA plan times only models cut to 1 and 3 layers, with as many silos
+    stepping at once as the round trains (threads, as the in-process engine runs them), and
+    extrapolates the step linearly."""
+    import fedlm.plan as plan_mod
+
+    timed: list[tuple[int, int]] = []
+
+    def fake(mcs: list[ModelConfig], cfg: object, *, threads: int, concurrent: int, device: str) -> list[float]:
+        timed.extend((mc.n_layers, concurrent) for mc in mcs)
+        assert threads == 1 and device == "cpu" and all(mc.d_model == 576 and mc.vocab_size == 49152 for mc in mcs)
+        return [1.0 + 0.5 * mc.n_layers for mc in mcs]  # seconds: a fixed part (embedding, head) and 0.5 a layer
+
+    monkeypatch.setattr(plan_mod, "_time_steps", fake)
+    cfg = load_config(None, ["data.silos=['a','b','c']", "train.mode=federated", "train.init_from=smollm2",
+                             "lora.rank=8", "train.seq_len=128", "train.batch_size=4", "train.grad_accum=2",
+                             "federation.local_steps=3", "train.device=cpu"])
+    plan = plan_run(cfg)
+    assert sorted(timed) == [(1, 3), (3, 3)]
+    assert plan.seconds_per_step == pytest.approx(2 * (1.0 + 0.5 * 30))  # grad_accum micro-batches
+    up, down = plan.bytes_up_per_round["a"], plan.bytes_down_per_round["a"]
+    overhead = (3 * (up + down) + down) / ROUND_OVERHEAD_BYTES_PER_S
+    assert plan.seconds_per_round == pytest.approx(3 * plan.seconds_per_step + overhead)
+    assert "3 silo(s) stepping at once" in plan.time_source
+
+
+def test_plan_reads_the_devices_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan carries train.device's free and total memory, and says when a silo's peak does not fit."""
+    import fedlm.device as dev
+
+    plan = plan_run(_cfg(), calibrate=False)  # type: ignore[arg-type]
+    total, free = dev.device_memory(torch.device("cpu"))
+    assert plan.device == "cpu" and plan.device_memory_bytes["total"] == total
+    assert not any("exceeds" in n for n in plan.notes)
+    monkeypatch.setattr(dev, "device_memory", lambda d: (2**30, 2**20))
+    tight = plan_run(_cfg(), calibrate=False)  # type: ignore[arg-type]
+    assert any("exceeds the 1.00 MiB free on cpu" in n for n in tight.notes)
+
+
+def test_gguf_header_reader_equals_the_gguf_library(tmp_path: Path) -> None:
+    """fedlm's header reader against gguf's own reader and writer, and on the SmolLM2 file the shape
+    SmolLM2-135M's config.json states."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFWriter
+
+    from fedlm.hf import smollm2_gguf_path
+    from fedlm.resolve import init_from_shape, read_gguf_header
+
+    path = tmp_path / "m.gguf"
+    w = GGUFWriter(str(path), "llama")
+    w.add_uint32("llama.block_count", 2)
+    w.add_float32("llama.rope.freq_base", 5e5)
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_array("tokenizer.ggml.tokens", ["a", "bb", "ccc"])
+    w.add_array("tokenizer.ggml.scores", [0.5, 0.25, 0.125])
+    w.add_tensor("token_embd.weight", np.zeros((3, 4), dtype=np.float32))
+    w.add_tensor("output.weight", np.ones((3, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    fields, names = read_gguf_header(path)
+    ref = GGUFReader(str(path))
+    assert names == [t.name for t in ref.tensors]
+    for key, f in ref.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        value = f.contents()
+        assert fields[key] == (len(value) if isinstance(value, list) else pytest.approx(value)), key
+    mc = init_from_shape(str(smollm2_gguf_path()))
+    assert (mc.d_model, mc.n_layers, mc.n_heads, mc.n_kv_heads, mc.d_ff, mc.vocab_size, mc.tie_embeddings) == \
+        (576, 30, 9, 3, 1536, 49152, True)
+
+
+def test_calibration_runs_real_concurrent_steps() -> None:
+    """The calibration trains real replicas side by side (LoRA over one shared frozen base)."""
+    from fedlm.plan import calibrate_step_seconds
+
+    cfg = _cfg("model.n_layers=5", "lora.rank=4", "train.seq_len=16")
+    mc = ModelConfig(preset="tiny", n_layers=5, vocab_size=512, max_seq_len=64)
+    seconds = calibrate_step_seconds(mc, cfg, threads=1, concurrent=2)  # type: ignore[arg-type]
+    assert 0 < seconds < 60

@@ -27,6 +27,7 @@ import torch
 
 from fedlm.config import Config, TrainConfig
 from fedlm.data.shards import open_split
+from fedlm.device import resolve_device
 from fedlm.errors import UserError
 from fedlm.federation import codecs
 from fedlm.federation.silo_privacy import SiloPrivacy
@@ -137,7 +138,7 @@ def _model(node_id: int, config_text: str, cfg: Config) -> Transformer:
         if model is None:
             if len(_MODELS) > 64:
                 _MODELS.clear()
-            model = build_model(cfg)
+            model = build_model(cfg, device=resolve_device(cfg.train.device))  # this silo's own device
             _MODELS[(node_id, config_text)] = model
         return model
 

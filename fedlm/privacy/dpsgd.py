@@ -45,7 +45,6 @@ import json
 import secrets
 import warnings
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from fedlm.config import PrivacyConfig
+from fedlm.device import autocast, module_device
 from fedlm.errors import UserError
 from fedlm.privacy.accounting import (
     max_record_steps,
@@ -191,7 +191,8 @@ class DPSGD:
 
         self.model, self.generator = model, generator
         self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        self.noise = torch.Generator()
+        self.device = module_device(model)  # the records, per-sample gradients and noise go there
+        self.noise = torch.Generator(device=self.device)
         self.optimizer = DPOptimizer(optimizer, noise_multiplier=plan.noise_multiplier,
                                      max_grad_norm=plan.clip, expected_batch_size=plan.expected_batch_size,
                                      loss_reduction="mean", generator=self.noise, secure_mode=True)
@@ -222,10 +223,10 @@ class DPSGD:
         loss = float("nan")
         if len(x) == 0:  # an empty Poisson batch: the step is noise only
             for p in self.params:
-                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)  # type: ignore[attr-defined]
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]
         else:
-            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-            with ctx:
+            x, y = x.to(self.device), y.to(self.device)
+            with autocast(self.device, precision):
                 logits = self.gsm(x)  # (b, T, V)
             # mean over each record's tokens, then over records: Opacus scales by b per sample
             out = record_mean_loss(logits, y)

@@ -158,7 +158,13 @@ def reseed(gen: torch.Generator, words: np.ndarray) -> torch.Generator:
 
 
 def child_generator(parent: torch.Generator, child: torch.Generator) -> torch.Generator:
-    """Fill `child`'s whole state from 624 words drawn from `parent` (a stream split, no 32-bit seed)."""
+    """Fill `child`'s whole state from 624 words drawn from `parent` (a stream split, no 32-bit seed).
+
+    A CUDA or MPS generator (Philox) has no more state than its 64-bit seed (and an offset that
+    seeding resets): it gets 64 bits drawn from `parent`."""
+    if child.device.type != "cpu":
+        hi, lo = torch.randint(0, 2**32, (2,), generator=parent, dtype=torch.int64).tolist()
+        return child.manual_seed((hi << 32) | lo)
     words = torch.randint(0, 2**32, (_MT_WORDS,), generator=parent, dtype=torch.int64).numpy()
     return reseed(child, words.astype(np.uint32))
 

@@ -103,14 +103,15 @@ class ServerState:
         return self.engine
 
 
-def _load(state: ServerState, model_dir: Path, *, quantize: Quantize, threads: int | None) -> None:
+def _load(state: ServerState, model_dir: Path, *, quantize: Quantize, threads: int | None,
+          device: torch.device) -> None:
     """Load the model and start its engine (runs on a background thread)."""
     try:
-        from fedlm.pretrained import load_model
+        from fedlm.pretrained import load_any
 
         if threads:
             torch.set_num_threads(threads)
-        model, tokenizer_path = load_model(model_dir)
+        model, tokenizer_path = load_any(model_dir, device=device)
         if tokenizer_path is None:
             raise UserError(f"{model_dir}: no tokenizer.json beside the weights; serving needs it")
         tokenizer = Tokenizer.from_file(str(tokenizer_path))
@@ -135,19 +136,30 @@ def create_app(
     model_name: str | None = None,
     limits: Limits | None = None,
     threads: int | None = None,
+    device: str = "auto",
 ) -> FastAPI:
-    """The FastAPI app serving the model at `model_path`; loading starts now, in the background."""
+    """The FastAPI app serving the model at `model_path` (any `train.init_from` spelling) on
+    `device`; loading starts now, in the background."""
     if quantize not in ("none", "int8"):
         raise UserError(f"--quantize must be 'none' or 'int8', got {quantize!r}")
+    from fedlm.device import resolve_device
     from fedlm.modelio import find_model_dir
+    from fedlm.pretrained import resolve
 
-    model_dir = find_model_dir(model_path)  # a wrong path is a UserError now, not a 503 later
+    on = resolve_device(device, key="--device")
+    if quantize == "int8" and on.type != "cpu":
+        raise UserError(f"--quantize int8 is dynamic CPU quantisation; with --device {device} ({on}) "
+                        "serve with --quantize none, or add --device cpu")
+    # a wrong path is a UserError now, not a 503 later
+    found = resolve(str(model_path), key="MODEL")
+    model_dir = find_model_dir(found) if found.is_dir() else found
     if model_name is None:
         resolved = model_dir.resolve()
-        model_name = resolved.parent.name if resolved.name == "model" else resolved.name
+        model_name = resolved.parent.name if resolved.name == "model" else (
+            resolved.stem if resolved.is_file() else resolved.name)
     state = ServerState(model_name=model_name or "fedlm", api_key=api_key, limits=limits or Limits())
-    state.loader = threading.Thread(target=_load, args=(state, model_dir), name="fedlm-load",
-                                    daemon=True, kwargs={"quantize": quantize, "threads": threads})
+    state.loader = threading.Thread(target=_load, args=(state, model_dir), name="fedlm-load", daemon=True,
+                                    kwargs={"quantize": quantize, "threads": threads, "device": on})
     state.loader.start()
 
     @asynccontextmanager
@@ -413,6 +425,7 @@ def serve_forever(
     body_timeout: float = 10.0,
     threads: int | None = None,
     model_name: str | None = None,
+    device: str = "auto",
 ) -> None:
     """Run the server until interrupted (what `fedlm serve` does)."""
     import logging
@@ -439,7 +452,7 @@ def serve_forever(
                     max_batch=max_batch, body_timeout=body_timeout)
     sock = _listen(host, port)  # before the model starts loading: a taken port is bad input
     app = create_app(model, api_key=api_key, quantize=quantize, limits=limits, threads=threads,
-                     model_name=model_name)
+                     model_name=model_name, device=device)
     config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)
     address = f"[{host}]" if ":" in host else host
     logging.getLogger("uvicorn.error").info("serving on http://%s:%d (CTRL+C to quit)", address,

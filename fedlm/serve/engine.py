@@ -108,6 +108,7 @@ class Engine:
         eos_ids: list[int] | None = None,
     ) -> None:
         self.model = model.eval()
+        self.device = next((p.device for p in model.parameters()), torch.device("cpu"))  # int8: none, CPU
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
@@ -189,16 +190,17 @@ class Engine:
     def _prefill(self, seq: Sequence) -> None:
         row = self.cache.rows(len(self.running), len(self.running) + 1)
         row.clear()
-        idx = torch.tensor([seq.prompt_ids], dtype=torch.long)  # (1, T)
-        logits = self.model(idx, cache=row, last_only=True)[0, -1]  # (V,)
+        idx = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)  # (1, T)
+        logits = self.model(idx, cache=row, last_only=True)[0, -1].to("cpu")  # (V,): sampled on the CPU
         seq.pos = len(seq.prompt_ids)
         self.running.append(seq)
         self._accept(seq, logits)
 
     def _decode_step(self) -> None:
-        idx = torch.tensor([[s.last_token] for s in self.running], dtype=torch.long)  # (B, 1)
+        idx = torch.tensor([[s.last_token] for s in self.running], dtype=torch.long, device=self.device)  # (B, 1)
         rows = self.cache.rows(0, len(self.running))  # each row continues at its own position
-        logits = self.model(idx, cache=rows, last_only=True)[:, -1]  # (B, V)
+        # (B, V), to the CPU in one copy: each row is sampled with its sequence's CPU generator
+        logits = self.model(idx, cache=rows, last_only=True)[:, -1].to("cpu")
         self.steps += 1
         for seq, row in zip(self.running, logits, strict=True):
             seq.pos += 1
