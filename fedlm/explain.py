@@ -139,11 +139,15 @@ def _target_id(tok: Any, target: str) -> int:
 
 
 def _token_text(tok: Any, idx: int) -> str:
-    """A token as the text it stands for (bytes that end inside a character shown as �)."""
+    """A token as the text it stands for; one that is part of a character as its bytes, ⟨e4 b8⟩."""
     piece = tok.id_to_token(idx)
     if piece is None or any(c not in CHAR_TO_BYTE for c in piece) or piece == EOS:
         return str(piece)  # a special token, or a tokenizer that is not byte-level
-    return bytes(CHAR_TO_BYTE[c] for c in piece).decode("utf-8", errors="replace")
+    raw = bytes(CHAR_TO_BYTE[c] for c in piece)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"⟨{raw.hex(' ')}⟩"
 
 
 @torch.no_grad()
