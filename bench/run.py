@@ -1,7 +1,7 @@
 """`make bench`: run every benchmark side by side and write BENCHMARKS.md.
 
     python -m bench.run                    # everything (about 25 minutes on this machine)
-    python -m bench.run --only model       # one section: model, federation, data, serve, plan, privacy
+    python -m bench.run --only model       # one section (any of SECTIONS below)
     python -m bench.run --quick            # a fast smoke run with fewer repeats
 
 Each benchmark module returns a dict; this driver times it, turns it into a table (figures,
@@ -27,7 +27,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "BENCHMARKS.md"
-SECTIONS = ("model", "federation", "data", "serve", "plan", "privacy", "device")
+SECTIONS = ("model", "federation", "data", "serve", "plan", "privacy", "device", "explain")
 
 
 def _ok(flag: bool | None) -> str:
@@ -340,6 +340,34 @@ def device_section(quick: bool) -> tuple[dict[str, Any], str]:
     return r, text
 
 
+def explain_section(quick: bool) -> tuple[dict[str, Any], str]:
+    from bench.explain_bench import run
+
+    r = run(quick=quick)
+    w, w128 = r["warm"], r["warm_128"]
+    rows = [
+        [f"`fedlm explain RUN TEXT --html OUT`, {r['tokens']} tokens (fresh process)", f"{r['command_wall_s']:.2f} s",
+         f"{r['command_cpu_s']:.2f} s", f"≤ {r['target_s']:g} s", _ok(r["meets_target"])],
+        [f"explain() + HTML page, {w['tokens']:.0f} tokens, warm process", f"{w['wall_s']:.2f} s", f"{w['cpu_s']:.2f} s",
+         "", "–"],
+        [f"of which integrated gradients ({r['ig_steps']} steps)", f"{w['ig_wall_s']:.2f} s", f"{w['ig_cpu_s']:.2f} s",
+         "", "–"],
+        [f"explain() + HTML page, {w128['tokens']:.0f} tokens (the demo's context), warm", f"{w128['wall_s']:.2f} s",
+         f"{w128['cpu_s']:.2f} s", "", "–"],
+    ]
+    text = (
+        f"`bench/explain_bench.py`: a model of the full demo's shape (`tiny`, untied head, vocabulary 4096) with "
+        f"its context raised to {r['tokens']} tokens (the demo's own is 128, and a longer text is refused), trained "
+        f"briefly on medical text; TEXT is held-out medical text. Wall and CPU seconds, medians; {r['torch_threads']} "
+        f"torch threads. The command includes starting Python and importing torch and captum. Completeness error "
+        f"of the attributions: {w['completeness_error']:.1e} ({w['tokens']:.0f} tokens), "
+        f"{w128['completeness_error']:.1e} ({w128['tokens']:.0f}); the page is {w['html_bytes'] / 1e6:.2f} MB, "
+        f"the JSON {w['json_bytes'] / 1e6:.1f} MB.\n\n"
+        + _table(["measure", "wall", "CPU", "target", ""], rows)
+    )
+    return r, text
+
+
 PLAN_ROUND_TOLERANCE = 0.35
 """`fedlm plan`'s seconds per round against the real runner on this shared machine (stated in README)."""
 
@@ -347,6 +375,7 @@ PLAN_ROUND_TOLERANCE = 0.35
 RUNNERS: dict[str, Callable[[bool], tuple[dict[str, Any], str]]] = {
     "model": model_section, "federation": federation_section, "data": data_section, "serve": serve_section,
     "plan": plan_section, "privacy": privacy_section, "device": device_section,
+    "explain": explain_section,
 }
 TITLES = {
     "model": "Model: fedlm vs transformers (issue 2)",
@@ -356,6 +385,7 @@ TITLES = {
     "plan": "Planning: predicted vs measured (issue 5)",
     "privacy": "Privacy: utility, canary exposure and membership inference (issue 4)",
     "device": "Devices and the pretrained path (issue 16, items 5 and 6)",
+    "explain": "Explain: `fedlm explain` on 256 tokens (issue 18)",
 }
 
 

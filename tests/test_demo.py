@@ -14,12 +14,19 @@ import pytest
 from fedlm.corpus import SILOS
 
 
-@pytest.mark.slow
-def test_quick_demo_writes_the_summary(tmp_path: Path) -> None:
-    out = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """`fedlm demo --quick` run once for this module's tests: its output folder and the process."""
+    out = tmp_path_factory.mktemp("quick") / "demo"
     (out / "runs" / "federated" / "checkpoint").mkdir(parents=True)  # as left by an earlier demo: re-runs work
     r = subprocess.run([sys.executable, "-m", "fedlm.cli", "demo", "--quick", "--out", str(out)],
                        env={**os.environ, "COLUMNS": "160"}, capture_output=True, text=True, timeout=900)
+    return out, r
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_the_summary(quick_demo: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    out, r = quick_demo
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     names = {"federated", "centralised", *(f"local:{s}" for s in SILOS), *(f"personalised:{s}" for s in SILOS)}
@@ -33,3 +40,38 @@ def test_quick_demo_writes_the_summary(tmp_path: Path) -> None:
     # every model learned something: far below a uniform guess over the vocabulary (~10 bits per token)
     assert summary["models"]["federated"]["bits_per_byte"]["mean"] < 6.0
     assert "federated" in r.stdout + r.stderr and "sample (federated)" in r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_readme_explain_runs_on_the_demo_model(quick_demo: tuple[Path, subprocess.CompletedProcess[str]],
+                                               tmp_path: Path) -> None:
+    """README's "Looking inside the demo's model" commands, as written, on the quick demo's output: the
+    page is written, the JSON has the documented keys, attributions are complete to 1% at the default
+    step count on a trained model, and provenance covers every silo's personalised model."""
+    import json
+    import re
+    import shlex
+
+    out, r = quick_demo
+    assert r.returncode == 0, r.stderr[-3000:]
+    (tmp_path / "demo-out").symlink_to(out)
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```sh\n(.*?)```", text[text.index("## Looking inside the demo's model"):], re.S)
+    assert block
+    lines = [line for line in block.group(1).splitlines() if line.startswith("fedlm explain ")]
+    assert len(lines) == 2
+    for line in lines:
+        r = subprocess.run([sys.executable, "-m", "fedlm.cli", *shlex.split(line)[1:]], cwd=tmp_path,
+                           env={**os.environ, "COLUMNS": "160"}, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (line, r.stderr[-2000:])
+        if "--json" in line:
+            result = json.loads(r.stdout)
+            assert {"tokens", "surprisal_bits", "alternatives", "bits_per_byte", "attention", "attributions",
+                    "logit_lens", "provenance", "provenance_models"} <= set(result)
+            assert result["attributions"]["target"] == " the"
+            assert result["attributions"]["completeness_error"] < 0.01
+            assert result["provenance_models"] == "personalised" and set(result["provenance"]) == set(SILOS)
+        else:
+            assert "bits/byte" in r.stdout and "provenance (personalised models" in r.stdout, r.stdout
+    page = (tmp_path / "explain.html").read_text()
+    assert page.startswith("<!doctype html>") and "<script" not in page

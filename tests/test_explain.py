@@ -119,9 +119,11 @@ def test_attributions_equal_captum_on_the_hf_export(dirs: dict[str, Path], resul
         a = r["attributions"]
         lig = LayerIntegratedGradients(lambda x, t=a["target_id"]: target_log2_prob(hf(x).logits, t),
                                        hf.model.embed_tokens)
-        ref = lig.attribute(idx, baselines=torch.zeros_like(idx), n_steps=50)[0].sum(-1)
+        base = torch.tensor([result["token_ids"][:1] + [tok.encode(" ").ids[0]] * (idx.shape[1] - 1)])
+        assert a["baseline_id"] == base[0, 1]
+        ref = lig.attribute(idx, baselines=base, n_steps=50)[0].sum(-1)
         assert np.abs(np.asarray(a["scores"]) - ref.detach().numpy()).max() < 1e-4
-        assert a["completeness_error"] < 0.01
+        assert a["steps"] == 50 and a["completeness_error"] < 0.01  # captum's default step count sufficed
         gap = a["f_x"] - a["f_baseline"]
         assert abs(sum(a["scores"]) - gap) <= 0.01 * abs(gap)
     with torch.no_grad():
@@ -167,6 +169,22 @@ def test_provenance_is_bits_per_byte_under_each_personalised_model(dirs: dict[st
         model, _ = load_model(run / f"personalised-{silo}")
         ref = evaluate_tokens(model, np.asarray(r["token_ids"]), lengths, seq_len=64)
         assert bpb == pytest.approx(ref["bits_per_byte"], rel=1e-6)
+
+
+def test_provenance_falls_back_to_a_demo_outputs_local_only_models(dirs: dict[str, Path], text: str) -> None:
+    """A demo output's federated run without personalised models reads the local-only runs beside it."""
+    demo = dirs["root"] / "demo-out"
+    tok = dirs["tok"]
+    vocab = load_tokenizer(tok).get_vocab_size()
+    save_model(_sharp_model(vocab, seed=30), demo / "runs" / "federated" / "model", tokenizer_path=tok)
+    (demo / "runs" / "federated" / "rounds.jsonl").write_text("{}\n")
+    for i, silo in enumerate(("legal", "technical", "drama")):
+        save_model(_sharp_model(vocab, seed=40 + i), demo / "runs" / f"local-{silo}" / "model", tokenizer_path=tok)
+    assert "provenance" not in explain(demo / "runs" / "federated", text)  # not a demo output yet
+    (demo / "summary.json").write_text("{}")
+    r = explain(demo / "runs" / "federated", text)
+    assert r["provenance_models"] == "local-only" and set(r["provenance"]) == {"legal", "technical", "drama"}
+    assert len(set(r["provenance"].values())) == 3
 
 
 class _Page(HTMLParser):
