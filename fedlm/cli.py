@@ -461,13 +461,17 @@ def node(
         help="CA certificate (PEM) that signed the SuperLink's certificate.")],
     key: Annotated[Path, typer.Option(help="This silo's private key (`fedlm silo key`), registered by the coordinator.")],
     port: Annotated[int | None, typer.Option(help="Local port for the SuperNode's ClientApp API (default: free).")] = None,
+    peers: Annotated[Path | None, typer.Option(
+        help="This silo's copy of the coordinator's silos.json (keys checked out of band): secure aggregation "
+             "checks the other silos' round keys against it.")] = None,
 ) -> None:
     """Serve one silo to a federation: a Flower SuperNode that trains on its shards when asked."""
     from fedlm.federation.deploy import run_node
 
     _check_silo_name(silo)
     _out(f"silo {silo}: SuperNode for {superlink} (TLS, key {key}); Ctrl-C to stop")
-    code = run_node(superlink, workspace, silo, root_certificates=root_certificates, key=key, port=port)
+    code = run_node(superlink, workspace, silo, root_certificates=root_certificates, key=key, port=port,
+                    peers=peers)
     if code:
         raise typer.Exit(code)
 

@@ -345,7 +345,7 @@ def test_what_crosses_the_wire(ws: Path, tmp_path: Path, caplog: pytest.LogCaptu
     model = build_model(tiny_cfg(ws))
     expected = {n: tuple(model.state_dict()[n].shape) for n in task.wire_names(model)}
     ups = [objs for d, _, objs in wire if d == "up"]
-    assert len(ups) == 3 + 3 * 2  # one check and two train replies per silo
+    assert len(ups) == 3 + 3 * 2 + 3  # one check, two train replies and one validation per silo
     canary = CANARY.encode()
     for d, _, objs in wire:
         assert not any(canary in b for b in objs.values()), f"canary in a {d} message"
@@ -361,6 +361,9 @@ def test_what_crosses_the_wire(ws: Path, tmp_path: Path, caplog: pytest.LogCaptu
             metrics = dict(msg.content.metric_records["metrics"])
             assert set(metrics) == {"loss", "num_tokens", "train_seconds"}
             assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values())
+        elif msg.metadata.message_type == "evaluate":  # after the last round: two validation losses only
+            assert set(msg.content.keys()) == {"metrics"}
+            assert set(msg.content.metric_records["metrics"]) == {"val_loss_start", "val_loss_final"}
         else:  # the pre-round check: the silo's name and token counts
             assert msg.metadata.message_type == "query"
             assert set(msg.content.keys()) == {"silo", "metrics"}

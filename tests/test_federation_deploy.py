@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import http.server
+import json
 import ssl
 import threading
 from pathlib import Path
@@ -110,6 +111,9 @@ def test_flower_engine_bitwise_equal_to_in_process(tmp_path: Path, strategy: str
     a = load_file(str(tmp_path / "inprocess/checkpoint/global.safetensors"))
     b = load_file(str(tmp_path / "flower/checkpoint/global.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # each silo's validation of the starting and final weights crossed Flower's wire too
+    validation = [json.loads((tmp_path / run / "validation.json").read_text()) for run in ("inprocess", "flower")]
+    assert validation[0] == validation[1] and set(validation[1]["silos"]) == {"a", "b", "c"}
     for row in rounds(tmp_path / "flower"):
         assert row["completed"] and not row["dropped"]
         assert all(s["bytes_up"] > 0 and s["bytes_down"] > 0 for s in row["silos"].values())

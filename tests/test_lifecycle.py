@@ -28,7 +28,6 @@ from fedlm.federation.deploy import (
     stop,
     wait_superlink,
 )
-from fedlm.federation.outcome import outcome_lines, worse_silos
 from fedlm.federation.runner import FLOWER_ENV, run_federated
 from fedlm.fileio import atomic_dir, recover_dir, recover_strays, write_json
 from fedlm.runlock import FLOWER_RUN, live_run
@@ -161,14 +160,51 @@ def test_skipped_rounds_make_the_command_fail(ws: Path, tmp_path: Path, capfd: p
     assert summary["rounds_completed"] == 0 and [s["round"] for s in summary["rounds_skipped"]] == [1, 2]
 
 
-def test_a_silo_left_worse_than_at_the_start_is_named() -> None:
-    def row(n: int, losses: dict[str, float], completed: bool = True) -> dict:
-        return {"round": n, "completed": completed, "silos": {s: {"loss": v} for s, v in losses.items()},
-                "dropped": {}}
-    rows = [row(1, {"a": 5.0, "b": 5.0}), row(2, {"a": 4.0, "b": 6.0}), row(3, {"a": 9.0, "b": 9.0}, False)]
-    assert worse_silos(rows) == {"b": {"first": 5.0, "last": 6.0}}
-    lines = outcome_lines({"rounds_skipped": [], "worse_than_start": worse_silos(rows)})
-    assert lines == ["silo b: training loss 5.0000 in its first round, 6.0000 in its last: worse than at the start"]
+def _worse_run(ws: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str], name: str, **fed: object
+               ) -> tuple[subprocess.CompletedProcess[str], dict]:
+    """`fedlm train` with a learning rate that wrecks the model (train.lr = 1.0)."""
+    from tests.test_multimachine import fedlm_here
+
+    cfg = tiny_cfg(ws, rounds=2, **fed)
+    cfg.train.lr = 1.0
+    cfg_path = tmp_path / f"{name}.toml"
+    cfg_path.write_text(config_to_toml(cfg))
+    r = fedlm_here(capfd, "train", str(cfg_path), "--out", str(tmp_path / name))
+    return r, json.loads((tmp_path / name / "summary.json").read_text())
+
+
+def test_a_silo_left_worse_than_at_the_start_is_named(ws: Path, tmp_path: Path,
+                                                       capfd: pytest.CaptureFixture[str]) -> None:
+    """A real run that makes the model worse: each silo scores the starting and the final global
+    weights on its own validation split after the last round, and the silos whose loss rose are
+    named on the console and in summary.json, with the two validation losses."""
+    r, summary = _worse_run(ws, tmp_path, capfd, "plain")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    worse = summary["worse_than_start"]
+    assert worse and summary["validation_missing"] == {}
+    validation = json.loads((tmp_path / "plain" / "validation.json").read_text())["silos"]
+    assert set(validation) == {"a", "b", "c"}
+    for silo, losses in worse.items():
+        assert losses == validation[silo] and losses["val_loss_final"] > losses["val_loss_start"]
+        assert (f"silo {silo}: validation loss {losses['val_loss_start']:.4f} with the starting weights, "
+                f"{losses['val_loss_final']:.4f} with the final ones: worse than at the start") in r.stdout + r.stderr
+    # the starting loss is the initial model's on that silo's val split: the same whatever the run did
+    good = run_federated(tiny_cfg(ws, rounds=1), tmp_path / "good")
+    assert good["worse_than_start"] == {}
+    again = json.loads((tmp_path / "good" / "validation.json").read_text())["silos"]
+    assert all(again[s]["val_loss_start"] == validation[s]["val_loss_start"] for s in validation)
+    assert all(again[s]["val_loss_final"] < again[s]["val_loss_start"] for s in again)
+
+
+def test_worse_than_start_under_secure_aggregation_sends_only_the_verdict(
+        ws: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Under SecAgg the server learns no per-silo loss: a silo says only whether it got worse."""
+    r, summary = _worse_run(ws, tmp_path, capfd, "secagg", secure_aggregation=True)
+    validation = json.loads((tmp_path / "secagg" / "validation.json").read_text())["silos"]
+    assert set(validation) == {"a", "b", "c"} and all(set(v) == {"worse"} for v in validation.values())
+    assert summary["worse_than_start"] and all(v == {} for v in summary["worse_than_start"].values())
+    silo = next(iter(summary["worse_than_start"]))
+    assert f"silo {silo}: its validation loss is higher with the final weights" in r.stdout + r.stderr
 
 
 # ---------------------------------------------------------------------------------------

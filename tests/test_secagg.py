@@ -5,12 +5,17 @@ second masked input or a second unmask; a silo wrapping the sum) are refused."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
@@ -18,12 +23,19 @@ from scipy import stats
 from fedlm.federation.secagg import (
     SecAggError,
     SecAggServer,
+    _apply_masks,
+    _pack_share,
+    _pk_bytes,
+    _shared_key,
+    _sk_from_bytes,
+    _unpack_share,
     check_sum_norm,
     client_masked_input,
     client_setup,
     client_share_keys,
     client_unmask,
     flatten,
+    key_statement,
     prg,
     run_secagg_round,
     split_metrics,
@@ -428,3 +440,96 @@ def test_metrics_travel_only_as_a_secure_sum() -> None:
     ref = sum(w[s] * losses[s] for s in ups) / sum(w.values())
     assert means["loss"] == pytest.approx(ref, abs=1e-3) and means["train_seconds"] == pytest.approx(1.5, abs=1e-3)
     assert np.abs(upd - sum(w[s] * ups[s].astype(np.float64) for s in ups)).max() <= st_["error_bound"] * 1.01
+
+
+# ---------------------------------------------------------------------------------------
+# round keys bound to the silos' registered node keys (issue 19's leftover)
+
+
+def _mitm_setup(sign: bool) -> tuple[dict, dict, dict, SecAggServer, dict]:
+    """Stage 0 of three silos (round 4); with `sign`, each signs its round keys with its node key.
+    Returns (states, stage 0 replies, pinned registry as each silo holds it, server, node keys)."""
+    silos = ["a", "b", "c"]
+    node_keys = {s: ec.generate_private_key(ec.SECP384R1()) for s in silos}
+    pinned = {s: k.public_key() for s, k in node_keys.items()}
+    server = SecAggServer(silos, dim=50, clip_range=1.0)
+    states, replies = {}, {}
+    for s in silos:
+        states[s], replies[s] = client_setup(s, server.setup_request(), round_no=4,
+                                             signing_key=node_keys[s] if sign else None)
+    return states, replies, pinned, server, node_keys
+
+
+def _substitute(bcast: dict, victim_peers: list[str], signer: ec.EllipticCurvePrivateKey | None
+                ) -> tuple[dict, dict[str, ec.EllipticCurvePrivateKey]]:
+    """The server's broadcast with its own encryption keys in place of `victim_peers`' (signed with
+    `signer`, its own key, when given): the victim then encrypts its shares for those peers to the server."""
+    fake = {p: ec.generate_private_key(ec.SECP384R1()) for p in victim_peers}
+    out = {k: list(v) for k, v in bcast.items()}
+    for p, sk in fake.items():
+        j = out["silos"].index(p)
+        out["c_pk"][j] = _pk_bytes(sk)
+        if signer is not None and "sig" in out:
+            out["sig"][j] = signer.sign(key_statement(p, 4, out["c_pk"][j], out["s_pk"][j]),
+                                        ec.ECDSA(hashes.SHA384()))
+    return out, fake
+
+
+def test_a_server_substituting_round_keys_reads_an_unbound_silo_and_is_refused_by_a_bound_one() -> None:
+    """Man in the middle: the server tells silo a that b's and c's encryption keys are its own. Unbound,
+    a encrypts its shares of b_a and s_sk_a to the server, which combines them (t = 2), rebuilds all
+    of a's masks and reads a's update exactly. Bound, a checks each listed silo's signature against its
+    own copy of the registry and refuses before any share leaves: for keys the server signs with its
+    own key, for a silo it adds, and for signatures replayed from another round."""
+    update = np.random.default_rng(3).uniform(-0.5, 0.5, 50).astype(np.float32)
+    # the attack works on an unbound round
+    states, replies, _, server, _ = _mitm_setup(sign=False)
+    tampered, fake = _substitute(server.receive_setup(replies), ["b", "c"], None)
+    st_a, shared = client_share_keys(states["a"], tampered)
+    b_shares, sk_shares = [st_a["share_b"][0]], [st_a["share_sk"][0]]  # a keeps its own share; take the others
+    for dst, ct in zip(shared["dst"], shared["ciphertexts"], strict=True):
+        plain = decrypt(_shared_key(fake[dst], tampered["c_pk"][0]), bytes(ct))
+        _, _, b_sh, sk_sh = _unpack_share(plain)
+        b_shares.append(b_sh)
+        sk_shares.append(sk_sh)
+    b_a, s_sk_a = combine_shares(b_shares[1:]), combine_shares(sk_shares[1:])
+    assert b_a == states["a"]["b"] and s_sk_a == states["a"]["s_sk"]
+    # a's stage 2 inbox: shares the server makes up, encrypted with the keys a believes are b's and c's
+    inbox = {"src": ["b", "c"], "ciphertexts": [
+        encrypt(_shared_key(fake[p], tampered["c_pk"][0]), _pack_share(j, 0, b"x" * 8, b"y" * 8))
+        for j, p in ((1, "b"), (2, "c"))]}
+    _, masked = client_masked_input(st_a, inbox, update)
+    y = masked["masked"].copy()
+    masks = [(b_a, -1)] + [(base64.urlsafe_b64decode(_shared_key(_sk_from_bytes(s_sk_a), tampered["s_pk"][j])), -1)
+                           for j in (1, 2)]  # a sorts first: it added +PRG(s_ab), +PRG(s_ac)
+    _apply_masks(y, masks)
+    read = y.view(np.int32) * server.step
+    assert np.max(np.abs(read - update)) <= server.step / 2 + 1e-9  # a's update, to the quantisation step
+
+    # bound: every variant of the substitution is refused by a
+    states, replies, pinned, server, node_keys = _mitm_setup(sign=True)
+    honest = server.receive_setup(replies)
+    own = ec.generate_private_key(ec.SECP384R1())  # the server's key, not in any silo's registry
+    for signer in (None, own):
+        tampered, _ = _substitute(honest, ["b", "c"], signer)
+        with pytest.raises(SecAggError, match=r"round keys of 'b' are not signed by its registered key"):
+            client_share_keys(states["a"], tampered, pinned=pinned)
+    sybil = {k: list(v) for k, v in honest.items()}
+    extra = ec.generate_private_key(ec.SECP384R1())
+    sybil["silos"].append("mallory")
+    sybil["c_pk"].append(_pk_bytes(extra))
+    sybil["s_pk"].append(_pk_bytes(ec.generate_private_key(ec.SECP384R1())))
+    sybil["sig"].append(own.sign(key_statement("mallory", 4, sybil["c_pk"][-1], sybil["s_pk"][-1]),
+                                 ec.ECDSA(hashes.SHA384())))
+    with pytest.raises(SecAggError, match="'mallory', which is not in this silo's registry"):
+        client_share_keys(states["a"], sybil, pinned=pinned)
+    unsigned = {k: v for k, v in honest.items() if k != "sig"}
+    with pytest.raises(SecAggError, match="no signatures"):
+        client_share_keys(states["a"], unsigned, pinned=pinned)
+    replay = {**states["a"], "round": 5}  # b's and c's keys signed for round 4, offered in round 5
+    with pytest.raises(SecAggError, match="not signed by its registered key"):
+        client_share_keys(replay, honest, pinned=pinned)
+    # the honest broadcast passes every silo's check, and the round sums as before
+    for s in ("a", "b", "c"):
+        client_share_keys(states[s], honest, pinned=pinned)
+    assert set(node_keys) == set(pinned)

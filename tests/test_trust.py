@@ -13,6 +13,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
@@ -136,3 +137,95 @@ def test_nodes_of_no_configured_silo_get_no_work(tmp_path: Path, monkeypatch: py
     # node 2 is registered for b but claims a: the registry decides, so it gets no work and b is missing
     with pytest.raises(UserError, match="silo 'b' did not answer"):
         connect({1: "a", 2: "a"})
+
+
+# ---------------------------------------------------------------------------------------
+# secure aggregation across organisations: round keys bound to node keys, no weight to inflate
+
+
+def _run_nodes(ws: Path, out: Path, extra: dict[str, dict[str, str]], app: ClientApp | None = None,
+               **fed: object) -> dict:
+    """A 1-round SecAgg run in process whose nodes get `extra` node config per silo (as `fedlm node` sets it)."""
+    from fedlm.federation.grid import InProcessGrid
+    from fedlm.federation.rounds import run_rounds
+    from fedlm.federation.rundir import prepare_run_dir
+    from fedlm.resolve import resolve_config
+
+    cfg = resolve_config(tiny_cfg(ws, rounds=1, secure_aggregation=True, **fed))
+    prepare_run_dir(cfg, out, resume=False)
+    nodes = {i + 1: {"workspace": str(ws), "silo": s, **extra.get(s, {})} for i, s in enumerate("abc")}
+    grid = InProcessGrid(app or ca.app, nodes)
+    try:
+        return run_rounds(grid, cfg, out)
+    finally:
+        grid.close()
+
+
+def test_secagg_round_keys_are_signed_with_the_registered_node_keys(tmp_path: Path) -> None:
+    """Each silo signs its round keys with the key `fedlm silo key` made and checks the others' against
+    its own copy of silos.json (`fedlm node --key K --peers silos.json`). With the real registry the round
+    completes; a silo whose registry holds another key for b (as when the coordinator swaps b's round
+    keys: the signature no longer matches) refuses, and so does a silo with a key but no registry."""
+    ws = make_ws(tmp_path / "ws", docs=30)
+    for registry, names in ((tmp_path / "silos.json", "abc"), (tmp_path / "forged.json", "ac")):
+        for s in names:
+            key = tmp_path / f"{s}.key"
+            if not key.exists():
+                trust.make_silo_key(key)
+            trust.add_silo(registry, s, tmp_path / f"{s}.key.pub")
+    trust.make_silo_key(tmp_path / "other.key")
+    trust.add_silo(tmp_path / "forged.json", "b", tmp_path / "other.key.pub")
+    nodes = {s: {"key": str(tmp_path / f"{s}.key"), "peers": str(tmp_path / "silos.json")} for s in "abc"}
+    _run_nodes(ws, tmp_path / "bound", nodes)
+    assert rounds(tmp_path / "bound")[0]["completed"]
+
+    forged = {**nodes, "a": {**nodes["a"], "peers": str(tmp_path / "forged.json")}}
+    _run_nodes(ws, tmp_path / "forged", forged)
+    row = rounds(tmp_path / "forged")[0]
+    assert not row["completed"]
+    assert "round keys of 'b' are not signed by its registered key" in row["dropped"]["a"]
+    no_peers = {**nodes, "c": {"key": nodes["c"]["key"]}}
+    _run_nodes(ws, tmp_path / "no-peers", no_peers)
+    assert "start `fedlm node` with --peers silos.json" in rounds(tmp_path / "no-peers")[0]["dropped"]["c"]
+
+
+def test_a_silo_cannot_weigh_itself_up_inside_secure_aggregation(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Silo b reports 1 token in clear (so a reported weight would shrink the divisor) while masking its
+    full update: every silo weighs the plan's tokens under SecAgg, so the new global model is bitwise the
+    honest run's. Masking 1000 × its update instead is refused by the sum's norm bound: the round is skipped."""
+    from fedlm.federation import secagg
+
+    ws = make_ws(tmp_path / "ws", docs=30)
+    masked = secagg.client_masked_input
+    scale = {"b": 1.0}
+
+    def inflated(state: dict, request: dict, update: object, **kw: object) -> tuple[dict, dict]:
+        return masked(state, request, update * scale.get(state["silo"], 1.0), **kw)  # type: ignore[operator]
+
+    liar = ClientApp()
+
+    @liar.query()
+    def query(msg: Message, context: Context) -> Message:
+        return ca.app(msg, context)
+
+    @liar.train()
+    def train(msg: Message, context: Context) -> Message:
+        reply = ca.app(msg, context)
+        if context.node_config["silo"] == "b" and "metrics" in reply.content.metric_records:
+            reply.content.metric_records["metrics"]["num_tokens"] = 1.0
+        return reply
+
+    for action in ("secagg_setup", "secagg_keys", "secagg_input", "secagg_unmask"):
+        liar.train(action)(train)
+    _run_nodes(ws, tmp_path / "honest", {}, max_update_norm=5.0)
+    monkeypatch.setattr(secagg, "client_masked_input", inflated)
+    _run_nodes(ws, tmp_path / "liar", {}, liar, max_update_norm=5.0)
+    assert rounds(tmp_path / "liar")[0]["silos"]["b"]["num_tokens"] == 1.0  # logged as claimed, not used
+    honest, lied = weights(tmp_path / "honest"), weights(tmp_path / "liar")
+    assert all(torch.equal(honest[k], lied[k]) for k in honest)
+
+    scale["b"] = 1000.0
+    _run_nodes(ws, tmp_path / "inflated", {}, liar, max_update_norm=5.0)
+    row = rounds(tmp_path / "inflated")[0]
+    assert row["completed"] is False and row["dropped"] == {}

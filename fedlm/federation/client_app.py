@@ -13,6 +13,9 @@ in `fedlm.federation.messages`):
   with the update (local − global, in wire names, under federation.compression) and numeric
   metrics (loss, num_tokens, train_seconds). Nothing else leaves the silo: no text, no
   token ids, no file names.
+- `evaluate`: after the last round, score the run's starting and final global weights on the
+  silo's own validation split; reply with the two losses only (under SecAgg only which is
+  larger), so the server can say which silos the run left worse off.
 - `train.secagg_setup|keys|input|unmask`: secure aggregation (`fedlm.federation.secagg`).
   `secagg_input` trains as `train` does, checks the update itself (the server cannot), and
   replies with it masked and quantised instead. The silo's secrets between stages live in
@@ -24,25 +27,36 @@ in `fedlm.federation.messages`):
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
+from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
 from fedlm.data.shards import open_split
-from fedlm.federation import codecs, secagg
+from fedlm.federation import codecs, secagg, trust
 from fedlm.federation.messages import (
     TrainRequest,
+    evaluate_reply,
     from_records,
     query_config,
     query_reply,
+    read_evaluate_request,
     read_train_request,
     to_records,
     train_reply,
 )
 from fedlm.federation.robust import check_update
 from fedlm.federation.silo_privacy import SiloPrivacy, expected_clip_range
-from fedlm.federation.task import check_silo, encode_update, silo_dir, silo_record_plan, train_silo
+from fedlm.federation.task import (
+    check_silo,
+    encode_update,
+    silo_dir,
+    silo_record_plan,
+    train_silo,
+    validate_silo,
+)
 
 app = ClientApp()
 
@@ -78,6 +92,17 @@ def train(msg: Message, context: Context) -> Message:
     return train_reply(msg, payload, metrics, carry=req.carry)
 
 
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """After the last round: the validation loss of the run's starting and final weights on this
+    silo's own val split (only the two numbers; under secure aggregation only which is larger)."""
+    req, start = read_evaluate_request(msg)
+    before, after = validate_silo([start, req.arrays], cfg=req.cfg, config_text=req.config_text,
+                                  path=silo_dir(context.node_config), tokenizer_sha256=req.tokenizer_sha256,
+                                  node_id=context.node_id)
+    return evaluate_reply(msg, start=before, final=after, verdict_only=req.cfg.federation.secure_aggregation)
+
+
 def _secagg_state(context: Context) -> secagg.Msg:
     if "secagg" not in context.state.config_records:
         raise secagg.SecAggError("secure aggregation stage out of order: this silo has no keys for the round")
@@ -86,23 +111,41 @@ def _secagg_state(context: Context) -> secagg.Msg:
 
 @app.train("secagg_setup")
 def secagg_setup(msg: Message, context: Context) -> Message:
-    """Stage 0: fresh key pairs and self-mask seed for this round; reply with the public keys."""
-    state, reply = secagg.client_setup(silo_dir(context.node_config).name, from_records(msg.content))
+    """Stage 0: fresh key pairs and self-mask seed for this round; reply with the public keys, signed
+    with the silo's registered node key where it has one (`fedlm node --key`)."""
+    node = context.node_config
+    key = trust.load_signing_key(Path(str(node["key"]))) if "key" in node else None
+    state, reply = secagg.client_setup(silo_dir(node).name, from_records(msg.content), signing_key=key,
+                                       round_no=int(msg.metadata.group_id))
     context.state["secagg"] = ConfigRecord(state)
     return Message(to_records(reply), reply_to=msg)
 
 
+def _pinned(context: Context) -> dict[str, ec.EllipticCurvePublicKey] | None:
+    """This silo's own copy of the silo key registry (None on one machine, where no node has a key)."""
+    node = context.node_config
+    if "peers" in node:
+        return trust.pinned_keys(Path(str(node["peers"])))
+    if "key" in node:  # across organisations: never take the peers' keys on the server's word
+        raise secagg.SecAggError("secure aggregation needs this silo's copy of the silo registry to check its "
+                                 "peers' keys: start `fedlm node` with --peers silos.json")
+    return None
+
+
 @app.train("secagg_keys")
 def secagg_keys(msg: Message, context: Context) -> Message:
-    """Stage 1: Shamir-share the secrets, each share encrypted for its holder."""
-    state, reply = secagg.client_share_keys(_secagg_state(context), from_records(msg.content))
+    """Stage 1: check the peers' round keys against this silo's registry, then Shamir-share the
+    secrets, each share encrypted for its holder."""
+    state, reply = secagg.client_share_keys(_secagg_state(context), from_records(msg.content),
+                                            pinned=_pinned(context))
     context.state["secagg"] = ConfigRecord(state)
     return Message(to_records(reply), reply_to=msg)
 
 
 @app.train("secagg_input")
 def secagg_input(msg: Message, context: Context) -> Message:
-    """Stage 2: train, check the update, reply with weight × update masked (and the metrics)."""
+    """Stage 2: train, check the update, reply with it masked (and the metrics). Every silo's weight
+    is the same public one (`exchanges.secagg_round`), so nothing here is weighted by its tokens."""
     req = read_train_request(msg)
     update, metrics = _train(req, context)
     cfg = req.cfg
@@ -115,18 +158,16 @@ def secagg_input(msg: Message, context: Context) -> Message:
     if why is not None:  # the reason stays here: the server learns no norm
         logging.getLogger("fedlm.federation").warning("update rejected before masking: %s", why)
         raise ValueError("update rejected before masking: it breaks federation.max_update_norm or is not finite")
-    weight = metrics["num_tokens"] / req.weight_ref
     state = _secagg_state(context)
-    if cfg.privacy.mode == "client":  # unweighted sum, plus this silo's secret share of the noise
+    if cfg.privacy.mode == "client":  # plus this silo's secret share of the noise
         if req.dp_share_std is None:
             raise ValueError("a client-level DP round without this silo's noise share (dp-share-std)")
-        weight = 1.0
         rules = SiloPrivacy(cfg, silo_dir(context.node_config), config_text=req.config_text,
                             round_idx=req.round_idx, arrays=req.arrays)
         update = rules.noise_share(update, share_std=req.dp_share_std, threshold=int(state["threshold"]),
                                    num_silos=len(state["silos"]))
     vector = secagg.with_metrics(secagg.flatten(update), metrics, clip_range=float(state["clip_range"]))
-    state, reply = secagg.client_masked_input(state, from_records(msg.content), vector, weight=weight,
+    state, reply = secagg.client_masked_input(state, from_records(msg.content), vector,
                                               expect_clip_range=expected_clip_range(cfg, req.dp_share_std or 0.0))
     context.state["secagg"] = ConfigRecord(state)
     content = to_records(reply)

@@ -335,9 +335,15 @@ def register_silos(silos: dict[str, str], control: str, *, root_certificates: Pa
 
 def supernode_command(superlink: str, workspace: Path, silo: str, *, port: int,
                       root_certificates: Path | None = None, insecure: bool = False,
-                      key: Path | None = None) -> list[str]:
-    """The `flower-supernode` command that serves `silo` of `workspace` to `superlink`, signing with `key`."""
+                      key: Path | None = None, peers: Path | None = None) -> list[str]:
+    """The `flower-supernode` command that serves `silo` of `workspace` to `superlink`, signing with `key`.
+
+    The ClientApp gets `key` too (it signs the silo's SecAgg round keys with it) and `peers`, the
+    silo's own copy of the registry that it checks the other silos' round keys against."""
     node_config = f'workspace="{Path(workspace).resolve()}" silo="{silo}"'
+    for name, path in (("key", key), ("peers", peers)):
+        if path is not None:
+            node_config += f' {name}="{Path(path).resolve()}"'
     cmd = [str(BIN / "flower-supernode"), "--superlink", superlink, "--port", str(port),
            "--node-config", node_config, "--isolation", "process"]  # ClientApps: start_launcher
     if key is not None:
@@ -368,16 +374,23 @@ def start_supernode(superlink: str, workspace: Path, silo: str, *, port: int, lo
 
 
 def run_node(superlink: str, workspace: Path, silo: str, *, root_certificates: Path, key: Path,
-             port: int | None = None, ready_timeout: float = 30.0) -> int:
+             peers: Path | None = None, port: int | None = None, ready_timeout: float = 30.0) -> int:
     """`fedlm node`: check the SuperLink, the silo and its key, then run its SuperNode until it exits or Ctrl-C."""
     _check_silo_dir(workspace, silo)
     if not Path(key).is_file():
         raise UserError(f"--key {key}: no such file; make it with `fedlm silo key {key}` and have the "
                         f"coordinator register {key}.pub for silo {silo!r}")
+    if peers is not None:
+        registry = trust.pinned_keys(peers)
+        if silo not in registry:
+            raise UserError(f"--peers {peers}: silo {silo!r} is not in it; get the coordinator's current silos.json")
+        if trust.load_signing_key(key).public_key().public_numbers() != registry[silo].public_numbers():
+            raise UserError(f"--peers {peers}: the key registered for {silo!r} is not {key}'s; "
+                            "this registry is not the coordinator's, or the key is not the registered one")
     wait_superlink(superlink, root_certificates=root_certificates, timeout=ready_timeout)
     flwr_home = Path(workspace) / "silos" / silo / ".flwr"
     cmd = supernode_command(superlink, workspace, silo, port=port or free_port(),
-                            root_certificates=root_certificates, key=key)
+                            root_certificates=root_certificates, key=key, peers=peers)
     flwr_home.mkdir(parents=True, exist_ok=True)
     with _sigterm_as_interrupt():
         proc = subprocess.Popen(cmd, env=flower_env(flwr_home), start_new_session=True, stdout=subprocess.PIPE,

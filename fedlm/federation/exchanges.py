@@ -163,9 +163,13 @@ def secagg_round(link: Link, round_no: int, sampled: list[str], arrays: ArrayRec
                  weight_ref: float, dp: RoundPrivacy | None = None) -> RoundResult:
     """The same exchange under secure aggregation: four message stages; the server sees only the sum.
 
-    Each silo masks weight × update with weight = its tokens / `weight_ref` (the planned tokens
-    per round, public), so the server divides the unmasked sum by the survivors' weights: the
-    token-weighted mean, within the quantisation error. A silo that drops after sharing its
+    Every counted silo weighs the same, the tokens the plan gives it per round (`weight_ref`):
+    each masks its update unweighted and the server divides the unmasked sum by the number of
+    survivors. The weight is public and fixed because the server cannot check a weight applied
+    inside the mask: a silo that reported few tokens but masked at full weight (or the reverse)
+    would shrink the divisor and scale up every update. A silo can still mask a larger update
+    than it trained; that is bounded by the sum's norm check below (its update's norm at most
+    (2·survivors − 1)·`max_update_norm`), not verified. A silo that drops after sharing its
     keys is recovered from the others' shares, but a round is only applied with at least 3
     masked inputs (and the threshold). Updates are checked by the silos themselves (NaN/Inf,
     norm bound) before masking; the server refuses a sum that is out of range or over the
@@ -183,10 +187,8 @@ def secagg_round(link: Link, round_no: int, sampled: list[str], arrays: ArrayRec
     except secagg.SecAggError as e:
         log.warning("round %d: secure aggregation failed: %s", round_no, e)
         return out
-    out.tokens = {s: min(out.silos[s].get("num_tokens", float("nan")), weight_ref) for s in server.u3}  # capped
-    weight_sum = sum(n / weight_ref for n in out.tokens.values())
-    if dp is not None and dp.plan is not None:  # client DP: the silos sent weight 1 (unweighted sum)
-        weight_sum = float(len(server.u3))
+    out.tokens = dict.fromkeys(server.u3, weight_ref)  # the plan's, whatever a silo reports
+    weight_sum = float(len(server.u3))
     if len(server.u3) < max(link.min_silos, dp.min_contributors() if dp else 0) or not weight_sum > 0:
         return out
     total, means = secagg.split_metrics(total, dim, weight_sum=weight_sum, clip_range=clip)

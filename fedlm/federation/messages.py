@@ -106,7 +106,7 @@ class TrainRequest:
     round_no: int  # from 1
     tokenizer_sha256: str
     run_id: str
-    weight_ref: float  # the planned tokens per round: a silo's update weight is its tokens / this
+    weight_ref: float  # the planned tokens per round: the most a silo's update weighs
     arrays: dict[str, torch.Tensor]  # the global weights, in wire names
     carry: dict[str, torch.Tensor] | None  # cyclic: the AdamW state passed on ({} for the first silo)
     dp_share_std: float | None  # client DP under secure aggregation: the std of this silo's noise share
@@ -126,11 +126,16 @@ def read_train_request(msg: Message) -> TrainRequest:
     if cfg.federation.strategy == "cyclic":
         got = msg.content.array_records.get("optimizer")
         carry = got.to_torch_state_dict() if got is not None else {}
+    return _train_request(record, cfg, text, msg.content.array_records["arrays"].to_torch_state_dict(), carry)
+
+
+def _train_request(record: ConfigRecord, cfg: Config, text: str, arrays: dict[str, torch.Tensor],
+                   carry: dict[str, torch.Tensor] | None) -> TrainRequest:
     return TrainRequest(
         cfg=cfg, config_text=text, round_no=int(record["round"]),  # type: ignore[arg-type]
         tokenizer_sha256=str(record["tokenizer-sha256"]), run_id=str(record.get("run-id", "")),
         weight_ref=float(record["weight-ref"]),  # type: ignore[arg-type]
-        arrays=msg.content.array_records["arrays"].to_torch_state_dict(), carry=carry,
+        arrays=arrays, carry=carry,
         dp_share_std=float(record["dp-share-std"]) if "dp-share-std" in record else None,  # type: ignore[arg-type]
     )
 
@@ -189,6 +194,47 @@ def read_carry(reply: Message, expected: Shapes) -> tuple[dict[str, torch.Tensor
         if not torch.isfinite(t).all():
             return state, f"non-finite optimizer state {key}"
     return state, None
+
+
+# ---------------------------------------------------------------------------------------
+# after the last round: the starting and the final weights on each silo's validation split
+
+
+def evaluate_request(start: ArrayRecord, final: ArrayRecord, config: ConfigRecord, node_id: int) -> Message:
+    """Ask a silo for the validation loss of the run's starting and final global weights."""
+    return Message(RecordDict({"start": start, "final": final, "config": config}), node_id, "evaluate",
+                   group_id="validate")
+
+
+def read_evaluate_request(msg: Message) -> tuple[TrainRequest, dict[str, torch.Tensor]]:
+    """(the round fields and the final weights as `arrays`, the starting weights) of an `evaluate` message."""
+    content = msg.content
+    record = content.config_records["config"]
+    text = str(record["fedlm-config"])
+    req = _train_request(record, parse_config(text), text, content.array_records["final"].to_torch_state_dict(), None)
+    return req, content.array_records["start"].to_torch_state_dict()
+
+
+def evaluate_reply(msg: Message, *, start: float, final: float, verdict_only: bool) -> Message:
+    """A silo's validation numbers; under secure aggregation only whether the final weights are worse
+    (the server learns no per-silo loss there, as it learns none in the rounds)."""
+    judged = math.isfinite(start) and math.isfinite(final)
+    values = {"worse": float(final > start) if judged else math.nan} if verdict_only else \
+        {"val_loss_start": start, "val_loss_final": final}
+    return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)  # type: ignore[arg-type]
+
+
+def read_validation(reply: Message) -> dict[str, float] | str:
+    """A silo's validation numbers from its `evaluate` reply, or why there are none."""
+    if reply.has_error():
+        return f"failed: {error_reason(reply)}"
+    got = read_metrics(reply.content)
+    keys = set(got)
+    if keys not in ({"worse"}, {"val_loss_start", "val_loss_final"}) or set(reply.content.keys()) != {"metrics"}:
+        return f"unexpected validation reply {sorted(keys)}"
+    if not all(math.isfinite(v) for v in got.values()):
+        return "no validation windows (its val split is shorter than train.seq_len)"
+    return got
 
 
 # ---------------------------------------------------------------------------------------

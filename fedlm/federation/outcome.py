@@ -1,4 +1,4 @@
-"""What a federated run achieved, from its rounds log: rounds completed and skipped, silos left worse off.
+"""What a federated run achieved, from its rounds log and validation: rounds completed and skipped, silos left worse off.
 
     summary = amend_summary(run_dir, summary)   # adds the keys below to RUN/summary.json
     for line in outcome_lines(summary): print(line)
@@ -6,21 +6,23 @@
 - `rounds_completed`: rounds whose update was applied; `rounds_skipped`: the others, with who
   dropped and why. A run with a skipped round did not do what its config asked: `fedlm train`
   exits non-zero.
-- `worse_than_start`: silos whose training loss in the last round they completed is above
-  their loss in the first round they completed. A silo's loss in a round is measured on its
-  own training batches, starting from that round's global weights, so the first round's is the
-  loss of the starting model on that silo and the last one's the loss of (nearly) the final
-  model. It is a training loss: the silos' validation loss is `fedlm eval`'s.
+- `worse_than_start`: silos whose validation loss under the final global weights is above
+  their validation loss under the starting weights, each measured by the silo on its own val
+  split after the last round (`fedlm.federation.validation`, RUN/validation.json): {silo:
+  {"val_loss_start", "val_loss_final"}}, or {silo: {}} under secure aggregation, where a silo
+  tells only that it got worse. `validation_missing`: the silos that gave no verdict, and why.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from fedlm.fileio import write_json
+
+VALIDATION = "validation.json"
+"""Written by `fedlm.federation.validation` after the last round."""
 
 
 def _rows(run_dir: Path) -> list[dict[str, Any]]:
@@ -36,28 +38,34 @@ def _rows(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def worse_silos(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """{silo: {"first", "last"}} for the silos whose loss rose from their first counted round to their last."""
-    first: dict[str, float] = {}
-    last: dict[str, float] = {}
-    for row in rows:
-        if not row.get("completed"):
-            continue
-        for silo, log in (row.get("silos") or {}).items():
-            loss = log.get("loss")
-            if silo in (row.get("dropped") or {}) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
-                continue
-            first.setdefault(silo, float(loss))
-            last[silo] = float(loss)
-    return {s: {"first": first[s], "last": last[s]} for s in sorted(last) if last[s] > first[s]}
+def worse_silos(validation: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """{silo: its two validation losses (none under SecAgg)} for the silos the run left worse off."""
+    worse: dict[str, dict[str, float]] = {}
+    for silo, got in (validation.get("silos") or {}).items():
+        if "worse" in got:
+            if got["worse"] > 0:
+                worse[silo] = {}
+        elif got["val_loss_final"] > got["val_loss_start"]:
+            worse[silo] = {k: float(got[k]) for k in ("val_loss_start", "val_loss_final")}
+    return dict(sorted(worse.items()))
+
+
+def _validation(run_dir: Path) -> dict[str, Any]:
+    try:
+        got = json.loads((run_dir / VALIDATION).read_text(encoding="utf-8"))
+        return got if isinstance(got, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def amend_summary(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
     """Add rounds_completed, rounds_skipped and worse_than_start to `summary` and RUN/summary.json."""
     rows = _rows(run_dir)
     skipped = [{"round": r["round"], "dropped": r.get("dropped", {})} for r in rows if not r.get("completed")]
+    validation = _validation(run_dir)
     summary = {**summary, "rounds_completed": sum(1 for r in rows if r.get("completed")),
-               "rounds_skipped": skipped, "worse_than_start": worse_silos(rows)}
+               "rounds_skipped": skipped, "worse_than_start": worse_silos(validation),
+               "validation_missing": validation.get("missing", {})}
     write_json(run_dir / "summary.json", summary)
     return summary
 
@@ -69,8 +77,14 @@ def outcome_lines(summary: dict[str, Any]) -> list[str]:
         why = "; ".join(f"{s}: {w}" for s, w in sorted(skip["dropped"].items())) or "no silo sampled"
         lines.append(f"round {skip['round']} skipped ({why})")
     for silo, loss in summary.get("worse_than_start", {}).items():
-        lines.append(f"silo {silo}: training loss {loss['first']:.4f} in its first round, {loss['last']:.4f} "
-                     f"in its last: worse than at the start")
+        if loss:
+            lines.append(f"silo {silo}: validation loss {loss['val_loss_start']:.4f} with the starting weights, "
+                         f"{loss['val_loss_final']:.4f} with the final ones: worse than at the start")
+        else:
+            lines.append(f"silo {silo}: its validation loss is higher with the final weights than with the "
+                         "starting ones: worse than at the start (under secure aggregation it sends no loss)")
+    for silo, why in summary.get("validation_missing", {}).items():
+        lines.append(f"silo {silo}: not validated ({why})")
     return lines
 
 

@@ -44,6 +44,7 @@ from fedlm.federation.strategies import (
     sample_silos,
 )
 from fedlm.federation.task import expand_state, federated_train_config, planned_tokens, wire_names
+from fedlm.federation.validation import validate_silos
 from fedlm.fileio import append_jsonl, truncate_jsonl
 from fedlm.lora import plain_model
 from fedlm.model import Transformer
@@ -68,6 +69,7 @@ class ServerRun:
     tokenizer_sha256: str
     run_id: str  # names this run (the same after a resume) for silo state kept between rounds
     dp: RoundPrivacy | None
+    start_state: dict[str, torch.Tensor]  # the arrays that travel, as round 1 got them
     link: Link | None = None  # set once the silos are connected
     rounds_done: int = 0
 
@@ -84,6 +86,9 @@ def run_rounds(grid: Grid, cfg: Config, run_dir: Path, *, resume: bool = False,
         append_jsonl(run_dir / "rounds.jsonl", row)
         if on_round is not None:
             on_round(round_no, rounds, row)
+    validate_silos(run.link, run_dir, start=run.start_state, final=run.global_state,
+                   config=round_config(round_no=rounds, config_text=run.config_text, run_id=run.run_id,
+                                       tokenizer_sha256=run.tokenizer_sha256, weight_ref=planned_tokens(run.cfg)))
     run.model.load_state_dict(expand_state(run.model, run.global_state))
     save_model(plain_model(run.model), run_dir / "model", tokenizer_path=Path(run.cfg.data.workspace) / "tokenizer.json")
     return write_summary(run_dir, run.cfg, run.silos, rounds_run=rounds - first)
@@ -105,7 +110,7 @@ def start_run(cfg: Config, run_dir: Path, *, resume: bool) -> ServerRun:
     text = config_to_toml(cfg)
     run_id = hashlib.sha256(f"{text}{run_dir.resolve()}{run_dir.stat().st_ino}".encode()).hexdigest()[:16]
     run = ServerRun(cfg=cfg, run_dir=run_dir, silos=silos, model=model, global_state=global_state,
-                    optimizer=optimizer, config_text=text,
+                    start_state=dict(global_state), optimizer=optimizer, config_text=text,
                     tokenizer_sha256=tokenizer_hash(Path(cfg.data.workspace) / "tokenizer.json"),
                     run_id=run_id, dp=None)
     rounds_path = run_dir / "rounds.jsonl"

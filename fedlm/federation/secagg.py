@@ -37,10 +37,17 @@ shares of its mask secret key. An honest silo never reveals both b_u and s_sk_u 
 silo. It enforces its own rules, whatever the server asks: a threshold t that is a majority
 of at least 3 silos, bits in [8, 32], the clip range its own config implies, one masked input
 and one unmask answer per round, and no unmasking with fewer than max(t, 3) survivors (with
-2, each could read the other's update off the sum). Not implemented: Bonawitz's round 3
-consistency check with signatures (a server that tells silos different survivor lists), and
-binding the public keys to the silos' node identities. The PRG is AES-256 in counter mode (`fedlm.privacy.randomness.prg`)
-keyed by the 32-byte secret (a real CSPRNG, ~10 ms per 5 M values), fresh keys every round.
+2, each could read the other's update off the sum).
+
+Keys bound to identities. Across organisations each silo signs its round public keys with
+its registered node key (the SuperNode key the coordinator bound to its name), and each silo
+checks every listed silo's signature against its own copy of the registry (`pinned`): a
+server that substitutes its own keys for a peer's, to decrypt the shares sent to it, or adds
+a silo of its own, is refused before any share leaves. Not implemented: Bonawitz's round 3
+consistency check (a server that tells silos different survivor lists).
+
+The PRG is AES-256 in counter mode (`fedlm.privacy.randomness.prg`) keyed by the 32-byte
+secret (a real CSPRNG), fresh keys every round.
 
 Quantisation. With n silos at setup, each value is clipped to ±clip_range and rounded to the
 nearest multiple of step = clip_range / qmax, qmax = (2^(bits−1) − 1) // (2n), as a signed
@@ -52,13 +59,12 @@ coordinate when nothing was clipped ("stochastic" rounding: < survivors * step, 
 Choose clip_range = federation.max_update_norm when it is set: a coordinate of an update can
 never exceed the update's L2 norm, so an accepted update is never clipped.
 
-Weighting (FedAvg by tokens). Token counts are public: silo u masks w_u * x_u, with the weight
-w_u = tokens_u / tokens_ref <= 1 (tokens_ref a public reference such as the planned tokens per
-silo per round) so the clip range still holds, and the server divides the unmasked sum by
-Σ w_u over the silos whose vectors arrived. Public because the rounds log already records each
-silo's tokens, a silo's token count is local_steps × batch × seq_len (the config, not its
-text), and knowing the survivors' weights lets the server renormalise after a dropout without
-a second secure sum.
+Weighting. Silo u masks w_u * x_u with a public weight w_u <= 1 (so the clip range holds), and
+the server divides the unmasked sum by Σ w_u over the silos whose vectors arrived. The weight
+must be public and fixed by the server, never a silo's report: the server cannot see the
+weight a silo applies inside its mask, so a silo that reports a small weight and masks with a
+large one shrinks the divisor and scales up everyone's update. The federated rounds give every
+silo w_u = 1, the tokens the plan gives each silo per round (`exchanges.secagg_round`).
 """
 
 from __future__ import annotations
@@ -67,11 +73,14 @@ import base64
 import math
 import os
 import time
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
 import torch
+from cryptography.exceptions import InvalidSignature
 from cryptography.fernet import InvalidToken
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
@@ -197,6 +206,10 @@ def _sk_from_bytes(b: bytes) -> ec.EllipticCurvePrivateKey:
     return ec.derive_private_key(int.from_bytes(b, "big"), _CURVE)
 
 
+KEY_BINDING = b"fedlm secagg round keys v1"
+"""Domain separation for the statement a silo signs (`key_statement`): no other signature of its
+node key (Flower signs each Fleet request with it) can be passed off as one over round keys."""
+
 HEADROOM = 2
 """Each silo gets 1/(HEADROOM · n) of the signed range, so an honest sum fills at most half of it:
 a wrapped input (any uint32 vector passes as masked) lands outside that half and is refused."""
@@ -272,8 +285,37 @@ def default_threshold(num_silos: int) -> int:
 # ---- client stages -------------------------------------------------------------------------
 
 
-def client_setup(silo: str, request: Msg) -> tuple[Msg, Msg]:
-    """Stage 0: make the encryption (c) and mask (s) key pairs and the self-mask seed b."""
+def key_statement(silo: str, round_no: int, c_pk: bytes, s_pk: bytes) -> bytes:
+    """What a silo signs with its registered node key at stage 0: its name, the round and its two
+    public keys for the round (each field length-prefixed, so no two statements read alike)."""
+    fields = [KEY_BINDING, silo.encode(), round_no.to_bytes(8, "big"), c_pk, s_pk]
+    return b"".join(len(f).to_bytes(4, "big") + f for f in fields)
+
+
+def _check_signatures(state: Msg, silos: list[str], c_pks: list[bytes], s_pks: list[bytes], sigs: list[bytes],
+                      pinned: Mapping[str, ec.EllipticCurvePublicKey]) -> None:
+    """Refuse a key list in which a silo is not in this silo's pinned registry, or whose round keys
+    are not signed by that silo's registered key (a server substituting keys to read the shares)."""
+    me = state["silo"]
+    if len(sigs) != len(silos):
+        raise SecAggError(f"silo {me}: the server sent no signatures for the silos' round keys; refused "
+                          "(unsigned keys could be the server's own)")
+    for name, c_pk, s_pk, sig in zip(silos, c_pks, s_pks, sigs, strict=True):
+        if name not in pinned:
+            raise SecAggError(f"silo {me}: the round lists {name!r}, which is not in this silo's registry of "
+                              "peers; refused")
+        try:
+            pinned[name].verify(bytes(sig), key_statement(name, int(state["round"]), c_pk, s_pk),
+                                ec.ECDSA(hashes.SHA384()))
+        except InvalidSignature:
+            raise SecAggError(f"silo {me}: the round keys of {name!r} are not signed by its registered key; "
+                              "refused (the server may be substituting keys)") from None
+
+
+def client_setup(silo: str, request: Msg, *, signing_key: ec.EllipticCurvePrivateKey | None = None,
+                 round_no: int = 0) -> tuple[Msg, Msg]:
+    """Stage 0: make the encryption (c) and mask (s) key pairs and the self-mask seed b; with
+    `signing_key` (the silo's registered node key) sign them for round `round_no`."""
     bits, clip = int(request["bits"]), float(request["clip_range"])
     if not MIN_BITS <= bits <= 32 or not (np.isfinite(clip) and clip > 0):
         raise SecAggError(f"silo {silo}: the server asks for bits = {bits}, clip range {clip}; "
@@ -289,12 +331,21 @@ def client_setup(silo: str, request: Msg) -> tuple[Msg, Msg]:
         "c_sk": _sk_to_bytes(c_sk),
         "s_sk": _sk_to_bytes(s_sk),
         "b": os.urandom(32),
+        "round": round_no,
     }
-    return state, {"c_pk": _pk_bytes(c_sk), "s_pk": _pk_bytes(s_sk)}
+    reply: Msg = {"c_pk": _pk_bytes(c_sk), "s_pk": _pk_bytes(s_sk)}
+    if signing_key is not None:
+        reply["sig"] = signing_key.sign(key_statement(silo, round_no, reply["c_pk"], reply["s_pk"]),
+                                        ec.ECDSA(hashes.SHA384()))
+    return state, reply
 
 
-def client_share_keys(state: Msg, request: Msg) -> tuple[Msg, Msg]:
-    """Stage 1: Shamir-share b and s_sk among all silos, each share encrypted for its holder."""
+def client_share_keys(state: Msg, request: Msg, *, pinned: Mapping[str, ec.EllipticCurvePublicKey] | None = None
+                      ) -> tuple[Msg, Msg]:
+    """Stage 1: Shamir-share b and s_sk among all silos, each share encrypted for its holder.
+
+    `pinned`: {silo: its registered node key}, this silo's own copy of the registry; every
+    listed silo must be in it and have signed its round keys with it (`key_statement`)."""
     silos: list[str] = list(request["silos"])
     c_pks: list[bytes] = list(request["c_pk"])
     s_pks: list[bytes] = list(request["s_pk"])
@@ -304,6 +355,8 @@ def client_share_keys(state: Msg, request: Msg) -> tuple[Msg, Msg]:
         raise SecAggError(f"silo {me}: malformed key list from the server")
     if len(set(c_pks) | set(s_pks)) != 2 * n:
         raise SecAggError(f"silo {me}: public keys are not distinct")
+    if pinned is not None:
+        _check_signatures(state, silos, c_pks, s_pks, list(request.get("sig", [])), pinned)
     if n < MIN_SURVIVORS or not n // 2 < t <= n:
         raise SecAggError(f"silo {me}: threshold {t} for {n} silos is refused: this silo needs at least "
                           f"{MIN_SURVIVORS} silos and a threshold in ({n // 2}, {n}] (a majority), "
@@ -564,11 +617,14 @@ class SecAggServer:
         if len(self.u1) < len(self.silos):  # the quantisation step depends on n
             _check_params(len(self.u1), self.threshold, self.bits, self.clip_range)
         self.s_pks = {s: bytes(replies[s]["s_pk"]) for s in self.u1}
-        return {
+        out: Msg = {
             "silos": self.u1,
             "c_pk": [bytes(replies[s]["c_pk"]) for s in self.u1],
             "s_pk": [self.s_pks[s] for s in self.u1],
         }
+        if any("sig" in replies[s] for s in self.u1):  # each silo checks them against its own registry
+            out["sig"] = [bytes(replies[s].get("sig", b"")) for s in self.u1]
+        return out
 
     def receive_share_keys(self, replies: dict[str, Msg]) -> dict[str, Msg]:
         """Route the encrypted shares: return each silo's stage 2 request."""

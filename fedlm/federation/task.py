@@ -34,7 +34,7 @@ from fedlm.federation.silo_privacy import SiloPrivacy
 from fedlm.model import Transformer
 from fedlm.privacy.client_dp import clip_update
 from fedlm.privacy.dpsgd import RecordPlan, num_records, plan_record_dp
-from fedlm.train import SiloBatches, build_model, local_update, silo_gradient
+from fedlm.train import SiloBatches, build_model, load_global, local_update, silo_gradient, val_loss
 
 _MODELS: dict[tuple[int, str], Transformer] = {}  # (node, config) -> model, reused in one process
 _MODELS_LOCK = threading.Lock()
@@ -175,6 +175,24 @@ def train_silo(
     if cfg.privacy.mode == "client":  # client-level DP: this silo's influence on the sum is at most clip
         wire, _ = clip_update(wire, max_norm=cfg.privacy.clip)
     return wire, metrics
+
+
+def validate_silo(weights: list[dict[str, torch.Tensor]], *, cfg: Config, config_text: str, path: Path,
+                  tokenizer_sha256: str, node_id: int = 0) -> list[float]:
+    """The loss (nats per token) of each set of wire arrays in `weights` on this silo's own val split.
+
+    Every set is scored on the same windows (`val_loss`, seeded), so the values compare; nan when
+    the split is shorter than one window. Only these numbers leave the silo."""
+    torch.set_num_threads(1)
+    tokens = open_split(path, "val", expect_tokenizer_sha256=tokenizer_sha256)
+    model = _model(node_id, config_text, cfg)
+    tc = cfg.train
+    out = []
+    for arrays in weights:  # a node handles one message at a time, as for training
+        load_global(model, expand_state(model, arrays))
+        out.append(val_loss(model, [tokens], batches=tc.eval_batches, batch_size=tc.batch_size,
+                            seq_len=tc.seq_len, precision=tc.precision))
+    return out
 
 
 def encode_update(update: dict[str, torch.Tensor], *, cfg: Config, path: Path, run_id: str, round_idx: int

@@ -124,6 +124,36 @@ def remove_silo(registry: Path, name: str) -> None:
     write_json(registry, {"silos": silos})
 
 
+def load_signing_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """A silo's private node key (`make_silo_key`), which also signs its SecAgg round keys."""
+    try:
+        key = serialization.load_ssh_private_key(Path(path).read_bytes(), password=None)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the silo's key ({e.strerror})") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise UserError(f"{path}: not an OpenSSH private key; make one with `fedlm silo key KEY`") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise UserError(f"{path}: not an EC key; make one with `fedlm silo key KEY`")
+    return key
+
+
+def pinned_keys(registry: Path) -> dict[str, ec.EllipticCurvePublicKey]:
+    """{silo: its registered public key} from a silo's own copy of the registry (`fedlm node --peers`).
+
+    A silo checks its peers' SecAgg round keys against this copy, not against anything the
+    server sends, so a coordinator that substitutes keys is caught; the copy must come from a
+    channel the silo trusts (compare the keys' fingerprints with the other silos)."""
+    if not Path(registry).is_file():
+        raise UserError(f"--peers {registry}: no such file; get the coordinator's silos.json and check its keys")
+    out = {}
+    for silo, text in load_registry(registry).items():
+        key = serialization.load_ssh_public_key(text.encode())
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise UserError(f"{registry}: the key of silo {silo!r} is not an EC key")
+        out[silo] = key
+    return out
+
+
 def registered_nodes() -> dict[int, str] | None:
     """{node id: silo} registered by `fedlm superlink` (None: no registry, a federation on one machine)."""
     path = os.environ.get(NODES_ENV)
