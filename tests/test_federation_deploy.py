@@ -10,8 +10,12 @@ import datetime
 import http.server
 import json
 import ssl
+import subprocess
+import sys
+import textwrap
 import threading
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -91,8 +95,44 @@ def test_tls_certificate_that_does_not_match(tmp_path: Path) -> None:
 def test_supernode_command_carries_the_silo(tmp_path: Path) -> None:
     cmd = supernode_command("10.0.0.5:9092", tmp_path, "legal", port=9101, root_certificates=tmp_path / "ca.pem")
     assert cmd[cmd.index("--node-config") + 1] == f'workspace="{tmp_path.resolve()}" silo="legal"'
+    assert cmd[1:3] == ["-m", "fedlm.federation.supernode"]  # Flower's SuperNode with its polls shortened
+    signed = supernode_command("h:1", tmp_path, "legal", port=1, insecure=True, key=tmp_path / "k",
+                               peers=tmp_path / "silos.json")  # the ClientApp signs and checks SecAgg round keys
+    assert signed[signed.index("--node-config") + 1].endswith(
+        f'key="{(tmp_path / "k").resolve()}" peers="{(tmp_path / "silos.json").resolve()}"')
     assert cmd[cmd.index("--root-certificates") + 1] == str(tmp_path / "ca.pem")
     assert "--insecure" not in cmd
+
+
+def test_flowers_fixed_polls_are_found_and_shortened() -> None:
+    """`polls` patches Flower 1.42's SuperNode loop and object-pull retries; in a fresh process (the
+    patch is process-wide), each still finds what it patches and the SuperNode's 3 s idle sleep is
+    capped. A Flower whose code moved fails here, not as a slow round."""
+    code = textwrap.dedent("""
+        import time
+        from flwr.supercore.inflatable import inflatable_utils
+        from flwr.supernode import start_client_internal as loop
+        from fedlm.federation import polls
+        polls.shorten_supernode_polls()
+        polls.shorten_object_pull_retries()
+        t = time.monotonic()
+        loop.time.sleep(3)
+        assert time.monotonic() - t < 1.0
+        assert loop.time.monotonic is time.monotonic
+        kw = inflatable_utils.pull_objects.__kwdefaults__
+        assert (kw["initial_backoff"], kw["backoff_cap"]) == (polls.PULL_RETRY_SECONDS, polls.PULL_RETRY_CAP_SECONDS)
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    from fedlm.federation.polls import Backoff
+
+    waits: list[float] = []
+    backoff = Backoff(0.05, 0.25)
+    with mock.patch("fedlm.federation.polls.time.sleep", waits.append):
+        for _ in range(5):
+            backoff.wait()
+        backoff.reset()
+        backoff.wait()
+    assert waits == [0.05, 0.1, 0.2, 0.25, 0.25, 0.05]  # prompt after activity, cheap while a silo trains
 
 
 @pytest.mark.slow

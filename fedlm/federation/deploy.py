@@ -19,7 +19,8 @@ silos whose keys the coordinator registered; see `trust` for the mechanism and w
 
 Each SuperNode runs in `--isolation process` beside fedlm's launcher (`warm_exec`), which
 imports the client once and forks a process per message instead of Flower starting a fresh
-interpreter for each.
+interpreter for each. SuperNodes run as `python -m fedlm.federation.supernode`, Flower's own
+command line with its fixed polls shortened (`polls`).
 
 The ServerApp runs on the SuperLink's machine, holds the run folder's lock (`fedlm.runlock`)
 and writes the run directory there; this module waits for its summary.json (or error.json),
@@ -344,7 +345,7 @@ def supernode_command(superlink: str, workspace: Path, silo: str, *, port: int,
     for name, path in (("key", key), ("peers", peers)):
         if path is not None:
             node_config += f' {name}="{Path(path).resolve()}"'
-    cmd = [str(BIN / "flower-supernode"), "--superlink", superlink, "--port", str(port),
+    cmd = [sys.executable, "-m", "fedlm.federation.supernode", "--superlink", superlink, "--port", str(port),
            "--node-config", node_config, "--isolation", "process"]  # ClientApps: start_launcher
     if key is not None:
         cmd += ["--auth-supernode-private-key", str(Path(key).resolve())]

@@ -4,8 +4,9 @@
 
 `deployed(grid)` gives Flower's grid a `send_and_receive` that
 
-- pulls replies every `POLL_SECONDS`: Flower 1.42's pulls, then sleeps 3 s (hard-coded), so
-  each exchange ended up to 3 s after its last reply;
+- pulls replies every `POLL_SECONDS`, backing off to `POLL_CAP_SECONDS` while none comes:
+  Flower 1.42's pulls, then sleeps 3 s (hard-coded), so each exchange ended up to 3 s after
+  its last reply;
 - turns the SuperLink's node-unavailable reply (sent when a SuperNode misses its heartbeats;
   it comes from the SuperLink's own node id) into an error reply from the node that was
   asked, so the rounds loop drops that silo with the reason, not as a timeout;
@@ -30,10 +31,12 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedlm.federation import trust
+from fedlm.federation.polls import Backoff
 
 log = logging.getLogger("fedlm.federation")
 
-POLL_SECONDS = 0.1
+POLL_SECONDS, POLL_CAP_SECONDS = 0.05, 0.25
+"""Pull replies 50 ms after sending or after a reply came, backing off to 0.25 s while silos train."""
 UNAVAILABLE = "node unavailable: its SuperNode stopped sending heartbeats (stopped, killed or cut off)"
 
 
@@ -73,8 +76,11 @@ class DeployedGrid:
         node_of = {i: m.metadata.dst_node_id for m, i in zip(msgs, ids, strict=True) if i}
         got = [_unavailable(m) for m, i in zip(msgs, ids, strict=True) if not i]  # refused: offline
         wanted = set(node_of)
+        backoff = Backoff(self.poll, max(self.poll, POLL_CAP_SECONDS))
         while wanted:
             replies = list(self.grid.pull_messages(wanted))
+            if replies:
+                backoff.reset()
             for reply in replies:
                 if reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
                     reply.metadata.__dict__["_src_node_id"] = node_of[reply.metadata.reply_to_message_id]
@@ -83,7 +89,7 @@ class DeployedGrid:
             wanted -= {m.metadata.reply_to_message_id for m in replies}
             if not wanted or (deadline is not None and time.monotonic() >= deadline):
                 break
-            time.sleep(self.poll)
+            backoff.wait()
         return got
 
     def _own(self, reply: Message, asked: dict[int, int]) -> None:

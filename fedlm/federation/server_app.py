@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlm.config import load_config
 from fedlm.errors import UserError
+from fedlm.federation.polls import shorten_object_pull_retries
 from fedlm.federation.replies import deployed
 from fedlm.federation.rounds import run_rounds
 from fedlm.fileio import write_json
@@ -34,6 +35,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run the federated rounds the run directory's config.toml describes."""
     logging.basicConfig(level=logging.INFO)
+    shorten_object_pull_retries()  # replies are handed out before their objects have all arrived
     torch.set_num_threads(1)  # as in process: the server's arithmetic is the same bit for bit
     run_dir = Path(str(context.run_config["run-dir"]))
     # the coordinator's record of the run (nodes given no work, dropped silos) beside its rounds

@@ -6,7 +6,8 @@ Flower's own launcher (`flower-superexec`, started by a SuperNode in `--isolatio
 starts a new `flwr-clientapp` process for every message, and each spends seconds importing
 torch and fedlm before a fraction of a second of training. A SuperNode in `--isolation
 process` leaves the launching to another process: this one. It imports the client once, asks
-the SuperNode's Runtime API for a task every `--poll` seconds, and forks a child per task that
+the SuperNode's Runtime API for a task (`--poll` seconds after the last one, backing off while
+none comes), and forks a child per task that
 runs Flower's own `run_clientapp` with the task's token. Each message still runs in a process
 of its own (nothing survives between messages, as under Flower's launcher); only the imports
 are shared, copied at the fork. The parent never runs torch, so no thread pool is forked.
@@ -24,8 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-POLL_SECONDS = 0.05
-PULL_RETRY_SECONDS, PULL_RETRY_CAP_SECONDS = 0.05, 0.5  # Flower's launcher polls every 1 s; the Runtime API is local, asking is cheap
+from fedlm.federation.polls import Backoff, shorten_object_pull_retries
+
+POLL_SECONDS, POLL_CAP_SECONDS = 0.05, 0.4
+"""Ask for a task 50 ms after the last one, backing off to 0.4 s (Flower's launcher: every 1 s)."""
 
 
 def command(runtime_api_address: str, parent_pid: int, *, root_certificates: Path | None = None) -> list[str]:
@@ -78,14 +81,7 @@ def _preload() -> None:
     import fedlm.federation.client_app  # noqa: F401
 
     torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
-    # The child pulls the message's objects from its SuperNode, which may still be fetching them
-    # from the SuperLink: Flower retries after 1 s, 2 s, 4 s ... (capped at 10 s); the SuperNode
-    # is on this machine, so retry every 50 ms, then every 0.5 s at most.
-    from flwr.supercore.inflatable import inflatable_utils
-
-    kw = inflatable_utils.pull_objects.__kwdefaults__
-    assert kw is not None
-    kw["initial_backoff"], kw["backoff_cap"] = PULL_RETRY_SECONDS, PULL_RETRY_CAP_SECONDS
+    shorten_object_pull_retries()  # the child pulls the message from its SuperNode, which may still be fetching it
     assert threading.active_count() == 1, "a thread started before fork: the children would not get it"
 
 
@@ -115,6 +111,7 @@ def serve(address: str, *, parent_pid: int, insecure: bool, root_certificates: P
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    backoff = Backoff(poll, max(poll, POLL_CAP_SECONDS))  # the next task comes soon after one ends
     while _alive(parent_pid):
         for pid in list(children):
             try:
@@ -123,6 +120,7 @@ def serve(address: str, *, parent_pid: int, insecure: bool, root_certificates: P
                 done = True
             if done:
                 children.discard(pid)
+                backoff.reset()
         try:
             res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
         except Exception:  # noqa: BLE001  the SuperNode is starting or stopping: ask again
@@ -133,8 +131,9 @@ def serve(address: str, *, parent_pid: int, insecure: bool, root_certificates: P
             if pid == 0:
                 _run_task(address, res.token, insecure, certificates)
             children.add(pid)
+            backoff.reset()
             continue  # a round sends one message per node, but ask again at once
-        time.sleep(poll)
+        backoff.wait()
     stop(signal.SIGTERM, None)
 
 
