@@ -229,3 +229,19 @@ def test_a_silo_cannot_weigh_itself_up_inside_secure_aggregation(tmp_path: Path,
     _run_nodes(ws, tmp_path / "inflated", {}, liar, max_update_norm=5.0)
     row = rounds(tmp_path / "inflated")[0]
     assert row["completed"] is False and row["dropped"] == {}
+
+
+def test_fedlm_node_checks_its_registry_copy_before_connecting(tmp_path: Path) -> None:
+    """`fedlm node --peers silos.json`: a copy that lacks this silo, or binds another key to it, is
+    refused with one line before the SuperNode starts (it would refuse every SecAgg round)."""
+    from fedlm.federation.deploy import run_node
+
+    (tmp_path / "ws" / "silos" / "legal").mkdir(parents=True)
+    for name in ("legal", "other"):
+        trust.make_silo_key(tmp_path / f"{name}.key")
+    trust.add_silo(tmp_path / "lacks.json", "medical", tmp_path / "other.key.pub")
+    trust.add_silo(tmp_path / "wrong.json", "legal", tmp_path / "other.key.pub")
+    for registry, why in (("lacks.json", "silo 'legal' is not in it"), ("wrong.json", "is not")):
+        with pytest.raises(UserError, match=why):
+            run_node("127.0.0.1:1", tmp_path / "ws", "legal", root_certificates=tmp_path / "ca.pem",
+                     key=tmp_path / "legal.key", peers=tmp_path / registry, ready_timeout=0.1)
