@@ -227,26 +227,46 @@ def test_bad_input_is_a_user_error(dirs: dict[str, Path]) -> None:
         explain(dirs["run"], "The court", target=" notwithstanding the")
 
 
-def _fedlm(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*FEDLM, *args], env=ENV, capture_output=True, text=True, timeout=300)
+def _main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """`fedlm ARGS` through the CLI's own entry point (its error handling), in this process."""
+    from fedlm.cli import main
+
+    old = sys.argv
+    sys.argv = ["fedlm", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_bad_input_is_one_line_exit_2(dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """Empty TEXT, a text past the context, a --target of two tokens and a --head the model lacks: each
+    one line on stderr naming what is wrong, exit 2."""
+    for args, needle in (([""], "TEXT is empty"), (["word " * 200], "context of 64 tokens"),
+                         (["The court", "--target", "notwithstanding the"], "not one"),
+                         (["The court", "--head", "9"], "heads 1-4")):
+        code, _, err = _main(capsys, "explain", str(dirs["run"]), *args)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and needle in lines[0], (args, err)
+    code, out, _ = _main(capsys, "explain", str(dirs["run"]), "The court held that", "--layer", "2", "--head", "4")
+    assert code == 0 and "bits/byte" in out and "completeness error" in out and "logit lens" in out, out
 
 
 @pytest.mark.slow
-def test_cli_json_html_and_bad_input(dirs: dict[str, Path], text: str, tmp_path: Path) -> None:
-    """The command as a user runs it: --json holds the documented keys, --html writes the page, and each
-    bad input is one line on stderr with exit 2."""
+def test_cli_json_and_html_as_a_user_runs_them(dirs: dict[str, Path], text: str, tmp_path: Path) -> None:
+    """`fedlm explain` in its own process, on the HF export: --json holds the documented keys and --html
+    writes the page."""
     page = tmp_path / "x.html"
-    r = _fedlm("explain", str(dirs["run"]), text, "--json", "--html", str(page))
+    r = subprocess.run([*FEDLM, "explain", str(dirs["hf"]), text, "--json", "--html", str(page)], env=ENV,
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
-    assert {"tokens", "surprisal_bits", "attention", "attributions", "logit_lens"} <= set(out)
-    assert {"target", "scores", "completeness_error"} <= set(out["attributions"])
+    assert {"tokens", "surprisal_bits", "alternatives", "bits_per_byte", "attention", "attributions",
+            "logit_lens"} <= set(out)
+    assert {"target", "scores", "completeness_error", "f_x", "f_baseline", "steps"} <= set(out["attributions"])
     assert page.read_text().startswith("<!doctype html>")
-    r = _fedlm("explain", str(dirs["hf"]), text)
-    assert r.returncode == 0 and "bits/byte" in r.stdout and "completeness error" in r.stdout, r.stderr
-    for args, needle in ((["", ], "TEXT is empty"), (["word " * 200], "context of 64 tokens"),
-                         (["The court", "--target", "notwithstanding the"], "not one")):
-        r = _fedlm("explain", str(dirs["run"]), *args)
-        assert r.returncode == 2, (args, r.stdout, r.stderr)
-        lines = [line for line in r.stderr.splitlines() if line.strip()]
-        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, r.stderr
