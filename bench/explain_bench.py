@@ -11,7 +11,9 @@ weights. TEXT is medical text of 255 tokens: 256 with the leading "<|endoftext|>
 command as a user runs it (`fedlm explain RUN TEXT --html OUT`, a fresh process: Python, torch
 and captum imports included), `explain()` in a warm process and its integrated-gradients part
 alone, and the same at the demo's own context of 128 tokens. Wall time and CPU seconds of the
-measuring process (children's for the command), medians.
+measuring process (children's for the command), medians. The target is checked on the command's
+CPU seconds: the machine's load stretches wall time but not those, and on an idle machine the
+command's wall time is about its CPU seconds or less (imports on one thread, the model on two).
 """
 
 from __future__ import annotations
@@ -132,11 +134,12 @@ def run(*, quick: bool = False) -> dict[str, Any]:
         warm = _median([_in_process(run_dir, long_text) for _ in range(repeats)])
         warm_128 = _median([_in_process(run_dir, short_text) for _ in range(repeats)])
         cmd = [_command(run_dir, long_text, root / "page.html") for _ in range(repeats)]
-    wall = statistics.median(c[0] for c in cmd)
+    cpu = statistics.median(c[1] for c in cmd)
     return {
         "tokens": int(warm["tokens"]), "ig_steps": IG_STEPS, "torch_threads": torch.get_num_threads(),
-        "command_wall_s": wall, "command_cpu_s": statistics.median(c[1] for c in cmd),
-        "warm": warm, "warm_128": warm_128, "target_s": TARGET_S, "meets_target": wall <= TARGET_S,
+        "command_wall_s": statistics.median(c[0] for c in cmd), "command_cpu_s": cpu,
+        "warm": warm, "warm_128": warm_128, "target_s": TARGET_S, "meets_target": cpu <= TARGET_S,
+        "load_average": os.getloadavg(),
     }
 
 
