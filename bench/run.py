@@ -358,7 +358,7 @@ def explain_section(quick: bool) -> tuple[dict[str, Any], str]:
     text = (
         f"`bench/explain_bench.py`: a model of the full demo's shape (`tiny`, untied head, vocabulary 4096) with "
         f"its context raised to {r['tokens']} tokens (the demo's own is 128, and a longer text is refused), trained "
-        f"briefly on medical text; TEXT is held-out medical text. Wall and CPU seconds, medians; {r['torch_threads']} "
+        f"briefly on licence texts of the legal silo; TEXT is held-out ones. Wall and CPU seconds, medians; {r['torch_threads']} "
         f"torch threads; load average {r['load_average'][0]:.1f} on this machine's cores at the end. The command "
         f"includes starting Python and importing torch and captum; its target is checked on its CPU seconds, which "
         f"the load does not stretch (on an idle machine its wall time is about its CPU seconds or less: the imports run on one thread, the model on two). Completeness error "
