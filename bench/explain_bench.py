@@ -112,6 +112,7 @@ def _in_process(run_dir: Path, text: str) -> dict[str, float]:
     attributions(net, ids, result["attributions"]["target_id"], blank_id=result["attributions"]["baseline_id"])
     return {"wall_s": wall, "cpu_s": cpu, "ig_wall_s": time.perf_counter() - t0, "ig_cpu_s": _cpu() - c0,
             "tokens": len(result["tokens"]), "completeness_error": result["attributions"]["completeness_error"],
+            "ig_steps_used": result["attributions"]["steps"],
             "html_bytes": len(page.encode()), "json_bytes": len(json.dumps(result).encode())}
 
 
