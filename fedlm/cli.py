@@ -124,6 +124,11 @@ def data_tokenizer(
         from fedlm.pretrained import write_model_tokenizer
 
         _out(f"tokenizer of {from_model} -> {write_model_tokenizer(workspace, from_model)}; now `fedlm data shard`")
+        from fedlm.data.chat import template_path
+
+        if not template_path(workspace).is_file():
+            console.print(f"[yellow]note:[/] {escape(from_model)} has no chat template: silos of instruction "
+                          "data cannot be sharded with it (raw-text silos can)", highlight=False, soft_wrap=True)
         return
     if counts:
         if epsilon is not None or seed is not None:

@@ -243,17 +243,23 @@ def accumulate_grad(
 
 @torch.no_grad()
 def val_loss(model: torch.nn.Module, splits: Sequence[np.ndarray], *, batches: int, batch_size: int,
-             seq_len: int, precision: str, seed: int = 0) -> float:
-    """Mean loss over a fixed (seeded) set of validation windows from each split."""
+             seq_len: int, precision: str, seed: int = 0,
+             chats: Sequence[ChatIndex | None] | None = None) -> float:
+    """Mean loss over a fixed (seeded) set of validation windows from each split; a chat split
+    (`chats[i]`, from `open_chat`) is scored as it is trained, on its answers' tokens only."""
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     losses = []
-    for tokens in splits:
-        if len(tokens) <= seq_len:
+    for i, tokens in enumerate(splits):
+        chat = chats[i] if chats else None
+        if (len(tokens) <= seq_len and chat is None) or len(tokens) < 2:
             continue
         for _ in range(batches):
-            x, y = sample_batch(tokens, batch_size=batch_size, seq_len=seq_len, generator=gen)
+            if chat is not None:
+                x, y = sample_chat_batch(tokens, chat, batch_size=batch_size, seq_len=seq_len, generator=gen)
+            else:
+                x, y = sample_batch(tokens, batch_size=batch_size, seq_len=seq_len, generator=gen)
             losses.append(float(lm_loss(model, x, y, precision)))
     model.train(was_training)
     return float(np.mean(losses)) if losses else float("nan")
@@ -475,6 +481,7 @@ def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCall
     optimizer = make_optimizer(model, tc)  # its state is made on the parameters' device
     data = SiloBatches.open(silo_dirs, seed=tc.seed, tokenizer_sha256=tok_sha)
     val_splits = [open_split(d, "val", expect_tokenizer_sha256=tok_sha) for d in silo_dirs]
+    val_chats = [open_chat(d, "val") for d in silo_dirs]
     dp_plan = None
     if cfg.privacy.mode == "record":  # DP-SGD over Poisson-sampled windows of the (pooled) silos
         dp_plan = plan_record_dp(
@@ -542,7 +549,7 @@ def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCall
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 row["val_loss"] = val_loss(model, val_splits, batches=tc.eval_batches,
                                            batch_size=tc.batch_size, seq_len=tc.seq_len,
-                                           precision=tc.precision)
+                                           precision=tc.precision, chats=val_chats)
                 append_jsonl(metrics_path, {"step": step, "val_loss": row["val_loss"]})
                 checkpoint(step)
             if on_step is not None:

