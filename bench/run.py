@@ -27,7 +27,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "BENCHMARKS.md"
-SECTIONS = ("model", "federation", "data", "serve", "plan", "privacy", "device", "explain")
+SECTIONS = ("model", "federation", "data", "serve", "plan", "privacy", "device", "explain", "chat")
 
 
 def _ok(flag: bool | None) -> str:
@@ -371,6 +371,38 @@ def explain_section(quick: bool) -> tuple[dict[str, Any], str]:
     return r, text
 
 
+def chat_section(quick: bool) -> tuple[dict[str, Any], str]:
+    from bench.chat_bench import run
+
+    r = run(quick=quick)
+    p, t, e, m = r["pipeline"], r["train"], r["eval"], r["maestro"]
+    rows = [
+        [f"prepare {p['records']:,} QA records", f"{_f(p['prepare_chat_cpu_s'], 2)} s as conversations",
+         f"{_f(p['prepare_text_cpu_s'], 2)} s as text", f"{p['prepare_ratio']:.2f}×", "–", "–"],
+        ["shard (SmolLM2 ChatML + loss mask)", f"{_f(p['shard_chat_cpu_s'], 2)} s "
+         f"({_f(p['conversations_per_cpu_s'])} conv/s)", f"{_f(p['shard_text_cpu_s'], 2)} s as raw text",
+         f"{p['shard_ratio']:.2f}×", "–", "–"],
+        ["train_step, answer-masked windows (8×128)", f"{_f(t['masked_step_cpu_s'], 3)} s",
+         f"{_f(t['plain_step_cpu_s'], 3)} s unmasked", f"{t['ratio']:.2f}×", "≤ 1.10×", _ok(t["ratio"] <= 1.10)],
+        [f"greedy answers, {e['questions']} questions (SmolLM2)", f"{_f(e['greedy_batched_cpu_s'], 2)} s batched",
+         f"{_f(e['greedy_row_by_row_cpu_s'], 2)} s `generate` per row", f"{e['speedup']:.2f}× faster",
+         "same tokens", _ok(e["same_answers"])],
+        [f"held-out Maestro cards (50, 56-69; 12-19 digits), {m['planted']:,}", f"{m['leaked']} leaked",
+         "6 of 49 before the fix (issue 16)", "–", "0 leaked", _ok(m["leaked"] == 0)],
+        ["their wrong-check-digit lookalikes", f"{m['wrong_check_digit_caught']} scrubbed", "–", "–", "0",
+         _ok(m["wrong_check_digit_caught"] == 0)],
+    ]
+    text = (
+        "`bench/chat_bench.py`: instruction data beside raw text, CPU seconds of this process, one thread, each "
+        "pair run in the same call (interleaved for the training steps). The masked step is cheaper because the "
+        "head's softmax runs only over the answers' tokens. Base SmolLM2 on the synthetic held-out questions: "
+        f"exact match {e['exact_match_base']:.2f}, answer bits/byte {e['answer_bits_per_byte_base']:.3f} "
+        f"(whole `answer_metrics`: {_f(e['answer_metrics_cpu_s'], 1)} s).\n\n"
+        + _table(["measure", "fedlm", "reference", "ratio", "target", ""], rows)
+    )
+    return r, text
+
+
 PLAN_ROUND_TOLERANCE = 0.35
 """`fedlm plan`'s seconds per round against the real runner on this shared machine (stated in README)."""
 
@@ -378,7 +410,7 @@ PLAN_ROUND_TOLERANCE = 0.35
 RUNNERS: dict[str, Callable[[bool], tuple[dict[str, Any], str]]] = {
     "model": model_section, "federation": federation_section, "data": data_section, "serve": serve_section,
     "plan": plan_section, "privacy": privacy_section, "device": device_section,
-    "explain": explain_section,
+    "explain": explain_section, "chat": chat_section,
 }
 TITLES = {
     "model": "Model: fedlm vs transformers (issue 2)",
@@ -389,6 +421,7 @@ TITLES = {
     "privacy": "Privacy: utility, canary exposure and membership inference (issue 4)",
     "device": "Devices and the pretrained path (issue 16, items 5 and 6)",
     "explain": "Explain: `fedlm explain` on 256 tokens (issue 18)",
+    "chat": "Instruction data: conversations, loss mask, answer evaluation (issue 16)",
 }
 
 
