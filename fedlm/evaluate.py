@@ -19,6 +19,7 @@ import math
 import unicodedata
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -182,8 +183,9 @@ def answer_nll(model: Transformer, convs: list[tuple[np.ndarray, np.ndarray, np.
             x[r, :ids.size] = torch.from_numpy(ids)
             target = torch.from_numpy(ids[1:])
             y[r, :ids.size - 1] = torch.where(torch.from_numpy(mask[1:]), target, torch.full_like(target, -100))
-        logits = model(x).float()  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")  # -100 skipped
+        device = model.tok_emb.weight.device
+        logits = model(x.to(device)).float()  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="sum")  # -100 skipped
         nll += float(loss)
         n_bytes += int(token_bytes[y[y >= 0].numpy()].sum())
     return nll, n_bytes
@@ -233,12 +235,14 @@ def answer_metrics(
     max_questions: int = 0,
     max_new_tokens: int = 64,
     batch_size: int = 8,
-) -> dict[str, float | int]:
+    details: bool = False,
+) -> dict[str, Any]:
     """Answer bits/byte and greedy exact match over a chat silo's held-out conversations.
 
-    Returns {"answer_bits_per_byte", "exact_match", "n" (questions), "answer_bytes"}.
-    `max_questions` > 0 takes the split's first that many (the same for every model).
-    UserError when the silo holds no conversations."""
+    Returns {"answer_bits_per_byte", "exact_match", "n" (questions), "answer_bytes"}, and with
+    `details` "answers": per question {"prompt" (as the model read it, special tokens shown),
+    "reference", "answer", "match"}. `max_questions` > 0 takes the split's first that many (the
+    same for every model). UserError when the silo holds no conversations."""
     tok_path = _silo_tokenizer(silo_dir, model_tokenizer)
     tokens = open_split(silo_dir, split, expect_tokenizer_sha256=tokenizer_hash(tok_path))  # type: ignore[arg-type]
     chat = open_chat(silo_dir, split)  # type: ignore[arg-type]
@@ -261,8 +265,14 @@ def answer_metrics(
     prompts = [ids[:ids.size - ans.size][-(ctx - max_new_tokens):] for ids, _, ans in convs]
     got = greedy_answers(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop, batch_size=batch_size)
     model.train(was_training)
-    hits = sum(normalise_answer(tok.decode(g, skip_special_tokens=True))
-               == normalise_answer(tok.decode(ans.tolist(), skip_special_tokens=True))
-               for g, (_, _, ans) in zip(got, convs, strict=True))
-    return {"answer_bits_per_byte": nll / math.log(2) / max(n_bytes, 1), "exact_match": hits / len(convs),
-            "n": len(convs), "answer_bytes": n_bytes}
+    rows: list[dict[str, Any]] = []
+    for g, prompt, (_, _, ans) in zip(got, prompts, convs, strict=True):
+        answer, reference = tok.decode(g, skip_special_tokens=True), tok.decode(ans.tolist(), skip_special_tokens=True)
+        rows.append({"prompt": tok.decode(prompt.tolist(), skip_special_tokens=False), "reference": reference,
+                     "answer": answer, "match": normalise_answer(answer) == normalise_answer(reference)})
+    out: dict[str, Any] = {"answer_bits_per_byte": nll / math.log(2) / max(n_bytes, 1),
+                           "exact_match": sum(bool(r["match"]) for r in rows) / len(rows), "n": len(rows),
+                           "answer_bytes": n_bytes}
+    if details:
+        out["answers"] = rows
+    return out

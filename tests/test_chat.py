@@ -368,7 +368,7 @@ def test_answer_metrics_match_the_single_row_generator(ws: Path) -> None:
 
     model = tiny_model(ws, seed=11).eval()
     silo = ws / "silos" / "qa"
-    got = answer_metrics(model, silo, max_new_tokens=6, batch_size=3)
+    got = answer_metrics(model, silo, max_new_tokens=6, batch_size=3, details=True)
     tok = load_tokenizer(ws / "tokenizer.json")
     end = tok.token_to_id("<|im_end|>")
     convs = held_out_questions(open_split(silo, "val"), open_chat(silo, "val"))  # type: ignore[arg-type]
@@ -392,7 +392,8 @@ def test_answer_metrics_match_the_single_row_generator(ws: Path) -> None:
             if mask[t]:
                 nll -= float(logp[t - 1, ids[t]])
                 n_bytes += int(lengths[ids[t]])
-    assert got["exact_match"] == hits / len(convs)
+    assert got["exact_match"] == hits / len(convs) == sum(r["match"] for r in got["answers"]) / len(convs)
+    assert all(r["prompt"].endswith("<|im_start|>assistant\n") for r in got["answers"])
     assert abs(got["answer_bits_per_byte"] - nll / np.log(2) / n_bytes) < 1e-4
 
 
@@ -522,3 +523,26 @@ def test_prepare_prints_filter_removals_and_takes_thresholds_as_flags(tmp_path: 
     r = subprocess.run([*cmd, "--workspace", str(tmp_path / "c"), "--max-symbol-ratio", "2"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--max-symbol-ratio 2.0 must be in [0, 1]" in r.stderr
+
+
+def test_training_on_the_answers_makes_greedy_answers_exact(tmp_path: Path) -> None:
+    """The whole loop on a tiny silo: train_step on answer-masked windows until the model knows
+    its training answers, then answer_metrics on the train split finds (nearly all of) them
+    exact where it found none before, and the answers' bits/byte fell."""
+    from fedlm.evaluate import answer_metrics
+    from fedlm.train import SiloBatches, make_optimizer, train_step
+
+    cast = {"Ophelia": "Hamlet", "Banquo": "Macbeth", "Desdemona": "Othello", "Cordelia": "King Lear",
+            "Miranda": "The Tempest", "Malvolio": "Twelfth Night", "Shylock": "The Merchant of Venice"}
+    ws = chat_workspace(tmp_path, [{"prompt": f"In which play does {who} appear?", "response": play}
+                                   for who, play in cast.items()], val_fraction=0.2)
+    silo = ws / "silos" / "qa"
+    model = tiny_model(ws, seed=2)
+    before = answer_metrics(model, silo, split="train", max_new_tokens=6)
+    data = SiloBatches.open([silo], seed=0, tokenizer_sha256=None)
+    opt = make_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.0))
+    for _ in range(80):
+        train_step(model, opt, lambda: data.next(8, 64), lr=1e-2, grad_accum=1, grad_clip=1.0, precision="fp32")
+    after = answer_metrics(model, silo, split="train", max_new_tokens=6, details=True)
+    assert before["exact_match"] == 0.0 and after["exact_match"] >= 0.8, (before, after["answers"])
+    assert after["answer_bits_per_byte"] < before["answer_bits_per_byte"] / 4
