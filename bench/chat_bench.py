@@ -156,7 +156,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         pipe = _pipeline(Path(tmp), 500 if quick else N_RECORDS)
         ws = pipe.pop("workspace")
         train = _train_overhead(ws, 5 if quick else 15)
-        evals = _eval_speed(ws, 16 if quick else 64)
+        evals = _eval_speed(ws, 16 if quick else 32)
     return {"pipeline": pipe, "train": train, "eval": evals, "maestro": _maestro(400 if quick else 2000)}
 
 

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedlm.data.shards import ChatIndex, iter_eval_windows, open_chat, open_split
+from fedlm.data.chatshards import ChatIndex
+from fedlm.data.shards import iter_eval_windows, open_chat, open_split
 from fedlm.data.tokenizer import load_tokenizer, token_byte_lengths, tokenizer_hash
 from fedlm.device import module_device
 from fedlm.errors import UserError

@@ -31,7 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedlm.config import Config, TrainConfig, check_resume_config, save_config
-from fedlm.data.shards import ChatIndex, open_chat, open_split, sample_batch, sample_chat_batch
+from fedlm.data.chatshards import ChatIndex, sample_chat_batch
+from fedlm.data.shards import open_chat, open_split, sample_batch
 from fedlm.data.tokenizer import load_tokenizer, tokenizer_hash
 from fedlm.device import autocast, module_device, resolve_device, to_cpu
 from fedlm.errors import UserError

@@ -19,8 +19,9 @@ from tokenizers import AddedToken
 
 from fedlm.config import ModelConfig, TrainConfig
 from fedlm.data.chat import ChatTemplate, conversation
+from fedlm.data.chatshards import sample_chat_batch
 from fedlm.data.prepare import prepare_silo
-from fedlm.data.shards import open_chat, open_split, read_meta, sample_chat_batch, shard_silo
+from fedlm.data.shards import open_chat, open_split, read_meta, shard_silo
 from fedlm.data.tokenizer import load_tokenizer, train_from_texts
 from fedlm.errors import UserError
 from fedlm.model import Transformer

@@ -14,14 +14,14 @@ below `val_fraction`, so its side never changes when other documents are added o
 duplicates land on the same side. With >= 2 documents and val_fraction > 0, at least one
 document is in val (the lowest hash, if none fell below) and one in train.
 
-Chat silos (docs.jsonl holds conversations, `messages`): each conversation is rendered with
-the workspace's chat template (chat.py; WS/chat_template.jinja, the model's own) and tokenised
-as the model reads it, special tokens included. Beside each split go `SPLIT.mask` (uint8, one
-per token: 1 where the token is the assistant's, the only targets training learns) and
-`SPLIT.idx` (int64, the first token of every document, then the split's length). Text
-documents in a chat silo are all trained on (mask 1). Training windows of a chat silo start
-at a document's first token (`sample_chat_batch`), so an answer is always seen after its
-question; a conversation longer than the window is cut at its end (counted, never dropped).
+Chat silos (docs.jsonl holds conversations, `messages`) are written by chatshards.py: each
+conversation rendered with the workspace's chat template (chat.py; WS/chat_template.jinja, the
+model's own) and tokenised as the model reads it, special tokens included, with `SPLIT.mask`
+(1 where the token is the assistant's, the only targets training learns) and `SPLIT.idx`
+(each document's first token) beside each split (`open_chat` reads them). Text documents in a
+chat silo are all trained on (mask 1). Training windows of a chat silo start at a document's
+first token (`sample_chat_batch`), so an answer is always seen after its question; a
+conversation longer than the window is cut at its end (counted, never dropped).
 
 meta.json is removed first and written last, so a stopped run leaves either a complete set of
 shards or no meta.json (and `open_split` says to re-run). Encoding uses tiktoken with the
@@ -31,12 +31,10 @@ of each silo is checked against `tokenizers` and any difference falls back to it
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from array import array
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
@@ -44,7 +42,13 @@ import numpy as np
 import tokenizers
 import torch
 
-from fedlm.data.chat import ChatTemplate, conversation
+from fedlm.data.chat import ChatTemplate
+from fedlm.data.chatshards import (
+    ChatIndex,
+    holds_conversations,
+    write_chat_splits,
+)
+from fedlm.data.splits import Split, forced_sides, split_hash
 from fedlm.data.tokenizer import (
     EOS,
     GPT2_PATTERN,
@@ -57,7 +61,6 @@ from fedlm.data.tokenizer import (
 from fedlm.errors import UserError
 from fedlm.fileio import atomic_path, write_json
 
-Split = Literal["train", "val"]
 _BATCH_DOCS = 512
 _BATCH_CHARS = 1 << 22
 _CHECK_DOCS = 32  # documents of each silo encoded by both engines to confirm they agree
@@ -75,19 +78,6 @@ def list_silos(workspace: Path) -> list[str]:
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
     """uint16 when every id fits comfortably (vocab <= 65535), else uint32."""
     return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
-
-
-def split_hash(text: str, seed: int) -> float:
-    """A uniform number in [0, 1) from (seed, text): the document's place in the train/val split.
-
-    `fedlm data shard` puts a document in val when this is below `val_fraction`, so anyone
-    holding the text and the seed (the canary audit, which must plant canaries in train)
-    knows the split a document lands in without sharding it. Keyed BLAKE2b: stable across
-    processes, Python versions and platforms, unlike `hash()`.
-    """
-    h = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8,
-                        key=seed.to_bytes(8, "little", signed=True))
-    return int.from_bytes(h.digest(), "little") / 2.0**64
 
 
 def _hf_encoder(tok: tokenizers.Tokenizer) -> Encoder:
@@ -242,7 +232,7 @@ def _rebalance(hashes: array[float], place: array[int], counts: dict[str, dict[s
     """If the hash split left a side empty (`_forced_sides`), move the chosen documents'
     tokens over between the files and their counts with them."""
     h_all = np.frombuffer(hashes, dtype=np.float64)
-    forced = _forced_sides(h_all, val_fraction)
+    forced = forced_sides(h_all, val_fraction)
     if forced is None:
         return
     was_val = h_all < val_fraction
@@ -287,19 +277,6 @@ def _copy(tokens: np.ndarray, start: int, end: int, f: BinaryIO, chunk: int = 1 
         np.asarray(tokens[i: min(i + chunk, end)]).tofile(f)
 
 
-def _forced_sides(hashes: np.ndarray, val_fraction: float) -> np.ndarray | None:
-    """Where no document fell on one side (rare: tiny silos), the split with the nearest one
-    moved over; None when both sides already have a document (or can't: < 2 documents)."""
-    to_val = hashes < val_fraction
-    if val_fraction <= 0 or hashes.size < 2 or (to_val.any() and not to_val.all()):
-        return None
-    if not to_val.any():
-        to_val[hashes == hashes.min()] = True
-    if to_val.all():
-        to_val[hashes == hashes.max()] = False
-    return to_val
-
-
 def shard_silo(
     workspace: Path,
     silo: str,
@@ -340,9 +317,9 @@ def shard_silo(
         for suffix in (".mask", ".idx"):
             (silo_dir / f"{split}{suffix}").unlink(missing_ok=True)
     chat: dict | None = None
-    if _holds_conversations(silo_dir):
+    if holds_conversations(silo_dir):
         template = ChatTemplate.load(workspace, what=f"silo {silo!r} (it holds conversations)")
-        counts, chat = _write_chat_splits(docs_path, silo_dir, template=template, hf=hf, dtype=dtype,
+        counts, chat = write_chat_splits(docs_path, silo_dir, template=template, hf=hf, dtype=dtype,
                                           seed=seed, val_fraction=val_fraction, on_bytes=advance)
         encoder_name = "tokenizers"
     else:
@@ -369,123 +346,6 @@ def shard_silo(
     return dict(meta, seconds=round(time.perf_counter() - start, 3))
 
 
-# ---------------------------------------------------------------------------------------
-# chat silos: conversations in the model's template, with a loss mask and document starts
-
-LENGTH_MARKS = (128, 256, 512, 1024, 2048, 4096)
-"""Conversation lengths (tokens) the card counts the conversations above."""
-
-
-def _holds_conversations(silo_dir: Path) -> bool:
-    """Does the silo's docs.jsonl hold conversations? (its card says; without one, a scan)"""
-    try:
-        return int(json.loads((silo_dir / "card.json").read_text(encoding="utf-8"))["conversations"]) > 0
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    with open(silo_dir / "docs.jsonl", "rb") as f:
-        return any(b'"messages"' in line for line in f)
-
-
-def _read_records(docs_path: Path, on_bytes: Callable[[int], None]) -> Iterator[tuple[int, str, list | None]]:
-    """(line number, text, messages or None) of each docs.jsonl line (UserError if corrupt)."""
-    fix = "re-run `fedlm data prepare` for this silo"
-    with open(docs_path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            on_bytes(len(line))
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                text = rec["text"]
-                messages = conversation({"messages": rec["messages"]}) if "messages" in rec else None
-                if not isinstance(text, str):
-                    raise TypeError("'text' is not a string")
-            except (ValueError, KeyError, TypeError) as e:
-                raise UserError(f"{docs_path}:{lineno}: not a document or conversation ({e}); {fix}") from e
-            yield lineno, text, messages
-
-
-def _write_chat_splits(docs_path: Path, silo_dir: Path, *, template: ChatTemplate, hf: Encoder,
-                       dtype: np.dtype, seed: int, val_fraction: float,
-                       on_bytes: Callable[[int], None]) -> tuple[dict, dict]:
-    """Encode a chat silo into SPLIT.bin / .mask / .idx; returns (counts, meta's "chat" entry).
-
-    Each document goes to a side by its split hash as in `_write_splits` (held in memory: chat
-    silos are question-answer sets). A conversation the template or tokenizer cannot take
-    (a special token written as text) is skipped and reported by line."""
-    docs: list[tuple[float, np.ndarray, np.ndarray, int, bool]] = []  # hash, ids, mask, bytes, chat
-    skipped: dict[str, list[int]] = {}
-    eos = np.zeros(1, dtype=np.int64)
-    for lineno, text, messages in _read_records(docs_path, on_bytes):
-        if messages is None:
-            ids = hf([text])[0]
-            mask = np.ones(ids.size + 1, dtype=np.uint8)
-        else:
-            try:
-                ids, mask = template.encode(messages)
-            except ValueError as e:
-                skipped.setdefault(str(e), []).append(lineno)
-                continue
-            mask = np.append(mask, np.uint8(0))  # the EOS after a conversation is not its answer
-        n_bytes = len(text) if text.isascii() else len(text.encode("utf-8"))
-        docs.append((split_hash(text, seed), np.concatenate([ids, eos]), mask, n_bytes, messages is not None))
-    if not docs:
-        raise UserError(f"{docs_path} has no usable conversation or document "
-                        f"({_skip_summary(skipped) or 'empty'}): re-run `fedlm data prepare` with more data")
-    hashes = np.array([d[0] for d in docs])
-    to_val = _forced_sides(hashes, val_fraction)
-    if to_val is None:
-        to_val = hashes < val_fraction
-    counts = {s: {"tokens": 0, "documents": 0, "bytes": 0} for s in ("train", "val")}
-    chat: dict = {"template_sha256": template.sha256, "conversations": {}, "answer_tokens": {},
-                  "skipped": [{"reason": r, "lines": len(v), "first_lines": v[:10]} for r, v in skipped.items()]}
-    for split in ("train", "val"):
-        side = [d for d, v in zip(docs, to_val.tolist(), strict=True) if v == (split == "val")]
-        ids = np.concatenate([d[1] for d in side]) if side else np.zeros(0, dtype=np.int64)
-        mask = np.concatenate([d[2] for d in side]) if side else np.zeros(0, dtype=np.uint8)
-        starts = np.cumsum([0] + [d[1].size for d in side]).astype(np.int64)
-        for suffix, arr in ((".bin", ids.astype(dtype)), (".mask", mask), (".idx", starts)):
-            with atomic_path(silo_dir / f"{split}{suffix}") as tmp:
-                arr.tofile(tmp)
-        counts[split] = {"tokens": int(ids.size), "documents": len(side), "bytes": sum(d[3] for d in side)}
-        chat["conversations"][split] = sum(d[4] for d in side)
-        chat["answer_tokens"][split] = int(sum(int(d[2].sum()) for d in side if d[4]))
-    lengths = np.array([d[1].size for d in docs if d[4]], dtype=np.int64)
-    chat["conversation_tokens"] = {"max": int(lengths.max(initial=0)),
-                                   "longer_than": {str(m): int((lengths > m).sum()) for m in LENGTH_MARKS}}
-    _card_lengths(silo_dir, chat["conversation_tokens"])
-    return counts, chat
-
-
-def _skip_summary(skipped: dict[str, list[int]]) -> str:
-    return "; ".join(f"{len(v)} skipped ({r}; line {v[0]}{', ...' if len(v) > 1 else ''})"
-                     for r, v in skipped.items())
-
-
-def _card_lengths(silo_dir: Path, lengths: dict) -> None:
-    """Record the conversations' token lengths in the silo's card: how many a window of a given
-    train.seq_len will cut (training counts them again for its own seq_len)."""
-    path = silo_dir / "card.json"
-    try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # no card (a hand-made docs.jsonl): meta.json holds the lengths too
-    card["conversation_tokens"] = lengths
-    write_json(path, card)
-
-
-@dataclass(frozen=True)
-class ChatIndex:
-    """A chat silo split's sidecars: the loss mask per token and the documents' first tokens."""
-
-    mask: np.ndarray  # (N,) uint8: 1 where the token is a training target
-    starts: np.ndarray  # (D + 1,) int64: first token of each document, then N
-
-    def truncated(self, seq_len: int) -> int:
-        """Documents longer than a window of `seq_len` targets (cut at the window's end)."""
-        return int((np.diff(self.starts) > seq_len + 1).sum())
-
-
 def open_chat(silo_dir: Path, split: Split) -> ChatIndex | None:
     """The split's mask and document starts if the silo holds conversations, else None."""
     silo_dir = Path(silo_dir)
@@ -501,29 +361,6 @@ def open_chat(silo_dir: Path, split: Split) -> ChatIndex | None:
     if len(mask) != n or starts.size < 1 or int(starts[-1]) != n:
         raise UserError(f"{silo_dir}: {split}.mask / {split}.idx do not fit {split}.bin: {_reshard_hint(silo_dir)}")
     return ChatIndex(mask, starts)
-
-
-IGNORE = -100
-"""Target id of a token not trained on (PyTorch's and Hugging Face's ignore_index)."""
-
-
-def sample_chat_batch(tokens: np.ndarray, chat: ChatIndex, *, batch_size: int, seq_len: int,
-                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """B windows of a chat split, each from a random document's first token: x (B, T) int64 and
-    y, x shifted by one with IGNORE where the target is not an assistant's token. A window runs
-    on into the next documents (packing); past the split's end it is EOS with IGNORE targets."""
-    n = len(tokens)
-    docs = chat.starts.size - 1
-    if docs < 1 or n < 2:
-        raise UserError(f"{getattr(tokens, 'filename', 'the split')}: no conversation to train on; add data")
-    pick = torch.randint(0, docs, (batch_size,), generator=generator).numpy()
-    idx = chat.starts[pick][:, None] + np.arange(seq_len + 1)  # (B, T + 1)
-    inside = idx < n
-    idx = np.minimum(idx, n - 1)
-    chunk = np.where(inside, np.asarray(tokens[idx], dtype=np.int64), 0)
-    trained = inside & (np.asarray(chat.mask[idx]) == 1)
-    y = np.where(trained[:, 1:], chunk[:, 1:], IGNORE)
-    return torch.from_numpy(np.ascontiguousarray(chunk[:, :-1])), torch.from_numpy(np.ascontiguousarray(y))
 
 
 def _reshard_hint(silo_dir: Path) -> str:
