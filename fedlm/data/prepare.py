@@ -119,7 +119,7 @@ def prepare_silo(sources: list[Path], *, silo: str, workspace: Path,
 
 
 def _check_thresholds(min_chars: int, max_symbol_ratio: float,
-                      max_repeated_lines_ratio: float) -> dict[str, float]:
+                      max_repeated_lines_ratio: float) -> dict[str, Any]:
     """The filter's thresholds as the card records them; UserError naming a flag out of range."""
     if min_chars < 0:
         raise UserError(f"--min-chars {min_chars} must be >= 0")
@@ -189,7 +189,7 @@ class _Stats:
     """What the card counts, gathered batch by batch."""
 
     deduper: Deduper
-    thresholds: dict[str, float] = field(default_factory=dict)
+    thresholds: dict[str, Any] = field(default_factory=dict)  # the quality filter's keyword arguments
     docs_in: int = 0
     convs_in: int = 0
     convs_out: int = 0
@@ -299,7 +299,7 @@ def _process(raws: list[Document], rels: list[str], st: _Stats, clock: _StageClo
     kept_rels: list[str] = []
     for doc, rel in zip(docs, rels, strict=True):
         text = doc if isinstance(doc, str) else flat_text(doc)
-        reason = quality_reason(text, **st.thresholds)  # type: ignore[arg-type]
+        reason = quality_reason(text, **st.thresholds)
         if reason is None and not isinstance(doc, str):
             try:
                 check_conversation(doc)  # a turn normalised to nothing
