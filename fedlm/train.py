@@ -117,14 +117,21 @@ class SiloBatches:
 
 
 def _check_one_template(silo_dirs: Sequence[Path]) -> None:
-    """UserError when the chat silos of one run were formatted with different chat templates."""
+    """UserError when the chat silos of one run were formatted with different chat templates, or
+    with another template than their workspace's (installed again since they were sharded)."""
+    from fedlm.data.chat import template_path, template_sha256
     from fedlm.data.shards import read_meta
 
     seen: dict[str, str] = {}
     for d in silo_dirs:
         sha = read_meta(d).get("chat", {}).get("template_sha256")
-        if sha is not None:
-            seen.setdefault(sha, Path(d).name)
+        if sha is None:
+            continue
+        seen.setdefault(sha, Path(d).name)
+        current = template_path(Path(d).parent.parent)
+        if current.is_file() and template_sha256(current.read_text(encoding="utf-8")) != sha:
+            raise UserError(f"silo {Path(d).name!r} was formatted with another chat template than {current}: "
+                            f"re-run `fedlm data shard --workspace {Path(d).parent.parent} --silo {Path(d).name}`")
     if len(seen) > 1:
         (a_sha, a), (b_sha, b) = list(seen.items())[:2]
         raise UserError(f"silos {a!r} and {b!r} were formatted with different chat templates "

@@ -334,6 +334,9 @@ def test_silos_with_mixed_tokenizers_or_templates_are_refused(ws: Path, tmp_path
                          tokenizer_sha256=read_meta(ws / "silos" / "qa")["tokenizer_sha256"])
     with pytest.raises(UserError, match="different chat templates"):
         SiloBatches.open([ws / "silos" / "qa", other / "silos" / "qa"], seed=0, tokenizer_sha256=None)
+    (other / "chat_template.jinja").write_text(CHATML)  # the workspace's template changed since sharding
+    with pytest.raises(UserError, match="another chat template than .*re-run `fedlm data shard"):
+        SiloBatches.open([other / "silos" / "qa"], seed=0, tokenizer_sha256=None)
 
 
 def test_conversations_longer_than_the_window_are_counted(ws: Path) -> None:
