@@ -228,7 +228,8 @@ def _chat_lines(name: str, chat: dict[str, Any], workspace: Path) -> None:
     """A chat silo's conversations per split, and those skipped (by reason and first lines)."""
     conv = chat["conversations"]
     _out(f"{name}: {conv['train']:,} train / {conv['val']:,} held-out conversations in the model's chat "
-         f"template ({chat['answer_tokens']['train']:,} answer tokens trained on)")
+         f"template ({chat['answer_tokens']['train']:,} answer tokens trained on; the longest conversation is "
+         f"{chat['conversation_tokens']['max']:,} tokens: a smaller train.seq_len cuts it)")
     for skip in chat.get("skipped", []):
         lines = ", ".join(map(str, skip["first_lines"]))
         console.print(f"[yellow]skipped[/] {skip['lines']} conversations of "
