@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from fedlm.config import Config, TrainConfig
-from fedlm.data.shards import open_split
+from fedlm.data.shards import open_chat, open_split
 from fedlm.device import resolve_device
 from fedlm.errors import UserError
 from fedlm.federation import codecs
@@ -185,13 +185,14 @@ def validate_silo(weights: list[dict[str, torch.Tensor]], *, cfg: Config, config
     the split is shorter than one window. Only these numbers leave the silo."""
     torch.set_num_threads(1)
     tokens = open_split(path, "val", expect_tokenizer_sha256=tokenizer_sha256)
+    chat = open_chat(path, "val")  # a chat silo is judged on its answers, as it is trained
     model = _model(node_id, config_text, cfg)
     tc = cfg.train
     out = []
     for arrays in weights:  # a node handles one message at a time, as for training
         load_global(model, expand_state(model, arrays))
         out.append(val_loss(model, [tokens], batches=tc.eval_batches, batch_size=tc.batch_size,
-                            seq_len=tc.seq_len, precision=tc.precision))
+                            seq_len=tc.seq_len, precision=tc.precision, chats=[chat]))
     return out
 
 
