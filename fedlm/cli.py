@@ -286,6 +286,7 @@ def train(
                                     superlink=superlink, root_certificates=root_certificates, insecure=insecure)
         rounds = summary.get("rounds", cfg.federation.rounds)
         _out(f"federated: {summary.get('rounds_completed', rounds)} of {rounds} rounds completed -> {out}")
+        _out(f"report: fedlm report {out}")
         if _federated_outcome(summary, out):
             sys.exit(1)
         if cfg.federation.personalise_steps:
@@ -587,7 +588,7 @@ def audit(
     seq_len: Annotated[int, typer.Option(help="Window length of the membership samples, in tokens.")] = 64,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Privacy audit: exposure of planted canaries and membership inference (AUC, TPR at 1% FPR)."""
+    """Privacy audit: exposure of planted canaries and membership inference (AUC, TPR at 1% FPR); a run keeps it in RUN/audit.json."""
     from fedlm.data.shards import list_silos
     from fedlm.pretrained import load_model
     from fedlm.privacy.audit import audit as run_audit
@@ -600,6 +601,10 @@ def audit(
     if not silos:
         raise UserError(f"{workspace}: no silos to audit")
     report = run_audit(net, workspace, silos=silos, reference=ref, candidates=candidates, seq_len=seq_len)
+    if (model / "rounds.jsonl").is_file():  # a federated run: `fedlm report` shows the audit beside its ε
+        from fedlm.fileio import write_json
+
+        write_json(model / "audit.json", report)
     if json_:
         _out(json.dumps(report))
         return
@@ -662,6 +667,17 @@ def _explain_summary(r: dict[str, Any]) -> None:
     if r.get("provenance"):
         _out(f"provenance ({r['provenance_models']} models, bits/byte): " + ", ".join(
             f"{s} {v:.3f}" for s, v in sorted(r["provenance"].items(), key=lambda kv: kv[1])))
+
+
+@app.command()
+def report(
+    run: Annotated[Path, typer.Argument(help="Federated run directory, or a demo's output directory.")],
+    out: Annotated[Path | None, typer.Option(help="HTML file to write (default: RUN/report.html).")] = None,
+) -> None:
+    """The run on one self-contained HTML page: loss, bytes, time, drops, ε, plan, value, samples, explain."""
+    from fedlm.report import write_report
+
+    _out(f"report -> {write_report(run, out)} (open it in a browser: no server, no network)")
 
 
 def main() -> None:

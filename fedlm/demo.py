@@ -34,8 +34,10 @@ from fedlm.evaluate import evaluate_silo
 from fedlm.federation.runner import run_federated
 from fedlm.fileio import write_json
 from fedlm.generate import generate
+from fedlm.plan import plan_run
 from fedlm.pretrained import load_model
 from fedlm.progress import console, progress_bar
+from fedlm.report import write_report
 from fedlm.train import personalise, train
 
 
@@ -127,9 +129,11 @@ def run_all(base: list[str], out: Path, size: DemoSize) -> dict[str, Path]:
     fed, n = cfg.federation, len(SILOS)
     runs: dict[str, Path] = {}
 
+    predicted = plan_run(cfg)  # before the run, as a user would: the report sets it against the rounds
     with progress_bar("federated", unit="rounds") as update:
         run_federated(cfg, out / "federated", on_round=lambda r, total, row: update(r, total))
     runs["federated"] = out / "federated"
+    write_json(out / "federated" / "plan.json", predicted.to_json())
 
     def baseline(steps: int, **sets: Any) -> Config:
         """A centralised run of `steps` steps at the local batch, with the demo's schedule."""
@@ -219,4 +223,5 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 1337) -> dict[str, A
                             eos_id=tok.token_to_id(EOS), seed=0))
         console.print(f"[bold]sample (federated):[/] {prompt}{tok.decode(ids)}", highlight=False)
     console.print(f"demo finished in {summary['seconds']:.0f} s -> {out / 'summary.json'}")
+    console.print(f"report: {write_report(out)} (open it in a browser)", highlight=False, soft_wrap=True)
     return summary

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,3 +62,15 @@ def build_workspace(root: Path, *, silos: tuple[str, ...] = TEST_SILOS, limit_by
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_workspace(tmp_path_factory.mktemp("ws"))
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """`fedlm demo --quick` once per session, as a user runs it: (its output folder, the process).
+
+    tests/test_demo.py checks its summary and explains its model, tests/test_report.py renders its report.html."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    (out / "runs" / "federated" / "checkpoint").mkdir(parents=True)  # as left by an earlier demo: re-runs work
+    r = subprocess.run([sys.executable, "-m", "fedlm.cli", "demo", "--quick", "--out", str(out)],
+                       env={**os.environ, "COLUMNS": "160"}, capture_output=True, text=True, timeout=900)
+    return out, r  # each test asserts the exit status

@@ -14,19 +14,9 @@ import pytest
 from fedlm.corpus import SILOS
 
 
-@pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    """`fedlm demo --quick` run once for this module's tests: its output folder and the process."""
-    out = tmp_path_factory.mktemp("quick") / "demo"
-    (out / "runs" / "federated" / "checkpoint").mkdir(parents=True)  # as left by an earlier demo: re-runs work
-    r = subprocess.run([sys.executable, "-m", "fedlm.cli", "demo", "--quick", "--out", str(out)],
-                       env={**os.environ, "COLUMNS": "160"}, capture_output=True, text=True, timeout=900)
-    return out, r
-
-
 @pytest.mark.slow
 def test_quick_demo_writes_the_summary(quick_demo: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
-    out, r = quick_demo
+    out, r = quick_demo  # conftest runs `fedlm demo --quick` once a session, over the remains of an earlier demo
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     names = {"federated", "centralised", *(f"local:{s}" for s in SILOS), *(f"personalised:{s}" for s in SILOS)}

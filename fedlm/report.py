@@ -1,0 +1,589 @@
+"""`fedlm report RUN`: a federated run on one self-contained HTML page.
+
+    path = write_report(Path("runs/fed"))                  # -> runs/fed/report.html
+    path = write_report(Path("demo-out"), Path("r.html"))  # a demo's output: its federated run + baselines
+
+The page has no script and fetches nothing: its figures are inline SVG drawn by matplotlib,
+its tables plain HTML, and a Content-Security-Policy forbids any request. Each section
+appears only where the run has its data:
+
+- the config in brief (RUN/config.toml, RUN/summary.json);
+- loss per round, global and per silo; bytes per round and cumulative MB; round time split
+  into compute (the slowest silo's training) and overhead; dropped silos and rejected
+  updates; ε spent per silo per round (all from RUN/rounds.jsonl);
+- privacy (RUN/privacy.json) and the audit (RUN/audit.json, which `fedlm audit RUN` writes);
+- bits/byte per silo against the baselines (a demo's summary.json);
+- `fedlm plan`'s prediction against what the rounds measured (RUN/plan.json, else the plan
+  of RUN/config.toml without a timing calibration);
+- contributions, gains and payouts (RUN/value.json, `fedlm value`);
+- sample generations of the global model from fixed prompts (never a silo's text: whoever
+  holds the run may not see the silos' data), and the explain panel for the first of them.
+
+Per-silo numbers carry `data-silo`, `data-key` and `data-value` (the exact float) so that a
+reader (or a test) can check them against the JSON files.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib
+import io
+import json
+import math
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedlm.errors import UserError
+from fedlm.fileio import write_text
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+PROMPTS = ("The", "In the", "It was")
+"""Fixed prompts of the sample generations: model output only, no silo's text on the page."""
+
+CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; script-src 'unsafe-inline'"
+"""No request of any kind leaves the page (inline styles and an explain fragment's inline script only)."""
+
+MB = 1e6
+
+
+@dataclass
+class RunData:
+    """What a report reads from a run directory (and a demo's summary beside it)."""
+
+    run_dir: Path
+    rounds: list[dict[str, Any]]
+    config: dict[str, Any]
+    summary: dict[str, Any] = field(default_factory=dict)
+    demo: dict[str, Any] | None = None  # a demo's summary.json: bits/byte of every model on every silo
+    privacy: dict[str, Any] | None = None
+    audit: dict[str, Any] | None = None
+    value: dict[str, Any] | None = None
+    plan: dict[str, Any] | None = None
+
+    @property
+    def silos(self) -> list[str]:
+        names = self.summary.get("silos") or sorted({s for r in self.rounds for s in r.get("silos") or {}})
+        return [str(s) for s in names]
+
+
+# ---------------------------------------------------------------------------------------
+# reading the run
+
+
+def read_json_file(path: Path) -> dict[str, Any] | None:
+    """A JSON object file, None when absent; a corrupt one is bad input naming the file."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); restore or delete it and rerun `fedlm report`") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object; restore or delete it and rerun `fedlm report`")
+    return data
+
+
+def read_rounds(path: Path) -> list[dict[str, Any]]:
+    """Every row of a rounds.jsonl, strictly: a report must not quietly leave a round out."""
+    rows = []
+    for no, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {no}: not a JSON object ({e.msg}); "
+                            f"repair or delete that line, or resume the run (`fedlm train --resume`)") from None
+        if not isinstance(row, dict) or not isinstance(row.get("round"), int) or not isinstance(row.get("silos"), dict):
+            raise UserError(f"{path} line {no}: not a round row (needs \"round\" and \"silos\"); "
+                            f"repair or delete that line")
+        rows.append(row)
+    return rows
+
+
+def find_run(path: Path) -> tuple[Path, dict[str, Any] | None]:
+    """(the federated run directory, the demo's summary) for a run directory or a demo's output."""
+    if not path.is_dir():
+        raise UserError(f"{path}: not a directory; pass a federated run directory (or a demo's output)")
+    demo = read_json_file(path / "summary.json")
+    if demo is None or "models" not in demo:
+        return path, None
+    run = path / "runs" / "federated"
+    if not run.is_dir():  # moved or renamed: the path the demo recorded
+        run = Path(demo["models"].get("federated", {}).get("run_dir", run))
+    return run, demo
+
+
+def load_run(path: Path) -> RunData:
+    """Read everything a report shows; UserError for a directory without rounds or with a corrupt file."""
+    run_dir, demo = find_run(path)
+    rounds_path = run_dir / "rounds.jsonl"
+    rounds = read_rounds(rounds_path) if rounds_path.is_file() else []
+    if not rounds:
+        raise UserError(f"{rounds_path}: no rounds (missing or empty); `fedlm report` needs a federated run's "
+                        f"directory with at least one round done (`fedlm train` with train.mode = \"federated\")")
+    try:
+        config = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"{run_dir / 'config.toml'}: missing or not TOML ({e}); the run directory is damaged") from None
+    value = read_json_file(run_dir / "value.json")
+    if value is None and demo is not None and isinstance(demo.get("value"), dict) and "silos" in demo["value"]:
+        value = demo["value"]
+    return RunData(run_dir=run_dir, rounds=rounds, config=config, summary=read_json_file(run_dir / "summary.json") or {},
+                   demo=demo, privacy=read_json_file(run_dir / "privacy.json"),
+                   audit=read_json_file(run_dir / "audit.json"), value=value,
+                   plan=read_json_file(run_dir / "plan.json"))
+
+
+# ---------------------------------------------------------------------------------------
+# HTML and figure helpers
+
+
+def esc(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def num(x: Any, fmt: str = ".4f", *, silo: str | None = None, key: str | None = None) -> str:
+    """A table cell for a number; per-silo cells carry the exact value for checking."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return f"<td>{esc(x if x is not None else '—')}</td>"
+    text = f"{x:{fmt}}" if math.isfinite(x) else str(x)
+    attrs = f' data-silo="{esc(silo)}" data-key="{esc(key)}" data-value="{x!r}"' if silo is not None else ""
+    return f'<td class="num"{attrs}>{text}</td>'
+
+
+def table(head: list[str], rows: list[str], *, cls: str = "") -> str:
+    """An HTML table from a header and rows of ready-made cells."""
+    th = "".join(f"<th>{esc(h)}</th>" for h in head)
+    body = "".join(f"<tr>{r}</tr>" for r in rows)
+    return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def new_figure(width: float = 7.0, height: float = 3.2) -> tuple[Figure, Axes]:
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    ax = fig.add_subplot()
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def svg(fig: Figure, name: str, caption: str) -> str:
+    """The figure as inline SVG in a <figure>; ids salted by `name` so that figures never share one."""
+    import matplotlib
+
+    buf = io.StringIO()
+    with matplotlib.rc_context({"svg.hashsalt": f"fedlm-{name}", "svg.fonttype": "path"}):
+        fig.savefig(buf, format="svg", metadata={"Date": None})
+    text = buf.getvalue()
+    text = text[text.index("<svg"):]  # drop the XML declaration and DOCTYPE: not allowed inside HTML
+    return f'<figure id="fig-{esc(name)}">{text}<figcaption>{esc(caption)}</figcaption></figure>'
+
+
+def silo_colour(silos: list[str], silo: str) -> Any:
+    from matplotlib import colormaps
+
+    return colormaps["tab10"](silos.index(silo) % 10) if silo in silos else "grey"
+
+
+def section(sid: str, title: str, body: str) -> str:
+    return f'<section id="{esc(sid)}"><h2>{esc(title)}</h2>{body}</section>'
+
+
+def participated(row: dict[str, Any], silo: str) -> bool:
+    """Whether a silo's update counted in a completed round."""
+    return bool(row.get("completed")) and silo in (row.get("silos") or {}) and silo not in (row.get("dropped") or {})
+
+
+# ---------------------------------------------------------------------------------------
+# the sections: each returns None where the run lacks its data
+
+CONFIG_KEYS = {
+    "model": ["preset", "init_from", "d_model", "n_layers", "n_heads", "vocab_size", "max_seq_len"],
+    "train": ["mode", "batch_size", "seq_len", "lr", "precision", "seed", "init_from"],
+    "federation": ["engine", "strategy", "rounds", "local_steps", "fraction", "min_silos", "aggregation",
+                   "compression", "secure_aggregation", "personalise_steps"],
+    "privacy": ["mode", "target_epsilon", "delta", "clip"],
+    "lora": ["rank"],
+}
+
+
+def config_section(d: RunData) -> str:
+    rows = []
+    for sec, keys in CONFIG_KEYS.items():
+        for key in keys:
+            value = d.config.get(sec, {}).get(key)
+            if value in (None, "") or (sec == "lora" and value == 0):
+                continue
+            rows.append(f"<th>{esc(sec)}.{esc(key)}</th><td>{esc(value)}</td>")
+    s = d.summary
+    done = sum(1 for r in d.rounds if r.get("completed"))
+    facts = [f"<b>{len(d.silos)}</b> silos ({esc(', '.join(d.silos))})",
+             f"<b>{done}</b> of {esc(s.get('rounds', len(d.rounds)))} rounds completed"]
+    if isinstance(s.get("seconds"), (int, float)):
+        facts.append(f"{s['seconds']:.1f} s of rounds")
+    if isinstance(s.get("loss"), (int, float)):
+        facts.append(f"final training loss {s['loss']:.4f}")
+    for silo, loss in (s.get("worse_than_start") or {}).items():
+        facts.append(f'<span class="warn">silo {esc(silo)}: training loss {loss["first"]:.4f} → '
+                     f'{loss["last"]:.4f}, worse than at the start</span>')
+    return section("config", "Run and config in brief",
+                   f"<p>{' · '.join(facts)}</p>" + table(["key", "value"], rows, cls="kv"))
+
+
+def loss_section(d: RunData) -> str | None:
+    done = [r for r in d.rounds if r.get("completed") and isinstance(r.get("loss"), (int, float))]
+    if not done:
+        return None
+    fig, ax = new_figure()
+    for silo in d.silos:
+        pts = [(r["round"], r["silos"][silo]["loss"]) for r in d.rounds
+               if participated(r, silo) and isinstance(r["silos"][silo].get("loss"), (int, float))]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), lw=1, alpha=0.8, color=silo_colour(d.silos, silo), label=silo)
+    ax.plot([r["round"] for r in done], [r["loss"] for r in done], color="black", lw=2, label="global (token-weighted)")
+    ax.set(xlabel="round", ylabel="training loss (nats/token)")
+    ax.legend(fontsize=7, ncol=2)
+    rows = []
+    for silo in d.silos:
+        mine = [r for r in d.rounds if participated(r, silo) and isinstance(r["silos"][silo].get("loss"), (int, float))]
+        first, last = (mine[0]["silos"][silo]["loss"], mine[-1]["silos"][silo]["loss"]) if mine else (None, None)
+        rows.append(f"<th>{esc(silo)}</th>{num(len(mine), 'd', silo=silo, key='rounds')}"
+                    f"{num(first, silo=silo, key='loss_first')}{num(last, silo=silo, key='loss_last')}")
+    body = (svg(fig, "loss", "Training loss per round: each silo's on its own batches from the round's global "
+                "weights, and their token-weighted mean.")
+            + table(["silo", "rounds taken part", "loss, first round", "loss, last round"], rows))
+    return section("loss", "Loss per round", body)
+
+
+def bpb_section(d: RunData) -> str | None:
+    if d.demo is None:
+        return None
+    models = {name: m.get("bits_per_byte", {}) for name, m in d.demo.get("models", {}).items()}
+    columns = [("federated", lambda s: "federated"), ("personalised", lambda s: f"personalised:{s}"),
+               ("local-only", lambda s: f"local:{s}"), ("centralised", lambda s: "centralised")]
+    columns = [(label, pick) for label, pick in columns if any(pick(s) in models for s in d.silos)]
+    fig, ax = new_figure(7.0, 3.4)
+    width = 0.8 / len(columns)
+    for i, (label, pick) in enumerate(columns):
+        xs = [j + i * width for j in range(len(d.silos))]
+        ax.bar(xs, [models.get(pick(s), {}).get(s, float("nan")) for s in d.silos], width, label=label)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(d.silos))], d.silos, fontsize=8)
+    ax.set(ylabel="bits per byte (lower is better)")
+    ax.legend(fontsize=7, ncol=len(columns))
+    rows = []
+    for s in d.silos:
+        cells = "".join(num(models.get(pick(s), {}).get(s), silo=s, key=f"bpb:{pick(s)}") for _, pick in columns)
+        rows.append(f"<th>{esc(s)}</th>{cells}")
+    means = [[models.get(pick(s), {}).get(s, float("nan")) for s in d.silos] for _, pick in columns]
+    rows.append("<th>mean</th>" + "".join(num(sum(m) / len(m)) for m in means))
+    body = svg(fig, "bpb", "Bits per byte on each silo's validation split: the federated model, it personalised "
+                           "on the silo, the silo's local-only model (same per-silo budget) and the pooled "
+                           "(centralised) model.") + table(["silo", *(c for c, _ in columns)], rows)
+    found = d.demo.get("findings", {})
+    if "federated_vs_centralised" in found:
+        body += (f"<p>federated / centralised = {found['federated_vs_centralised']:.3f}; federated / local-only "
+                 f"mean = {found.get('federated_vs_local_only_mean', float('nan')):.3f}</p>")
+    return section("bpb", "Bits per byte per silo against the baselines", body)
+
+
+def comm_section(d: RunData) -> str | None:
+    def total(row: dict[str, Any], key: str) -> float:
+        return sum(float(v.get(key, 0.0)) for v in row["silos"].values())
+
+    xs = [r["round"] for r in d.rounds]
+    up = [total(r, "bytes_up") / MB for r in d.rounds]
+    down = [total(r, "bytes_down") / MB for r in d.rounds]
+    if not any(up) and not any(down):
+        return None
+    cumulative = [sum(up[:i + 1]) + sum(down[:i + 1]) for i in range(len(xs))]
+    fig, ax = new_figure()
+    ax.step(xs, up, where="mid", label="up (silos → server)")
+    ax.step(xs, down, where="mid", label="down (server → silos)")
+    ax.set(xlabel="round", ylabel="MB per round", ylim=(0, max(max(up), max(down)) * 1.15))
+    ax2 = ax.twinx()
+    ax2.plot(xs, cumulative, color="black", lw=1.5, label="cumulative")
+    ax2.set(ylabel="cumulative MB")
+    ax.legend(handles=ax.get_lines() + ax2.get_lines(), fontsize=7, loc="center right")
+    rows = []
+    for s in d.silos:
+        su = sum(float(r["silos"].get(s, {}).get("bytes_up", 0.0)) for r in d.rounds)
+        sd = sum(float(r["silos"].get(s, {}).get("bytes_down", 0.0)) for r in d.rounds)
+        rows.append(f"<th>{esc(s)}</th>{num(sd / MB, '.2f', silo=s, key='mb_down')}"
+                    f"{num(su / MB, '.2f', silo=s, key='mb_up')}")
+    rows.append(f"<th>all</th>{num(sum(down), '.2f')}{num(sum(up), '.2f')}")
+    meter = (f'<p class="meter">communication: <b>{cumulative[-1]:,.1f} MB</b> in {len(xs)} rounds '
+             f"({cumulative[-1] / len(xs):,.2f} MB per round)</p>")
+    body = meter + svg(fig, "comm", "Bytes on the wire per round (all silos) and the cumulative total.") + \
+        table(["silo", "MB down", "MB up"], rows)
+    return section("comm", "Communication", body)
+
+
+def time_section(d: RunData) -> str | None:
+    done = [r for r in d.rounds if r.get("completed") and isinstance(r.get("overhead_seconds"), (int, float))]
+    if not done:
+        return None
+    xs = [r["round"] for r in done]
+    overhead = [float(r["overhead_seconds"]) for r in done]
+    compute = [float(r["seconds"]) - o for r, o in zip(done, overhead, strict=True)]
+    fig, ax = new_figure()
+    ax.stackplot(xs, compute, overhead, labels=["compute (slowest silo's training)", "overhead (all else)"],
+                 alpha=0.85, step="mid")
+    ax.set(xlabel="round", ylabel="seconds")
+    ax.legend(fontsize=7, loc="upper right")
+    c, o = sum(compute), sum(overhead)
+    text = (f"<p>{len(done)} completed rounds: {c + o:.1f} s, of which compute {c:.1f} s and overhead {o:.1f} s "
+            f"({100 * o / max(c + o, 1e-12):.1f}%); {(c + o) / len(done):.2f} s per round.</p>")
+    return section("time", "Round time: compute and overhead",
+                   text + svg(fig, "time", "Wall time of each completed round, split into the slowest silo's "
+                                           "local training and the rest (messages, aggregation, checkpoint)."))
+
+
+def drops_section(d: RunData) -> str | None:
+    events = [(r["round"], s, str(why)) for r in d.rounds for s, why in sorted((r.get("dropped") or {}).items())]
+    skipped = [r["round"] for r in d.rounds if not r.get("completed")]
+    if not events and not skipped:
+        return section("drops", "Dropped silos and rejected updates",
+                       f"<p>None: every sampled silo's update counted in all {len(d.rounds)} rounds.</p>")
+    fig, ax = new_figure(7.0, 2.8)
+    for silo in d.silos:
+        mine = [rnd for rnd, s, _ in events if s == silo]
+        if mine:
+            ax.scatter(mine, [silo] * len(mine), s=14, color=silo_colour(d.silos, silo))
+    for rnd in skipped:
+        ax.axvline(rnd, color="red", alpha=0.4, lw=1)
+    ax.set(xlabel="round (red line: round skipped)", xlim=(0.5, max(r["round"] for r in d.rounds) + 0.5))
+    shown = events[:100]
+    rows = [f"{num(rnd, 'd')}<td>{esc(s)}</td><td>{esc(why)}</td>" for rnd, s, why in shown]
+    more = f"<p>… and {len(events) - len(shown)} more in rounds.jsonl.</p>" if len(events) > len(shown) else ""
+    counts = "".join(f"{num(sum(1 for _, s, _ in events if s == silo), 'd', silo=silo, key='dropped')}"
+                     for silo in d.silos)
+    body = (f"<p>{len(events)} dropped or rejected updates; {len(skipped)} rounds skipped"
+            f"{' (' + ', '.join(map(str, skipped[:20])) + ')' if skipped else ''}.</p>"
+            + svg(fig, "drops", "Each dot: a sampled silo whose update did not count in that round.")
+            + table(d.silos, [counts]) + table(["round", "silo", "why"], rows) + more)
+    return section("drops", "Dropped silos and rejected updates", body)
+
+
+def privacy_section(d: RunData) -> str | None:
+    eps_rows = [r for r in d.rounds if isinstance(r.get("epsilon"), dict)]
+    if not eps_rows and d.privacy is None and d.audit is None:
+        return None
+    body = ""
+    if eps_rows:
+        fig, ax = new_figure()
+        for silo in d.silos:
+            pts = [(r["round"], r["epsilon"][silo]) for r in eps_rows if isinstance(r["epsilon"].get(silo), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), color=silo_colour(d.silos, silo), label=silo, lw=1.2)
+        target = (d.privacy or {}).get("target_epsilon")
+        if isinstance(target, (int, float)):
+            ax.axhline(target, color="red", ls="--", lw=1, label="target ε")
+        ax.set(xlabel="round", ylabel="ε spent (cumulative)")
+        ax.legend(fontsize=7, ncol=2)
+        body += svg(fig, "epsilon", "ε each silo has spent after each round (the ledger's figure, as logged).")
+    if d.privacy is not None:
+        p = d.privacy
+        body += (f"<p>mode {esc(p.get('mode'))}, target ε {esc(p.get('target_epsilon'))}, δ {esc(p.get('delta'))}, "
+                 f"clip {esc(p.get('clip'))}, accountant {esc(p.get('accountant'))} "
+                 f"({esc(p.get('accountant_library'))})</p>")
+        rows = [f"<th>{esc(s)}</th>{num(b.get('epsilon'), silo=s, key='epsilon')}{num(b.get('steps'), 'd')}"
+                f"<td>{esc(b.get('stopped') or '')}</td>" for s, b in sorted((p.get("silos") or {}).items())]
+        body += table(["silo", "ε spent", "steps", "stopped"], rows)
+    if d.audit is not None:
+        body += audit_table(d.audit)
+    return section("privacy", "Privacy: ε per silo and audit", body)
+
+
+def audit_table(audit: dict[str, Any]) -> str:
+    """Canary exposure and membership-inference AUC per silo, from `fedlm audit`'s report."""
+    rows = []
+    for silo, entry in sorted((audit.get("silos") or {}).items()):
+        canaries = entry.get("canaries") or []
+        exposure = "; ".join(f"x{c.get('repeats')}: {float(c.get('exposure', float('nan'))):.2f}" for c in canaries)
+        m = entry.get("membership") or {}
+        rows.append(f"<th>{esc(silo)}</th><td>{esc(exposure or '—')}</td>"
+                    f"{num((m.get('loss') or {}).get('auc'), '.3f', silo=silo, key='mia_auc')}"
+                    f"{num((m.get('calibrated') or {}).get('auc'), '.3f')}")
+    return "<h3>Audit</h3>" + table(["silo", "canary exposure (bits, by repeats)", "membership AUC (loss)",
+                                     "membership AUC (calibrated)"], rows)
+
+
+def plan_of(d: RunData) -> tuple[dict[str, Any] | None, str]:
+    """The run's plan (RUN/plan.json, made before it ran) or the plan of its config without timing."""
+    if d.plan is not None:
+        return d.plan, "RUN/plan.json (made before the run)"
+    from fedlm.config import load_config
+    from fedlm.plan import plan_run
+
+    try:
+        return plan_run(load_config(d.run_dir / "config.toml", []), calibrate=False).to_json(), \
+            "`fedlm plan` of RUN/config.toml, without a timing calibration"
+    except (UserError, ValueError, OSError):  # the workspace moved, or a config of another version
+        return None, ""
+
+
+def plan_section(d: RunData) -> str | None:
+    plan, source = plan_of(d)
+    if plan is None:
+        return None
+    done = [r for r in d.rounds if r.get("completed")]
+    rows = []
+
+    def mean(xs: list[float]) -> float | None:
+        return sum(xs) / len(xs) if xs else None
+
+    for s in d.silos:
+        mine = [r["silos"][s] for r in d.rounds if s in r["silos"] and r["silos"][s].get("bytes_up")]
+        for key, label in (("bytes_up", "bytes up per round"), ("bytes_down", "bytes down per round")):
+            predicted = (plan.get(f"{key}_per_round") or {}).get(s)
+            measured = mean([float(m.get(key, 0.0)) for m in mine])
+            rows.append(f"<th>{esc(s)}: {label}</th>{num(predicted, ',.0f')}"
+                        f"{num(measured, ',.0f', silo=s, key=f'{key}_mean')}{ratio(measured, predicted)}")
+    tokens = mean([sum(float(v.get("num_tokens", 0.0)) for k, v in r["silos"].items() if participated(r, k))
+                   for r in done])
+    rows.append(f"<th>tokens per round</th>{num(plan.get('tokens_per_round'), ',.0f')}{num(tokens, ',.0f')}"
+                f"{ratio(tokens, plan.get('tokens_per_round'))}")
+    seconds = mean([float(r["seconds"]) for r in done])
+    rows.append(f"<th>seconds per round</th>{num(plan.get('seconds_per_round'), '.3f')}{num(seconds, '.3f')}"
+                f"{ratio(seconds, plan.get('seconds_per_round'))}")
+    peak = plan.get("peak_memory_bytes") or {}
+    note = (f"<p>Predicted by {esc(source)}; measured: the mean over the rounds each silo took part in. "
+            f"Predicted peak memory per silo: {max(peak.values()) / 2**20:,.0f} MiB "
+            f"({esc(plan.get('time_source', ''))}).</p>" if peak else "")
+    return section("plan", "Plan: predicted against measured",
+                   note + table(["quantity", "predicted", "measured", "measured / predicted"], rows))
+
+
+def ratio(measured: float | None, predicted: Any) -> str:
+    if measured is None or not isinstance(predicted, (int, float)) or not predicted:
+        return "<td>—</td>"
+    return num(measured / predicted, ".3f")
+
+
+def value_section(d: RunData) -> str | None:
+    v = d.value
+    if v is None or not isinstance(v.get("silos"), dict):
+        return None
+    silos = sorted(v["silos"])
+    keys = ["shapley", "stderr", "leave_one_out", "gain", "share", "payout"]
+    fig, ax = new_figure(7.0, 3.0)
+    xs = range(len(silos))
+    ax.bar([x - 0.2 for x in xs], [fnum(v["silos"][s].get("shapley")) for s in silos], 0.4, label="contribution (Shapley)",
+           yerr=[fnum(v["silos"][s].get("stderr"), 0.0) for s in silos])
+    ax.bar([x + 0.2 for x in xs], [fnum(v["silos"][s].get("gain")) for s in silos], 0.4, label="gain from joining")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(list(xs), silos, fontsize=8)
+    ax.set(ylabel="bits/byte")
+    ax.legend(fontsize=7)
+    rows = [f"<th>{esc(s)}</th>" + "".join(num(v["silos"][s].get(k), silo=s, key=f"value:{k}") for k in keys)
+            + f"<td>{esc(v['silos'][s].get('flag') or '')}</td>" for s in silos]
+    head = (f"<p>method <b>{esc(v.get('method'))}</b>; utility {esc(v.get('utility'))}: baseline "
+            f"{fmt(v.get('baseline_utility'))}, all silos {fmt(v.get('grand_utility'))}; "
+            f"{esc(v.get('coalitions_trained', '—'))} coalitions trained.</p>")
+    return section("value", "Contributions, gains and payouts",
+                   head + svg(fig, "value", "Each silo's contribution to the consortium and what it gained "
+                                            "by joining (drops in bits/byte).")
+                   + table(["silo", *keys, "flag"], rows))
+
+
+def fnum(x: Any, default: float = float("nan")) -> float:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else default
+
+
+def fmt(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, (int, float)) else esc(x)
+
+
+def samples(run_dir: Path, prompts: tuple[str, ...], *, max_new_tokens: int = 40) -> list[tuple[str, str]]:
+    """(prompt, continuation) from the run's global model, seeded: the same page for the same model."""
+    from fedlm.data.tokenizer import EOS, load_tokenizer
+    from fedlm.generate import generate
+    from fedlm.pretrained import load_model
+
+    model, tok_path = load_model(run_dir)
+    if tok_path is None:
+        return []
+    tok = load_tokenizer(tok_path)
+    room = model.cfg.max_seq_len
+    out = []
+    for prompt in prompts:
+        ids = tok.encode(prompt).ids[: room - 1]
+        new = list(generate(model, ids, max_new_tokens=min(max_new_tokens, room - len(ids)), temperature=0.8,
+                            top_k=50, eos_id=tok.token_to_id(EOS), seed=0))
+        out.append((prompt, tok.decode(new)))
+    return out
+
+
+def samples_section(generated: list[tuple[str, str]]) -> str | None:
+    if not generated:
+        return None
+    items = "".join(f"<li><b>{esc(p)}</b>{esc(c)}</li>" for p, c in generated)
+    return section("samples", "Sample generations",
+                   "<p>The global model's continuations of fixed prompts (temperature 0.8, top-k 50, seed 0).</p>"
+                   f'<ol class="samples">{items}</ol>')
+
+
+def explain_section(run_dir: Path, text: str) -> str | None:
+    """The explain panel (fedlm.explain) for one sample text."""
+    if not text.strip():
+        return None
+    try:
+        explain = importlib.import_module("fedlm.explain")
+    except ImportError:  # an install without the explain part: say so rather than fail the report
+        return section("explain", "Explain one sample", "<p>fedlm.explain is not installed here.</p>")
+    try:
+        fragment = explain.html_fragment(explain.explain(run_dir, text))
+    except UserError as e:
+        return section("explain", "Explain one sample", f"<p>Not explained: {esc(e)}</p>")
+    return section("explain", "Explain one sample",
+                   f"<p>The first sample above, token by token: <code>fedlm explain {esc(run_dir)} TEXT</code> "
+                   f"shows the same for any text.</p>{fragment}")
+
+
+# ---------------------------------------------------------------------------------------
+# the page
+
+STYLE = """
+body{font:15px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;color:#1b1b1b;background:#fff;margin:0}
+main{max-width:62rem;margin:0 auto;padding:1rem 1.5rem 3rem}
+h1{font-size:1.6rem;margin:.8rem 0 .2rem} h2{font-size:1.25rem;border-bottom:1px solid #ddd;padding-bottom:.2rem;
+margin-top:2rem} nav a{margin-right:.8rem} figure{margin:1rem 0} figure svg{max-width:100%;height:auto;display:block}
+figcaption{font-size:.85rem;color:#555} table{border-collapse:collapse;margin:.6rem 0;font-size:.9rem}
+th,td{border:1px solid #ddd;padding:.2rem .5rem;text-align:left} td.num{text-align:right;font-variant-numeric:tabular-nums}
+thead th{background:#f4f4f4} .warn{color:#a40000} .meter{font-size:1.1rem} .samples li{margin:.3rem 0}
+.muted{color:#666;font-size:.85rem}
+"""
+
+
+def render(d: RunData, *, generated: list[tuple[str, str]], explain_html: str | None) -> str:
+    """The whole page from what load_run read and the samples generated."""
+    parts = [config_section(d), loss_section(d), bpb_section(d), comm_section(d), time_section(d),
+             drops_section(d), privacy_section(d), plan_section(d), value_section(d), samples_section(generated),
+             explain_html]
+    body = [p for p in parts if p]
+    nav = "".join(f'<a href="#{sid}">{esc(title)}</a>' for sid, title in
+                  ((p.split('"', 2)[1], p.split("<h2>", 1)[1].split("</h2>", 1)[0]) for p in body))
+    title = f"fedlm report: {d.run_dir.name}"
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{esc(title)}</title><style>{STYLE}</style></head><body><main>"
+            f"<h1>{esc(title)}</h1><p class=\"muted\">{esc(d.run_dir)} · made {time.strftime('%Y-%m-%d %H:%M:%S')} "
+            f"by <code>fedlm report</code></p><nav>{nav}</nav>{''.join(body)}</main></body></html>\n")
+
+
+def write_report(path: Path, out: Path | None = None, *, prompts: tuple[str, ...] = PROMPTS) -> Path:
+    """Read the run at `path` (or a demo's output), write its page atomically; returns where."""
+    d = load_run(path)
+    out = out if out is not None else path / "report.html"
+    generated = samples(d.run_dir, prompts) if (d.run_dir / "model").is_dir() else []
+    explain_html = explain_section(d.run_dir, "".join(generated[0])) if generated else None
+    write_text(out, render(d, generated=generated, explain_html=explain_html))
+    return out

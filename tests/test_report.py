@@ -1,0 +1,146 @@
+"""`fedlm report`: the demo's page in a real browser (headless Chromium), and bad input.
+
+The browser is Debian's `chromium` (the Makefile's setup installs it), driven by playwright
+through its executable: playwright never downloads a browser here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedlm.corpus import SILOS
+
+ROOT = Path(__file__).resolve().parents[1]
+FEDLM = [sys.executable, "-m", "fedlm.cli"]
+
+
+def fedlm(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*FEDLM, *args], cwd=cwd, env={**os.environ, "COLUMNS": "200"}, capture_output=True,
+                          text=True, timeout=300)
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("Chromium is not installed and could not be (`make setup` runs `apt-get install chromium`; "
+                    "without root or apt, install Debian/Ubuntu's chromium package by hand)")
+    return path
+
+
+def render(page_path: Path) -> dict[str, Any]:
+    """Open the page in headless Chromium with JavaScript off; what a reader and a checker see."""
+    from playwright.sync_api import sync_playwright
+
+    seen: dict[str, Any] = {"console": [], "requests": []}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        try:
+            page = browser.new_context(java_script_enabled=False, viewport={"width": 1200, "height": 900}).new_page()
+            page.on("console", lambda m: seen["console"].append((m.type, m.text)))
+            page.on("pageerror", lambda e: seen["console"].append(("pageerror", str(e))))
+            page.on("request", lambda r: seen["requests"].append(r.url))
+            page.goto(page_path.resolve().as_uri(), wait_until="load")
+            seen["figures"] = page.eval_on_selector_all(
+                "figure", "els => els.map(e => [e.id, e.getBoundingClientRect().width, e.getBoundingClientRect().height])")
+            seen["cells"] = page.eval_on_selector_all(
+                "[data-silo]", "els => els.map(e => [e.dataset.silo, e.dataset.key, e.dataset.value, e.innerText])")
+            seen["sections"] = page.eval_on_selector_all("section", "els => els.map(e => e.id)")
+            seen["png"] = page.screenshot(full_page=True)
+        finally:
+            browser.close()
+    return seen
+
+
+def not_blank(png: bytes) -> bool:
+    """Far from one flat colour: over 2% of the pixels are not the background's."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(png)).convert("L")
+    hist = img.histogram()
+    return img.height > 2000 and 1 - max(hist) / sum(hist) > 0.02
+
+
+def measured(out: Path) -> dict[tuple[str, str], float]:
+    """The per-silo numbers the page must show, from summary.json and rounds.jsonl themselves."""
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(x) for x in (out / "runs" / "federated" / "rounds.jsonl").read_text().splitlines()]
+    want: dict[tuple[str, str], float] = {}
+    for name, model in summary["models"].items():
+        for silo in SILOS:
+            if name in ("federated", "centralised") or name.endswith(f":{silo}"):
+                want[(silo, f"bpb:{name}")] = model["bits_per_byte"][silo]
+    for silo in SILOS:
+        mine = [r for r in rows if r["completed"] and silo in r["silos"] and silo not in r["dropped"]]
+        want[(silo, "rounds")] = len(mine)
+        want[(silo, "loss_first")] = mine[0]["silos"][silo]["loss"]
+        want[(silo, "loss_last")] = mine[-1]["silos"][silo]["loss"]
+        want[(silo, "mb_up")] = sum(r["silos"].get(silo, {}).get("bytes_up", 0.0) for r in rows) / 1e6
+        want[(silo, "mb_down")] = sum(r["silos"].get(silo, {}).get("bytes_down", 0.0) for r in rows) / 1e6
+    return want
+
+
+@pytest.mark.slow
+def test_demo_report_in_headless_chromium(quick_demo: tuple[Path, subprocess.CompletedProcess[str]],
+                                          tmp_path: Path) -> None:
+    """The quick demo's report.html in a real browser: no console error, no request leaves the file,
+    every figure is drawn, the per-silo numbers are summary.json's and rounds.jsonl's, and it is not blank."""
+    out, demo = quick_demo
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    page_path = out / "report.html"
+    assert f"report: {page_path}" in " ".join((demo.stdout + demo.stderr).split()), demo.stderr[-2000:]
+    seen = render(page_path)
+    assert seen["console"] == []
+    assert seen["requests"] == [page_path.resolve().as_uri()]
+    assert {"config", "loss", "bpb", "comm", "time", "drops", "plan", "samples", "explain"} <= set(seen["sections"])
+    assert len(seen["figures"]) >= 4 and all(w > 100 and h > 50 for _, w, h in seen["figures"]), seen["figures"]
+    shown = {(silo, key): (float(value), text) for silo, key, value, text in seen["cells"]}
+    want = measured(out)
+    assert set(want) <= set(shown), sorted(set(want) - set(shown))
+    for (silo, key), expected in want.items():
+        value, text = shown[(silo, key)]
+        assert value == pytest.approx(expected, rel=1e-12, abs=1e-12), (silo, key)
+        digits = 0 if key == "rounds" else 2 if key.startswith("mb_") else 4
+        assert text == f"{expected:.{digits}f}", (silo, key, text)
+    assert not_blank(seen["png"])
+    assert page_path.stat().st_size < 3_000_000
+
+    # the README's command on the same output: a page of its own, where --out says
+    readme = (ROOT / "README.md").read_text()
+    assert "fedlm report demo-out --out demo-report.html" in readme
+    (tmp_path / "demo-out").symlink_to(out)
+    r = fedlm("report", "demo-out", "--out", "demo-report.html", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "demo-report.html").stat().st_size > 10_000
+
+
+def _assert_one_line_error(r: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and all(n in lines[0] for n in needles), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_report_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
+    """A folder that is no run, a run with no rounds yet, and a corrupt rounds.jsonl line (named)."""
+    _assert_one_line_error(fedlm("report", str(tmp_path / "nothing")), "nothing", "not a directory")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text("[train]\nmode = \"federated\"\n")
+    _assert_one_line_error(fedlm("report", str(run)), "rounds.jsonl", "no rounds")
+    (run / "rounds.jsonl").write_text("")
+    _assert_one_line_error(fedlm("report", str(run)), "rounds.jsonl", "no rounds")
+    good = {"round": 1, "seconds": 1.0, "completed": True, "silos": {"a": {"loss": 1.0}}, "dropped": {}, "loss": 1.0}
+    (run / "rounds.jsonl").write_text(json.dumps(good) + "\n" + '{"round": 2, "seconds": 1.0, "compl\n')
+    _assert_one_line_error(fedlm("report", str(run)), "rounds.jsonl line 2", "not a JSON object")
+    (run / "rounds.jsonl").write_text(json.dumps(good) + "\n[1, 2]\n")
+    _assert_one_line_error(fedlm("report", str(run)), "rounds.jsonl line 2", "not a round row")
+    assert not (run / "report.html").exists()
