@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -144,3 +145,46 @@ def test_report_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
     (run / "rounds.jsonl").write_text(json.dumps(good) + "\n[1, 2]\n")
     _assert_one_line_error(fedlm("report", str(run)), "rounds.jsonl line 2", "not a round row")
     assert not (run / "report.html").exists()
+
+
+def cells(page: str) -> dict[tuple[str, str], float]:
+    """{(silo, key): value} of the page's per-silo cells."""
+    found = re.findall(r'data-silo="([^"]+)" data-key="([^"]+)" data-value="([^"]+)"', page)
+    return {(silo, key): float(value) for silo, key, value in found}
+
+
+def test_report_shows_drops_rejections_and_epsilon_of_a_real_run(tmp_path: Path) -> None:
+    """A real federated run with client-level DP where silo b's updates are non-finite every round and
+    rejected: the page names each rejection, and its per-silo counts and ε are rounds.jsonl's and
+    privacy.json's."""
+    from fedlm.config import build_config
+    from fedlm.federation.runner import run_federated
+    from fedlm.report import write_report
+    from tests.test_federation import make_ws, wrap
+
+    ws = make_ws(tmp_path / "ws")
+    cfg = build_config({
+        "data": {"workspace": str(ws)},
+        "model": {"preset": "custom", "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "max_seq_len": 32},
+        "train": {"batch_size": 4, "seq_len": 16, "mode": "federated", "warmup_steps": 1, "seed": 7},
+        "federation": {"rounds": 3, "local_steps": 1, "min_silos": 2, "round_timeout": 30.0},
+        "privacy": {"mode": "client", "target_epsilon": 20.0, "clip": 1.0},
+    })
+    run = tmp_path / "run"
+    run_federated(cfg, run, client_app=wrap({"b": "nan"}))
+    page = write_report(run).read_text()
+    rows = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
+    privacy = json.loads((run / "privacy.json").read_text())
+    shown = cells(page)
+    assert page.count("rejected: non-finite") == 3
+    for silo in ("a", "b", "c"):
+        assert shown[(silo, "dropped")] == sum(silo in r["dropped"] for r in rows)
+        assert shown[(silo, "mb_up")] == pytest.approx(sum(r["silos"][silo]["bytes_up"] for r in rows) / 1e6)
+    for silo, entry in privacy["silos"].items():
+        assert shown[(silo, "epsilon")] == entry["epsilon"]
+    assert shown[("b", "dropped")] == 3 and ("b", "loss_last") not in shown
+    for sid in ("config", "loss", "comm", "time", "drops", "privacy", "plan", "samples"):
+        assert f'<section id="{sid}">' in page, sid
+    assert 'id="bpb"' not in page  # no baselines outside a demo's output
+    assert "<script" not in page.split('id="explain"')[0]
+    assert not re.findall(r'(?:src|href)="(?!#|data:)[^"]*"', page)  # no link out of the page, only to its own parts

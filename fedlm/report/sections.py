@@ -1,208 +1,26 @@
-"""`fedlm report RUN`: a federated run on one self-contained HTML page.
-
-    path = write_report(Path("runs/fed"))                  # -> runs/fed/report.html
-    path = write_report(Path("demo-out"), Path("r.html"))  # a demo's output: its federated run + baselines
-
-The page has no script and fetches nothing: its figures are inline SVG drawn by matplotlib,
-its tables plain HTML, and a Content-Security-Policy forbids any request. Each section
-appears only where the run has its data:
-
-- the config in brief (RUN/config.toml, RUN/summary.json);
-- loss per round, global and per silo; bytes per round and cumulative MB; round time split
-  into compute (the slowest silo's training) and overhead; dropped silos and rejected
-  updates; ε spent per silo per round (all from RUN/rounds.jsonl);
-- privacy (RUN/privacy.json) and the audit (RUN/audit.json, which `fedlm audit RUN` writes);
-- bits/byte per silo against the baselines (a demo's summary.json);
-- `fedlm plan`'s prediction against what the rounds measured (RUN/plan.json, else the plan
-  of RUN/config.toml without a timing calibration);
-- contributions, gains and payouts (RUN/value.json, `fedlm value`);
-- sample generations of the global model from fixed prompts (never a silo's text: whoever
-  holds the run may not see the silos' data), and the explain panel for the first of them.
-
-Per-silo numbers carry `data-silo`, `data-key` and `data-value` (the exact float) so that a
-reader (or a test) can check them against the JSON files.
-"""
+"""The report's sections, one function each; a section returns None where the run lacks its data."""
 
 from __future__ import annotations
 
-import html
-import importlib
-import io
 import json
-import math
-import time
-import tomllib
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedlm.errors import UserError
-from fedlm.fileio import write_text
-
-if TYPE_CHECKING:
-    from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
-
-PROMPTS = ("The", "In the", "It was")
-"""Fixed prompts of the sample generations: model output only, no silo's text on the page."""
-
-CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; script-src 'unsafe-inline'"
-"""No request of any kind leaves the page (inline styles and an explain fragment's inline script only)."""
-
-MB = 1e6
-
-
-@dataclass
-class RunData:
-    """What a report reads from a run directory (and a demo's summary beside it)."""
-
-    run_dir: Path
-    rounds: list[dict[str, Any]]
-    config: dict[str, Any]
-    summary: dict[str, Any] = field(default_factory=dict)
-    demo: dict[str, Any] | None = None  # a demo's summary.json: bits/byte of every model on every silo
-    privacy: dict[str, Any] | None = None
-    audit: dict[str, Any] | None = None
-    value: dict[str, Any] | None = None
-    plan: dict[str, Any] | None = None
-
-    @property
-    def silos(self) -> list[str]:
-        names = self.summary.get("silos") or sorted({s for r in self.rounds for s in r.get("silos") or {}})
-        return [str(s) for s in names]
-
-
-# ---------------------------------------------------------------------------------------
-# reading the run
-
-
-def read_json_file(path: Path) -> dict[str, Any] | None:
-    """A JSON object file, None when absent; a corrupt one is bad input naming the file."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e}); restore or delete it and rerun `fedlm report`") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object; restore or delete it and rerun `fedlm report`")
-    return data
-
-
-def read_rounds(path: Path) -> list[dict[str, Any]]:
-    """Every row of a rounds.jsonl, strictly: a report must not quietly leave a round out."""
-    rows = []
-    for no, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {no}: not a JSON object ({e.msg}); "
-                            f"repair or delete that line, or resume the run (`fedlm train --resume`)") from None
-        if not isinstance(row, dict) or not isinstance(row.get("round"), int) or not isinstance(row.get("silos"), dict):
-            raise UserError(f"{path} line {no}: not a round row (needs \"round\" and \"silos\"); "
-                            f"repair or delete that line")
-        rows.append(row)
-    return rows
-
-
-def find_run(path: Path) -> tuple[Path, dict[str, Any] | None]:
-    """(the federated run directory, the demo's summary) for a run directory or a demo's output."""
-    if not path.is_dir():
-        raise UserError(f"{path}: not a directory; pass a federated run directory (or a demo's output)")
-    demo = read_json_file(path / "summary.json")
-    if demo is None or "models" not in demo:
-        return path, None
-    run = path / "runs" / "federated"
-    if not run.is_dir():  # moved or renamed: the path the demo recorded
-        run = Path(demo["models"].get("federated", {}).get("run_dir", run))
-    return run, demo
-
-
-def load_run(path: Path) -> RunData:
-    """Read everything a report shows; UserError for a directory without rounds or with a corrupt file."""
-    run_dir, demo = find_run(path)
-    rounds_path = run_dir / "rounds.jsonl"
-    rounds = read_rounds(rounds_path) if rounds_path.is_file() else []
-    if not rounds:
-        raise UserError(f"{rounds_path}: no rounds (missing or empty); `fedlm report` needs a federated run's "
-                        f"directory with at least one round done (`fedlm train` with train.mode = \"federated\")")
-    try:
-        config = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise UserError(f"{run_dir / 'config.toml'}: missing or not TOML ({e}); the run directory is damaged") from None
-    value = read_json_file(run_dir / "value.json")
-    if value is None and demo is not None and isinstance(demo.get("value"), dict) and "silos" in demo["value"]:
-        value = demo["value"]
-    return RunData(run_dir=run_dir, rounds=rounds, config=config, summary=read_json_file(run_dir / "summary.json") or {},
-                   demo=demo, privacy=read_json_file(run_dir / "privacy.json"),
-                   audit=read_json_file(run_dir / "audit.json"), value=value,
-                   plan=read_json_file(run_dir / "plan.json"))
-
-
-# ---------------------------------------------------------------------------------------
-# HTML and figure helpers
-
-
-def esc(x: Any) -> str:
-    return html.escape(str(x), quote=True)
-
-
-def num(x: Any, fmt: str = ".4f", *, silo: str | None = None, key: str | None = None) -> str:
-    """A table cell for a number; per-silo cells carry the exact value for checking."""
-    if not isinstance(x, (int, float)) or isinstance(x, bool):
-        return f"<td>{esc(x if x is not None else '—')}</td>"
-    text = f"{x:{fmt}}" if math.isfinite(x) else str(x)
-    attrs = f' data-silo="{esc(silo)}" data-key="{esc(key)}" data-value="{x!r}"' if silo is not None else ""
-    return f'<td class="num"{attrs}>{text}</td>'
-
-
-def table(head: list[str], rows: list[str], *, cls: str = "") -> str:
-    """An HTML table from a header and rows of ready-made cells."""
-    th = "".join(f"<th>{esc(h)}</th>" for h in head)
-    body = "".join(f"<tr>{r}</tr>" for r in rows)
-    return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def new_figure(width: float = 7.0, height: float = 3.2) -> tuple[Figure, Axes]:
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    ax = fig.add_subplot()
-    ax.grid(True, alpha=0.3)
-    return fig, ax
-
-
-def svg(fig: Figure, name: str, caption: str) -> str:
-    """The figure as inline SVG in a <figure>; ids salted by `name` so that figures never share one."""
-    import matplotlib
-
-    buf = io.StringIO()
-    with matplotlib.rc_context({"svg.hashsalt": f"fedlm-{name}", "svg.fonttype": "path"}):
-        fig.savefig(buf, format="svg", metadata={"Date": None})
-    text = buf.getvalue()
-    text = text[text.index("<svg"):]  # drop the XML declaration and DOCTYPE: not allowed inside HTML
-    return f'<figure id="fig-{esc(name)}">{text}<figcaption>{esc(caption)}</figcaption></figure>'
-
-
-def silo_colour(silos: list[str], silo: str) -> Any:
-    from matplotlib import colormaps
-
-    return colormaps["tab10"](silos.index(silo) % 10) if silo in silos else "grey"
-
-
-def section(sid: str, title: str, body: str) -> str:
-    return f'<section id="{esc(sid)}"><h2>{esc(title)}</h2>{body}</section>'
-
-
-def participated(row: dict[str, Any], silo: str) -> bool:
-    """Whether a silo's update counted in a completed round."""
-    return bool(row.get("completed")) and silo in (row.get("silos") or {}) and silo not in (row.get("dropped") or {})
-
-
-# ---------------------------------------------------------------------------------------
-# the sections: each returns None where the run lacks its data
+from fedlm.report.markup import (
+    MB,
+    esc,
+    fmt,
+    fnum,
+    new_figure,
+    num,
+    participated,
+    ratio,
+    section,
+    silo_colour,
+    svg,
+    table,
+)
+from fedlm.report.rundata import RunData
 
 CONFIG_KEYS = {
     "model": ["preset", "init_from", "d_model", "n_layers", "n_heads", "vocab_size", "max_seq_len"],
@@ -213,15 +31,14 @@ CONFIG_KEYS = {
     "lora": ["rank"],
 }
 
-
 def config_section(d: RunData) -> str:
     rows = []
     for sec, keys in CONFIG_KEYS.items():
-        for key in keys:
-            value = d.config.get(sec, {}).get(key)
-            if value in (None, "") or (sec == "lora" and value == 0):
-                continue
-            rows.append(f"<th>{esc(sec)}.{esc(key)}</th><td>{esc(value)}</td>")
+        got = {k: d.config.get(sec, {}).get(k) for k in keys}
+        shown = [f"{esc(k)} = <code>{esc(json.dumps(v))}</code>" for k, v in got.items()
+                 if v not in (None, "") and not (sec == "lora" and v == 0)]
+        if shown:
+            rows.append(f"<th>[{esc(sec)}]</th><td>{' · '.join(shown)}</td>")
     s = d.summary
     done = sum(1 for r in d.rounds if r.get("completed"))
     facts = [f"<b>{len(d.silos)}</b> silos ({esc(', '.join(d.silos))})",
@@ -234,8 +51,7 @@ def config_section(d: RunData) -> str:
         facts.append(f'<span class="warn">silo {esc(silo)}: training loss {loss["first"]:.4f} → '
                      f'{loss["last"]:.4f}, worse than at the start</span>')
     return section("config", "Run and config in brief",
-                   f"<p>{' · '.join(facts)}</p>" + table(["key", "value"], rows, cls="kv"))
-
+                   f"<p>{' · '.join(facts)}</p>" + table(["section", "settings (RUN/config.toml)"], rows, cls="kv"))
 
 def loss_section(d: RunData) -> str | None:
     done = [r for r in d.rounds if r.get("completed") and isinstance(r.get("loss"), (int, float))]
@@ -260,7 +76,6 @@ def loss_section(d: RunData) -> str | None:
                 "weights, and their token-weighted mean.")
             + table(["silo", "rounds taken part", "loss, first round", "loss, last round"], rows))
     return section("loss", "Loss per round", body)
-
 
 def bpb_section(d: RunData) -> str | None:
     if d.demo is None:
@@ -291,7 +106,6 @@ def bpb_section(d: RunData) -> str | None:
         body += (f"<p>federated / centralised = {found['federated_vs_centralised']:.3f}; federated / local-only "
                  f"mean = {found.get('federated_vs_local_only_mean', float('nan')):.3f}</p>")
     return section("bpb", "Bits per byte per silo against the baselines", body)
-
 
 def comm_section(d: RunData) -> str | None:
     def total(row: dict[str, Any], key: str) -> float:
@@ -324,7 +138,6 @@ def comm_section(d: RunData) -> str | None:
         table(["silo", "MB down", "MB up"], rows)
     return section("comm", "Communication", body)
 
-
 def time_section(d: RunData) -> str | None:
     done = [r for r in d.rounds if r.get("completed") and isinstance(r.get("overhead_seconds"), (int, float))]
     if not done:
@@ -343,7 +156,6 @@ def time_section(d: RunData) -> str | None:
     return section("time", "Round time: compute and overhead",
                    text + svg(fig, "time", "Wall time of each completed round, split into the slowest silo's "
                                            "local training and the rest (messages, aggregation, checkpoint)."))
-
 
 def drops_section(d: RunData) -> str | None:
     events = [(r["round"], s, str(why)) for r in d.rounds for s, why in sorted((r.get("dropped") or {}).items())]
@@ -369,7 +181,6 @@ def drops_section(d: RunData) -> str | None:
             + svg(fig, "drops", "Each dot: a sampled silo whose update did not count in that round.")
             + table(d.silos, [counts]) + table(["round", "silo", "why"], rows) + more)
     return section("drops", "Dropped silos and rejected updates", body)
-
 
 def privacy_section(d: RunData) -> str | None:
     eps_rows = [r for r in d.rounds if isinstance(r.get("epsilon"), dict)]
@@ -400,7 +211,6 @@ def privacy_section(d: RunData) -> str | None:
         body += audit_table(d.audit)
     return section("privacy", "Privacy: ε per silo and audit", body)
 
-
 def audit_table(audit: dict[str, Any]) -> str:
     """Canary exposure and membership-inference AUC per silo, from `fedlm audit`'s report."""
     rows = []
@@ -414,7 +224,6 @@ def audit_table(audit: dict[str, Any]) -> str:
     return "<h3>Audit</h3>" + table(["silo", "canary exposure (bits, by repeats)", "membership AUC (loss)",
                                      "membership AUC (calibrated)"], rows)
 
-
 def plan_of(d: RunData) -> tuple[dict[str, Any] | None, str]:
     """The run's plan (RUN/plan.json, made before it ran) or the plan of its config without timing."""
     if d.plan is not None:
@@ -427,7 +236,6 @@ def plan_of(d: RunData) -> tuple[dict[str, Any] | None, str]:
             "`fedlm plan` of RUN/config.toml, without a timing calibration"
     except (UserError, ValueError, OSError):  # the workspace moved, or a config of another version
         return None, ""
-
 
 def plan_section(d: RunData) -> str | None:
     plan, source = plan_of(d)
@@ -460,13 +268,6 @@ def plan_section(d: RunData) -> str | None:
     return section("plan", "Plan: predicted against measured",
                    note + table(["quantity", "predicted", "measured", "measured / predicted"], rows))
 
-
-def ratio(measured: float | None, predicted: Any) -> str:
-    if measured is None or not isinstance(predicted, (int, float)) or not predicted:
-        return "<td>—</td>"
-    return num(measured / predicted, ".3f")
-
-
 def value_section(d: RunData) -> str | None:
     v = d.value
     if v is None or not isinstance(v.get("silos"), dict):
@@ -491,99 +292,3 @@ def value_section(d: RunData) -> str | None:
                    head + svg(fig, "value", "Each silo's contribution to the consortium and what it gained "
                                             "by joining (drops in bits/byte).")
                    + table(["silo", *keys, "flag"], rows))
-
-
-def fnum(x: Any, default: float = float("nan")) -> float:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else default
-
-
-def fmt(x: Any) -> str:
-    return f"{x:.4f}" if isinstance(x, (int, float)) else esc(x)
-
-
-def samples(run_dir: Path, prompts: tuple[str, ...], *, max_new_tokens: int = 40) -> list[tuple[str, str]]:
-    """(prompt, continuation) from the run's global model, seeded: the same page for the same model."""
-    from fedlm.data.tokenizer import EOS, load_tokenizer
-    from fedlm.generate import generate
-    from fedlm.pretrained import load_model
-
-    model, tok_path = load_model(run_dir)
-    if tok_path is None:
-        return []
-    tok = load_tokenizer(tok_path)
-    room = model.cfg.max_seq_len
-    out = []
-    for prompt in prompts:
-        ids = tok.encode(prompt).ids[: room - 1]
-        new = list(generate(model, ids, max_new_tokens=min(max_new_tokens, room - len(ids)), temperature=0.8,
-                            top_k=50, eos_id=tok.token_to_id(EOS), seed=0))
-        out.append((prompt, tok.decode(new)))
-    return out
-
-
-def samples_section(generated: list[tuple[str, str]]) -> str | None:
-    if not generated:
-        return None
-    items = "".join(f"<li><b>{esc(p)}</b>{esc(c)}</li>" for p, c in generated)
-    return section("samples", "Sample generations",
-                   "<p>The global model's continuations of fixed prompts (temperature 0.8, top-k 50, seed 0).</p>"
-                   f'<ol class="samples">{items}</ol>')
-
-
-def explain_section(run_dir: Path, text: str) -> str | None:
-    """The explain panel (fedlm.explain) for one sample text."""
-    if not text.strip():
-        return None
-    try:
-        explain = importlib.import_module("fedlm.explain")
-    except ImportError:  # an install without the explain part: say so rather than fail the report
-        return section("explain", "Explain one sample", "<p>fedlm.explain is not installed here.</p>")
-    try:
-        fragment = explain.html_fragment(explain.explain(run_dir, text))
-    except UserError as e:
-        return section("explain", "Explain one sample", f"<p>Not explained: {esc(e)}</p>")
-    return section("explain", "Explain one sample",
-                   f"<p>The first sample above, token by token: <code>fedlm explain {esc(run_dir)} TEXT</code> "
-                   f"shows the same for any text.</p>{fragment}")
-
-
-# ---------------------------------------------------------------------------------------
-# the page
-
-STYLE = """
-body{font:15px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;color:#1b1b1b;background:#fff;margin:0}
-main{max-width:62rem;margin:0 auto;padding:1rem 1.5rem 3rem}
-h1{font-size:1.6rem;margin:.8rem 0 .2rem} h2{font-size:1.25rem;border-bottom:1px solid #ddd;padding-bottom:.2rem;
-margin-top:2rem} nav a{margin-right:.8rem} figure{margin:1rem 0} figure svg{max-width:100%;height:auto;display:block}
-figcaption{font-size:.85rem;color:#555} table{border-collapse:collapse;margin:.6rem 0;font-size:.9rem}
-th,td{border:1px solid #ddd;padding:.2rem .5rem;text-align:left} td.num{text-align:right;font-variant-numeric:tabular-nums}
-thead th{background:#f4f4f4} .warn{color:#a40000} .meter{font-size:1.1rem} .samples li{margin:.3rem 0}
-.muted{color:#666;font-size:.85rem}
-"""
-
-
-def render(d: RunData, *, generated: list[tuple[str, str]], explain_html: str | None) -> str:
-    """The whole page from what load_run read and the samples generated."""
-    parts = [config_section(d), loss_section(d), bpb_section(d), comm_section(d), time_section(d),
-             drops_section(d), privacy_section(d), plan_section(d), value_section(d), samples_section(generated),
-             explain_html]
-    body = [p for p in parts if p]
-    nav = "".join(f'<a href="#{sid}">{esc(title)}</a>' for sid, title in
-                  ((p.split('"', 2)[1], p.split("<h2>", 1)[1].split("</h2>", 1)[0]) for p in body))
-    title = f"fedlm report: {d.run_dir.name}"
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{esc(title)}</title><style>{STYLE}</style></head><body><main>"
-            f"<h1>{esc(title)}</h1><p class=\"muted\">{esc(d.run_dir)} · made {time.strftime('%Y-%m-%d %H:%M:%S')} "
-            f"by <code>fedlm report</code></p><nav>{nav}</nav>{''.join(body)}</main></body></html>\n")
-
-
-def write_report(path: Path, out: Path | None = None, *, prompts: tuple[str, ...] = PROMPTS) -> Path:
-    """Read the run at `path` (or a demo's output), write its page atomically; returns where."""
-    d = load_run(path)
-    out = out if out is not None else path / "report.html"
-    generated = samples(d.run_dir, prompts) if (d.run_dir / "model").is_dir() else []
-    explain_html = explain_section(d.run_dir, "".join(generated[0])) if generated else None
-    write_text(out, render(d, generated=generated, explain_html=explain_html))
-    return out
