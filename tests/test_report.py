@@ -50,8 +50,9 @@ def render(page_path: Path) -> dict[str, Any]:
             page.on("pageerror", lambda e: seen["console"].append(("pageerror", str(e))))
             page.on("request", lambda r: seen["requests"].append(r.url))
             page.goto(page_path.resolve().as_uri(), wait_until="load")
-            seen["figures"] = page.eval_on_selector_all(
-                "figure", "els => els.map(e => [e.id, e.getBoundingClientRect().width, e.getBoundingClientRect().height])")
+            # the explain panel keeps all but one attention map a click away (display: none)
+            seen["figures"] = page.eval_on_selector_all("figure", """els => els.map(e => [e.id || e.className,
+                getComputedStyle(e).display, e.getBoundingClientRect().width, e.getBoundingClientRect().height])""")
             seen["cells"] = page.eval_on_selector_all(
                 "[data-silo]", "els => els.map(e => [e.dataset.silo, e.dataset.key, e.dataset.value, e.innerText])")
             seen["sections"] = page.eval_on_selector_all("section", "els => els.map(e => e.id)")
@@ -102,7 +103,11 @@ def test_demo_report_in_headless_chromium(quick_demo: tuple[Path, subprocess.Com
     assert seen["console"] == []
     assert seen["requests"] == [page_path.resolve().as_uri()]
     assert {"config", "loss", "bpb", "comm", "time", "drops", "plan", "samples", "explain"} <= set(seen["sections"])
-    assert len(seen["figures"]) >= 4 and all(w > 100 and h > 50 for _, w, h in seen["figures"]), seen["figures"]
+    shown_figures = [f for f in seen["figures"] if f[1] != "none"]
+    assert sum(1 for f in shown_figures if f[0].startswith("fig-")) >= 4, seen["figures"]
+    assert any(f[0].startswith("m-") for f in shown_figures), "no attention map shown in the explain panel"
+    assert all(f[0].startswith("m-") for f in seen["figures"] if f[1] == "none"), seen["figures"]
+    assert all(w > 100 and h > 50 for _, _, w, h in shown_figures), shown_figures
     shown = {(silo, key): (float(value), text) for silo, key, value, text in seen["cells"]}
     want = measured(out)
     assert set(want) <= set(shown), sorted(set(want) - set(shown))

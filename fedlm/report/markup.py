@@ -33,7 +33,6 @@ def table(head: list[str], rows: list[str], *, cls: str = "") -> str:
 
 def new_figure(width: float = 7.0, height: float = 3.2) -> tuple[Figure, Axes]:
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-
     from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(width, height), layout="constrained")

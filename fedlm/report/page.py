@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import time
 from pathlib import Path
 
@@ -25,8 +24,8 @@ from fedlm.report.sections import (
 PROMPTS = ("The", "In the", "It was")
 """Fixed prompts of the sample generations: model output only, no silo's text on the page."""
 
-CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; script-src 'unsafe-inline'"
-"""No request of any kind leaves the page (inline styles and an explain fragment's inline script only)."""
+CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
+"""No request of any kind leaves the page, and no script runs: inline styles and data: images only."""
 
 def samples(run_dir: Path, prompts: tuple[str, ...], *, max_new_tokens: int = 40) -> list[tuple[str, str]]:
     """(prompt, continuation) from the run's global model, seeded: the same page for the same model."""
@@ -56,20 +55,19 @@ def samples_section(generated: list[tuple[str, str]]) -> str | None:
                    f'<ol class="samples">{items}</ol>')
 
 def explain_section(run_dir: Path, text: str) -> str | None:
-    """The explain panel (fedlm.explain) for one sample text."""
+    """The explain panel (`fedlm explain`'s fragment) for one sample text."""
+    from fedlm.explain import explain, html_fragment
+
     if not text.strip():
         return None
     try:
-        explain = importlib.import_module("fedlm.explain")
-    except ImportError:  # an install without the explain part: say so rather than fail the report
-        return section("explain", "Explain one sample", "<p>fedlm.explain is not installed here.</p>")
-    try:
-        fragment = explain.html_fragment(explain.explain(run_dir, text))
-    except UserError as e:
+        fragment = html_fragment(explain(run_dir, text))
+    except UserError as e:  # e.g. a text past the model's context: say so, keep the rest of the page
         return section("explain", "Explain one sample", f"<p>Not explained: {esc(e)}</p>")
     return section("explain", "Explain one sample",
-                   f"<p>The first sample above, token by token: <code>fedlm explain {esc(run_dir)} TEXT</code> "
-                   f"shows the same for any text.</p>{fragment}")
+                   f"<p>The first sample above, token by token (<code>fedlm explain {esc(run_dir)} TEXT</code> "
+                   f"does the same for any text).</p>{fragment}")
+
 
 STYLE = """
 body{font:15px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;color:#1b1b1b;background:#fff;margin:0}
