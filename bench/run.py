@@ -27,7 +27,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "BENCHMARKS.md"
-SECTIONS = ("model", "federation", "data", "serve", "plan", "privacy", "device", "explain", "chat")
+SECTIONS = ("model", "federation", "data", "serve", "plan", "privacy", "device", "explain", "chat", "report")
 
 
 def _ok(flag: bool | None) -> str:
@@ -403,6 +403,28 @@ def chat_section(quick: bool) -> tuple[dict[str, Any], str]:
     return r, text
 
 
+def report_section(quick: bool) -> tuple[dict[str, Any], str]:
+    from bench.report_bench import TARGET_BYTES, TARGET_SECONDS, run
+
+    r = run(quick=quick)
+    demo = "`fedlm demo --quick`" if r["demo_quick"] else "the full `fedlm demo`"
+    rows = [
+        [f"`fedlm report` on {demo} ({r['rounds']} rounds), wall s", f"{r['median_wall_s']:.2f}",
+         f"≤ {TARGET_SECONDS:g} s", _ok(r["targets"]["seconds"])],
+        ["… CPU s of the same process (user + system)", f"{r['median_cpu_s']:.2f}", "", "–"],
+        ["report.html, MB", f"{r['html_bytes'] / 1e6:.2f}", f"≤ {TARGET_BYTES / 1e6:g} MB", _ok(r["targets"]["bytes"])],
+    ]
+    text = (
+        f"`bench/report_bench.py`: a fresh `fedlm report DEMO --out FILE` process on {demo}'s output "
+        f"(imports, the global model's three samples, the explain panel with its integrated gradients and "
+        f"provenance, {r['figures']} figures, {r['sections']} sections), median of "
+        f"{len(r['wall_s'])}: wall {', '.join(f'{x:.2f}' for x in r['wall_s'])} s. The machine was shared with "
+        f"other sessions: the wall time includes waiting for a core, the CPU time does not.\n\n"
+        + _table(["measure", "value", "target", ""], rows)
+    )
+    return r, text
+
+
 PLAN_ROUND_TOLERANCE = 0.35
 """`fedlm plan`'s seconds per round against the real runner on this shared machine (stated in README)."""
 
@@ -410,7 +432,7 @@ PLAN_ROUND_TOLERANCE = 0.35
 RUNNERS: dict[str, Callable[[bool], tuple[dict[str, Any], str]]] = {
     "model": model_section, "federation": federation_section, "data": data_section, "serve": serve_section,
     "plan": plan_section, "privacy": privacy_section, "device": device_section,
-    "explain": explain_section, "chat": chat_section,
+    "explain": explain_section, "chat": chat_section, "report": report_section,
 }
 TITLES = {
     "model": "Model: fedlm vs transformers (issue 2)",
@@ -422,6 +444,7 @@ TITLES = {
     "device": "Devices and the pretrained path (issue 16, items 5 and 6)",
     "explain": "Explain: `fedlm explain` on 256 tokens (issue 18)",
     "chat": "Instruction data: conversations, loss mask, answer evaluation (issue 16)",
+    "report": "Report: `fedlm report` on the demo (issue 18)",
 }
 
 

@@ -121,6 +121,10 @@ def test_readme_step_by_step_commands_run(tmp_path: Path) -> None:
     assert len(rounds) == 10 and all(json.loads(x)["completed"] for x in rounds)
     privacy = json.loads((tmp_path / "runs" / "fed-dp" / "privacy.json").read_text())
     assert privacy["mode"] == "record"
+    # `fedlm report runs/fed-dp` (after the audit, which keeps its results in the run): ε per silo and the audit
+    page = (tmp_path / "runs" / "fed-dp" / "report.html").read_text()
+    assert '<section id="privacy">' in page and "<h3>Audit</h3>" in page
+    assert f'data-silo="clinic" data-key="epsilon" data-value="{privacy["silos"]["clinic"]["epsilon"]!r}"' in page
 
 
 def _serve_and_query(args: list[str], *, cwd: Path) -> None:

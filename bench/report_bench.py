@@ -1,0 +1,71 @@
+"""`fedlm report` on the demo's output: wall and CPU seconds of the command, and the page's size.
+
+    from bench.report_bench import run
+    run()             # runs the full demo (`fedlm demo`), then times `fedlm report` on it
+    run(quick=True)   # the same on `fedlm demo --quick`
+
+FEDLM_BENCH_DEMO=DIR reuses a demo output made by this code instead of running the demo
+again (its summary.json says whether it was --quick). The report runs as a user runs it: a
+fresh `fedlm report DIR --out FILE` process each time (imports, model load, samples, the explain
+panel and every figure included), `repeats` times; the median counts. On a shared machine
+the wall time includes waiting for a core, so the CPU seconds of the same process are given
+beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+TARGET_SECONDS = 10.0
+TARGET_BYTES = 3_000_000
+
+
+def _fedlm(*args: str, timeout: float) -> tuple[float, float]:
+    """Run `fedlm ARGS` in a fresh process: (wall seconds, CPU seconds of it and its children)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "fedlm.cli", *args], capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "COLUMNS": "200"})
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"fedlm {' '.join(args)} failed: {r.stderr[-2000:]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def _time_report(demo: Path, out_dir: Path, repeats: int) -> dict[str, Any]:
+    walls, cpus = [], []
+    page = out_dir / "report.html"
+    for _ in range(repeats):
+        wall, cpu = _fedlm("report", str(demo), "--out", str(page), timeout=600)
+        walls.append(wall)
+        cpus.append(cpu)
+    rounds = sum(1 for line in (demo / "runs" / "federated" / "rounds.jsonl").read_text().splitlines() if line.strip())
+    text = page.read_text(encoding="utf-8")
+    return {"wall_s": walls, "cpu_s": cpus, "median_wall_s": statistics.median(walls),
+            "median_cpu_s": statistics.median(cpus), "html_bytes": page.stat().st_size, "rounds": rounds,
+            "figures": text.count("<figure id=\"fig-"), "sections": text.count("<section id=")}
+
+
+def run(quick: bool = False, repeats: int = 3) -> dict[str, Any]:
+    reuse = os.environ.get("FEDLM_BENCH_DEMO")
+    with tempfile.TemporaryDirectory(prefix="fedlm-report-bench-") as tmp:
+        if reuse:
+            demo, demo_s = Path(reuse), None
+        else:
+            demo = Path(tmp) / "demo"
+            demo_s, _ = _fedlm("demo", *(["--quick"] if quick else []), "--out", str(demo), timeout=3 * 3600)
+        summary = json.loads((demo / "summary.json").read_text())
+        r = _time_report(demo, Path(tmp), repeats=1 if quick else repeats)
+    r.update(demo_quick=bool(summary.get("quick")), demo_seconds=demo_s, reused=bool(reuse),
+             targets={"seconds": r["median_wall_s"] <= TARGET_SECONDS, "bytes": r["html_bytes"] <= TARGET_BYTES})
+    return r
