@@ -114,6 +114,8 @@ def test_readme_step_by_step_commands_run(tmp_path: Path) -> None:
             continue
         r = fedlm(*args, cwd=tmp_path, timeout=600)
         assert r.returncode == 0, (line, r.stdout[-2000:], r.stderr[-2000:])
+        if args[0] == "train":  # a federated run says how to see it on one page
+            assert f"report: fedlm report {args[args.index('--out') + 1]}" in r.stdout, r.stdout
         if args[0] == "audit":
             report = json.loads(r.stdout)
             assert "clinic" in json.dumps(report) and "auc" in json.dumps(report).lower()

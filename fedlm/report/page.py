@@ -24,8 +24,10 @@ from fedlm.report.sections import (
 PROMPTS = ("The", "In the", "It was")
 """Fixed prompts of the sample generations: model output only, no silo's text on the page."""
 
+
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 """No request of any kind leaves the page, and no script runs: inline styles and data: images only."""
+
 
 def samples(run_dir: Path, prompts: tuple[str, ...], *, max_new_tokens: int = 40) -> list[tuple[str, str]]:
     """(prompt, continuation) from the run's global model, seeded: the same page for the same model."""
@@ -46,6 +48,7 @@ def samples(run_dir: Path, prompts: tuple[str, ...], *, max_new_tokens: int = 40
         out.append((prompt, tok.decode(new)))
     return out
 
+
 def samples_section(generated: list[tuple[str, str]]) -> str | None:
     if not generated:
         return None
@@ -53,6 +56,7 @@ def samples_section(generated: list[tuple[str, str]]) -> str | None:
     return section("samples", "Sample generations",
                    "<p>The global model's continuations of fixed prompts (temperature 0.8, top-k 50, seed 0).</p>"
                    f'<ol class="samples">{items}</ol>')
+
 
 def explain_section(run_dir: Path, text: str) -> str | None:
     """The explain panel (`fedlm explain`'s fragment) for one sample text."""
@@ -80,6 +84,7 @@ thead th{background:#f4f4f4} .warn{color:#a40000} .meter{font-size:1.1rem} .samp
 .muted{color:#666;font-size:.85rem}
 """
 
+
 def render(d: RunData, *, generated: list[tuple[str, str]], explain_html: str | None) -> str:
     """The whole page from what load_run read and the samples generated."""
     parts = [config_section(d), loss_section(d), bpb_section(d), comm_section(d), time_section(d),
@@ -95,6 +100,7 @@ def render(d: RunData, *, generated: list[tuple[str, str]], explain_html: str | 
             f"<title>{esc(title)}</title><style>{STYLE}</style></head><body><main>"
             f"<h1>{esc(title)}</h1><p class=\"muted\">{esc(d.run_dir)} · made {time.strftime('%Y-%m-%d %H:%M:%S')} "
             f"by <code>fedlm report</code></p><nav>{nav}</nav>{''.join(body)}</main></body></html>\n")
+
 
 def write_report(path: Path, out: Path | None = None, *, prompts: tuple[str, ...] = PROMPTS) -> Path:
     """Read the run at `path` (or a demo's output), write its page atomically; returns where."""

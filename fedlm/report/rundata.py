@@ -30,6 +30,7 @@ class RunData:
         names = self.summary.get("silos") or sorted({s for r in self.rounds for s in r.get("silos") or {}})
         return [str(s) for s in names]
 
+
 def read_json_file(path: Path) -> dict[str, Any] | None:
     """A JSON object file, None when absent; a corrupt one is bad input naming the file."""
     if not path.is_file():
@@ -41,6 +42,7 @@ def read_json_file(path: Path) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object; restore or delete it and rerun `fedlm report`")
     return data
+
 
 def read_rounds(path: Path) -> list[dict[str, Any]]:
     """Every row of a rounds.jsonl, strictly: a report must not quietly leave a round out."""
@@ -59,6 +61,7 @@ def read_rounds(path: Path) -> list[dict[str, Any]]:
         rows.append(row)
     return rows
 
+
 def find_run(path: Path) -> tuple[Path, dict[str, Any] | None]:
     """(the federated run directory, the demo's summary) for a run directory or a demo's output."""
     if not path.is_dir():
@@ -70,6 +73,7 @@ def find_run(path: Path) -> tuple[Path, dict[str, Any] | None]:
     if not run.is_dir():  # moved or renamed: the path the demo recorded
         run = Path(demo["models"].get("federated", {}).get("run_dir", run))
     return run, demo
+
 
 def load_run(path: Path) -> RunData:
     """Read everything a report shows; UserError for a directory without rounds or with a corrupt file."""

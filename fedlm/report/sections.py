@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -31,6 +32,7 @@ CONFIG_KEYS = {
     "lora": ["rank"],
 }
 
+
 def config_section(d: RunData) -> str:
     rows = []
     for sec, keys in CONFIG_KEYS.items():
@@ -52,6 +54,7 @@ def config_section(d: RunData) -> str:
                      f'{loss["last"]:.4f}, worse than at the start</span>')
     return section("config", "Run and config in brief",
                    f"<p>{' · '.join(facts)}</p>" + table(["section", "settings (RUN/config.toml)"], rows, cls="kv"))
+
 
 def loss_section(d: RunData) -> str | None:
     done = [r for r in d.rounds if r.get("completed") and isinstance(r.get("loss"), (int, float))]
@@ -77,6 +80,7 @@ def loss_section(d: RunData) -> str | None:
             + table(["silo", "rounds taken part", "loss, first round", "loss, last round"], rows))
     return section("loss", "Loss per round", body)
 
+
 def bpb_section(d: RunData) -> str | None:
     if d.demo is None:
         return None
@@ -98,14 +102,15 @@ def bpb_section(d: RunData) -> str | None:
         rows.append(f"<th>{esc(s)}</th>{cells}")
     means = [[models.get(pick(s), {}).get(s, float("nan")) for s in d.silos] for _, pick in columns]
     rows.append("<th>mean</th>" + "".join(num(sum(m) / len(m)) for m in means))
-    body = svg(fig, "bpb", "Bits per byte on each silo's validation split: the federated model, it personalised "
-                           "on the silo, the silo's local-only model (same per-silo budget) and the pooled "
+    body = svg(fig, "bpb", "Bits per byte on each silo's validation split: the federated model, the federated "
+                           "model personalised on the silo, the silo's local-only model (same per-silo budget) and the pooled "
                            "(centralised) model.") + table(["silo", *(c for c, _ in columns)], rows)
     found = d.demo.get("findings", {})
     if "federated_vs_centralised" in found:
         body += (f"<p>federated / centralised = {found['federated_vs_centralised']:.3f}; federated / local-only "
                  f"mean = {found.get('federated_vs_local_only_mean', float('nan')):.3f}</p>")
     return section("bpb", "Bits per byte per silo against the baselines", body)
+
 
 def comm_section(d: RunData) -> str | None:
     def total(row: dict[str, Any], key: str) -> float:
@@ -116,7 +121,7 @@ def comm_section(d: RunData) -> str | None:
     down = [total(r, "bytes_down") / MB for r in d.rounds]
     if not any(up) and not any(down):
         return None
-    cumulative = [sum(up[:i + 1]) + sum(down[:i + 1]) for i in range(len(xs))]
+    cumulative = list(itertools.accumulate(a + b for a, b in zip(up, down, strict=True)))
     fig, ax = new_figure()
     ax.step(xs, up, where="mid", label="up (silos → server)")
     ax.step(xs, down, where="mid", label="down (server → silos)")
@@ -138,6 +143,7 @@ def comm_section(d: RunData) -> str | None:
         table(["silo", "MB down", "MB up"], rows)
     return section("comm", "Communication", body)
 
+
 def time_section(d: RunData) -> str | None:
     done = [r for r in d.rounds if r.get("completed") and isinstance(r.get("overhead_seconds"), (int, float))]
     if not done:
@@ -156,6 +162,7 @@ def time_section(d: RunData) -> str | None:
     return section("time", "Round time: compute and overhead",
                    text + svg(fig, "time", "Wall time of each completed round, split into the slowest silo's "
                                            "local training and the rest (messages, aggregation, checkpoint)."))
+
 
 def drops_section(d: RunData) -> str | None:
     events = [(r["round"], s, str(why)) for r in d.rounds for s, why in sorted((r.get("dropped") or {}).items())]
@@ -181,6 +188,7 @@ def drops_section(d: RunData) -> str | None:
             + svg(fig, "drops", "Each dot: a sampled silo whose update did not count in that round.")
             + table(d.silos, [counts]) + table(["round", "silo", "why"], rows) + more)
     return section("drops", "Dropped silos and rejected updates", body)
+
 
 def privacy_section(d: RunData) -> str | None:
     eps_rows = [r for r in d.rounds if isinstance(r.get("epsilon"), dict)]
@@ -211,6 +219,7 @@ def privacy_section(d: RunData) -> str | None:
         body += audit_table(d.audit)
     return section("privacy", "Privacy: ε per silo and audit", body)
 
+
 def audit_table(audit: dict[str, Any]) -> str:
     """Canary exposure and membership-inference AUC per silo, from `fedlm audit`'s report."""
     rows = []
@@ -224,6 +233,7 @@ def audit_table(audit: dict[str, Any]) -> str:
     return "<h3>Audit</h3>" + table(["silo", "canary exposure (bits, by repeats)", "membership AUC (loss)",
                                      "membership AUC (calibrated)"], rows)
 
+
 def plan_of(d: RunData) -> tuple[dict[str, Any] | None, str]:
     """The run's plan (RUN/plan.json, made before it ran) or the plan of its config without timing."""
     if d.plan is not None:
@@ -236,6 +246,7 @@ def plan_of(d: RunData) -> tuple[dict[str, Any] | None, str]:
             "`fedlm plan` of RUN/config.toml, without a timing calibration"
     except (UserError, ValueError, OSError):  # the workspace moved, or a config of another version
         return None, ""
+
 
 def plan_section(d: RunData) -> str | None:
     plan, source = plan_of(d)
@@ -267,6 +278,7 @@ def plan_section(d: RunData) -> str | None:
             f"({esc(plan.get('time_source', ''))}).</p>" if peak else "")
     return section("plan", "Plan: predicted against measured",
                    note + table(["quantity", "predicted", "measured", "measured / predicted"], rows))
+
 
 def value_section(d: RunData) -> str | None:
     v = d.value
