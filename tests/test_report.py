@@ -6,6 +6,7 @@ through its executable: playwright never downloads a browser here.
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import os
@@ -172,23 +173,39 @@ def test_report_shows_drops_rejections_and_epsilon_of_a_real_run(tmp_path: Path)
         "data": {"workspace": str(ws)},
         "model": {"preset": "custom", "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "max_seq_len": 32},
         "train": {"batch_size": 4, "seq_len": 16, "mode": "federated", "warmup_steps": 1, "seed": 7},
-        "federation": {"rounds": 3, "local_steps": 1, "min_silos": 2, "round_timeout": 30.0},
+        "federation": {"rounds": 3, "local_steps": 1, "min_silos": 2, "round_timeout": 120.0},
         "privacy": {"mode": "client", "target_epsilon": 20.0, "clip": 1.0},
     })
     run = tmp_path / "run"
     run_federated(cfg, run, client_app=wrap({"b": "nan"}))
+    # RUN/value.json as issue 17 defines it (`fedlm value` writes it; here its numbers are made up)
+    value = {"method": "exact", "utility": "bits/byte gained, token-weighted", "baseline_utility": 0.0,
+             "grand_utility": 0.25, "coalitions_trained": 7, "seconds": 1.0,
+             "silos": {s: {"shapley": x, "stderr": 0.0, "leave_one_out": x / 2, "gain": x / 3, "share": x / 0.25,
+                           "payout": 1000 * x / 0.25, "flag": None} for s, x in (("a", 0.15), ("c", 0.1))},
+             "matrix": {"a": {"a": 0.2, "c": 0.1}, "c": {"a": 0.05, "c": 0.15}}}
+    value["silos"]["b"] = {"shapley": 0.0, "stderr": 0.0, "leave_one_out": 0.0, "gain": 0.0, "share": 0.0,
+                           "payout": 0.0, "flag": "free_rider"}
+    (run / "value.json").write_text(json.dumps(value))
     page = write_report(run).read_text()
     rows = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
     privacy = json.loads((run / "privacy.json").read_text())
     shown = cells(page)
-    assert page.count("rejected: non-finite") == 3
+    for row in rows:  # every drop named with its round and reason (b's non-finite updates are rejected)
+        for silo, why in row["dropped"].items():
+            assert f'<td class="num">{row["round"]}</td><td>{silo}</td><td>{html.escape(why)}</td>' in page
+    assert "rejected: non-finite" in page
     for silo in ("a", "b", "c"):
         assert shown[(silo, "dropped")] == sum(silo in r["dropped"] for r in rows)
         assert shown[(silo, "mb_up")] == pytest.approx(sum(r["silos"][silo]["bytes_up"] for r in rows) / 1e6)
     for silo, entry in privacy["silos"].items():
         assert shown[(silo, "epsilon")] == entry["epsilon"]
-    assert shown[("b", "dropped")] == 3 and ("b", "loss_last") not in shown
-    for sid in ("config", "loss", "comm", "time", "drops", "privacy", "plan", "samples"):
+    assert shown[("b", "dropped")] == 3 and ("b", "loss_last") not in shown and 'id="fig-drops"' in page
+    for silo, body in value["silos"].items():
+        for key in ("shapley", "leave_one_out", "gain", "share", "payout"):
+            assert shown[(silo, f"value:{key}")] == body[key], (silo, key)
+    assert "free_rider" in page.split('<section id="value">')[1]
+    for sid in ("config", "loss", "comm", "time", "drops", "privacy", "plan", "value", "samples", "explain"):
         assert f'<section id="{sid}">' in page, sid
     assert 'id="bpb"' not in page  # no baselines outside a demo's output
     assert "<script" not in page.split('id="explain"')[0]

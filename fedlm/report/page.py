@@ -29,24 +29,31 @@ CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 """No request of any kind leaves the page, and no script runs: inline styles and data: images only."""
 
 
-def samples(run_dir: Path, prompts: tuple[str, ...], *, max_new_tokens: int = 40) -> list[tuple[str, str]]:
-    """(prompt, continuation) from the run's global model, seeded: the same page for the same model."""
+def samples(run_dir: Path, prompts: tuple[str, ...], *, max_new_tokens: int = 40
+            ) -> tuple[list[tuple[str, str]], str]:
+    """(prompt, continuation) from the run's global model, seeded: the same page for the same model;
+    and the first sample cut to what the explain panel can take (the context, after one EOS)."""
     from fedlm.data.tokenizer import EOS, load_tokenizer
     from fedlm.generate import generate
     from fedlm.pretrained import load_model
 
     model, tok_path = load_model(run_dir)
     if tok_path is None:
-        return []
+        return [], ""
     tok = load_tokenizer(tok_path)
     room = model.cfg.max_seq_len
     out = []
     for prompt in prompts:
-        ids = tok.encode(prompt).ids[: room - 1]
+        ids = tok.encode(prompt).ids[: room // 2]
         new = list(generate(model, ids, max_new_tokens=min(max_new_tokens, room - len(ids)), temperature=0.8,
                             top_k=50, eos_id=tok.token_to_id(EOS), seed=0))
         out.append((prompt, tok.decode(new)))
-    return out
+    text = "".join(out[0]) if out else ""
+    ids = tok.encode(text).ids
+    for cut in range(min(len(ids), room - 1), 0, -1):  # decoded text read again may take more tokens
+        if len(tok.encode(text := tok.decode(ids[:cut])).ids) < room:
+            break
+    return out, text
 
 
 def samples_section(generated: list[tuple[str, str]]) -> str | None:
@@ -106,7 +113,7 @@ def write_report(path: Path, out: Path | None = None, *, prompts: tuple[str, ...
     """Read the run at `path` (or a demo's output), write its page atomically; returns where."""
     d = load_run(path)
     out = out if out is not None else path / "report.html"
-    generated = samples(d.run_dir, prompts) if (d.run_dir / "model").is_dir() else []
-    explain_html = explain_section(d.run_dir, "".join(generated[0])) if generated else None
+    generated, text = samples(d.run_dir, prompts) if (d.run_dir / "model").is_dir() else ([], "")
+    explain_html = explain_section(d.run_dir, text)
     write_text(out, render(d, generated=generated, explain_html=explain_html))
     return out

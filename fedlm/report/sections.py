@@ -280,27 +280,65 @@ def plan_section(d: RunData) -> str | None:
                    note + table(["quantity", "predicted", "measured", "measured / predicted"], rows))
 
 
+VALUE_KEYS = ("shapley", "stderr", "leave_one_out", "gain", "share", "payout")
+
+
+def value_columns(silos: dict[str, dict[str, Any]]) -> list[tuple[str, str, str | None]]:
+    """(label, key, sub-key) per column of value.json's per-silo numbers; a dict (gain per model) spreads out."""
+    cols: list[tuple[str, str, str | None]] = []
+    for key in VALUE_KEYS:
+        subs = sorted({k for b in silos.values() if isinstance(b.get(key), dict) for k in b[key]})
+        cols += [(f"{key} ({sub})", key, sub) for sub in subs] or [(key, key, None)]
+    return cols
+
+
+def value_cell(body: dict[str, Any], key: str, sub: str | None) -> Any:
+    x = body.get(key)
+    return x.get(sub) if sub is not None and isinstance(x, dict) else x
+
+
 def value_section(d: RunData) -> str | None:
     v = d.value
     if v is None or not isinstance(v.get("silos"), dict):
         return None
-    silos = sorted(v["silos"])
-    keys = ["shapley", "stderr", "leave_one_out", "gain", "share", "payout"]
+    per, silos = v["silos"], sorted(v["silos"])
+    cols = value_columns(per)
+    gain = next(((k, sub) for _, k, sub in cols if k == "gain"), ("gain", None))
     fig, ax = new_figure(7.0, 3.0)
     xs = range(len(silos))
-    ax.bar([x - 0.2 for x in xs], [fnum(v["silos"][s].get("shapley")) for s in silos], 0.4, label="contribution (Shapley)",
-           yerr=[fnum(v["silos"][s].get("stderr"), 0.0) for s in silos])
-    ax.bar([x + 0.2 for x in xs], [fnum(v["silos"][s].get("gain")) for s in silos], 0.4, label="gain from joining")
+    ax.bar([x - 0.2 for x in xs], [fnum(per[s].get("shapley")) for s in silos], 0.4, label="contribution (Shapley)",
+           yerr=[fnum(per[s].get("stderr"), 0.0) for s in silos])
+    ax.bar([x + 0.2 for x in xs], [fnum(value_cell(per[s], *gain)) for s in silos], 0.4,
+           label=f"gain from joining{f' ({gain[1]})' if gain[1] else ''}")
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(list(xs), silos, fontsize=8)
     ax.set(ylabel="bits/byte")
     ax.legend(fontsize=7)
-    rows = [f"<th>{esc(s)}</th>" + "".join(num(v["silos"][s].get(k), silo=s, key=f"value:{k}") for k in keys)
-            + f"<td>{esc(v['silos'][s].get('flag') or '')}</td>" for s in silos]
-    head = (f"<p>method <b>{esc(v.get('method'))}</b>; utility {esc(v.get('utility'))}: baseline "
-            f"{fmt(v.get('baseline_utility'))}, all silos {fmt(v.get('grand_utility'))}; "
+    rows = [f"<th>{esc(s)}</th>" + "".join(num(value_cell(per[s], k, sub), silo=s, key=f"value:{k}"
+                                                + (f":{sub}" if sub else "")) for _, k, sub in cols)
+            + f"<td>{esc(flag_text(per[s]))}</td>" for s in silos]
+    head = (f"<p>method <b>{esc(v.get('method'))}</b>; utility: {esc(v.get('utility', 'bits/byte gained'))}; "
+            f"baseline {fmt(v.get('baseline_utility'))}, all silos {fmt(v.get('grand_utility'))}; "
             f"{esc(v.get('coalitions_trained', '—'))} coalitions trained.</p>")
     return section("value", "Contributions, gains and payouts",
-                   head + svg(fig, "value", "Each silo's contribution to the consortium and what it gained "
-                                            "by joining (drops in bits/byte).")
-                   + table(["silo", *keys, "flag"], rows))
+                   head + svg(fig, "value", "Each silo's contribution to the consortium (with its standard "
+                                            "error) and what it gained by joining (drops in bits/byte).")
+                   + table(["silo", *(c for c, _, _ in cols), "flag"], rows) + matrix_table(v.get("matrix")))
+
+
+def flag_text(body: dict[str, Any]) -> str:
+    flag = body.get("flag")
+    if isinstance(flag, dict):
+        return " ".join(str(x) for x in (flag.get("flag"), flag.get("why")) if x)
+    return " ".join(str(x) for x in (flag, body.get("why")) if x)
+
+
+def matrix_table(matrix: Any) -> str:
+    """Each contributor's Shapley value for each beneficiary alone (value.json's matrix)."""
+    if not isinstance(matrix, dict) or not matrix:
+        return ""
+    beneficiaries = sorted({j for row in matrix.values() if isinstance(row, dict) for j in row})
+    rows = [f"<th>{esc(i)}</th>" + "".join(num((matrix[i] or {}).get(j)) for j in beneficiaries)
+            for i in sorted(matrix)]
+    return ("<h3>Contributor × beneficiary</h3>"
+            + table(["contributor ↓ · beneficiary →", *beneficiaries], rows))
