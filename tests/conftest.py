@@ -72,5 +72,5 @@ def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subproce
     out = tmp_path_factory.mktemp("demo") / "demo"
     (out / "runs" / "federated" / "checkpoint").mkdir(parents=True)  # as left by an earlier demo: re-runs work
     r = subprocess.run([sys.executable, "-m", "fedlm.cli", "demo", "--quick", "--out", str(out)],
-                       env={**os.environ, "COLUMNS": "160"}, capture_output=True, text=True, timeout=900)
+                       env={**os.environ, "COLUMNS": "160"}, capture_output=True, text=True, timeout=1800)
     return out, r  # each test asserts the exit status
