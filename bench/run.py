@@ -419,7 +419,9 @@ def report_section(quick: bool) -> tuple[dict[str, Any], str]:
         f"(imports, the global model's three samples, the explain panel with its integrated gradients and "
         f"provenance, {r['figures']} figures, {r['sections']} sections), median of "
         f"{len(r['wall_s'])}: wall {', '.join(f'{x:.2f}' for x in r['wall_s'])} s. The machine was shared with "
-        f"other sessions: the wall time includes waiting for a core, the CPU time does not.\n\n"
+        f"other sessions: the wall time includes waiting for a core, the CPU time does not."
+        + (" The issue's target is on the full demo's output (600 rounds); this is the quick demo's (FEDLM_BENCH_DEMO "
+           "or --quick)." if r["demo_quick"] else "") + "\n\n"
         + _table(["measure", "value", "target", ""], rows)
     )
     return r, text

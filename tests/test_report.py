@@ -159,6 +159,7 @@ def cells(page: str) -> dict[tuple[str, str], float]:
     return {(silo, key): float(value) for silo, key, value in found}
 
 
+@pytest.mark.slow
 def test_report_shows_drops_rejections_and_epsilon_of_a_real_run(tmp_path: Path) -> None:
     """A real federated run with client-level DP where silo b's updates are non-finite every round and
     rejected: the page names each rejection, and its per-silo counts and ε are rounds.jsonl's and
