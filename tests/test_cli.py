@@ -28,7 +28,7 @@ def fedlm(*args: str, cwd: Path | None = None, timeout: float = 300) -> subproce
     "args",
     [[], ["data"], ["data", "prepare"], ["data", "tokenizer"], ["data", "shard"], ["train"], ["eval"],
      ["generate"], ["export"], ["demo"], ["data", "counts"], ["data", "canaries"], ["node"], ["superlink"], ["serve"], ["plan"],
-     ["audit"], ["explain"]],
+     ["audit"], ["report"], ["explain"]],
 )
 def test_every_command_has_help(args: list[str]) -> None:
     """In this process (typer's runner; the subprocess path is test_bad_input_is_one_line_exit_2's)."""
