@@ -190,10 +190,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # F.rms_norm gives x * rsqrt(mean(x²) + eps) bit for bit in one call; the weight stays
-        # outside it, applied after the cast back as Hugging Face does (and where Opacus's
-        # functorch per-sample gradient sees it).
-        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
+        # Written out rather than F.rms_norm: on CPU that is a composite of these same ops (same
+        # bits, forward and backward) behind three more dispatches, which a decode step pays 2n+1
+        # times. The weight is applied after the cast back, as Hugging Face does (and where
+        # Opacus's functorch per-sample gradient sees it).
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
 
 
