@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from fedlm.federation import secagg, trust
 from fedlm.federation.dp_rounds import RoundPrivacy
 from fedlm.federation.exchanges import Link, RoundResult, cyclic_round, plain_round, secagg_round
 from fedlm.federation.messages import error_reason, query_request, replied_silo, round_config
-from fedlm.federation.rundir import RoundCallback, RoundWriter, load_round, write_summary
+from fedlm.federation.rundir import RoundCallback, load_round, save_round, write_summary
 from fedlm.federation.strategies import (
     ServerAdamW,
     ServerOptimizer,
@@ -46,7 +45,7 @@ from fedlm.federation.strategies import (
 )
 from fedlm.federation.task import expand_state, federated_train_config, planned_tokens, wire_names
 from fedlm.federation.validation import validate_silos
-from fedlm.fileio import truncate_jsonl
+from fedlm.fileio import append_jsonl, truncate_jsonl
 from fedlm.lora import plain_model
 from fedlm.model import Transformer
 from fedlm.modelio import save_model
@@ -82,15 +81,11 @@ def run_rounds(grid: Grid, cfg: Config, run_dir: Path, *, resume: bool = False,
     run.link = connect(grid, run)
     rounds = run.cfg.federation.rounds
     first = run.rounds_done
-    writer = RoundWriter(run_dir)
-    try:
-        for round_no in range(first + 1, rounds + 1):
-            row = one_round(run, round_no)
-            writer.submit(global_state=run.global_state, optimizer=run.optimizer, row=row)  # checkpoint, then the row
-            if on_round is not None:
-                on_round(round_no, rounds, row)
-    finally:  # a round that raises (or Ctrl-C) still leaves the rounds before it on disk
-        writer.wait(reraise=sys.exc_info()[0] is None)
+    for round_no in range(first + 1, rounds + 1):
+        row = one_round(run, round_no)
+        append_jsonl(run_dir / "rounds.jsonl", row)
+        if on_round is not None:
+            on_round(round_no, rounds, row)
     validate_silos(run.link, run_dir, start=run.start_state, final=run.global_state,
                    config=round_config(round_no=rounds, config_text=run.config_text, run_id=run.run_id,
                                        tokenizer_sha256=run.tokenizer_sha256, weight_ref=planned_tokens(run.cfg)))
@@ -198,7 +193,7 @@ def connect_silos(grid: Grid, silos: list[str], *, tokenizer_sha256: str, timeou
 
 
 def one_round(run: ServerRun, round_no: int) -> dict[str, Any]:
-    """Round `round_no` (from 1): sample, exchange, apply; returns its rounds.jsonl row (run_rounds checkpoints it)."""
+    """Round `round_no` (from 1): sample, exchange, apply, checkpoint; returns its rounds.jsonl row."""
     cfg, dp = run.cfg, run.dp
     t0 = time.perf_counter()
     sampled = sample_silos(run.silos, fraction=cfg.federation.fraction, round_idx=round_no - 1, seed=cfg.train.seed)
@@ -216,6 +211,8 @@ def one_round(run: ServerRun, round_no: int) -> dict[str, Any]:
     else:
         log.warning("round %d skipped: %d of the %d sampled silos sent usable updates, "
                     "federation.min_silos = %d", round_no, len(result.tokens), len(sampled), cfg.federation.min_silos)
+    save_round(run.run_dir / "checkpoint", global_state=run.global_state, optimizer=run.optimizer,
+               rounds_done=round_no)
     run.rounds_done = round_no
     return round_row(run, round_no, sampled, result, seconds=time.perf_counter() - t0)
 

@@ -1,9 +1,7 @@
 """A federated run's directory: its config, round checkpoint, rounds log and summary; no Flower here.
 
     prepare_run_dir(cfg, Path("runs/fed"), resume=False)    # checks, writes config.toml
-    writer = RoundWriter(run_dir)
-    writer.submit(global_state=w, optimizer=opt, row=row)   # round row["round"]'s checkpoint, then its row
-    writer.wait()                                           # before reading what it wrote
+    save_round(run_dir / "checkpoint", global_state=w, optimizer=opt, rounds_done=3)
     summary = write_summary(run_dir, cfg, silos, rounds_run=2)
 
 RUN/config.toml is the resolved config; RUN/checkpoint/ holds the global weights, the server
@@ -15,18 +13,17 @@ whole run from those rows, across resumes.
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file, save_file
 
 from fedlm.config import Config, check_resume_config, save_config
 from fedlm.errors import UserError
 from fedlm.federation.strategies import ServerAdamW, ServerOptimizer
-from fedlm.fileio import append_jsonl, atomic_dir, recover_strays, write_json
+from fedlm.fileio import atomic_dir, recover_strays, write_json
 
 RoundCallback = Callable[[int, int, dict[str, Any]], None]
 """Called after each round with (round, rounds, the rounds.jsonl row); rounds count from 1."""
@@ -54,60 +51,18 @@ def prepare_run_dir(cfg: Config, out_dir: Path, *, resume: bool) -> None:
     save_config(cfg, out_dir / "config.toml")
 
 
-class RoundWriter:
-    """Writes each round's checkpoint and then its rounds.jsonl row, on a thread of its own, while
-    the next round runs.
-
-    Both writes are fsynced: a power cut after an unsynced swap could leave an empty checkpoint
-    and so lose every round. The fsyncs and the serialising of the weights took a measurable share
-    of a short round (bench/federation_bench.py), while the server mostly waits on its silos; so
-    the write overlaps that wait instead of delaying the next round. What a crash can cost is
-    unchanged in kind: the checkpoint is swapped atomically and made durable before its row is
-    appended (and fsynced), so every row in rounds.jsonl has a durable checkpoint of its round or a
-    later one, and a crash while a write is pending loses only that round, which `--resume` runs
-    again (as after a crash inside the round). At most one write is pending: the next `submit`
-    and `wait` (before anything reads the run folder) join it, and raise its error there. A
-    round's `seconds` therefore leave out its own write.
-    """
-
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def submit(self, *, global_state: dict[str, torch.Tensor], optimizer: ServerOptimizer | ServerAdamW,
-               row: dict[str, Any]) -> None:
-        """Write round row["round"]'s state (serialised now: the next round changes it in place), then log `row`."""
-        self.wait()
-        files = {"global.safetensors": save({k: v.contiguous() for k, v in global_state.items()}),
-                 "server_optimizer.safetensors": save({k: v.contiguous() for k, v in optimizer.state_dict().items()})}
-        # Not a daemon: an interpreter that exits on an error still finishes the pending write.
-        self._thread = threading.Thread(target=self._write, args=(files, row), name="fedlm-round-writer")
-        self._thread.start()
-
-    def wait(self, *, reraise: bool = True) -> None:
-        """Until the pending write is durable; then its error, if it failed (unless `reraise` is
-        False: another error is already on its way up)."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        error, self._error = self._error, None
-        if error is not None and reraise:
-            raise error
-
-    def _write(self, files: dict[str, bytes], row: dict[str, Any]) -> None:
-        try:
-            with atomic_dir(self.run_dir / "checkpoint") as tmp:
-                for name, data in files.items():
-                    (tmp / name).write_bytes(data)
-                write_json(tmp / "state.json", {"round": row["round"]})
-            append_jsonl(self.run_dir / "rounds.jsonl", row)
-        except BaseException as e:  # raised in the server's thread by the next submit or wait
-            self._error = e
+def save_round(ckpt_dir: Path, *, global_state: dict[str, torch.Tensor], optimizer: ServerOptimizer | ServerAdamW,
+               rounds_done: int) -> None:
+    """Global weights, server optimiser state and the number of rounds done, replaced atomically."""
+    with atomic_dir(ckpt_dir) as tmp:
+        save_file({k: v.contiguous() for k, v in global_state.items()}, str(tmp / "global.safetensors"))
+        save_file({k: v.contiguous() for k, v in optimizer.state_dict().items()},
+                  str(tmp / "server_optimizer.safetensors"))
+        write_json(tmp / "state.json", {"round": rounds_done})
 
 
 def load_round(ckpt_dir: Path, *, optimizer: ServerOptimizer | ServerAdamW) -> tuple[dict[str, torch.Tensor], int]:
-    """Restore the checkpoint RoundWriter wrote; returns (global weights, rounds done)."""
+    """Restore what save_round wrote; returns (global weights, rounds done)."""
     try:
         state = json.loads((ckpt_dir / "state.json").read_text())
         weights = load_file(str(ckpt_dir / "global.safetensors"))
