@@ -214,11 +214,11 @@ def one_round(run: ServerRun, round_no: int) -> dict[str, Any]:
         log.warning("round %d: silo %s dropped (%s)", round_no, silo, why)
     if result.update is not None:
         run.global_state = run.optimizer.apply(run.global_state, result.update)
-    if run.value is not None:
-        run.value.observe(result, cfg)
     else:
         log.warning("round %d skipped: %d of the %d sampled silos sent usable updates, "
                     "federation.min_silos = %d", round_no, len(result.tokens), len(sampled), cfg.federation.min_silos)
+    if run.value is not None:
+        run.value.observe(result, cfg)
     save_round(run.run_dir / "checkpoint", global_state=run.global_state, optimizer=run.optimizer,
                rounds_done=round_no)
     run.rounds_done = round_no

@@ -27,6 +27,7 @@ import dataclasses
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -72,7 +73,8 @@ class Scores:
     tokens: int
 
 
-_MODELS: dict[str, Transformer] = {}  # config text -> the run's model, reused by a silo's scorings
+_MODELS: dict[tuple[str, str], Transformer] = {}  # (silo dir, config) -> the model a silo scores into
+_MODELS_LOCK = threading.Lock()  # in process, every silo's worker thread scores at once: one model each
 
 
 def score_reply(msg: Message, path: Path) -> Message:
@@ -82,10 +84,12 @@ def score_reply(msg: Message, path: Path) -> Message:
     max_tokens = int(record["max-tokens"])  # type: ignore[arg-type]
     cfg = parse_config(text)
     check_silo(path, tokenizer_sha256=sha)
-    model = _MODELS.get(text)
-    if model is None:
-        _MODELS.clear()
-        model = _MODELS[text] = build_model(cfg)
+    with _MODELS_LOCK:
+        model = _MODELS.get((str(path), text))
+        if model is None:
+            if len(_MODELS) > 64:
+                _MODELS.clear()
+            model = _MODELS[(str(path), text)] = build_model(cfg)
     torch.set_num_threads(1)
     metrics: dict[str, float] = {}
     tokens = 0

@@ -304,6 +304,8 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
                       "flag": flags[s]["flag"] if s in flags else None,
                       "why": flags[s]["why"] if s in flags else None} for s in silos},
         "matrix": body["matrix"], "coalitions_trained": trained, "coalitions_scored": body["coalitions_scored"],
+        "start_bits_per_byte": dict(game.start),
+        "coalition_bits_per_byte": {coalition_key(c): dict(v) for c, v in sorted(game.seen.items(), key=_size)},
         "budget": float(cents) if cents is not None else None, "notes": notes,
         "permutations": permutations if method == "sampled" else None,
         "seconds": time.perf_counter() - t0,
@@ -312,6 +314,10 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
         raise UserError(f"{run_dir}: a silo's value is not a number (a model diverged); nothing was written")
     write_json(run_dir / "value.json", out)
     return out
+
+
+def _size(item: tuple[Coalition, dict[str, float]]) -> tuple[int, str]:
+    return len(item[0]), coalition_key(item[0])
 
 
 def value_table(body: dict[str, Any]) -> Table:
