@@ -3,6 +3,7 @@ and real short federated runs valued by retraining (exact) and inside the run (r
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -340,3 +341,56 @@ def test_rounds_with_secure_aggregation_is_refused_before_round_1(value_ws: Path
     assert proc.returncode == 2, out
     assert "secure aggregation" in out and "--method exact" in out
     assert not (tmp_path / "r" / "rounds.jsonl").exists()
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "fedsgd"])
+def test_coalition_models_step_like_the_run_optimiser_on_each_coalition_alone(strategy: str, tmp_path: Path) -> None:
+    """The stacked in-run coalition models equal, per coalition, the run's own server optimiser
+    (a fresh one per coalition) stepped on the token-weighted mean of that coalition's updates,
+    norm clipping and weight decay included; the empty coalition is the start, the grand one the run."""
+    from fedlm.config import load_config
+    from fedlm.federation.exchanges import RoundResult
+    from fedlm.federation.strategies import make_server_optimizer
+    from fedlm.federation.task import federated_train_config
+    from fedlm.federation.valuation import CoalitionModels
+
+    cfg = load_config(None, ["train.mode=federated", f'federation.strategy="{strategy}"', "train.grad_clip=0.5",
+                             "federation.local_steps=1", "federation.server_lr=0.5"])
+    silos = ["a", "b", "c"]
+    gen = torch.Generator().manual_seed(0)
+    begin = {"w": torch.randn(4, 3, generator=gen), "norm": torch.randn(3, generator=gen)}
+
+    def optimizer(shapes: dict[str, tuple[int, ...]], *, clip: bool):  # type: ignore[no-untyped-def]
+        tc = federated_train_config(cfg)
+        if not clip:
+            tc = dataclasses.replace(tc, grad_clip=0.0)
+        fed = cfg.federation
+        return make_server_optimizer(strategy, tc=tc, shapes=shapes, lr=fed.server_lr, beta1=fed.server_beta1,
+                                     beta2=fed.server_beta2, tau=fed.server_tau)
+
+    class Run:  # the fields of ServerRun that start_run reads
+        def __init__(self) -> None:
+            self.cfg, self.silos, self.run_dir, self.rounds_done = cfg, silos, tmp_path, 0
+            self.global_state = dict(begin)
+            self.optimizer = optimizer({n: tuple(t.shape) for n, t in begin.items()}, clip=True)
+            self.model = torch.nn.Module()
+            self.model.w = torch.nn.Parameter(begin["w"].clone())
+            self.model.norm = torch.nn.Parameter(begin["norm"].clone())
+
+    tracker = CoalitionModels.start_run(Run())  # type: ignore[arg-type]
+    refs = {c: (optimizer({n: tuple(t.shape) for n, t in begin.items()}, clip=True), dict(begin))
+            for c in tracker.coalitions}
+    for _ in range(3):
+        updates = {s: {n: torch.randn(t.shape, generator=gen) for n, t in begin.items()} for s in silos}
+        tokens = {"a": 100.0, "b": 300.0, "c": 50.0}
+        tracker.observe(RoundResult(update={}, tokens=tokens, updates=updates), cfg)
+        for c, (opt, state) in refs.items():
+            total = sum(tokens[s] for s in c)
+            agg = {n: sum(tokens[s] / total * updates[s][n] for s in sorted(c)) for n in begin}
+            refs[c] = (opt, opt.apply(state, agg))  # type: ignore[arg-type]
+    final = {n: t + 1.0 for n, t in begin.items()}
+    models = tracker.models(final)
+    assert models[frozenset()] is tracker.begin and models[frozenset(silos)] is final
+    for c, (_, state) in refs.items():
+        for n in begin:
+            assert torch.allclose(models[c][n], state[n], atol=1e-6), (c, n)

@@ -144,9 +144,12 @@ def coalition_config(cfg: Config, coalition: Coalition, *, rounds: int, local_st
             secagg.check_round_size(num_sampled(len(coalition), fed.fraction))
         except UserError:
             secure, note = False, "coalitions with fewer than 3 silos a round were retrained without secure aggregation"
-    fed = dataclasses.replace(fed, engine="inprocess", value="none", rounds=rounds, local_steps=local_steps,
-                              min_silos=min(fed.min_silos, len(coalition)), secure_aggregation=secure,
-                              personalise_steps=0)
+    try:
+        fed = dataclasses.replace(fed, engine="inprocess", value="none", rounds=rounds, local_steps=local_steps,
+                                  min_silos=min(fed.min_silos, len(coalition)), secure_aggregation=secure,
+                                  personalise_steps=0)
+    except ValueError as e:  # e.g. --steps with fedsgd
+        raise UserError(f"--rounds/--steps: {e}") from None
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, silos=sorted(coalition)), federation=fed), note
 
 
@@ -294,26 +297,33 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
     finally:
         scorer.close()
         shutil.rmtree(work, ignore_errors=True)
-    share, pay = payouts(body["shapley"], flags, budget=float(cents) if cents is not None else None)
-    out = {
-        "method": method, "utility": UTILITY, "beneficiaries": list(beneficiaries),
+    out = _value_json(method, game, body, flags, gained, notes, budget=cents, trained=trained,
+                      permutations=permutations, seconds=time.perf_counter() - t0)
+    if any(math.isnan(v) for v in body["shapley"].values()):
+        raise UserError(f"{run_dir}: a silo's value is not a number (a model diverged); nothing was written")
+    write_json(run_dir / "value.json", out)
+    return out
+
+
+def _value_json(method: str, game: Game, body: dict[str, Any], flags: dict[str, dict[str, Any]],
+                gained: dict[str, dict[str, float | None]], notes: list[str], *, budget: Decimal | None, trained: int,
+                permutations: int, seconds: float) -> dict[str, Any]:
+    """RUN/value.json's body (issue 17's keys, plus the scores it was computed from)."""
+    share, pay = payouts(body["shapley"], flags, budget=float(budget) if budget is not None else None)
+    return {
+        "method": method, "utility": UTILITY, "beneficiaries": list(game.beneficiaries),
         "eval_tokens": dict(game.tokens), "baseline_utility": body["baseline_utility"],
         "grand_utility": body["grand_utility"],
         "silos": {s: {"shapley": body["shapley"][s], "stderr": body["stderr"][s],
                       "leave_one_out": body["leave_one_out"][s], **gained[s], "share": share[s], "payout": pay[s],
                       "flag": flags[s]["flag"] if s in flags else None,
-                      "why": flags[s]["why"] if s in flags else None} for s in silos},
+                      "why": flags[s]["why"] if s in flags else None} for s in game.silos},
         "matrix": body["matrix"], "coalitions_trained": trained, "coalitions_scored": body["coalitions_scored"],
         "start_bits_per_byte": dict(game.start),
         "coalition_bits_per_byte": {coalition_key(c): dict(v) for c, v in sorted(game.seen.items(), key=_size)},
-        "budget": float(cents) if cents is not None else None, "notes": notes,
-        "permutations": permutations if method == "sampled" else None,
-        "seconds": time.perf_counter() - t0,
+        "budget": float(budget) if budget is not None else None, "notes": notes,
+        "permutations": permutations if method == "sampled" else None, "seconds": seconds,
     }
-    if any(math.isnan(v) for v in body["shapley"].values()):
-        raise UserError(f"{run_dir}: a silo's value is not a number (a model diverged); nothing was written")
-    write_json(run_dir / "value.json", out)
-    return out
 
 
 def _size(item: tuple[Coalition, dict[str, float]]) -> tuple[int, str]:
