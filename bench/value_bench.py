@@ -2,7 +2,7 @@
 
     python -m bench.value_bench [--quick]     # or: from bench.value_bench import run
 
-The six bundled silos, trimmed, with an exact-count tokenizer, and the demo's valuation size (`fedlm.demo.VALUE_SIZE`) so
+The six bundled silos as the quick demo prepares them (vocabulary 1024), and the demo's valuation size (`fedlm.demo.VALUE_SIZE`) so
 that exact Shapley's 2^6 - 2 = 62 retrained federated runs fit this shared 2-core machine three
 times. For each of 3 seeds: one federated FedAvg run with `federation.value = "rounds"`, valued
 by `fedlm value --method rounds` (no retraining) and `--method exact` (every coalition
@@ -76,12 +76,12 @@ def _sampled(exact_body: dict[str, Any], *, permutations: int, seed: int) -> tup
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    from bench.federation_bench import build_workspace
+    from fedlm.demo import prepare_workspace
     from fedlm.value.run import value_run
 
     root = Path(tempfile.mkdtemp(prefix="value-bench-"))
     try:
-        ws = build_workspace(root, limit_bytes=60_000 if quick else 150_000, vocab_size=1024)
+        ws = prepare_workspace(root, vocab_size=1024)  # the demo's own pipeline and workspace (quick size)
         seeds = SEEDS[:1] if quick else SEEDS
         walls: dict[str, list[float]] = {"none": [], "rounds": []}
         for value in ("none", "rounds", "none", "rounds"):  # seed 1, alternating

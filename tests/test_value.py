@@ -214,7 +214,7 @@ def test_readme_value_commands_run(value_ws: Path, tmp_path: Path) -> None:
     from fedlm.config import save_config
     from tests.test_cli import _readme_block
 
-    save_config(_cfg(value_ws), tmp_path / "fed.toml")
+    save_config(_cfg(value_ws, 'data.silos=["legal", "legal_copy"]'), tmp_path / "fed.toml")  # 2 silos: 3 coalitions
     for line in _readme_block("## What each silo's data was worth", "sh").splitlines():
         cmd = shlex.split(line.split("#")[0])
         if not cmd:

@@ -149,7 +149,7 @@ def score_on_silos(grid: Grid, node_of: Mapping[str, int], models: Mapping[str, 
 
 
 # ---------------------------------------------------------------------------------------
-# in-run valuation: each silo's share of every server step, coalition models built from them
+# in-run valuation: every coalition's model, stepped each round on its members' updates
 
 
 def coalition_key(coalition: frozenset[str] | list[str] | tuple[str, ...]) -> str:
