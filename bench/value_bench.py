@@ -53,6 +53,20 @@ def _timed_run(ws: Path, out: Path, seed: int, value: str) -> float:
     return time.perf_counter() - t0
 
 
+def _local_models(ws: Path, out: Path, seed: int) -> dict[str, Path]:
+    """Each silo's local-only model at the run's per-silo budget (what `fedlm value` trains for gains)."""
+    from fedlm.resolve import resolve_config, resolve_silos
+    from fedlm.train import train
+    from fedlm.value.run import local_config
+
+    cfg = resolve_config(_config(ws, seed, "none"))
+    runs = {}
+    for silo in resolve_silos(ws, []):
+        runs[silo] = out / silo
+        train(local_config(cfg, silo), runs[silo])
+    return runs
+
+
 def _compare(values: dict[str, float], exact: dict[str, float], grand: float) -> dict[str, Any]:
     from fedlm.value.shapley import spearman
 
@@ -84,16 +98,17 @@ def run(quick: bool = False) -> dict[str, Any]:
         ws = prepare_workspace(root, vocab_size=1024)  # the demo's own pipeline and workspace (quick size)
         seeds = SEEDS[:1] if quick else SEEDS
         walls: dict[str, list[float]] = {"none": [], "rounds": []}
-        for value in ("none", "rounds", "none", "rounds"):  # seed 1, alternating
+        for value in ("none", "rounds", "none", "rounds"):  # seed 1, alternating (the first run also warms up)
             walls[value].append(_timed_run(ws, root / f"timing-{value}", seeds[0], value))
         per_seed: dict[int, Any] = {}
         for seed in seeds:
             run_dir = root / f"run-{seed}"
             _timed_run(ws, run_dir, seed, "rounds")
             t0 = time.perf_counter()
-            exact = value_run(run_dir, method="exact")
+            local = _local_models(ws, root / f"local-{seed}", seed)  # the gains' baselines, once for both methods
+            exact = value_run(run_dir, method="exact", local_models=local)
             exact_s = time.perf_counter() - t0
-            rounds = value_run(run_dir, method="rounds")
+            rounds = value_run(run_dir, method="rounds", local_models=local)
             ex = {s: v["shapley"] for s, v in exact["silos"].items()}
             rv = {s: v["shapley"] for s, v in rounds["silos"].items()}
             grand = exact["grand_utility"] - exact["baseline_utility"]
@@ -102,7 +117,8 @@ def run(quick: bool = False) -> dict[str, Any]:
                 "exact": ex, "rounds": rv, "sampled": sv, "grand_utility": grand, "exact_seconds": exact_s,
                 "exact_coalitions_trained": exact["coalitions_trained"], "sampled_coalitions": visited,
                 "rounds_vs_exact": _compare(rv, ex, grand), "sampled_vs_exact": _compare(sv, ex, grand),
-                "rounds_valuation_seconds": json.loads((run_dir / "value_rounds.json").read_text())["seconds"],
+                "rounds_valuation": {k: v for k, v in json.loads((run_dir / "value_rounds.json").read_text()).items()
+                                     if k.endswith("seconds")},
                 "flags_exact": {s: v["flag"] for s, v in exact["silos"].items() if v["flag"]},
                 "flags_rounds": {s: v["flag"] for s, v in rounds["silos"].items() if v["flag"]},
                 "gain": {s: v["gain"] for s, v in exact["silos"].items()},

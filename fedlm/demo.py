@@ -202,7 +202,7 @@ VALUE_SIZE = [
     "model.preset=custom", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.d_ff=160",
     "model.max_seq_len=64", "train.seq_len=64", "train.batch_size=4", "train.lr=3e-3", "train.warmup_steps=2",
     "train.mode=federated", 'federation.strategy="fedavg"', "federation.rounds=4", "federation.local_steps=5",
-    "value.eval_tokens=2048",
+    "value.eval_tokens=1024",
 ]
 
 

@@ -189,7 +189,7 @@ class CoalitionModels:
     optimizer: ServerOptimizer | ServerAdamW  # the run's kind, over the stacked arrays
     first_round: int
     norms: dict[str, list[float]]  # each silo's update norm per round it counted in
-    seconds: float = 0.0  # time spent by the valuation (server side)
+    seconds: float = 0.0  # time the server spent on valuation during the rounds
 
     @classmethod
     def start_run(cls, run: ServerRun) -> CoalitionModels:
@@ -255,14 +255,14 @@ class CoalitionModels:
         scores = score_on_silos(link.grid, link.node_of, dict.fromkeys(beneficiaries, [self.start, *models.values()]),
                                 config_text=run.config_text, tokenizer_sha256=run.tokenizer_sha256,
                                 max_tokens=cfg.value.eval_tokens, timeout=link.timeout)
-        self.seconds += time.perf_counter() - t0
         write_json(self.run_dir / ROUNDS_FILE, {
             "method": "rounds", "silos": self.silos, "rounds": [self.first_round, cfg.federation.rounds],
             "start_bits_per_byte": {s: sc.bits_per_byte[0] for s, sc in scores.items()},
             "tokens": {s: sc.tokens for s, sc in scores.items()},
             "bits_per_byte": {coalition_key(c): {s: sc.bits_per_byte[1 + i] for s, sc in scores.items()}
                               for i, c in enumerate(models)},
-            "update_norms": self.norms, "seconds": self.seconds,
+            "update_norms": self.norms, "seconds": self.seconds + time.perf_counter() - t0,
+            "round_seconds": self.seconds, "scoring_seconds": time.perf_counter() - t0,
         })
         self.stacked.clear()
 
