@@ -27,7 +27,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "BENCHMARKS.md"
-SECTIONS = ("model", "federation", "data", "serve", "plan", "privacy", "device", "explain", "chat", "report")
+SECTIONS = ("model", "federation", "data", "serve", "plan", "privacy", "device", "explain", "chat", "report", "value")
 
 
 def _ok(flag: bool | None) -> str:
@@ -427,6 +427,52 @@ def report_section(quick: bool) -> tuple[dict[str, Any], str]:
     return r, text
 
 
+def value_section(quick: bool) -> tuple[dict[str, Any], str]:
+    from bench.value_bench import (
+        TARGET_EXACT_S,
+        TARGET_OVERHEAD,
+        TARGET_SPEARMAN,
+        TARGET_WITHIN,
+        run,
+    )
+
+    r = run(quick=quick)
+    rows = []
+    for seed in r["seeds"]:
+        s = r["per_seed"][seed]
+        for name in ("rounds", "sampled"):
+            c = s[f"{name}_vs_exact"]
+            cost = ("no retraining" if name == "rounds" else f"{s['sampled_coalitions']} of 64 coalitions")
+            rows.append([f"`{name}` vs `exact`, seed {seed} ({cost})", f"ρ = {c['spearman']:.2f}",
+                         f"max error {c['max_error_of_grand']:.1%} of grand", f"grand {s['grand_utility']:+.3f} bits/byte",
+                         f"ρ ≥ {TARGET_SPEARMAN}, ≤ {TARGET_WITHIN:.0%}", _ok(c["ok"])])
+    walls = r["run_wall_s"]
+    rows.append(["run wall time with `federation.value = \"rounds\"`", f"{min(walls['rounds']):.1f}–{max(walls['rounds']):.1f} s",
+                 f"without: {min(walls['none']):.1f}–{max(walls['none']):.1f} s", f"+{r['rounds_overhead']:.0%}",
+                 f"≤ +{TARGET_OVERHEAD:.0%}", _ok(r["overhead_ok"])])
+    rv = r["per_seed"][r["seeds"][0]]["rounds_valuation"]
+    rows.append(["… of which: rebuilding coalitions each round / scoring 64 models at the end",
+                 f"{rv['round_seconds']:.1f} s / {rv['scoring_seconds']:.1f} s", "", "", "", "–"])
+    rows.append(["`exact` for 6 silos (62 retrained runs + local-only baselines + scoring)",
+                 f"{r['exact_seconds_max']:.0f} s (slowest seed)", "", "", f"≤ {TARGET_EXACT_S:.0f} s",
+                 _ok(r["exact_seconds_max"] <= TARGET_EXACT_S)])
+    stab = [[silo, f"{v['mean']:+.4f}", f"{v['spread']:.4f}",
+             ", ".join(str(r["per_seed"][k]["order_exact"].index(silo) + 1) for k in r["seeds"])]
+            for silo, v in r["stability"].items()]
+    text = (
+        "The six bundled silos as `fedlm demo --quick` prepares them, `fedlm.demo.VALUE_SIZE` (the demo's valuation run: a 2-layer d=64 model, "
+        "FedAvg, 4 rounds × 5 local steps, each silo scoring 1,024 validation tokens). `exact` retrains all 62 "
+        "proper coalitions; `sampled` (30 permutations, truncated at 1% of the grand utility) reads the same "
+        "seed's retrained coalitions instead of retraining them again (retraining is deterministic), so its "
+        "cost is the coalitions it visits. Values are bits/byte gained over the starting model. "
+        "Wall times are on a shared machine; the overhead compares runs alternated in the same call.\n\n"
+        + _table(["measure", "fedlm", "reference", "", "target", ""], rows)
+        + "\n\nStability of `exact` over the seeds (value: mean and max − min; rank per seed, 1 = highest):\n\n"
+        + _table(["silo", "mean value", "spread", "rank per seed"], stab)
+    )
+    return r, text
+
+
 PLAN_ROUND_TOLERANCE = 0.35
 """`fedlm plan`'s seconds per round against the real runner on this shared machine (stated in README)."""
 
@@ -434,7 +480,7 @@ PLAN_ROUND_TOLERANCE = 0.35
 RUNNERS: dict[str, Callable[[bool], tuple[dict[str, Any], str]]] = {
     "model": model_section, "federation": federation_section, "data": data_section, "serve": serve_section,
     "plan": plan_section, "privacy": privacy_section, "device": device_section,
-    "explain": explain_section, "chat": chat_section, "report": report_section,
+    "explain": explain_section, "chat": chat_section, "report": report_section, "value": value_section,
 }
 TITLES = {
     "model": "Model: fedlm vs transformers (issue 2)",
@@ -447,6 +493,7 @@ TITLES = {
     "explain": "Explain: `fedlm explain` on 256 tokens (issue 18)",
     "chat": "Instruction data: conversations, loss mask, answer evaluation (issue 16)",
     "report": "Report: `fedlm report` on the demo (issue 18)",
+    "value": "Silo values: in-run and sampled Shapley against exact retraining (issue 17)",
 }
 
 

@@ -680,6 +680,35 @@ def report(
     _out(f"report -> {write_report(run, out)} (open it in a browser: no server, no network)")
 
 
+@app.command()
+def value(
+    run: Annotated[Path, typer.Argument(help="A finished federated run directory.")],
+    method: Annotated[str | None, typer.Option(
+        help="exact | sampled | rounds (default: rounds when the run valued itself, else exact).")] = None,
+    budget: Annotated[float | None, typer.Option(help="Split this amount by Shapley value, in cents.")] = None,
+    rounds: Annotated[int, typer.Option(help="Retrain coalitions for this many rounds (reduced budget; 0: the run's).")] = 0,
+    local_steps: Annotated[int, typer.Option(
+        "--steps", "--local-steps", help="Retrain coalitions with this many local steps a round (0: the run's).")] = 0,
+    permutations: Annotated[int, typer.Option(help="sampled: random orders of the silos.")] = 20,
+    truncation: Annotated[float, typer.Option(
+        help="sampled: stop a permutation once within this many bits/byte of the grand utility.")] = 0.0,
+    json_: Annotated[bool, typer.Option("--json", help="Print value.json instead of the table.")] = False,
+) -> None:
+    """What each silo contributed (Shapley), gained, and is paid -> RUN/value.json."""
+    from fedlm.value.run import summary_lines, value_run, value_table
+
+    with console.status("valuing") as status:
+        body = value_run(run, method=method, budget=budget, rounds=rounds, local_steps=local_steps,
+                         permutations=permutations, truncation=truncation, progress=status.update)
+    if json_:
+        _out(json.dumps(body))
+        return
+    console.print(value_table(body))
+    for line in summary_lines(body):
+        console.print(escape(line), highlight=False, soft_wrap=True)
+    _out(f"-> {run / 'value.json'}")
+
+
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
     try:

@@ -216,6 +216,10 @@ class FederationConfig:
     """Codec applied to each update before it is sent (undone on the server)."""
     topk_fraction: float = 0.1
     """Share of coordinates sent with compression = "topk" (the rest is carried as error feedback)."""
+    value: Literal["none", "rounds"] = "none"
+    """rounds: value each silo's contribution inside the run from its per-round updates (`fedlm value
+    RUN --method rounds`). It shows every silo's update to the server and the one-silo coalition
+    models to every silo, so it is opt-in and refused with secure_aggregation or privacy.mode = "client"."""
 
     def __post_init__(self) -> None:
         for key in ("rounds", "local_steps", "min_silos"):
@@ -292,6 +296,18 @@ class LoraConfig:
 
 
 @dataclass
+class ValueConfig:
+    beneficiaries: list[str] = field(default_factory=list)
+    """Silos whose validation splits define the consortium's utility (token-weighted); empty: all."""
+    eval_tokens: int = 0
+    """Validation tokens each silo scores a model on (the same first ones for every model); 0: the whole split."""
+
+    def __post_init__(self) -> None:
+        if self.eval_tokens < 0:
+            raise ValueError("value.eval_tokens must be >= 0 (0 scores the whole validation split)")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -299,6 +315,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    value: ValueConfig = field(default_factory=ValueConfig)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -328,6 +345,19 @@ class Config:
             raise ValueError("federation.strategy = \"fedsgd\" sends one gradient per round and cannot run "
                              "privacy.mode = \"record\" (DP-SGD's steps are the silo's own); use privacy.mode = "
                              "\"client\" (clipped gradients, noise on their sum) or strategy = \"fedavg\"")
+        if fed.value == "rounds":
+            clash = ("federation.secure_aggregation = true: the server would have to see each silo's update, "
+                     "which secure aggregation exists to hide" if fed.secure_aggregation else
+                     "privacy.mode = \"client\": the coalition models would leave the server without the DP noise"
+                     if mode == "client" else
+                     "federation.strategy = \"cyclic\": its updates are made in turn, not side by side"
+                     if fed.strategy == "cyclic" else
+                     f"federation.aggregation = {fed.aggregation!r}: a silo's share of a robust aggregate is "
+                     "not defined" if fed.aggregation != "mean" else None)
+            if clash is not None:
+                raise ValueError(f"federation.value = \"rounds\" cannot run with {clash}; set federation.value = "
+                                 "\"none\" and value the finished run with `fedlm value RUN --method exact` (or "
+                                 "sampled), which retrains each coalition under the run's own settings")
         if fed.secure_aggregation and fed.aggregation != "mean":
             raise ValueError(f"federation.aggregation = {fed.aggregation!r} needs each silo's update, which "
                              "secure aggregation hides; use aggregation = \"mean\" or turn secure_aggregation off")

@@ -2,8 +2,9 @@
 
 extract the corpus -> prepare each silo -> agree a tokenizer privately -> shard -> train
 federated, centralised (pooled) and local-only with the same token budget -> personalise the
-federated model on each silo -> evaluate every model on every silo -> print the table, write
-OUT/summary.json -> generate a sample.
+federated model on each silo -> evaluate every model on every silo -> value each silo's
+contribution and gain (a small federated run valued in the run, `VALUE_SIZE`) -> print the
+tables, write OUT/summary.json -> generate a sample.
 
 Budgets are equal by construction, counted in training sequences (tokens):
 - federated: rounds × local_steps × silo_batch sequences from each silo (fedsgd: one
@@ -39,6 +40,7 @@ from fedlm.pretrained import load_model
 from fedlm.progress import console, progress_bar
 from fedlm.report import write_report
 from fedlm.train import personalise, train
+from fedlm.value.run import summary_lines, value_run, value_table
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,28 @@ def print_table(models: dict[str, dict[str, Any]], found: dict[str, Any]) -> Non
         console.print(f"personalised beats local-only on its own silo: {w['count']} of {w['of']} (target ≥ 5)")
 
 
+# The valuation run: the six silos on a small FedAvg model, valued inside the run (`rounds`), the
+# size at which bench/value_bench.py compares `rounds` with exact retraining. The demo's own
+# fedsgd run takes one server step per round, and rebuilding 62 coalitions' AdamW steps every
+# round would cost more than the run itself.
+VALUE_SIZE = [
+    "model.preset=custom", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.d_ff=160",
+    "model.max_seq_len=64", "train.seq_len=64", "train.batch_size=4", "train.lr=3e-3", "train.warmup_steps=2",
+    "train.mode=federated", 'federation.strategy="fedavg"', "federation.rounds=4", "federation.local_steps=5",
+    "value.eval_tokens=1024",
+]
+
+
+def value_silos(ws: Path, run_dir: Path, *, seed: int) -> dict[str, Any]:
+    """Each silo's contribution and gain, valued inside a small federated run (`fedlm value --method rounds`)."""
+    cfg = load_config(None, [f"data.workspace={json.dumps(str(ws))}", *VALUE_SIZE, f"train.seed={seed}",
+                             'federation.value="rounds"'])
+    with progress_bar("value", unit="rounds") as update:
+        run_federated(cfg, run_dir, on_round=lambda r, total, row: update(r, total))
+    with console.status("value: local-only baselines and scores"):
+        return value_run(run_dir, method="rounds")
+
+
 def run_demo(out: Path, *, quick: bool = False, seed: int = 1337) -> dict[str, Any]:
     t0 = time.perf_counter()
     size = QUICK if quick else FULL
@@ -209,11 +233,17 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 1337) -> dict[str, A
                             "bits_per_byte": evaluate_everywhere(run_dir, ws, max_tokens=size.eval_tokens)}
             update(i + 1, len(runs))
     found = findings(models)
+    t_eval = time.perf_counter()
+    value = value_silos(ws, out / "runs" / "value", seed=seed)
     now = time.perf_counter()
-    summary = {"models": models, "findings": found, "seconds": now - t0, "quick": quick, "seed": seed,
-               "phase_seconds": {"data": t_data - t0, "train": t_train - t_data, "evaluate": now - t_train}}
+    summary = {"models": models, "findings": found, "value": value, "seconds": now - t0, "quick": quick, "seed": seed,
+               "phase_seconds": {"data": t_data - t0, "train": t_train - t_data, "evaluate": t_eval - t_train,
+                                 "value": now - t_eval}}
     write_json(out / "summary.json", summary)
     print_table(models, found)
+    console.print(value_table(value))
+    for line in summary_lines(value):
+        console.print(line, highlight=False, soft_wrap=True)
 
     model, tok_path = load_model(runs["federated"])
     if tok_path is not None:

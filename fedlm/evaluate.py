@@ -76,7 +76,7 @@ def evaluate_tokens(
     if count == 0:
         raise UserError("nothing to evaluate: the validation split has fewer than 2 tokens")
     return {
-        "perplexity": math.exp(nll / count),
+        "perplexity": math.exp(nll / count) if nll / count < 700 else math.inf,  # a diverged model: no overflow
         "bits_per_byte": nll / math.log(2) / max(n_bytes, 1),
         "token_accuracy": correct / count,
         "tokens": count,

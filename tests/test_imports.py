@@ -15,6 +15,7 @@ LAYERS: dict[str, int] = {
     # the bottom: config, model, data and the privacy mechanisms (and plain helpers)
     "fedlm.errors": 0, "fedlm.fileio": 0, "fedlm.runlock": 0, "fedlm.progress": 0, "fedlm.config": 0,
     "fedlm.model": 0, "fedlm.data": 0, "fedlm.corpus": 0, "fedlm.privacy": 0, "fedlm.device": 0,
+    "fedlm.value.shapley": 0, "fedlm.value.compute": 0,  # the game arithmetic: plain numbers
     # model I/O on top of the model: fedlm's format, Hugging Face's, LoRA, any directory, and the
     # resolution of a run's model config and silos from them and the workspace
     "fedlm.modelio": 1, "fedlm.hf": 1, "fedlm.lora": 1, "fedlm.pretrained": 1, "fedlm.generate": 1,
@@ -26,7 +27,8 @@ LAYERS: dict[str, int] = {
     # federation above train
     "fedlm.federation": 3,
     # what drives the parts: the planner, the server, the presets and the demo, the CLI on top
-    "fedlm.plan": 4, "fedlm.serve": 4, "fedlm.report": 4, "fedlm.presets": 5, "fedlm.demo": 5, "fedlm.cli": 6,
+    "fedlm.plan": 4, "fedlm.serve": 4, "fedlm.report": 4, "fedlm.value": 4, "fedlm.presets": 5, "fedlm.demo": 5,
+    "fedlm.cli": 6,
 }
 
 

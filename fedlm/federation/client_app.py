@@ -22,6 +22,8 @@ in `fedlm.federation.messages`):
   `Context.state` (the only state that survives between messages on the deployment engine).
   Under SecAgg the loss and seconds travel only inside the masked sum, and the silo applies
   its own privacy policy to what the server asks (`fedlm.federation.silo_privacy`).
+- `evaluate.value`: score the models of a valuation on the silo's validation split; reply with
+  one bits-per-byte number per model (`fedlm.federation.valuation`).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from fedlm.federation.task import (
     train_silo,
     validate_silo,
 )
+from fedlm.federation.valuation import score_reply
 
 app = ClientApp()
 
@@ -107,6 +110,12 @@ def _secagg_state(context: Context) -> secagg.Msg:
     if "secagg" not in context.state.config_records:
         raise secagg.SecAggError("secure aggregation stage out of order: this silo has no keys for the round")
     return dict(context.state.config_records["secagg"])
+
+
+@app.evaluate("value")
+def value_scores(msg: Message, context: Context) -> Message:
+    """Valuation: score the models sent on this silo's validation split; reply with one number each."""
+    return score_reply(msg, silo_dir(context.node_config))
 
 
 @app.train("secagg_setup")

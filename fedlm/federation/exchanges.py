@@ -70,6 +70,7 @@ class RoundResult:
     tokens: dict[str, float] = field(default_factory=dict)  # {counted silo: tokens}
     silos: dict[str, dict[str, float]] = field(default_factory=dict)  # per-silo row: bytes, metrics
     dropped: dict[str, str] = field(default_factory=dict)  # {silo: why}
+    updates: dict[str, Update] = field(default_factory=dict)  # plain rounds: {counted silo: its update}
 
 
 def _timeout(link: Link) -> str:
@@ -111,6 +112,7 @@ def plain_round(link: Link, round_no: int, sampled: list[str], arrays: ArrayReco
     if len(accepted) < link.min_silos:
         return out
     order = sorted(accepted)  # a fixed order: the sum is bitwise the same on both engines
+    out.updates = {s: accepted[s][0] for s in order}
     if dp is not None and dp.plan is not None:  # client-level DP: clipped sum + central noise, unweighted
         out.update = dp.noisy_mean([accepted[s][0] for s in order], round_idx=round_no - 1)
     else:

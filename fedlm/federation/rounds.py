@@ -45,6 +45,7 @@ from fedlm.federation.strategies import (
 )
 from fedlm.federation.task import expand_state, federated_train_config, planned_tokens, wire_names
 from fedlm.federation.validation import validate_silos
+from fedlm.federation.valuation import CoalitionModels
 from fedlm.fileio import append_jsonl, truncate_jsonl
 from fedlm.lora import plain_model
 from fedlm.model import Transformer
@@ -72,6 +73,7 @@ class ServerRun:
     start_state: dict[str, torch.Tensor]  # the arrays that travel, as round 1 got them
     link: Link | None = None  # set once the silos are connected
     rounds_done: int = 0
+    value: CoalitionModels | None = None  # federation.value = "rounds"
 
 
 def run_rounds(grid: Grid, cfg: Config, run_dir: Path, *, resume: bool = False,
@@ -81,6 +83,8 @@ def run_rounds(grid: Grid, cfg: Config, run_dir: Path, *, resume: bool = False,
     run.link = connect(grid, run)
     rounds = run.cfg.federation.rounds
     first = run.rounds_done
+    if run.cfg.federation.value == "rounds":
+        run.value = CoalitionModels.start_run(run)
     for round_no in range(first + 1, rounds + 1):
         row = one_round(run, round_no)
         append_jsonl(run_dir / "rounds.jsonl", row)
@@ -89,6 +93,8 @@ def run_rounds(grid: Grid, cfg: Config, run_dir: Path, *, resume: bool = False,
     validate_silos(run.link, run_dir, start=run.start_state, final=run.global_state,
                    config=round_config(round_no=rounds, config_text=run.config_text, run_id=run.run_id,
                                        tokenizer_sha256=run.tokenizer_sha256, weight_ref=planned_tokens(run.cfg)))
+    if run.value is not None:
+        run.value.finish(run)
     run.model.load_state_dict(expand_state(run.model, run.global_state))
     save_model(plain_model(run.model), run_dir / "model", tokenizer_path=Path(run.cfg.data.workspace) / "tokenizer.json")
     return write_summary(run_dir, run.cfg, run.silos, rounds_run=rounds - first)
@@ -211,6 +217,8 @@ def one_round(run: ServerRun, round_no: int) -> dict[str, Any]:
     else:
         log.warning("round %d skipped: %d of the %d sampled silos sent usable updates, "
                     "federation.min_silos = %d", round_no, len(result.tokens), len(sampled), cfg.federation.min_silos)
+    if run.value is not None:
+        run.value.observe(result, cfg)
     save_round(run.run_dir / "checkpoint", global_state=run.global_state, optimizer=run.optimizer,
                rounds_done=round_no)
     run.rounds_done = round_no

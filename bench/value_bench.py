@@ -1,0 +1,140 @@
+"""Silo values (issue 17): in-run valuation (`rounds`) and sampled Shapley against exact retraining.
+
+    python -m bench.value_bench [--quick]     # or: from bench.value_bench import run
+
+The six bundled silos as the quick demo prepares them (vocabulary 1024), and the demo's valuation size (`fedlm.demo.VALUE_SIZE`) so
+that exact Shapley's 2^6 - 2 = 62 retrained federated runs fit this shared 2-core machine three
+times. For each of 3 seeds: one federated FedAvg run with `federation.value = "rounds"`, valued
+by `fedlm value --method rounds` (no retraining) and `--method exact` (every coalition
+retrained). `sampled` (permutation sampling, truncated) is computed on the same seed's retrained
+coalitions, looked up instead of retrained again (a retrained run is bitwise the same), so its
+cost is the number of distinct coalitions it visits. Seed 1's run is also repeated without
+valuation, alternating, for the wall-time overhead of `rounds`.
+
+Targets: `rounds` and `sampled` against `exact`, Spearman's rank correlation >= 0.9 and every
+silo within 10% of the grand utility; `rounds` adds <= 30% to the run's wall time; `exact`
+for 6 silos <= 30 minutes. Stability: each silo's exact value over the seeds (mean, spread)
+and the order of the silos per seed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from fedlm.demo import VALUE_SIZE
+
+TARGET_SPEARMAN = 0.9
+TARGET_WITHIN = 0.10  # of the grand utility
+TARGET_OVERHEAD = 0.30
+TARGET_EXACT_S = 1800.0
+SEEDS = (1, 2, 3)
+
+
+def _config(ws: Path, seed: int, value: str) -> Any:
+    from fedlm.config import load_config
+
+    return load_config(None, [f"data.workspace={json.dumps(str(ws))}", *VALUE_SIZE, f"train.seed={seed}",
+                              f'federation.value="{value}"'])
+
+
+def _timed_run(ws: Path, out: Path, seed: int, value: str) -> float:
+    from fedlm.federation.runner import run_federated
+
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    run_federated(_config(ws, seed, value), out)
+    return time.perf_counter() - t0
+
+
+def _local_models(ws: Path, out: Path, seed: int) -> dict[str, Path]:
+    """Each silo's local-only model at the run's per-silo budget (what `fedlm value` trains for gains)."""
+    from fedlm.resolve import resolve_config, resolve_silos
+    from fedlm.train import train
+    from fedlm.value.run import local_config
+
+    cfg = resolve_config(_config(ws, seed, "none"))
+    runs = {}
+    for silo in resolve_silos(ws, []):
+        runs[silo] = out / silo
+        train(local_config(cfg, silo), runs[silo])
+    return runs
+
+
+def _compare(values: dict[str, float], exact: dict[str, float], grand: float) -> dict[str, Any]:
+    from fedlm.value.shapley import spearman
+
+    silos = sorted(exact)
+    worst = max(abs(values[s] - exact[s]) for s in silos) / abs(grand)
+    rho = spearman([values[s] for s in silos], [exact[s] for s in silos])
+    return {"spearman": rho, "max_error_of_grand": worst,
+            "ok": bool(rho >= TARGET_SPEARMAN and worst <= TARGET_WITHIN)}
+
+
+def _sampled(exact_body: dict[str, Any], *, permutations: int, seed: int) -> tuple[dict[str, float], int]:
+    """Sampled Shapley on the retrained coalitions' scores; (values, distinct coalitions visited)."""
+    from fedlm.value.compute import Game, contributions
+
+    table = {frozenset(k.split("+")) if k else frozenset(): v for k, v in exact_body["coalition_bits_per_byte"].items()}
+    game = Game(sorted(exact_body["silos"]), exact_body["beneficiaries"], exact_body["eval_tokens"],
+                exact_body["start_bits_per_byte"], table.__getitem__)
+    grand = exact_body["grand_utility"] - exact_body["baseline_utility"]
+    body = contributions(game, method="sampled", permutations=permutations, seed=seed, truncation=0.01 * abs(grand))
+    return body["shapley"], len(game.seen)
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    from fedlm.demo import prepare_workspace
+    from fedlm.value.run import value_run
+
+    root = Path(tempfile.mkdtemp(prefix="value-bench-"))
+    try:
+        ws = prepare_workspace(root, vocab_size=1024)  # the demo's own pipeline and workspace (quick size)
+        seeds = SEEDS[:1] if quick else SEEDS
+        walls: dict[str, list[float]] = {"none": [], "rounds": []}
+        for value in ("none", "rounds", "none", "rounds"):  # seed 1, alternating (the first run also warms up)
+            walls[value].append(_timed_run(ws, root / f"timing-{value}", seeds[0], value))
+        per_seed: dict[int, Any] = {}
+        for seed in seeds:
+            run_dir = root / f"run-{seed}"
+            _timed_run(ws, run_dir, seed, "rounds")
+            t0 = time.perf_counter()
+            local = _local_models(ws, root / f"local-{seed}", seed)  # the gains' baselines, once for both methods
+            exact = value_run(run_dir, method="exact", local_models=local)
+            exact_s = time.perf_counter() - t0
+            rounds = value_run(run_dir, method="rounds", local_models=local)
+            ex = {s: v["shapley"] for s, v in exact["silos"].items()}
+            rv = {s: v["shapley"] for s, v in rounds["silos"].items()}
+            grand = exact["grand_utility"] - exact["baseline_utility"]
+            sv, visited = _sampled(exact, permutations=10 if quick else 30, seed=seed)
+            per_seed[seed] = {
+                "exact": ex, "rounds": rv, "sampled": sv, "grand_utility": grand, "exact_seconds": exact_s,
+                "exact_coalitions_trained": exact["coalitions_trained"], "sampled_coalitions": visited,
+                "rounds_vs_exact": _compare(rv, ex, grand), "sampled_vs_exact": _compare(sv, ex, grand),
+                "rounds_valuation": {k: v for k, v in json.loads((run_dir / "value_rounds.json").read_text()).items()
+                                     if k.endswith("seconds")},
+                "flags_exact": {s: v["flag"] for s, v in exact["silos"].items() if v["flag"]},
+                "flags_rounds": {s: v["flag"] for s, v in rounds["silos"].items() if v["flag"]},
+                "gain": {s: v["gain"] for s, v in exact["silos"].items()},
+                "order_exact": sorted(ex, key=lambda s: -ex[s]),
+            }
+        silos = sorted(per_seed[seeds[0]]["exact"])
+        stability = {s: {"mean": statistics.fmean(per_seed[k]["exact"][s] for k in seeds),
+                         "spread": max(per_seed[k]["exact"][s] for k in seeds) - min(per_seed[k]["exact"][s] for k in seeds)}
+                     for s in silos}
+        overhead = statistics.median(walls["rounds"]) / statistics.median(walls["none"]) - 1
+        return {"seeds": list(seeds), "size": VALUE_SIZE, "silos": silos, "per_seed": per_seed, "stability": stability,
+                "run_wall_s": walls, "rounds_overhead": overhead, "overhead_ok": overhead <= TARGET_OVERHEAD,
+                "exact_seconds_max": max(per_seed[k]["exact_seconds"] for k in seeds)}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=1, default=str))

@@ -1,0 +1,297 @@
+"""Valuation's federation side: silos score models where their data is, and `federation.value =
+"rounds"` rebuilds every coalition's model inside the run from each round's per-silo updates.
+
+    scores = score_on_silos(link.grid, link.node_of, {"a": [m0, m1], "b": [m0, m1]}, config_text=text,
+                            tokenizer_sha256=sha, max_tokens=4096, timeout=600.0)   # {silo: Scores}
+    tracker = CoalitionModels.start(run)          # before the first round (rounds.py's hook)
+    tracker.observe(result)                        # after each round's exchange
+    tracker.finish(run.link, final_state)          # scores every coalition -> RUN/value_rounds.json
+
+Scoring (message `evaluate.value`): the server sends models in wire names; the silo loads each
+into the run's model, scores it on the start of its own validation split (never trained on)
+and replies with one bits-per-byte number per model and how many tokens it scored. No text,
+no token ids, no per-token losses leave the silo.
+
+In-run valuation (`CoalitionModels`): the server keeps every coalition's model, stepped each
+round on that round's updates of its members; the empty coalition's model is the global model
+before the first round, the grand one's the run's final model, so the Shapley values sum to
+what the run gained. Every beneficiary silo scores all 2^n
+models once, at the end. This shows every silo's update to the server each round, and to every
+scoring silo the one-silo coalition models, from which that silo's summed updates follow:
+`record_disclosure` states it in RUN/privacy.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedlm.config import Config
+from fedlm.errors import UserError
+from fedlm.evaluate import evaluate_silo
+from fedlm.federation.messages import error_reason, parse_config
+from fedlm.federation.robust import update_norm
+from fedlm.federation.strategies import ServerAdamW, ServerOptimizer, make_server_optimizer
+from fedlm.federation.task import check_silo, expand_state, federated_train_config
+from fedlm.fileio import write_json
+from fedlm.model import Transformer
+from fedlm.train import build_model
+
+if TYPE_CHECKING:
+    from fedlm.federation.exchanges import RoundResult
+    from fedlm.federation.rounds import ServerRun
+
+log = logging.getLogger("fedlm.federation")
+
+State = dict[str, torch.Tensor]
+CHUNK = 8  # models per scoring message: a silo holds at most this many at once
+ROUNDS_FILE = "value_rounds.json"
+
+
+# ---------------------------------------------------------------------------------------
+# scoring: the silo side
+
+
+@dataclass
+class Scores:
+    """One silo's answer: bits per byte of each model sent, over `tokens` validation tokens."""
+
+    bits_per_byte: list[float]
+    tokens: int
+
+
+_MODELS: dict[tuple[str, str], Transformer] = {}  # (silo dir, config) -> the model a silo scores into
+_MODELS_LOCK = threading.Lock()  # in process, every silo's worker thread scores at once: one model each
+
+
+def score_reply(msg: Message, path: Path) -> Message:
+    """Score the models of an `evaluate.value` message on silo `path`'s validation split."""
+    record = msg.content.config_records["config"]
+    text, sha = str(record["fedlm-config"]), str(record["tokenizer-sha256"])
+    max_tokens = int(record["max-tokens"])  # type: ignore[arg-type]
+    cfg = parse_config(text)
+    check_silo(path, tokenizer_sha256=sha)
+    with _MODELS_LOCK:
+        model = _MODELS.get((str(path), text))
+        if model is None:
+            if len(_MODELS) > 64:
+                _MODELS.clear()
+            model = _MODELS[(str(path), text)] = build_model(cfg)
+    torch.set_num_threads(1)
+    metrics: dict[str, float] = {}
+    tokens = 0
+    for i in range(int(record["models"])):  # type: ignore[arg-type]
+        arrays = msg.content.array_records[f"model-{i}"].to_torch_state_dict()
+        model.load_state_dict(expand_state(model, arrays))
+        got = evaluate_silo(model, None, path, max_tokens=max_tokens)
+        metrics[f"bpb-{i}"], tokens = float(got["bits_per_byte"]), int(got["tokens"])
+    metrics["tokens"] = float(tokens)
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------
+# scoring: the server side
+
+
+def _request(node: int, models: list[State], *, config_text: str, tokenizer_sha256: str, max_tokens: int
+             ) -> Message:
+    content = RecordDict({"config": ConfigRecord({"fedlm-config": config_text, "tokenizer-sha256": tokenizer_sha256,
+                                                  "max-tokens": max_tokens, "models": len(models)})})
+    for i, state in enumerate(models):
+        content[f"model-{i}"] = ArrayRecord({k: v.contiguous() for k, v in state.items()})
+    return Message(content, node, "evaluate.value", group_id="value")
+
+
+def _read(reply: Message, count: int, silo: str) -> tuple[list[float], int]:
+    if reply.has_error():
+        raise UserError(f"silo {silo!r} could not score the valuation's models: {error_reason(reply)}")
+    m = reply.content.metric_records.get("metrics")
+    keys = {f"bpb-{i}" for i in range(count)} | {"tokens"}
+    if m is None or set(m.keys()) != keys:
+        raise UserError(f"silo {silo!r} sent a malformed valuation reply")
+    values = [float(m[f"bpb-{i}"]) for i in range(count)]  # type: ignore[arg-type]
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise UserError(f"silo {silo!r} sent a bits-per-byte that is not a finite number >= 0")
+    return values, int(m["tokens"])  # type: ignore[arg-type]
+
+
+def score_on_silos(grid: Grid, node_of: Mapping[str, int], models: Mapping[str, list[State]], *,
+                   config_text: str, tokenizer_sha256: str, max_tokens: int, timeout: float) -> dict[str, Scores]:
+    """Each silo of `models` scores its list of models on its own validation split (all silos at
+    once, CHUNK models per message); UserError naming a silo that fails or does not answer."""
+    out = {silo: Scores([], 0) for silo in models}
+    longest = max((len(m) for m in models.values()), default=0)
+    for start in range(0, longest, CHUNK):
+        batch = {s: m[start:start + CHUNK] for s, m in models.items() if m[start:start + CHUNK]}
+        msgs = {s: _request(node_of[s], ms, config_text=config_text, tokenizer_sha256=tokenizer_sha256,
+                            max_tokens=max_tokens) for s, ms in batch.items()}
+        replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(list(msgs.values()), timeout=timeout)}
+        for silo, ms in batch.items():
+            reply = replies.get(node_of[silo])
+            if reply is None:
+                raise UserError(f"silo {silo!r} did not score the valuation's models within {timeout:g} s")
+            values, out[silo].tokens = _read(reply, len(ms), silo)
+            out[silo].bits_per_byte += values
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# in-run valuation: every coalition's model, stepped each round on its members' updates
+
+
+def coalition_key(coalition: frozenset[str] | list[str] | tuple[str, ...]) -> str:
+    """A coalition's name in value files: its silos sorted, joined by '+' ('' for none)."""
+    return "+".join(sorted(coalition))
+
+
+def _clip_rows(rows: State, count: int, max_norm: float) -> None:
+    """Clip each coalition's aggregate (row block c of every array) to global norm `max_norm`, in place,
+    as the run's ServerAdamW clips its one aggregate (torch's clip_grad_norm_ formula)."""
+    sq = sum(t.view(count, -1).double().pow(2).sum(1) for t in rows.values())
+    coef = (max_norm / (torch.as_tensor(sq).sqrt() + 1e-6)).clamp(max=1.0).float()
+    for t in rows.values():
+        t.view(count, -1).mul_(coef[:, None])
+
+
+@dataclass
+class CoalitionModels:
+    """Every proper coalition's model through a run, rebuilt each round from that round's per-silo
+    updates with the run's own server optimiser (the rounds hook; no retraining).
+
+    Coalition S's model starts from the global model before the first round valued, and every
+    round takes one step of its own server optimiser (a copy of the run's kind: FedAvg's η Δ,
+    FedAdam/FedYogi's moments, fedsgd's clipped AdamW with the run's schedule) on the token-weighted
+    mean of S's accepted updates of that round (zero when none of S counted): the run as if only
+    S had sent updates, except that each update was computed at the run's global weights (Song
+    et al. 2019's multi-round reconstruction; GTG-Shapley values each round's steps the same way).
+    All coalitions are held as one array of stacked blocks, so a round is one optimiser step.
+    """
+
+    run_dir: Path
+    silos: list[str]
+    start: State  # the run's starting model (what utility is measured from)
+    begin: State  # the global model when valuation began (the empty coalition's model)
+    coalitions: list[frozenset[str]]  # the proper, non-empty coalitions: the blocks' order
+    stacked: State  # name -> (len(coalitions) * shape[0], *shape[1:]): every coalition's model
+    optimizer: ServerOptimizer | ServerAdamW  # the run's kind, over the stacked arrays
+    first_round: int
+    norms: dict[str, list[float]]  # each silo's update norm per round it counted in
+    seconds: float = 0.0  # time the server spent on valuation during the rounds
+
+    @classmethod
+    def start_run(cls, run: ServerRun) -> CoalitionModels:
+        """Valuation for `run` from its current global model (before its first round to run;
+        `run.model` still holds the starting weights then)."""
+        t0 = time.perf_counter()
+        fed, silos = run.cfg.federation, list(run.silos)
+        start = {n: t.detach().clone() for n, t in run.model.state_dict().items() if n in run.global_state}
+        proper = [frozenset(c) for k in range(1, len(silos)) for c in combinations(silos, k)]
+        count = len(proper)
+        stacked = {n: t.repeat(count, *([1] * (t.dim() - 1))) for n, t in run.global_state.items()}
+        tc = dataclasses.replace(federated_train_config(run.cfg), grad_clip=0.0)  # clipped per coalition here
+        optimizer = make_server_optimizer(fed.strategy, tc=tc, shapes={n: tuple(t.shape) for n, t in stacked.items()},
+                                          lr=fed.server_lr, beta1=fed.server_beta1, beta2=fed.server_beta2,
+                                          tau=fed.server_tau)
+        if run.rounds_done:  # resumed: the coalitions start from the run's optimiser state, as from its weights
+            optimizer.load_state_dict({k: t.repeat(count, *([1] * (t.dim() - 1))) if t.dim() else t
+                                       for k, t in run.optimizer.state_dict().items()})
+        (run.run_dir / ROUNDS_FILE).unlink(missing_ok=True)  # an earlier run's, in this folder
+        record_disclosure(run.run_dir)
+        return cls(run.run_dir, silos, start, dict(run.global_state), proper, stacked, optimizer,
+                   run.rounds_done + 1, {s: [] for s in silos}, time.perf_counter() - t0)
+
+    def observe(self, result: RoundResult, cfg: Config) -> None:
+        """Step every coalition on its members' accepted updates of this round."""
+        t0 = time.perf_counter()
+        updates, tokens = result.updates, result.tokens
+        counted = sorted(updates)
+        for silo in counted:
+            self.norms[silo].append(update_norm(updates[silo]))
+        if result.update is not None and counted:
+            coef = torch.zeros(len(self.coalitions), len(counted))
+            for c, members in enumerate(self.coalitions):
+                total = sum(tokens[s] for s in counted if s in members)
+                for k, s in enumerate(counted):
+                    if s in members:
+                        coef[c, k] = tokens[s] / total
+            rows = {n: torch.einsum("ck,k...->c...", coef, torch.stack([updates[s][n].float() for s in counted]))
+                    .reshape(self.stacked[n].shape) for n in self.stacked}
+            if isinstance(self.optimizer, ServerAdamW) and cfg.train.grad_clip > 0:
+                _clip_rows(rows, len(self.coalitions), cfg.train.grad_clip)
+            self.stacked = self.optimizer.apply(self.stacked, rows)
+        record_disclosure(self.run_dir)  # a DP ledger rewrites privacy.json every round
+        self.seconds += time.perf_counter() - t0
+
+    def models(self, final: State) -> dict[frozenset[str], State]:
+        """Every coalition's model: the empty one's is `begin`, the grand one's the run's `final`."""
+        count = len(self.coalitions)
+        out: dict[frozenset[str], State] = {frozenset(): self.begin}
+        for c, members in enumerate(self.coalitions):
+            out[members] = {n: t.view(count, *self.begin[n].shape)[c] for n, t in self.stacked.items()}
+        out[frozenset(self.silos)] = final
+        return out
+
+    def finish(self, run: ServerRun) -> None:
+        """Every beneficiary scores the start model and every coalition's; writes RUN/value_rounds.json
+        (bits per byte per coalition and silo)."""
+        t0 = time.perf_counter()
+        cfg, link = run.cfg, run.link
+        assert link is not None, "connect the silos first"
+        models = self.models(run.global_state)
+        beneficiaries = cfg.value.beneficiaries or self.silos
+        scores = score_on_silos(link.grid, link.node_of, dict.fromkeys(beneficiaries, [self.start, *models.values()]),
+                                config_text=run.config_text, tokenizer_sha256=run.tokenizer_sha256,
+                                max_tokens=cfg.value.eval_tokens, timeout=link.timeout)
+        write_json(self.run_dir / ROUNDS_FILE, {
+            "method": "rounds", "silos": self.silos, "rounds": [self.first_round, cfg.federation.rounds],
+            "start_bits_per_byte": {s: sc.bits_per_byte[0] for s, sc in scores.items()},
+            "tokens": {s: sc.tokens for s, sc in scores.items()},
+            "bits_per_byte": {coalition_key(c): {s: sc.bits_per_byte[1 + i] for s, sc in scores.items()}
+                              for i, c in enumerate(models)},
+            "update_norms": self.norms, "seconds": self.seconds + time.perf_counter() - t0,
+            "round_seconds": self.seconds, "scoring_seconds": time.perf_counter() - t0,
+        })
+        self.stacked.clear()
+
+def record_disclosure(run_dir: Path) -> None:
+    """Say in RUN/privacy.json who saw what because of in-run valuation (kept beside any DP ledger)."""
+    path = run_dir / "privacy.json"
+    try:
+        record = json.loads(path.read_text()) if path.exists() else {"mode": "none"}
+    except (OSError, ValueError):
+        record = {"mode": "none"}
+    if "valuation" in record:
+        return
+    record["valuation"] = {
+        "method": "rounds (federation.value)",
+        "server_saw": "every silo's individual update, every round (as without secure aggregation)",
+        "silos_saw": "every coalition's model, including each one-silo coalition's: from the start model and "
+                     "a one-silo model, any scoring silo can compute that silo's updates summed over the run",
+        "silos_sent": "one bits-per-byte number per model on their own validation split, and its token count",
+    }
+    write_json(path, record)
+
+
+def read_rounds_value(run_dir: Path) -> dict[str, Any]:
+    """RUN/value_rounds.json, or UserError saying how to get one."""
+    path = run_dir / ROUNDS_FILE
+    if not path.exists():
+        raise UserError(f"{run_dir}: no in-run valuation ({ROUNDS_FILE}); the run had federation.value = \"none\": "
+                        f"use --method exact or sampled, or train with --set federation.value=\"rounds\"")
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({e}); value the run with --method exact or sampled") from None

@@ -1,0 +1,134 @@
+"""From silos' scores of coalition models to values, flags and payouts (the body of RUN/value.json).
+
+    game = Game(silos, beneficiaries, tokens={"a": 4096, ...}, start={"a": 2.31, ...}, score=score)
+    body = contributions(game, method="exact")                 # shapley, leave_one_out, matrix
+    body = contributions(game, method="sampled", permutations=30, seed=0, truncation=1e-3)
+    flags = flag_silos(body, singletons_moved={...}, sent_updates={...})
+    pay = payouts(body, flags, budget=1000.0)
+
+The value of a model M to silo j is bits/byte of the starting model on j's validation split
+minus that of M (what j measures itself); the consortium's utility is their token-weighted mean
+over the beneficiary silos. `score(coalition)` returns the beneficiaries' bits/byte of that
+coalition's model; it is called at most once per coalition (it may retrain one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedlm.value.shapley import exact_shapley, largest_remainder, leave_one_out, sampled_shapley
+
+Coalition = frozenset[str]
+FREE_RIDER_TOLERANCE = 1e-3  # a one-silo model within this share of the grand gain of the start: it moved nowhere
+
+
+@dataclass
+class Game:
+    """The silos' valuation game: who plays, who benefits, and the scores of coalition models."""
+
+    silos: list[str]
+    beneficiaries: list[str]
+    tokens: dict[str, int]  # beneficiary -> validation tokens it scores on
+    start: dict[str, float]  # beneficiary -> bits/byte of the starting model
+    score: Callable[[Coalition], dict[str, float]]  # coalition -> {beneficiary: bits/byte}
+    seen: dict[Coalition, dict[str, float]] = field(default_factory=dict)
+
+    def bpb(self, coalition: Coalition) -> dict[str, float]:
+        if coalition not in self.seen:
+            self.seen[coalition] = self.score(coalition)
+        return self.seen[coalition]
+
+    def utility(self, coalition: Coalition, beneficiary: str | None = None) -> float:
+        """Bits/byte gained over the starting model: by one beneficiary, or token-weighted over all."""
+        got = self.bpb(coalition)
+        if beneficiary is not None:
+            return self.start[beneficiary] - got[beneficiary]
+        total = sum(self.tokens[j] for j in self.beneficiaries)
+        return sum(self.tokens[j] * (self.start[j] - got[j]) for j in self.beneficiaries) / total
+
+
+def contributions(game: Game, *, method: str, permutations: int = 0, seed: int = 0,
+                  truncation: float = 0.0) -> dict[str, Any]:
+    """Shapley values (exact, or sampled with stderr), leave-one-out and the contributor × beneficiary
+    matrix of `game`; the utilities of the empty and grand coalitions."""
+    players = list(game.silos)
+    grand, empty = frozenset(players), frozenset[str]()
+    stderr: dict[str, float | None]
+    if method == "sampled":
+        est = sampled_shapley(players, game.utility, permutations=permutations, seed=seed, truncation=truncation)
+        phi, stderr = est.values, dict(est.stderr)
+        per = {j: sampled_shapley(players, _for(game, j), permutations=permutations, seed=seed, truncation=truncation,
+                                  stop=game.utility).values for j in game.beneficiaries}
+    else:  # exact over every coalition (retrained, or rebuilt in the run)
+        phi = exact_shapley(players, game.utility)
+        stderr = dict.fromkeys(players, 0.0)
+        per = {j: exact_shapley(players, _for(game, j)) for j in game.beneficiaries}
+    loo: dict[str, float | None] = dict.fromkeys(players, None)
+    if method != "sampled" or all(grand - {i} in game.seen for i in players):
+        loo = dict(leave_one_out(players, game.utility))
+    return {
+        "baseline_utility": game.utility(empty), "grand_utility": game.utility(grand),
+        "shapley": phi, "stderr": stderr, "leave_one_out": loo,
+        "matrix": {i: {j: per[j][i] for j in game.beneficiaries} for i in players},
+        "coalitions_scored": len(game.seen),
+    }
+
+
+def _for(game: Game, beneficiary: str) -> Callable[[Coalition], float]:
+    return lambda c: game.utility(c, beneficiary)
+
+
+def value_to_others(game: Game, matrix: dict[str, dict[str, float]], silo: str) -> float | None:
+    """Silo `silo`'s Shapley value to the other beneficiaries (token-weighted); None when there are none."""
+    others = [j for j in game.beneficiaries if j != silo]
+    if not others:
+        return None
+    return sum(game.tokens[j] * matrix[silo][j] for j in others) / sum(game.tokens[j] for j in others)
+
+
+def flag_silos(game: Game, body: dict[str, Any], *, update_norms: dict[str, list[float]] | None = None
+               ) -> dict[str, dict[str, Any]]:
+    """{silo: {"flag", "why"}} for silos whose value to the other silos is <= 0.
+
+    "free_rider" when the silo sent no useful update: every update it sent was zero (seen in
+    the run), or the model of it alone did not move from the start (its utility to every
+    beneficiary is within FREE_RIDER_TOLERANCE of the grand gain of 0); "harmful" otherwise."""
+    out: dict[str, dict[str, Any]] = {}
+    spread = max(abs(body["grand_utility"] - body["baseline_utility"]), 1e-12)
+    for silo in game.silos:
+        others = value_to_others(game, body["matrix"], silo)
+        if others is None or others > 0:
+            continue
+        alone = frozenset({silo})
+        idle = alone in game.seen and all(abs(game.utility(alone, j) - game.utility(frozenset(), j))
+                                          <= FREE_RIDER_TOLERANCE * spread for j in game.beneficiaries)
+        norms = (update_norms or {}).get(silo)
+        if norms is not None and norms and max(norms) == 0.0:
+            idle = True
+        flag = "free_rider" if idle else "harmful"
+        why = ("it sent no useful update (its model alone is the starting model)" if idle
+               else f"its value to the other silos is {others:+.4f} bits/byte (<= 0)")
+        out[silo] = {"flag": flag, "why": why, "value_to_others": others}
+    return out
+
+
+def payouts(shapley: dict[str, float], flags: dict[str, dict[str, Any]], *, budget: float | None
+            ) -> tuple[dict[str, float], dict[str, float | None]]:
+    """(share, payout) per silo: share ∝ max(Shapley, 0) over the unflagged silos; payouts in cents
+    by largest remainder, summing to `budget` exactly (None without a budget)."""
+    weights = {s: 0.0 if s in flags else max(v, 0.0) for s, v in shapley.items()}
+    mass = sum(weights.values())
+    share = {s: (w / mass if mass > 0 else 0.0) for s, w in weights.items()}
+    if budget is None:
+        return share, dict.fromkeys(shapley, None)
+    return share, dict(largest_remainder(weights, budget=budget))
+
+
+def rank_order(values: dict[str, float]) -> Sequence[str]:
+    """Silos from the highest value to the lowest."""
+    return sorted(values, key=lambda s: (-values[s], s))
+
+
+__all__ = ["Game", "contributions", "flag_silos", "payouts", "rank_order", "value_to_others"]

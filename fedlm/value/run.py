@@ -1,0 +1,358 @@
+"""`fedlm value RUN`: what each silo of a finished federated run contributed and gained -> RUN/value.json.
+
+    body = value_run(Path("runs/fed"), method="exact", budget=1000.0)   # writes runs/fed/value.json
+    console.print(value_table(body))
+
+Every model is scored where the data is: each beneficiary silo loads it and returns one
+bits-per-byte number on its own validation split (`fedlm.federation.valuation`), through the
+same ClientApp as the run. The methods:
+
+- exact: the run's config retrained on every coalition of silos (the grand coalition is the
+  run itself unless `rounds`/`local_steps` reduce the budget, which the output then says),
+  exact Shapley and leave-one-out;
+- sampled: the same retraining, on the coalitions that random permutations of the silos visit
+  (truncated once a coalition is within `truncation` of the grand utility), with a standard error;
+- rounds: the coalition models the run rebuilt from its per-round updates (federation.value =
+  "rounds"), no retraining.
+
+Retrained coalitions run on this machine, in process, under the run's secure aggregation and DP
+settings (secure aggregation needs 3 silos a round: smaller coalitions run without it, and the
+output says so). Gain: each silo's own bits/byte with its local-only model (the run's per-silo
+budget, trained alone) minus with the federated (and personalised) model. Work goes to a
+temporary folder inside RUN, removed at the end; value.json is written once, atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.table import Table
+from safetensors.torch import load_file
+
+from fedlm.config import Config, config_to_toml, load_config
+from fedlm.data.tokenizer import tokenizer_hash
+from fedlm.errors import UserError
+from fedlm.federation import secagg
+from fedlm.federation.client_app import app as client_app
+from fedlm.federation.grid import InProcessGrid
+from fedlm.federation.runner import run_federated
+from fedlm.federation.strategies import num_sampled
+from fedlm.federation.task import check_silo, federated_train_config, wire_names
+from fedlm.federation.valuation import State, coalition_key, read_rounds_value, score_on_silos
+from fedlm.fileio import write_json
+from fedlm.pretrained import load_model
+from fedlm.resolve import resolve_config, resolve_silos
+from fedlm.train import build_model, train
+from fedlm.value.compute import Coalition, Game, contributions, flag_silos, payouts
+
+METHODS = ("exact", "sampled", "rounds")
+Progress = Callable[[str], None]
+UTILITY = ("drop in bits per byte from the starting model, each beneficiary silo scoring on its own "
+           "validation split; the consortium's: token-weighted mean over the beneficiaries")
+
+
+def check_budget(budget: float | None) -> Decimal | None:
+    """The payout budget as an exact number of cents, or UserError."""
+    if budget is None:
+        return None
+    try:
+        cents = Decimal(str(budget))
+    except InvalidOperation:
+        raise UserError(f"--budget {budget!r}: not a number") from None
+    if not cents.is_finite() or cents <= 0:
+        raise UserError(f"--budget {budget}: must be an amount > 0")
+    if cents != cents.quantize(Decimal("0.01")):
+        raise UserError(f"--budget {budget}: payouts are in cents; give at most 2 decimals")
+    return cents
+
+
+def load_run(run_dir: Path, *, method: str | None = None) -> tuple[Config, list[str]]:
+    """The finished federated run's resolved config and silos, or UserError saying what RUN is instead."""
+    path = run_dir / "config.toml"
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    if not path.is_file():
+        raise UserError(f"{run_dir}: not a run directory (no config.toml); give the folder `fedlm train` wrote")
+    cfg = load_config(path)
+    if cfg.train.mode != "federated":
+        raise UserError(f"{path}: train.mode = {cfg.train.mode!r}, not a federated run; value a run trained "
+                        f"with train.mode = \"federated\"")
+    if method == "rounds" and cfg.federation.secure_aggregation:
+        raise UserError(f"{run_dir}: --method rounds needs each silo's update, which the run's secure aggregation "
+                        "hid; use --method exact or sampled (they retrain under the same secure aggregation)")
+    cfg = resolve_config(cfg)
+    silos = resolve_silos(Path(cfg.data.workspace), cfg.data.silos)
+    if len(silos) < 2:
+        raise UserError(f"{path}: the run has {len(silos)} silo; values need at least 2 silos")
+    sha = tokenizer_hash(Path(cfg.data.workspace) / "tokenizer.json")
+    for silo in silos:  # the shards every method scores on (and retrains on)
+        check_silo(Path(cfg.data.workspace) / "silos" / silo, tokenizer_sha256=sha)
+    unknown = [b for b in cfg.value.beneficiaries if b not in silos]
+    if unknown:
+        raise UserError(f"{path}: value.beneficiaries names {', '.join(unknown)}, not silos of the run "
+                        f"({', '.join(silos)})")
+    state = run_dir / "checkpoint" / "state.json"
+    done = json.loads(state.read_text()).get("round", 0) if state.is_file() else 0
+    if done < cfg.federation.rounds or not (run_dir / "model").is_dir():
+        raise UserError(f"{run_dir}: the run is not finished ({done} of {cfg.federation.rounds} rounds); "
+                        f"finish it with `fedlm train {path} --resume` first")
+    return cfg, silos
+
+
+class Scorer:
+    """Sends models to the silos (one in-process node each, the run's ClientApp) for scoring."""
+
+    def __init__(self, cfg: Config, silos: list[str]) -> None:
+        self.cfg, self.silos = cfg, silos
+        ws = Path(cfg.data.workspace)
+        self.node_of = {s: i + 1 for i, s in enumerate(silos)}
+        self.grid = InProcessGrid(client_app, {i + 1: {"workspace": str(ws), "silo": s} for i, s in enumerate(silos)})
+        self.sha = tokenizer_hash(ws / "tokenizer.json")
+
+    def __call__(self, models: dict[str, list[State]], *, cfg: Config | None = None) -> dict[str, list[float]]:
+        threads = torch.get_num_threads()
+        try:
+            got = score_on_silos(self.grid, self.node_of, models, config_text=config_to_toml(cfg or self.cfg),
+                                 tokenizer_sha256=self.sha, max_tokens=self.cfg.value.eval_tokens,
+                                 timeout=self.cfg.federation.round_timeout)
+        finally:
+            torch.set_num_threads(threads)
+        self.tokens = {s: sc.tokens for s, sc in got.items()}
+        return {s: sc.bits_per_byte for s, sc in got.items()}
+
+    def close(self) -> None:
+        self.grid.close()
+
+
+def coalition_config(cfg: Config, coalition: Coalition, *, rounds: int, local_steps: int) -> tuple[Config, str | None]:
+    """The run's config on `coalition` alone (in process, no valuation); a note when secure aggregation
+    cannot run on so few silos."""
+    fed = cfg.federation
+    secure, note = fed.secure_aggregation, None
+    if secure:
+        try:
+            secagg.check_round_size(num_sampled(len(coalition), fed.fraction))
+        except UserError:
+            secure, note = False, "coalitions with fewer than 3 silos a round were retrained without secure aggregation"
+    try:
+        fed = dataclasses.replace(fed, engine="inprocess", value="none", rounds=rounds, local_steps=local_steps,
+                                  min_silos=min(fed.min_silos, len(coalition)), secure_aggregation=secure,
+                                  personalise_steps=0)
+    except ValueError as e:  # e.g. --steps with fedsgd
+        raise UserError(f"--rounds/--steps: {e}") from None
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, silos=sorted(coalition)), federation=fed), note
+
+
+def _global(run_dir: Path) -> State:
+    return dict(load_file(str(run_dir / "checkpoint" / "global.safetensors")))
+
+
+def _start(cfg: Config) -> State:
+    model = build_model(cfg)
+    state = model.state_dict()
+    return {n: state[n].detach().clone() for n in wire_names(model)}
+
+
+@dataclasses.dataclass
+class Retrainer:
+    """Retrains the run's config on a coalition and has the beneficiaries score the result."""
+
+    cfg: Config
+    run_dir: Path
+    work: Path
+    scorer: Scorer
+    beneficiaries: list[str]
+    rounds: int
+    local_steps: int
+    progress: Progress
+    notes: set[str] = dataclasses.field(default_factory=set)
+    trained: int = 0
+
+    def __call__(self, coalition: Coalition) -> dict[str, float]:
+        reduced = (self.rounds, self.local_steps) != (self.cfg.federation.rounds, self.cfg.federation.local_steps)
+        if not coalition:
+            state = _start(self.cfg)
+        elif coalition == frozenset(self.scorer.silos) and not reduced:
+            state = _global(self.run_dir)  # the run itself: the grand coalition at the run's budget
+        else:
+            cfg, note = coalition_config(self.cfg, coalition, rounds=self.rounds, local_steps=self.local_steps)
+            if note:
+                self.notes.add(note)
+            out = self.work / f"coalition-{coalition_key(coalition)}"
+            self.progress(f"retraining coalition {coalition_key(coalition)}")
+            run_federated(cfg, out)
+            state = _global(out)
+            shutil.rmtree(out, ignore_errors=True)
+            self.trained += 1
+        scores = self.scorer(dict.fromkeys(self.beneficiaries, [state]))
+        return {j: v[0] for j, v in scores.items()}
+
+
+def local_config(cfg: Config, silo: str) -> Config:
+    """Silo `silo` alone with the run's per-silo budget: the federated schedule's steps, its batch."""
+    tc = federated_train_config(cfg)
+    tc = dataclasses.replace(tc, mode="centralised", checkpoint_every=tc.steps, log_every=max(1, tc.steps // 10))
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, silos=[silo]), train=tc,
+                               federation=dataclasses.replace(cfg.federation, value="none"))
+
+
+def gains(cfg: Config, run_dir: Path, silos: list[str], scorer: Scorer, work: Path, progress: Progress,
+          local_models: dict[str, Path] | None) -> dict[str, dict[str, float | None]]:
+    """Each silo's own bits/byte: local-only minus federated (and minus personalised), scored by itself."""
+    plain = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, rank=0))  # saved models are merged
+
+    def weights(path: Path) -> State:
+        model, _ = load_model(path)
+        state = model.state_dict()
+        return {n: state[n] for n in wire_names(model)}
+
+    federated = weights(run_dir)
+    jobs: dict[str, list[State]] = {}
+    for silo in silos:
+        local = (local_models or {}).get(silo)
+        if local is None:
+            progress(f"training silo {silo} alone (local-only baseline)")
+            local = work / f"local-{silo}"
+            train(local_config(cfg, silo), local)
+        jobs[silo] = [weights(local), federated]
+        personal = run_dir / f"personalised-{silo}"
+        if cfg.federation.personalise_steps and (personal / "model").is_dir():
+            jobs[silo].append(weights(personal))
+    scores = scorer(jobs, cfg=plain)
+    out: dict[str, dict[str, float | None]] = {}
+    for silo, bpb in scores.items():
+        out[silo] = {"local_only_bpb": bpb[0], "federated_bpb": bpb[1], "gain": bpb[0] - bpb[1],
+                     "gain_personalised": bpb[0] - bpb[2] if len(bpb) > 2 else None}
+    return out
+
+
+def _rounds_game(run_dir: Path, silos: list[str]) -> tuple[Game, dict[str, Any]]:
+    saved = read_rounds_value(run_dir)
+    if sorted(saved["silos"]) != sorted(silos):
+        raise UserError(f"{run_dir}/value_rounds.json values silos {saved['silos']}, the run has {silos}")
+    table = {frozenset(k.split("+")) if k else frozenset(): v for k, v in saved["bits_per_byte"].items()}
+    beneficiaries = sorted(saved["tokens"])
+    game = Game(list(silos), beneficiaries, {s: int(n) for s, n in saved["tokens"].items()},
+                {s: float(x) for s, x in saved["start_bits_per_byte"].items()}, table.__getitem__)
+    return game, saved
+
+
+def value_run(run_dir: Path, *, method: str | None = None, budget: float | None = None, rounds: int = 0,
+              local_steps: int = 0, permutations: int = 20, truncation: float = 0.0, seed: int = 0,
+              local_models: dict[str, Path] | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Value the silos of the finished federated run `run_dir`; writes RUN/value.json and returns it.
+
+    `method` None: "rounds" when the run valued itself, else "exact". `rounds`/`local_steps` > 0
+    retrain the coalitions with that reduced budget (exact and sampled). `local_models` gives
+    each silo's local-only model (run dirs) instead of training them here."""
+    t0 = time.perf_counter()
+    cents = check_budget(budget)
+    if method is not None and method not in METHODS:
+        raise UserError(f"--method {method!r}: use one of {', '.join(METHODS)}")
+    cfg, silos = load_run(run_dir, method=method)
+    fed = cfg.federation
+    method = method or ("rounds" if (run_dir / "value_rounds.json").exists() else "exact")
+    if method != "rounds" and (rounds < 0 or local_steps < 0):
+        raise UserError("--rounds and --local-steps must be >= 0 (0: the run's own)")
+    if method == "sampled" and permutations < 2:
+        raise UserError("--permutations must be >= 2 (a standard error needs two)")
+    say = progress or (lambda _: None)
+    rounds, local_steps = rounds or fed.rounds, local_steps or fed.local_steps
+    beneficiaries = cfg.value.beneficiaries or silos
+    work = Path(tempfile.mkdtemp(prefix=".value-", dir=run_dir))
+    scorer = Scorer(cfg, silos)
+    notes: list[str] = []
+    try:
+        if method == "rounds":
+            game, saved = _rounds_game(run_dir, silos)
+            norms, trained = saved.get("update_norms"), 0
+            notes.append(f"coalition models rebuilt inside the run from rounds {saved['rounds'][0]}-{saved['rounds'][1]}'s "
+                         "per-silo updates (no retraining): an approximation of retraining each coalition")
+        else:
+            retrain = Retrainer(cfg, run_dir, work, scorer, beneficiaries, rounds, local_steps, say)
+            start = scorer({j: [_start(cfg)] for j in beneficiaries})
+            game = Game(list(silos), list(beneficiaries), dict(scorer.tokens), {j: v[0] for j, v in start.items()},
+                        retrain)
+            norms = None
+        body = contributions(game, method="exact" if method == "rounds" else method, permutations=permutations,
+                             seed=seed, truncation=truncation)
+        if method != "rounds":
+            trained = retrain.trained
+            notes += sorted(retrain.notes)
+            if (rounds, local_steps) != (fed.rounds, fed.local_steps):
+                notes.append(f"reduced budget: coalitions retrained for {rounds} rounds of {local_steps} local steps "
+                             f"(the run had {fed.rounds} of {fed.local_steps})")
+        flags = flag_silos(game, body, update_norms=norms)
+        gained = gains(cfg, run_dir, silos, scorer, work, say, local_models)
+    finally:
+        scorer.close()
+        shutil.rmtree(work, ignore_errors=True)
+    out = _value_json(method, game, body, flags, gained, notes, budget=cents, trained=trained,
+                      permutations=permutations, seconds=time.perf_counter() - t0)
+    if any(math.isnan(v) for v in body["shapley"].values()):
+        raise UserError(f"{run_dir}: a silo's value is not a number (a model diverged); nothing was written")
+    write_json(run_dir / "value.json", out)
+    return out
+
+
+def _value_json(method: str, game: Game, body: dict[str, Any], flags: dict[str, dict[str, Any]],
+                gained: dict[str, dict[str, float | None]], notes: list[str], *, budget: Decimal | None, trained: int,
+                permutations: int, seconds: float) -> dict[str, Any]:
+    """RUN/value.json's body (issue 17's keys, plus the scores it was computed from)."""
+    share, pay = payouts(body["shapley"], flags, budget=float(budget) if budget is not None else None)
+    return {
+        "method": method, "utility": UTILITY, "beneficiaries": list(game.beneficiaries),
+        "eval_tokens": dict(game.tokens), "baseline_utility": body["baseline_utility"],
+        "grand_utility": body["grand_utility"],
+        "silos": {s: {"shapley": body["shapley"][s], "stderr": body["stderr"][s],
+                      "leave_one_out": body["leave_one_out"][s], **gained[s], "share": share[s], "payout": pay[s],
+                      "flag": flags[s]["flag"] if s in flags else None,
+                      "why": flags[s]["why"] if s in flags else None} for s in game.silos},
+        "matrix": body["matrix"], "coalitions_trained": trained, "coalitions_scored": body["coalitions_scored"],
+        "start_bits_per_byte": dict(game.start),
+        "coalition_bits_per_byte": {coalition_key(c): dict(v) for c, v in sorted(game.seen.items(), key=_size)},
+        "budget": float(budget) if budget is not None else None, "notes": notes,
+        "permutations": permutations if method == "sampled" else None, "seconds": seconds,
+    }
+
+
+def _size(item: tuple[Coalition, dict[str, float]]) -> tuple[int, str]:
+    return len(item[0]), coalition_key(item[0])
+
+
+def value_table(body: dict[str, Any]) -> Table:
+    """The contribution and gain table of a value.json body (bits/byte; higher is better)."""
+    table = Table(title=f"value of each silo ({body['method']}; bits/byte gained, higher is better)")
+    for col in ("silo", "shapley", "± stderr", "leave-one-out", "gain (vs local-only)", "share", "payout", "flag"):
+        table.add_column(col, justify="left" if col in ("silo", "flag") else "right")
+
+    def f(x: float | None, spec: str = "+.4f") -> str:
+        return "–" if x is None else format(x, spec)
+
+    for silo, v in body["silos"].items():
+        table.add_row(silo, f(v["shapley"]), f(v["stderr"], ".4f"), f(v["leave_one_out"]), f(v["gain"]),
+                      f(v["share"], ".1%"), f(v["payout"], ",.2f"), v["flag"] or "")
+    return table
+
+
+def summary_lines(body: dict[str, Any]) -> list[str]:
+    """The lines printed under the table: utilities, notes and why each flagged silo is not paid."""
+    lines = [f"grand utility {body['grand_utility']:+.4f} bits/byte over the starting model "
+             f"(baseline {body['baseline_utility']:+.4f}); the Shapley values sum to the difference"]
+    lines += [f"silo {s}: {v['flag']}: {v['why']}" + ("; paid 0" if body["budget"] else "")
+              for s, v in body["silos"].items() if v["flag"]]
+    lines += [f"note: {n}" for n in body["notes"]]
+    return lines
+
+
+__all__ = ["METHODS", "summary_lines", "value_run", "value_table"]

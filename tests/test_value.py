@@ -1,0 +1,396 @@
+"""Silo values (`fedlm value`, issue 17): Shapley arithmetic against brute force on synthetic games,
+and real short federated runs valued by retraining (exact) and inside the run (rounds)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import random
+import shutil
+from decimal import Decimal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Message
+
+from fedlm.value.shapley import (
+    all_coalitions,
+    cached,
+    exact_shapley,
+    largest_remainder,
+    leave_one_out,
+    sampled_shapley,
+    spearman,
+)
+
+# ---------------------------------------------------------------------------------------
+# the arithmetic, against brute force (no training)
+
+
+def brute_shapley(players: list[str], v: dict[frozenset[str], float]) -> dict[str, float]:
+    """The definition: each player's marginal averaged over all n! orders."""
+    total = dict.fromkeys(players, 0.0)
+    orders = list(itertools.permutations(players))
+    for order in orders:
+        c: frozenset[str] = frozenset()
+        for p in order:
+            total[p] += v[c | {p}] - v[c]
+            c = c | {p}
+    return {p: t / len(orders) for p, t in total.items()}
+
+
+def random_game(players: list[str], seed: int) -> dict[frozenset[str], float]:
+    rng = random.Random(seed)
+    return {c: (0.0 if not c else rng.uniform(-1, 3) * len(c) ** 0.5) for c in all_coalitions(players)}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_exact_shapley_is_the_average_marginal_over_all_orders(seed: int) -> None:
+    """The subset formula equals the n!-permutation definition; efficiency: the values sum to v(N) - v(∅)."""
+    players = list("abcde")
+    v = random_game(players, seed)
+    v[frozenset()] = 0.25  # a baseline that is not 0
+    phi = exact_shapley(players, v.__getitem__)
+    ref = brute_shapley(players, v)
+    assert phi == pytest.approx(ref, abs=1e-12)
+    assert sum(phi.values()) == pytest.approx(v[frozenset(players)] - v[frozenset()], abs=1e-12)
+
+
+def test_symmetry_null_player_and_additivity() -> None:
+    """Two interchangeable players get equal values; a player that adds nothing gets 0; the value of
+    the sum of two games is the sum of their values."""
+    players = ["a", "b", "c", "null"]
+
+    def base(c: frozenset[str]) -> float:  # a and b interchangeable, "null" adds nothing
+        k = len(c & {"a", "b"})
+        return k ** 1.5 + (2.0 if "c" in c else 0.0) * (1 + k)
+
+    phi = exact_shapley(players, base)
+    assert phi["a"] == pytest.approx(phi["b"], abs=1e-12)
+    assert phi["null"] == pytest.approx(0.0, abs=1e-12)
+    v, w = random_game(players, 5), random_game(players, 6)
+    both = exact_shapley(players, lambda c: v[c] + w[c])
+    apart = [exact_shapley(players, v.__getitem__), exact_shapley(players, w.__getitem__)]
+    assert both == pytest.approx({p: apart[0][p] + apart[1][p] for p in players}, abs=1e-12)
+    assert leave_one_out(players, base)["null"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_sampled_shapley_converges_to_exact_within_its_stderr() -> None:
+    """On a 6-player game, permutation sampling lands within 4 of its own standard errors of the exact
+    values, and its error shrinks as permutations grow."""
+    players = [f"s{i}" for i in range(6)]
+    v = random_game(players, 11)
+    exact = exact_shapley(players, v.__getitem__)
+    est = sampled_shapley(players, v.__getitem__, permutations=2000, seed=3)
+    for p in players:
+        assert abs(est.values[p] - exact[p]) <= 4 * est.stderr[p] + 1e-12, p
+    small = sampled_shapley(players, v.__getitem__, permutations=50, seed=3)
+    err = [max(abs(e.values[p] - exact[p]) for p in players) for e in (small, est)]
+    assert err[1] < err[0]
+    assert sum(est.stderr.values()) < sum(small.stderr.values())
+
+
+def test_truncation_skips_coalitions_and_stays_within_its_bound() -> None:
+    """Truncated sampling evaluates fewer coalitions; each value moves by at most the truncation."""
+    players = [f"s{i}" for i in range(6)]
+    v = {c: min(len(c), 3) * 1.0 for c in all_coalitions(players)}  # saturates after 3 players
+    game, seen = cached(v.__getitem__)
+    sampled_shapley(players, game, permutations=200, seed=0)
+    full = len(seen)
+    game, seen = cached(v.__getitem__)
+    est = sampled_shapley(players, game, permutations=200, seed=0, truncation=1e-9)
+    assert len(seen) < 0.8 * full  # coalitions past saturation are never evaluated
+    assert est.values == pytest.approx(exact_shapley(players, v.__getitem__), abs=0.15)
+
+
+@pytest.mark.parametrize("budget", [100.0, 1000.01, 0.07, 12345.67])
+def test_largest_remainder_pays_the_budget_to_the_cent(budget: float) -> None:
+    """Payouts are whole cents, proportional to max(value, 0), and sum to the budget exactly."""
+    weights = {"a": 1 / 3, "b": 1 / 3, "c": 1 / 3 + 1e-9, "d": -0.2, "e": 0.0}
+    pay = largest_remainder(weights, budget=budget)
+    assert sum(Decimal(str(x)) for x in pay.values()) == Decimal(str(budget))
+    assert all(Decimal(str(x)) == Decimal(str(x)).quantize(Decimal("0.01")) for x in pay.values())
+    assert pay["d"] == 0.0 and pay["e"] == 0.0
+    assert max(pay[k] for k in "abc") - min(pay[k] for k in "abc") <= 0.01 + 1e-9
+
+
+def test_spearman_against_hand_computed_ranks() -> None:
+    """Spearman's rho: 1 for the same order, -1 reversed, ties averaged (hand-checked value)."""
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks x: 1, 2.5, 2.5, 4; y: 1, 2, 3, 4 -> Pearson of the ranks
+    rx, ry = np.array([1, 2.5, 2.5, 4]), np.array([1, 2, 3, 4])
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(float(np.corrcoef(rx, ry)[0, 1]))
+
+
+# ---------------------------------------------------------------------------------------
+# real short runs
+
+SETS = [
+    "model.preset=custom", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.d_ff=128",
+    "model.max_seq_len=32", "train.seq_len=32", "train.batch_size=4", "train.lr=3e-3", "train.warmup_steps=2",
+    "train.mode=federated", 'federation.strategy="fedavg"', "federation.rounds=4", "federation.local_steps=3",
+    "value.eval_tokens=1024",
+]
+
+
+def _letters(rng: random.Random, words: int) -> str:
+    return " ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+                    for _ in range(words))
+
+
+@pytest.fixture(scope="module")
+def value_ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """legal, an identical copy of legal, and a silo of random letter-words; one tokenizer, shards."""
+    from fedlm.corpus import extract
+    from fedlm.data.shards import shard_silo
+    from fedlm.data.tokenizer import agree_tokenizer
+    from tests.conftest import _docs_from_corpus
+
+    root = tmp_path_factory.mktemp("value")
+    docs = _docs_from_corpus(extract(root / "raw", ("legal",))["legal"], 60_000)
+    rng = random.Random(0)
+    texts = {"legal": docs, "legal_copy": docs, "noise": [_letters(rng, 400) for _ in range(len(docs) or 1)]}
+    ws = root / "ws"
+    for silo, items in texts.items():
+        (ws / "silos" / silo).mkdir(parents=True)
+        with open(ws / "silos" / silo / "docs.jsonl", "w", encoding="utf-8") as f:
+            for text in items:
+                f.write(json.dumps({"text": text, "source": silo}) + "\n")
+    agree_tokenizer(ws, vocab_size=384, epsilon=None)
+    for silo in texts:
+        shard_silo(ws, silo, val_fraction=0.1, seed=0)
+    return ws
+
+
+def _cfg(ws: Path, *extra: str):  # type: ignore[no-untyped-def]
+    from fedlm.config import load_config
+
+    return load_config(None, [f"data.workspace={json.dumps(str(ws))}", *SETS, *extra])
+
+
+@pytest.mark.slow
+def test_duplicates_get_equal_values_and_noise_is_flagged(value_ws: Path, tmp_path: Path) -> None:
+    """One run (the two legal silos benefit) valued by retraining every coalition (exact) and inside
+    the run (rounds). Exact: the two silos holding the same text get values within 15% of each
+    other. Both: the random-letter silo's value to the others is <= 0 and it is flagged harmful;
+    the values sum to grand - baseline; payouts sum to the budget exactly, 0 to the flagged silo."""
+    from fedlm.federation.runner import run_federated
+    from fedlm.value.run import value_run
+
+    run = tmp_path / "run"
+    run_federated(_cfg(value_ws, 'federation.value="rounds"', 'value.beneficiaries=["legal", "legal_copy"]'), run)
+    privacy = json.loads((run / "privacy.json").read_text())
+    assert "every silo's individual update" in privacy["valuation"]["server_saw"]
+    for method in ("exact", "rounds"):
+        body = value_run(run, method=method, budget=1000.0)
+        v = {s: body["silos"][s]["shapley"] for s in body["silos"]}
+        assert v["legal"] > 0 and v["legal_copy"] > 0, (method, v)
+        if method == "exact":
+            assert abs(v["legal"] - v["legal_copy"]) <= 0.15 * max(v["legal"], v["legal_copy"]), v
+        assert body["silos"]["noise"]["flag"] == "harmful", (method, body["silos"]["noise"])
+        assert body["matrix"]["noise"]["legal"] <= 0, (method, body["matrix"])
+        assert sum(v.values()) == pytest.approx(body["grand_utility"] - body["baseline_utility"], abs=1e-9)
+        pay = {s: body["silos"][s]["payout"] for s in body["silos"]}
+        assert sum(Decimal(str(x)) for x in pay.values()) == Decimal("1000")
+        assert pay["noise"] == 0.0
+        assert body["silos"]["legal"]["gain"] is not None
+        assert json.loads((run / "value.json").read_text())["method"] == method
+        assert body["coalitions_trained"] == (6 if method == "exact" else 0)  # 2^3 - 1, the grand one is the run
+    assert not list(run.glob(".value-*"))
+
+
+@pytest.mark.slow
+def test_readme_value_commands_run(value_ws: Path, tmp_path: Path) -> None:
+    """The README's `fedlm value` commands run as written (on a small fed.toml of the same name)."""
+    import shlex
+    import subprocess
+    import sys
+
+    from fedlm.config import save_config
+    from tests.test_cli import _readme_block
+
+    save_config(_cfg(value_ws, 'data.silos=["legal", "legal_copy"]'), tmp_path / "fed.toml")  # 2 silos: 3 coalitions
+    for line in _readme_block("## What each silo's data was worth", "sh").splitlines():
+        cmd = shlex.split(line.split("#")[0])
+        if not cmd:
+            continue
+        assert cmd[0] == "fedlm"
+        proc = subprocess.run([sys.executable, "-m", "fedlm.cli", *cmd[1:]], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=900)
+        assert proc.returncode == 0, (line, proc.stdout[-2000:], proc.stderr[-2000:])
+    body = json.loads((tmp_path / "runs" / "fed-valued" / "value.json").read_text())
+    assert body["method"] == "exact" and any("reduced budget" in n for n in body["notes"])
+    assert json.loads(proc.stdout)["method"] == "exact"
+
+
+def _idle_app(silo: str):  # type: ignore[no-untyped-def]
+    """The real ClientApp, except that `silo` returns the global weights unchanged (a zero update)."""
+    from fedlm.federation.client_app import app
+    from fedlm.federation.messages import read_train_request, train_reply
+
+    def handle(msg: Message, context: Context) -> Message:
+        if msg.metadata.message_type == "train" and context.node_config["silo"] == silo:
+            req = read_train_request(msg)
+            zero = {k: torch.zeros_like(v) for k, v in req.arrays.items()}
+            return train_reply(msg, zero, {"num_tokens": 384.0, "loss": 5.0, "train_seconds": 0.1})
+        return app(msg, context)
+
+    return handle
+
+
+@pytest.mark.slow
+def test_rounds_flags_a_client_that_sends_the_global_weights_back(value_ws: Path, tmp_path: Path) -> None:
+    """A silo whose client returns the global weights unchanged is a free rider by `rounds`."""
+    from fedlm.federation.runner import run_federated
+    from fedlm.value.run import value_run
+
+    run = tmp_path / "run"
+    cfg = _cfg(value_ws, 'federation.value="rounds"', 'data.silos=["legal", "legal_copy", "noise"]')
+    run_federated(cfg, run, client_app=_idle_app("legal_copy"))
+    body = value_run(run, method="rounds")
+    assert body["silos"]["legal_copy"]["flag"] == "free_rider", body["silos"]
+    assert body["coalitions_trained"] == 0
+    assert math.isfinite(body["silos"]["legal"]["shapley"])
+
+
+# ---------------------------------------------------------------------------------------
+# bad input: one line, exit 2, nothing written
+
+
+def _run_dir(tmp_path: Path, ws: Path, *extra: str) -> Path:
+    from fedlm.config import save_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(_cfg(ws, *extra), run / "config.toml")
+    return run
+
+
+@pytest.mark.parametrize(("case", "expect"), [
+    ("no_config", "not a run directory"),
+    ("centralised", "not a federated run"),
+    ("one_silo", "at least 2 silos"),
+    ("shards_gone", "legal_copy"),
+    ("rounds_secagg", "secure aggregation"),
+    ("budget_zero", "must be an amount > 0"),
+    ("budget_fraction", "2 decimals"),
+    ("not_finished", "not finished"),
+])
+def test_bad_input_is_one_line_and_exit_2(value_ws: Path, tmp_path: Path, case: str, expect: str) -> None:
+    """Each bad input gets one line naming what and where, exit 2, and no value.json or work folder."""
+    from fedlm.errors import UserError
+    from fedlm.value.run import value_run
+
+    ws = value_ws
+    args: dict[str, object] = {}
+    if case == "no_config":
+        run = tmp_path / "empty"
+        run.mkdir()
+    elif case == "centralised":
+        run = _run_dir(tmp_path, ws, "train.mode=centralised")
+    elif case == "one_silo":
+        run = _run_dir(tmp_path, ws, 'data.silos=["legal"]')
+    elif case == "shards_gone":
+        ws = tmp_path / "ws"
+        shutil.copytree(value_ws, ws)
+        (ws / "silos" / "legal_copy" / "train.bin").unlink()
+        run = _run_dir(tmp_path, ws)
+    elif case == "rounds_secagg":
+        run = _run_dir(tmp_path, ws, "federation.secure_aggregation=true")
+        args["method"] = "rounds"
+    elif case.startswith("budget"):
+        run = _run_dir(tmp_path, ws)
+        args["budget"] = 0.0 if case == "budget_zero" else 10.005
+    else:
+        run = _run_dir(tmp_path, ws)
+    with pytest.raises(UserError) as err:
+        value_run(run, **args)  # type: ignore[arg-type]
+    assert expect in str(err.value) and "\n" not in str(err.value)
+    assert not (run / "value.json").exists() and not list(run.glob(".value-*"))
+
+
+def test_cli_value_bad_input_exits_2(tmp_path: Path) -> None:
+    """`fedlm value` on a folder that is no run: exit 2 with one line."""
+    import subprocess
+    import sys
+
+    (tmp_path / "x").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "fedlm.cli", "value", str(tmp_path / "x")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "not a run directory" in proc.stdout + proc.stderr
+    assert len((proc.stdout + proc.stderr).strip().splitlines()) == 1
+
+
+def test_rounds_with_secure_aggregation_is_refused_before_round_1(value_ws: Path, tmp_path: Path) -> None:
+    """`fedlm train` with federation.value = "rounds" and secure aggregation: exit 2 before any round,
+    saying why and pointing to exact/sampled."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "fedlm.cli", "train", "/dev/null", "--out", str(tmp_path / "r"),
+                           "--set", f"data.workspace={json.dumps(str(value_ws))}", "--set", "train.mode=federated",
+                           "--set", "federation.secure_aggregation=true", "--set", 'federation.value="rounds"'],
+                          capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "secure aggregation" in out and "--method exact" in out
+    assert not (tmp_path / "r" / "rounds.jsonl").exists()
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "fedsgd"])
+def test_coalition_models_step_like_the_run_optimiser_on_each_coalition_alone(strategy: str, tmp_path: Path) -> None:
+    """The stacked in-run coalition models equal, per coalition, the run's own server optimiser
+    (a fresh one per coalition) stepped on the token-weighted mean of that coalition's updates,
+    norm clipping and weight decay included; the empty coalition is the start, the grand one the run."""
+    from fedlm.config import load_config
+    from fedlm.federation.exchanges import RoundResult
+    from fedlm.federation.strategies import make_server_optimizer
+    from fedlm.federation.task import federated_train_config
+    from fedlm.federation.valuation import CoalitionModels
+
+    cfg = load_config(None, ["train.mode=federated", f'federation.strategy="{strategy}"', "train.grad_clip=0.5",
+                             "federation.local_steps=1", "federation.server_lr=0.5"])
+    silos = ["a", "b", "c"]
+    gen = torch.Generator().manual_seed(0)
+    begin = {"w": torch.randn(4, 3, generator=gen), "norm": torch.randn(3, generator=gen)}
+
+    def optimizer(shapes: dict[str, tuple[int, ...]], *, clip: bool):  # type: ignore[no-untyped-def]
+        tc = federated_train_config(cfg)
+        if not clip:
+            tc = dataclasses.replace(tc, grad_clip=0.0)
+        fed = cfg.federation
+        return make_server_optimizer(strategy, tc=tc, shapes=shapes, lr=fed.server_lr, beta1=fed.server_beta1,
+                                     beta2=fed.server_beta2, tau=fed.server_tau)
+
+    class Run:  # the fields of ServerRun that start_run reads
+        def __init__(self) -> None:
+            self.cfg, self.silos, self.run_dir, self.rounds_done = cfg, silos, tmp_path, 0
+            self.global_state = dict(begin)
+            self.optimizer = optimizer({n: tuple(t.shape) for n, t in begin.items()}, clip=True)
+            self.model = torch.nn.Module()
+            self.model.w = torch.nn.Parameter(begin["w"].clone())
+            self.model.norm = torch.nn.Parameter(begin["norm"].clone())
+
+    tracker = CoalitionModels.start_run(Run())  # type: ignore[arg-type]
+    refs = {c: (optimizer({n: tuple(t.shape) for n, t in begin.items()}, clip=True), dict(begin))
+            for c in tracker.coalitions}
+    for _ in range(3):
+        updates = {s: {n: torch.randn(t.shape, generator=gen) for n, t in begin.items()} for s in silos}
+        tokens = {"a": 100.0, "b": 300.0, "c": 50.0}
+        tracker.observe(RoundResult(update={}, tokens=tokens, updates=updates), cfg)
+        for c, (opt, state) in refs.items():
+            total = sum(tokens[s] for s in c)
+            agg = {n: sum(tokens[s] / total * updates[s][n] for s in sorted(c)) for n in begin}
+            refs[c] = (opt, opt.apply(state, agg))  # type: ignore[arg-type]
+    final = {n: t + 1.0 for n, t in begin.items()}
+    models = tracker.models(final)
+    assert models[frozenset()] is tracker.begin and models[frozenset(silos)] is final
+    for c, (_, state) in refs.items():
+        for n in begin:
+            assert torch.allclose(models[c][n], state[n], atol=1e-6), (c, n)
