@@ -49,8 +49,11 @@ def _models(fed: float, local: float) -> dict[str, dict]:
     return models
 
 
-def test_findings_and_table(capsys: pytest.CaptureFixture[str]) -> None:
+def test_findings_and_table(monkeypatch: pytest.MonkeyPatch) -> None:
     from fedlm.assistant import findings, print_table
+    from fedlm.progress import console
+
+    monkeypatch.setattr(console, "width", 160)
 
     comm = {"rounds": 8, "mb_sent_per_silo": 16.0, "mb_full_fp32_per_silo": 4300.0, "share_of_full_fp32": 0.0037}
     found = findings(_models(fed=0.4, local=0.3), comm)
@@ -59,8 +62,9 @@ def test_findings_and_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert found["personalised_beats_local_em"] == list(SILOS)
     assert found["federated_vs_centralised_bpb"] == pytest.approx(0.8 / 0.75)
     assert findings(_models(fed=0.3, local=0.3), comm)["federated_beats_local_em"] == []  # a tie is no win
-    print_table(_models(fed=0.4, local=0.3), found, comm)
-    out = capsys.readouterr().out
+    with console.capture() as captured:
+        print_table(_models(fed=0.4, local=0.3), found, comm)
+    out = captured.get()
     assert "0.40 / 0.80" in out and "0.30 / 0.85" in out and "0.37%" in out
 
 
