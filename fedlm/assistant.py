@@ -233,13 +233,13 @@ def run_assistant(out: Path, *, quick: bool = False, seed: int = 1337) -> dict[s
     comm = communication(runs["federated"])
     found = findings(models, comm)
     now = time.perf_counter()
-    summary = {"models": models, "findings": found, "communication": comm, "quick": quick, "seed": seed,
-               "model": SMOLLM2, "size": size.__dict__, "seconds": now - t0, "cpu_threads": torch.get_num_threads(),
-               "phase_seconds": {"data": t_data - t0, "train": t_train - t_data, "evaluate": now - t_train}}
-    summary["sample"] = sample(ws, runs)
+    summary: dict[str, Any] = {
+        "models": models, "findings": found, "communication": comm, "quick": quick, "seed": seed,
+        "model": SMOLLM2, "size": size.__dict__, "seconds": now - t0, "cpu_threads": torch.get_num_threads(),
+        "phase_seconds": {"data": t_data - t0, "train": t_train - t_data, "evaluate": now - t_train}}
+    summary["sample"] = s = sample(ws, runs)
     write_json(out / "summary.json", summary)
     print_table(models, found, comm)
-    s = summary["sample"]
     console.print(f"[bold]held-out question ({s['silo']}):[/] {s['question']}", highlight=False)
     console.print(f"  reference: {s['reference']}\n  base:      {s['base']}\n  federated: {s['federated']}",
                   highlight=False)
