@@ -27,7 +27,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "BENCHMARKS.md"
-SECTIONS = ("model", "federation", "data", "serve", "plan", "privacy", "device", "explain", "chat", "report", "value")
+SECTIONS = ("model", "federation", "data", "serve", "plan", "privacy", "device", "explain", "chat", "report", "value", "assistant")
 
 
 def _ok(flag: bool | None) -> str:
@@ -340,6 +340,49 @@ def device_section(quick: bool) -> tuple[dict[str, Any], str]:
     return r, text
 
 
+def assistant_section(quick: bool) -> tuple[dict[str, Any], str]:
+    """`fedlm demo --assistant` over two seeds (the --quick size unless bench.run runs without --quick
+    and FEDLM_BENCH_ASSISTANT_FULL=1: the full size takes ~30 minutes of an idle machine per seed)."""
+    from bench.assistant_bench import (
+        TARGET_BEATS_LOCAL,
+        TARGET_BPB_RATIO,
+        TARGET_COMM_SHARE,
+        TARGET_SECONDS,
+        run,
+    )
+
+    small = quick or os.environ.get("FEDLM_BENCH_ASSISTANT_FULL") != "1"
+    r = run(quick=small)
+    ok, n = r["ok"], len(r["silos"])
+    seeds = " / ".join
+    rows = [[s, *(seeds(f"{x:.2f}" for x in r["exact_match_per_seed"][s][k])
+                  for k in ("base", "local", "centralised", "federated", "personalised"))] for s in r["silos"]]
+    checks = [
+        ["federated beats base exact match (silos, per seed)", seeds(str(x) for x in r["beats_base_per_seed"]),
+         f"{n} of {n}", _ok(ok["beats_base_every_silo"])],
+        ["federated beats local-only exact match (silos, per seed)",
+         seeds(str(x) for x in r["beats_local_per_seed"]), f"≥ {TARGET_BEATS_LOCAL} of {n}",
+         _ok(ok["beats_local_4_of_6"])],
+        ["federated / centralised answer bits per byte", seeds(f"{x:.3f}" for x in r["bpb_ratio_per_seed"]),
+         f"≤ {TARGET_BPB_RATIO}", _ok(ok["bpb_ratio"])],
+        [f"MB sent per silo over {r['comm']['rounds']} rounds (int8 LoRA) vs full fp32 model each round",
+         f"{r['comm']['mb_sent_per_silo']:.1f} MB vs {r['comm']['mb_full_fp32_per_silo']:,.0f} MB = "
+         + seeds(f"{100 * x:.2f}%" for x in r["comm_share_per_seed"]), f"≤ {100 * TARGET_COMM_SHARE:.0f}%",
+         _ok(ok["comm_share"])],
+        [f"demo wall time ({'--quick' if small else 'full'}), s (CPU s of its process)",
+         seeds(f"{w:.0f} ({c:.0f})" for w, c in zip(r["wall_s_per_seed"], r["cpu_s_per_seed"], strict=True)),
+         f"≤ {TARGET_SECONDS[small]:.0f}", _ok(ok["time"])],
+    ]
+    text = (
+        f"`fedlm demo --assistant{' --quick' if small else ''}` (`bench/assistant_bench.py`): SmolLM2-135M-Instruct "
+        "with LoRA on the bundled QA silos, seeds " + seeds(str(s) for s in (1337, 1338)) + ", one after the "
+        "other. Exact match on each silo's held-out questions, seed by seed:\n\n"
+        + _table(["silo", "base", "local-only", "centralised", "federated", "personalised"], rows)
+        + "\n\n" + _table(["target", "measured", "target", ""], checks)
+    )
+    return r, text
+
+
 def explain_section(quick: bool) -> tuple[dict[str, Any], str]:
     from bench.explain_bench import run
 
@@ -481,6 +524,7 @@ RUNNERS: dict[str, Callable[[bool], tuple[dict[str, Any], str]]] = {
     "model": model_section, "federation": federation_section, "data": data_section, "serve": serve_section,
     "plan": plan_section, "privacy": privacy_section, "device": device_section,
     "explain": explain_section, "chat": chat_section, "report": report_section, "value": value_section,
+    "assistant": assistant_section,
 }
 TITLES = {
     "model": "Model: fedlm vs transformers (issue 2)",
@@ -494,6 +538,7 @@ TITLES = {
     "chat": "Instruction data: conversations, loss mask, answer evaluation (issue 16)",
     "report": "Report: `fedlm report` on the demo (issue 18)",
     "value": "Silo values: in-run and sampled Shapley against exact retraining (issue 17)",
+    "assistant": "Assistant: federated LoRA on a pretrained chat model (issue 16)",
 }
 
 

@@ -424,8 +424,16 @@ def demo(
     quick: Annotated[bool, typer.Option(help="A small run that finishes in about two minutes.")] = False,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("demo-out"),
     seed: Annotated[int, typer.Option(help="Seed of the weights and data order of every run.")] = 1337,
+    assistant: Annotated[bool, typer.Option(
+        "--assistant", help="Tune SmolLM2-135M-Instruct with federated LoRA on the bundled silos' "
+        "questions and answers instead (default --out assistant-out).")] = False,
 ) -> None:
     """The whole flow on the bundled corpus: prepare, tokenizer, shard, train, evaluate, generate."""
+    if assistant:
+        from fedlm.assistant import run_assistant
+
+        run_assistant(Path("assistant-out") if out == Path("demo-out") else out, quick=quick, seed=seed)
+        return
     from fedlm.demo import run_demo
 
     run_demo(out, quick=quick, seed=seed)

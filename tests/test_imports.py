@@ -27,7 +27,7 @@ LAYERS: dict[str, int] = {
     # federation above train
     "fedlm.federation": 3,
     # what drives the parts: the planner, the server, the presets and the demo, the CLI on top
-    "fedlm.plan": 4, "fedlm.serve": 4, "fedlm.report": 4, "fedlm.value": 4, "fedlm.presets": 5, "fedlm.demo": 5,
+    "fedlm.plan": 4, "fedlm.serve": 4, "fedlm.report": 4, "fedlm.value": 4, "fedlm.presets": 5, "fedlm.demo": 5, "fedlm.assistant": 5,
     "fedlm.cli": 6,
 }
 

