@@ -32,7 +32,7 @@ def test_fedlm_serve_subprocess(tmp_path: Path, quantize: str) -> None:
 def test_fedlm_serve_bad_model_path_exits_2(tmp_path: Path) -> None:
     proc = subprocess.run([*SERVE, str(tmp_path / "missing")], capture_output=True, text=True,
                           timeout=60)
-    assert proc.returncode == 2 and "no such model directory" in proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "no such file or directory" in proc.stdout + proc.stderr
 
 
 def test_fedlm_serve_on_a_port_in_use_says_so_and_exits_2(tmp_path: Path) -> None:
