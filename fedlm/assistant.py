@@ -33,7 +33,7 @@ from fedlm.data.chat import ChatTemplate
 from fedlm.data.prepare import prepare_silo
 from fedlm.data.shards import open_chat, open_split, shard_silo
 from fedlm.data.tokenizer import load_tokenizer, tokenizer_hash
-from fedlm.demo import DemoSize, run_all
+from fedlm.demo import DemoSize, fresh_runs, run_all
 from fedlm.evaluate import answer_metrics, greedy_answers, held_out_questions
 from fedlm.fileio import write_json
 from fedlm.model import Transformer, num_params
@@ -219,9 +219,7 @@ def run_assistant(out: Path, *, quick: bool = False, seed: int = 1337) -> dict[s
     """The whole assistant demo into OUT; returns (and writes) OUT/summary.json's content."""
     t0 = time.perf_counter()
     size = QUICK if quick else FULL
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "runs").exists():  # the demo's own runs from an earlier call: start them afresh
-        shutil.rmtree(out / "runs")
+    fresh_runs(out)
     ws = prepare_workspace(out)
     ChatTemplate.load(ws, what="the assistant demo")  # the tokenizer came with its chat template
     t_data = time.perf_counter()

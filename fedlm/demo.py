@@ -216,12 +216,17 @@ def value_silos(ws: Path, run_dir: Path, *, seed: int) -> dict[str, Any]:
         return value_run(run_dir, method="rounds")
 
 
+def fresh_runs(out: Path) -> None:
+    """OUT exists and holds none of a demo's runs from an earlier call (they start afresh)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "runs").exists():
+        shutil.rmtree(out / "runs")
+
+
 def run_demo(out: Path, *, quick: bool = False, seed: int = 1337) -> dict[str, Any]:
     t0 = time.perf_counter()
     size = QUICK if quick else FULL
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "runs").exists():  # the demo's own runs from an earlier call: start them afresh
-        shutil.rmtree(out / "runs")
+    fresh_runs(out)
     ws = prepare_workspace(out, vocab_size=size.vocab_size)
     t_data = time.perf_counter()
     runs = run_all(demo_sets(ws, size, seed=seed), out / "runs", size)
