@@ -13,7 +13,7 @@ import pytest
 # DESIGN.md's layers, bottom (0) to top. A module's part is its longest prefix listed here.
 LAYERS: dict[str, int] = {
     # the bottom: config, model, data and the privacy mechanisms (and plain helpers)
-    "fedlm.errors": 0, "fedlm.fileio": 0, "fedlm.runlock": 0, "fedlm.progress": 0, "fedlm.config": 0,
+    "fedlm": 0, "fedlm.threadsafe": 0, "fedlm.errors": 0, "fedlm.fileio": 0, "fedlm.runlock": 0, "fedlm.progress": 0, "fedlm.config": 0,
     "fedlm.model": 0, "fedlm.data": 0, "fedlm.corpus": 0, "fedlm.privacy": 0, "fedlm.device": 0,
     "fedlm.value.shapley": 0, "fedlm.value.compute": 0,  # the game arithmetic: plain numbers
     # model I/O on top of the model: fedlm's format, Hugging Face's, LoRA, any directory, and the
@@ -91,8 +91,10 @@ def _chain(graph: grimp.ImportGraph, cycle: list[str]) -> str:
 
 
 def _layer(module: str) -> int:
+    if module in LAYERS:  # "fedlm" itself (its __init__) is listed, but is no module's part
+        return LAYERS[module]
     parts = module.split(".")
-    for n in range(len(parts), 0, -1):
+    for n in range(len(parts) - 1, 1, -1):
         prefix = ".".join(parts[:n])
         if prefix in LAYERS:
             return LAYERS[prefix]
