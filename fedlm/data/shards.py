@@ -277,6 +277,20 @@ def _copy(tokens: np.ndarray, start: int, end: int, f: BinaryIO, chunk: int = 1 
         np.asarray(tokens[i: min(i + chunk, end)]).tofile(f)
 
 
+def _shard_inputs(workspace: Path, silo: str, val_fraction: float) -> tuple[Path, Path, Path]:
+    """The silo's folder, its docs.jsonl and the workspace's tokenizer, or a UserError saying what to run."""
+    silo_dir = workspace / "silos" / silo
+    docs_path = silo_dir / "docs.jsonl"
+    if not docs_path.is_file():
+        raise UserError(f"no {docs_path}: run `fedlm data prepare SRC --silo {silo} --workspace {workspace}`")
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"val_fraction {val_fraction} must be in [0, 1)")
+    tok_path = workspace / "tokenizer.json"
+    if not tok_path.is_file():
+        raise UserError(f"no tokenizer at {tok_path}: run `fedlm data tokenizer --workspace {workspace} --vocab-size N`")
+    return silo_dir, docs_path, tok_path
+
+
 def shard_silo(
     workspace: Path,
     silo: str,
@@ -288,15 +302,7 @@ def shard_silo(
 ) -> dict:
     """Tokenise WS/silos/<silo>/docs.jsonl into train.bin / val.bin + meta.json; return meta (+ seconds)."""
     workspace = Path(workspace)
-    silo_dir = workspace / "silos" / silo
-    docs_path = silo_dir / "docs.jsonl"
-    if not docs_path.is_file():
-        raise UserError(f"no {docs_path}: run `fedlm data prepare SRC --silo {silo} --workspace {workspace}`")
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"val_fraction {val_fraction} must be in [0, 1)")
-    tok_path = workspace / "tokenizer.json"
-    if not tok_path.is_file():
-        raise UserError(f"no tokenizer at {tok_path}: run `fedlm data tokenizer --workspace {workspace} --vocab-size N`")
+    silo_dir, docs_path, tok_path = _shard_inputs(workspace, silo, val_fraction)
     start = time.perf_counter()
     tok, tok_sha256, hf, fast = _loaded(tok_path, engine != "tokenizers")
     vocab_size = tok.get_vocab_size()
