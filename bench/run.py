@@ -493,6 +493,9 @@ def value_section(quick: bool) -> tuple[dict[str, Any], str]:
             rows.append([f"`{name}` vs `exact`, seed {seed} ({cost})", f"ρ = {c['spearman']:.2f}",
                          f"max error {c['max_error_of_grand']:.1%} of grand", f"grand {s['grand_utility']:+.3f} bits/byte",
                          f"ρ ≥ {TARGET_SPEARMAN}, ≤ {TARGET_WITHIN:.0%}", _ok(c["ok"])])
+    for pair, rho in r.get("exact_vs_exact", {}).items():
+        rows.append([f"`exact` against itself, seeds {pair} (the reference's own agreement)", f"ρ = {rho:.2f}",
+                     "", "", "", "–"])
     walls = r["run_wall_s"]
     rows.append(["run wall time with `federation.value = \"rounds\"`", f"{min(walls['rounds']):.1f}–{max(walls['rounds']):.1f} s",
                  f"without: {min(walls['none']):.1f}–{max(walls['none']):.1f} s", f"+{r['rounds_overhead']:.0%}",

@@ -129,7 +129,14 @@ def run(quick: bool = False) -> dict[str, Any]:
                          "spread": max(per_seed[k]["exact"][s] for k in seeds) - min(per_seed[k]["exact"][s] for k in seeds)}
                      for s in silos}
         overhead = statistics.median(walls["rounds"]) / statistics.median(walls["none"]) - 1
+        # the reference's own agreement across seeds: the most any method can be expected to match it
+        from fedlm.value.shapley import spearman
+
+        exact_vs_exact = {f"{a} vs {b}": spearman([per_seed[a]["exact"][s] for s in silos],
+                                                  [per_seed[b]["exact"][s] for s in silos])
+                          for i, a in enumerate(seeds) for b in seeds[i + 1:]}
         return {"seeds": list(seeds), "size": VALUE_SIZE, "silos": silos, "per_seed": per_seed, "stability": stability,
+                "exact_vs_exact": exact_vs_exact,
                 "run_wall_s": walls, "rounds_overhead": overhead, "overhead_ok": overhead <= TARGET_OVERHEAD,
                 "exact_seconds_max": max(per_seed[k]["exact_seconds"] for k in seeds)}
     finally:
