@@ -32,4 +32,4 @@ def install() -> None:
 
     locked_parse._fedlm_locked = True  # type: ignore[attr-defined]
     locked_parse.__doc__ = parse.__doc__
-    ast.parse = locked_parse  # type: ignore[assignment]
+    ast.parse = locked_parse
