@@ -4,6 +4,7 @@
 
 `deployed(grid)` gives Flower's grid a `send_and_receive` that
 
+- sends each message's arrays packed into one Array and rebuilds the replies' (`packing`);
 - pulls replies every `POLL_SECONDS`, backing off to `POLL_CAP_SECONDS` while none comes:
   Flower 1.42's pulls, then sleeps 3 s (hard-coded), so each exchange ended up to 3 s after
   its last reply;
@@ -41,6 +42,8 @@ from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 
 from fedlm.federation import trust
+from fedlm.federation.hops import mark
+from fedlm.federation.packing import pack, unpack
 from fedlm.federation.polls import Backoff
 
 log = logging.getLogger("fedlm.federation")
@@ -78,8 +81,11 @@ class DeployedGrid:
                 node = self._rejoin(known, deadline) or node
             msg.metadata.dst_node_id = node
             asked[node] = known
+            if msg.has_content():
+                msg.content = pack(msg.content)
         replies = self._exchange(msgs, deadline)
         for reply in replies:
+            _unpack(reply)
             self._own(reply, asked)
         return replies
 
@@ -87,7 +93,10 @@ class DeployedGrid:
         """Push, then pull every `poll` seconds until each message has its reply or the deadline.
 
         An error reply Flower made (from the SuperLink's node id) is made to come from the node asked."""
+        group, kind = (msgs[0].metadata.group_id, msgs[0].metadata.message_type) if msgs else ("", "")
+        mark("server", "push", phase="start", group=group, type=kind)
         pushed = _within(deadline, lambda: list(self.grid.push_messages(msgs)))
+        mark("server", "push", phase="end", group=group, type=kind)
         if pushed is None:  # the SuperLink did not take them in time: no silo was asked
             return []
         node_of = {i: m.metadata.dst_node_id for m, i in zip(msgs, pushed, strict=True) if i}
@@ -100,6 +109,7 @@ class DeployedGrid:
             if replies:
                 backoff.reset()
             for reply in replies:
+                mark("server", "reply", node=reply.metadata.src_node_id, group=group, type=kind)
                 if reply.has_error() and reply.metadata.src_node_id == SUPERLINK_NODE_ID:  # made by Flower
                     reply.metadata.__dict__["_src_node_id"] = node_of.get(reply.metadata.reply_to_message_id, 0)
                     reply.error = Error(code=reply.error.code, reason=_flower_reason(reply.error))
@@ -180,6 +190,17 @@ def _within(deadline: float | None, call: Callable[[], T], *, grace: float = 0.0
     if err:
         raise err[0]
     return out[0] if out else None
+
+
+def _unpack(reply: Message) -> None:
+    """Rebuild a reply's packed arrays (`packing`); a reply whose packing does not fit becomes an error."""
+    if reply.has_error() or not reply.has_content():
+        return
+    try:
+        reply.content = unpack(reply.content)
+    except ValueError as e:
+        reply.__dict__["_content"] = None  # Flower's setters refuse to turn a reply into an error
+        reply.__dict__["_error"] = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"unreadable reply: {e}")
 
 
 def _unavailable(msg: Message) -> Message:
