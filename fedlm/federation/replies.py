@@ -44,7 +44,7 @@ from flwr.serverapp import Grid
 from fedlm.federation import trust
 from fedlm.federation.hops import mark
 from fedlm.federation.packing import pack, unpack
-from fedlm.federation.polls import Backoff
+from fedlm.federation.polls import PULL_GIVE_UP_SECONDS, Backoff
 
 log = logging.getLogger("fedlm.federation")
 
@@ -166,7 +166,7 @@ def _pull(grid: Grid, wanted: set[str], deadline: float | None) -> list[Message]
 
     kw = inflatable_utils.pull_objects.__kwdefaults__
     assert kw is not None and "max_time" in kw, "flwr's pull_objects has no max_time: fedlm needs flwr 1.42"
-    kw["max_time"] = None if deadline is None else max(0.0, deadline - time.monotonic())
+    kw["max_time"] = PULL_GIVE_UP_SECONDS if deadline is None else max(0.0, deadline - time.monotonic())
     return list(grid.pull_messages(wanted))
 
 
