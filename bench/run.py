@@ -111,9 +111,15 @@ def federation_section(quick: bool) -> tuple[dict[str, Any], str]:
          "", "–"],
         ["bytes up per silo per round", _f(p["bytes_up_per_silo"]), "", "", "", "–"],
         ["round wall time on Flower's deployment engine, 3 silos on loopback", f"{r['deployed']['round_s']:.2f} s",
-         f"in process {r['inprocess_3']['round_s']:.2f} s", f"+{r['deployed_extra_s']:.2f} s",
+         f"in process {r['inprocess_3']['round_s']:.2f} s", f"{r['deployed_extra_s']:+.2f} s",
          f"≤ +{TARGET_DEPLOYED_EXTRA_S:g} s", _ok(r["deployed_extra_s"] <= TARGET_DEPLOYED_EXTRA_S)],
+        ["  the same, the silos' training left out (round minus slowest silo's training)",
+         f"{r['deployed']['overhead_s']:.2f} s", f"in process {r['inprocess_3']['overhead_s']:.2f} s",
+         f"{r['deployed_extra_beside_training_s']:+.2f} s", "", "–"],
+        ["  CPU seconds per round, every process of the run", f"{r['deployed']['cpu_s_per_round']:.2f} s",
+         f"in process {r['inprocess_3']['cpu_s_per_round']:.2f} s", f"{r['deployed_extra_cpu_s']:+.2f} s", "", "–"],
     ]
+    rows += [[f"  hop: {name}", f"{secs:.2f} s", "", "", "", "–"] for name, secs in r["deployed_hops"]["seconds"].items()]
     text = (
         f"In-process engine (`run_federated`, one worker thread and one torch thread per silo), "
         f"{r['silos']} bundled silos, `{r['preset']}` preset, context {r['seq_len']}, batch {r['batch']}, "
@@ -121,6 +127,8 @@ def federation_section(quick: bool) -> tuple[dict[str, Any], str]:
         f"of {r['runs_each']} run(s) each, plain and SecAgg alternating; wall time (six silos share two "
         f"cores, so the slowest silo's training time is itself stretched by the others).\n\n"
         + _table(["measure", "fedlm", "reference", "share", "target", ""], rows)
+        + f"\n\nThe deployed rows ran at load average {r['load_average'][0]:.1f}–{r['load_average'][1]:.1f} "
+        f"(2 cores); hops are the deployed train message's path, median over rounds (see bench/federation_bench.py)."
     )
     return r, text
 

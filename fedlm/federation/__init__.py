@@ -12,6 +12,9 @@ Top to bottom, each module owns one part:
 - `task`: a silo's own work and the model facts both sides share; no Flower.
 - `client_app`, `server_app`: the thin Flower apps; `grid`: the in-process Grid; `deploy`:
   SuperLink and SuperNode processes.
+- On the deployment engine: `replies` (the ServerApp's bounded waits), `packing` (a message's
+  arrays as one object), `polls` (Flower's fixed waits shortened), `supernode` and `warm_exec`
+  (a silo's SuperNode and its client launcher), `hops` (timestamps per hop, for the bench).
 - The mechanisms, plain functions over tensors: `strategies` (server optimisers, sampling),
   `robust`, `codecs`, `secagg` (on Flower's crypto primitives only), `dp_rounds`.
 """

@@ -38,6 +38,7 @@ from flwr.clientapp import ClientApp
 
 from fedlm.data.shards import open_split
 from fedlm.federation import codecs, secagg, trust
+from fedlm.federation.hops import mark
 from fedlm.federation.messages import (
     TrainRequest,
     evaluate_reply,
@@ -49,6 +50,7 @@ from fedlm.federation.messages import (
     to_records,
     train_reply,
 )
+from fedlm.federation.packing import packed_replies
 from fedlm.federation.robust import check_update
 from fedlm.federation.silo_privacy import SiloPrivacy, expected_clip_range
 from fedlm.federation.task import (
@@ -61,7 +63,7 @@ from fedlm.federation.task import (
 )
 from fedlm.federation.valuation import score_reply
 
-app = ClientApp()
+app = ClientApp(mods=[packed_replies])  # a deployed message's arrays travel packed
 
 
 @app.query()
@@ -88,11 +90,14 @@ def _train(req: TrainRequest, context: Context) -> tuple[dict[str, torch.Tensor]
 def train(msg: Message, context: Context) -> Message:
     """Train on this silo from the global weights; reply with the update and metrics (and, cyclic,
     the AdamW state for the next silo)."""
+    mark("client", "handler start")
     req = read_train_request(msg)
     update, metrics = _train(req, context)
     payload = encode_update(update, cfg=req.cfg, path=silo_dir(context.node_config), run_id=req.run_id,
                             round_idx=req.round_idx)
-    return train_reply(msg, payload, metrics, carry=req.carry)
+    reply = train_reply(msg, payload, metrics, carry=req.carry)
+    mark("client", "handler end")
+    return reply
 
 
 @app.evaluate()

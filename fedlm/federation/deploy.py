@@ -58,7 +58,7 @@ from fedlm.federation.outcome import amend_summary
 from fedlm.federation.rundir import FLOWER_ENV, RoundCallback
 from fedlm.fileio import write_json
 from fedlm.resolve import resolve_silos
-from fedlm.runlock import FLOWER_RUN
+from fedlm.runlock import FLOWER_RUN, live_run
 
 APP_DIR = Path(__file__).parent / "flwr_app"
 BIN = Path(sys.executable).parent
@@ -414,6 +414,9 @@ def run_node(superlink: str, workspace: Path, silo: str, *, root_certificates: P
             stop([proc])
 
 
+SERVERAPP_GRACE_S = 5.0
+"""How long after the ServerApp let go of the run folder its summary.json or error.json may still appear."""
+
 REFUSED = (b"[code: 2001]", b"[code: 2004]")
 """Flower's error codes for a SuperNode whose key is not registered (2001: registration through the
 Fleet API is off, 2004: activation of an unknown key); the SuperNode logs it and then hangs."""
@@ -461,10 +464,15 @@ def stop_run(superlink: str, run_id: int, *, flwr_home: Path) -> None:
 
 def follow_run(run_dir: Path, *, timeout: float, on_round: RoundCallback | None = None,
                procs: Sequence[subprocess.Popen[bytes]] = (), rounds: int = 0) -> dict[str, Any]:
-    """Wait (bounded) for the ServerApp's summary.json or error.json; replay new rounds to `on_round`."""
+    """Wait (bounded) for the ServerApp's summary.json or error.json; replay new rounds to `on_round`.
+
+    The ServerApp holds the run folder's lock (`fedlm.runlock`) while it runs; when it lets go
+    with neither file written, it died (a crash, the kernel's OOM killer, Flower ending the run),
+    and waiting on would only end at `timeout`."""
     deadline = time.monotonic() + timeout
     seen = 0
     rounds_path = run_dir / "rounds.jsonl"
+    held, gone = False, None  # the ServerApp took the lock; when it was seen let go
     while True:
         if rounds_path.exists():
             lines = rounds_path.read_text().splitlines()
@@ -483,6 +491,13 @@ def follow_run(run_dir: Path, *, timeout: float, on_round: RoundCallback | None 
         for p in procs:
             if p.poll() is not None:
                 raise UserError(f"a Flower process ({_name(p)}) exited with code {p.returncode} mid-run")
+        if live_run(run_dir) is not None:
+            held, gone = True, None
+        elif held:
+            gone = gone or time.monotonic()
+            if time.monotonic() - gone > SERVERAPP_GRACE_S:  # error.json is written after the lock is let go
+                raise UserError(f"the ServerApp of this run ended without a summary after {seen} rounds "
+                                f"(crashed or stopped); see the logs beside {run_dir}, then --resume")
         if time.monotonic() > deadline:
             raise UserError(f"the federated run did not finish within {timeout:.0f} s; see the logs beside {run_dir}")
         time.sleep(0.5)
@@ -520,8 +535,9 @@ def run_on_flower(cfg: Config, out_dir: Path, *, resume: bool = False, on_round:
                                 root_certificates=root_certificates, insecure=insecure)
             write_json(out_dir / FLOWER_RUN, {"run_id": run_id, "superlink": superlink})
             fed = cfg.federation
-            # Per round: the wait, plus Flower's message passing (seconds) and a dead silo's heartbeat.
-            budget = fed.round_timeout * (fed.rounds + 1) + 60.0 * (fed.rounds + 2)
+            # Each exchange waits at most round_timeout: connect, the rounds, validation, valuation's
+            # scoring; plus per round the server's own work and the ServerApp's start.
+            budget = fed.round_timeout * (fed.rounds + 3) + 60.0 * (fed.rounds + 2)
             try:
                 summary = follow_run(out_dir, timeout=budget, on_round=on_round, procs=procs, rounds=fed.rounds)
             except BaseException:

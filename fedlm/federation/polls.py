@@ -30,8 +30,15 @@ from types import SimpleNamespace
 IDLE_POLL_SECONDS = 0.25
 """A SuperNode's wait between asks for work (Flower: 3 s) and for its ClientApp's reply (0.5 s)."""
 
-PULL_RETRY_SECONDS, PULL_RETRY_CAP_SECONDS = 0.05, 0.5
-"""Retry a not-yet-uploaded object after 50 ms, doubling up to 0.5 s (Flower: 1 s doubling up to 10 s)."""
+PULL_RETRY_SECONDS, PULL_RETRY_CAP_SECONDS = 0.05, 0.2
+"""Retry a not-yet-uploaded object after 50 ms, doubling up to 0.2 s (Flower: 1 s doubling up to 10 s).
+A launcher's child starts pulling as soon as its SuperNode has a message's header, and waits out
+its SuperNode's own pull of the content in these retries: the cap is the delay it can add after
+the content is there, on each way of every round."""
+
+PULL_GIVE_UP_SECONDS = 300.0
+"""How long a pull waits for content that is not uploaded (Flower: 500 tries, minutes at its waits). The
+ServerApp's pulls end sooner, at their exchange's deadline (`replies`)."""
 
 FLOWER_IDLE_SLEEP = "time.sleep(3)"
 """The statement of Flower 1.42's SuperNode loop that `shorten_supernode_polls` shortens."""
@@ -61,9 +68,11 @@ def shorten_object_pull_retries() -> None:
     from flwr.supercore.inflatable import inflatable_utils
 
     kw = inflatable_utils.pull_objects.__kwdefaults__
-    if kw is None or "initial_backoff" not in kw or "backoff_cap" not in kw:
+    if kw is None or not {"initial_backoff", "backoff_cap", "max_tries_per_object", "max_time"} <= set(kw):
         raise RuntimeError("flwr's pull_objects has no initial_backoff/backoff_cap: fedlm needs flwr 1.42")
     kw["initial_backoff"], kw["backoff_cap"] = PULL_RETRY_SECONDS, PULL_RETRY_CAP_SECONDS
+    # Flower gives up after 500 tries, which its shorter waits would make a shorter time: give up by time
+    kw["max_tries_per_object"], kw["max_time"] = None, PULL_GIVE_UP_SECONDS
 
 
 def shorten_supernode_polls() -> None:

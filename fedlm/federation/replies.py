@@ -4,12 +4,20 @@
 
 `deployed(grid)` gives Flower's grid a `send_and_receive` that
 
+- sends each message's arrays packed into one Array and rebuilds the replies' (`packing`);
 - pulls replies every `POLL_SECONDS`, backing off to `POLL_CAP_SECONDS` while none comes:
   Flower 1.42's pulls, then sleeps 3 s (hard-coded), so each exchange ended up to 3 s after
   its last reply;
+- ends at the deadline whatever Flower's calls do: Flower hands out a reply as soon as its
+  header arrives and then retries the missing content up to 500 times (minutes; past the
+  exchange's timeout), and its HTTP calls retry a stalled SuperLink without end. Each push
+  and pull here runs under the exchange's deadline: its content pull gives up at the
+  deadline, and a call still blocked then is left behind (on a daemon thread) and the
+  exchange ends without its replies;
 - turns the SuperLink's node-unavailable reply (sent when a SuperNode misses its heartbeats;
-  it comes from the SuperLink's own node id) into an error reply from the node that was
-  asked, so the rounds loop drops that silo with the reason, not as a timeout;
+  it comes from the SuperLink's own node id) and Flower's reply for content that did not
+  arrive into error replies from the node that was asked, so the rounds loop drops that
+  silo with the reason, not as a timeout;
 - lets a silo whose SuperNode died rejoin: a restarted SuperNode registers under a new node
   id, and a message for a node that is no longer online goes to the new node that answers
   the run's connect query with the same silo name (its replies are given the old id back).
@@ -22,22 +30,32 @@ connect; on one machine, without a registry, the name it gives.
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from flwr.app import Error, Message, RecordDict
-from flwr.common.constant import ErrorCode
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 
 from fedlm.federation import trust
-from fedlm.federation.polls import Backoff
+from fedlm.federation.hops import mark
+from fedlm.federation.packing import pack, unpack
+from fedlm.federation.polls import PULL_GIVE_UP_SECONDS, Backoff
 
 log = logging.getLogger("fedlm.federation")
 
 POLL_SECONDS, POLL_CAP_SECONDS = 0.05, 0.25
 """Pull replies 50 ms after sending or after a reply came, backing off to 0.25 s while silos train."""
+PULL_GRACE_SECONDS = 2.0
+"""A pull whose content retries end at the deadline returns within one retry after it: wait that long
+for it, so a reply cut mid-upload is named as such rather than as no reply."""
 UNAVAILABLE = "node unavailable: its SuperNode stopped sending heartbeats (stopped, killed or cut off)"
+INCOMPLETE = "reply incomplete: its content did not arrive within the exchange's timeout (upload stalled or cut)"
+T = TypeVar("T")
 
 
 class DeployedGrid:
@@ -63,28 +81,38 @@ class DeployedGrid:
                 node = self._rejoin(known, deadline) or node
             msg.metadata.dst_node_id = node
             asked[node] = known
+            if msg.has_content():
+                msg.content = pack(msg.content)
         replies = self._exchange(msgs, deadline)
         for reply in replies:
+            _unpack(reply)
             self._own(reply, asked)
         return replies
 
     def _exchange(self, msgs: list[Message], deadline: float | None) -> list[Message]:
         """Push, then pull every `poll` seconds until each message has its reply or the deadline.
 
-        A node-unavailable reply (from the SuperLink's node id) is made to come from the node asked."""
-        ids = list(self.grid.push_messages(msgs))
-        node_of = {i: m.metadata.dst_node_id for m, i in zip(msgs, ids, strict=True) if i}
-        got = [_unavailable(m) for m, i in zip(msgs, ids, strict=True) if not i]  # refused: offline
+        An error reply Flower made (from the SuperLink's node id) is made to come from the node asked."""
+        group, kind = (msgs[0].metadata.group_id, msgs[0].metadata.message_type) if msgs else ("", "")
+        mark("server", "push", phase="start", group=group, type=kind)
+        pushed = _within(deadline, lambda: list(self.grid.push_messages(msgs)))
+        mark("server", "push", phase="end", group=group, type=kind)
+        if pushed is None:  # the SuperLink did not take them in time: no silo was asked
+            return []
+        node_of = {i: m.metadata.dst_node_id for m, i in zip(msgs, pushed, strict=True) if i}
+        got = [_unavailable(m) for m, i in zip(msgs, pushed, strict=True) if not i]  # refused: offline
         wanted = set(node_of)
         backoff = Backoff(self.poll, max(self.poll, POLL_CAP_SECONDS))
         while wanted:
-            replies = list(self.grid.pull_messages(wanted))
+            pull = functools.partial(_pull, self.grid, set(wanted), deadline)
+            replies = _within(deadline, pull, grace=PULL_GRACE_SECONDS) or []
             if replies:
                 backoff.reset()
             for reply in replies:
-                if reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
-                    reply.metadata.__dict__["_src_node_id"] = node_of[reply.metadata.reply_to_message_id]
-                    reply.error = Error(code=ErrorCode.NODE_UNAVAILABLE, reason=UNAVAILABLE)
+                mark("server", "reply", node=reply.metadata.src_node_id, group=group, type=kind)
+                if reply.has_error() and reply.metadata.src_node_id == SUPERLINK_NODE_ID:  # made by Flower
+                    reply.metadata.__dict__["_src_node_id"] = node_of.get(reply.metadata.reply_to_message_id, 0)
+                    reply.error = Error(code=reply.error.code, reason=_flower_reason(reply.error))
             got += replies
             wanted -= {m.metadata.reply_to_message_id for m in replies}
             if not wanted or (deadline is not None and time.monotonic() >= deadline):
@@ -120,6 +148,59 @@ class DeployedGrid:
             self.alias[known] = node
             log.warning("silo %s rejoined as node %d (was node %d)", silo, node, known)
         return node
+
+
+def _flower_reason(error: Error) -> str:
+    """The reason a silo is dropped for an error reply Flower made in its place."""
+    if error.code == ErrorCode.NODE_UNAVAILABLE:
+        return UNAVAILABLE
+    if error.code == ErrorCode.MESSAGE_UNAVAILABLE and "objects are unavailable" in str(error.reason):
+        return INCOMPLETE  # HttpGrid.pull_messages: the content pull gave up
+    return str(error.reason)
+
+
+def _pull(grid: Grid, wanted: set[str], deadline: float | None) -> list[Message]:
+    """Flower's pull of the replies to `wanted`, its retries for content not yet uploaded ending at the
+    deadline (it reads them from `pull_objects`' keyword defaults: every caller in Flower 1.42 leaves them)."""
+    from flwr.supercore.inflatable import inflatable_utils
+
+    kw = inflatable_utils.pull_objects.__kwdefaults__
+    assert kw is not None and "max_time" in kw, "flwr's pull_objects has no max_time: fedlm needs flwr 1.42"
+    kw["max_time"] = PULL_GIVE_UP_SECONDS if deadline is None else max(0.0, deadline - time.monotonic())
+    return list(grid.pull_messages(wanted))
+
+
+def _within(deadline: float | None, call: Callable[[], T], *, grace: float = 0.0) -> T | None:
+    """`call()`, or None when it has not returned `grace` seconds after the deadline (it then goes on,
+    abandoned, on a daemon thread that cannot hold up the process's exit); its exception is raised here."""
+    if deadline is None:
+        return call()
+    out: list[T] = []
+    err: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            out.append(call())
+        except BaseException as e:  # noqa: BLE001  raised in the caller's thread below
+            err.append(e)
+
+    worker = threading.Thread(target=run, name="flower-call", daemon=True)
+    worker.start()
+    worker.join(max(0.0, deadline + grace - time.monotonic()))
+    if err:
+        raise err[0]
+    return out[0] if out else None
+
+
+def _unpack(reply: Message) -> None:
+    """Rebuild a reply's packed arrays (`packing`); a reply whose packing does not fit becomes an error."""
+    if reply.has_error() or not reply.has_content():
+        return
+    try:
+        reply.content = unpack(reply.content)
+    except ValueError as e:
+        reply.__dict__["_content"] = None  # Flower's setters refuse to turn a reply into an error
+        reply.__dict__["_error"] = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"unreadable reply: {e}")
 
 
 def _unavailable(msg: Message) -> Message:

@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from fedlm.federation.hops import mark
 from fedlm.federation.polls import Backoff, shorten_object_pull_retries
 
 POLL_SECONDS, POLL_CAP_SECONDS = 0.05, 0.4
@@ -54,9 +55,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _run_task(address: str, token: str, insecure: bool, certificates: bytes | None) -> None:
+def _run_task(address: str, token: str, insecure: bool, certificates: bytes | None, node_pid: int) -> None:
     """In the forked child: Flower's ClientApp process body for one task, then exit."""
     code = 1
+    mark("client", "start", node_pid=node_pid)
     try:
         from flwr.supernode.runtime.run_clientapp import run_clientapp
 
@@ -66,6 +68,7 @@ def _run_task(address: str, token: str, insecure: bool, certificates: bytes | No
     except SystemExit as e:  # Flower's exit path: flwr_exit raises SystemExit with its code
         code = e.code if isinstance(e.code, int) else 1
     finally:
+        mark("client", "end", node_pid=node_pid, code=code)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -127,9 +130,10 @@ def serve(address: str, *, parent_pid: int, insecure: bool, root_certificates: P
             time.sleep(0.5)
             continue
         if res.HasField("task") and res.token:
+            mark("launcher", "fork", node_pid=parent_pid)
             pid = os.fork()
             if pid == 0:
-                _run_task(address, res.token, insecure, certificates)
+                _run_task(address, res.token, insecure, certificates, parent_pid)
             children.add(pid)
             backoff.reset()
             continue  # a round sends one message per node, but ask again at once
