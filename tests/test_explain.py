@@ -234,6 +234,24 @@ class _Page(HTMLParser):
                 self.fetches.append(value)
 
 
+def test_heat_maps_are_the_attention_probabilities(result: dict[str, Any]) -> None:
+    """Each map's pixels are √p of that layer's and head's attention on 0-255, row = the reading token."""
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    uris = re.findall(r'src="data:image/png;base64,([^"]+)"', html_fragment(result))
+    att = np.asarray(result["attention"])
+    assert len(uris) == att.shape[0] * att.shape[1]
+    for i, uri in enumerate(uris):
+        image = Image.open(io.BytesIO(base64.b64decode(uri)))
+        assert image.mode == "P" and image.size == att.shape[2:]
+        expected = np.rint(np.sqrt(att[i // att.shape[1], i % att.shape[1]]) * 255)
+        assert np.array_equal(np.asarray(image), expected)
+
+
 def test_html_is_one_self_contained_page(result: dict[str, Any]) -> None:
     """The fragment has no script and fetches nothing; one heat map per layer and head, the chosen one
     checked; every token of the text is on the page."""
