@@ -423,9 +423,9 @@ def _palette() -> bytes:
 
 def _png(matrix: np.ndarray) -> str:
     """A probability map as a PNG data URI: one byte per cell, √p on 0-255 (so that small weights
-    show), indexing the Blues palette. Pillow writes it, as matplotlib's `imsave` would, but as an
-    indexed image: a quarter of RGBA's bytes and a tenth of imsave's time, which for every layer
-    and head of 256 tokens was most of the page's."""
+    show), indexing the Blues palette. An indexed image, written by Pillow: a byte per pixel where
+    matplotlib's `imsave` writes four (RGBA), so a page holding every layer's and head's map
+    stays small and quick to write."""
     from PIL import Image  # comes with matplotlib
 
     shade = np.rint(np.sqrt(np.clip(matrix, 0.0, 1.0)) * 255).astype(np.uint8)
