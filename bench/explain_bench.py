@@ -10,7 +10,8 @@ trained briefly on 20 of those texts so that its attention and predictions are n
 random weights. TEXT is 255 tokens of the others: 256 with the leading "<|endoftext|>". Measured: the
 command as a user runs it (`fedlm explain RUN TEXT --html OUT`, a fresh process: Python, torch
 and captum imports included), `explain()` in a warm process and its integrated-gradients part
-alone, and the same at the demo's own context of 128 tokens. Wall time and CPU seconds of the
+alone, and the same at the demo's own context of 128 tokens; beside the command, a fresh Python
+that only imports torch and captum (what any such command pays before it starts). Wall time and CPU seconds of the
 measuring process (children's for the command), medians, with the load average when each ran.
 The target is checked on the command's CPU seconds: the machine's load stretches wall time but
 not those, and on an idle machine the command's wall time is about its CPU seconds or less
@@ -37,6 +38,7 @@ from typing import Any
 TARGET_S = 5.0
 TOKENS = 256
 QUADRATURE_TEXTS = 10
+IMPORTS = "torch, captum.attr"
 COMPLETENESS = 0.01
 
 
@@ -103,6 +105,14 @@ def _command(run_dir: Path, text: str, page: Path) -> tuple[float, float, float]
     if r.returncode != 0:
         raise RuntimeError(f"fedlm explain failed: {r.stderr[-1000:]}")
     return wall, cpu, load
+
+
+def _imports(modules: str) -> tuple[float, float]:
+    """Wall and CPU seconds of a fresh Python that only imports `modules`: the floor of any command
+    that needs them, measured beside the command because the load inflates CPU seconds too."""
+    c0, t0 = _children_cpu(), time.perf_counter()
+    subprocess.run([sys.executable, "-c", f"import {modules}"], check=True, timeout=600)
+    return time.perf_counter() - t0, _children_cpu() - c0
 
 
 def _in_process(run_dir: Path, text: str) -> dict[str, float]:
@@ -198,13 +208,17 @@ def run(*, quick: bool = False) -> dict[str, Any]:
         _in_process(run_dir, short_text)  # warm: imports (captum, matplotlib), first-call allocations
         warm = _median([_in_process(run_dir, long_text) for _ in range(repeats)])
         warm_128 = _median([_in_process(run_dir, short_text) for _ in range(repeats)])
-        cmd = [_command(run_dir, long_text, root / "page.html") for _ in range(repeats)]
+        cmd, floor = [], []
+        for _ in range(repeats):  # interleaved: the same load for both
+            cmd.append(_command(run_dir, long_text, root / "page.html"))
+            floor.append(_imports(IMPORTS))
         quadrature = _quadrature(run_dir, long_texts[: 3 if quick else QUADRATURE_TEXTS])
     cpu = statistics.median(c[1] for c in cmd)
     return {
         "tokens": int(warm["tokens"]), "ig_steps": IG_STEPS, "torch_threads": torch.get_num_threads(),
         "command_wall_s": statistics.median(c[0] for c in cmd), "command_cpu_s": cpu,
         "command_load_average": [c[2] for c in cmd],
+        "imports_wall_s": statistics.median(f[0] for f in floor), "imports_cpu_s": statistics.median(f[1] for f in floor),
         "warm": warm, "warm_128": warm_128, "quadrature": quadrature,
         "target_s": TARGET_S, "meets_target": cpu <= TARGET_S, "load_average": os.getloadavg(),
     }

@@ -404,6 +404,8 @@ def explain_section(quick: bool) -> tuple[dict[str, Any], str]:
         [f"`fedlm explain RUN TEXT --html OUT`, {r['tokens']} tokens (fresh process)", f"{r['command_wall_s']:.2f} s",
          f"{r['command_cpu_s']:.2f} s", ", ".join(f"{x:.1f}" for x in r["command_load_average"]),
          f"≤ {r['target_s']:g} s (CPU)", _ok(r["meets_target"])],
+        ["… of which starting Python and importing torch and captum (a bare `python -c 'import torch, captum.attr'`)",
+         f"{r['imports_wall_s']:.2f} s", f"{r['imports_cpu_s']:.2f} s", "", "", "–"],
         [f"explain() + HTML page, {w['tokens']:.0f} tokens, warm process", f"{w['wall_s']:.2f} s", f"{w['cpu_s']:.2f} s",
          f"{w['load_average']:.1f}", "", "–"],
         [f"of which integrated gradients ({w['ig_steps_used']:.0f} points: {r['ig_steps']} midpoints, refined "
@@ -478,6 +480,8 @@ def report_section(quick: bool) -> tuple[dict[str, Any], str]:
          f"≤ {TARGET_SECONDS:g} s", _ok(r["targets"]["seconds"])],
         ["… CPU s of the same process (user + system)", f"{r['median_cpu_s']:.2f}", f"≤ {TARGET_SECONDS:g} s",
          _ok(r["targets"]["cpu_seconds"])],
+        ["… of which starting Python and importing torch, captum and matplotlib (a bare `python -c`), CPU s",
+         f"{r['imports_cpu_s']:.2f}", "", "–"],
         ["report.html, MB", f"{r['html_bytes'] / 1e6:.2f}", f"≤ {TARGET_BYTES / 1e6:g} MB", _ok(r["targets"]["bytes"])],
     ]
     text = (
