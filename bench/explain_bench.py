@@ -13,9 +13,9 @@ and captum imports included), `explain()` in a warm process and its integrated-g
 alone, and the same at the demo's own context of 128 tokens; beside the command, a fresh Python
 that only imports torch and captum (what any such command pays before it starts). Wall time and CPU seconds of the
 measuring process (children's for the command), medians, with the load average when each ran.
-The target is checked on the command's CPU seconds: the machine's load stretches wall time but
-not those, and on an idle machine the command's wall time is about its CPU seconds or less
-(imports on one thread, the model on two).
+The target is checked on the command's CPU seconds: the machine's load stretches wall time far
+more than those (it inflates them too: hence the bare import beside), and on an idle machine the
+command's wall time is about its CPU seconds or less (imports on one thread, the model on two).
 
 The quadrature: over held-out texts of 255 tokens (the model's top next token as target), the
 path points the attributions took and their completeness error, against captum's default rule

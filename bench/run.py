@@ -425,8 +425,9 @@ def explain_section(quick: bool) -> tuple[dict[str, Any], str]:
         f"briefly on licence texts of the legal silo; TEXT is held-out ones. Wall and CPU seconds, medians, and the "
         f"1-minute load average as each ran ({r['torch_threads']} torch threads on this machine's cores). The "
         f"command includes starting Python and importing torch and captum; its target is checked on its CPU "
-        f"seconds, which the load does not stretch (on an idle machine its wall time is about its CPU seconds or "
-        f"less: the imports run on one thread, the model on two). Completeness error of the attributions: "
+        f"seconds, which the load stretches far less than wall time (on an idle machine its wall time is about its "
+        f"CPU seconds or less: the imports run on one thread, the model on two), though it inflates them too, as "
+        f"the bare import measured beside the command shows. Completeness error of the attributions: "
         f"{w['completeness_error']:.1e} ({w['tokens']:.0f} tokens), {w128['completeness_error']:.1e} "
         f"({w128['tokens']:.0f}); the page is {w['html_bytes'] / 1e6:.2f} MB, the JSON {w['json_bytes'] / 1e6:.1f} MB.\n\n"
         + _table(["measure", "wall", "CPU", "load", "target", ""], rows)
