@@ -21,7 +21,14 @@ from fedlm.config import ModelConfig
 from fedlm.data.tokenizer import load_tokenizer, token_byte_lengths
 from fedlm.errors import UserError
 from fedlm.evaluate import evaluate_tokens
-from fedlm.explain import explain, html_fragment, html_page, target_log2_prob
+from fedlm.explain import (
+    IG_STEPS,
+    attributions,
+    explain,
+    html_fragment,
+    html_page,
+    target_log2_prob,
+)
 from fedlm.hf import export_hf
 from fedlm.model import Transformer
 from fedlm.modelio import save_model
@@ -106,8 +113,9 @@ def test_attention_equals_hf_eager_output_attentions(dirs: dict[str, Path], resu
 
 
 def test_attributions_equal_captum_on_the_hf_export(dirs: dict[str, Path], result: dict[str, Any]) -> None:
-    """Integrated gradients equal captum's LayerIntegratedGradients on the export's embeddings within
-    1e-4 per token, for the default target and a --target; completeness is within 1% at 50 steps."""
+    """Integrated gradients equal captum's LayerIntegratedGradients (midpoint rule) on the export's
+    embeddings within 1e-4 per token, for the default target and a --target; completeness is within 1%
+    at the default step count."""
     from captum.attr import LayerIntegratedGradients
 
     hf = _hf(dirs)
@@ -121,13 +129,35 @@ def test_attributions_equal_captum_on_the_hf_export(dirs: dict[str, Path], resul
                                        hf.model.embed_tokens)
         base = torch.tensor([result["token_ids"][:1] + [tok.encode(" ").ids[0]] * (idx.shape[1] - 1)])
         assert a["baseline_id"] == base[0, 1]
-        ref = lig.attribute(idx, baselines=base, n_steps=50)[0].sum(-1)
+        ref = lig.attribute(idx, baselines=base, n_steps=IG_STEPS, method="riemann_middle")[0].sum(-1)
         assert np.abs(np.asarray(a["scores"]) - ref.detach().numpy()).max() < 1e-4
-        assert a["steps"] == 50 and a["completeness_error"] < 0.01  # captum's default step count sufficed
+        assert (a["steps"], a["method"]) == (IG_STEPS, "riemann_middle")  # the default step count sufficed
+        assert a["completeness_error"] < 0.01
         gap = a["f_x"] - a["f_baseline"]
         assert abs(sum(a["scores"]) - gap) <= 0.01 * abs(gap)
     with torch.no_grad():
         assert result["attributions"]["target_id"] == int(hf(idx).logits[0, -1].argmax())
+
+
+def test_refined_attributions_are_the_trapezoid_rule_on_the_hf_export(dirs: dict[str, Path],
+                                                                      result: dict[str, Any]) -> None:
+    """Refining (4 midpoints, then 5 ends, then 8 midpoints) gives the trapezoid rule on 17 points:
+    captum's riemann_trapezoid on the export, whose weights sum to 16/17, times 17/16, within 1e-4;
+    and the completeness error shrinks as the rule refines."""
+    from captum.attr import LayerIntegratedGradients
+
+    model, _ = load_model(dirs["run"])
+    ids, a0 = result["token_ids"], result["attributions"]
+    coarse = attributions(model, ids, a0["target_id"], blank_id=a0["baseline_id"], steps=4, max_steps=4)
+    fine = attributions(model, ids, a0["target_id"], blank_id=a0["baseline_id"], steps=4, max_steps=17,
+                        tolerance=0.0)
+    assert (coarse["steps"], coarse["method"], fine["steps"], fine["method"]) == (4, "riemann_middle", 17, "trapezoid")
+    hf = _hf(dirs)
+    lig = LayerIntegratedGradients(lambda x: target_log2_prob(hf(x).logits, a0["target_id"]), hf.model.embed_tokens)
+    base = torch.tensor([ids[:1] + [a0["baseline_id"]] * (len(ids) - 1)])
+    ref = lig.attribute(torch.tensor([ids]), baselines=base, n_steps=17, method="riemann_trapezoid")[0].sum(-1) * 17 / 16
+    assert np.abs(np.asarray(fine["scores"]) - ref.detach().numpy()).max() < 1e-4
+    assert fine["completeness_error"] < coarse["completeness_error"]
 
 
 def test_logit_lens_last_layer_is_the_model_output(dirs: dict[str, Path], result: dict[str, Any]) -> None:
@@ -202,6 +232,24 @@ class _Page(HTMLParser):
         for name, value in attrs:
             if name in ("src", "href") and value and not value.startswith(("data:", "#")):
                 self.fetches.append(value)
+
+
+def test_heat_maps_are_the_attention_probabilities(result: dict[str, Any]) -> None:
+    """Each map's pixels are √p of that layer's and head's attention on 0-255, row = the reading token."""
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    uris = re.findall(r'src="data:image/png;base64,([^"]+)"', html_fragment(result))
+    att = np.asarray(result["attention"])
+    assert len(uris) == att.shape[0] * att.shape[1]
+    for i, uri in enumerate(uris):
+        image = Image.open(io.BytesIO(base64.b64decode(uri)))
+        assert image.mode == "P" and image.size == att.shape[2:]
+        expected = np.rint(np.sqrt(att[i // att.shape[1], i % att.shape[1]]) * 255)
+        assert np.array_equal(np.asarray(image), expected)
 
 
 def test_html_is_one_self_contained_page(result: dict[str, Any]) -> None:
