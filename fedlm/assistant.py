@@ -18,6 +18,7 @@ merged into the base weights, so `fedlm serve OUT/runs/federated` answers with t
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.table import Table
+from safetensors import safe_open
 
 from fedlm.corpus import SILOS, extract_qa
 from fedlm.data.chat import ChatTemplate
@@ -37,7 +39,8 @@ from fedlm.data.tokenizer import load_tokenizer, tokenizer_hash
 from fedlm.demo import DemoSize, fresh_runs, run_all
 from fedlm.evaluate import answer_metrics, greedy_answers, held_out_questions
 from fedlm.fileio import write_json
-from fedlm.model import Transformer, num_params
+from fedlm.model import Transformer
+from fedlm.modelio import WEIGHTS, find_model_dir
 from fedlm.presets import preset_sets
 from fedlm.pretrained import SMOLLM2, load_model, load_pretrained, resolve, write_model_tokenizer
 from fedlm.progress import console, progress_bar
@@ -56,7 +59,7 @@ class AssistantSize:
 
 # One window per silo and round buys the most sequential steps for a silo's budget of windows
 # (the main demo's finding, `fedlm.demo`): a window holds about two conversations.
-QUICK = AssistantSize(rounds=12, silo_batch=1, personalise_steps=2, seq_len=192, lr=2e-3, questions=8,
+QUICK = AssistantSize(rounds=10, silo_batch=1, personalise_steps=2, seq_len=192, lr=2e-3, questions=8,
                       max_new_tokens=16)
 FULL = AssistantSize(rounds=48, silo_batch=2, personalise_steps=8, seq_len=192, lr=2e-3, questions=0,
                      max_new_tokens=24)
@@ -139,7 +142,9 @@ def communication(run_dir: Path) -> dict[str, float]:
     for r in rounds:
         for silo, row in r.get("silos", {}).items():
             sent[silo] = sent.get(silo, 0.0) + float(row.get("bytes_up", 0.0))
-    full = 4.0 * num_params(load_model(run_dir)[0]) * len(rounds)
+    with safe_open(str(find_model_dir(run_dir) / WEIGHTS), framework="pt") as f:  # the header: no weights read
+        params = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())  # noqa: SIM118
+    full = 4.0 * params * len(rounds)
     per_silo = float(np.mean(list(sent.values()))) if sent else 0.0
     return {"rounds": len(rounds), "mb_sent_per_silo": per_silo / 1e6, "mb_full_fp32_per_silo": full / 1e6,
             "share_of_full_fp32": per_silo / full if full else 0.0}
