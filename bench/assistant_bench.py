@@ -6,7 +6,12 @@ mean over seeds); federated answer bits per byte <= 1.10x centralised; each silo
 <= 1% of sending the full fp32 model every round; the demo's wall time (quick: <= 5 minutes,
 full: <= 30 minutes) with the CPU seconds of its process beside it (the machine is shared).
 
-    python -m bench.assistant_bench [--full]
+    python -m bench.assistant_bench [--full] [--seed S ...] [--keep DIR]
+
+Each seed's demo can be run alone, in a quiet window of a shared machine: with --keep DIR its
+results stay in DIR/seedS, a later call with the same DIR reuses every seed found there, and a
+call without --seed reports on both seeds. `bench.run --only assistant` honours
+FEDLM_BENCH_ASSISTANT_DIR as --keep.
 """
 
 from __future__ import annotations
@@ -38,50 +43,63 @@ Path(sys.argv[1], "bench.json").write_text(json.dumps(
 """
 
 
-def _run_seeds(root: Path, quick: bool) -> dict[int, dict[str, Any]]:
+def _run_seeds(root: Path, quick: bool, seeds: tuple[int, ...] = SEEDS) -> dict[int, dict[str, Any]]:
     """One demo per seed, each in a fresh child process, one after the other (two side by side
-    were killed for memory on the shared 23 GB machine: a demo process peaks at ~5-6 GB)."""
+    were killed for memory on the shared 23 GB machine: a demo process peaks at ~5-6 GB). A seed
+    whose results are already in `root` (a finished earlier call) is not run again."""
     env = {**os.environ, "COLUMNS": "150"}
     results = {}
-    for seed in SEEDS:
+    for seed in seeds:
         out = root / f"seed{seed}"
-        with open(root / f"seed{seed}.log", "w") as log:
-            rc = subprocess.run([sys.executable, "-c", _CHILD, str(out), "quick" if quick else "full", str(seed)],
-                                env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-        if rc != 0:
-            tail = (root / f"seed{seed}.log").read_text()[-3000:]
-            raise RuntimeError(f"assistant demo (seed {seed}) exited {rc}:\n{tail}")
-        results[seed] = {"summary": json.loads((out / "summary.json").read_text()),
-                         **json.loads((out / "bench.json").read_text())}
+        if not ((out / "summary.json").is_file() and (out / "bench.json").is_file()):
+            load_before = os.getloadavg()[0]
+            with open(root / f"seed{seed}.log", "w") as log:
+                rc = subprocess.run([sys.executable, "-c", _CHILD, str(out), "quick" if quick else "full", str(seed)],
+                                    env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+            if rc != 0:
+                tail = (root / f"seed{seed}.log").read_text()[-3000:]
+                raise RuntimeError(f"assistant demo (seed {seed}) exited {rc}:\n{tail}")
+            bench = json.loads((out / "bench.json").read_text())
+            bench["load_average"] = [load_before, os.getloadavg()[0]]  # 1-minute load as it started and ended
+            (out / "bench.json").write_text(json.dumps(bench))
+        summary = json.loads((out / "summary.json").read_text())
+        if summary["quick"] != quick:
+            raise RuntimeError(f"{out}: a {'quick' if summary['quick'] else 'full'} run; use another --keep DIR")
+        results[seed] = {"summary": summary, **json.loads((out / "bench.json").read_text())}
     return results
 
 
 def targets(results: dict[int, dict[str, Any]], quick: bool) -> dict[str, Any]:
     """Per seed and on the seeds' mean: the issue's four targets, with the per-silo numbers."""
-    silos = list(results[SEEDS[0]]["summary"]["models"]["base"]["exact_match"])
+    seeds = list(results)
+    silos = list(results[seeds[0]]["summary"]["models"]["base"]["exact_match"])
     silos.remove("mean")
 
     def em(seed: int, name: str, silo: str) -> float:
         return float(results[seed]["summary"]["models"][name]["exact_match"][silo])
 
-    per_silo = {s: {kind: [em(seed, name, s) for seed in SEEDS] for kind, name in
+    per_silo = {s: {kind: [em(seed, name, s) for seed in seeds] for kind, name in
                     (("base", "base"), ("local", f"local:{s}"), ("federated", "federated"),
                      ("centralised", "centralised"), ("personalised", f"personalised:{s}"))}
                 for s in silos}
     mean = {s: {k: sum(v) / len(v) for k, v in row.items()} for s, row in per_silo.items()}
-    out: dict[str, Any] = {"silos": silos, "exact_match_per_seed": per_silo, "exact_match_mean": mean}
+    out: dict[str, Any] = {"seeds": seeds, "silos": silos, "exact_match_per_seed": per_silo,
+                           "exact_match_mean": mean}
     out["beats_base_per_seed"] = [sum(per_silo[s]["federated"][i] > per_silo[s]["base"][i] for s in silos)
-                                  for i in range(len(SEEDS))]
+                                  for i in range(len(seeds))]
     out["beats_local_per_seed"] = [sum(per_silo[s]["federated"][i] > per_silo[s]["local"][i] for s in silos)
-                                   for i in range(len(SEEDS))]
+                                   for i in range(len(seeds))]
     out["beats_base_mean"] = sum(mean[s]["federated"] > mean[s]["base"] for s in silos)
     out["beats_local_mean"] = sum(mean[s]["federated"] > mean[s]["local"] for s in silos)
     ratios = [r["summary"]["findings"]["federated_vs_centralised_bpb"] for r in results.values()]
     shares = [r["summary"]["communication"]["share_of_full_fp32"] for r in results.values()]
     out["bpb_ratio_per_seed"], out["comm_share_per_seed"] = ratios, shares
-    out["comm"] = results[SEEDS[0]]["summary"]["communication"]
+    out["comm"] = results[seeds[0]]["summary"]["communication"]
     out["wall_s_per_seed"] = [r["wall_s"] for r in results.values()]
     out["cpu_s_per_seed"] = [r["cpu_s"] for r in results.values()]
+    out["load_average_per_seed"] = [r.get("load_average") for r in results.values()]
+    out["phase_seconds_per_seed"] = [r["summary"].get("phase_seconds") for r in results.values()]
+    out["phase_cpu_seconds_per_seed"] = [r["summary"].get("phase_cpu_seconds") for r in results.values()]
     out["ok"] = {
         "beats_base_every_silo": all(n == len(silos) for n in out["beats_base_per_seed"]),
         "beats_local_4_of_6": all(n >= TARGET_BEATS_LOCAL for n in out["beats_local_per_seed"]),
@@ -92,14 +110,19 @@ def targets(results: dict[int, dict[str, Any]], quick: bool) -> dict[str, Any]:
     return out
 
 
-def run(quick: bool = True) -> dict[str, Any]:
+def run(quick: bool = True, seeds: tuple[int, ...] = SEEDS, keep: Path | None = None) -> dict[str, Any]:
+    """The targets over `seeds` (each seed's demo in `keep`/seedS when given, else in a temporary folder)."""
+    keep = keep or (Path(os.environ["FEDLM_BENCH_ASSISTANT_DIR"]) if os.environ.get("FEDLM_BENCH_ASSISTANT_DIR")
+                    else None)
     with tempfile.TemporaryDirectory(prefix="fedlm-assistant-bench-") as tmp:
+        root = keep or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        results = _run_seeds(Path(tmp), quick)
+        results = _run_seeds(root, quick, seeds)
         out = targets(results, quick)
         out["bench_wall_s"] = time.perf_counter() - t0
         out["quick"] = quick
-        out["size"] = results[SEEDS[0]]["summary"]["size"]
+        out["size"] = results[seeds[0]]["summary"]["size"]
         out["load_average"] = os.getloadavg()
         return out
 
@@ -107,4 +130,7 @@ def run(quick: bool = True) -> dict[str, Any]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--full", action="store_true", help="the full demo size (about 30 minutes idle)")
-    print(json.dumps(run(quick=not parser.parse_args().full), indent=1))
+    parser.add_argument("--seed", type=int, action="append", help=f"run these seeds only (default {SEEDS})")
+    parser.add_argument("--keep", type=Path, help="keep each seed's results in DIR/seedS and reuse those found there")
+    a = parser.parse_args()
+    print(json.dumps(run(quick=not a.full, seeds=tuple(a.seed or SEEDS), keep=a.keep), indent=1))

@@ -387,7 +387,7 @@ def assistant_section(quick: bool) -> tuple[dict[str, Any], str]:
     ]
     text = (
         f"`fedlm demo --assistant{' --quick' if small else ''}` (`bench/assistant_bench.py`): SmolLM2-135M-Instruct "
-        "with LoRA on the bundled QA silos, seeds " + seeds(str(s) for s in (1337, 1338)) + ", one after the "
+        "with LoRA on the bundled QA silos, seeds " + seeds(str(s) for s in r["seeds"]) + ", one after the "
         "other. Exact match on each silo's held-out questions, seed by seed:\n\n"
         + _table(["silo", "base", "local-only", "centralised", "federated", "personalised"], rows)
         + "\n\n" + _table(["target", "measured", "target", ""], checks)

@@ -210,21 +210,68 @@ def greedy_answers(model: Transformer, prompts: list[np.ndarray], *, max_new_tok
             real[r, T - p.size:] = True
         cache = KVCache.for_model(model, batch_size=len(group), max_len=T + max_new_tokens)
         logits = model(idx, cache=cache, pad_mask=real, last_only=True)[:, -1]  # (B, V)
-        answers: list[list[int]] = [[] for _ in group]
-        done = torch.zeros(len(group), dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            nxt = logits.argmax(-1)  # (B,)
-            for r, t in enumerate(nxt.tolist()):
-                if not done[r]:
-                    if t in stop_ids:
-                        done[r] = True
-                    else:
-                        answers[r].append(t)
-            if bool(done.all()) or step + 1 == max_new_tokens:
-                break
-            logits = model(nxt[:, None], cache=cache)[:, -1]
-        out += answers
+        out += _decode(model, cache, logits, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
     return out
+
+
+def _decode(model: Transformer, cache: KVCache, logits: torch.Tensor, *, max_new_tokens: int,
+            stop_ids: set[int]) -> list[list[int]]:
+    """Greedy tokens of each row of `cache`, the first chosen from `logits` (B, V), until a stop id
+    (not included) or max_new_tokens."""
+    answers: list[list[int]] = [[] for _ in range(logits.shape[0])]
+    done = [False] * logits.shape[0]
+    for step in range(max_new_tokens):
+        nxt = logits.argmax(-1)  # (B,)
+        for r, t in enumerate(nxt.tolist()):
+            if not done[r]:
+                if t in stop_ids:
+                    done[r] = True
+                else:
+                    answers[r].append(t)
+        if all(done) or step + 1 == max_new_tokens:
+            break
+        logits = model(nxt[:, None], cache=cache)[:, -1]
+    return answers
+
+
+@torch.no_grad()
+def score_answers(model: Transformer, convs: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                  token_bytes: np.ndarray, *, max_new_tokens: int, stop_ids: set[int], batch_size: int = 8,
+                  ) -> tuple[float, int, list[list[int]]]:
+    """`answer_nll` and `greedy_answers` of the last answers' prompts in one prefill per batch:
+    each conversation is read whole (right-padded, into a KV cache), its assistant tokens scored
+    from those logits; then each row's cache is cut back to its prompt, and the greedy answer
+    starts from the logits at the prompt's last token. Conversations that do not fit the context
+    with max_new_tokens after their prompt take the two passes."""
+    ctx = int(model.cfg.max_seq_len)
+    if any(max(ids.size, ids.size - ans.size + max_new_tokens) > ctx for ids, _, ans in convs):
+        nll, n_bytes = answer_nll(model, convs, token_bytes, batch_size=batch_size)
+        prompts = [ids[:ids.size - ans.size][-(ctx - max_new_tokens):] for ids, _, ans in convs]
+        return nll, n_bytes, greedy_answers(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                                            batch_size=batch_size)
+    device = model.tok_emb.weight.device
+    nll, n_bytes, out = 0.0, 0, []
+    for i in range(0, len(convs), batch_size):
+        group = convs[i:i + batch_size]
+        T = max(ids.size for ids, _, _ in group)
+        x = torch.zeros((len(group), T), dtype=torch.long)
+        y = torch.full((len(group), T), -100, dtype=torch.long)
+        real = torch.zeros((len(group), T), dtype=torch.bool)
+        for r, (ids, mask, _) in enumerate(group):
+            x[r, :ids.size], real[r, :ids.size] = torch.from_numpy(ids), True
+            target = torch.from_numpy(ids[1:])
+            y[r, :ids.size - 1] = torch.where(torch.from_numpy(mask[1:]), target, torch.full_like(target, -100))
+        prompt_len = torch.tensor([ids.size - ans.size for ids, _, ans in group], device=device)
+        cache = KVCache.for_model(model, batch_size=len(group),
+                                  max_len=max(T, int(prompt_len.max()) + max_new_tokens))
+        logits = model(x.to(device), cache=cache, pad_mask=real.to(device)).float()  # (B, T, V)
+        nll += float(F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="sum"))
+        n_bytes += int(token_bytes[y[y >= 0].numpy()].sum())
+        first = logits[torch.arange(len(group), device=device), prompt_len - 1]  # (B, V): the answer's first token
+        cache.valid &= torch.arange(cache.max_len, device=device)[None, :] < prompt_len[:, None]  # back to the prompts
+        cache.pos.copy_(prompt_len)
+        out += _decode(model, cache, first, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+    return nll, n_bytes, out
 
 
 def answer_metrics(
@@ -259,12 +306,12 @@ def answer_metrics(
     token_bytes = token_byte_lengths(tok)
     was_training = model.training
     model.eval()
-    nll, n_bytes = answer_nll(model, convs, token_bytes, batch_size=batch_size)
     special = set(tok.get_added_tokens_decoder())
     stop = {0} | {int(ans[-1]) for _, _, ans in convs if int(ans[-1]) in special}  # EOS, end of turn
+    nll, n_bytes, got = score_answers(model, convs, token_bytes, max_new_tokens=max_new_tokens, stop_ids=stop,
+                                      batch_size=batch_size)
     ctx = int(model.cfg.max_seq_len)
     prompts = [ids[:ids.size - ans.size][-(ctx - max_new_tokens):] for ids, _, ans in convs]
-    got = greedy_answers(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop, batch_size=batch_size)
     model.train(was_training)
     rows: list[dict[str, Any]] = []
     for g, prompt, (_, _, ans) in zip(got, prompts, convs, strict=True):

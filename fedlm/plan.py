@@ -22,7 +22,8 @@ loaded: `train.init_from` is read for its config.json or GGUF header). The formu
   output, its gradient and the incoming gradient, B·T·V·4 B each (bf16 adds the bf16 logits
   and a bf16 copy of every matmul weight).
 - Time: real optimizer steps of this model (random weights, same width, vocabulary,
-  precision, batch and LoRA) on `train.device`, the silos of a round stepping at once on
+  precision, batch, LoRA and share of tokens that are loss targets: a chat silo's answers
+  only, `target_share`) on `train.device`, the silos of a round stepping at once on
   threads of their own as the in-process engine runs them (one torch thread each on a CPU),
   so contention is measured, not assumed; cut to 1 and 3 layers and extrapolated linearly
   in the layers (`calibrate_step_seconds`), × local_steps (cyclic: the silos train one after
@@ -47,6 +48,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fedlm.config import Config, ModelConfig
 from fedlm.errors import UserError
@@ -297,11 +300,13 @@ def _replicas(mc: ModelConfig, cfg: Config, device: Any, n: int) -> list[tuple[A
 
     import torch
 
+    from fedlm.data.chatshards import IGNORE
     from fedlm.lora import apply_lora
     from fedlm.model import Transformer
     from fedlm.train import make_optimizer
 
     tc = cfg.train
+    share = target_share(cfg)  # the loss mask's density: chat silos train on their answers only
     base = Transformer(mc).to(device)
     base.activation_checkpointing = tc.activation_checkpointing
     if cfg.lora.rank:
@@ -314,8 +319,28 @@ def _replicas(mc: ModelConfig, cfg: Config, device: Any, n: int) -> list[tuple[A
             apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                        targets=cfg.lora.targets)
         batch = torch.randint(0, mc.vocab_size, (tc.batch_size, tc.seq_len + 1))
-        out.append((model.train(), make_optimizer(model, tc), (batch[:, :-1], batch[:, 1:])))
+        y = batch[:, 1:].masked_fill(torch.rand(tc.batch_size, tc.seq_len) >= share, IGNORE)
+        out.append((model.train(), make_optimizer(model, tc), (batch[:, :-1], y)))
     return out
+
+
+def target_share(cfg: Config) -> float:
+    """The share of the silos' training tokens that are loss targets: 1 for raw text; for a chat silo
+    its answers' tokens only (its loss mask), which is all the head and the loss compute for."""
+    from fedlm.data.shards import open_chat
+
+    ws = Path(cfg.data.workspace)
+    targets = tokens = 0
+    for name, n in silo_tokens(cfg).items():
+        try:
+            chat = open_chat(ws / "silos" / name, "train")
+        except (UserError, OSError):  # not sharded yet
+            return 1.0
+        if chat is None:  # raw text: every token is a target
+            targets, tokens = targets + (n or 0), tokens + (n or 0)
+        else:
+            targets, tokens = targets + int(np.count_nonzero(chat.mask)), tokens + len(chat.mask)
+    return targets / tokens if tokens else 1.0
 
 
 def cores() -> int:

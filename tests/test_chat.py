@@ -419,6 +419,21 @@ def test_eval_cli_reports_answers_on_a_chat_silo(ws: Path, tmp_path: Path) -> No
 # chat and raw-text silos in one run
 
 
+def test_plan_calibrates_with_the_loss_masks_share_of_targets(mixed_ws: Path) -> None:
+    """`fedlm plan` times steps whose targets are as dense as the silos' loss masks: a chat silo's
+    answers only (the head and the loss compute for those alone), a raw-text silo's every token."""
+    from fedlm.config import load_config
+    from fedlm.plan import target_share
+
+    def share(silos: list[str]) -> float:
+        return target_share(load_config(None, [f"data.workspace={json.dumps(str(mixed_ws))}", f"data.silos={silos}"]))
+
+    mask = np.fromfile(mixed_ws / "silos" / "qa" / "train.mask", dtype=np.uint8)
+    prose = read_meta(mixed_ws / "silos" / "prose")["tokens"]["train"]
+    assert share(["qa"]) == pytest.approx(mask.mean()) and 0 < mask.mean() < 0.5
+    assert share(["qa", "prose"]) == pytest.approx((mask.sum() + prose) / (mask.size + prose))
+
+
 @pytest.fixture(scope="module")
 def mixed_ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A chat silo ("qa") and a raw-text silo ("prose") sharded with one tokenizer."""
