@@ -250,8 +250,7 @@ def load_hf(hf_dir: Path, *, dtype: torch.dtype = torch.float32) -> Transformer:
         return tensors[name].to(torch.float32)
 
     state = from_hf_state(cfg, get)
-    with torch.random.fork_rng(devices=[]):  # building the model must not move the caller's RNG
-        model = Transformer(cfg)
+    model = Transformer.empty(cfg)
     assign_weights(model, state, where=str(hf_dir))
     return model.to(dtype).eval()
 
@@ -299,7 +298,6 @@ def load_gguf(gguf_path: Path) -> tuple[Transformer, tokenizers.Tokenizer]:
         return hf_state[name].float()
 
     state = from_hf_state(cfg, get)
-    with torch.random.fork_rng(devices=[]):
-        model = Transformer(cfg)
+    model = Transformer.empty(cfg)
     assign_weights(model, state, where=str(gguf_path))
     return model.eval(), hf_tok.backend_tokenizer

@@ -138,8 +138,7 @@ def merged_state(model: Transformer) -> dict[str, Tensor]:
 
 def merge_lora(model: Transformer) -> Transformer:
     """A new plain Transformer (no peft layers) computing what `model` computes, adapters merged."""
-    with torch.random.fork_rng(devices=[]):  # building the model must not move the caller's RNG
-        plain = Transformer(dataclasses.replace(model.cfg))
+    plain = Transformer.empty(dataclasses.replace(model.cfg))
     assign_weights(plain, merged_state(model), where="merged LoRA model")
     plain.activation_checkpointing = model.activation_checkpointing
     return plain.train(model.training)

@@ -365,6 +365,23 @@ class Transformer(nn.Module):
         self.rope_sin = nn.Buffer(sin, persistent=False)
         self.reset_parameters(None if seed is None else torch.Generator().manual_seed(seed))
 
+    @classmethod
+    def empty(cls, cfg: ModelConfig) -> Transformer:
+        """The model with uninitialised weights, for weights about to be loaded into it.
+
+        Built on the meta device, then given real (empty) storage: neither the modules' own init
+        nor `reset_parameters` runs, which for a pretrained model is a second of CPU per load
+        and per LoRA merge, and the global RNG is not touched."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model = model.to_empty(device="cpu")
+        if cfg.tie_embeddings:  # to_empty gives each module its own storage
+            model.lm_head.weight = model.tok_emb.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        model.rope_cos.copy_(cos)
+        model.rope_sin.copy_(sin)
+        return model
+
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """GPT-2 / Llama init: N(0, 0.02), residual projections scaled by 1/√(2·n_layers).
 

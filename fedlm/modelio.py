@@ -170,7 +170,6 @@ def load_fedlm_dir(model_dir: Path, *, dtype: torch.dtype = torch.float32) -> Tr
     if cfg.vocab_size <= 0:
         raise UserError(f"{config_path}: vocab_size must be > 0")
     tensors = read_safetensors(Path(model_dir) / WEIGHTS)
-    with torch.random.fork_rng(devices=[]):  # building the model must not move the caller's RNG
-        model = Transformer(cfg)
+    model = Transformer.empty(cfg)
     assign_weights(model, tensors, where=str(Path(model_dir) / WEIGHTS))
     return model.to(dtype).eval()

@@ -166,6 +166,11 @@ def test_save_load_roundtrip_is_bitwise(tmp_path: Path, tie: bool) -> None:
         assert torch.equal(p, q), name
     if tie:
         assert loaded.lm_head.weight is loaded.tok_emb.weight
+    # loading builds the model without init (Transformer.empty): the derived buffers are rebuilt
+    assert torch.equal(loaded.rope_cos, model.rope_cos) and torch.equal(loaded.rope_sin, model.rope_sin)
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model.eval()(idx))
     config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert config["format"] == "fedlm" and config["d_model"] == 64
 
