@@ -23,6 +23,26 @@ torch.set_num_threads(1)
 
 TEST_SILOS = ("legal", "technical", "drama")
 
+# `make test` runs the suite on two pytest-xdist workers (--dist loadgroup); a group runs whole on
+# one worker. The tests that start Flower's processes (SuperLink, SuperNodes, nginx, `fedlm train`)
+# run one after another, so two deployments never race for the cores against their round timeouts;
+# a module's or the session's expensive fixture is built once, on the worker that runs its tests.
+FLOWER_MODULES = {"test_federation_deploy", "test_lifecycle", "test_multimachine", "test_warm_exec"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        fixturedefs = getattr(item, "_fixtureinfo", None)
+        scopes = {d.scope for ds in fixturedefs.name2fixturedefs.values() for d in ds} if fixturedefs else set()
+        module = item.path.stem
+        if module in FLOWER_MODULES:
+            item.add_marker(pytest.mark.xdist_group("flower"))
+        elif "quick_demo" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("quick_demo"))
+        elif "module" in scopes:
+            item.add_marker(pytest.mark.xdist_group(module))
+
 
 def _docs_from_corpus(folder: Path, limit_bytes: int) -> list[str]:
     """Plain-text documents from an extracted corpus folder (txt/rst files), up to limit_bytes."""
