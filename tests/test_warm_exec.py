@@ -9,6 +9,8 @@ import subprocess
 import threading
 import time
 
+import pytest
+
 from fedlm.federation import warm_exec
 
 
@@ -29,6 +31,7 @@ class _NoTask(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow
 def test_launcher_exits_when_its_supernode_is_killed() -> None:
     """The launcher polls its SuperNode; when the SuperNode dies by SIGKILL (its port closes, nothing
     stops the launcher), the launcher notices its `--parent-pid` is gone and exits, instead of
