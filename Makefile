@@ -44,9 +44,11 @@ lint: setup
 	$(VENV)/bin/ruff check fedlm tests bench
 	$(VENV)/bin/mypy fedlm
 
-# The full suite, as CI runs it.
+# The full suite, as CI runs it: two workers, one per core (tests/conftest.py's scheduler keeps the
+# tests that must share a worker together; files in collection order, so the longest start early).
+# Run one file or test serially: .venv/bin/pytest -q tests/test_x.py -k name
 test: lint
-	$(VENV)/bin/pytest -q tests $(ARGS)
+	$(VENV)/bin/pytest -q -n 2 --no-loadscope-reorder tests $(ARGS)
 
 # The fast tier while a change is being made (under 3 minutes here): lint, types and every test
 # not marked slow. TESTS narrows it to some files: make check TESTS=tests/test_train.py

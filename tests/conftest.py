@@ -23,6 +23,36 @@ torch.set_num_threads(1)
 
 TEST_SILOS = ("legal", "technical", "drama")
 
+# `make test` runs the suite on two pytest-xdist workers; a group runs whole on one worker. A test
+# file is a group (its module fixtures are built once). The tests that start Flower's processes
+# (SuperLink, SuperNodes, nginx, `fedlm train`) are one group, so two deployments never race for
+# the cores against their round timeouts; so are the users of the session's `fedlm demo --quick`.
+# (xdist's own `--dist loadgroup` markers do nothing under pytest 9.2: xdist 3.8 renames
+# `item._nodeid`, which pytest no longer reads, so the grouping is this scheduler's.)
+FLOWER_FILES = ("test_federation_deploy.py", "test_lifecycle.py", "test_multimachine.py", "test_warm_exec.py")
+QUICK_DEMO_TESTS = ("tests/test_demo.py::", "tests/test_report.py::test_demo_report_in_headless_chromium")
+
+
+def worker_group(nodeid: str) -> str:
+    """The worker group of the test `nodeid`."""
+    path = nodeid.split("::", 1)[0]
+    if path.endswith(FLOWER_FILES):
+        return "flower"
+    if nodeid.startswith(QUICK_DEMO_TESTS):
+        return "quick_demo"
+    return path
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: absent without it
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Groups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_group(nodeid)
+
+    return Groups(config, log)
+
 
 def _docs_from_corpus(folder: Path, limit_bytes: int) -> list[str]:
     """Plain-text documents from an extracted corpus folder (txt/rst files), up to limit_bytes."""

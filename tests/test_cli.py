@@ -69,8 +69,15 @@ def _readme_block(after: str, lang: str) -> str:
 
 
 @pytest.mark.slow
-def test_readme_step_by_step_commands_run(tmp_path: Path) -> None:
-    """Every command of README's "Using it step by step" runs as written, on inputs of the shapes it names."""
+def test_readme_step_by_step_commands_run(tmp_path: Path, capfd: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every command of README's "Using it step by step" runs as written, on inputs of the shapes it names.
+
+    Through the CLI's `main` in this process, from the folder the commands name (the subprocess path
+    is test_bad_input_is_one_line_exit_2's); `fedlm serve` runs as its own process."""
+    from tests.test_multimachine import fedlm_here
+
+    monkeypatch.chdir(tmp_path)
     raw = extract(tmp_path / "raw", ["medical", "legal", "literature"])
     # the README's example inputs: a folder of notes, a JSONL of letters, a folder of contracts
     (tmp_path / "notes").mkdir()
@@ -91,7 +98,7 @@ def test_readme_step_by_step_commands_run(tmp_path: Path) -> None:
         if not line.startswith("fedlm "):
             continue
         args = shlex.split(line)[1:]
-        r = fedlm(*args, cwd=tmp_path, timeout=600)
+        r = fedlm_here(capfd, *args)
         assert r.returncode == 0, (line, r.stdout[-2000:], r.stderr[-2000:])
         if "--json" in args:
             result = json.loads(r.stdout)
@@ -112,7 +119,7 @@ def test_readme_step_by_step_commands_run(tmp_path: Path) -> None:
         if args[0] == "serve":
             _serve_and_query(args, cwd=tmp_path)
             continue
-        r = fedlm(*args, cwd=tmp_path, timeout=600)
+        r = fedlm_here(capfd, *args)
         assert r.returncode == 0, (line, r.stdout[-2000:], r.stderr[-2000:])
         if args[0] == "train":  # a federated run says how to see it on one page
             assert f"report: fedlm report {args[args.index('--out') + 1]}" in r.stdout, r.stdout

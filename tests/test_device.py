@@ -145,16 +145,21 @@ def test_device_memory_reads_this_machine() -> None:
 
 
 @pytest.mark.slow
-def test_readme_pretrained_commands_run_and_a_gguf_file_is_a_model(tmp_path: Path) -> None:
-    """README's "Pretrained models and devices" commands as written: the base SmolLM2 is measured
-    on a silo before any tuning (`fedlm eval smollm2`), and its .gguf file, named by path, is the
-    same model (the same bits/byte); `fedlm plan` on SmolLM2 LoRA reports the device's memory."""
+def test_readme_pretrained_commands_run_and_a_gguf_file_is_a_model(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """README's "Pretrained models and devices" commands as written (through the CLI's `main` in this
+    process): the base SmolLM2 is measured on a silo before any tuning (`fedlm eval smollm2`), and its
+    .gguf file, named by path, is the same model (the same bits/byte); `fedlm plan` on SmolLM2 LoRA
+    reports the device's memory."""
     import json
     import shlex
 
     from fedlm.corpus import extract
     from fedlm.hf import smollm2_gguf_path
-    from tests.test_cli import _readme_block, fedlm
+    from tests.test_cli import _readme_block
+    from tests.test_multimachine import fedlm_here
+
+    monkeypatch.chdir(tmp_path)
 
     raw = extract(tmp_path / "raw", ["legal"])
     (tmp_path / "contracts").mkdir()
@@ -167,7 +172,7 @@ def test_readme_pretrained_commands_run_and_a_gguf_file_is_a_model(tmp_path: Pat
         if not line.startswith("fedlm "):
             continue
         args = shlex.split(line)[1:]
-        r = fedlm(*args, *(["--json"] if args[0] == "plan" else []), cwd=tmp_path, timeout=900)
+        r = fedlm_here(capfd, *args, *(["--json"] if args[0] == "plan" else []))
         assert r.returncode == 0, (line, r.stdout[-2000:], r.stderr[-2000:])
         results[args[0]] = r.stdout
     base = json.loads(results["eval"])
@@ -175,7 +180,7 @@ def test_readme_pretrained_commands_run_and_a_gguf_file_is_a_model(tmp_path: Pat
     plan = json.loads(results["plan"])
     assert plan["device"] and 0 < plan["device_memory_bytes"]["free"] <= plan["device_memory_bytes"]["total"]
     assert plan["model"]["n_layers"] == 30 and plan["seconds_per_round"] > 0
-    r = fedlm("eval", str(smollm2_gguf_path()), "--data", "ws-smollm2/silos/lawfirm", "--json", cwd=tmp_path,
-              timeout=900)
+    monkeypatch.setattr("fedlm.pretrained._LOADED", {})  # as in a new process: the file is loaded again
+    r = fedlm_here(capfd, "eval", str(smollm2_gguf_path()), "--data", "ws-smollm2/silos/lawfirm", "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["bits_per_byte"] == pytest.approx(base["bits_per_byte"], rel=1e-6)

@@ -39,7 +39,7 @@ def test_readme_make_commands_are_makefile_targets() -> None:
     check = _make("-n", "check").stdout
     assert "ruff check" in check and "mypy fedlm" in check and '-m "not slow" tests' in check, check
     full = _make("-n", "test").stdout
-    assert "pytest -q tests" in full and "not slow" not in full, full
+    assert "pytest -q -n 2 --no-loadscope-reorder tests" in full and "not slow" not in full, full
 
 
 @pytest.mark.slow

@@ -94,16 +94,16 @@ def serve(address: str, *, parent_pid: int, insecure: bool, root_certificates: P
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
-    from flwr.supercore.retry.http_retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
 
     _preload()
 
     certificates = None if root_certificates is None else root_certificates.read_bytes()
+    # No retry invoker: Flower's retries a closed port for ever, and a SuperNode closes its Runtime API
+    # before it exits, so the launcher would never look at its parent again. The loop below retries.
     client = RuntimeHttpClient.from_server_address(
         server_address=address, insecure=insecure, root_certificates=certificates,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
-        retry_invoker=make_simple_http_retry_invoker())
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")])
     children: set[int] = set()
 
     def stop(signum: int, frame: object) -> None:
