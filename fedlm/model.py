@@ -200,9 +200,12 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos, sin tables (max_len, head_dim) for rotary embeddings, computed as transformers does."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-    freqs = torch.arange(max_len, dtype=torch.float)[:, None] * inv_freq  # (L, D/2)
+    """cos, sin tables (max_len, head_dim) for rotary embeddings, computed as transformers does.
+
+    Always on the CPU (a model moves them with itself): under Transformer.empty's meta device
+    these ops would import torch._dynamo for their meta kernels."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim))
+    freqs = torch.arange(max_len, dtype=torch.float, device="cpu")[:, None] * inv_freq  # (L, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (L, D): the same angle for both halves
     return emb.cos(), emb.sin()
 
@@ -347,13 +350,16 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
 
-    def __init__(self, cfg: ModelConfig, *, seed: int | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, *, seed: int | None = None, init: bool = True) -> None:
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be set (> 0) before building the model")
         self.cfg = cfg
         self.activation_checkpointing = False
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # without init, the embedding gets a bare tensor: its own init would draw normal_, which on
+        # the meta device (Transformer.empty) costs torch._dynamo's import, ~1.5 s of CPU
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model,
+                                    _weight=None if init else torch.empty(cfg.vocab_size, cfg.d_model))
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -363,7 +369,8 @@ class Transformer(nn.Module):
         # Derived from the config, so not saved with the weights.
         self.rope_cos = nn.Buffer(cos, persistent=False)  # (max_seq_len, D)
         self.rope_sin = nn.Buffer(sin, persistent=False)
-        self.reset_parameters(None if seed is None else torch.Generator().manual_seed(seed))
+        if init:
+            self.reset_parameters(None if seed is None else torch.Generator().manual_seed(seed))
 
     @classmethod
     def empty(cls, cfg: ModelConfig) -> Transformer:
@@ -373,11 +380,11 @@ class Transformer(nn.Module):
         nor `reset_parameters` runs, which for a pretrained model is a second of CPU per load
         and per LoRA merge, and the global RNG is not touched."""
         with torch.device("meta"):
-            model = cls(cfg)
+            model = cls(cfg, init=False)
+        cos, sin = model.rope_cos, model.rope_sin  # real tables: rope_tables computes on the CPU
         model = model.to_empty(device="cpu")
         if cfg.tie_embeddings:  # to_empty gives each module its own storage
             model.lm_head.weight = model.tok_emb.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         model.rope_cos.copy_(cos)
         model.rope_sin.copy_(sin)
         return model

@@ -281,3 +281,23 @@ def test_bf16_attention_backward_matches_float64_reference() -> None:
     out.backward(d_out)
     for got, ref in ((qb.grad, q64.grad), (kb.grad, k64.grad), (vb.grad, v64.grad)):
         torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5)  # type: ignore[union-attr]
+
+
+def test_an_empty_model_runs_no_init() -> None:
+    """Transformer.empty (every load and LoRA merge) draws nothing and builds nothing it then
+    overwrites: the global RNG stays put, and nothing imports torch._dynamo (which the meta
+    kernels of normal_ and of the rotary tables' ops would, at ~1.5 s of CPU per process)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from fedlm.config import ModelConfig\n"
+        "from fedlm.model import Transformer\n"
+        "state = torch.get_rng_state()\n"
+        "m = Transformer.empty(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=32))\n"
+        "assert m.tok_emb.weight.device.type == 'cpu' and m.lm_head.weight is m.tok_emb.weight\n"
+        "assert torch.equal(torch.get_rng_state(), state)\n"
+        "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
