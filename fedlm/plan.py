@@ -266,7 +266,8 @@ def _time_steps(mcs: list[ModelConfig], cfg: Config, *, threads: int, concurrent
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            replicas = [_replicas(mc, cfg, on, concurrent) for mc in mcs]  # [model][silo]
+            share = target_share(cfg)  # the loss mask's density: chat silos train on their answers only
+            replicas = [_replicas(mc, cfg, on, concurrent, share) for mc in mcs]  # [model][silo]
         start = threading.Barrier(concurrent)
         walls: list[list[list[float]]] = [[[] for _ in range(concurrent)] for _ in mcs]
 
@@ -293,9 +294,10 @@ def _time_steps(mcs: list[ModelConfig], cfg: Config, *, threads: int, concurrent
     return [statistics.median(max(w[k] for w in per_silo) for k in range(steps)) for per_silo in walls]
 
 
-def _replicas(mc: ModelConfig, cfg: Config, device: Any, n: int) -> list[tuple[Any, Any, Any]]:
-    """n silos' (model, AdamW, batch) of shape `mc` on `device`; under LoRA they share one frozen base,
-    as the silos of one process do (`load_pretrained(share_frozen=True)`)."""
+def _replicas(mc: ModelConfig, cfg: Config, device: Any, n: int, share: float) -> list[tuple[Any, Any, Any]]:
+    """n silos' (model, AdamW, batch) of shape `mc` on `device`, a `share` of each batch's tokens loss
+    targets; under LoRA they share one frozen base, as the silos of one process do
+    (`load_pretrained(share_frozen=True)`)."""
     import copy
 
     import torch
@@ -306,7 +308,6 @@ def _replicas(mc: ModelConfig, cfg: Config, device: Any, n: int) -> list[tuple[A
     from fedlm.train import make_optimizer
 
     tc = cfg.train
-    share = target_share(cfg)  # the loss mask's density: chat silos train on their answers only
     base = Transformer(mc).to(device)
     base.activation_checkpointing = tc.activation_checkpointing
     if cfg.lora.rank:
