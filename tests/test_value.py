@@ -394,3 +394,34 @@ def test_coalition_models_step_like_the_run_optimiser_on_each_coalition_alone(st
     for c, (_, state) in refs.items():
         for n in begin:
             assert torch.allclose(models[c][n], state[n], atol=1e-6), (c, n)
+
+
+def test_silo_scores_are_evaluate_silos_bits_per_byte(value_ws: Path) -> None:
+    """What a silo sends back for each model is `evaluate_silo`'s bits/byte of that model on the start
+    of its validation split (the split and tokenizer read once per silo, not per model)."""
+    from fedlm.config import config_to_toml
+    from fedlm.data.tokenizer import tokenizer_hash
+    from fedlm.evaluate import evaluate_silo
+    from fedlm.federation.client_app import app
+    from fedlm.federation.grid import InProcessGrid
+    from fedlm.federation.task import wire_names
+    from fedlm.federation.valuation import score_on_silos
+    from fedlm.resolve import resolve_config
+    from fedlm.train import build_model
+
+    cfg = resolve_config(_cfg(value_ws))
+    models = [build_model(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))) for seed in range(3)]
+    states = [{n: m.state_dict()[n] for n in wire_names(m)} for m in models]
+    silos = ["legal", "noise"]
+    grid = InProcessGrid(app, {i + 1: {"workspace": str(value_ws), "silo": s} for i, s in enumerate(silos)})
+    try:
+        got = score_on_silos(grid, {"legal": 1, "noise": 2}, dict.fromkeys(silos, states),
+                             config_text=config_to_toml(cfg), tokenizer_sha256=tokenizer_hash(value_ws / "tokenizer.json"),
+                             max_tokens=500, timeout=120)
+    finally:
+        grid.close()
+    for silo in silos:
+        ref = [evaluate_silo(m, None, value_ws / "silos" / silo, max_tokens=500) for m in models]
+        assert got[silo].bits_per_byte == [r["bits_per_byte"] for r in ref], silo
+        assert got[silo].tokens == ref[0]["tokens"] <= 500
+    assert len(set(got["legal"].bits_per_byte)) == 3  # three different models, three different numbers

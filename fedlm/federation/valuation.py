@@ -35,13 +35,16 @@ from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedlm.config import Config
+from fedlm.data.shards import open_split
+from fedlm.data.tokenizer import load_tokenizer, token_byte_lengths
 from fedlm.errors import UserError
-from fedlm.evaluate import evaluate_silo
+from fedlm.evaluate import MAX_EVAL_CONTEXT, MAX_LOGITS, evaluate_tokens
 from fedlm.federation.messages import error_reason, parse_config
 from fedlm.federation.robust import update_norm
 from fedlm.federation.strategies import ServerAdamW, ServerOptimizer, make_server_optimizer
@@ -73,30 +76,57 @@ class Scores:
     tokens: int
 
 
-_MODELS: dict[tuple[str, str], Transformer] = {}  # (silo dir, config) -> the model a silo scores into
-_MODELS_LOCK = threading.Lock()  # in process, every silo's worker thread scores at once: one model each
+@dataclass
+class _Split:
+    """What a silo scores models on, read once per run config: the model to load weights into, the
+    start of its validation split and the UTF-8 bytes of each token id."""
+
+    model: Transformer
+    tokens: np.ndarray  # the split's first max_tokens + 1 tokens (the targets after the first)
+    token_bytes: np.ndarray
+    seq_len: int
+    rows: int  # windows a batch
+
+
+_SPLITS: dict[tuple[str, ...], _Split] = {}  # one per (silo, config, tokenizer, max_tokens, val file)
+_SPLITS_LOCK = threading.Lock()  # in process, every silo's worker thread scores at once: one model each
+
+
+def _split(path: Path, config_text: str, sha: str, max_tokens: int) -> _Split:
+    """Silo `path`'s scoring inputs, loaded on its first message and kept (keyed by the val file's
+    size and mtime too, so reshared shards are read again)."""
+    check_silo(path, tokenizer_sha256=sha)
+    stat = (path / "val.bin").stat()
+    key = (str(path), config_text, sha, str(max_tokens), str(stat.st_size), str(stat.st_mtime_ns))
+    with _SPLITS_LOCK:
+        got = _SPLITS.get(key)
+        if got is None:
+            if len(_SPLITS) > 64:
+                _SPLITS.clear()
+            model = build_model(parse_config(config_text))
+            tokens = open_split(path, "val", expect_tokenizer_sha256=sha)
+            tokens = np.array(tokens[: max_tokens + 1] if max_tokens > 0 else tokens)
+            seq_len = min(int(model.cfg.max_seq_len), MAX_EVAL_CONTEXT)
+            rows = max(1, min(8, MAX_LOGITS // (seq_len * int(model.cfg.vocab_size))))
+            token_bytes = token_byte_lengths(load_tokenizer(path.parent.parent / "tokenizer.json"))
+            got = _SPLITS[key] = _Split(model, tokens, token_bytes, seq_len, rows)
+    return got
 
 
 def score_reply(msg: Message, path: Path) -> Message:
-    """Score the models of an `evaluate.value` message on silo `path`'s validation split."""
+    """Score the models of an `evaluate.value` message on silo `path`'s validation split (as
+    `evaluate_silo` does, with the split and tokenizer read once, not once per model)."""
     record = msg.content.config_records["config"]
-    text, sha = str(record["fedlm-config"]), str(record["tokenizer-sha256"])
-    max_tokens = int(record["max-tokens"])  # type: ignore[arg-type]
-    cfg = parse_config(text)
-    check_silo(path, tokenizer_sha256=sha)
-    with _MODELS_LOCK:
-        model = _MODELS.get((str(path), text))
-        if model is None:
-            if len(_MODELS) > 64:
-                _MODELS.clear()
-            model = _MODELS[(str(path), text)] = build_model(cfg)
+    split = _split(path, str(record["fedlm-config"]), str(record["tokenizer-sha256"]),
+                   int(record["max-tokens"]))  # type: ignore[arg-type]
     torch.set_num_threads(1)
     metrics: dict[str, float] = {}
     tokens = 0
     for i in range(int(record["models"])):  # type: ignore[arg-type]
         arrays = msg.content.array_records[f"model-{i}"].to_torch_state_dict()
-        model.load_state_dict(expand_state(model, arrays))
-        got = evaluate_silo(model, None, path, max_tokens=max_tokens)
+        split.model.load_state_dict(expand_state(split.model, arrays))
+        got = evaluate_tokens(split.model, split.tokens, split.token_bytes, seq_len=split.seq_len,
+                              batch_size=split.rows)
         metrics[f"bpb-{i}"], tokens = float(got["bits_per_byte"]), int(got["tokens"])
     metrics["tokens"] = float(tokens)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)  # type: ignore[arg-type]
@@ -252,14 +282,17 @@ class CoalitionModels:
         assert link is not None, "connect the silos first"
         models = self.models(run.global_state)
         beneficiaries = cfg.value.beneficiaries or self.silos
-        scores = score_on_silos(link.grid, link.node_of, dict.fromkeys(beneficiaries, [self.start, *models.values()]),
+        # valued from round 1, the empty coalition's model is the start model: scored once
+        first = 0 if all(torch.equal(self.start[n], t) for n, t in self.begin.items()) else 1
+        sent = [*([self.start] if first else []), *models.values()]
+        scores = score_on_silos(link.grid, link.node_of, dict.fromkeys(beneficiaries, sent),
                                 config_text=run.config_text, tokenizer_sha256=run.tokenizer_sha256,
                                 max_tokens=cfg.value.eval_tokens, timeout=link.timeout)
         write_json(self.run_dir / ROUNDS_FILE, {
             "method": "rounds", "silos": self.silos, "rounds": [self.first_round, cfg.federation.rounds],
             "start_bits_per_byte": {s: sc.bits_per_byte[0] for s, sc in scores.items()},
             "tokens": {s: sc.tokens for s, sc in scores.items()},
-            "bits_per_byte": {coalition_key(c): {s: sc.bits_per_byte[1 + i] for s, sc in scores.items()}
+            "bits_per_byte": {coalition_key(c): {s: sc.bits_per_byte[first + i] for s, sc in scores.items()}
                               for i, c in enumerate(models)},
             "update_norms": self.norms, "seconds": self.seconds + time.perf_counter() - t0,
             "round_seconds": self.seconds, "scoring_seconds": time.perf_counter() - t0,
