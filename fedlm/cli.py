@@ -697,9 +697,12 @@ def value(
     rounds: Annotated[int, typer.Option(help="Retrain coalitions for this many rounds (reduced budget; 0: the run's).")] = 0,
     local_steps: Annotated[int, typer.Option(
         "--steps", "--local-steps", help="Retrain coalitions with this many local steps a round (0: the run's).")] = 0,
-    permutations: Annotated[int, typer.Option(help="sampled: random orders of the silos.")] = 20,
+    permutations: Annotated[int, typer.Option(help="sampled: at most this many random orders of the silos.")] = 2000,
+    tolerance: Annotated[float, typer.Option(
+        help="sampled: stop once every silo's stderr is <= this × the grand utility's gain (0: all --permutations).")
+    ] = 0.01,
     truncation: Annotated[float, typer.Option(
-        help="sampled: stop a permutation once within this many bits/byte of the grand utility.")] = 0.0,
+        help="sampled: cut an order short once within this × the grand utility's gain of it.")] = 0.0,
     json_: Annotated[bool, typer.Option("--json", help="Print value.json instead of the table.")] = False,
 ) -> None:
     """What each silo contributed (Shapley), gained, and is paid -> RUN/value.json."""
@@ -707,7 +710,8 @@ def value(
 
     with console.status("valuing") as status:
         body = value_run(run, method=method, budget=budget, rounds=rounds, local_steps=local_steps,
-                         permutations=permutations, truncation=truncation, progress=status.update)
+                         permutations=permutations, tolerance=tolerance, truncation=truncation,
+                         progress=status.update)
     if json_:
         _out(json.dumps(body))
         return

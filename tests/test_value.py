@@ -94,6 +94,30 @@ def test_sampled_shapley_converges_to_exact_within_its_stderr() -> None:
     assert sum(est.stderr.values()) < sum(small.stderr.values())
 
 
+def test_sampling_stops_once_every_stderr_is_within_the_tolerance() -> None:
+    """The stopping rule: sampling ends at the first permutation (after the minimum) at which every
+    player's stderr is <= the tolerance, the permutation cap stops a tolerance it cannot reach (and
+    says so), and the reported stderrs stay honest under the early stop: over 60 games, >= 90% of
+    the values lie within 2 stderr of exact (95% for a normal error; 2% of them outside 3)."""
+    players = [f"s{i}" for i in range(6)]
+    v = random_game(players, 11)
+    est = sampled_shapley(players, v.__getitem__, permutations=5000, seed=3, tolerance=0.1)
+    assert est.converged and 30 <= est.permutations < 5000
+    assert max(est.stderr.values()) <= 0.1
+    one_less = sampled_shapley(players, v.__getitem__, permutations=est.permutations - 1, seed=3)
+    assert max(one_less.stderr.values()) > 0.1 or est.permutations == 30  # it stopped at the first that met it
+    capped = sampled_shapley(players, v.__getitem__, permutations=40, seed=3, tolerance=1e-6)
+    assert not capped.converged and capped.permutations == 40
+    errors = []
+    for seed in range(60):
+        game = random_game(players, 100 + seed)
+        ref = exact_shapley(players, game.__getitem__)
+        got = sampled_shapley(players, game.__getitem__, permutations=5000, seed=seed, tolerance=0.2)
+        errors += [abs(got.values[p] - ref[p]) / got.stderr[p] for p in players]
+    assert np.mean(np.array(errors) <= 2) >= 0.90
+    assert np.mean(np.array(errors) > 3) <= 0.02
+
+
 def test_truncation_skips_coalitions_and_stays_within_its_bound() -> None:
     """Truncated sampling evaluates fewer coalitions; each value moves by at most the truncation."""
     players = [f"s{i}" for i in range(6)]

@@ -2,7 +2,7 @@
 
     game = Game(silos, beneficiaries, tokens={"a": 4096, ...}, start={"a": 2.31, ...}, score=score)
     body = contributions(game, method="exact")                 # shapley, leave_one_out, matrix
-    body = contributions(game, method="sampled", permutations=30, seed=0, truncation=1e-3)
+    body = contributions(game, method="sampled", permutations=1000, seed=0, truncation=0.01, tolerance=0.01)
     flags = flag_silos(body, singletons_moved={...}, sent_updates={...})
     pay = payouts(body, flags, budget=1000.0)
 
@@ -49,18 +49,26 @@ class Game:
         return sum(self.tokens[j] * (self.start[j] - got[j]) for j in self.beneficiaries) / total
 
 
-def contributions(game: Game, *, method: str, permutations: int = 0, seed: int = 0,
-                  truncation: float = 0.0) -> dict[str, Any]:
+def contributions(game: Game, *, method: str, permutations: int = 0, seed: int = 0, truncation: float = 0.0,
+                  tolerance: float = 0.0) -> dict[str, Any]:
     """Shapley values (exact, or sampled with stderr), leave-one-out and the contributor × beneficiary
-    matrix of `game`; the utilities of the empty and grand coalitions."""
+    matrix of `game`; the utilities of the empty and grand coalitions.
+
+    sampled: `truncation` and `tolerance` are fractions of the grand coalition's gain over the empty
+    one; sampling stops once every silo's stderr is within `tolerance` of it (0: exactly
+    `permutations`, otherwise the cap), and each beneficiary's row walks the same permutations."""
     players = list(game.silos)
     grand, empty = frozenset(players), frozenset[str]()
     stderr: dict[str, float | None]
+    sampling: dict[str, Any] = {}
     if method == "sampled":
-        est = sampled_shapley(players, game.utility, permutations=permutations, seed=seed, truncation=truncation)
+        spread = abs(game.utility(grand) - game.utility(empty))
+        est = sampled_shapley(players, game.utility, permutations=permutations, seed=seed,
+                              truncation=truncation * spread, tolerance=tolerance * spread)
         phi, stderr = est.values, dict(est.stderr)
-        per = {j: sampled_shapley(players, _for(game, j), permutations=permutations, seed=seed, truncation=truncation,
-                                  stop=game.utility).values for j in game.beneficiaries}
+        per = {j: sampled_shapley(players, _for(game, j), permutations=est.permutations, seed=seed,
+                                  truncation=truncation * spread, stop=game.utility).values for j in game.beneficiaries}
+        sampling = {"permutations": est.permutations, "converged": est.converged}
     else:  # exact over every coalition (retrained, or rebuilt in the run)
         phi = exact_shapley(players, game.utility)
         stderr = dict.fromkeys(players, 0.0)
@@ -72,7 +80,7 @@ def contributions(game: Game, *, method: str, permutations: int = 0, seed: int =
         "baseline_utility": game.utility(empty), "grand_utility": game.utility(grand),
         "shapley": phi, "stderr": stderr, "leave_one_out": loo,
         "matrix": {i: {j: per[j][i] for j in game.beneficiaries} for i in players},
-        "coalitions_scored": len(game.seen),
+        "coalitions_scored": len(game.seen), **sampling,
     }
 
 

@@ -11,7 +11,8 @@ same ClientApp as the run. The methods:
   run itself unless `rounds`/`local_steps` reduce the budget, which the output then says),
   exact Shapley and leave-one-out;
 - sampled: the same retraining, on the coalitions that random permutations of the silos visit
-  (truncated once a coalition is within `truncation` of the grand utility), with a standard error;
+  (truncated once a coalition is within `truncation` of the grand utility), sampled until every
+  silo's standard error is within `tolerance` of the grand utility's gain;
 - rounds: the coalition models the run rebuilt from its per-round updates (federation.value =
   "rounds"), no retraining.
 
@@ -56,6 +57,8 @@ from fedlm.train import build_model, train
 from fedlm.value.compute import Coalition, Game, contributions, flag_silos, payouts
 
 METHODS = ("exact", "sampled", "rounds")
+PERMUTATIONS = 2000  # sampled's cap on random orders (each costs only the coalitions it meets for the first time)
+TOLERANCE = 0.01  # sampled stops once every silo's stderr is <= this × the grand utility's gain
 Progress = Callable[[str], None]
 UTILITY = ("drop in bits per byte from the starting model, each beneficiary silo scoring on its own "
            "validation split; the consortium's: token-weighted mean over the beneficiaries")
@@ -248,13 +251,16 @@ def _rounds_game(run_dir: Path, silos: list[str]) -> tuple[Game, dict[str, Any]]
 
 
 def value_run(run_dir: Path, *, method: str | None = None, budget: float | None = None, rounds: int = 0,
-              local_steps: int = 0, permutations: int = 20, truncation: float = 0.0, seed: int = 0,
-              local_models: dict[str, Path] | None = None, progress: Progress | None = None) -> dict[str, Any]:
+              local_steps: int = 0, permutations: int = PERMUTATIONS, tolerance: float = TOLERANCE,
+              truncation: float = 0.0, seed: int = 0, local_models: dict[str, Path] | None = None,
+              progress: Progress | None = None) -> dict[str, Any]:
     """Value the silos of the finished federated run `run_dir`; writes RUN/value.json and returns it.
 
     `method` None: "rounds" when the run valued itself, else "exact". `rounds`/`local_steps` > 0
-    retrain the coalitions with that reduced budget (exact and sampled). `local_models` gives
-    each silo's local-only model (run dirs) instead of training them here."""
+    retrain the coalitions with that reduced budget (exact and sampled). sampled: random orders
+    until every silo's stderr is <= `tolerance` × the grand utility's gain (0: exactly
+    `permutations`, otherwise the cap), each cut short within `truncation` × that gain of it.
+    `local_models` gives each silo's local-only model (run dirs) instead of training them here."""
     t0 = time.perf_counter()
     cents = check_budget(budget)
     if method is not None and method not in METHODS:
@@ -266,6 +272,8 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
         raise UserError("--rounds and --local-steps must be >= 0 (0: the run's own)")
     if method == "sampled" and permutations < 2:
         raise UserError("--permutations must be >= 2 (a standard error needs two)")
+    if method == "sampled" and not (0 <= tolerance < 1 and 0 <= truncation < 1):
+        raise UserError("--tolerance and --truncation are fractions of the grand utility's gain: give 0 <= x < 1")
     say = progress or (lambda _: None)
     rounds, local_steps = rounds or fed.rounds, local_steps or fed.local_steps
     beneficiaries = cfg.value.beneficiaries or silos
@@ -285,10 +293,12 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
                         retrain)
             norms = None
         body = contributions(game, method="exact" if method == "rounds" else method, permutations=permutations,
-                             seed=seed, truncation=truncation)
+                             seed=seed, truncation=truncation, tolerance=tolerance)
         if method != "rounds":
             trained = retrain.trained
             notes += sorted(retrain.notes)
+            if method == "sampled":
+                notes.append(_sampling_note(body, tolerance=tolerance, truncation=truncation))
             if (rounds, local_steps) != (fed.rounds, fed.local_steps):
                 notes.append(f"reduced budget: coalitions retrained for {rounds} rounds of {local_steps} local steps "
                              f"(the run had {fed.rounds} of {fed.local_steps})")
@@ -298,7 +308,7 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
         scorer.close()
         shutil.rmtree(work, ignore_errors=True)
     out = _value_json(method, game, body, flags, gained, notes, budget=cents, trained=trained,
-                      permutations=permutations, seconds=time.perf_counter() - t0)
+                      seconds=time.perf_counter() - t0)
     if any(math.isnan(v) for v in body["shapley"].values()):
         raise UserError(f"{run_dir}: a silo's value is not a number (a model diverged); nothing was written")
     write_json(run_dir / "value.json", out)
@@ -307,7 +317,7 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
 
 def _value_json(method: str, game: Game, body: dict[str, Any], flags: dict[str, dict[str, Any]],
                 gained: dict[str, dict[str, float | None]], notes: list[str], *, budget: Decimal | None, trained: int,
-                permutations: int, seconds: float) -> dict[str, Any]:
+                seconds: float) -> dict[str, Any]:
     """RUN/value.json's body (issue 17's keys, plus the scores it was computed from)."""
     share, pay = payouts(body["shapley"], flags, budget=float(budget) if budget is not None else None)
     return {
@@ -322,8 +332,18 @@ def _value_json(method: str, game: Game, body: dict[str, Any], flags: dict[str, 
         "start_bits_per_byte": dict(game.start),
         "coalition_bits_per_byte": {coalition_key(c): dict(v) for c, v in sorted(game.seen.items(), key=_size)},
         "budget": float(budget) if budget is not None else None, "notes": notes,
-        "permutations": permutations if method == "sampled" else None, "seconds": seconds,
+        "permutations": body.get("permutations"), "seconds": seconds,
     }
+
+
+def _sampling_note(body: dict[str, Any], *, tolerance: float, truncation: float) -> str:
+    """What sampled's standard errors mean, and whether the stopping rule was met."""
+    rule = (f"until every silo's stderr was <= {tolerance:g} × the grand utility's gain" if tolerance > 0
+            else "a fixed number of orders")
+    met = "" if body["converged"] else " (not reached: the permutation cap stopped it; raise --permutations)"
+    cut = (f"; each order cut short within {truncation:g} × that gain of it, a bias of at most that per silo "
+           "that the stderr does not include" if truncation > 0 else "")
+    return f"sampled: {body['permutations']} random orders of the silos, {rule}{met}{cut}"
 
 
 def _size(item: tuple[Coalition, dict[str, float]]) -> tuple[int, str]:

@@ -3,7 +3,7 @@ payouts by largest remainder, and Spearman's rank correlation. No training, no f
 
     v = {frozenset(): 0.0, frozenset({"a"}): 0.3, frozenset({"b"}): 0.1, frozenset({"a", "b"}): 0.5}
     phi = exact_shapley(["a", "b"], v.__getitem__)                  # {"a": 0.35, "b": 0.15}
-    est = sampled_shapley(["a", "b"], v.__getitem__, permutations=50, seed=0)
+    est = sampled_shapley(["a", "b"], v.__getitem__, permutations=500, seed=0, tolerance=0.01)  # stderr <= 0.01
     cents = largest_remainder({"a": 0.35, "b": 0.15}, budget=100.0)  # {"a": 70.0, "b": 30.0}
 
 A game is a function from a coalition (a frozenset of players) to its utility; every function
@@ -67,40 +67,58 @@ class Estimate:
     values: dict[str, float]
     stderr: dict[str, float]
     permutations: int
+    converged: bool = True  # every stderr reached the tolerance (False: the permutation cap stopped it)
+
+
+MIN_PERMUTATIONS = 30  # before the stopping rule may stop: a standard error from fewer orders is itself too noisy
 
 
 def sampled_shapley(players: Sequence[str], game: Game, *, permutations: int, seed: int,
-                    truncation: float = 0.0, stop: Game | None = None) -> Estimate:
-    """Monte-Carlo Shapley over random orders of the players (Castro et al. 2009), with truncation.
+                    truncation: float = 0.0, stop: Game | None = None, tolerance: float = 0.0,
+                    min_permutations: int = MIN_PERMUTATIONS) -> Estimate:
+    """Monte-Carlo Shapley over random orders of the players (Castro et al. 2009), with truncation
+    and a stopping rule.
 
     Walking a permutation, once the coalition so far is within `truncation` of v(N) (in the
     game's units), the remaining players' marginals are taken as 0 and not evaluated (the
     truncation of Ghorbani & Zou 2019's TMC-Shapley): a bias of at most `truncation` per
     permutation, bought for fewer coalitions. Each player's standard error is the sample std
-    of its marginals over the permutations / sqrt(permutations). `stop` (default: `game`) is
-    the game whose closeness to its grand value truncates, so that several games (one per
-    beneficiary) walk the same permutations and coalitions.
+    of its marginals over the permutations / sqrt(permutations): the sampling error only, not
+    truncation's bias. `tolerance` > 0: sample until every player's standard error is
+    <= `tolerance` (after at least `min_permutations`), with `permutations` as the cap; 0: exactly
+    `permutations`. `stop` (default: `game`) is the game whose closeness to its grand value
+    truncates, so that several games (one per beneficiary) walk the same permutations and coalitions.
     """
     if permutations < 2:
         raise ValueError("sampled Shapley needs at least 2 permutations for a standard error")
     rng = np.random.default_rng(seed)  # the order of evaluation only: no secret here
     stop = stop or game
     grand = stop(frozenset(players))
-    marginals = {p: np.zeros(permutations) for p in players}
-    for m in range(permutations):
-        order = [players[k] for k in rng.permutation(len(players))]
+    marginals = np.zeros((permutations, len(players)))  # (permutation, player)
+    done, converged = 0, tolerance <= 0
+    while done < permutations:
+        order = rng.permutation(len(players))
         coalition: frozenset[str] = frozenset()
         before = game(coalition)
-        for p in order:
+        for k in order:
             if truncation > 0 and abs(grand - stop(coalition)) <= truncation:
                 break  # the rest contribute 0 in this order
-            coalition = coalition | {p}
+            coalition = coalition | {players[k]}
             after = game(coalition)
-            marginals[p][m] = after - before
+            marginals[done, k] = after - before
             before = after
-    values = {p: float(x.mean()) for p, x in marginals.items()}
-    stderr = {p: float(x.std(ddof=1) / math.sqrt(permutations)) for p, x in marginals.items()}
-    return Estimate(values, stderr, permutations)
+        done += 1
+        if tolerance > 0 and done >= max(2, min_permutations) and _stderr(marginals[:done]).max() <= tolerance:
+            converged = True
+            break
+    seen = marginals[:done]
+    values = dict(zip(players, seen.mean(0).tolist(), strict=True))
+    return Estimate(values, dict(zip(players, _stderr(seen).tolist(), strict=True)), done, converged)
+
+
+def _stderr(marginals: np.ndarray) -> np.ndarray:
+    """Each player's standard error of the mean marginal, from (permutations, players) samples."""
+    return marginals.std(0, ddof=1) / math.sqrt(len(marginals))
 
 
 def largest_remainder(weights: dict[str, float], *, budget: float, unit: float = 0.01) -> dict[str, float]:
