@@ -20,6 +20,8 @@ and the order of the silos per seed.
 from __future__ import annotations
 
 import json
+import os
+import resource
 import shutil
 import statistics
 import sys
@@ -34,7 +36,16 @@ TARGET_SPEARMAN = 0.9
 TARGET_WITHIN = 0.10  # of the grand utility
 TARGET_OVERHEAD = 0.30
 TARGET_EXACT_S = 1800.0
+TRUNCATION = 0.01  # sampled cuts an order short within this share of the grand gain
 SEEDS = (1, 2, 3)
+
+
+def size_text() -> str:
+    """VALUE_SIZE in words, for the BENCHMARKS section."""
+    kv = dict(item.split("=", 1) for item in VALUE_SIZE)
+    return (f"a {kv['model.n_layers']}-layer d={kv['model.d_model']} model, {kv['federation.strategy'].strip(chr(34))} "
+            f"{kv['federation.rounds']} rounds × {kv['federation.local_steps']} local steps of {kv['train.batch_size']} "
+            f"× {kv['train.seq_len']} tokens, each silo scoring {int(kv['value.eval_tokens']):,} validation tokens")
 
 
 def _config(ws: Path, seed: int, value: str) -> Any:
@@ -44,13 +55,20 @@ def _config(ws: Path, seed: int, value: str) -> Any:
                               f'federation.value="{value}"'])
 
 
-def _timed_run(ws: Path, out: Path, seed: int, value: str) -> float:
+def _cpu() -> float:
+    """CPU seconds (user + sys) of this process, all threads: on a shared machine, what a run cost."""
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
+
+
+def _timed_run(ws: Path, out: Path, seed: int, value: str) -> tuple[float, float]:
+    """(wall, CPU) seconds of one federated run."""
     from fedlm.federation.runner import run_federated
 
     shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu()
     run_federated(_config(ws, seed, value), out)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, _cpu() - c0
 
 
 def _local_models(ws: Path, out: Path, seed: int) -> dict[str, Path]:
@@ -77,16 +95,19 @@ def _compare(values: dict[str, float], exact: dict[str, float], grand: float) ->
             "ok": bool(rho >= TARGET_SPEARMAN and worst <= TARGET_WITHIN)}
 
 
-def _sampled(exact_body: dict[str, Any], *, permutations: int, seed: int) -> tuple[dict[str, float], int]:
-    """Sampled Shapley on the retrained coalitions' scores; (values, distinct coalitions visited)."""
+def _sampled(exact_body: dict[str, Any], *, seed: int) -> dict[str, Any]:
+    """Sampled Shapley (fedlm value's stopping rule and cap, truncated at TRUNCATION of the grand gain) on the
+    retrained coalitions' scores; its values, stderrs, orders drawn and coalitions visited."""
     from fedlm.value.compute import Game, contributions
+    from fedlm.value.run import PERMUTATIONS, TOLERANCE
 
     table = {frozenset(k.split("+")) if k else frozenset(): v for k, v in exact_body["coalition_bits_per_byte"].items()}
     game = Game(sorted(exact_body["silos"]), exact_body["beneficiaries"], exact_body["eval_tokens"],
                 exact_body["start_bits_per_byte"], table.__getitem__)
-    grand = exact_body["grand_utility"] - exact_body["baseline_utility"]
-    body = contributions(game, method="sampled", permutations=permutations, seed=seed, truncation=0.01 * abs(grand))
-    return body["shapley"], len(game.seen)
+    body = contributions(game, method="sampled", permutations=PERMUTATIONS, seed=seed, truncation=TRUNCATION,
+                         tolerance=TOLERANCE)
+    return {"values": body["shapley"], "stderr": body["stderr"], "permutations": body["permutations"],
+            "converged": body["converged"], "coalitions": len(game.seen)}
 
 
 def run(quick: bool = False) -> dict[str, Any]:
@@ -98,24 +119,33 @@ def run(quick: bool = False) -> dict[str, Any]:
         ws = prepare_workspace(root, vocab_size=1024)  # the demo's own pipeline and workspace (quick size)
         seeds = SEEDS[:1] if quick else SEEDS
         walls: dict[str, list[float]] = {"none": [], "rounds": []}
+        cpus: dict[str, list[float]] = {"none": [], "rounds": []}
         for value in ("none", "rounds", "none", "rounds"):  # seed 1, alternating (the first run also warms up)
-            walls[value].append(_timed_run(ws, root / f"timing-{value}", seeds[0], value))
+            wall, cpu = _timed_run(ws, root / f"timing-{value}", seeds[0], value)
+            walls[value].append(wall)
+            cpus[value].append(cpu)
+        load = [os.getloadavg()[0]]
         per_seed: dict[int, Any] = {}
         for seed in seeds:
             run_dir = root / f"run-{seed}"
             _timed_run(ws, run_dir, seed, "rounds")
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _cpu()
             local = _local_models(ws, root / f"local-{seed}", seed)  # the gains' baselines, once for both methods
             exact = value_run(run_dir, method="exact", local_models=local)
-            exact_s = time.perf_counter() - t0
+            exact_s, exact_cpu = time.perf_counter() - t0, _cpu() - c0
+            load.append(os.getloadavg()[0])
             rounds = value_run(run_dir, method="rounds", local_models=local)
             ex = {s: v["shapley"] for s, v in exact["silos"].items()}
             rv = {s: v["shapley"] for s, v in rounds["silos"].items()}
             grand = exact["grand_utility"] - exact["baseline_utility"]
-            sv, visited = _sampled(exact, permutations=10 if quick else 30, seed=seed)
+            sampled = _sampled(exact, seed=seed)
+            sv = sampled["values"]
             per_seed[seed] = {
                 "exact": ex, "rounds": rv, "sampled": sv, "grand_utility": grand, "exact_seconds": exact_s,
-                "exact_coalitions_trained": exact["coalitions_trained"], "sampled_coalitions": visited,
+                "exact_cpu_seconds": exact_cpu,
+                "exact_coalitions_trained": exact["coalitions_trained"], "sampled_coalitions": sampled["coalitions"],
+                "sampled_permutations": sampled["permutations"], "sampled_converged": sampled["converged"],
+                "sampled_stderr": sampled["stderr"],
                 "rounds_vs_exact": _compare(rv, ex, grand), "sampled_vs_exact": _compare(sv, ex, grand),
                 "rounds_valuation": {k: v for k, v in json.loads((run_dir / "value_rounds.json").read_text()).items()
                                      if k.endswith("seconds")},
@@ -129,16 +159,19 @@ def run(quick: bool = False) -> dict[str, Any]:
                          "spread": max(per_seed[k]["exact"][s] for k in seeds) - min(per_seed[k]["exact"][s] for k in seeds)}
                      for s in silos}
         overhead = statistics.median(walls["rounds"]) / statistics.median(walls["none"]) - 1
+        overhead_cpu = statistics.median(cpus["rounds"]) / statistics.median(cpus["none"]) - 1
         # the reference's own agreement across seeds: the most any method can be expected to match it
         from fedlm.value.shapley import spearman
 
         exact_vs_exact = {f"{a} vs {b}": spearman([per_seed[a]["exact"][s] for s in silos],
                                                   [per_seed[b]["exact"][s] for s in silos])
                           for i, a in enumerate(seeds) for b in seeds[i + 1:]}
-        return {"seeds": list(seeds), "size": VALUE_SIZE, "silos": silos, "per_seed": per_seed, "stability": stability,
+        return {"seeds": list(seeds), "size": VALUE_SIZE, "size_text": size_text(), "silos": silos, "per_seed": per_seed, "stability": stability,
                 "exact_vs_exact": exact_vs_exact,
-                "run_wall_s": walls, "rounds_overhead": overhead, "overhead_ok": overhead <= TARGET_OVERHEAD,
-                "exact_seconds_max": max(per_seed[k]["exact_seconds"] for k in seeds)}
+                "run_wall_s": walls, "run_cpu_s": cpus, "rounds_overhead": overhead,
+                "rounds_overhead_cpu": overhead_cpu, "overhead_ok": overhead <= TARGET_OVERHEAD,
+                "exact_seconds_max": max(per_seed[k]["exact_seconds"] for k in seeds),
+                "exact_cpu_seconds_max": max(per_seed[k]["exact_cpu_seconds"] for k in seeds), "load_1min": load}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
