@@ -136,12 +136,12 @@ def score_reply(msg: Message, path: Path) -> Message:
 # scoring: the server side
 
 
-def _request(node: int, models: list[State], *, config_text: str, tokenizer_sha256: str, max_tokens: int
+def _request(node: int, models: list[ArrayRecord], *, config_text: str, tokenizer_sha256: str, max_tokens: int
              ) -> Message:
     content = RecordDict({"config": ConfigRecord({"fedlm-config": config_text, "tokenizer-sha256": tokenizer_sha256,
                                                   "max-tokens": max_tokens, "models": len(models)})})
-    for i, state in enumerate(models):
-        content[f"model-{i}"] = ArrayRecord({k: v.contiguous() for k, v in state.items()})
+    for i, record in enumerate(models):
+        content[f"model-{i}"] = record
     return Message(content, node, "evaluate.value", group_id="value")
 
 
@@ -166,8 +166,12 @@ def score_on_silos(grid: Grid, node_of: Mapping[str, int], models: Mapping[str, 
     longest = max((len(m) for m in models.values()), default=0)
     for start in range(0, longest, CHUNK):
         batch = {s: m[start:start + CHUNK] for s, m in models.items() if m[start:start + CHUNK]}
-        msgs = {s: _request(node_of[s], ms, config_text=config_text, tokenizer_sha256=tokenizer_sha256,
-                            max_tokens=max_tokens) for s, ms in batch.items()}
+        records: dict[int, ArrayRecord] = {}  # one record per model: the silos' messages share it (hashed once)
+        for state in (st for ms in batch.values() for st in ms):
+            if id(state) not in records:
+                records[id(state)] = ArrayRecord({k: v.contiguous() for k, v in state.items()})
+        msgs = {s: _request(node_of[s], [records[id(st)] for st in ms], config_text=config_text,
+                            tokenizer_sha256=tokenizer_sha256, max_tokens=max_tokens) for s, ms in batch.items()}
         replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(list(msgs.values()), timeout=timeout)}
         for silo, ms in batch.items():
             reply = replies.get(node_of[silo])
