@@ -197,7 +197,8 @@ def print_table(models: dict[str, dict[str, Any]], found: dict[str, Any]) -> Non
 # The valuation run: the six silos on a small FedAvg model, valued inside the run (`rounds`), the
 # size at which bench/value_bench.py compares `rounds` with exact retraining. The demo's own
 # fedsgd run takes one server step per round, and rebuilding 62 coalitions' AdamW steps every
-# round would cost more than the run itself.
+# round would cost more than the run itself. Short on purpose: `rounds` drifts from retraining
+# as runs train longer (README, "What they can and cannot be trusted for").
 VALUE_SIZE = [
     "model.preset=custom", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.d_ff=160",
     "model.max_seq_len=64", "train.seq_len=64", "train.batch_size=4", "train.lr=3e-3", "train.warmup_steps=2",
