@@ -6,9 +6,9 @@ mean over seeds); federated answer bits per byte <= 1.10x centralised; each silo
 <= 1% of sending the full fp32 model every round; the demo's wall time with the CPU seconds of
 its process beside it (the machine is shared).
 
-The demo runs at `fedlm.assistant.BENCH` (20 rounds, 24 held-out questions per silo and model)
-unless --size says otherwise: `quick` is `fedlm demo --assistant --quick` (its 8 questions rank
-models too coarsely to judge the targets), `full` the demo without --quick.
+The demo runs at `fedlm.assistant.BENCH` (the --quick training, 20 held-out questions per silo
+and model) unless --size says otherwise: `quick` is `fedlm demo --assistant --quick` (its 8
+questions rank models too coarsely to judge the targets), `full` the demo without --quick.
 
     python -m bench.assistant_bench [--size quick|bench|full] [--seed S ...] [--keep DIR]
 
@@ -138,7 +138,7 @@ def run(size: str = "bench", seeds: tuple[int, ...] = SEEDS, keep: Path | None =
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="bench",
-                        help="the demo size (default bench: ~12 minutes a seed idle; full: ~30)")
+                        help="the demo size (default bench: --quick's training, 20 questions per silo)")
     parser.add_argument("--seed", type=int, action="append", help=f"run these seeds only (default {SEEDS})")
     parser.add_argument("--keep", type=Path, help="keep each seed's results in DIR/seedS and reuse those found there")
     a = parser.parse_args()
