@@ -353,8 +353,9 @@ def device_section(quick: bool) -> tuple[dict[str, Any], str]:
 
 
 def assistant_section(quick: bool) -> tuple[dict[str, Any], str]:
-    """`fedlm demo --assistant` over two seeds (the --quick size unless bench.run runs without --quick
-    and FEDLM_BENCH_ASSISTANT_FULL=1: the full size takes ~30 minutes of an idle machine per seed)."""
+    """`fedlm demo --assistant` over two seeds (at the bench's size, `fedlm.assistant.BENCH`, unless
+    bench.run runs without --quick and FEDLM_BENCH_ASSISTANT_FULL=1: the full size takes ~30 minutes
+    of an idle machine per seed)."""
     from bench.assistant_bench import (
         TARGET_BEATS_LOCAL,
         TARGET_BPB_RATIO,
@@ -364,7 +365,7 @@ def assistant_section(quick: bool) -> tuple[dict[str, Any], str]:
     )
 
     small = quick or os.environ.get("FEDLM_BENCH_ASSISTANT_FULL") != "1"
-    r = run(quick=small)
+    r = run(size="bench" if small else "full")
     ok, n = r["ok"], len(r["silos"])
     seeds = " / ".join
     rows = [[s, *(seeds(f"{x:.2f}" for x in r["exact_match_per_seed"][s][k])
@@ -381,14 +382,15 @@ def assistant_section(quick: bool) -> tuple[dict[str, Any], str]:
          f"{r['comm']['mb_sent_per_silo']:.1f} MB vs {r['comm']['mb_full_fp32_per_silo']:,.0f} MB = "
          + seeds(f"{100 * x:.2f}%" for x in r["comm_share_per_seed"]), f"≤ {100 * TARGET_COMM_SHARE:.0f}%",
          _ok(ok["comm_share"])],
-        [f"demo wall time ({'--quick' if small else 'full'}), s (CPU s of its process)",
+        [f"demo wall time ({'bench size' if small else 'full'}), s (CPU s of its process)",
          seeds(f"{w:.0f} ({c:.0f})" for w, c in zip(r["wall_s_per_seed"], r["cpu_s_per_seed"], strict=True)),
-         f"≤ {TARGET_SECONDS[small]:.0f}", _ok(ok["time"])],
+         f"≤ {TARGET_SECONDS[r['size_name']]:.0f}", _ok(ok["time"])],
     ]
     text = (
-        f"`fedlm demo --assistant{' --quick' if small else ''}` (`bench/assistant_bench.py`): SmolLM2-135M-Instruct "
-        "with LoRA on the bundled QA silos, seeds " + seeds(str(s) for s in r["seeds"]) + ", one after the "
-        "other. Exact match on each silo's held-out questions, seed by seed:\n\n"
+        "`fedlm demo --assistant` at the bench's size (`bench/assistant_bench.py --size "
+        f"{r['size_name']}`: {r['size']['rounds']} rounds, {r['size']['questions'] or 'all'} held-out questions per "
+        "silo and model): SmolLM2-135M-Instruct with LoRA on the bundled QA silos, seeds "
+        + seeds(str(s) for s in r["seeds"]) + ". Exact match on each silo's held-out questions, seed by seed:\n\n"
         + _table(["silo", "base", "local-only", "centralised", "federated", "personalised"], rows)
         + "\n\n" + _table(["target", "measured", "target", ""], checks)
     )

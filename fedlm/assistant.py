@@ -61,11 +61,28 @@ class AssistantSize:
 # (the main demo's finding, `fedlm.demo`): a window holds about two conversations.
 QUICK = AssistantSize(rounds=10, silo_batch=1, personalise_steps=2, seq_len=192, lr=2e-3, questions=8,
                       max_new_tokens=16)
+BENCH = AssistantSize(rounds=10, silo_batch=1, personalise_steps=2, seq_len=192, lr=2e-3, questions=20,
+                      max_new_tokens=16)
+"""The size bench/assistant_bench.py measures issue 16's targets at: QUICK's training, scored on 20
+held-out questions per silo and model (QUICK's 8 rank models in steps of 0.125, too coarsely).
+Scoring costs about as much as training here (each question's prompt is read whole)."""
 FULL = AssistantSize(rounds=48, silo_batch=2, personalise_steps=8, seq_len=192, lr=2e-3, questions=0,
                      max_new_tokens=24)
-SCORE_DTYPE = torch.bfloat16
-"""The weights' dtype when the demo scores its models: the preset trains in bf16, and bf16 weights
-score a model's answers ~2.5x faster on a CPU than fp32 (answer bits per byte within ~1%)."""
+SIZES = {"quick": QUICK, "bench": BENCH, "full": FULL}
+
+def cpu_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16, AMX). On such a CPU bf16 weights score
+    answers ~2.5x faster than fp32 (answer bits per byte within ~1%); on one without (AVX2 only)
+    torch emulates bf16 matmuls, ~15x slower than fp32, for training and scoring alike."""
+    op = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(op is not None and op())
+
+
+def score_dtype() -> torch.dtype:
+    """The weights' dtype when the demo scores its models (on the CPU)."""
+    return torch.bfloat16 if cpu_bf16() else torch.float32
+
+
 VAL_FRACTION = 0.2
 """Share of each QA silo held out (a hash of each conversation): ~40-60 questions per silo."""
 PRESET = "smollm2-lora"
@@ -98,6 +115,7 @@ def assistant_sets(ws: Path, size: AssistantSize, *, seed: int) -> list[str]:
         "train.log_every": max(1, size.rounds // 8), "train.seed": seed,
         "federation.rounds": size.rounds, "federation.personalise_steps": size.personalise_steps,
         "train.eval_batches": 1,  # the demo scores every model's answers itself (`score_all`)
+        "train.precision": "bf16" if torch.cuda.is_available() or cpu_bf16() else "fp32",  # where it is fast
     }
     return preset_sets(PRESET) + [f"{k}={json.dumps(v)}" for k, v in sets.items()]
 
@@ -127,10 +145,11 @@ def score_all(runs: dict[str, Path], ws: Path, size: AssistantSize) -> dict[str,
     todo: list[tuple[str, str, list[str]]] = [("base", str(resolve(SMOLLM2)), list(SILOS))]
     todo += [(name, str(path), list(SILOS) if ":" not in name else [name.split(":", 1)[1]])
              for name, path in runs.items()]
+    dtype = score_dtype()
     with progress_bar("evaluate", unit="models") as update:
         for i, (name, run_dir, silos) in enumerate(todo):
             model = load_pretrained(SMOLLM2)[0] if name == "base" else load_model(Path(run_dir))[0]
-            models[name] = {"run_dir": run_dir, **score(model.to(SCORE_DTYPE).eval(), ws, silos, size)}
+            models[name] = {"run_dir": run_dir, **score(model.to(dtype).eval(), ws, silos, size)}
             update(i + 1, len(todo))
     return models
 
@@ -227,10 +246,12 @@ def _user_turn(rendered: str) -> str:
     return rendered.rsplit("<|im_start|>user\n", 1)[-1].split("<|im_end|>", 1)[0]
 
 
-def run_assistant(out: Path, *, quick: bool = False, seed: int = 1337) -> dict[str, Any]:
-    """The whole assistant demo into OUT; returns (and writes) OUT/summary.json's content."""
+def run_assistant(out: Path, *, quick: bool = False, seed: int = 1337,
+                  size: AssistantSize | None = None) -> dict[str, Any]:
+    """The whole assistant demo into OUT (at `size`, else QUICK or FULL); returns (and writes)
+    OUT/summary.json's content."""
     clock = _Clock()
-    size = QUICK if quick else FULL
+    size = size or (QUICK if quick else FULL)
     fresh_runs(out)
     ws = prepare_workspace(out)
     ChatTemplate.load(ws, what="the assistant demo")  # the tokenizer came with its chat template
@@ -247,7 +268,7 @@ def run_assistant(out: Path, *, quick: bool = False, seed: int = 1337) -> dict[s
     clock.mark("sample")
     summary: dict[str, Any] = {
         "models": models, "findings": found, "communication": comm, "quick": quick, "seed": seed,
-        "model": SMOLLM2, "size": size.__dict__, "score_dtype": str(SCORE_DTYPE).removeprefix("torch."),
+        "model": SMOLLM2, "size": size.__dict__, "score_dtype": str(score_dtype()).removeprefix("torch."),
         "cpu_threads": torch.get_num_threads(), **clock.summary(), "run_seconds": run_seconds(runs), "sample": s}
     write_json(out / "summary.json", summary)
     print_table(models, found, comm)

@@ -111,31 +111,52 @@ def spdx_keys(downloads: Path) -> dict[str, str]:
     return out
 
 
-def opening_lines(text: str, max_chars: int = 240) -> str:
-    """The first non-blank lines of a licence, whitespace collapsed, up to `max_chars`."""
-    lines = [" ".join(line.split()) for line in text.splitlines() if line.strip()]
-    out = ""
-    for line in lines:
-        if out and len(out) + len(line) + 1 > max_chars:
-            break
-        out = f"{out}\n{line}" if out else line[:max_chars]
+LEGAL_EXCERPTS = 10
+"""Excerpts asked per licence (fewer where a licence has fewer distinctive ones)."""
+LEGAL_MIN_EXCERPTS = 6
+"""A licence is asked about only when it has this many distinctive excerpts, so that nearly
+every held-out question's answer is also an answer of the training split."""
+
+
+def excerpts(text: str, lo: int = 120, hi: int = 280) -> list[str]:
+    """Consecutive non-blank lines of a licence, whitespace collapsed, joined into excerpts of
+    `lo` to `hi` characters that do not overlap (a line longer than `hi` is skipped)."""
+    out, cur = [], ""
+    for line in (" ".join(x.split()) for x in text.splitlines() if x.strip()):
+        joined = f"{cur} {line}" if cur else line
+        if len(joined) <= hi:
+            cur = joined
+            continue
+        if len(cur) >= lo:
+            out.append(cur)
+        cur = line if len(line) <= hi else ""
+    if len(cur) >= lo:
+        out.append(cur)
     return out
 
 
-def qa_legal(files: Files, spdx: dict[str, str], prefix: int = 100) -> list[QA]:
-    """A licence's SPDX id from its opening lines; openings that begin like another licence's
-    (the first `prefix` characters: BSD and MIT variants) are left out as unanswerable."""
+def qa_legal(files: Files, spdx: dict[str, str], edge: int = 50) -> list[QA]:
+    """A licence's SPDX id from an excerpt anywhere in its text: excerpts of the licences that
+    have at least LEGAL_MIN_EXCERPTS distinctive ones (mostly ASCII, and neither their first nor
+    their last `edge` characters found in any other licence: the many shared or near-identical
+    BSD, MIT, CC and CeCILL passages name no one licence), up to LEGAL_EXCERPTS each."""
+    flat = {name: " ".join(data.decode("utf-8").split()) for name, data in files.items()}
     pairs = []
-    for name, data in files.items():
+    for name, data in sorted(files.items()):
         key = name.removesuffix(".txt")
-        if key in spdx:
-            head = opening_lines(data.decode("utf-8"))
-            if sum(c.isascii() for c in head) < 0.98 * len(head):  # box drawings, non-English
+        if key not in spdx:
+            continue
+        found = []
+        for ex in excerpts(data.decode("utf-8")):
+            if sum(c.isascii() for c in ex) < 0.98 * len(ex):  # box drawings, non-English
                 continue
-            q = f"Which licence begins like this? Answer with its SPDX identifier only.\n\n{head}"
-            pairs.append((q, spdx[key]))
-    starts = Counter(q[:prefix + q.index("\n\n")] for q, _ in pairs)
-    return [(q, a) for q, a in pairs if starts[q[:prefix + q.index("\n\n")]] == 1]
+            if any(ex[:edge] in t or ex[-edge:] in t for other, t in flat.items() if other != name):
+                continue
+            q = f"Which licence is this excerpt from? Answer with its SPDX identifier only.\n\n{ex}"
+            found.append((q, spdx[key]))
+        if len(found) >= LEGAL_MIN_EXCERPTS:
+            pairs.extend(sorted(found, key=lambda qa: order_key(qa[0]))[:LEGAL_EXCERPTS])
+    return pairs
 
 
 # ---------------------------------------------------------------- medical: ICD-10-CM code
@@ -174,7 +195,16 @@ def qa_medical(files: Files, max_codes: int = 3) -> list[QA]:
 # ---------------------------------------------------------------- technical: a Python name
 
 _ROLE = re.compile(r":(\w+):`([^`]*)`")
-_FUNC_ROLE = re.compile(r"(?<!:c):func:`([^`]*)`")  # Python functions, not the C API's
+BLANKS = {  # reST role -> what the question asks for (the C API's :c:func: etc. are not these roles)
+    "func": "Which Python function fills the blank? Answer with its name only.",
+    "exc": "Which Python exception fills the blank? Answer with its name only.",
+    "keyword": "Which Python keyword fills the blank? Answer with the keyword only.",
+}
+TECH_MIN_ANSWER = 3
+"""A name is asked for only when at least this many sentences blank it, so that nearly every
+held-out question's answer is also an answer of the training split."""
+TECH_MAX_ANSWER = 12
+"""At most this many questions per name (TypeError alone fills 27 blanks)."""
 
 
 def _role_text(target: str) -> str:
@@ -186,8 +216,8 @@ def _role_text(target: str) -> str:
     return target.rsplit(".", 1)[-1] if target.startswith("~") else target
 
 
-def _func_name(target: str) -> str:
-    """The function a :func: role names: its target, not a display title (`title <target>`)."""
+def _target_name(target: str) -> str:
+    """The name a role points to: its target, not a display title (`title <target>`)."""
     m = re.search(r"<([^>]*)>$", target)
     return (m.group(1) if m else target).lstrip("~!").removesuffix("()")
 
@@ -200,36 +230,27 @@ def _plain(text: str) -> str:
 
 
 def qa_technical(files: Files) -> list[QA]:
-    """Special methods from their data-model description, and functions named in a sentence of
-    the docs (the name blanked): both ask for a Python name from what the docs say it does."""
+    """The function, exception or keyword blanked in a sentence of the docs (the sentence names
+    no other of that kind, and the name appears nowhere else in the question), for names blanked
+    in at least TECH_MIN_ANSWER sentences."""
+    found: dict[str, list[QA]] = {}
+    for role, ask in BLANKS.items():
+        pattern = re.compile(rf"(?<!:c):{role}:`([^`]*)`")
+        for _, data in sorted(files.items()):
+            text = data.decode("utf-8")
+            prose = "\n\n".join(p for p in re.split(r"\n\s*\n", text) if not p.lstrip().startswith(".."))
+            for sent in sentences(prose):
+                names = pattern.findall(sent)
+                if len(names) != 1 or not 40 <= len(sent) <= 300 or "::" in sent:
+                    continue
+                answer = _target_name(names[0])
+                q = f"{ask}\n\n{_plain(pattern.sub('____', sent))}"
+                if re.fullmatch(r"[A-Za-z_][\w.]*", answer) and answer not in q:
+                    found.setdefault(answer, []).append((q, answer))
     pairs = []
-    method = re.compile(r"^\.\. method:: object\.(__\w+__)\(.*\n((?:\n|   .*\n)+)", re.M)
-    for _, data in sorted(files.items()):
-        text = data.decode("utf-8")
-        for m in method.finditer(text):
-            body = [p for p in re.split(r"\n\s*\n", m.group(2))
-                    if p.strip() and ".. " not in p and not p.strip().startswith("object.")]
-            if not body:
-                continue
-            desc = sentences(body[0])[0]
-            desc = re.sub(rf":meth:`[^`]*{re.escape(m.group(1))}[^`]*`", "____", desc)
-            desc = _plain(desc)
-            if m.group(1) in desc or len(desc) < 30 or desc.startswith("These methods"):
-                continue
-            q = ("Which special method of Python's data model does this describe? "
-                 f"Answer with the method name only.\n\n{desc}")
-            pairs.append((q, m.group(1)))
-        prose = "\n\n".join(p for p in re.split(r"\n\s*\n", text) if not p.lstrip().startswith(".."))
-        for sent in sentences(prose):
-            funcs = _FUNC_ROLE.findall(sent)
-            if len(funcs) != 1 or not 40 <= len(sent) <= 300 or "::" in sent:
-                continue
-            answer = _func_name(funcs[0])
-            blanked = _plain(_FUNC_ROLE.sub("____", sent))
-            if not re.fullmatch(r"[A-Za-z_][\w.]*", answer) or answer in blanked:
-                continue
-            q = f"Which Python function fills the blank? Answer with its name only.\n\n{blanked}"
-            pairs.append((q, answer))
+    for _, qas in sorted(found.items()):
+        if len(qas) >= TECH_MIN_ANSWER:
+            pairs.extend(sorted(qas, key=lambda qa: order_key(qa[0]))[:TECH_MAX_ANSWER])
     return pairs
 
 
@@ -313,26 +334,34 @@ def qa_drama(files: Files) -> list[QA]:
     return pairs
 
 
-# ---------------------------------------------------------------- chinese: 条旨 and poets
+# ---------------------------------------------------------------- chinese: 章 and poets
 
 _DATES = re.compile(r"[（(][^）)]*[）)]")
+CHAPTER_MAX = 12
+"""Articles asked per chapter of the 《刑法》 (its chapters hold 12 to 108 articles)."""
+POET_MIN_POEMS = 10
+"""A poem is asked about only when its poet wrote this many poems of the two collections."""
+POET_MAX_POEMS = 15
+"""Poems asked per poet (杜甫 has 39)."""
 
 
-def qa_chinese(files: Files) -> list[QA]:
-    """The heading (【条旨】) of a 《刑法》 article from its text, and a poem's author."""
-    pairs = []
-    rows = csv.DictReader(io.StringIO(files["criminal-law.csv"].decode("utf-8")))
-    for row in rows:
-        m = re.match(r"【([\u4e00-\u9fff、]{2,20})】(.+)", row["text"], re.S)
-        if not m:  # no heading, or a compound one ("第一款罪名;...")
-            continue
-        body = m.group(2).strip()
-        body = body if len(body) <= 48 else body[:48] + "……"
+def _law_chapters(files: Files) -> list[QA]:
+    """The chapter (章) of a 《刑法》 article from its number and opening (its 【条旨】 included)."""
+    by_chapter: dict[str, list[QA]] = {}
+    for row in csv.DictReader(io.StringIO(files["criminal-law.csv"].decode("utf-8"))):
+        text = " ".join(row["text"].split())
+        body = text if len(text) <= 48 else text[:48] + "……"
         number, _, sub = row["article"].partition(".")
         article = f"第{number}条" + (f"之{'一二三四五六七八九'[int(sub) - 1]}" if sub else "")
-        q = f"《刑法》{article}：{body}\n这一条的条旨是什么？"
-        pairs.append((q, m.group(1)))
-    law = len(pairs)
+        q = f"《刑法》{article}：{body}\n这一条属于《刑法》的哪一章？"
+        by_chapter.setdefault(row["chapter"], []).append((q, row["chapter"]))
+    return [qa for _, qas in sorted(by_chapter.items())
+            for qa in sorted(qas, key=lambda qa: order_key(qa[0]))[:CHAPTER_MAX]]
+
+
+def _poets(files: Files) -> list[QA]:
+    """A poem's author from its title and first two lines, for poets with POET_MIN_POEMS poems."""
+    by_poet: dict[str, list[QA]] = {}
     for name in ("tang300.jsonl", "song100.jsonl"):
         for line in files[name].decode("utf-8").splitlines():
             lines = json.loads(line)["text"].split("\n")
@@ -344,10 +373,15 @@ def qa_chinese(files: Files) -> list[QA]:
             verses = [x.strip() for x in lines[lines.index(author_line) + 1 :] if len(x.strip()) >= 5]
             body = "\n".join(verses[:2])
             if author and body and len(author) <= 6:
-                pairs.append((f"{title}\n{body}\n这首诗的作者是谁？", author))
-    # at most half the candidates are law articles, so poems stay in the PER_SILO sample too
-    law_pairs = sorted(pairs[:law], key=lambda qa: order_key(qa[0]))[: PER_SILO // 2]
-    return law_pairs + pairs[law:]
+                by_poet.setdefault(author, []).append((f"{title}\n{body}\n这首诗的作者是谁？", author))
+    return [qa for _, qas in sorted(by_poet.items()) if len(qas) >= POET_MIN_POEMS
+            for qa in sorted(qas, key=lambda qa: order_key(qa[0]))[:POET_MAX_POEMS]]
+
+
+def qa_chinese(files: Files) -> list[QA]:
+    """The chapter of a 《刑法》 article, and a poem's author: two closed sets of answers (15
+    chapters, 10 poets), each answer asked about many times."""
+    return _law_chapters(files) + _poets(files)
 
 
 # ---------------------------------------------------------------- write
