@@ -11,14 +11,14 @@ The base model and the federated and centralised models are scored on every silo
 local-only or personalised model on its own silo (the one it was made for). The federated
 run is `fedsgd` (every round, each silo sends one int8 gradient of the adapters on its batch
 and the server takes one AdamW step on their mean): the same sequential steps as a silo
-training alone, on the six silos' questions at once. Each run's `model/` holds the adapters
-merged into the base weights, so `fedlm serve OUT/runs/federated` answers with them.
+training alone, on the six silos' questions at once. Each run's `model/` holds its adapters and
+names its base (`fedlm.lora.save_adapters`); loading it merges them into the base, so `fedlm
+serve OUT/runs/federated` answers with them.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import torch
 from rich.table import Table
-from safetensors import safe_open
 
 from fedlm.corpus import SILOS, extract_qa
 from fedlm.data.chat import ChatTemplate
@@ -40,10 +39,11 @@ from fedlm.demo import DemoSize, fresh_runs, run_all
 from fedlm.evaluate import answer_metrics, greedy_answers, held_out_questions
 from fedlm.fileio import write_json
 from fedlm.model import Transformer
-from fedlm.modelio import WEIGHTS, find_model_dir
+from fedlm.plan import array_sizes
 from fedlm.presets import preset_sets
 from fedlm.pretrained import SMOLLM2, load_model, load_pretrained, resolve, write_model_tokenizer
 from fedlm.progress import console, progress_bar
+from fedlm.resolve import init_from_shape
 
 
 @dataclass(frozen=True)
@@ -142,8 +142,7 @@ def communication(run_dir: Path) -> dict[str, float]:
     for r in rounds:
         for silo, row in r.get("silos", {}).items():
             sent[silo] = sent.get(silo, 0.0) + float(row.get("bytes_up", 0.0))
-    with safe_open(str(find_model_dir(run_dir) / WEIGHTS), framework="pt") as f:  # the header: no weights read
-        params = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())  # noqa: SIM118
+    params = sum(array_sizes(init_from_shape(str(run_dir))).values())  # the full model's, from its config.json
     full = 4.0 * params * len(rounds)
     per_silo = float(np.mean(list(sent.values()))) if sent else 0.0
     return {"rounds": len(rounds), "mb_sent_per_silo": per_silo / 1e6, "mb_full_fp32_per_silo": full / 1e6,
@@ -236,7 +235,7 @@ def run_assistant(out: Path, *, quick: bool = False, seed: int = 1337) -> dict[s
     ChatTemplate.load(ws, what="the assistant demo")  # the tokenizer came with its chat template
     clock.mark("data")
     runs = run_all(assistant_sets(ws, size, seed=seed), out / "runs", demo_size(size))
-    for run_dir in runs.values():  # only --resume reads a checkpoint: ~0.5 GB each of frozen weights
+    for run_dir in runs.values():  # only --resume reads a checkpoint (the adapters and AdamW state)
         shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
     clock.mark("train")
     models = score_all(runs, ws, size)
