@@ -413,6 +413,7 @@ def plan_run(cfg: Config, *, device_flops: float | None = None, calibrate: bool 
              _timer: dict[tuple[Any, ...], float] | None = None) -> Plan:
     """Predict the run's cost per silo and per round (see the module docstring for the formulas)."""
     mc = resolve_model(cfg)
+    cfg = _as_stepped(cfg)
     if cfg.train.seq_len > mc.max_seq_len:
         raise UserError(f"train.seq_len ({cfg.train.seq_len}) exceeds the model's context ({mc.max_seq_len})")
     tc, fed = cfg.train, cfg.federation
@@ -460,6 +461,18 @@ def plan_run(cfg: Config, *, device_flops: float | None = None, calibrate: bool 
         silo_tokens=silos, tokens_per_round=tokens_per_round, tokens_total=tokens_per_round * rounds,
         compute_optimal_tokens=optimal, device=device, device_memory_bytes=device_mem, notes=notes,
     )
+
+
+def _as_stepped(cfg: Config) -> Config:
+    """`cfg` with train.precision as its steps run on train.device here (bf16 is fp32 on a CPU
+    without bf16 units: `fedlm.device.step_precision`); as it is when the device is not here."""
+    from fedlm.device import step_precision
+
+    try:
+        precision = step_precision(_device(cfg), cfg.train.precision)
+    except UserError:
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
 
 
 def _schedule(cfg: Config, n_silos: int) -> tuple[int, int, int, int]:
