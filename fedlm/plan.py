@@ -47,7 +47,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -469,9 +469,10 @@ def _as_stepped(cfg: Config) -> Config:
     from fedlm.device import step_precision
 
     try:
-        precision = step_precision(_device(cfg), cfg.train.precision)
+        stepped = step_precision(_device(cfg), cfg.train.precision)
     except UserError:
         return cfg
+    precision: Literal["fp32", "bf16"] = "bf16" if stepped == "bf16" else "fp32"
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
 
 
