@@ -36,6 +36,7 @@ from fedlm.data.prepare import prepare_silo
 from fedlm.data.shards import open_chat, open_split, shard_silo
 from fedlm.data.tokenizer import load_tokenizer, tokenizer_hash
 from fedlm.demo import DemoSize, fresh_runs, run_all
+from fedlm.device import native_bf16
 from fedlm.evaluate import answer_metrics, greedy_answers, held_out_questions
 from fedlm.fileio import write_json
 from fedlm.model import Transformer
@@ -63,9 +64,10 @@ QUICK = AssistantSize(rounds=10, silo_batch=1, personalise_steps=2, seq_len=192,
                       max_new_tokens=16)
 FULL = AssistantSize(rounds=48, silo_batch=2, personalise_steps=8, seq_len=192, lr=2e-3, questions=0,
                      max_new_tokens=24)
-SCORE_DTYPE = torch.bfloat16
-"""The weights' dtype when the demo scores its models: the preset trains in bf16, and bf16 weights
-score a model's answers ~2.5x faster on a CPU than fp32 (answer bits per byte within ~1%)."""
+SCORE_DTYPE = torch.bfloat16 if native_bf16(torch.device("cpu")) else torch.float32
+"""The weights' dtype when the demo scores its models: bf16 on a CPU with bf16 units, where it scores
+~2.5x faster than fp32 (answer bits per byte within ~1%); fp32 on another, where emulated bf16
+scored a silo 5x slower (23 against 4.7 CPU s, an AVX2 EPYC)."""
 VAL_FRACTION = 0.2
 """Share of each QA silo held out (a hash of each conversation): ~40-60 questions per silo."""
 PRESET = "smollm2-lora"
