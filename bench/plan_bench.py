@@ -2,7 +2,8 @@
 
     from bench.plan_bench import run, measure_silo
     run(quick=True)          # the demo model (FULL size): memory and seconds per step and per round
-    run()                    # + bf16 / checkpointing variants and SmolLM2-135M with LoRA r=8
+    run()                    # + bf16 / checkpointing variants, SmolLM2-135M with LoRA r=8, and its
+                             #   fedsgd rounds on the six QA silos (the assistant demo's run)
     measure_silo(["model.vocab_size=4096", "train.batch_size=8"], steps=3)   # one silo, measured
 
 Memory is measured as the process's peak RSS (VmHWM; `getrusage`'s ru_maxrss would include the
@@ -11,7 +12,9 @@ model is built, in a fresh subprocess per case (one torch thread, as a silo runs
 in-process engine), doing what a silo does in a round: hold the global arrays, train
 `steps` optimizer steps from them with a fresh AdamW, compute the update. Seconds per round
 are the real runner's (`rounds.jsonl`, rounds after the first) on a workspace of the bundled
-silos. Each row gives predicted, measured and predicted / measured; the target is ±25%.
+silos: the demo model's (few, large arrays) and SmolLM2 LoRA fedsgd's on the six QA silos
+(240 small adapter arrays, one window per silo: a round that is mostly per-array overhead).
+Each row gives predicted, measured and predicted / measured; the target is ±25%.
 """
 
 from __future__ import annotations
@@ -128,6 +131,29 @@ def _round_case(quick: bool) -> dict[str, Any]:
             "vocab_size": plan.model["vocab_size"]}
 
 
+def _lora_round_case(rounds: int = 4) -> dict[str, Any]:
+    """Seconds per round of the assistant demo's federated run (SmolLM2 LoRA fedsgd, six QA silos,
+    quick size): the plan vs the real in-process runner, rounds after the first."""
+    from fedlm.assistant import QUICK, assistant_sets, prepare_workspace
+    from fedlm.config import load_config
+    from fedlm.federation.runner import run_federated
+    from fedlm.plan import plan_run
+
+    with tempfile.TemporaryDirectory(prefix="fedlm-plan-bench-") as tmp:
+        ws = prepare_workspace(Path(tmp))
+        cfg = load_config(None, [*assistant_sets(ws, QUICK, seed=1337), f"federation.rounds={rounds}",
+                                 f"train.steps={rounds}"])
+        t0, c0 = time.perf_counter(), time.process_time()
+        plan = plan_run(cfg)
+        plan_s, plan_cpu = time.perf_counter() - t0, time.process_time() - c0
+        run_federated(cfg, Path(tmp) / "run")
+        rows = [json.loads(line) for line in (Path(tmp) / "run" / "rounds.jsonl").read_text().splitlines()]
+    return {"case": f"SmolLM2 LoRA r={cfg.lora.rank} fedsgd, {len(plan.silo_tokens)} QA silos (real runner)",
+            "seconds_per_round": _row(float(plan.seconds_per_round or 0), statistics.median(r["seconds"] for r in rows[1:])),
+            "overhead_seconds": statistics.median(r["overhead_seconds"] for r in rows[1:]),
+            "plan_seconds": round(plan_s, 1), "plan_cpu_seconds": round(plan_cpu, 1), "time_source": plan.time_source}
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     """Predicted vs measured peak memory and seconds (per step, per round) on this machine."""
     demo = [*DEMO_FULL, "model.vocab_size=4096"]  # FULL's tokenizer size (the round case reads the real one)
@@ -142,6 +168,7 @@ def run(quick: bool = False) -> dict[str, Any]:
 
             smollm2_gguf_path()
             cases.append(_case("SmolLM2-135M LoRA r=8, seq 128, batch 4", SMOLLM2_LORA, 3))
+            cases.append(_lora_round_case())
         except Exception as e:  # no SmolLM2 package: say so, keep the rest
             cases.append({"case": "SmolLM2-135M LoRA r=8", "skipped": str(e)})
     cases.append(_round_case(quick))
@@ -151,5 +178,7 @@ def run(quick: bool = False) -> dict[str, Any]:
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "measure":
         print(json.dumps(_measure_main(json.loads(sys.argv[2]), int(sys.argv[3]))))
+    elif len(sys.argv) >= 2 and sys.argv[1] == "lora-round":
+        print(json.dumps(_lora_round_case(), indent=2))
     else:
         print(json.dumps(run(quick="--quick" in sys.argv), indent=2))

@@ -11,14 +11,14 @@ The base model and the federated and centralised models are scored on every silo
 local-only or personalised model on its own silo (the one it was made for). The federated
 run is `fedsgd` (every round, each silo sends one int8 gradient of the adapters on its batch
 and the server takes one AdamW step on their mean): the same sequential steps as a silo
-training alone, on the six silos' questions at once. Each run's `model/` holds the adapters
-merged into the base weights, so `fedlm serve OUT/runs/federated` answers with them.
+training alone, on the six silos' questions at once. Each run's `model/` holds its adapters and
+names its base (`fedlm.lora.save_adapters`); loading it merges them into the base, so `fedlm
+serve OUT/runs/federated` answers with them.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import torch
 from rich.table import Table
-from safetensors import safe_open
 
 from fedlm.corpus import SILOS, extract_qa
 from fedlm.data.chat import ChatTemplate
@@ -37,13 +36,15 @@ from fedlm.data.prepare import prepare_silo
 from fedlm.data.shards import open_chat, open_split, shard_silo
 from fedlm.data.tokenizer import load_tokenizer, tokenizer_hash
 from fedlm.demo import DemoSize, fresh_runs, run_all
+from fedlm.device import native_bf16
 from fedlm.evaluate import answer_metrics, greedy_answers, held_out_questions
 from fedlm.fileio import write_json
 from fedlm.model import Transformer
-from fedlm.modelio import WEIGHTS, find_model_dir
+from fedlm.plan import array_sizes
 from fedlm.presets import preset_sets
 from fedlm.pretrained import SMOLLM2, load_model, load_pretrained, resolve, write_model_tokenizer
 from fedlm.progress import console, progress_bar
+from fedlm.resolve import init_from_shape
 
 
 @dataclass(frozen=True)
@@ -69,20 +70,10 @@ Scoring costs about as much as training here (each question's prompt is read who
 FULL = AssistantSize(rounds=48, silo_batch=2, personalise_steps=8, seq_len=192, lr=2e-3, questions=0,
                      max_new_tokens=24)
 SIZES = {"quick": QUICK, "bench": BENCH, "full": FULL}
-
-def cpu_bf16() -> bool:
-    """Whether this CPU has bf16 instructions (AVX512-BF16, AMX). On such a CPU bf16 weights score
-    answers ~2.5x faster than fp32 (answer bits per byte within ~1%); on one without (AVX2 only)
-    torch emulates bf16 matmuls, ~15x slower than fp32, for training and scoring alike."""
-    op = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(op is not None and op())
-
-
-def score_dtype() -> torch.dtype:
-    """The weights' dtype when the demo scores its models (on the CPU)."""
-    return torch.bfloat16 if cpu_bf16() else torch.float32
-
-
+SCORE_DTYPE = torch.bfloat16 if native_bf16(torch.device("cpu")) else torch.float32
+"""The weights' dtype when the demo scores its models: bf16 on a CPU with bf16 units, where it scores
+~2.5x faster than fp32 (answer bits per byte within ~1%); fp32 on another, where emulated bf16
+scored a silo 5x slower (23 against 4.7 CPU s, an AVX2 EPYC)."""
 VAL_FRACTION = 0.2
 """Share of each QA silo held out (a hash of each conversation): ~40-60 questions per silo."""
 PRESET = "smollm2-lora"
@@ -115,7 +106,6 @@ def assistant_sets(ws: Path, size: AssistantSize, *, seed: int) -> list[str]:
         "train.log_every": max(1, size.rounds // 8), "train.seed": seed,
         "federation.rounds": size.rounds, "federation.personalise_steps": size.personalise_steps,
         "train.eval_batches": 1,  # the demo scores every model's answers itself (`score_all`)
-        "train.precision": "bf16" if torch.cuda.is_available() or cpu_bf16() else "fp32",  # where it is fast
     }
     return preset_sets(PRESET) + [f"{k}={json.dumps(v)}" for k, v in sets.items()]
 
@@ -145,7 +135,7 @@ def score_all(runs: dict[str, Path], ws: Path, size: AssistantSize) -> dict[str,
     todo: list[tuple[str, str, list[str]]] = [("base", str(resolve(SMOLLM2)), list(SILOS))]
     todo += [(name, str(path), list(SILOS) if ":" not in name else [name.split(":", 1)[1]])
              for name, path in runs.items()]
-    dtype = score_dtype()
+    dtype = SCORE_DTYPE
     with progress_bar("evaluate", unit="models") as update:
         for i, (name, run_dir, silos) in enumerate(todo):
             model = load_pretrained(SMOLLM2)[0] if name == "base" else load_model(Path(run_dir))[0]
@@ -161,8 +151,7 @@ def communication(run_dir: Path) -> dict[str, float]:
     for r in rounds:
         for silo, row in r.get("silos", {}).items():
             sent[silo] = sent.get(silo, 0.0) + float(row.get("bytes_up", 0.0))
-    with safe_open(str(find_model_dir(run_dir) / WEIGHTS), framework="pt") as f:  # the header: no weights read
-        params = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())  # noqa: SIM118
+    params = sum(array_sizes(init_from_shape(str(run_dir))).values())  # the full model's, from its config.json
     full = 4.0 * params * len(rounds)
     per_silo = float(np.mean(list(sent.values()))) if sent else 0.0
     return {"rounds": len(rounds), "mb_sent_per_silo": per_silo / 1e6, "mb_full_fp32_per_silo": full / 1e6,
@@ -257,7 +246,7 @@ def run_assistant(out: Path, *, quick: bool = False, seed: int = 1337,
     ChatTemplate.load(ws, what="the assistant demo")  # the tokenizer came with its chat template
     clock.mark("data")
     runs = run_all(assistant_sets(ws, size, seed=seed), out / "runs", demo_size(size))
-    for run_dir in runs.values():  # only --resume reads a checkpoint: ~0.5 GB each of frozen weights
+    for run_dir in runs.values():  # only --resume reads a checkpoint (the adapters and AdamW state)
         shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
     clock.mark("train")
     models = score_all(runs, ws, size)
@@ -268,7 +257,7 @@ def run_assistant(out: Path, *, quick: bool = False, seed: int = 1337,
     clock.mark("sample")
     summary: dict[str, Any] = {
         "models": models, "findings": found, "communication": comm, "quick": quick, "seed": seed,
-        "model": SMOLLM2, "size": size.__dict__, "score_dtype": str(score_dtype()).removeprefix("torch."),
+        "model": SMOLLM2, "size": size.__dict__, "score_dtype": str(SCORE_DTYPE).removeprefix("torch."),
         "cpu_threads": torch.get_num_threads(), **clock.summary(), "run_seconds": run_seconds(runs), "sample": s}
     write_json(out / "summary.json", summary)
     print_table(models, found, comm)

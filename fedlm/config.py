@@ -130,7 +130,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables."""
     precision: Literal["fp32", "bf16"] = "fp32"
-    """fp32, or bf16 autocast (weights and optimizer state stay fp32)."""
+    """fp32, or bf16 autocast (weights and optimizer state stay fp32) where the device has bf16 matmul
+    units (CUDA, MPS, a CPU with AVX512-BF16 or AMX); elsewhere fp32, as emulated bf16 is ~8x slower."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass to save memory."""
     seed: int = 1337

@@ -4,7 +4,8 @@
     adapter_names(model)          # the state-dict names that train (and cross the wire)
     merged_state(model)           # the base weights with W + (alpha/rank)·B·A folded in
     plain = merge_lora(model)     # a new plain Transformer with the adapters merged
-    save_model(plain_model(model), out)   # plain_model: merge_lora only when there are adapters
+    save_adapters(model, out, base={"spec": "smollm2", "sha256": ...})   # a run's model/: adapters + base
+    plain = load_adapters(base_model, settings, tensors, where="RUN/model")   # base + adapters, merged
 
 `apply_lora` injects peft's LoRA layers in place (`peft.inject_adapter_in_model`): the model
 stays a `Transformer`, every base weight is frozen, and only `lora_A` / `lora_B` train. B starts
@@ -15,9 +16,12 @@ no module is a UserError naming it and listing the Linear modules there are.
 fedlm fuses q/k/v (`wqkv`) and gate/up (`w13`), so an adapter on `wqkv` shares one A between
 q, k and v (its B is the three Bs stacked): a rank-r adapter of the fused matrix, not three.
 
-A model directory never holds adapters: `fedlm.modelio.save_model` takes a plain model, so a
-LoRA model is saved as `save_model(plain_model(model), ...)` (its adapters merged), and
-`load_model`, `fedlm eval/generate/serve/export` work on it unchanged.
+A LoRA run over a pretrained model stores its adapters, not the base weights again
+(`save_adapters`: adapters.safetensors, a few MB, and config.json's "lora" entry naming the
+base and its sha256); `fedlm.pretrained.load_model` loads the base, applies the adapters and
+merges them (`load_adapters`), so `fedlm eval/generate/serve/export` and `train.init_from`
+get a plain model whichever way a run was saved. A LoRA model without a base to name (a fresh,
+seeded one) is saved merged: `save_model(plain_model(model), ...)`.
 """
 
 from __future__ import annotations
@@ -25,13 +29,21 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from fedlm.errors import UserError
 from fedlm.model import Transformer
-from fedlm.modelio import assign_weights
+from fedlm.modelio import (
+    ADAPTERS,
+    assign_tensors,
+    assign_weights,
+    model_config_json,
+    write_model_dir,
+)
 
 ADAPTER = "default"  # peft's adapter name; one adapter per model
 
@@ -147,3 +159,40 @@ def merge_lora(model: Transformer) -> Transformer:
 def plain_model(model: Transformer) -> Transformer:
     """`model` itself when it has no adapters, else `merge_lora(model)`: what a model directory stores."""
     return merge_lora(model) if has_lora(model) else model
+
+
+def lora_settings(model: nn.Module) -> dict[str, Any]:
+    """The rank, alpha and adapted modules (full names) of a model `apply_lora` adapted."""
+    _, LoraLayer = _peft()
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    if not layers:
+        raise ValueError("the model has no LoRA adapters")
+    first = next(iter(layers.values()))
+    return {"rank": int(first.r[ADAPTER]), "alpha": float(first.lora_alpha[ADAPTER]),  # type: ignore[attr-defined]
+            "targets": list(layers)}
+
+
+def save_adapters(model: Transformer, out_dir: Path, *, base: dict[str, str],
+                  tokenizer_path: Path | None = None) -> None:
+    """Write `model`'s adapters as a model directory over `base` ({"spec", "sha256"}: what
+    `fedlm.pretrained.base_reference` gives for train.init_from), as a whole or not at all.
+
+    config.json holds the model's shape and {"lora": {"base", "base_sha256", "rank", "alpha",
+    "targets"}}; adapters.safetensors the A and B of every adapted module (peft's names).
+    """
+    state = model.state_dict()
+    tensors = {name: state[name].detach().to("cpu") for name in adapter_names(model)}
+    lora = {"base": base["spec"], "base_sha256": base["sha256"], **lora_settings(model)}
+    write_model_dir(Path(out_dir), tensors, model_config_json(model.cfg) | {"lora": lora}, weights=ADAPTERS,
+                    tokenizer_path=tokenizer_path)
+
+
+def load_adapters(base: Transformer, settings: dict[str, Any], tensors: dict[str, Tensor], *,
+                  where: str) -> Transformer:
+    """A new plain Transformer: `base` (consumed) with the adapters `tensors` applied as `settings`
+    ({"rank", "alpha", "targets"}, what `save_adapters` wrote) and merged."""
+    apply_lora(base, rank=int(settings["rank"]), alpha=float(settings["alpha"]), dropout=0.0,
+               targets=list(settings["targets"]))
+    state = base.state_dict()
+    assign_tensors({name: state[name] for name in adapter_names(base)}, tensors, where=where)
+    return merge_lora(base)

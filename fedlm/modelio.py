@@ -4,15 +4,17 @@
     model_dir = find_model_dir(RUN)              # a run dir resolves to RUN/model
     model = load_fedlm_dir(model_dir)            # a fedlm-format directory only
 
-Loading *any* model directory (fedlm's or a Hugging Face Llama one) is
+Loading *any* model directory (fedlm's, a LoRA adapter one or a Hugging Face Llama one) is
 `fedlm.pretrained.load_model`, which sits above this module and `fedlm.hf`; this module is
-the bottom of the model-I/O stack and imports neither (nor `fedlm.lora`: a LoRA model is
-merged by its owner, `fedlm.lora.merge_lora`, before it is saved).
+the bottom of the model-I/O stack and imports neither (nor `fedlm.lora`, which writes its
+adapter directories with `write_model_dir`).
 
 A model directory holds `model.safetensors` (fedlm parameter names; a tied head is stored
 once, as `tok_emb.weight`), `config.json` (the ModelConfig fields plus "format": "fedlm")
-and, when given, a copy of `tokenizer.json`. Every way a directory can be wrong — missing
-files, a truncated or corrupt safetensors file, another model's config, wrong shapes — is a
+and, when given, a copy of `tokenizer.json`. A LoRA run's directory holds its adapters
+instead (`adapters.safetensors`, and a "lora" entry in config.json naming the base model:
+`fedlm.lora.save_adapters`). Every way a directory can be wrong — missing files, a
+truncated or corrupt safetensors file, another model's config, wrong shapes — is a
 UserError naming the file and the mismatch.
 """
 
@@ -36,6 +38,7 @@ from fedlm.fileio import atomic_dir, write_json
 from fedlm.model import Transformer
 
 WEIGHTS = "model.safetensors"
+ADAPTERS = "adapters.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 
@@ -60,7 +63,11 @@ def _shape(t: Tensor | torch.Size) -> str:
 
 def assign_weights(model: Transformer, tensors: dict[str, Tensor], *, where: str) -> None:
     """Copy `tensors` into `model` after checking names and shapes against its config."""
-    expected = stored_state(model)
+    assign_tensors(stored_state(model), tensors, where=where)
+
+
+def assign_tensors(expected: dict[str, Tensor], tensors: dict[str, Tensor], *, where: str) -> None:
+    """Copy `tensors` into the `expected` ones (a model's, by name) after checking names and shapes."""
     missing = [name for name in expected if name not in tensors]
     unexpected = [name for name in tensors if name not in expected]
     if missing:
@@ -96,18 +103,29 @@ def stored_state(model: Transformer) -> dict[str, Tensor]:
 def save_model(model: Transformer, out_dir: Path, *, tokenizer_path: Path | None = None) -> None:
     """Write a plain model's `out_dir` (weights, config, tokenizer) as a whole or not at all.
 
-    A model directory never holds adapters: merge LoRA first (`fedlm.lora.merge_lora`).
+    A model directory never holds a model with peft layers: save those with
+    `fedlm.lora.save_adapters`, or merge them first (`fedlm.lora.merge_lora`).
     """
-    out_dir = Path(out_dir)
-    if tokenizer_path is not None and not Path(tokenizer_path).is_file():
-        raise UserError(f"{tokenizer_path}: no such tokenizer file")
     state = stored_state(model)
     if any(".lora_" in name for name in state):
         raise ValueError("save_model takes a plain model: merge its LoRA adapters first (fedlm.lora.merge_lora)")
-    tensors = {name: t.detach().contiguous() for name, t in state.items()}
-    config = dataclasses.asdict(model.cfg) | {"format": "fedlm"}
+    write_model_dir(Path(out_dir), {name: t.detach() for name, t in state.items()}, model_config_json(model.cfg),
+                    weights=WEIGHTS, tokenizer_path=tokenizer_path)
+
+
+def model_config_json(cfg: ModelConfig) -> dict[str, Any]:
+    """config.json's content for a model of shape `cfg`."""
+    return dataclasses.asdict(cfg) | {"format": "fedlm"}
+
+
+def write_model_dir(out_dir: Path, tensors: dict[str, Tensor], config: dict[str, Any], *, weights: str,
+                    tokenizer_path: Path | None = None) -> None:
+    """A model directory (`weights` from `tensors`, config.json, the tokenizer and the workspace's
+    chat template beside it), written as a whole or not at all."""
+    if tokenizer_path is not None and not Path(tokenizer_path).is_file():
+        raise UserError(f"{tokenizer_path}: no such tokenizer file")
     with atomic_dir(out_dir) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp / weights), metadata={"format": "pt"})
         write_json(tmp / CONFIG, config)
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
@@ -149,7 +167,7 @@ def config_from_json(data: dict[str, Any], where: Path) -> ModelConfig:
     fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
-        if key == "format":
+        if key in ("format", "lora"):  # "lora": an adapter directory's base (`fedlm.lora.save_adapters`)
             continue
         if key not in fields:
             raise UserError(f"{where}: unknown key {key!r}; known: {', '.join(fields)}")
@@ -166,6 +184,8 @@ def load_fedlm_dir(model_dir: Path, *, dtype: torch.dtype = torch.float32) -> Tr
     data = read_json_object(config_path)
     if data.get("format") != "fedlm":
         raise UserError(f'{config_path}: not a fedlm model config (no "format": "fedlm")')
+    if "lora" in data:
+        raise UserError(f"{config_path}: LoRA adapters over a base model; load it with fedlm.pretrained.load_model")
     cfg = config_from_json(data, config_path)
     if cfg.vocab_size <= 0:
         raise UserError(f"{config_path}: vocab_size must be > 0")

@@ -30,6 +30,8 @@ loaded: `train.init_from` is read for its config.json or GGUF header). The formu
   another, × S). Or FLOPs / `device_flops` when given.
 - Device memory: `train.device`'s total and free memory (`fedlm.device.device_memory`),
   with a note when a silo's peak would not fit in what is free.
+- Round overhead: the round's bytes at `ROUND_OVERHEAD_BYTES_PER_S` plus its arrays, each silo's
+  and the server's, at `ROUND_OVERHEAD_S_PER_ARRAY` (`round_overhead_seconds`).
 - Bytes per round: the update's arrays (LoRA: adapters only) under federation.compression —
   none 4 B/value, fp16 2, int8 1 + one fp32 scale per 256 values, topk ⌈f·n⌉ × (4 B value
   + 4 B int32 index) per array; secure aggregation sends 4 B (uint32) per value. Down: the
@@ -47,7 +49,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -60,6 +62,11 @@ ADAMW_BYTES = 8  # two fp32 moments per trainable parameter
 TOPK_VALUE_BYTES, TOPK_INDEX_BYTES = 4, 4  # fp32 value, int32 index
 INT8_BLOCK = 256  # values per fp32 scale (fedlm.federation.codecs; tests/test_plan.py checks them equal)
 ROUND_OVERHEAD_BYTES_PER_S = 400e6  # serialise + copy + checkpoint, measured by bench/plan_bench.py
+ROUND_OVERHEAD_S_PER_ARRAY = 1.0e-3
+"""A round's fixed cost per array, per silo and once more on the server: encode and decode, Flower's
+(de)serialising and hashing, loading, checking, averaging, the server step and the checkpoint each
+touch every array; a LoRA update is 240 small arrays (SmolLM2, r = 8), where this term, not the
+bytes, is the overhead. Measured by bench/plan_bench.py (its SmolLM2 LoRA fedsgd round case)."""
 RUNTIME_BYTES = {"fp32": 84 * 2**20, "bf16": 94 * 2**20}
 """A training process's fixed cost above its pre-model RSS (torch's kernels paged in, allocator arenas):
 measured with a 5 k-parameter model by bench/plan_bench.py (torch 2.13 CPU, one thread)."""
@@ -413,6 +420,7 @@ def plan_run(cfg: Config, *, device_flops: float | None = None, calibrate: bool 
              _timer: dict[tuple[Any, ...], float] | None = None) -> Plan:
     """Predict the run's cost per silo and per round (see the module docstring for the formulas)."""
     mc = resolve_model(cfg)
+    cfg = _as_stepped(cfg)
     if cfg.train.seq_len > mc.max_seq_len:
         raise UserError(f"train.seq_len ({cfg.train.seq_len}) exceeds the model's context ({mc.max_seq_len})")
     tc, fed = cfg.train, cfg.federation
@@ -436,7 +444,7 @@ def plan_run(cfg: Config, *, device_flops: float | None = None, calibrate: bool 
         wall_factor = float(n_silos)  # the baseline trains the silos one after another
     round_s = total_s = None
     if step_s is not None:
-        overhead = (sampled * (up + down) + down) / ROUND_OVERHEAD_BYTES_PER_S if federated else 0.0
+        overhead = round_overhead_seconds(len(p.wire), sampled, up=up, down=down) if federated else 0.0
         turns = sampled if cyclic else 1  # cyclic: one silo after another
         round_s = steps_per_silo * step_s * wall_factor * turns + overhead
         total_s = round_s * rounds
@@ -460,6 +468,26 @@ def plan_run(cfg: Config, *, device_flops: float | None = None, calibrate: bool 
         silo_tokens=silos, tokens_per_round=tokens_per_round, tokens_total=tokens_per_round * rounds,
         compute_optimal_tokens=optimal, device=device, device_memory_bytes=device_mem, notes=notes,
     )
+
+
+def _as_stepped(cfg: Config) -> Config:
+    """`cfg` with train.precision as its steps run on train.device here (bf16 is fp32 on a CPU
+    without bf16 units: `fedlm.device.step_precision`); as it is when the device is not here."""
+    from fedlm.device import step_precision
+
+    try:
+        stepped = step_precision(_device(cfg), cfg.train.precision)
+    except UserError:
+        return cfg
+    precision: Literal["fp32", "bf16"] = "bf16" if stepped == "bf16" else "fp32"
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
+
+
+def round_overhead_seconds(arrays: int, sampled: int, *, up: int, down: int) -> float:
+    """A federated round's seconds beside the silos' steps: its bytes (each sampled silo's update up
+    and the global arrays down, the checkpoint once) and its arrays (each silo's and the server's)."""
+    return ((sampled * (up + down) + down) / ROUND_OVERHEAD_BYTES_PER_S
+            + (sampled + 1) * arrays * ROUND_OVERHEAD_S_PER_ARRAY)
 
 
 def _schedule(cfg: Config, n_silos: int) -> tuple[int, int, int, int]:

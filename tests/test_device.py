@@ -184,3 +184,22 @@ def test_readme_pretrained_commands_run_and_a_gguf_file_is_a_model(
     r = fedlm_here(capfd, "eval", str(smollm2_gguf_path()), "--data", "ws-smollm2/silos/lawfirm", "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["bits_per_byte"] == pytest.approx(base["bits_per_byte"], rel=1e-6)
+
+
+def test_bf16_autocasts_only_where_the_device_computes_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU without bf16 units a "bf16" step is the fp32 step, bit for bit; with them it is autocast."""
+    from fedlm.config import ModelConfig
+    from fedlm.model import Transformer
+    from fedlm.train import lm_loss
+
+    model = Transformer(ModelConfig(preset="tiny", vocab_size=256, max_seq_len=32), seed=0)
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    fp32 = lm_loss(model, x, x, "fp32")
+    monkeypatch.setattr(dev, "_cpu_bf16", lambda: False)
+    assert dev.step_precision(torch.device("cpu"), "bf16") == "fp32"
+    assert torch.equal(lm_loss(model, x, x, "bf16"), fp32)
+    monkeypatch.setattr(dev, "_cpu_bf16", lambda: True)
+    assert dev.step_precision(torch.device("cpu"), "bf16") == "bf16"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = model(x, targets=x)
+    assert torch.equal(lm_loss(model, x, x, "bf16"), autocast) and not torch.equal(autocast, fp32)

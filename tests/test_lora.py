@@ -1,5 +1,6 @@
-"""LoRA: adapters only train and travel, merge equals W + (alpha/r)·B·A, saved models hold merged
-weights (transformers reads them), bad targets and non-Llama HF dirs fail before training."""
+"""LoRA: adapters only train and travel, merge equals W + (alpha/r)·B·A, a run over a base model
+keeps its adapters (loaded merged into the base, which is checked), a merged save is read by
+transformers, bad targets and non-Llama HF dirs fail before training."""
 
 from __future__ import annotations
 
@@ -124,6 +125,7 @@ def test_federated_lora_sends_adapters_only_and_keeps_the_base(workspace: Path, 
     run_federated(cfg, tmp_path / "run", on_wire=tap)
     global_names = set(load_file(str(tmp_path / "run" / "checkpoint" / "global.safetensors")))
     assert global_names and all(".lora_" in n for n in global_names)
+    assert set(load_file(str(tmp_path / "run" / "model" / "adapters.safetensors"))) == global_names
     tuned, _ = load_model(tmp_path / "run")
     ref, _ = load_model(base)
     t, r = tuned.state_dict(), ref.state_dict()
@@ -190,3 +192,116 @@ def test_seeded_build_ignores_the_global_rng(workspace: Path, tmp_path: Path) ->
     for state in builds:
         assert state.keys() == ref.keys()
         assert all(torch.equal(state[n], ref[n]) for n in ref)
+
+
+def _hand_merged(base_dir: Path, adapters: dict[str, torch.Tensor], scale: float) -> Transformer:
+    """The reference: the base model with W += scale · B @ A done by hand for every adapted module."""
+    from fedlm.modelio import load_fedlm_dir
+
+    model = load_fedlm_dir(base_dir)
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, a in adapters.items():
+            if ".lora_A." in name:
+                module = name.split(".lora_A.")[0]
+                b = adapters[name.replace(".lora_A.", ".lora_B.")]
+                state[f"{module}.weight"].add_(scale * b @ a)
+    return model.eval()
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_lora_run_keeps_adapters_loads_merged_and_resumes_bitwise(workspace: Path, tmp_path: Path) -> None:
+    """A LoRA run over a base model stores its adapters (not the base again) in model/ and the
+    checkpoint; load_model gives the base with W + (alpha/r)·B·A merged (computed by hand); a run
+    stopped at its checkpoint and resumed ends with bitwise-equal adapters."""
+    from fedlm.train import train
+
+    base = _base_model(workspace, tmp_path / "base")
+    sets = [f"data.workspace={json.dumps(str(workspace))}", f"train.init_from={json.dumps(str(base))}",
+            "lora.rank=4", "lora.alpha=8.0", "model.max_seq_len=64", "train.seq_len=32", "train.batch_size=2",
+            "train.steps=6", "train.checkpoint_every=3", "train.threads=1", "train.eval_batches=1"]
+    cfg = load_config(None, sets)
+    train(cfg, tmp_path / "ref")
+    model_dir = tmp_path / "ref" / "model"
+    assert not (model_dir / "model.safetensors").exists()
+    adapters = load_file(str(model_dir / "adapters.safetensors"))
+    assert adapters and all(".lora_" in n for n in adapters)
+    assert set(load_file(str(tmp_path / "ref" / "checkpoint" / "model.safetensors"))) == set(adapters)
+    lora = json.loads((model_dir / "config.json").read_text())["lora"]
+    assert lora["base"] == str(base.resolve()) and (lora["rank"], lora["alpha"]) == (4, 8.0)
+    loaded, tok = load_model(tmp_path / "ref")
+    assert tok == model_dir / "tokenizer.json"
+    x = torch.randint(0, loaded.cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), _hand_merged(base, adapters, 8.0 / 4)(x), rtol=1e-5, atol=1e-5)
+
+    def stop_at_checkpoint(step: int, total: int, row: dict) -> None:
+        if step == 3:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train(cfg, tmp_path / "run", on_step=stop_at_checkpoint)
+    train(load_config(tmp_path / "run" / "config.toml"), tmp_path / "run", resume=True)
+    got = load_file(str(tmp_path / "run" / "model" / "adapters.safetensors"))
+    assert got.keys() == adapters.keys() and all(torch.equal(got[n], adapters[n]) for n in adapters)
+
+
+def test_a_changed_or_missing_base_is_named(workspace: Path, tmp_path: Path) -> None:
+    """Adapters are never merged into another base than theirs, and never resumed over one."""
+    from fedlm.train import train
+
+    base = _base_model(workspace, tmp_path / "base")
+    cfg = load_config(None, [f"data.workspace={json.dumps(str(workspace))}", f"train.init_from={json.dumps(str(base))}",
+                             "lora.rank=2", "model.max_seq_len=64", "train.seq_len=32", "train.batch_size=2",
+                             "train.steps=4", "train.checkpoint_every=2", "train.threads=1", "train.eval_batches=1"])
+
+    def stop(step: int, total: int, row: dict) -> None:
+        if step == 2:
+            raise _Stop
+
+    train(cfg, tmp_path / "ref")
+    with pytest.raises(_Stop):
+        train(cfg, tmp_path / "run", on_step=stop)
+    load_model(tmp_path / "ref")  # the base as it was: loads
+    torch.manual_seed(4)  # another base at the same place, the same shape
+    save_model(Transformer(ModelConfig(preset="tiny", vocab_size=load_model(base)[0].cfg.vocab_size,
+                                       max_seq_len=64)), base, tokenizer_path=workspace / "tokenizer.json")
+    with pytest.raises(UserError, match="not the one these adapters were trained on"):
+        load_model(tmp_path / "ref")
+    with pytest.raises(UserError, match="not the base model this checkpoint's adapters"):
+        train(load_config(tmp_path / "run" / "config.toml"), tmp_path / "run", resume=True)
+    import shutil
+
+    shutil.rmtree(base)
+    with pytest.raises(UserError, match="fedlm export"):
+        load_model(tmp_path / "ref")
+
+
+def test_adapters_over_adapters_load_as_both_merged(workspace: Path, tmp_path: Path) -> None:
+    """train.init_from may name a LoRA run (personalising one does): that run's base with its
+    adapters merged is the new base, and loading the new run merges both, in order."""
+    from fedlm.train import train
+
+    base = _base_model(workspace, tmp_path / "base")
+    common = [f"data.workspace={json.dumps(str(workspace))}", "lora.rank=2", "lora.alpha=4.0",
+              "model.max_seq_len=64", "train.seq_len=32", "train.batch_size=2", "train.steps=2",
+              "train.checkpoint_every=2", "train.threads=1", "train.eval_batches=1"]
+    train(load_config(None, [*common, f"train.init_from={json.dumps(str(base))}"]), tmp_path / "first")
+    train(load_config(None, [*common, f"train.init_from={json.dumps(str(tmp_path / 'first' / 'model'))}",
+                             "train.seed=5"]), tmp_path / "second")
+    first = load_file(str(tmp_path / "first" / "model" / "adapters.safetensors"))
+    second = load_file(str(tmp_path / "second" / "model" / "adapters.safetensors"))
+    ref = _hand_merged(base, first, 2.0)
+    state = ref.state_dict()
+    with torch.no_grad():
+        for name, a in second.items():
+            if ".lora_A." in name:
+                module = name.split(".lora_A.")[0]
+                state[f"{module}.weight"].add_(2.0 * second[name.replace(".lora_A.", ".lora_B.")] @ a)
+    loaded, _ = load_model(tmp_path / "second")
+    x = torch.randint(0, loaded.cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), ref(x), rtol=1e-5, atol=1e-5)

@@ -47,11 +47,9 @@ from fedlm.federation.task import expand_state, federated_train_config, planned_
 from fedlm.federation.validation import validate_silos
 from fedlm.federation.valuation import CoalitionModels
 from fedlm.fileio import append_jsonl, truncate_jsonl
-from fedlm.lora import plain_model
 from fedlm.model import Transformer
-from fedlm.modelio import save_model
 from fedlm.resolve import resolve_config, resolve_silos
-from fedlm.train import build_model
+from fedlm.train import build_model, save_run_model
 
 log = logging.getLogger("fedlm.federation")
 
@@ -96,7 +94,7 @@ def run_rounds(grid: Grid, cfg: Config, run_dir: Path, *, resume: bool = False,
     if run.value is not None:
         run.value.finish(run)
     run.model.load_state_dict(expand_state(run.model, run.global_state))
-    save_model(plain_model(run.model), run_dir / "model", tokenizer_path=Path(run.cfg.data.workspace) / "tokenizer.json")
+    save_run_model(run.model, run.cfg, run_dir / "model", tokenizer_path=Path(run.cfg.data.workspace) / "tokenizer.json")
     return write_summary(run_dir, run.cfg, run.silos, rounds_run=rounds - first)
 
 
