@@ -26,7 +26,7 @@ from fedlm.lora import (
 )
 from fedlm.model import Transformer
 from fedlm.modelio import save_model
-from fedlm.pretrained import load_model
+from fedlm.pretrained import base_reference, load_model
 from fedlm.train import build_model
 
 
@@ -305,3 +305,20 @@ def test_adapters_over_adapters_load_as_both_merged(workspace: Path, tmp_path: P
     x = torch.randint(0, loaded.cfg.vocab_size, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_federated_resume_over_a_changed_base_is_refused(workspace: Path, tmp_path: Path) -> None:
+    """A federated LoRA round checkpoint holds adapters only: resuming it over another base is refused."""
+    base = _base_model(workspace, tmp_path / "base")
+    cfg = load_config(None, [f"data.workspace={json.dumps(str(workspace))}", "train.mode=federated",
+                             f"train.init_from={json.dumps(str(base))}", "federation.rounds=1",
+                             "federation.local_steps=1", "train.batch_size=2", "train.seq_len=32",
+                             "model.max_seq_len=64", "lora.rank=2"])
+    run_federated(cfg, tmp_path / "run")
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state["base_sha256"] == base_reference(str(base))["sha256"]
+    torch.manual_seed(5)  # another base at the same place, the same shape
+    save_model(Transformer(ModelConfig(preset="tiny", vocab_size=load_model(base)[0].cfg.vocab_size,
+                                       max_seq_len=64)), base, tokenizer_path=workspace / "tokenizer.json")
+    with pytest.raises(UserError, match="not the base model this checkpoint's adapters"):
+        run_federated(cfg, tmp_path / "run", resume=True)
