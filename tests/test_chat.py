@@ -560,7 +560,7 @@ def test_training_on_the_answers_makes_greedy_answers_exact(tmp_path: Path) -> N
     before = answer_metrics(model, silo, split="train", max_new_tokens=6)
     data = SiloBatches.open([silo], seed=0, tokenizer_sha256=None)
     opt = make_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.0))
-    for _ in range(80):
+    for _ in range(160):
         train_step(model, opt, lambda: data.next(8, 64), lr=1e-2, grad_accum=1, grad_clip=1.0, precision="fp32")
     after = answer_metrics(model, silo, split="train", max_new_tokens=6, details=True)
     assert before["exact_match"] == 0.0 and after["exact_match"] >= 0.8, (before, after["answers"])
