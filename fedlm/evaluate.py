@@ -119,10 +119,16 @@ def evaluate_silo(
     if max_tokens > 0:
         tokens = tokens[: max_tokens + 1]
     token_bytes = token_byte_lengths(load_tokenizer(tok_path))
-    seq_len = min(int(model.cfg.max_seq_len), MAX_EVAL_CONTEXT)
-    rows = max(1, min(batch_size, MAX_LOGITS // (seq_len * int(model.cfg.vocab_size))))
+    seq_len, rows = eval_windows(model, batch_size)
     return evaluate_tokens(model, tokens, token_bytes, seq_len=seq_len, batch_size=rows,
                            on_progress=on_progress)
+
+
+def eval_windows(model: Transformer, batch_size: int = 8) -> tuple[int, int]:
+    """(window length, windows a batch) a split is scored in: the model's context up to
+    MAX_EVAL_CONTEXT, and at most `batch_size` windows whose logits fit MAX_LOGITS."""
+    seq_len = min(int(model.cfg.max_seq_len), MAX_EVAL_CONTEXT)
+    return seq_len, max(1, min(batch_size, MAX_LOGITS // (seq_len * int(model.cfg.vocab_size))))
 
 
 def _silo_tokenizer(silo_dir: Path, model_tokenizer: Path | None) -> Path:

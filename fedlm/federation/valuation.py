@@ -44,7 +44,7 @@ from fedlm.config import Config
 from fedlm.data.shards import open_split
 from fedlm.data.tokenizer import load_tokenizer, token_byte_lengths
 from fedlm.errors import UserError
-from fedlm.evaluate import MAX_EVAL_CONTEXT, MAX_LOGITS, evaluate_tokens
+from fedlm.evaluate import eval_windows, evaluate_tokens
 from fedlm.federation.messages import error_reason, parse_config
 from fedlm.federation.robust import update_norm
 from fedlm.federation.strategies import ServerAdamW, ServerOptimizer, make_server_optimizer
@@ -106,8 +106,7 @@ def _split(path: Path, config_text: str, sha: str, max_tokens: int) -> _Split:
             model = build_model(parse_config(config_text))
             tokens = open_split(path, "val", expect_tokenizer_sha256=sha)
             tokens = np.array(tokens[: max_tokens + 1] if max_tokens > 0 else tokens)
-            seq_len = min(int(model.cfg.max_seq_len), MAX_EVAL_CONTEXT)
-            rows = max(1, min(8, MAX_LOGITS // (seq_len * int(model.cfg.vocab_size))))
+            seq_len, rows = eval_windows(model)
             token_bytes = token_byte_lengths(load_tokenizer(path.parent.parent / "tokenizer.json"))
             got = _SPLITS[key] = _Split(model, tokens, token_bytes, seq_len, rows)
     return got
