@@ -135,11 +135,10 @@ def score_all(runs: dict[str, Path], ws: Path, size: AssistantSize) -> dict[str,
     todo: list[tuple[str, str, list[str]]] = [("base", str(resolve(SMOLLM2)), list(SILOS))]
     todo += [(name, str(path), list(SILOS) if ":" not in name else [name.split(":", 1)[1]])
              for name, path in runs.items()]
-    dtype = SCORE_DTYPE
     with progress_bar("evaluate", unit="models") as update:
         for i, (name, run_dir, silos) in enumerate(todo):
             model = load_pretrained(SMOLLM2)[0] if name == "base" else load_model(Path(run_dir))[0]
-            models[name] = {"run_dir": run_dir, **score(model.to(dtype).eval(), ws, silos, size)}
+            models[name] = {"run_dir": run_dir, **score(model.to(SCORE_DTYPE).eval(), ws, silos, size)}
             update(i + 1, len(todo))
     return models
 
