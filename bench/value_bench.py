@@ -11,6 +11,10 @@ coalitions, looked up instead of retrained again (a retrained run is bitwise the
 cost is the number of distinct coalitions it visits. Seed 1's run is also repeated without
 valuation, alternating, for the wall-time overhead of `rounds`.
 
+The same comparison is repeated at LONG_SIZE (20 rounds of 2 local steps) on two seeds: there the
+silos' exact values are far enough apart that their order survives a change of seed, which at
+VALUE_SIZE it does not, so rank correlations with exact mean something.
+
 Targets: `rounds` and `sampled` against `exact`, Spearman's rank correlation >= 0.9 and every
 silo within 10% of the grand utility; `rounds` adds <= 30% to the run's wall time; `exact`
 for 6 silos <= 30 minutes. Stability: each silo's exact value over the seeds (mean, spread)
@@ -38,20 +42,26 @@ TARGET_OVERHEAD = 0.30
 TARGET_EXACT_S = 1800.0
 TRUNCATION = 0.01  # sampled cuts an order short within this share of the grand gain
 SEEDS = (1, 2, 3)
+LONG_SIZE = [*(x for x in VALUE_SIZE if not x.startswith(("federation.rounds=", "federation.local_steps="))),
+             "federation.rounds=20", "federation.local_steps=2"]
+"""A second size, 20 rounds x 2 local steps (2x VALUE_SIZE's steps, in shorter rounds), valued on LONG_SEEDS: at
+VALUE_SIZE the silos' exact values are too close for their order to survive a change of seed, here it does
+(exact against itself), so the methods' orders can be judged against it."""
+LONG_SEEDS = (1, 2)
 
 
-def size_text() -> str:
-    """VALUE_SIZE in words, for the BENCHMARKS section."""
-    kv = dict(item.split("=", 1) for item in VALUE_SIZE)
+def size_text(size: list[str] = VALUE_SIZE) -> str:
+    """A valuation size in words, for the BENCHMARKS section."""
+    kv = dict(item.split("=", 1) for item in size)
     return (f"a {kv['model.n_layers']}-layer d={kv['model.d_model']} model, {kv['federation.strategy'].strip(chr(34))} "
             f"{kv['federation.rounds']} rounds × {kv['federation.local_steps']} local steps of {kv['train.batch_size']} "
             f"× {kv['train.seq_len']} tokens, each silo scoring {int(kv['value.eval_tokens']):,} validation tokens")
 
 
-def _config(ws: Path, seed: int, value: str) -> Any:
+def _config(ws: Path, seed: int, value: str, size: list[str] = VALUE_SIZE) -> Any:
     from fedlm.config import load_config
 
-    return load_config(None, [f"data.workspace={json.dumps(str(ws))}", *VALUE_SIZE, f"train.seed={seed}",
+    return load_config(None, [f"data.workspace={json.dumps(str(ws))}", *size, f"train.seed={seed}",
                               f'federation.value="{value}"'])
 
 
@@ -61,23 +71,23 @@ def _cpu() -> float:
     return use.ru_utime + use.ru_stime
 
 
-def _timed_run(ws: Path, out: Path, seed: int, value: str) -> tuple[float, float]:
+def _timed_run(ws: Path, out: Path, seed: int, value: str, size: list[str] = VALUE_SIZE) -> tuple[float, float]:
     """(wall, CPU) seconds of one federated run."""
     from fedlm.federation.runner import run_federated
 
     shutil.rmtree(out, ignore_errors=True)
     t0, c0 = time.perf_counter(), _cpu()
-    run_federated(_config(ws, seed, value), out)
+    run_federated(_config(ws, seed, value, size), out)
     return time.perf_counter() - t0, _cpu() - c0
 
 
-def _local_models(ws: Path, out: Path, seed: int) -> dict[str, Path]:
+def _local_models(ws: Path, out: Path, seed: int, size: list[str] = VALUE_SIZE) -> dict[str, Path]:
     """Each silo's local-only model at the run's per-silo budget (what `fedlm value` trains for gains)."""
     from fedlm.resolve import resolve_config, resolve_silos
     from fedlm.train import train
     from fedlm.value.run import local_config
 
-    cfg = resolve_config(_config(ws, seed, "none"))
+    cfg = resolve_config(_config(ws, seed, "none", size))
     runs = {}
     for silo in resolve_silos(ws, []):
         runs[silo] = out / silo
@@ -110,9 +120,52 @@ def _sampled(exact_body: dict[str, Any], *, seed: int) -> dict[str, Any]:
             "converged": body["converged"], "coalitions": len(game.seen)}
 
 
+def _one_seed(ws: Path, root: Path, seed: int, size: list[str]) -> dict[str, Any]:
+    """One seed at `size`: a run valued in-run, then by exact retraining and sampled on its coalitions."""
+    from fedlm.value.run import value_run
+
+    run_dir = root / "run"
+    _timed_run(ws, run_dir, seed, "rounds", size)
+    t0, c0 = time.perf_counter(), _cpu()
+    local = _local_models(ws, root / "local", seed, size)  # the gains' baselines, once for both methods
+    exact = value_run(run_dir, method="exact", local_models=local)
+    exact_s, exact_cpu = time.perf_counter() - t0, _cpu() - c0
+    load = os.getloadavg()[0]
+    rounds = value_run(run_dir, method="rounds", local_models=local)
+    ex = {s: v["shapley"] for s, v in exact["silos"].items()}
+    rv = {s: v["shapley"] for s, v in rounds["silos"].items()}
+    grand = exact["grand_utility"] - exact["baseline_utility"]
+    sampled = _sampled(exact, seed=seed)
+    sv = sampled["values"]
+    return {
+        "exact": ex, "rounds": rv, "sampled": sv, "grand_utility": grand, "exact_seconds": exact_s,
+        "exact_cpu_seconds": exact_cpu, "load": load,
+        "exact_coalitions_trained": exact["coalitions_trained"], "sampled_coalitions": sampled["coalitions"],
+        "sampled_permutations": sampled["permutations"], "sampled_converged": sampled["converged"],
+        "sampled_stderr": sampled["stderr"],
+        "rounds_vs_exact": _compare(rv, ex, grand), "sampled_vs_exact": _compare(sv, ex, grand),
+        "rounds_valuation": {k: v for k, v in json.loads((run_dir / "value_rounds.json").read_text()).items()
+                             if k.endswith("seconds")},
+        "flags_exact": {s: v["flag"] for s, v in exact["silos"].items() if v["flag"]},
+        "flags_rounds": {s: v["flag"] for s, v in rounds["silos"].items() if v["flag"]},
+        "gain": {s: v["gain"] for s, v in exact["silos"].items()},
+        "order_exact": sorted(ex, key=lambda s: -ex[s]),
+    }
+
+
+def _exact_vs_exact(per_seed: dict[int, Any]) -> dict[str, float]:
+    """Spearman's ρ of exact's values between each pair of seeds: the reference's own agreement, the most
+    any method can be expected to match it."""
+    from fedlm.value.shapley import spearman
+
+    seeds = list(per_seed)
+    silos = sorted(per_seed[seeds[0]]["exact"])
+    return {f"{a} vs {b}": spearman([per_seed[a]["exact"][s] for s in silos], [per_seed[b]["exact"][s] for s in silos])
+            for i, a in enumerate(seeds) for b in seeds[i + 1:]}
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     from fedlm.demo import prepare_workspace
-    from fedlm.value.run import value_run
 
     root = Path(tempfile.mkdtemp(prefix="value-bench-"))
     try:
@@ -125,53 +178,25 @@ def run(quick: bool = False) -> dict[str, Any]:
             walls[value].append(wall)
             cpus[value].append(cpu)
         load = [os.getloadavg()[0]]
-        per_seed: dict[int, Any] = {}
+        per_seed = {seed: _one_seed(ws, root / f"seed-{seed}", seed, VALUE_SIZE) for seed in seeds}
         for seed in seeds:
-            run_dir = root / f"run-{seed}"
-            _timed_run(ws, run_dir, seed, "rounds")
-            t0, c0 = time.perf_counter(), _cpu()
-            local = _local_models(ws, root / f"local-{seed}", seed)  # the gains' baselines, once for both methods
-            exact = value_run(run_dir, method="exact", local_models=local)
-            exact_s, exact_cpu = time.perf_counter() - t0, _cpu() - c0
-            load.append(os.getloadavg()[0])
-            rounds = value_run(run_dir, method="rounds", local_models=local)
-            ex = {s: v["shapley"] for s, v in exact["silos"].items()}
-            rv = {s: v["shapley"] for s, v in rounds["silos"].items()}
-            grand = exact["grand_utility"] - exact["baseline_utility"]
-            sampled = _sampled(exact, seed=seed)
-            sv = sampled["values"]
-            per_seed[seed] = {
-                "exact": ex, "rounds": rv, "sampled": sv, "grand_utility": grand, "exact_seconds": exact_s,
-                "exact_cpu_seconds": exact_cpu,
-                "exact_coalitions_trained": exact["coalitions_trained"], "sampled_coalitions": sampled["coalitions"],
-                "sampled_permutations": sampled["permutations"], "sampled_converged": sampled["converged"],
-                "sampled_stderr": sampled["stderr"],
-                "rounds_vs_exact": _compare(rv, ex, grand), "sampled_vs_exact": _compare(sv, ex, grand),
-                "rounds_valuation": {k: v for k, v in json.loads((run_dir / "value_rounds.json").read_text()).items()
-                                     if k.endswith("seconds")},
-                "flags_exact": {s: v["flag"] for s, v in exact["silos"].items() if v["flag"]},
-                "flags_rounds": {s: v["flag"] for s, v in rounds["silos"].items() if v["flag"]},
-                "gain": {s: v["gain"] for s, v in exact["silos"].items()},
-                "order_exact": sorted(ex, key=lambda s: -ex[s]),
-            }
+            load.append(per_seed[seed].pop("load"))
         silos = sorted(per_seed[seeds[0]]["exact"])
         stability = {s: {"mean": statistics.fmean(per_seed[k]["exact"][s] for k in seeds),
                          "spread": max(per_seed[k]["exact"][s] for k in seeds) - min(per_seed[k]["exact"][s] for k in seeds)}
                      for s in silos}
         overhead = statistics.median(walls["rounds"]) / statistics.median(walls["none"]) - 1
         overhead_cpu = statistics.median(cpus["rounds"]) / statistics.median(cpus["none"]) - 1
-        # the reference's own agreement across seeds: the most any method can be expected to match it
-        from fedlm.value.shapley import spearman
-
-        exact_vs_exact = {f"{a} vs {b}": spearman([per_seed[a]["exact"][s] for s in silos],
-                                                  [per_seed[b]["exact"][s] for s in silos])
-                          for i, a in enumerate(seeds) for b in seeds[i + 1:]}
-        return {"seeds": list(seeds), "size": VALUE_SIZE, "size_text": size_text(), "silos": silos, "per_seed": per_seed, "stability": stability,
-                "exact_vs_exact": exact_vs_exact,
+        long_seeds = LONG_SEEDS[:1] if quick else LONG_SEEDS
+        long = {seed: _one_seed(ws, root / f"long-{seed}", seed, LONG_SIZE) for seed in long_seeds}
+        return {"seeds": list(seeds), "size": VALUE_SIZE, "size_text": size_text(), "silos": silos, "per_seed": per_seed,
+                "stability": stability, "exact_vs_exact": _exact_vs_exact(per_seed),
                 "run_wall_s": walls, "run_cpu_s": cpus, "rounds_overhead": overhead,
                 "rounds_overhead_cpu": overhead_cpu, "overhead_ok": overhead <= TARGET_OVERHEAD,
                 "exact_seconds_max": max(per_seed[k]["exact_seconds"] for k in seeds),
-                "exact_cpu_seconds_max": max(per_seed[k]["exact_cpu_seconds"] for k in seeds), "load_1min": load}
+                "exact_cpu_seconds_max": max(per_seed[k]["exact_cpu_seconds"] for k in seeds), "load_1min": load,
+                "long": {"seeds": list(long_seeds), "size": LONG_SIZE, "size_text": size_text(LONG_SIZE),
+                         "per_seed": long, "exact_vs_exact": _exact_vs_exact(long)}}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

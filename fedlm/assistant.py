@@ -11,7 +11,8 @@ The base model and the federated and centralised models are scored on every silo
 local-only or personalised model on its own silo (the one it was made for). The federated
 run is `fedsgd` (every round, each silo sends one int8 gradient of the adapters on its batch
 and the server takes one AdamW step on their mean): the same sequential steps as a silo
-training alone, on the six silos' questions at once. Each run's `model/` holds its adapters and
+training alone, on the six silos' questions at once, at a learning rate scaled to that larger
+batch (`federated_lr`). Each run's `model/` holds its adapters and
 names its base (`fedlm.lora.save_adapters`); loading it merges them into the base, so `fedlm
 serve OUT/runs/federated` answers with them.
 """
@@ -19,6 +20,7 @@ serve OUT/runs/federated` answers with them.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -53,7 +55,7 @@ class AssistantSize:
     silo_batch: int  # windows per silo and round (and per step of every other run)
     personalise_steps: int
     seq_len: int  # a window: one or more whole conversations from a conversation's start
-    lr: float
+    lr: float  # of a step on one silo's windows (local-only, centralised, personalising)
     questions: int  # held-out questions scored per silo and model (0: the whole val split)
     max_new_tokens: int  # of a greedy answer (the longest reference answer is ~20 tokens)
 
@@ -99,9 +101,10 @@ def prepare_workspace(out: Path) -> Path:
 def assistant_sets(ws: Path, size: AssistantSize, *, seed: int) -> list[str]:
     """The federated run's config (the smollm2-lora preset and this size) as `section.key=value`
     overrides; `run_all` derives the centralised, local-only and personalising runs from it."""
+    lr = federated_lr(size)
     sets = {
         "data.workspace": str(ws), "train.seq_len": size.seq_len, "train.batch_size": size.silo_batch,
-        "train.steps": size.rounds, "train.lr": size.lr, "train.min_lr": size.lr / 10,
+        "train.steps": size.rounds, "train.lr": lr, "train.min_lr": lr / 10,
         "train.warmup_steps": max(1, size.rounds // 10), "train.checkpoint_every": size.rounds,
         "train.log_every": max(1, size.rounds // 8), "train.seed": seed,
         "federation.rounds": size.rounds, "federation.personalise_steps": size.personalise_steps,
@@ -110,11 +113,19 @@ def assistant_sets(ws: Path, size: AssistantSize, *, seed: int) -> list[str]:
     return preset_sets(PRESET) + [f"{k}={json.dumps(v)}" for k, v in sets.items()]
 
 
+def federated_lr(size: AssistantSize) -> float:
+    """The federated run's peak lr: a fedsgd step is AdamW on the mean gradient of every silo's
+    windows, a batch len(SILOS) times the other runs' (one silo's windows), so it takes Adam's
+    square-root batch scaling of their lr (at their lr, the federated model trailed the centralised
+    one's answer bits per byte far more: BENCHMARKS.md, "Assistant")."""
+    return size.lr * math.sqrt(len(SILOS))
+
+
 def demo_size(size: AssistantSize) -> DemoSize:
     """The budget `run_all` splits among the runs (vocabulary and eval length are unused here)."""
     return DemoSize(vocab_size=0, strategy="fedsgd", rounds=size.rounds, local_steps=1,
                     silo_batch=size.silo_batch, personalise_steps=size.personalise_steps, server_lr=1.0,
-                    batch_size=size.silo_batch, seq_len=size.seq_len, eval_tokens=0)
+                    batch_size=size.silo_batch, seq_len=size.seq_len, eval_tokens=0, baseline_lr=size.lr)
 
 
 def score(model: Transformer, ws: Path, silos: list[str], size: AssistantSize) -> dict[str, dict[str, float]]:

@@ -55,6 +55,9 @@ class DemoSize:
     batch_size: int  # sequences per step of the centralised, local-only and personalising runs
     seq_len: int
     eval_tokens: int  # per silo and model; the same prefix of each validation split for all
+    baseline_lr: float | None = None
+    """The peak lr of the centralised, local-only and personalising runs (their min_lr in the same
+    ratio); None: the federated run's."""
 
     @property
     def silo_steps(self) -> int:
@@ -137,11 +140,14 @@ def run_all(base: list[str], out: Path, size: DemoSize) -> dict[str, Path]:
     runs["federated"] = out / "federated"
     write_json(out / "federated" / "plan.json", predicted.to_json())
 
+    lr = {} if size.baseline_lr is None else {
+        "train.lr": size.baseline_lr, "train.min_lr": cfg.train.min_lr * size.baseline_lr / cfg.train.lr}
+
     def baseline(steps: int, **sets: Any) -> Config:
         """A centralised run of `steps` steps at the local batch, with the demo's schedule."""
         return _with(base, **{"train.mode": "centralised", "train.batch_size": size.batch_size, "train.steps": steps,
                               "train.warmup_steps": max(1, steps // 20), "train.checkpoint_every": steps,
-                              "train.log_every": max(1, steps // 20)}, **sets)
+                              "train.log_every": max(1, steps // 20)}, **lr, **sets)
 
     # the same sequences from the pooled silos, in steps of the local-only runs' batch
     runs["centralised"] = _train(baseline(n * size.silo_steps), out / "centralised", "centralised")
@@ -149,7 +155,7 @@ def run_all(base: list[str], out: Path, size: DemoSize) -> dict[str, Path]:
         local = baseline(size.silo_steps + fed.personalise_steps, **{"data.silos": [silo]})
         runs[f"local:{silo}"] = _train(local, out / f"local-{silo}", f"local {silo}")
     if fed.personalise_steps:
-        personal = _with(base, **{"train.batch_size": size.batch_size})
+        personal = _with(base, **{"train.batch_size": size.batch_size}, **lr)
         with progress_bar("personalise", unit="steps") as update:
             for silo, run_dir in personalise(personal, runs["federated"], on_step=lambda s, t, row: update(s, t)).items():
                 runs[f"personalised:{silo}"] = run_dir

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,13 @@ def test_tiny_assistant_demo_then_serve_answers_as_the_tuned_model(
             assert all(math.isfinite(v) and v >= 0 for v in model[metric].values())
         assert all(0 <= v <= 1 for v in model["exact_match"].values())
     assert 0 < summary["communication"]["share_of_full_fp32"] < 0.01  # int8 LoRA updates
+
+    def lr(name: str) -> float:
+        return float(tomllib.loads((Path(summary["models"][name]["run_dir"]) / "config.toml").read_text())["train"]["lr"])
+
+    # the federated step averages the three silos' windows: Adam's square-root scaling of the others' lr
+    assert lr("federated") == pytest.approx(2e-3 * math.sqrt(3))
+    assert all(lr(name) == pytest.approx(2e-3) for name in names - {"base", "federated"})
     assert "held-out question" in r.output and "federated beats base" in r.output
 
     sample = summary["sample"]
