@@ -565,8 +565,10 @@ def value_section(quick: bool) -> tuple[dict[str, Any], str]:
         "Wall times are on a shared machine (CPU seconds beside them; the load average is the 1-minute one at "
         "the start and after each seed's exact); the overhead compares runs alternated in the same call. "
         + (f"Rows marked \"at 20 × 2\" repeat the comparison at `bench.value_bench.LONG_SIZE` ({long['size_text']}), "
-           "where the silos' exact values lie far enough apart that their order survives a change of seed, which "
-           "at the demo's size it does not." if long else "") + "\n\n"
+           "a run with twice the demo's steps in shorter rounds, where the silos' exact values lie further apart; "
+           "`exact` against itself says how much of their order survives a change of seed. The silos' game also "
+           "changes between calls: each call prepares the workspace afresh, and its tokenizer from freshly "
+           "drawn DP noise." if long else "") + "\n\n"
         + _table(["measure", "fedlm", "reference", "", "target", ""], rows)
         + "\n\nStability of `exact` over the seeds (value: mean and max − min; rank per seed, 1 = highest):\n\n"
         + _table(["silo", "mean value", "spread", "rank per seed"], stab)

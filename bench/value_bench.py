@@ -11,9 +11,8 @@ coalitions, looked up instead of retrained again (a retrained run is bitwise the
 cost is the number of distinct coalitions it visits. Seed 1's run is also repeated without
 valuation, alternating, for the wall-time overhead of `rounds`.
 
-The same comparison is repeated at LONG_SIZE (20 rounds of 2 local steps) on two seeds: there the
-silos' exact values are far enough apart that their order survives a change of seed, which at
-VALUE_SIZE it does not, so rank correlations with exact mean something.
+The same comparison is repeated at LONG_SIZE (20 rounds of 2 local steps) on two seeds, where the
+silos' exact values lie further apart than at VALUE_SIZE (whose order changes with the seed).
 
 Targets: `rounds` and `sampled` against `exact`, Spearman's rank correlation >= 0.9 and every
 silo within 10% of the grand utility; `rounds` adds <= 30% to the run's wall time; `exact`
@@ -45,8 +44,8 @@ SEEDS = (1, 2, 3)
 LONG_SIZE = [*(x for x in VALUE_SIZE if not x.startswith(("federation.rounds=", "federation.local_steps="))),
              "federation.rounds=20", "federation.local_steps=2"]
 """A second size, 20 rounds x 2 local steps (2x VALUE_SIZE's steps, in shorter rounds), valued on LONG_SEEDS: at
-VALUE_SIZE the silos' exact values are too close for their order to survive a change of seed, here it does
-(exact against itself), so the methods' orders can be judged against it."""
+VALUE_SIZE the silos' exact values are so close that their order changes with the seed; here they lie further
+apart (exact against itself across the seeds says how far), so the methods' orders can better be judged."""
 LONG_SEEDS = (1, 2)
 
 
