@@ -367,6 +367,38 @@ def test_rounds_with_secure_aggregation_is_refused_before_round_1(value_ws: Path
     assert not (tmp_path / "r" / "rounds.jsonl").exists()
 
 
+def test_rounds_that_would_not_fit_in_memory_is_refused_before_round_1(
+        value_ws: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """2^n - 2 coalition models (with the server optimiser's state) beyond the memory available: a
+    UserError naming the count and pointing to `--method sampled`, before any round is trained."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import fedlm.federation.valuation as valuation
+    from fedlm.errors import UserError
+    from fedlm.federation.runner import run_federated
+
+    def available(n: int) -> None:
+        monkeypatch.setattr(valuation.psutil, "virtual_memory", lambda: SimpleNamespace(available=n))
+
+    state = {"w": torch.zeros(10)}  # 40 bytes; fedavg holds each coalition's weights and one round's aggregate
+    available(6 * 40 * 2)
+    valuation.check_memory(state, 6, "fedavg")  # exactly enough
+    available(6 * 40 * 2 - 1)
+    with pytest.raises(UserError, match=r"6 coalition models"):
+        valuation.check_memory(state, 6, "fedavg")
+    available(6 * 40 * 2)  # enough for fedavg, not for fedsgd's AdamW gradient and moments per coalition
+    with pytest.raises(UserError, match=r"fedsgd optimiser's state"):
+        valuation.check_memory(state, 6, "fedsgd")
+
+    available(1)
+    with pytest.raises(UserError, match=r"6 coalition models .*--method sampled"):  # 3 silos: 2^3 - 2
+        run_federated(_cfg(value_ws, 'federation.value="rounds"'), tmp_path / "r")
+    rounds = tmp_path / "r" / "rounds.jsonl"
+    assert not rounds.exists() or not rounds.read_text().strip()
+
+
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "fedsgd"])
 def test_coalition_models_step_like_the_run_optimiser_on_each_coalition_alone(strategy: str, tmp_path: Path) -> None:
     """The stacked in-run coalition models equal, per coalition, the run's own server optimiser

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import psutil
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -233,6 +234,7 @@ class CoalitionModels:
         start = {n: t.detach().clone() for n, t in run.model.state_dict().items() if n in run.global_state}
         proper = [frozenset(c) for k in range(1, len(silos)) for c in combinations(silos, k)]
         count = len(proper)
+        check_memory(run.global_state, count, fed.strategy)
         stacked = {n: t.repeat(count, *([1] * (t.dim() - 1))) for n, t in run.global_state.items()}
         tc = dataclasses.replace(federated_train_config(run.cfg), grad_clip=0.0)  # clipped per coalition here
         optimizer = make_server_optimizer(fed.strategy, tc=tc, shapes={n: tuple(t.shape) for n, t in stacked.items()},
@@ -301,6 +303,24 @@ class CoalitionModels:
             "round_seconds": self.seconds, "scoring_seconds": time.perf_counter() - t0,
         })
         self.stacked.clear()
+
+COPIES = {"fedsgd": 5, "fedadam": 4, "fedyogi": 4}
+"""Arrays per coalition model the server holds (the weights, a round's aggregate, the optimiser's
+state: AdamW's gradient and two moments, FedAdam/FedYogi's two moments); other strategies: 2."""
+
+
+def check_memory(state: State, count: int, strategy: str) -> None:
+    """UserError before round 1 when `count` coalition models of `state`'s arrays would not fit in
+    the memory this machine has available (2^n - 2 of them: it doubles with every silo)."""
+    need = count * sum(t.numel() * 4 for t in state.values()) * COPIES.get(strategy, 2)  # fp32
+    available = psutil.virtual_memory().available
+    if need > available:
+        raise UserError(f"federation.value = \"rounds\" would keep {count} coalition models on the server "
+                        f"({need / 2**30:.1f} GiB with the {strategy} optimiser's state), more than the "
+                        f"{available / 2**30:.1f} GiB this machine has available; set federation.value = \"none\" "
+                        f"and value the finished run with `fedlm value RUN --method sampled` (one coalition "
+                        f"retrained at a time), or train LoRA adapters (`[lora]`), whose coalition models are small")
+
 
 def record_disclosure(run_dir: Path) -> None:
     """Say in RUN/privacy.json who saw what because of in-run valuation (kept beside any DP ledger)."""
