@@ -224,12 +224,19 @@ def data_canaries(
          f"re-run `fedlm data shard --workspace {workspace} --silo {silo}`, then train and `fedlm audit`")
 
 
+FEW_HELD_OUT = 20
+"""Fewer held-out questions than this and exact match moves in steps of over 5%: shard says so."""
+
+
 def _chat_lines(name: str, chat: dict[str, Any], workspace: Path) -> None:
     """A chat silo's conversations per split, and those skipped (by reason and first lines)."""
     conv = chat["conversations"]
     _out(f"{name}: {conv['train']:,} train / {conv['val']:,} held-out conversations in the model's chat "
          f"template ({chat['answer_tokens']['train']:,} answer tokens trained on; the longest conversation is "
          f"{chat['conversation_tokens']['max']:,} tokens: a smaller train.seq_len cuts it)")
+    if conv["val"] < FEW_HELD_OUT:
+        console.print(f"[yellow]{name}: only {conv['val']} held-out questions to score answers on[/]; "
+                      "a larger `fedlm data shard --val-fraction` holds out more")
     for skip in chat.get("skipped", []):
         lines = ", ".join(map(str, skip["first_lines"]))
         console.print(f"[yellow]skipped[/] {skip['lines']} conversations of "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -168,6 +169,17 @@ def test_shards_hold_the_template_rendering_and_mask_the_answers(ws: Path) -> No
     meta = read_meta(ws / "silos" / "qa")
     assert meta["chat"]["conversations"]["train"] + meta["chat"]["conversations"]["val"] == len(docs)
     assert meta["chat"]["conversations"]["val"] >= 1
+
+
+def test_shard_says_when_too_few_questions_are_held_out(tmp_path: Path) -> None:
+    """A small chat silo's held-out split scores exact match in coarse steps: shard says how many
+    questions it holds out and how to hold out more (and still shards, exit 0)."""
+    ws = chat_workspace(tmp_path, qa_records(10))
+    r = subprocess.run([sys.executable, "-m", "fedlm.cli", "data", "shard", "--workspace", str(ws)],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    val = read_meta(ws / "silos" / "qa")["chat"]["conversations"]["val"]
+    assert f"qa: only {val} held-out questions" in r.stderr and "--val-fraction" in r.stderr, r.stderr
 
 
 def test_no_chat_template_is_a_one_line_error(tmp_path: Path) -> None:
