@@ -481,3 +481,42 @@ def test_silo_scores_are_evaluate_silos_bits_per_byte(value_ws: Path) -> None:
         assert got[silo].bits_per_byte == [r["bits_per_byte"] for r in ref], silo
         assert got[silo].tokens == ref[0]["tokens"] <= 500
     assert len(set(got["legal"].bits_per_byte)) == 3  # three different models, three different numbers
+
+
+def test_a_chat_silo_scores_the_answers_of_its_held_out_conversations(tmp_path: Path) -> None:
+    """On a chat silo the utility is `fedlm eval`'s answer bits/byte (what tuning trains on; the
+    prompts' bits/byte can rise while the answers' fall), over the held-out conversations that fit
+    value.eval_tokens (at least one)."""
+    from fedlm.config import config_to_toml
+    from fedlm.data.shards import open_chat, open_split
+    from fedlm.data.tokenizer import tokenizer_hash
+    from fedlm.evaluate import answer_metrics, held_out_questions
+    from fedlm.federation.client_app import app
+    from fedlm.federation.grid import InProcessGrid
+    from fedlm.federation.task import wire_names
+    from fedlm.federation.valuation import score_on_silos
+    from fedlm.resolve import resolve_config
+    from fedlm.train import build_model
+    from tests.test_chat import chat_workspace, qa_records
+
+    ws = chat_workspace(tmp_path, qa_records(60))
+    cfg = resolve_config(_cfg(ws, "model.max_seq_len=128", "train.seq_len=128"))
+    models = [build_model(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))) for seed in range(2)]
+    states = [{n: m.state_dict()[n] for n in wire_names(m)} for m in models]
+    convs = held_out_questions(open_split(ws / "silos" / "qa", "val"), open_chat(ws / "silos" / "qa", "val"))
+    first_two = int(convs[0][0].size + convs[1][0].size)
+    grid = InProcessGrid(app, {1: {"workspace": str(ws), "silo": "qa"}})
+    try:
+        def score(max_tokens: int):  # type: ignore[no-untyped-def]
+            return score_on_silos(grid, {"qa": 1}, {"qa": states}, config_text=config_to_toml(cfg),
+                                  tokenizer_sha256=tokenizer_hash(ws / "tokenizer.json"), max_tokens=max_tokens,
+                                  timeout=120)["qa"]
+        whole, two, one = score(0), score(first_two), score(1)
+    finally:
+        grid.close()
+    ref = [answer_metrics(m, ws / "silos" / "qa", max_new_tokens=1)["answer_bits_per_byte"] for m in models]
+    assert whole.bits_per_byte == pytest.approx(ref, rel=1e-5)
+    assert whole.tokens == sum(int(mask[1:].sum()) for _, mask, _ in convs)  # the answers' tokens only
+    assert two.tokens == sum(int(mask[1:].sum()) for _, mask, _ in convs[:2])
+    assert one.tokens == int(convs[0][1][1:].sum())  # a cap below one conversation still scores one
+    assert len(set(whole.bits_per_byte)) == 2

@@ -8,8 +8,9 @@
     tracker.finish(run.link, final_state)          # scores every coalition -> RUN/value_rounds.json
 
 Scoring (message `evaluate.value`): the server sends models in wire names; the silo loads each
-into the run's model, scores it on the start of its own validation split (never trained on)
-and replies with one bits-per-byte number per model and how many tokens it scored. No text,
+into the run's model, scores it on the start of its own validation split (never trained on; on
+a chat silo, the answers of its held-out conversations) and replies with one bits-per-byte
+number per model and how many tokens it scored. No text,
 no token ids, no per-token losses leave the silo.
 
 In-run valuation (`CoalitionModels`): the server keeps every coalition's model, stepped each
@@ -42,10 +43,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from fedlm.config import Config
-from fedlm.data.shards import open_split
+from fedlm.data.shards import open_chat, open_split
 from fedlm.data.tokenizer import load_tokenizer, token_byte_lengths
 from fedlm.errors import UserError
-from fedlm.evaluate import eval_windows, evaluate_tokens
+from fedlm.evaluate import answer_nll, eval_windows, evaluate_tokens, held_out_questions
 from fedlm.federation.messages import error_reason, parse_config
 from fedlm.federation.robust import update_norm
 from fedlm.federation.strategies import ServerAdamW, ServerOptimizer, make_server_optimizer
@@ -87,6 +88,18 @@ class _Split:
     token_bytes: np.ndarray
     seq_len: int
     rows: int  # windows a batch
+    convs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+    """A chat silo's held-out conversations whose tokens fit max_tokens (at least one): scored on their
+    answers only, what tuning trains on (the prompts are never trained on, and their bits per byte may
+    rise while the answers' fall)."""
+
+    def score(self) -> tuple[float, int]:
+        """(bits per byte, tokens scored) of the loaded model."""
+        if self.convs:
+            nll, n_bytes = answer_nll(self.model, self.convs, self.token_bytes, batch_size=self.rows)
+            return nll / math.log(2) / max(n_bytes, 1), sum(int(mask[1:].sum()) for _, mask, _ in self.convs)
+        got = evaluate_tokens(self.model, self.tokens, self.token_bytes, seq_len=self.seq_len, batch_size=self.rows)
+        return float(got["bits_per_byte"]), int(got["tokens"])
 
 
 _SPLITS: dict[tuple[str, ...], _Split] = {}  # one per (silo, config, tokenizer, max_tokens, val file)
@@ -105,11 +118,16 @@ def _split(path: Path, config_text: str, sha: str, max_tokens: int) -> _Split:
             if len(_SPLITS) > 64:
                 _SPLITS.clear()
             model = build_model(parse_config(config_text))
-            tokens = open_split(path, "val", expect_tokenizer_sha256=sha)
-            tokens = np.array(tokens[: max_tokens + 1] if max_tokens > 0 else tokens)
+            split = open_split(path, "val", expect_tokenizer_sha256=sha)
+            tokens = np.array(split[: max_tokens + 1] if max_tokens > 0 else split)
             seq_len, rows = eval_windows(model)
             token_bytes = token_byte_lengths(load_tokenizer(path.parent.parent / "tokenizer.json"))
-            got = _SPLITS[key] = _Split(model, tokens, token_bytes, seq_len, rows)
+            chat = open_chat(path, "val")
+            convs = held_out_questions(split, chat) if chat is not None else None
+            if convs and max_tokens > 0:
+                sizes = np.cumsum([ids.size for ids, _, _ in convs])
+                convs = convs[: max(1, int(np.searchsorted(sizes, max_tokens, side="right")))]
+            got = _SPLITS[key] = _Split(model, tokens, token_bytes, seq_len, rows, convs or None)
     return got
 
 
@@ -125,9 +143,7 @@ def score_reply(msg: Message, path: Path) -> Message:
     for i in range(int(record["models"])):  # type: ignore[arg-type]
         arrays = msg.content.array_records[f"model-{i}"].to_torch_state_dict()
         split.model.load_state_dict(expand_state(split.model, arrays))
-        got = evaluate_tokens(split.model, split.tokens, split.token_bytes, seq_len=split.seq_len,
-                              batch_size=split.rows)
-        metrics[f"bpb-{i}"], tokens = float(got["bits_per_byte"]), int(got["tokens"])
+        metrics[f"bpb-{i}"], tokens = split.score()
     metrics["tokens"] = float(tokens)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)  # type: ignore[arg-type]
 
