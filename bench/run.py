@@ -548,8 +548,10 @@ def value_section(quick: bool) -> tuple[dict[str, Any], str]:
                  _ok(r["exact_seconds_max"] <= TARGET_EXACT_S)])
     long = r.get("long")
     if long:
-        rows += agreement(long, "at 20 × 2: ")
-        rows.append(["at 20 × 2: `exact` for 6 silos", f"{max(v['exact_seconds'] for v in long['per_seed'].values()):.0f} s "
+        kv = dict(item.split("=", 1) for item in long["size"])
+        at = f"at {kv['federation.rounds']} × {kv['federation.local_steps']}"
+        rows += agreement(long, f"{at}: ")
+        rows.append([f"{at}: `exact` for 6 silos", f"{max(v['exact_seconds'] for v in long['per_seed'].values()):.0f} s "
                      "(slowest seed)", "", "", f"≤ {TARGET_EXACT_S:.0f} s",
                      _ok(max(v["exact_seconds"] for v in long["per_seed"].values()) <= TARGET_EXACT_S)])
     stab = [[silo, f"{v['mean']:+.4f}", f"{v['spread']:.4f}",
@@ -564,7 +566,7 @@ def value_section(quick: bool) -> tuple[dict[str, Any], str]:
         "cost is the coalitions it visits. Values are bits/byte gained over the starting model. "
         "Wall times are on a shared machine (CPU seconds beside them; the load average is the 1-minute one at "
         "the start and after each seed's exact); the overhead compares runs alternated in the same call. "
-        + (f"Rows marked \"at 20 × 2\" repeat the comparison at `bench.value_bench.LONG_SIZE` ({long['size_text']}), "
+        + (f"Rows marked \"{at}\" repeat the comparison at `bench.value_bench.LONG_SIZE` ({long['size_text']}), "
            "a run with twice the demo's steps in shorter rounds, where the silos' exact values lie further apart; "
            "`exact` against itself says how much of their order survives a change of seed. The silos' game also "
            "changes between calls: each call prepares the workspace afresh, and its tokenizer from freshly "
