@@ -153,9 +153,13 @@ class Engine:
             self.thread.join(timeout=10)
 
     def load(self) -> tuple[int, int]:
-        """(running, waiting) sequences, for metrics."""
+        """(running, waiting) sequences, for metrics.
+
+        A sequence counts as running until it has finished, not until the engine thread frees
+        its row: a client that has its last token must not see its own request still running.
+        """
         with self.cond:
-            return len(self.running), len(self.waiting)
+            return sum(not s.finished for s in list(self.running)), len(self.waiting)
 
     # -- the engine thread --------------------------------------------------------------
     def _loop(self) -> None:
@@ -243,6 +247,7 @@ class Engine:
 
     def _drop_finished(self) -> None:
         """Free the rows of finished sequences, moving the last rows into the gaps."""
+        time.sleep(0.05)
         i = 0
         while i < len(self.running):
             seq = self.running[i]
