@@ -43,7 +43,7 @@ def test_readme_explain_runs_on_the_demo_model(quick_demo: tuple[Path, subproces
                                                tmp_path: Path) -> None:
     """README's "Looking inside the demo's model" commands, as written, on the quick demo's output: the
     page is written, the JSON has the documented keys, attributions are complete to 1% at the default
-    step count on a trained model, and provenance covers every silo's personalised model."""
+    step count on a trained model (or to 5e-4 bits where the gap is tiny), and provenance covers every silo's personalised model."""
     import json
     import re
     import shlex
@@ -65,7 +65,13 @@ def test_readme_explain_runs_on_the_demo_model(quick_demo: tuple[Path, subproces
             assert {"tokens", "surprisal_bits", "alternatives", "bits_per_byte", "attention", "attributions",
                     "logit_lens", "provenance", "provenance_models"} <= set(result)
             assert result["attributions"]["target"] == " the"
-            assert result["attributions"]["completeness_error"] < 0.01
+            # complete to 1% of the gap f(x) - f(baseline), or to 5e-4 bits where the gap is under 0.05
+            # bits: the quick demo's model differs with its tokenizer's fresh DP noise, its gap for " the"
+            # ranged 0.01-0.38 bits over five demos, and a near-zero gap leaves a relative error to fp32
+            # rounding (a suite run once read 0.71 of such a gap)
+            a = result["attributions"]
+            gap = a["f_x"] - a["f_baseline"]
+            assert abs(sum(a["scores"]) - gap) <= 0.01 * max(abs(gap), 0.05), a
             assert result["provenance_models"] == "personalised" and set(result["provenance"]) == set(SILOS)
         else:
             assert "bits/byte" in r.stdout and "provenance (personalised models" in r.stdout, r.stdout
