@@ -15,7 +15,7 @@ import typer
 from rich.markup import escape
 
 from fedlm.errors import UserError
-from fedlm.progress import console, progress_bar
+from fedlm.progress import console, progress_bar, status
 
 app = typer.Typer(
     name="fedlm",
@@ -715,10 +715,9 @@ def value(
     """What each silo contributed (Shapley), gained, and is paid -> RUN/value.json."""
     from fedlm.value.run import summary_lines, value_run, value_table
 
-    with console.status("valuing") as status:
+    with status("value") as say:
         body = value_run(run, method=method, budget=budget, rounds=rounds, local_steps=local_steps,
-                         permutations=permutations, tolerance=tolerance, truncation=truncation,
-                         progress=status.update)
+                         permutations=permutations, tolerance=tolerance, truncation=truncation, progress=say)
     if json_:
         _out(json.dumps(body))
         return

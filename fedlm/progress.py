@@ -1,7 +1,10 @@
-"""Progress bars for long work: rate and ETA on a terminal, quiet elsewhere."""
+"""Progress for long work: a bar with rate and ETA on a terminal; elsewhere (a log file, a pipe,
+CI) a plain line every LINE_EVERY seconds, once the work has run that long, so a long job
+written to a log says how far it is and short ones stay quiet."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -18,6 +21,8 @@ from rich.progress import (
 )
 
 console = Console(stderr=True)
+LINE_EVERY = 30.0
+"""Seconds between progress lines when stderr is not a terminal (and before the first)."""
 
 
 @contextmanager
@@ -39,7 +44,11 @@ def progress_bar(description: str, *, unit: str = "items") -> Iterator[Callable[
         TextColumn("ETA"),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as p:
+    if not console.is_terminal:
+        with _progress_lines(description, unit) as update:
+            yield update
+        return
+    with Progress(*columns, console=console, transient=False) as p:
         task = p.add_task(description, total=None, rate="", info="")
 
         def update(done: int, total: int, info: str = "") -> None:
@@ -48,3 +57,50 @@ def progress_bar(description: str, *, unit: str = "items") -> Iterator[Callable[
             p.update(task, completed=done, total=total, rate=rate_text, info=info)
 
         yield update
+
+
+@contextmanager
+def _progress_lines(description: str, unit: str) -> Iterator[Callable[..., None]]:
+    """`progress_bar` off a terminal: "DESCRIPTION: done/total unit (pct), elapsed, ETA" lines."""
+    start = time.monotonic()
+    last: list[float] = [start]  # when a line was last printed
+    state: list[tuple[int, int, str]] = []
+
+    def line(done: int, total: int, info: str) -> str:
+        elapsed = time.monotonic() - start
+        of = f"/{total:,}" if total else ""
+        pct = f" ({done / total:.0%})" if total else ""
+        eta = f", ETA {elapsed * (total - done) / done:,.0f} s" if total and 0 < done < total else ""
+        more = f" {info}" if info else ""
+        return f"{description}: {done:,}{of} {unit}{pct}{more}, {elapsed:,.0f} s{eta}"
+
+    def update(done: int, total: int, info: str = "") -> None:
+        state[:] = [(done, total, info)]
+        now = time.monotonic()
+        if now - last[0] >= LINE_EVERY:
+            last[0] = now
+            console.print(line(done, total, info), highlight=False, soft_wrap=True)
+
+    yield update
+    if state and last[0] > start:  # it printed along the way: say where it ended
+        console.print(line(*state[0]), highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def status(description: str) -> Iterator[Callable[[str], None]]:
+    """Yield `say(message)` for long work without a count: a spinner with the latest message on a
+    terminal; elsewhere "DESCRIPTION: message, elapsed" at most every LINE_EVERY seconds."""
+    if console.is_terminal:
+        with console.status(description) as spinner:
+            yield lambda message: spinner.update(f"{description}: {message}")
+        return
+    start = time.monotonic()
+    last = [start]
+
+    def say(message: str) -> None:
+        now = time.monotonic()
+        if now - last[0] >= LINE_EVERY:
+            last[0] = now
+            console.print(f"{description}: {message}, {now - start:,.0f} s", highlight=False, soft_wrap=True)
+
+    yield say

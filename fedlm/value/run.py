@@ -180,6 +180,7 @@ class Retrainer:
     progress: Progress
     notes: set[str] = dataclasses.field(default_factory=set)
     trained: int = 0
+    total: int | None = None  # coalitions to retrain, where known (exact)
 
     def __call__(self, coalition: Coalition) -> dict[str, float]:
         reduced = (self.rounds, self.local_steps) != (self.cfg.federation.rounds, self.cfg.federation.local_steps)
@@ -192,7 +193,8 @@ class Retrainer:
             if note:
                 self.notes.add(note)
             out = self.work / f"coalition-{coalition_key(coalition)}"
-            self.progress(f"retraining coalition {coalition_key(coalition)}")
+            of = f" of {self.total}" if self.total else ""
+            self.progress(f"retraining coalition {coalition_key(coalition)} ({self.trained + 1}{of})")
             run_federated(cfg, out)
             state = _global(out)
             shutil.rmtree(out, ignore_errors=True)
@@ -288,6 +290,9 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
                          "per-silo updates (no retraining): an approximation of retraining each coalition")
         else:
             retrain = Retrainer(cfg, run_dir, work, scorer, beneficiaries, rounds, local_steps, say)
+            if method == "exact":  # every non-empty coalition; the grand one is the run itself at its budget
+                full = (rounds, local_steps) == (fed.rounds, fed.local_steps)
+                retrain.total = 2 ** len(silos) - 1 - full
             start = scorer({j: [_start(cfg)] for j in beneficiaries})
             game = Game(list(silos), list(beneficiaries), dict(scorer.tokens), {j: v[0] for j, v in start.items()},
                         retrain)
