@@ -198,16 +198,22 @@ def _cfg(ws: Path, *extra: str):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.slow
-def test_duplicates_get_equal_values_and_noise_is_flagged(value_ws: Path, tmp_path: Path) -> None:
+def test_duplicates_get_equal_values_and_noise_is_flagged(value_ws: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """One run (the two legal silos benefit) valued by retraining every coalition (exact) and inside
     the run (rounds). Exact: the two silos holding the same text get values within 15% of each
     other. Both: the random-letter silo's value to the others is <= 0 and it is flagged harmful;
-    the values sum to grand - baseline; payouts sum to the budget exactly, 0 to the flagged silo."""
+    the values sum to grand - baseline; payouts sum to the budget exactly, 0 to the flagged silo.
+    The retrained coalitions skip the run's own closing validation (their models are scored anyway)."""
+    from fedlm.federation import rounds
     from fedlm.federation.runner import run_federated
     from fedlm.value.run import value_run
 
     run = tmp_path / "run"
     run_federated(_cfg(value_ws, 'federation.value="rounds"', 'value.beneficiaries=["legal", "legal_copy"]'), run)
+    assert (run / "validation.json").exists()
+    validated: list[Path] = []
+    monkeypatch.setattr(rounds, "validate_silos", lambda link, run_dir, **kw: validated.append(run_dir))
     privacy = json.loads((run / "privacy.json").read_text())
     assert "every silo's individual update" in privacy["valuation"]["server_saw"]
     for method in ("exact", "rounds"):
@@ -225,7 +231,7 @@ def test_duplicates_get_equal_values_and_noise_is_flagged(value_ws: Path, tmp_pa
         assert body["silos"]["legal"]["gain"] is not None
         assert json.loads((run / "value.json").read_text())["method"] == method
         assert body["coalitions_trained"] == (6 if method == "exact" else 0)  # 2^3 - 1, the grand one is the run
-    assert not list(run.glob(".value-*"))
+    assert not list(run.glob(".value-*")) and validated == []
 
 
 @pytest.mark.slow

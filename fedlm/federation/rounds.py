@@ -78,8 +78,9 @@ class ServerRun:
 
 
 def run_rounds(grid: Grid, cfg: Config, run_dir: Path, *, resume: bool = False,
-               on_round: RoundCallback | None = None) -> dict[str, Any]:
-    """Run the config's federated rounds over `grid`; writes the run directory, returns the summary."""
+               on_round: RoundCallback | None = None, validate: bool = True) -> dict[str, Any]:
+    """Run the config's federated rounds over `grid`; writes the run directory, returns the summary.
+    `validate`: each silo scores the starting and final weights at the end (RUN/validation.json)."""
     run = start_run(cfg, run_dir, resume=resume)
     run.link = connect(grid, run)
     rounds = run.cfg.federation.rounds
@@ -91,9 +92,10 @@ def run_rounds(grid: Grid, cfg: Config, run_dir: Path, *, resume: bool = False,
         append_jsonl(run_dir / "rounds.jsonl", row)
         if on_round is not None:
             on_round(round_no, rounds, row)
-    validate_silos(run.link, run_dir, start=run.start_state, final=run.global_state,
-                   config=round_config(round_no=rounds, config_text=run.config_text, run_id=run.run_id,
-                                       tokenizer_sha256=run.tokenizer_sha256, weight_ref=planned_tokens(run.cfg)))
+    if validate:
+        validate_silos(run.link, run_dir, start=run.start_state, final=run.global_state,
+                       config=round_config(round_no=rounds, config_text=run.config_text, run_id=run.run_id,
+                                           tokenizer_sha256=run.tokenizer_sha256, weight_ref=planned_tokens(run.cfg)))
     if run.value is not None:
         run.value.finish(run)
     run.model.load_state_dict(expand_state(run.model, run.global_state))

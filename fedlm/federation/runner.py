@@ -40,6 +40,7 @@ def run_federated(
     cfg: Config, out_dir: Path, *, resume: bool = False, on_round: RoundCallback | None = None,
     superlink: str | None = None, root_certificates: Path | None = None, insecure: bool = False,
     client_app: ClientApp | Callable[[Message, Context], Message] | None = None, on_wire: WireTap | None = None,
+    validate: bool = True,
 ) -> dict[str, Any]:
     """Run a federated config on its engine; writes `out_dir` and returns the summary.
 
@@ -47,7 +48,9 @@ def run_federated(
     thread each). engine "flower": starts a SuperLink and one SuperNode per silo on 127.0.0.1,
     or uses the running SuperLink `superlink` (HOST:PORT, with `root_certificates` or
     `insecure`), and submits the run with `flwr run`. `client_app` and `on_wire` are for
-    tests (a silo that misbehaves; a tap on every message) and apply in process only.
+    tests (a silo that misbehaves; a tap on every message) and apply in process only, as does
+    `validate=False` (no RUN/validation.json: for runs whose model is judged otherwise, such as
+    valuation's coalitions).
     """
     for key, value in FLOWER_ENV.items():
         os.environ.setdefault(key, value)
@@ -64,7 +67,8 @@ def run_federated(
     torch.set_num_threads(1)
     try:
         with hold(out_dir, engine="inprocess"):
-            return amend_summary(out_dir, run_rounds(grid, cfg, out_dir, resume=resume, on_round=on_round))
+            return amend_summary(out_dir, run_rounds(grid, cfg, out_dir, resume=resume, on_round=on_round,
+                                                       validate=validate))
     finally:
         grid.close()
         torch.set_num_threads(threads)
