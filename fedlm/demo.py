@@ -3,7 +3,7 @@
 extract the corpus -> prepare each silo -> agree a tokenizer privately -> shard -> train
 federated, centralised (pooled) and local-only with the same token budget -> personalise the
 federated model on each silo -> evaluate every model on every silo -> value each silo's
-contribution and gain (a small federated run valued in the run, `VALUE_SIZE`) -> print the
+contribution and gain (a small federated run valued by retraining, `VALUE_SIZE`) -> print the
 tables, write OUT/summary.json -> generate a sample.
 
 Budgets are equal by construction, counted in training sequences (tokens):
@@ -37,7 +37,7 @@ from fedlm.fileio import write_json
 from fedlm.generate import generate
 from fedlm.plan import plan_run
 from fedlm.pretrained import load_model
-from fedlm.progress import console, progress_bar
+from fedlm.progress import console, progress_bar, status
 from fedlm.report import write_report
 from fedlm.train import personalise, train
 from fedlm.value.run import summary_lines, value_run, value_table
@@ -200,11 +200,12 @@ def print_table(models: dict[str, dict[str, Any]], found: dict[str, Any]) -> Non
         console.print(f"personalised beats local-only on its own silo: {w['count']} of {w['of']} (target ≥ 5)")
 
 
-# The valuation run: the six silos on a small FedAvg model, valued inside the run (`rounds`), the
-# size at which bench/value_bench.py compares `rounds` with exact retraining. The demo's own
-# fedsgd run takes one server step per round, and rebuilding 62 coalitions' AdamW steps every
-# round would cost more than the run itself. Short on purpose: `rounds` drifts from retraining
-# as runs train longer (README, "What they can and cannot be trusted for").
+# The valuation run: the six silos on a small FedAvg model, valued by retraining every coalition
+# (`exact`: 62 short runs), the size at which bench/value_bench.py compares the methods. It is the
+# cheapest that agrees with itself: `rounds` retrains nothing, but at this size its order of the
+# silos does not follow exact's, and `sampled` visits all 64 coalitions of six silos anyway
+# (BENCHMARKS.md, "Silo values"). Not the demo's own fedsgd run: that retrained 62 times would
+# cost 62 demo runs.
 VALUE_SIZE = [
     "model.preset=custom", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.d_ff=160",
     "model.max_seq_len=64", "train.seq_len=64", "train.batch_size=4", "train.lr=3e-3", "train.warmup_steps=2",
@@ -214,13 +215,12 @@ VALUE_SIZE = [
 
 
 def value_silos(ws: Path, run_dir: Path, *, seed: int) -> dict[str, Any]:
-    """Each silo's contribution and gain, valued inside a small federated run (`fedlm value --method rounds`)."""
-    cfg = load_config(None, [f"data.workspace={json.dumps(str(ws))}", *VALUE_SIZE, f"train.seed={seed}",
-                             'federation.value="rounds"'])
-    with progress_bar("value", unit="rounds") as update:
+    """Each silo's contribution and gain: a small federated run, valued by retraining (`fedlm value --method exact`)."""
+    cfg = load_config(None, [f"data.workspace={json.dumps(str(ws))}", *VALUE_SIZE, f"train.seed={seed}"])
+    with progress_bar("value: the run", unit="rounds") as update:
         run_federated(cfg, run_dir, on_round=lambda r, total, row: update(r, total))
-    with console.status("value: local-only baselines and scores"):
-        return value_run(run_dir, method="rounds")
+    with status("value") as say:
+        return value_run(run_dir, method="exact", progress=say)
 
 
 def fresh_runs(out: Path) -> None:

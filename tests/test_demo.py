@@ -30,8 +30,8 @@ def test_quick_demo_writes_the_summary(quick_demo: tuple[Path, subprocess.Comple
     # every model learned something: far below a uniform guess over the vocabulary (~10 bits per token)
     assert summary["models"]["federated"]["bits_per_byte"]["mean"] < 6.0
     assert "federated" in r.stdout + r.stderr and "sample (federated)" in r.stdout + r.stderr
-    value = summary["value"]  # issue 17: each silo's contribution and gain, valued in the run
-    assert value["method"] == "rounds" and set(value["silos"]) == set(SILOS)
+    value = summary["value"]  # issue 17: each silo's contribution and gain, valued by retraining
+    assert value["method"] == "exact" and value["coalitions_trained"] == 62 and set(value["silos"]) == set(SILOS)
     assert sum(v["shapley"] for v in value["silos"].values()) == pytest.approx(
         value["grand_utility"] - value["baseline_utility"], abs=1e-9)
     assert all(math.isfinite(v["gain"]) for v in value["silos"].values())
