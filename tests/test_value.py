@@ -207,7 +207,7 @@ def test_duplicates_get_equal_values_and_noise_is_flagged(value_ws: Path, tmp_pa
     The retrained coalitions skip the run's own closing validation (their models are scored anyway)."""
     from fedlm.federation import rounds
     from fedlm.federation.runner import run_federated
-    from fedlm.value.run import value_run
+    from fedlm.value.run import exact_retrains, value_run
 
     run = tmp_path / "run"
     run_federated(_cfg(value_ws, 'federation.value="rounds"', 'value.beneficiaries=["legal", "legal_copy"]'), run)
@@ -232,6 +232,7 @@ def test_duplicates_get_equal_values_and_noise_is_flagged(value_ws: Path, tmp_pa
         assert json.loads((run / "value.json").read_text())["method"] == method
         assert body["coalitions_trained"] == (6 if method == "exact" else 0)  # 2^3 - 1, the grand one is the run
     assert not list(run.glob(".value-*")) and validated == []
+    assert exact_retrains(3, reduced=False) == 6 and exact_retrains(3, reduced=True) == 7  # what progress counts
 
 
 @pytest.mark.slow

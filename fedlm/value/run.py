@@ -205,6 +205,11 @@ class Retrainer:
         return {j: v[0] for j, v in scores.items()}
 
 
+def exact_retrains(silos: int, *, reduced: bool) -> int:
+    """Coalitions `exact` retrains: every non-empty one, but the grand one is the run itself at its budget."""
+    return 2 ** silos - 1 - (not reduced)
+
+
 def local_config(cfg: Config, silo: str) -> Config:
     """Silo `silo` alone with the run's per-silo budget: the federated schedule's steps, its batch."""
     tc = federated_train_config(cfg)
@@ -291,10 +296,9 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
             notes.append(f"coalition models rebuilt inside the run from rounds {saved['rounds'][0]}-{saved['rounds'][1]}'s "
                          "per-silo updates (no retraining): an approximation of retraining each coalition")
         else:
-            retrain = Retrainer(cfg, run_dir, work, scorer, beneficiaries, rounds, local_steps, say)
-            if method == "exact":  # every non-empty coalition; the grand one is the run itself at its budget
-                full = (rounds, local_steps) == (fed.rounds, fed.local_steps)
-                retrain.total = 2 ** len(silos) - 1 - full
+            reduced = (rounds, local_steps) != (fed.rounds, fed.local_steps)
+            retrain = Retrainer(cfg, run_dir, work, scorer, beneficiaries, rounds, local_steps, say,
+                                total=exact_retrains(len(silos), reduced=reduced) if method == "exact" else None)
             start = scorer({j: [_start(cfg)] for j in beneficiaries})
             game = Game(list(silos), list(beneficiaries), dict(scorer.tokens), {j: v[0] for j, v in start.items()},
                         retrain)
@@ -306,7 +310,7 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
             notes += sorted(retrain.notes)
             if method == "sampled":
                 notes.append(_sampling_note(body, tolerance=tolerance, truncation=truncation))
-            if (rounds, local_steps) != (fed.rounds, fed.local_steps):
+            if reduced:
                 notes.append(f"reduced budget: coalitions retrained for {rounds} rounds of {local_steps} local steps "
                              f"(the run had {fed.rounds} of {fed.local_steps})")
         flags = flag_silos(game, body, update_norms=norms)
