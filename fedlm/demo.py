@@ -254,6 +254,8 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 1337) -> dict[str, A
     write_json(out / "summary.json", summary)
     print_table(models, found)
     console.print(value_table(value))
+    console.print("(values and gains of a separate small FedAvg run, fedlm.demo.VALUE_SIZE, retrained on every "
+                  "coalition: not of the federated model above)", highlight=False, soft_wrap=True)
     for line in summary_lines(value):
         console.print(line, highlight=False, soft_wrap=True)
 
