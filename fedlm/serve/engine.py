@@ -247,7 +247,6 @@ class Engine:
 
     def _drop_finished(self) -> None:
         """Free the rows of finished sequences, moving the last rows into the gaps."""
-        time.sleep(0.05)
         i = 0
         while i < len(self.running):
             seq = self.running[i]
