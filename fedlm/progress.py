@@ -59,15 +59,40 @@ def progress_bar(description: str, *, unit: str = "items") -> Iterator[Callable[
         yield update
 
 
+class _Lines:
+    """Plain progress lines off a terminal: at most one every LINE_EVERY seconds, the first once the
+    work has run that long."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def due(self) -> bool:
+        """Whether a line is due now (and, if so, that one is being printed)."""
+        now = time.monotonic()
+        if now - self.last < LINE_EVERY:
+            return False
+        self.last = now
+        return True
+
+    def printed(self) -> bool:
+        return self.last > self.start
+
+    @staticmethod
+    def print(text: str) -> None:
+        console.print(text, highlight=False, soft_wrap=True)
+
+
 @contextmanager
 def _progress_lines(description: str, unit: str) -> Iterator[Callable[..., None]]:
     """`progress_bar` off a terminal: "DESCRIPTION: done/total unit (pct), elapsed, ETA" lines."""
-    start = time.monotonic()
-    last: list[float] = [start]  # when a line was last printed
-    state: list[tuple[int, int, str]] = []
+    lines = _Lines()
+    latest: tuple[int, int, str] | None = None
 
     def line(done: int, total: int, info: str) -> str:
-        elapsed = time.monotonic() - start
+        elapsed = lines.elapsed()
         of = f"/{total:,}" if total else ""
         pct = f" ({done / total:.0%})" if total else ""
         eta = f", ETA {elapsed * (total - done) / done:,.0f} s" if total and 0 < done < total else ""
@@ -75,15 +100,14 @@ def _progress_lines(description: str, unit: str) -> Iterator[Callable[..., None]
         return f"{description}: {done:,}{of} {unit}{pct}{more}, {elapsed:,.0f} s{eta}"
 
     def update(done: int, total: int, info: str = "") -> None:
-        state[:] = [(done, total, info)]
-        now = time.monotonic()
-        if now - last[0] >= LINE_EVERY:
-            last[0] = now
-            console.print(line(done, total, info), highlight=False, soft_wrap=True)
+        nonlocal latest
+        latest = (done, total, info)
+        if lines.due():
+            lines.print(line(*latest))
 
     yield update
-    if state and last[0] > start:  # it printed along the way: say where it ended
-        console.print(line(*state[0]), highlight=False, soft_wrap=True)
+    if latest is not None and lines.printed():  # it printed along the way: say where it ended
+        lines.print(line(*latest))
 
 
 @contextmanager
@@ -94,13 +118,10 @@ def status(description: str) -> Iterator[Callable[[str], None]]:
         with console.status(description) as spinner:
             yield lambda message: spinner.update(f"{description}: {message}")
         return
-    start = time.monotonic()
-    last = [start]
+    lines = _Lines()
 
     def say(message: str) -> None:
-        now = time.monotonic()
-        if now - last[0] >= LINE_EVERY:
-            last[0] = now
-            console.print(f"{description}: {message}, {now - start:,.0f} s", highlight=False, soft_wrap=True)
+        if lines.due():
+            lines.print(f"{description}: {message}, {lines.elapsed():,.0f} s")
 
     yield say

@@ -182,11 +182,15 @@ class Retrainer:
     trained: int = 0
     total: int | None = None  # coalitions to retrain, where known (exact)
 
+    @property
+    def reduced(self) -> bool:
+        """Whether coalitions retrain on less than the run's budget (then the grand one retrains too)."""
+        return (self.rounds, self.local_steps) != (self.cfg.federation.rounds, self.cfg.federation.local_steps)
+
     def __call__(self, coalition: Coalition) -> dict[str, float]:
-        reduced = (self.rounds, self.local_steps) != (self.cfg.federation.rounds, self.cfg.federation.local_steps)
         if not coalition:
             state = _start(self.cfg)
-        elif coalition == frozenset(self.scorer.silos) and not reduced:
+        elif coalition == frozenset(self.scorer.silos) and not self.reduced:
             state = _global(self.run_dir)  # the run itself: the grand coalition at the run's budget
         else:
             cfg, note = coalition_config(self.cfg, coalition, rounds=self.rounds, local_steps=self.local_steps)
@@ -296,9 +300,8 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
             notes.append(f"coalition models rebuilt inside the run from rounds {saved['rounds'][0]}-{saved['rounds'][1]}'s "
                          "per-silo updates (no retraining): an approximation of retraining each coalition")
         else:
-            reduced = (rounds, local_steps) != (fed.rounds, fed.local_steps)
-            retrain = Retrainer(cfg, run_dir, work, scorer, beneficiaries, rounds, local_steps, say,
-                                total=exact_retrains(len(silos), reduced=reduced) if method == "exact" else None)
+            retrain = Retrainer(cfg, run_dir, work, scorer, beneficiaries, rounds, local_steps, say)
+            retrain.total = exact_retrains(len(silos), reduced=retrain.reduced) if method == "exact" else None
             start = scorer({j: [_start(cfg)] for j in beneficiaries})
             game = Game(list(silos), list(beneficiaries), dict(scorer.tokens), {j: v[0] for j, v in start.items()},
                         retrain)
@@ -310,7 +313,7 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
             notes += sorted(retrain.notes)
             if method == "sampled":
                 notes.append(_sampling_note(body, tolerance=tolerance, truncation=truncation))
-            if reduced:
+            if retrain.reduced:
                 notes.append(f"reduced budget: coalitions retrained for {rounds} rounds of {local_steps} local steps "
                              f"(the run had {fed.rounds} of {fed.local_steps})")
         flags = flag_silos(game, body, update_norms=norms)
