@@ -5,9 +5,10 @@
 `deployed(grid)` gives Flower's grid a `send_and_receive` that
 
 - sends each message's arrays packed into one Array and rebuilds the replies' (`packing`);
-- pulls replies every `POLL_SECONDS`, backing off to `POLL_CAP_SECONDS` while none comes:
-  Flower 1.42's pulls, then sleeps 3 s (hard-coded), so each exchange ended up to 3 s after
-  its last reply;
+- pulls each message's reply on its own every `POLL_SECONDS`, backing off to `POLL_CAP_SECONDS`
+  while none comes: Flower 1.42's pulls, then sleeps 3 s (hard-coded), so each exchange ended up
+  to 3 s after its last reply; and its pull of several replies fetches their content one after
+  another, so one silo's stalled upload held the others' replies until the deadline;
 - ends at the deadline whatever Flower's calls do: Flower hands out a reply as soon as its
   header arrives and then retries the missing content up to 500 times (minutes; past the
   exchange's timeout), and its HTTP calls retry a stalled SuperLink without end. Each push
@@ -30,8 +31,8 @@ connect; on one machine, without a registry, the name it gives.
 
 from __future__ import annotations
 
-import functools
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -90,7 +91,7 @@ class DeployedGrid:
         return replies
 
     def _exchange(self, msgs: list[Message], deadline: float | None) -> list[Message]:
-        """Push, then pull every `poll` seconds until each message has its reply or the deadline.
+        """Push, then wait for each message's reply on its own puller until the deadline (`_await_reply`).
 
         An error reply Flower made (from the SuperLink's node id) is made to come from the node asked."""
         group, kind = (msgs[0].metadata.group_id, msgs[0].metadata.message_type) if msgs else ("", "")
@@ -101,23 +102,24 @@ class DeployedGrid:
             return []
         node_of = {i: m.metadata.dst_node_id for m, i in zip(msgs, pushed, strict=True) if i}
         got = [_unavailable(m) for m, i in zip(msgs, pushed, strict=True) if not i]  # refused: offline
-        wanted = set(node_of)
-        backoff = Backoff(self.poll, max(self.poll, POLL_CAP_SECONDS))
-        while wanted:
-            pull = functools.partial(_pull, self.grid, set(wanted), deadline)
-            replies = _within(deadline, pull, grace=PULL_GRACE_SECONDS) or []
-            if replies:
-                backoff.reset()
+        arrived: queue.SimpleQueue[list[Message] | BaseException] = queue.SimpleQueue()
+        for message_id in node_of:
+            threading.Thread(target=_await_reply, args=(self.grid, message_id, deadline, self.poll, arrived),
+                             name="flower-pull", daemon=True).start()
+        for _ in node_of:
+            left = None if deadline is None else max(0.0, deadline + PULL_GRACE_SECONDS - time.monotonic())
+            try:
+                replies = arrived.get(timeout=left)
+            except queue.Empty:  # a pull still blocked in Flower's calls: left behind
+                break
+            if isinstance(replies, BaseException):
+                raise replies
             for reply in replies:
                 mark("server", "reply", node=reply.metadata.src_node_id, group=group, type=kind)
                 if reply.has_error() and reply.metadata.src_node_id == SUPERLINK_NODE_ID:  # made by Flower
                     reply.metadata.__dict__["_src_node_id"] = node_of.get(reply.metadata.reply_to_message_id, 0)
                     reply.error = Error(code=reply.error.code, reason=_flower_reason(reply.error))
             got += replies
-            wanted -= {m.metadata.reply_to_message_id for m in replies}
-            if not wanted or (deadline is not None and time.monotonic() >= deadline):
-                break
-            backoff.wait()
         return got
 
     def _own(self, reply: Message, asked: dict[int, int]) -> None:
@@ -159,6 +161,27 @@ def _flower_reason(error: Error) -> str:
     return str(error.reason)
 
 
+def _await_reply(grid: Grid, message_id: str, deadline: float | None, poll: float,
+                 out: queue.SimpleQueue[list[Message] | BaseException]) -> None:
+    """Pull the reply to one message every `poll` seconds, backing off to `POLL_CAP_SECONDS`, until it
+    comes or the deadline passes; put what came (maybe nothing) or the exception on `out`, once.
+
+    One puller per message, because Flower's pull fetches the content of the replies it hands out one
+    after another, retrying what is not uploaded yet until the deadline: a single pull for all the
+    silos would hold a healthy silo's reply behind another's stalled upload, and the exchange could
+    end with neither (the SuperLink hands out a reply once, to the first pull that asks for it)."""
+    backoff = Backoff(poll, max(poll, POLL_CAP_SECONDS))
+    try:
+        while True:
+            replies = _pull(grid, {message_id}, deadline)
+            if replies or (deadline is not None and time.monotonic() >= deadline):
+                out.put(replies)
+                return
+            backoff.wait()
+    except BaseException as e:  # noqa: BLE001  raised in the exchange's thread
+        out.put(e)
+
+
 def _pull(grid: Grid, wanted: set[str], deadline: float | None) -> list[Message]:
     """Flower's pull of the replies to `wanted`, its retries for content not yet uploaded ending at the
     deadline (it reads them from `pull_objects`' keyword defaults: every caller in Flower 1.42 leaves them)."""
@@ -170,9 +193,9 @@ def _pull(grid: Grid, wanted: set[str], deadline: float | None) -> list[Message]
     return list(grid.pull_messages(wanted))
 
 
-def _within(deadline: float | None, call: Callable[[], T], *, grace: float = 0.0) -> T | None:
-    """`call()`, or None when it has not returned `grace` seconds after the deadline (it then goes on,
-    abandoned, on a daemon thread that cannot hold up the process's exit); its exception is raised here."""
+def _within(deadline: float | None, call: Callable[[], T]) -> T | None:
+    """`call()`, or None when it has not returned by the deadline (it then goes on, abandoned, on a
+    daemon thread that cannot hold up the process's exit); its exception is raised here."""
     if deadline is None:
         return call()
     out: list[T] = []
@@ -186,7 +209,7 @@ def _within(deadline: float | None, call: Callable[[], T], *, grace: float = 0.0
 
     worker = threading.Thread(target=run, name="flower-call", daemon=True)
     worker.start()
-    worker.join(max(0.0, deadline + grace - time.monotonic()))
+    worker.join(max(0.0, deadline - time.monotonic()))
     if err:
         raise err[0]
     return out[0] if out else None
