@@ -99,6 +99,11 @@ def targets(results: dict[int, dict[str, Any]], size: str) -> dict[str, Any]:
                                    for i in range(len(seeds))]
     out["beats_base_mean"] = sum(mean[s]["federated"] > mean[s]["base"] for s in silos)
     out["beats_local_mean"] = sum(mean[s]["federated"] > mean[s]["local"] for s in silos)
+    # beyond chance (the demo's paired exact test); None for a seed kept from before the demo ran it
+    out["significant_per_seed"] = [
+        [len(f[k]) for k in ("federated_beats_local_em_significant", "local_beats_federated_em_significant")]
+        if "federated_beats_local_em_significant" in f else None
+        for f in (r["summary"]["findings"] for r in results.values())]
     ratios = [r["summary"]["findings"]["federated_vs_centralised_bpb"] for r in results.values()]
     shares = [r["summary"]["communication"]["share_of_full_fp32"] for r in results.values()]
     out["bpb_ratio_per_seed"], out["comm_share_per_seed"] = ratios, shares

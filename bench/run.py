@@ -376,6 +376,8 @@ def assistant_section(quick: bool) -> tuple[dict[str, Any], str]:
         ["federated beats local-only exact match (silos, per seed)",
          seeds(str(x) for x in r["beats_local_per_seed"]), f"≥ {TARGET_BEATS_LOCAL} of {n}",
          _ok(ok["beats_local_4_of_6"])],
+        ["… of which beyond chance (paired exact test, p < 0.05): federated wins / local-only wins",
+         seeds("—" if x is None else f"{x[0]} / {x[1]}" for x in r["significant_per_seed"]), "", "–"],
         ["federated / centralised answer bits per byte", seeds(f"{x:.3f}" for x in r["bpb_ratio_per_seed"]),
          f"≤ {TARGET_BPB_RATIO}", _ok(ok["bpb_ratio"])],
         [f"MB sent per silo over {r['comm']['rounds']} rounds (int8 LoRA) vs full fp32 model each round",

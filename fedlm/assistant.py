@@ -39,7 +39,7 @@ from fedlm.data.shards import open_chat, open_split, shard_silo
 from fedlm.data.tokenizer import load_tokenizer, tokenizer_hash
 from fedlm.demo import DemoSize, fresh_runs, run_all
 from fedlm.device import native_bf16
-from fedlm.evaluate import answer_metrics, greedy_answers, held_out_questions
+from fedlm.evaluate import answer_metrics, greedy_answers, held_out_questions, paired_exact_test
 from fedlm.fileio import write_json
 from fedlm.model import Transformer
 from fedlm.plan import array_sizes
@@ -81,6 +81,10 @@ VAL_FRACTION = 0.2
 PRESET = "smollm2-lora"
 """Model, LoRA shape, strategy (fedsgd), int8 updates and precision: fedlm/presets/smollm2-lora.toml."""
 SAMPLE_SILO = "drama"
+ALPHA = 0.05
+"""A model beats another on a silo beyond chance when the paired exact test on its held-out questions
+gives p below this (`evaluate.paired_exact_test`): with ~20-70 questions a silo, one or two answers
+either way are noise."""
 
 
 def prepare_workspace(out: Path) -> Path:
@@ -128,16 +132,19 @@ def demo_size(size: AssistantSize) -> DemoSize:
                     batch_size=size.silo_batch, seq_len=size.seq_len, eval_tokens=0, baseline_lr=size.lr)
 
 
-def score(model: Transformer, ws: Path, silos: list[str], size: AssistantSize) -> dict[str, dict[str, float]]:
-    """Answer bits per byte and exact match of `model` on the held-out questions of `silos`."""
+def score(model: Transformer, ws: Path, silos: list[str], size: AssistantSize) -> dict[str, dict[str, Any]]:
+    """Answer bits per byte and exact match of `model` on the held-out questions of `silos`, and which
+    questions it answered exactly ("matches", in the split's order: what `paired_exact_test` compares)."""
     bpb: dict[str, float] = {}
     em: dict[str, float] = {}
+    matches: dict[str, list[bool]] = {}
     for silo in silos:
         m = answer_metrics(model, ws / "silos" / silo, model_tokenizer=ws / "tokenizer.json",
-                           max_questions=size.questions, max_new_tokens=size.max_new_tokens)
+                           max_questions=size.questions, max_new_tokens=size.max_new_tokens, details=True)
         bpb[silo], em[silo] = float(m["answer_bits_per_byte"]), float(m["exact_match"])
+        matches[silo] = [bool(row["match"]) for row in m["answers"]]
     bpb["mean"], em["mean"] = float(np.mean(list(bpb.values()))), float(np.mean(list(em.values())))
-    return {"bits_per_byte": bpb, "exact_match": em}
+    return {"bits_per_byte": bpb, "exact_match": em, "matches": matches}
 
 
 def score_all(runs: dict[str, Path], ws: Path, size: AssistantSize) -> dict[str, dict[str, Any]]:
@@ -173,9 +180,16 @@ def findings(models: dict[str, dict[str, Any]], comm: dict[str, float]) -> dict[
     em = {name: m["exact_match"] for name, m in models.items()}
     bpb = {name: m["bits_per_byte"] for name, m in models.items()}
     fed = em["federated"]
+    paired = {s: paired_exact_test(models["federated"]["matches"][s], models[f"local:{s}"]["matches"][s])
+              for s in SILOS}
     return {
         "federated_beats_base_em": [s for s in SILOS if fed[s] > em["base"][s]],
         "federated_beats_local_em": [s for s in SILOS if fed[s] > em[f"local:{s}"][s]],
+        "federated_vs_local_em_test": paired,  # a_only: questions only the federated model got right
+        "federated_beats_local_em_significant": [s for s, t in paired.items()
+                                                 if t["p"] < ALPHA and t["a_only"] > t["b_only"]],
+        "local_beats_federated_em_significant": [s for s, t in paired.items()
+                                                 if t["p"] < ALPHA and t["b_only"] > t["a_only"]],
         "personalised_beats_local_em": [s for s in SILOS if f"personalised:{s}" in em
                                         and em[f"personalised:{s}"][s] > em[f"local:{s}"][s]],
         "federated_vs_centralised_bpb": bpb["federated"]["mean"] / bpb["centralised"]["mean"],
@@ -214,11 +228,18 @@ def print_table(models: dict[str, dict[str, Any]], found: dict[str, Any], comm: 
     n = len(SILOS)
     console.print(f"federated beats base exact match on {len(found['federated_beats_base_em'])} of {n} silos "
                   f"(target {n}); beats local-only on {len(found['federated_beats_local_em'])} of {n} (target ≥ 4)")
+    wins, losses = found["federated_beats_local_em_significant"], found["local_beats_federated_em_significant"]
+    console.print(f"  beyond chance (paired exact test on the same questions, p < {ALPHA:g}): federated better "
+                  f"on {len(wins)}{_named(wins)}, local-only on {len(losses)}{_named(losses)} of {n} silos")
     console.print(f"federated / centralised answer bits per byte = {found['federated_vs_centralised_bpb']:.3f} "
                   "(target ≤ 1.10)")
     console.print(f"sent per silo: {comm['mb_sent_per_silo']:.1f} MB over {comm['rounds']} rounds = "
                   f"{100 * comm['share_of_full_fp32']:.2f}% of the full fp32 model each round "
                   f"({comm['mb_full_fp32_per_silo']:.0f} MB; target ≤ 1%)")
+
+
+def _named(silos: list[str]) -> str:
+    return f" ({', '.join(silos)})" if silos else ""
 
 
 def sample(ws: Path, runs: dict[str, Path], silo: str = SAMPLE_SILO) -> dict[str, str]:

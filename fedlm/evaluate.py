@@ -330,3 +330,18 @@ def answer_metrics(
     if details:
         out["answers"] = rows
     return out
+
+
+def paired_exact_test(a: list[bool], b: list[bool]) -> dict[str, float]:
+    """Do two models' exact matches on the same questions differ by more than chance? McNemar's exact
+    test: only the questions exactly one model got right tell them apart (`a_only`, `b_only`); were
+    the models equally good, each such question would be either's with probability 1/2, so `p` is
+    the two-sided binomial tail of the smaller count. {"a_only", "b_only", "p"}."""
+    if len(a) != len(b):
+        raise ValueError(f"paired test of {len(a)} against {len(b)} answers: score both on the same questions")
+    a_only = sum(x and not y for x, y in zip(a, b, strict=True))
+    b_only = sum(y and not x for x, y in zip(a, b, strict=True))
+    n = a_only + b_only
+    # a binomial tail is a short exact sum (math.comb), not worth adding scipy for
+    tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1)) / 2**n
+    return {"a_only": float(a_only), "b_only": float(b_only), "p": min(1.0, 2 * tail)}

@@ -37,10 +37,11 @@ def test_assistant_config_is_the_preset_at_the_demo_size(tmp_path: Path) -> None
     assert cfg.train.seed == 7 and cfg.federation.personalise_steps == QUICK.personalise_steps
 
 
-def _models(fed: float, local: float) -> dict[str, dict]:
-    def scores(em: float, silos: list[str]) -> dict:
+def _models(fed: float, local: float, questions: int = 10) -> dict[str, dict]:
+    def scores(em: float, silos: list[str]) -> dict:  # the first em * questions questions answered right
         return {"run_dir": "x", "exact_match": {**{s: em for s in silos}, "mean": em},
-                "bits_per_byte": {**{s: 1.0 - em / 2 for s in silos}, "mean": 1.0 - em / 2}}
+                "bits_per_byte": {**{s: 1.0 - em / 2 for s in silos}, "mean": 1.0 - em / 2},
+                "matches": {s: [i < round(em * questions) for i in range(questions)] for s in silos}}
 
     models = {"base": scores(0.0, list(SILOS)), "federated": scores(fed, list(SILOS)),
               "centralised": scores(0.5, list(SILOS))}
@@ -63,10 +64,29 @@ def test_findings_and_table(monkeypatch: pytest.MonkeyPatch) -> None:
     assert found["personalised_beats_local_em"] == list(SILOS)
     assert found["federated_vs_centralised_bpb"] == pytest.approx(0.8 / 0.75)
     assert findings(_models(fed=0.3, local=0.3), comm)["federated_beats_local_em"] == []  # a tie is no win
+    # one question more of ten is a win, not one beyond chance (p = 1); ten of ten against none is
+    assert found["federated_vs_local_em_test"]["legal"] == {"a_only": 1.0, "b_only": 0.0, "p": 1.0}
+    assert found["federated_beats_local_em_significant"] == found["local_beats_federated_em_significant"] == []
+    clear = findings(_models(fed=0.0, local=1.0), comm)
+    assert clear["local_beats_federated_em_significant"] == list(SILOS)
+    assert clear["federated_vs_local_em_test"]["legal"]["p"] == pytest.approx(2 / 2**10)
     with console.capture() as captured:
         print_table(_models(fed=0.4, local=0.3), found, comm)
     out = captured.get()
     assert "0.40 / 0.80" in out and "0.30 / 0.85" in out and "0.37%" in out
+    assert "p < 0.05): federated better on 0, local-only on 0 of 6 silos" in out
+
+
+def test_paired_exact_test_is_mcnemars_exact_test() -> None:
+    from fedlm.evaluate import paired_exact_test
+
+    # 3 questions only a got right, 10 only b: two-sided binomial tail at 1/2 (scipy's binomtest: 0.0923)
+    a = [True] * 3 + [False] * 10 + [True] * 5 + [False] * 4
+    b = [False] * 3 + [True] * 10 + [True] * 5 + [False] * 4
+    assert paired_exact_test(a, b) == {"a_only": 3.0, "b_only": 10.0, "p": pytest.approx(0.0922851562)}
+    assert paired_exact_test([True, False], [True, False])["p"] == 1.0  # nothing tells them apart
+    with pytest.raises(ValueError, match="same questions"):
+        paired_exact_test([True], [True, False])
 
 
 @pytest.mark.slow
