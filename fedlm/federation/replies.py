@@ -173,7 +173,7 @@ def _await_reply(grid: Grid, message_id: str, deadline: float | None, poll: floa
     backoff = Backoff(poll, max(poll, POLL_CAP_SECONDS))
     try:
         while True:
-            replies = _pull(grid, {message_id}, deadline)
+            replies = _pull(grid, message_id, deadline)
             if replies or (deadline is not None and time.monotonic() >= deadline):
                 out.put(replies)
                 return
@@ -182,15 +182,16 @@ def _await_reply(grid: Grid, message_id: str, deadline: float | None, poll: floa
         out.put(e)
 
 
-def _pull(grid: Grid, wanted: set[str], deadline: float | None) -> list[Message]:
-    """Flower's pull of the replies to `wanted`, its retries for content not yet uploaded ending at the
-    deadline (it reads them from `pull_objects`' keyword defaults: every caller in Flower 1.42 leaves them)."""
+def _pull(grid: Grid, message_id: str, deadline: float | None) -> list[Message]:
+    """Flower's pull of the reply to `message_id` ([] while none came), its retries for content not yet
+    uploaded ending at the deadline (it reads them from `pull_objects`' keyword defaults: every caller in
+    Flower 1.42 leaves them)."""
     from flwr.supercore.inflatable import inflatable_utils
 
     kw = inflatable_utils.pull_objects.__kwdefaults__
     assert kw is not None and "max_time" in kw, "flwr's pull_objects has no max_time: fedlm needs flwr 1.42"
     kw["max_time"] = PULL_GIVE_UP_SECONDS if deadline is None else max(0.0, deadline - time.monotonic())
-    return list(grid.pull_messages(wanted))
+    return list(grid.pull_messages([message_id]))
 
 
 def _within(deadline: float | None, call: Callable[[], T]) -> T | None:
