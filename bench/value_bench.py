@@ -106,7 +106,8 @@ def _compare(values: dict[str, float], exact: dict[str, float], grand: float) ->
 
 def _sampled(exact_body: dict[str, Any], *, seed: int) -> dict[str, Any]:
     """Sampled Shapley (fedlm value's stopping rule and cap, truncated at TRUNCATION of the grand gain) on the
-    retrained coalitions' scores; its values, stderrs, orders drawn and coalitions visited."""
+    retrained coalitions' scores; its values, stderrs, orders drawn and coalitions visited. When the orders met
+    every coalition, fedlm reports exact's values ("complete"); "estimate" is then the sampling estimate alone."""
     from fedlm.value.compute import Game, contributions
     from fedlm.value.run import PERMUTATIONS, TOLERANCE
 
@@ -115,8 +116,9 @@ def _sampled(exact_body: dict[str, Any], *, seed: int) -> dict[str, Any]:
                 exact_body["start_bits_per_byte"], table.__getitem__)
     body = contributions(game, method="sampled", permutations=PERMUTATIONS, seed=seed, truncation=TRUNCATION,
                          tolerance=TOLERANCE)
-    return {"values": body["shapley"], "stderr": body["stderr"], "permutations": body["permutations"],
-            "converged": body["converged"], "coalitions": len(game.seen)}
+    return {"values": body["shapley"], "stderr": body.get("sampled_stderr", body["stderr"]),
+            "estimate": body.get("sampled_shapley", body["shapley"]), "complete": body["complete"],
+            "permutations": body["permutations"], "converged": body["converged"], "coalitions": len(game.seen)}
 
 
 def _one_seed(ws: Path, root: Path, seed: int, size: list[str]) -> dict[str, Any]:
@@ -141,8 +143,9 @@ def _one_seed(ws: Path, root: Path, seed: int, size: list[str]) -> dict[str, Any
         "exact_cpu_seconds": exact_cpu, "load": load,
         "exact_coalitions_trained": exact["coalitions_trained"], "sampled_coalitions": sampled["coalitions"],
         "sampled_permutations": sampled["permutations"], "sampled_converged": sampled["converged"],
-        "sampled_stderr": sampled["stderr"],
+        "sampled_stderr": sampled["stderr"], "sampled_complete": sampled["complete"],
         "rounds_vs_exact": _compare(rv, ex, grand), "sampled_vs_exact": _compare(sv, ex, grand),
+        "sampled_estimate_vs_exact": _compare(sampled["estimate"], ex, grand),
         "rounds_valuation": {k: v for k, v in json.loads((run_dir / "value_rounds.json").read_text()).items()
                              if k.endswith("seconds")},
         "flags_exact": {s: v["flag"] for s, v in exact["silos"].items() if v["flag"]},

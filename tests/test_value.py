@@ -131,6 +131,48 @@ def test_truncation_skips_coalitions_and_stays_within_its_bound() -> None:
     assert est.values == pytest.approx(exact_shapley(players, v.__getitem__), abs=0.15)
 
 
+def _bpb_game(players: list[str], seed: int, *, saturate: int | None = None):  # type: ignore[no-untyped-def]
+    """A valuation game on synthetic scores (bits/byte per beneficiary, no training) that counts its
+    calls: the start model scores 3.0; a coalition saves a random amount per beneficiary (or, with
+    `saturate`, one unit per member up to that many)."""
+    from fedlm.value.compute import Game
+
+    rng = random.Random(seed)
+    gain = {c: {j: (min(len(c), saturate) if saturate else rng.uniform(0, 2) * len(c) ** 0.5) for j in players}
+            for c in all_coalitions(players)}
+    calls: list[frozenset[str]] = []
+
+    def score(c: frozenset[str]) -> dict[str, float]:
+        calls.append(c)
+        return {j: 3.0 - gain[c][j] for j in players}
+
+    return Game(list(players), list(players), dict.fromkeys(players, 1000), dict.fromkeys(players, 3.0), score), calls
+
+
+def test_sampled_that_met_every_coalition_reports_the_exact_values() -> None:
+    """When sampling's orders have trained every coalition (few silos), `sampled` returns the exact
+    Shapley values, matrix and leave-one-out of those scores (stderr 0) at no further cost, and keeps its
+    sampling estimate beside them; when truncation leaves coalitions untrained it stays an estimate."""
+    from fedlm.value.compute import contributions
+
+    players = ["a", "b", "c", "d"]
+    game, calls = _bpb_game(players, 7)
+    body = contributions(game, method="sampled", permutations=400, seed=1)
+    ref_game, _ = _bpb_game(players, 7)
+    ref = contributions(ref_game, method="exact")
+    assert body["complete"] and len(calls) == len(set(calls)) == 16  # each coalition scored once
+    assert (body["shapley"], body["matrix"], body["leave_one_out"]) == (ref["shapley"], ref["matrix"], ref["leave_one_out"])
+    assert set(body["stderr"].values()) == {0.0}
+    assert body["sampled_shapley"] != body["shapley"] and min(body["sampled_stderr"].values()) > 0
+    for p in players:  # the estimate kept is the sampler's, within its own error of the exact value
+        assert abs(body["sampled_shapley"][p] - ref["shapley"][p]) <= 4 * body["sampled_stderr"][p]
+    game, calls = _bpb_game(players, 7, saturate=2)
+    cut = contributions(game, method="sampled", permutations=400, seed=1, truncation=1e-6)
+    assert not cut["complete"] and len(calls) < 16 and "sampled_shapley" not in cut
+    assert cut["leave_one_out"] == dict.fromkeys(players, None)  # a saturated game never meets the grand minus one
+    assert max(cut["stderr"].values()) > 0
+
+
 @pytest.mark.parametrize("budget", [100.0, 1000.01, 0.07, 12345.67])
 def test_largest_remainder_pays_the_budget_to_the_cent(budget: float) -> None:
     """Payouts are whole cents, proportional to max(value, 0), and sum to the budget exactly."""
@@ -200,8 +242,8 @@ def _cfg(ws: Path, *extra: str):  # type: ignore[no-untyped-def]
 @pytest.mark.slow
 def test_duplicates_get_equal_values_and_noise_is_flagged(value_ws: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """One run (the two legal silos benefit) valued by retraining every coalition (exact) and inside
-    the run (rounds). Exact: the two silos holding the same text get values within 15% of each
+    """One run (the two legal silos benefit) valued by retraining every coalition (exact), inside
+    the run (rounds) and by sampling orders (which, for three silos, meet every coalition). Exact: the two silos holding the same text get values within 15% of each
     other. Both: the random-letter silo's value to the others is <= 0 and it is flagged harmful;
     the values sum to grand - baseline; payouts sum to the budget exactly, 0 to the flagged silo.
     The retrained coalitions skip the run's own closing validation (their models are scored anyway)."""
@@ -216,9 +258,10 @@ def test_duplicates_get_equal_values_and_noise_is_flagged(value_ws: Path, tmp_pa
     monkeypatch.setattr(rounds, "validate_silos", lambda link, run_dir, **kw: validated.append(run_dir))
     privacy = json.loads((run / "privacy.json").read_text())
     assert "every silo's individual update" in privacy["valuation"]["server_saw"]
-    for method in ("exact", "rounds"):
+    values = {}
+    for method in ("exact", "rounds", "sampled"):
         body = value_run(run, method=method, budget=1000.0)
-        v = {s: body["silos"][s]["shapley"] for s in body["silos"]}
+        v = values[method] = {s: body["silos"][s]["shapley"] for s in body["silos"]}
         assert v["legal"] > 0 and v["legal_copy"] > 0, (method, v)
         if method == "exact":
             assert abs(v["legal"] - v["legal_copy"]) <= 0.15 * max(v["legal"], v["legal_copy"]), v
@@ -230,7 +273,10 @@ def test_duplicates_get_equal_values_and_noise_is_flagged(value_ws: Path, tmp_pa
         assert pay["noise"] == 0.0
         assert body["silos"]["legal"]["gain"] is not None
         assert json.loads((run / "value.json").read_text())["method"] == method
-        assert body["coalitions_trained"] == (6 if method == "exact" else 0)  # 2^3 - 1, the grand one is the run
+        assert body["coalitions_trained"] == (0 if method == "rounds" else 6)  # 2^3 - 1, the grand one is the run
+    # three silos: sampled's orders retrain all 8 coalitions, so it reports exact's values (retraining is deterministic)
+    assert values["sampled"] == values["exact"] and "sampled_estimate" in body
+    assert any("exact Shapley values (stderr 0" in n for n in body["notes"])
     assert not list(run.glob(".value-*")) and validated == []
     assert exact_retrains(3, reduced=False) == 6 and exact_retrains(3, reduced=True) == 7  # what progress counts
 

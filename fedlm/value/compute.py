@@ -56,11 +56,15 @@ def contributions(game: Game, *, method: str, permutations: int = 0, seed: int =
 
     sampled: `truncation` and `tolerance` are fractions of the grand coalition's gain over the empty
     one; sampling stops once every silo's stderr is within `tolerance` of it (0: exactly
-    `permutations`, otherwise the cap), and each beneficiary's row walks the same permutations."""
+    `permutations`, otherwise the cap), and each beneficiary's row walks the same permutations.
+    When the orders drawn have visited every coalition ("complete"), the values returned are the
+    exact ones from those coalitions' scores (stderr 0): each coalition was trained once, so they
+    cost nothing more, and the sampling estimate is kept beside them ("sampled_shapley")."""
     players = list(game.silos)
     grand, empty = frozenset(players), frozenset[str]()
     stderr: dict[str, float | None]
     sampling: dict[str, Any] = {}
+    complete = method != "sampled"  # every coalition scored
     if method == "sampled":
         spread = abs(game.utility(grand) - game.utility(empty))
         est = sampled_shapley(players, game.utility, permutations=permutations, seed=seed,
@@ -68,13 +72,16 @@ def contributions(game: Game, *, method: str, permutations: int = 0, seed: int =
         phi, stderr = est.values, dict(est.stderr)
         per = {j: sampled_shapley(players, _for(game, j), permutations=est.permutations, seed=seed,
                                   truncation=truncation * spread, stop=game.utility).values for j in game.beneficiaries}
-        sampling = {"permutations": est.permutations, "converged": est.converged}
-    else:  # exact over every coalition (retrained, or rebuilt in the run)
+        complete = len(game.seen) == 2 ** len(players)
+        sampling = {"permutations": est.permutations, "converged": est.converged, "complete": complete}
+        if complete:  # the orders trained every coalition: the exact values cost nothing more
+            sampling.update(sampled_shapley=phi, sampled_stderr=stderr)
+    if complete:  # exact over every coalition (retrained, or rebuilt in the run)
         phi = exact_shapley(players, game.utility)
         stderr = dict.fromkeys(players, 0.0)
         per = {j: exact_shapley(players, _for(game, j)) for j in game.beneficiaries}
     loo: dict[str, float | None] = dict.fromkeys(players, None)
-    if method != "sampled" or all(grand - {i} in game.seen for i in players):
+    if complete or all(grand - {i} in game.seen for i in players):
         loo = dict(leave_one_out(players, game.utility))
     return {
         "baseline_utility": game.utility(empty), "grand_utility": game.utility(grand),

@@ -347,6 +347,8 @@ def _value_json(method: str, game: Game, body: dict[str, Any], flags: dict[str, 
         "coalition_bits_per_byte": {coalition_key(c): dict(v) for c, v in sorted(game.seen.items(), key=_size)},
         "budget": float(budget) if budget is not None else None, "notes": notes,
         "permutations": body.get("permutations"), "seconds": seconds,
+        **({"sampled_estimate": {s: {"shapley": body["sampled_shapley"][s], "stderr": body["sampled_stderr"][s]}
+                                 for s in game.silos}} if "sampled_shapley" in body else {}),
     }
 
 
@@ -357,6 +359,11 @@ def _sampling_note(body: dict[str, Any], *, tolerance: float, truncation: float)
     met = "" if body["converged"] else " (not reached: the permutation cap stopped it; raise --permutations)"
     cut = (f"; each order cut short within {truncation:g} × that gain of it, a bias of at most that per silo "
            "that the stderr does not include" if truncation > 0 else "")
+    if body["complete"]:
+        n = len(body["shapley"])
+        return (f"sampled: {body['permutations']} random orders of the silos met every one of the {2 ** n} coalitions "
+                f"of the {n} silos, so the values are their exact Shapley values (stderr 0; the sampling estimate "
+                "is `sampled_estimate`)")
     return f"sampled: {body['permutations']} random orders of the silos, {rule}{met}{cut}"
 
 
