@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import http.server
+import itertools
 import json
 import ssl
 import subprocess
@@ -133,6 +134,15 @@ def test_flowers_fixed_polls_are_found_and_shortened() -> None:
         backoff.reset()
         backoff.wait()
     assert waits == [0.05, 0.1, 0.2, 0.25, 0.25, 0.05]  # prompt after activity, cheap while a silo trains
+    waits.clear()  # a reply's puller: past 5 s of waiting, a poll every 5% of the time waited, at most 2 s
+    stretching = Backoff(0.05, 0.25, share=0.05, ceiling=2.0)
+    with mock.patch("fedlm.federation.polls.time.sleep", waits.append):
+        while sum(waits) < 120:
+            stretching.wait()
+    assert waits[:5] == [0.05, 0.1, 0.2, 0.25, 0.25] and max(waits) == 2.0
+    waited = list(itertools.accumulate(waits))
+    assert all(w <= max(0.25, 0.05 * t) + 1e-9 for w, t in zip(waits[1:], waited[:-1], strict=True))
+    assert len(waits) < 120 / 0.25 / 3  # a third of the polls of a fixed 0.25 s over two minutes
 
 
 @pytest.mark.slow

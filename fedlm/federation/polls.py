@@ -49,17 +49,23 @@ class Backoff:
 
     Each poll of a Flower API is an HTTP request that costs the server CPU, which on a small
     machine the silos' training needs; asking often only right after activity keeps the
-    latency low when an answer is due and the cost low while a silo trains."""
+    latency low when an answer is due and the cost low while a silo trains. With `share` > 0 the
+    cap grows with the time waited since activity, to `share` of it (at most `ceiling`): a long
+    wait (a silo training a large model for minutes) is polled less often, and an answer is seen
+    at most that share of the wait late."""
 
-    def __init__(self, first: float, cap: float) -> None:
-        self.first, self.cap, self.next = first, cap, first
+    def __init__(self, first: float, cap: float, *, share: float = 0.0, ceiling: float = 0.0) -> None:
+        self.first, self.cap, self.share, self.ceiling = first, cap, share, max(cap, ceiling)
+        self.next, self.waited = first, 0.0
 
     def reset(self) -> None:
-        self.next = self.first
+        self.next, self.waited = self.first, 0.0
 
     def wait(self) -> None:
         time.sleep(self.next)
-        self.next = min(self.next * 2, self.cap)
+        self.waited += self.next
+        cap = max(self.cap, min(self.ceiling, self.share * self.waited))
+        self.next = min(self.next * 2, cap)
 
 
 def shorten_object_pull_retries() -> None:

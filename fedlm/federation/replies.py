@@ -6,7 +6,7 @@
 
 - sends each message's arrays packed into one Array and rebuilds the replies' (`packing`);
 - pulls each message's reply on its own every `POLL_SECONDS`, backing off to `POLL_CAP_SECONDS`
-  while none comes: Flower 1.42's pulls, then sleeps 3 s (hard-coded), so each exchange ended up
+  while none comes (and on a long wait to a share of it): Flower 1.42's pulls, then sleeps 3 s (hard-coded), so each exchange ended up
   to 3 s after its last reply; and its pull of several replies fetches their content one after
   another, so one silo's stalled upload held the others' replies until the deadline;
 - ends at the deadline whatever Flower's calls do: Flower hands out a reply as soon as its
@@ -51,6 +51,10 @@ log = logging.getLogger("fedlm.federation")
 
 POLL_SECONDS, POLL_CAP_SECONDS = 0.05, 0.25
 """Pull replies 50 ms after sending or after a reply came, backing off to 0.25 s while silos train."""
+POLL_SHARE, POLL_CEILING_SECONDS = 0.05, 2.0
+"""...and past 5 s of waiting, to 5% of the time waited (at most 2 s): each outstanding silo has its own
+puller, so with many silos training for minutes the SuperLink is asked less often, and a reply is seen
+at most 5% of its round's time late."""
 PULL_GRACE_SECONDS = 2.0
 """A pull whose content retries end at the deadline returns within one retry after it: wait that long
 for it, so a reply cut mid-upload is named as such rather than as no reply."""
@@ -163,14 +167,15 @@ def _flower_reason(error: Error) -> str:
 
 def _await_reply(grid: Grid, message_id: str, deadline: float | None, poll: float,
                  out: queue.SimpleQueue[list[Message] | BaseException]) -> None:
-    """Pull the reply to one message every `poll` seconds, backing off to `POLL_CAP_SECONDS`, until it
-    comes or the deadline passes; put what came (maybe nothing) or the exception on `out`, once.
+    """Pull the reply to one message every `poll` seconds, backing off to `POLL_CAP_SECONDS` (and on a long
+    wait to `POLL_SHARE` of it), until it comes or the deadline passes; put what came (maybe nothing) or
+    the exception on `out`, once.
 
     One puller per message, because Flower's pull fetches the content of the replies it hands out one
     after another, retrying what is not uploaded yet until the deadline: a single pull for all the
     silos would hold a healthy silo's reply behind another's stalled upload, and the exchange could
     end with neither (the SuperLink hands out a reply once, to the first pull that asks for it)."""
-    backoff = Backoff(poll, max(poll, POLL_CAP_SECONDS))
+    backoff = Backoff(poll, max(poll, POLL_CAP_SECONDS), share=POLL_SHARE, ceiling=POLL_CEILING_SECONDS)
     try:
         while True:
             replies = _pull(grid, message_id, deadline)
