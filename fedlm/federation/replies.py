@@ -6,9 +6,10 @@
 
 - sends each message's arrays packed into one Array and rebuilds the replies' (`packing`);
 - pulls each message's reply on its own every `POLL_SECONDS`, backing off to `POLL_CAP_SECONDS`
-  while none comes (and on a long wait to a share of it): Flower 1.42's pulls, then sleeps 3 s (hard-coded), so each exchange ended up
-  to 3 s after its last reply; and its pull of several replies fetches their content one after
-  another, so one silo's stalled upload held the others' replies until the deadline;
+  while none comes (on a long wait, to a share of the time waited): Flower 1.42's pulls, then
+  sleeps 3 s (hard-coded), so each exchange ended up to 3 s after its last reply; and its pull of
+  several replies fetches their content one after another, so one silo's stalled upload held the
+  others' replies until the deadline;
 - ends at the deadline whatever Flower's calls do: Flower hands out a reply as soon as its
   header arrives and then retries the missing content up to 500 times (minutes; past the
   exchange's timeout), and its HTTP calls retry a stalled SuperLink without end. Each push
