@@ -710,6 +710,8 @@ def value(
     ] = 0.01,
     truncation: Annotated[float, typer.Option(
         help="sampled: cut an order short once within this × the grand utility's gain of it.")] = 0.0,
+    seeds: Annotated[int, typer.Option(
+        help="exact: retrain every coalition under this many training seeds; values are their mean ± stderr.")] = 1,
     json_: Annotated[bool, typer.Option("--json", help="Print value.json instead of the table.")] = False,
 ) -> None:
     """What each silo contributed (Shapley), gained, and is paid -> RUN/value.json."""
@@ -717,7 +719,8 @@ def value(
 
     with status("value") as say:
         body = value_run(run, method=method, budget=budget, rounds=rounds, local_steps=local_steps,
-                         permutations=permutations, tolerance=tolerance, truncation=truncation, progress=say)
+                         permutations=permutations, tolerance=tolerance, truncation=truncation, seeds=seeds,
+                         progress=say)
     if json_:
         _out(json.dumps(body))
         return

@@ -149,6 +149,29 @@ def _bpb_game(players: list[str], seed: int, *, saturate: int | None = None):  #
     return Game(list(players), list(players), dict.fromkeys(players, 1000), dict.fromkeys(players, 3.0), score), calls
 
 
+def test_values_over_seeds_are_the_exact_values_of_the_mean_game() -> None:
+    """`over_seeds` on exact bodies of two seeds' games: the mean values, leave-one-out and matrix are
+    those of the game whose scores are the seeds' mean (Shapley is linear), they still sum to grand -
+    baseline, and the stderr is the standard error of the mean over the seeds."""
+    from fedlm.value.compute import Game, contributions, over_seeds
+
+    players = ["a", "b", "c", "d"]
+    games = [_bpb_game(players, seed)[0] for seed in (21, 22)]
+    bodies = [contributions(g, method="exact") for g in games]
+    both = over_seeds(bodies)
+    mean = Game(list(players), list(players), games[0].tokens, games[0].start,
+                lambda c: {j: (games[0].bpb(c)[j] + games[1].bpb(c)[j]) / 2 for j in players})
+    ref = contributions(mean, method="exact")
+    for p in players:
+        assert both["shapley"][p] == pytest.approx(ref["shapley"][p], abs=1e-12)
+        assert both["leave_one_out"][p] == pytest.approx(ref["leave_one_out"][p], abs=1e-12)
+        assert both["matrix"][p] == pytest.approx(ref["matrix"][p], abs=1e-12)
+        spread = abs(bodies[0]["shapley"][p] - bodies[1]["shapley"][p])
+        assert both["stderr"][p] == pytest.approx(spread / 2, abs=1e-12)  # sd of two / sqrt(2)
+    assert sum(both["shapley"].values()) == pytest.approx(both["grand_utility"] - both["baseline_utility"], abs=1e-12)
+    assert both["seeds"] == [b["shapley"] for b in bodies]
+
+
 def test_sampled_that_met_every_coalition_reports_the_exact_values() -> None:
     """When sampling's orders have trained every coalition (few silos), `sampled` returns the exact
     Shapley values, matrix and leave-one-out of those scores (stderr 0) at no further cost, and keeps its
@@ -247,6 +270,7 @@ def test_duplicates_get_equal_values_and_noise_is_flagged(value_ws: Path, tmp_pa
     other. Both: the random-letter silo's value to the others is <= 0 and it is flagged harmful;
     the values sum to grand - baseline; payouts sum to the budget exactly, 0 to the flagged silo.
     The retrained coalitions skip the run's own closing validation (their models are scored anyway)."""
+    from fedlm.errors import UserError
     from fedlm.federation import rounds
     from fedlm.federation.runner import run_federated
     from fedlm.value.run import exact_retrains, value_run
@@ -277,6 +301,20 @@ def test_duplicates_get_equal_values_and_noise_is_flagged(value_ws: Path, tmp_pa
     # three silos: sampled's orders retrain all 8 coalitions, so it reports exact's values (retraining is deterministic)
     assert values["sampled"] == values["exact"] and "sampled_estimate" in body
     assert any("exact Shapley values (stderr 0" in n for n in body["notes"])
+    # exact under two training seeds: the run's own seed gives exact's values again, the second retrains every
+    # coalition (the grand one too); the values are the seeds' mean, the stderr their spread
+    body = value_run(run, method="exact", seeds=2)
+    first, second = body["seeds"]
+    assert first == values["exact"] and second != first
+    assert body["coalitions_trained"] == 6 + 7
+    for s in first:
+        assert body["silos"][s]["shapley"] == pytest.approx((first[s] + second[s]) / 2, abs=1e-12)
+        assert body["silos"][s]["stderr"] == pytest.approx(abs(first[s] - second[s]) / 2, abs=1e-12)
+    assert sum(body["silos"][s]["shapley"] for s in first) == pytest.approx(
+        body["grand_utility"] - body["baseline_utility"], abs=1e-9)
+    assert body["silos"]["noise"]["flag"] == "harmful" and any("2 seeds" in n for n in body["notes"])
+    with pytest.raises(UserError, match="--seeds 2: .*only with --method exact"):
+        value_run(run, method="sampled", seeds=2)
     assert not list(run.glob(".value-*")) and validated == []
     assert exact_retrains(3, reduced=False) == 6 and exact_retrains(3, reduced=True) == 7  # what progress counts
 

@@ -14,6 +14,8 @@ coalition's model; it is called at most once per coalition (it may retrain one).
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,6 +93,34 @@ def contributions(game: Game, *, method: str, permutations: int = 0, seed: int =
     }
 
 
+def over_seeds(bodies: list[dict[str, Any]]) -> dict[str, Any]:
+    """Exact bodies of the same silos under several training seeds as one: each value (Shapley,
+    leave-one-out, matrix, utilities) their mean, `stderr` the standard error of the mean Shapley
+    value over the seeds, and `seeds` each seed's Shapley values. Shapley is linear in the utility,
+    so the mean values still sum to the mean grand utility minus the mean baseline."""
+    k = len(bodies)
+    players = list(bodies[0]["shapley"])
+
+    def mean(key: str, *path: str) -> float:
+        vals = []
+        for b in bodies:
+            x = b[key]
+            for step in path:
+                x = x[step]
+            vals.append(x)
+        return float(statistics.fmean(vals))
+
+    return {
+        "baseline_utility": mean("baseline_utility"), "grand_utility": mean("grand_utility"),
+        "shapley": {i: mean("shapley", i) for i in players},
+        "stderr": {i: statistics.stdev(b["shapley"][i] for b in bodies) / math.sqrt(k) for i in players},
+        "leave_one_out": {i: mean("leave_one_out", i) for i in players},
+        "matrix": {i: {j: mean("matrix", i, j) for j in bodies[0]["matrix"][i]} for i in players},
+        "coalitions_scored": sum(b["coalitions_scored"] for b in bodies),
+        "seeds": [dict(b["shapley"]) for b in bodies],
+    }
+
+
 def _for(game: Game, beneficiary: str) -> Callable[[Coalition], float]:
     return lambda c: game.utility(c, beneficiary)
 
@@ -146,4 +176,4 @@ def rank_order(values: dict[str, float]) -> Sequence[str]:
     return sorted(values, key=lambda s: (-values[s], s))
 
 
-__all__ = ["Game", "contributions", "flag_silos", "payouts", "rank_order", "value_to_others"]
+__all__ = ["Game", "contributions", "flag_silos", "over_seeds", "payouts", "rank_order", "value_to_others"]

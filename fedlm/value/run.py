@@ -54,7 +54,7 @@ from fedlm.fileio import write_json
 from fedlm.pretrained import load_model
 from fedlm.resolve import resolve_config, resolve_silos
 from fedlm.train import build_model, train
-from fedlm.value.compute import Coalition, Game, contributions, flag_silos, payouts
+from fedlm.value.compute import Coalition, Game, contributions, flag_silos, over_seeds, payouts
 
 METHODS = ("exact", "sampled", "rounds")
 PERMUTATIONS = 2000  # sampled's cap on random orders (each costs only the coalitions it meets for the first time)
@@ -181,16 +181,21 @@ class Retrainer:
     notes: set[str] = dataclasses.field(default_factory=set)
     trained: int = 0
     total: int | None = None  # coalitions to retrain, where known (exact)
+    reseeded: bool = False  # retraining under another seed than the run's (`--seeds`): the grand one too
 
     @property
     def reduced(self) -> bool:
         """Whether coalitions retrain on less than the run's budget (then the grand one retrains too)."""
         return (self.rounds, self.local_steps) != (self.cfg.federation.rounds, self.cfg.federation.local_steps)
 
+    @property
+    def retrains_grand(self) -> bool:
+        return self.reduced or self.reseeded
+
     def __call__(self, coalition: Coalition) -> dict[str, float]:
         if not coalition:
             state = _start(self.cfg)
-        elif coalition == frozenset(self.scorer.silos) and not self.reduced:
+        elif coalition == frozenset(self.scorer.silos) and not self.retrains_grand:
             state = _global(self.run_dir)  # the run itself: the grand coalition at the run's budget
         else:
             cfg, note = coalition_config(self.cfg, coalition, rounds=self.rounds, local_steps=self.local_steps)
@@ -265,7 +270,7 @@ def _rounds_game(run_dir: Path, silos: list[str]) -> tuple[Game, dict[str, Any]]
 
 def value_run(run_dir: Path, *, method: str | None = None, budget: float | None = None, rounds: int = 0,
               local_steps: int = 0, permutations: int = PERMUTATIONS, tolerance: float = TOLERANCE,
-              truncation: float = 0.0, seed: int = 0, local_models: dict[str, Path] | None = None,
+              truncation: float = 0.0, seed: int = 0, seeds: int = 1, local_models: dict[str, Path] | None = None,
               progress: Progress | None = None) -> dict[str, Any]:
     """Value the silos of the finished federated run `run_dir`; writes RUN/value.json and returns it.
 
@@ -273,7 +278,9 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
     retrain the coalitions with that reduced budget (exact and sampled). sampled: random orders
     until every silo's stderr is <= `tolerance` × the grand utility's gain (0: exactly
     `permutations`, otherwise the cap), each cut short within `truncation` × that gain of it.
-    `local_models` gives each silo's local-only model (run dirs) instead of training them here."""
+    `local_models` gives each silo's local-only model (run dirs) instead of training them here.
+    `seeds` > 1 (exact): every coalition, the grand one included, is retrained under train.seed, +1, ...,
+    and the values are the mean over those seeds, with the standard error of that mean as `stderr`."""
     t0 = time.perf_counter()
     cents = check_budget(budget)
     if method is not None and method not in METHODS:
@@ -287,6 +294,9 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
         raise UserError("--permutations must be >= 2 (a standard error needs two)")
     if method == "sampled" and not (0 <= tolerance < 1 and 0 <= truncation < 1):
         raise UserError("--tolerance and --truncation are fractions of the grand utility's gain: give 0 <= x < 1")
+    if seeds < 1 or (seeds > 1 and method != "exact"):
+        raise UserError(f"--seeds {seeds}: give a count >= 1, and more than 1 only with --method exact "
+                        "(sampled's stderr is its sampling error; rounds retrains nothing)")
     say = progress or (lambda _: None)
     rounds, local_steps = rounds or fed.rounds, local_steps or fed.local_steps
     beneficiaries = cfg.value.beneficiaries or silos
@@ -299,23 +309,35 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
             norms, trained = saved.get("update_norms"), 0
             notes.append(f"coalition models rebuilt inside the run from rounds {saved['rounds'][0]}-{saved['rounds'][1]}'s "
                          "per-silo updates (no retraining): an approximation of retraining each coalition")
+            body = contributions(game, method="exact")
         else:
-            retrain = Retrainer(cfg, run_dir, work, scorer, beneficiaries, rounds, local_steps, say)
-            retrain.total = exact_retrains(len(silos), reduced=retrain.reduced) if method == "exact" else None
-            start = scorer({j: [_start(cfg)] for j in beneficiaries})
-            game = Game(list(silos), list(beneficiaries), dict(scorer.tokens), {j: v[0] for j, v in start.items()},
-                        retrain)
-            norms = None
-        body = contributions(game, method="exact" if method == "rounds" else method, permutations=permutations,
-                             seed=seed, truncation=truncation, tolerance=tolerance)
-        if method != "rounds":
-            trained = retrain.trained
-            notes += sorted(retrain.notes)
+            norms, trained, games, bodies = None, 0, [], []
+            for k in range(seeds):  # each seed's game is the run's config under train.seed + k
+                cfg_k = cfg if k == 0 else dataclasses.replace(cfg, train=dataclasses.replace(
+                    cfg.train, seed=cfg.train.seed + k))
+                retrain = Retrainer(cfg_k, run_dir, work, scorer, beneficiaries, rounds, local_steps, say,
+                                    reseeded=k > 0)
+                retrain.total = (exact_retrains(len(silos), reduced=retrain.retrains_grand) if method == "exact"
+                                 else None)
+                start = scorer({j: [_start(cfg_k)] for j in beneficiaries})
+                game = Game(list(silos), list(beneficiaries), dict(scorer.tokens),
+                            {j: v[0] for j, v in start.items()}, retrain)
+                games.append(game)
+                bodies.append(contributions(game, method=method, permutations=permutations, seed=seed,
+                                            truncation=truncation, tolerance=tolerance))
+                trained += retrain.trained
+                notes += sorted(retrain.notes - set(notes))
+            game, body = games[0], bodies[0] if seeds == 1 else over_seeds(bodies)
             if method == "sampled":
                 notes.append(_sampling_note(body, tolerance=tolerance, truncation=truncation))
             if retrain.reduced:
                 notes.append(f"reduced budget: coalitions retrained for {rounds} rounds of {local_steps} local steps "
                              f"(the run had {fed.rounds} of {fed.local_steps})")
+            if seeds > 1:
+                notes.append(f"{seeds} seeds: every coalition retrained under train.seed {cfg.train.seed} to "
+                             f"{cfg.train.seed + seeds - 1}; the values are their mean and `stderr` its standard "
+                             "error over the seeds (`seeds` lists each seed's values; `coalition_bits_per_byte` "
+                             "is the first seed's)")
         flags = flag_silos(game, body, update_norms=norms)
         gained = gains(cfg, run_dir, silos, scorer, work, say, local_models)
     finally:
@@ -349,6 +371,7 @@ def _value_json(method: str, game: Game, body: dict[str, Any], flags: dict[str, 
         "permutations": body.get("permutations"), "seconds": seconds,
         **({"sampled_estimate": {s: {"shapley": body["sampled_shapley"][s], "stderr": body["sampled_stderr"][s]}
                                  for s in game.silos}} if "sampled_shapley" in body else {}),
+        **({"seeds": body["seeds"]} if "seeds" in body else {}),
     }
 
 
