@@ -333,6 +333,9 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
             if retrain.reduced:
                 notes.append(f"reduced budget: coalitions retrained for {rounds} rounds of {local_steps} local steps "
                              f"(the run had {fed.rounds} of {fed.local_steps})")
+            if method == "exact" and seeds == 1:
+                notes.append("one training seed: a stderr of 0 means no sampling error, not that another seed "
+                             "would give these values; --seeds K retrains under K seeds and measures it")
             if seeds > 1:
                 notes.append(f"{seeds} seeds: every coalition retrained under train.seed {cfg.train.seed} to "
                              f"{cfg.train.seed + seeds - 1}; the values are their mean and `stderr` its standard "
