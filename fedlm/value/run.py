@@ -182,6 +182,7 @@ class Retrainer:
     trained: int = 0
     total: int | None = None  # coalitions to retrain, where known (exact)
     reseeded: bool = False  # retraining under another seed than the run's (`--seeds`): the grand one too
+    label: str = ""  # added to each progress line (which seed, under `--seeds`)
 
     @property
     def reduced(self) -> bool:
@@ -203,7 +204,7 @@ class Retrainer:
                 self.notes.add(note)
             out = self.work / f"coalition-{coalition_key(coalition)}"
             of = f" of {self.total}" if self.total else ""
-            self.progress(f"retraining coalition {coalition_key(coalition)} ({self.trained + 1}{of})")
+            self.progress(f"retraining coalition {coalition_key(coalition)} ({self.trained + 1}{of}{self.label})")
             # the beneficiaries score the model next: the run's own validation (every member scoring the
             # start and final weights) would be thrown away, and on SmolLM2 it cost 260 of 311 s of retraining
             run_federated(cfg, out, validate=False)
@@ -316,7 +317,7 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
                 cfg_k = cfg if k == 0 else dataclasses.replace(cfg, train=dataclasses.replace(
                     cfg.train, seed=cfg.train.seed + k))
                 retrain = Retrainer(cfg_k, run_dir, work, scorer, beneficiaries, rounds, local_steps, say,
-                                    reseeded=k > 0)
+                                    reseeded=k > 0, label=f", seed {k + 1} of {seeds}" if seeds > 1 else "")
                 retrain.total = (exact_retrains(len(silos), reduced=retrain.retrains_grand) if method == "exact"
                                  else None)
                 start = scorer({j: [_start(cfg_k)] for j in beneficiaries})
@@ -327,13 +328,13 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
                                             truncation=truncation, tolerance=tolerance))
                 trained += retrain.trained
                 notes += sorted(retrain.notes - set(notes))
-            game, body = games[0], bodies[0] if seeds == 1 else over_seeds(bodies)
+            game, body = games[0], (bodies[0] if seeds == 1 else over_seeds(bodies))
             if method == "sampled":
                 notes.append(_sampling_note(body, tolerance=tolerance, truncation=truncation))
             if retrain.reduced:
                 notes.append(f"reduced budget: coalitions retrained for {rounds} rounds of {local_steps} local steps "
                              f"(the run had {fed.rounds} of {fed.local_steps})")
-            if method == "exact" and seeds == 1:
+            if seeds == 1 and not any(body["stderr"].values()):  # exact, or sampled that met every coalition
                 notes.append("one training seed: a stderr of 0 means no sampling error, not that another seed "
                              "would give these values; --seeds K retrains under K seeds and measures it")
             if seeds > 1:
