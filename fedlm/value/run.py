@@ -312,36 +312,11 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
                          "per-silo updates (no retraining): an approximation of retraining each coalition")
             body = contributions(game, method="exact")
         else:
-            norms, trained, games, bodies = None, 0, [], []
-            for k in range(seeds):  # each seed's game is the run's config under train.seed + k
-                cfg_k = cfg if k == 0 else dataclasses.replace(cfg, train=dataclasses.replace(
-                    cfg.train, seed=cfg.train.seed + k))
-                retrain = Retrainer(cfg_k, run_dir, work, scorer, beneficiaries, rounds, local_steps, say,
-                                    reseeded=k > 0, label=f", seed {k + 1} of {seeds}" if seeds > 1 else "")
-                retrain.total = (exact_retrains(len(silos), reduced=retrain.retrains_grand) if method == "exact"
-                                 else None)
-                start = scorer({j: [_start(cfg_k)] for j in beneficiaries})
-                game = Game(list(silos), list(beneficiaries), dict(scorer.tokens),
-                            {j: v[0] for j, v in start.items()}, retrain)
-                games.append(game)
-                bodies.append(contributions(game, method=method, permutations=permutations, seed=seed,
-                                            truncation=truncation, tolerance=tolerance))
-                trained += retrain.trained
-                notes += sorted(retrain.notes - set(notes))
-            game, body = games[0], (bodies[0] if seeds == 1 else over_seeds(bodies))
-            if method == "sampled":
-                notes.append(_sampling_note(body, tolerance=tolerance, truncation=truncation))
-            if retrain.reduced:
-                notes.append(f"reduced budget: coalitions retrained for {rounds} rounds of {local_steps} local steps "
-                             f"(the run had {fed.rounds} of {fed.local_steps})")
-            if seeds == 1 and not any(body["stderr"].values()):  # exact, or sampled that met every coalition
-                notes.append("one training seed: a stderr of 0 means no sampling error, not that another seed "
-                             "would give these values; --seeds K retrains under K seeds and measures it")
-            if seeds > 1:
-                notes.append(f"{seeds} seeds: every coalition retrained under train.seed {cfg.train.seed} to "
-                             f"{cfg.train.seed + seeds - 1}; the values are their mean and `stderr` its standard "
-                             "error over the seeds (`seeds` lists each seed's values; `coalition_bits_per_byte` "
-                             "is the first seed's)")
+            norms = None
+            game, body, trained, notes = _retrained(
+                cfg, run_dir, work, scorer, beneficiaries, rounds=rounds, local_steps=local_steps, seeds=seeds,
+                say=say, method=method, permutations=permutations, seed=seed, truncation=truncation,
+                tolerance=tolerance)
         flags = flag_silos(game, body, update_norms=norms)
         gained = gains(cfg, run_dir, silos, scorer, work, say, local_models)
     finally:
@@ -353,6 +328,43 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
         raise UserError(f"{run_dir}: a silo's value is not a number (a model diverged); nothing was written")
     write_json(run_dir / "value.json", out)
     return out
+
+
+def _retrained(cfg: Config, run_dir: Path, work: Path, scorer: Scorer, beneficiaries: list[str], *, rounds: int,
+               local_steps: int, seeds: int, say: Progress, method: str, **sampling: Any
+               ) -> tuple[Game, dict[str, Any], int, list[str]]:
+    """exact or sampled: each seed's coalitions retrained and valued (`contributions`, with `sampling`'s
+    keywords); the first seed's game, the body (over the seeds: their mean), the coalitions trained, notes."""
+    silos, fed = list(scorer.silos), cfg.federation
+    trained, notes = 0, list[str]()
+    games: list[Game] = []
+    bodies: list[dict[str, Any]] = []
+    for k in range(seeds):  # each seed's game is the run's config under train.seed + k
+        cfg_k = cfg if k == 0 else dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + k))
+        retrain = Retrainer(cfg_k, run_dir, work, scorer, beneficiaries, rounds, local_steps, say,
+                            reseeded=k > 0, label=f", seed {k + 1} of {seeds}" if seeds > 1 else "")
+        retrain.total = exact_retrains(len(silos), reduced=retrain.retrains_grand) if method == "exact" else None
+        start = scorer({j: [_start(cfg_k)] for j in beneficiaries})
+        game = Game(silos, list(beneficiaries), dict(scorer.tokens), {j: v[0] for j, v in start.items()}, retrain)
+        games.append(game)
+        bodies.append(contributions(game, method=method, **sampling))
+        trained += retrain.trained
+        notes += sorted(retrain.notes - set(notes))
+    body = bodies[0] if seeds == 1 else over_seeds(bodies)
+    if method == "sampled":
+        notes.append(_sampling_note(body, tolerance=sampling["tolerance"], truncation=sampling["truncation"]))
+    if retrain.reduced:
+        notes.append(f"reduced budget: coalitions retrained for {rounds} rounds of {local_steps} local steps "
+                     f"(the run had {fed.rounds} of {fed.local_steps})")
+    if seeds == 1 and not any(body["stderr"].values()):  # exact, or sampled that met every coalition
+        notes.append("one training seed: a stderr of 0 means no sampling error, not that another seed "
+                     "would give these values; --seeds K retrains under K seeds and measures it")
+    if seeds > 1:
+        notes.append(f"{seeds} seeds: every coalition retrained under train.seed {cfg.train.seed} to "
+                     f"{cfg.train.seed + seeds - 1}; the values are their mean and `stderr` its standard "
+                     "error over the seeds (`seeds` lists each seed's values; `coalition_bits_per_byte` "
+                     "is the first seed's)")
+    return games[0], body, trained, notes
 
 
 def _value_json(method: str, game: Game, body: dict[str, Any], flags: dict[str, dict[str, Any]],
