@@ -107,6 +107,9 @@ def targets(results: dict[int, dict[str, Any]], size: str) -> dict[str, Any]:
     ratios = [r["summary"]["findings"]["federated_vs_centralised_bpb"] for r in results.values()]
     shares = [r["summary"]["communication"]["share_of_full_fp32"] for r in results.values()]
     out["bpb_ratio_per_seed"], out["comm_share_per_seed"] = ratios, shares
+    bpb = [r["summary"]["models"] for r in results.values()]  # where the ratio's gap is: silo by silo
+    out["bpb_ratio_per_silo"] = {s: [m["federated"]["bits_per_byte"][s] / m["centralised"]["bits_per_byte"][s]
+                                     for m in bpb] for s in silos}
     out["comm"] = results[seeds[0]]["summary"]["communication"]
     out["wall_s_per_seed"] = [r["wall_s"] for r in results.values()]
     out["cpu_s_per_seed"] = [r["cpu_s"] for r in results.values()]

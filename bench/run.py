@@ -381,6 +381,8 @@ def assistant_section(quick: bool) -> tuple[dict[str, Any], str]:
          "", "–"],
         ["federated / centralised answer bits per byte", seeds(f"{x:.3f}" for x in r["bpb_ratio_per_seed"]),
          f"≤ {TARGET_BPB_RATIO}", _ok(ok["bpb_ratio"])],
+        ["… silo by silo", ", ".join(f"{s} {seeds(f'{x:.2f}' for x in v)}" for s, v in r["bpb_ratio_per_silo"].items()),
+         "", "–"],
         [f"MB sent per silo over {r['comm']['rounds']} rounds (int8 LoRA) vs full fp32 model each round",
          f"{r['comm']['mb_sent_per_silo']:.1f} MB vs {r['comm']['mb_full_fp32_per_silo']:,.0f} MB = "
          + seeds(f"{100 * x:.2f}%" for x in r["comm_share_per_seed"]), f"≤ {100 * TARGET_COMM_SHARE:.0f}%",
