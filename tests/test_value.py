@@ -305,8 +305,11 @@ def test_duplicates_get_equal_values_and_noise_is_flagged(value_ws: Path, tmp_pa
     # exact under two training seeds: the run's own seed gives exact's values again, the second retrains every
     # coalition (the grand one too); the values are the seeds' mean, the stderr their spread
     body = value_run(run, method="exact", seeds=2)
-    first, second = body["seeds"]
+    first, second = (x["shapley"] for x in body["seeds"])
     assert first == values["exact"] and second != first
+    assert [x["seed"] for x in body["seeds"]] == [1337, 1338]
+    assert body["seeds"][0]["coalition_bits_per_byte"] == body["coalition_bits_per_byte"]  # the first seed's
+    assert len(body["seeds"][1]["coalition_bits_per_byte"]) == 8  # every coalition scored under the second seed
     assert body["coalitions_trained"] == 6 + 7
     for s in first:
         assert body["silos"][s]["shapley"] == pytest.approx((first[s] + second[s]) / 2, abs=1e-12)

@@ -351,6 +351,9 @@ def _retrained(cfg: Config, run_dir: Path, work: Path, scorer: Scorer, beneficia
         trained += retrain.trained
         notes += sorted(retrain.notes - set(notes))
     body = bodies[0] if seeds == 1 else over_seeds(bodies)
+    if seeds > 1:  # each seed's values with the scores they came from, for an audit
+        body["seeds"] = [{"seed": cfg.train.seed + k, "shapley": dict(b["shapley"]), "start_bits_per_byte": dict(g.start),
+                          "coalition_bits_per_byte": _scores(g)} for k, (g, b) in enumerate(zip(games, bodies, strict=True))]
     if method == "sampled":
         notes.append(_sampling_note(body, tolerance=sampling["tolerance"], truncation=sampling["truncation"]))
     if retrain.reduced:
@@ -362,8 +365,7 @@ def _retrained(cfg: Config, run_dir: Path, work: Path, scorer: Scorer, beneficia
     if seeds > 1:
         notes.append(f"{seeds} seeds: every coalition retrained under train.seed {cfg.train.seed} to "
                      f"{cfg.train.seed + seeds - 1}; the values are their mean and `stderr` its standard "
-                     "error over the seeds (`seeds` lists each seed's values; `coalition_bits_per_byte` "
-                     "is the first seed's)")
+                     "error over the seeds (`seeds` holds each seed's values and the scores they came from)")
     return games[0], body, trained, notes
 
 
@@ -382,7 +384,7 @@ def _value_json(method: str, game: Game, body: dict[str, Any], flags: dict[str, 
                       "why": flags[s]["why"] if s in flags else None} for s in game.silos},
         "matrix": body["matrix"], "coalitions_trained": trained, "coalitions_scored": body["coalitions_scored"],
         "start_bits_per_byte": dict(game.start),
-        "coalition_bits_per_byte": {coalition_key(c): dict(v) for c, v in sorted(game.seen.items(), key=_size)},
+        "coalition_bits_per_byte": _scores(game),
         "budget": float(budget) if budget is not None else None, "notes": notes,
         "permutations": body.get("permutations"), "seconds": seconds,
         **({"sampled_estimate": {s: {"shapley": body["sampled_shapley"][s], "stderr": body["sampled_stderr"][s]}
@@ -404,6 +406,11 @@ def _sampling_note(body: dict[str, Any], *, tolerance: float, truncation: float)
                 f"of the {n} silos, so the values are their exact Shapley values (stderr 0; the sampling estimate "
                 "is `sampled_estimate`)")
     return f"sampled: {body['permutations']} random orders of the silos, {rule}{met}{cut}"
+
+
+def _scores(game: Game) -> dict[str, dict[str, float]]:
+    """Every scored coalition's bits/byte per beneficiary, smallest coalitions first."""
+    return {coalition_key(c): dict(v) for c, v in sorted(game.seen.items(), key=_size)}
 
 
 def _size(item: tuple[Coalition, dict[str, float]]) -> tuple[int, str]:
