@@ -98,24 +98,14 @@ def over_seeds(bodies: list[dict[str, Any]]) -> dict[str, Any]:
     leave-one-out, matrix, utilities) their mean, `stderr` the standard error of the mean Shapley
     value over the seeds, and `seeds` each seed's Shapley values. Shapley is linear in the utility,
     so the mean values still sum to the mean grand utility minus the mean baseline."""
-    k = len(bodies)
-    players = list(bodies[0]["shapley"])
-
-    def mean(key: str, *path: str) -> float:
-        vals = []
-        for b in bodies:
-            x = b[key]
-            for step in path:
-                x = x[step]
-            vals.append(x)
-        return float(statistics.fmean(vals))
-
+    players, fmean = list(bodies[0]["shapley"]), statistics.fmean
     return {
-        "baseline_utility": mean("baseline_utility"), "grand_utility": mean("grand_utility"),
-        "shapley": {i: mean("shapley", i) for i in players},
-        "stderr": {i: statistics.stdev(b["shapley"][i] for b in bodies) / math.sqrt(k) for i in players},
-        "leave_one_out": {i: mean("leave_one_out", i) for i in players},
-        "matrix": {i: {j: mean("matrix", i, j) for j in bodies[0]["matrix"][i]} for i in players},
+        "baseline_utility": fmean(b["baseline_utility"] for b in bodies),
+        "grand_utility": fmean(b["grand_utility"] for b in bodies),
+        "shapley": {i: fmean(b["shapley"][i] for b in bodies) for i in players},
+        "stderr": {i: statistics.stdev(b["shapley"][i] for b in bodies) / math.sqrt(len(bodies)) for i in players},
+        "leave_one_out": {i: fmean(b["leave_one_out"][i] for b in bodies) for i in players},
+        "matrix": {i: {j: fmean(b["matrix"][i][j] for b in bodies) for j in bodies[0]["matrix"][i]} for i in players},
         "coalitions_scored": sum(b["coalitions_scored"] for b in bodies),
         "seeds": [dict(b["shapley"]) for b in bodies],
     }

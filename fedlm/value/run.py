@@ -351,9 +351,10 @@ def _retrained(cfg: Config, run_dir: Path, work: Path, scorer: Scorer, beneficia
         trained += retrain.trained
         notes += sorted(retrain.notes - set(notes))
     body = bodies[0] if seeds == 1 else over_seeds(bodies)
-    if seeds > 1:  # each seed's values with the scores they came from, for an audit
-        body["seeds"] = [{"seed": cfg.train.seed + k, "shapley": dict(b["shapley"]), "start_bits_per_byte": dict(g.start),
-                          "coalition_bits_per_byte": _scores(g)} for k, (g, b) in enumerate(zip(games, bodies, strict=True))]
+    if seeds > 1:  # over_seeds' values of each seed, with the scores they came from, for an audit
+        body["seeds"] = [{"seed": cfg.train.seed + k, "shapley": phi, "start_bits_per_byte": dict(g.start),
+                          "coalition_bits_per_byte": _scores(g)}
+                         for k, (g, phi) in enumerate(zip(games, body["seeds"], strict=True))]
     if method == "sampled":
         notes.append(_sampling_note(body, tolerance=sampling["tolerance"], truncation=sampling["truncation"]))
     if retrain.reduced:
@@ -395,16 +396,16 @@ def _value_json(method: str, game: Game, body: dict[str, Any], flags: dict[str, 
 
 def _sampling_note(body: dict[str, Any], *, tolerance: float, truncation: float) -> str:
     """What sampled's standard errors mean, and whether the stopping rule was met."""
-    rule = (f"until every silo's stderr was <= {tolerance:g} × the grand utility's gain" if tolerance > 0
-            else "a fixed number of orders")
-    met = "" if body["converged"] else " (not reached: the permutation cap stopped it; raise --permutations)"
-    cut = (f"; each order cut short within {truncation:g} × that gain of it, a bias of at most that per silo "
-           "that the stderr does not include" if truncation > 0 else "")
     if body["complete"]:
         n = len(body["shapley"])
         return (f"sampled: {body['permutations']} random orders of the silos met every one of the {2 ** n} coalitions "
                 f"of the {n} silos, so the values are their exact Shapley values (stderr 0; the sampling estimate "
                 "is `sampled_estimate`)")
+    rule = (f"until every silo's stderr was <= {tolerance:g} × the grand utility's gain" if tolerance > 0
+            else "a fixed number of orders")
+    met = "" if body["converged"] else " (not reached: the permutation cap stopped it; raise --permutations)"
+    cut = (f"; each order cut short within {truncation:g} × that gain of it, a bias of at most that per silo "
+           "that the stderr does not include" if truncation > 0 else "")
     return f"sampled: {body['permutations']} random orders of the silos, {rule}{met}{cut}"
 
 
