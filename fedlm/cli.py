@@ -711,7 +711,7 @@ def value(
     truncation: Annotated[float, typer.Option(
         help="sampled: cut an order short once within this × the grand utility's gain of it.")] = 0.0,
     seeds: Annotated[int, typer.Option(
-        help="exact: retrain every coalition under this many training seeds; values are their mean ± stderr.")] = 1,
+        help="exact, sampled: retrain the coalitions under this many training seeds; values are their mean ± stderr.")] = 1,
     json_: Annotated[bool, typer.Option("--json", help="Print value.json instead of the table.")] = False,
 ) -> None:
     """What each silo contributed (Shapley), gained, and is paid -> RUN/value.json."""

@@ -170,6 +170,9 @@ def test_values_over_seeds_are_the_exact_values_of_the_mean_game() -> None:
         assert both["stderr"][p] == pytest.approx(spread / 2, abs=1e-12)  # sd of two / sqrt(2)
     assert sum(both["shapley"].values()) == pytest.approx(both["grand_utility"] - both["baseline_utility"], abs=1e-12)
     assert both["seeds"] == [b["shapley"] for b in bodies]
+    # a seed whose sampled orders never met grand - p has no leave-one-out for p: the mean has none either
+    bodies[1]["leave_one_out"]["a"] = None
+    assert over_seeds(bodies)["leave_one_out"]["a"] is None and over_seeds(bodies)["leave_one_out"]["b"] is not None
 
 
 def test_sampled_that_met_every_coalition_reports_the_exact_values() -> None:
@@ -317,8 +320,15 @@ def test_duplicates_get_equal_values_and_noise_is_flagged(value_ws: Path, tmp_pa
     assert sum(body["silos"][s]["shapley"] for s in first) == pytest.approx(
         body["grand_utility"] - body["baseline_utility"], abs=1e-9)
     assert body["silos"]["noise"]["flag"] == "harmful" and any("2 seeds" in n for n in body["notes"])
-    with pytest.raises(UserError, match="--seeds 2: .*only with --method exact"):
-        value_run(run, method="sampled", seeds=2)
+    exact_seeds = {s: (v["shapley"], v["stderr"]) for s, v in body["silos"].items()}
+    # sampled under the same two seeds: each seed's orders meet all 8 coalitions and retrain them as exact did
+    # (retraining is deterministic), so the mean and its stderr over the seeds are exact's
+    body = value_run(run, method="sampled", seeds=2)
+    assert {s: (v["shapley"], v["stderr"]) for s, v in body["silos"].items()} == exact_seeds
+    assert body["coalitions_trained"] == 6 + 7 and [x["seed"] for x in body["seeds"]] == [1337, 1338]
+    assert sum("train.seed 133" in n and "met every one of the 8 coalitions" in n for n in body["notes"]) == 2
+    with pytest.raises(UserError, match="--seeds 2: .*only with --method exact or sampled"):
+        value_run(run, method="rounds", seeds=2)
     assert not list(run.glob(".value-*")) and validated == []
     assert exact_retrains(3, reduced=False) == 6 and exact_retrains(3, reduced=True) == 7  # what progress counts
 

@@ -94,17 +94,24 @@ def contributions(game: Game, *, method: str, permutations: int = 0, seed: int =
 
 
 def over_seeds(bodies: list[dict[str, Any]]) -> dict[str, Any]:
-    """Exact bodies of the same silos under several training seeds as one: each value (Shapley,
-    leave-one-out, matrix, utilities) their mean, `stderr` the standard error of the mean Shapley
-    value over the seeds, and `seeds` each seed's Shapley values. Shapley is linear in the utility,
-    so the mean values still sum to the mean grand utility minus the mean baseline."""
+    """Bodies of the same silos under several training seeds (exact, or sampled: each seed's own orders)
+    as one: each value (Shapley, leave-one-out, matrix, utilities) their mean, `stderr` the standard
+    error of the mean Shapley value over the seeds (for sampled, it holds the sampling error too: each
+    seed's estimate carries its own), and `seeds` each seed's Shapley values. Shapley is linear in the
+    utility, so the mean values still sum to the mean grand utility minus the mean baseline. A silo's
+    leave-one-out is None unless every seed has it (sampled's orders may not meet grand - i)."""
     players, fmean = list(bodies[0]["shapley"]), statistics.fmean
+
+    def mean_loo(i: str) -> float | None:
+        got = [b["leave_one_out"][i] for b in bodies]
+        return None if None in got else fmean(got)
+
     return {
         "baseline_utility": fmean(b["baseline_utility"] for b in bodies),
         "grand_utility": fmean(b["grand_utility"] for b in bodies),
         "shapley": {i: fmean(b["shapley"][i] for b in bodies) for i in players},
         "stderr": {i: statistics.stdev(b["shapley"][i] for b in bodies) / math.sqrt(len(bodies)) for i in players},
-        "leave_one_out": {i: fmean(b["leave_one_out"][i] for b in bodies) for i in players},
+        "leave_one_out": {i: mean_loo(i) for i in players},
         "matrix": {i: {j: fmean(b["matrix"][i][j] for b in bodies) for j in bodies[0]["matrix"][i]} for i in players},
         "coalitions_scored": sum(b["coalitions_scored"] for b in bodies),
         "seeds": [dict(b["shapley"]) for b in bodies],

@@ -280,8 +280,9 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
     until every silo's stderr is <= `tolerance` × the grand utility's gain (0: exactly
     `permutations`, otherwise the cap), each cut short within `truncation` × that gain of it.
     `local_models` gives each silo's local-only model (run dirs) instead of training them here.
-    `seeds` > 1 (exact): every coalition, the grand one included, is retrained under train.seed, +1, ...,
-    and the values are the mean over those seeds, with the standard error of that mean as `stderr`."""
+    `seeds` > 1 (exact, sampled): every coalition, the grand one included, is retrained under train.seed, +1,
+    ... (sampled: the coalitions each seed's own orders visit), and the values are the mean over those seeds,
+    with the standard error of that mean as `stderr`."""
     t0 = time.perf_counter()
     cents = check_budget(budget)
     if method is not None and method not in METHODS:
@@ -295,9 +296,9 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
         raise UserError("--permutations must be >= 2 (a standard error needs two)")
     if method == "sampled" and not (0 <= tolerance < 1 and 0 <= truncation < 1):
         raise UserError("--tolerance and --truncation are fractions of the grand utility's gain: give 0 <= x < 1")
-    if seeds < 1 or (seeds > 1 and method != "exact"):
-        raise UserError(f"--seeds {seeds}: give a count >= 1, and more than 1 only with --method exact "
-                        "(sampled's stderr is its sampling error; rounds retrains nothing)")
+    if seeds < 1 or (seeds > 1 and method == "rounds"):
+        raise UserError(f"--seeds {seeds}: give a count >= 1, and more than 1 only with --method exact or sampled "
+                        "(rounds retrains nothing: its values are of the run's one seed)")
     say = progress or (lambda _: None)
     rounds, local_steps = rounds or fed.rounds, local_steps or fed.local_steps
     beneficiaries = cfg.value.beneficiaries or silos
@@ -347,16 +348,19 @@ def _retrained(cfg: Config, run_dir: Path, work: Path, scorer: Scorer, beneficia
         start = scorer({j: [_start(cfg_k)] for j in beneficiaries})
         game = Game(silos, list(beneficiaries), dict(scorer.tokens), {j: v[0] for j, v in start.items()}, retrain)
         games.append(game)
-        bodies.append(contributions(game, method=method, **sampling))
+        bodies.append(contributions(game, method=method, **{**sampling, "seed": sampling["seed"] + k}))
         trained += retrain.trained
         notes += sorted(retrain.notes - set(notes))
     body = bodies[0] if seeds == 1 else over_seeds(bodies)
     if seeds > 1:  # over_seeds' values of each seed, with the scores they came from, for an audit
-        body["seeds"] = [{"seed": cfg.train.seed + k, "shapley": phi, "start_bits_per_byte": dict(g.start),
-                          "coalition_bits_per_byte": _scores(g)}
-                         for k, (g, phi) in enumerate(zip(games, body["seeds"], strict=True))]
+        body["seeds"] = [{"seed": cfg.train.seed + k, "shapley": phi, "stderr": b["stderr"],
+                          **({"permutations": b["permutations"]} if "permutations" in b else {}),
+                          "start_bits_per_byte": dict(g.start), "coalition_bits_per_byte": _scores(g)}
+                         for k, (g, phi, b) in enumerate(zip(games, body["seeds"], bodies, strict=True))]
     if method == "sampled":
-        notes.append(_sampling_note(body, tolerance=sampling["tolerance"], truncation=sampling["truncation"]))
+        for k, b in enumerate(bodies):
+            note = _sampling_note(b, tolerance=sampling["tolerance"], truncation=sampling["truncation"])
+            notes.append(note if seeds == 1 else f"train.seed {cfg.train.seed + k}: {note}")
     if retrain.reduced:
         notes.append(f"reduced budget: coalitions retrained for {rounds} rounds of {local_steps} local steps "
                      f"(the run had {fed.rounds} of {fed.local_steps})")
@@ -364,7 +368,8 @@ def _retrained(cfg: Config, run_dir: Path, work: Path, scorer: Scorer, beneficia
         notes.append("one training seed: a stderr of 0 means no sampling error, not that another seed "
                      "would give these values; --seeds K retrains under K seeds and measures it")
     if seeds > 1:
-        notes.append(f"{seeds} seeds: every coalition retrained under train.seed {cfg.train.seed} to "
+        which = "every coalition" if method == "exact" else "the coalitions each seed's orders visited"
+        notes.append(f"{seeds} seeds: {which} retrained under train.seed {cfg.train.seed} to "
                      f"{cfg.train.seed + seeds - 1}; the values are their mean and `stderr` its standard "
                      "error over the seeds (`seeds` holds each seed's values and the scores they came from)")
     return games[0], body, trained, notes
