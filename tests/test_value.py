@@ -327,6 +327,7 @@ def test_duplicates_get_equal_values_and_noise_is_flagged(value_ws: Path, tmp_pa
     assert {s: (v["shapley"], v["stderr"]) for s, v in body["silos"].items()} == exact_seeds
     assert body["coalitions_trained"] == 6 + 7 and [x["seed"] for x in body["seeds"]] == [1337, 1338]
     assert sum("train.seed 133" in n and "met every one of the 8 coalitions" in n for n in body["notes"]) == 2
+    assert any("`seeds[1].sampled_estimate`" in n for n in body["notes"]) and "sampled_estimate" in body["seeds"][1]
     with pytest.raises(UserError, match="--seeds 2: .*only with --method exact or sampled"):
         value_run(run, method="rounds", seeds=2)
     assert not list(run.glob(".value-*")) and validated == []

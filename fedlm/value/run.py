@@ -354,12 +354,13 @@ def _retrained(cfg: Config, run_dir: Path, work: Path, scorer: Scorer, beneficia
     body = bodies[0] if seeds == 1 else over_seeds(bodies)
     if seeds > 1:  # over_seeds' values of each seed, with the scores they came from, for an audit
         body["seeds"] = [{"seed": cfg.train.seed + k, "shapley": phi, "stderr": b["stderr"],
-                          **({"permutations": b["permutations"]} if "permutations" in b else {}),
+                          **({"permutations": b["permutations"]} if "permutations" in b else {}), **_estimate(b),
                           "start_bits_per_byte": dict(g.start), "coalition_bits_per_byte": _scores(g)}
                          for k, (g, phi, b) in enumerate(zip(games, body["seeds"], bodies, strict=True))]
     if method == "sampled":
         for k, b in enumerate(bodies):
-            note = _sampling_note(b, tolerance=sampling["tolerance"], truncation=sampling["truncation"])
+            note = _sampling_note(b, tolerance=sampling["tolerance"], truncation=sampling["truncation"],
+                                  estimate="`sampled_estimate`" if seeds == 1 else f"`seeds[{k}].sampled_estimate`")
             notes.append(note if seeds == 1 else f"train.seed {cfg.train.seed + k}: {note}")
     if retrain.reduced:
         notes.append(f"reduced budget: coalitions retrained for {rounds} rounds of {local_steps} local steps "
@@ -393,19 +394,27 @@ def _value_json(method: str, game: Game, body: dict[str, Any], flags: dict[str, 
         "coalition_bits_per_byte": _scores(game),
         "budget": float(budget) if budget is not None else None, "notes": notes,
         "permutations": body.get("permutations"), "seconds": seconds,
-        **({"sampled_estimate": {s: {"shapley": body["sampled_shapley"][s], "stderr": body["sampled_stderr"][s]}
-                                 for s in game.silos}} if "sampled_shapley" in body else {}),
+        **_estimate(body),
         **({"seeds": body["seeds"]} if "seeds" in body else {}),
     }
 
 
-def _sampling_note(body: dict[str, Any], *, tolerance: float, truncation: float) -> str:
+def _estimate(body: dict[str, Any]) -> dict[str, Any]:
+    """{"sampled_estimate": per silo} when `body` is sampled's and reports exact values in its place, else {}."""
+    if "sampled_shapley" not in body:
+        return {}
+    return {"sampled_estimate": {s: {"shapley": v, "stderr": body["sampled_stderr"][s]}
+                                 for s, v in body["sampled_shapley"].items()}}
+
+
+def _sampling_note(body: dict[str, Any], *, tolerance: float, truncation: float,
+                   estimate: str = "`sampled_estimate`") -> str:
     """What sampled's standard errors mean, and whether the stopping rule was met."""
     if body["complete"]:
         n = len(body["shapley"])
         return (f"sampled: {body['permutations']} random orders of the silos met every one of the {2 ** n} coalitions "
                 f"of the {n} silos, so the values are their exact Shapley values (stderr 0; the sampling estimate "
-                "is `sampled_estimate`)")
+                f"is {estimate})")
     rule = (f"until every silo's stderr was <= {tolerance:g} × the grand utility's gain" if tolerance > 0
             else "a fixed number of orders")
     met = "" if body["converged"] else " (not reached: the permutation cap stopped it; raise --permutations)"
