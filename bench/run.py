@@ -558,20 +558,25 @@ def value_section(quick: bool) -> tuple[dict[str, Any], str]:
                  f"{r['exact_seconds_max']:.0f} s (slowest seed)", f"CPU {r['exact_cpu_seconds_max']:.0f} s",
                  "load " + ", ".join(f"{x:.1f}" for x in r["load_1min"]), f"≤ {TARGET_EXACT_S:.0f} s",
                  _ok(r["exact_seconds_max"] <= TARGET_EXACT_S)])
-    long = r.get("long")
-    if long:
-        kv = dict(item.split("=", 1) for item in long["size"])
-        at = f"at {kv['federation.rounds']} × {kv['federation.local_steps']}"
-        rows += agreement(long, f"{at}: ")
-        slowest = max(v["exact_seconds"] for v in long["per_seed"].values())
+    demo = r.get("demo")
+    at = "at the demo's size"
+    if demo:
+        rows += agreement(demo, f"{at}: ")
+        slowest = max(v["exact_seconds"] for v in demo["per_seed"].values())
         rows.append([f"{at}: `exact` for 6 silos", f"{slowest:.0f} s (slowest seed)", "", "",
                      f"≤ {TARGET_EXACT_S:.0f} s", _ok(slowest <= TARGET_EXACT_S)])
+        for seed in demo["seeds"]:
+            gain = demo["per_seed"][seed]["gain"]
+            rows.append([f"{at}: gain of joining (local-only minus federated bits/byte on the silo's own split), "
+                         f"seed {seed}", f"{sum(g > 0 for g in gain.values())} of {len(gain)} silos gain",
+                         ", ".join(f"{k} {v:+.3f}" for k, v in sorted(gain.items())), "", "", "–"])
     stab = [[silo, f"{v['mean']:+.4f}", f"{v['spread']:.4f}",
              ", ".join(str(r["per_seed"][k]["order_exact"].index(silo) + 1) for k in r["seeds"])]
             for silo, v in r["stability"].items()]
     text = (
-        f"The six bundled silos as `fedlm demo --quick` prepares them, `fedlm.demo.VALUE_SIZE` (the demo's valuation run: "
-        f"{r['size_text']}). `exact` retrains all 62 "
+        f"The six bundled silos as `fedlm demo --quick` prepares them; the methods are compared at "
+        f"`bench.value_bench.METHOD_SIZE` ({r['size_text']}), the kind of run `rounds`' reconstruction was made for. "
+        "`exact` retrains all 62 "
         "proper coalitions; `sampled` (random orders until every silo's stderr is ≤ 1% of the grand gain, at most "
         "2000, truncated at 1% of it) reads the same "
         "seed's retrained coalitions instead of retraining them again (retraining is deterministic), so its "
@@ -579,11 +584,11 @@ def value_section(quick: bool) -> tuple[dict[str, Any], str]:
         "below it gives its sampling estimate alone. Values are bits/byte gained over the starting model. "
         "Wall times are on a shared machine (CPU seconds beside them; the load average is the 1-minute one at "
         "the start and after each seed's exact); the overhead compares runs alternated in the same call. "
-        + (f"Rows marked \"{at}\" repeat the comparison at `bench.value_bench.LONG_SIZE` ({long['size_text']}), "
-           "a run with twice the demo's steps in shorter rounds, where the silos' exact values lie further apart; "
-           "`exact` against itself says how much of their order survives a change of seed. The silos' game also "
+        + (f"Rows marked \"{at}\" repeat the comparison on the demo's own valuation run, `fedlm.demo.VALUE_SIZE` "
+           f"({demo['size_text']}), with the gain each silo got from joining; "
+           "`exact` against itself says how much of the silos' order survives a change of seed. The silos' game also "
            "changes between calls: each call prepares the workspace afresh, and its tokenizer from freshly "
-           "drawn DP noise." if long else "") + "\n\n"
+           "drawn DP noise." if demo else "") + "\n\n"
         + _table(["measure", "fedlm", "reference", "", "target", ""], rows)
         + "\n\nStability of `exact` over the seeds (value: mean and max − min; rank per seed, 1 = highest):\n\n"
         + _table(["silo", "mean value", "spread", "rank per seed"], stab)

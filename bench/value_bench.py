@@ -2,17 +2,17 @@
 
     python -m bench.value_bench [--quick]     # or: from bench.value_bench import run
 
-The six bundled silos as the quick demo prepares them (vocabulary 1024), and the demo's valuation size (`fedlm.demo.VALUE_SIZE`) so
+The six bundled silos as the quick demo prepares them (vocabulary 1024), and small runs, so
 that exact Shapley's 2^6 - 2 = 62 retrained federated runs fit this shared 2-core machine three
-times. For each of 3 seeds: one federated FedAvg run with `federation.value = "rounds"`, valued
+times. For each of 3 seeds: one federated run with `federation.value = "rounds"`, valued
 by `fedlm value --method rounds` (no retraining) and `--method exact` (every coalition
 retrained). `sampled` (permutation sampling, truncated) is computed on the same seed's retrained
 coalitions, looked up instead of retrained again (a retrained run is bitwise the same), so its
 cost is the number of distinct coalitions it visits. Seed 1's run is also repeated without
 valuation, alternating, for the wall-time overhead of `rounds`.
 
-The same comparison is repeated at LONG_SIZE (20 rounds of 2 local steps) on two seeds, where the
-silos' exact values lie further apart than at VALUE_SIZE (whose order changes with the seed).
+The methods are compared at METHOD_SIZE (FedAvg, 4 rounds of 5 local steps) on three seeds, and again
+at the demo's own valuation size (`fedlm.demo.VALUE_SIZE`: fedsgd, 20 rounds) on two.
 
 Targets: `rounds` and `sampled` against `exact`, Spearman's rank correlation >= 0.9 and every
 silo within 10% of the grand utility; `rounds` adds <= 30% to the run's wall time; `exact`
@@ -41,23 +41,25 @@ TARGET_OVERHEAD = 0.30
 TARGET_EXACT_S = 1800.0
 TRUNCATION = 0.01  # sampled cuts an order short within this share of the grand gain
 SEEDS = (1, 2, 3)
-LONG_SIZE = [*(x for x in VALUE_SIZE if not x.startswith(("federation.rounds=", "federation.local_steps="))),
-             "federation.rounds=20", "federation.local_steps=2"]
-"""A second size, 20 rounds x 2 local steps (2x VALUE_SIZE's steps, in shorter rounds), valued on LONG_SEEDS: at
-VALUE_SIZE the silos' exact values are so close that their order changes with the seed; here they lie further
-apart (exact against itself across the seeds says how far), so the methods' orders can better be judged."""
-LONG_SEEDS = (1, 2)
+METHOD_SIZE = [*(x for x in VALUE_SIZE if not x.startswith(("federation.strategy=", "federation.rounds=",
+                                                         "federation.local_steps=", "federation.server_lr="))),
+               'federation.strategy="fedavg"', "federation.rounds=4", "federation.local_steps=5"]
+"""The size at which the methods are compared on SEEDS: VALUE_SIZE's model and per-silo steps as FedAvg, 4 rounds of
+5 local steps, the kind of run `rounds`' reconstruction (Song et al.'s, and GTG-Shapley's) was made for."""
+DEMO_SEEDS = (1, 2)
+"""The comparison repeated at the demo's own valuation run (fedlm.demo.VALUE_SIZE, fedsgd) on these seeds."""
 
 
-def size_text(size: list[str] = VALUE_SIZE) -> str:
+def size_text(size: list[str] = METHOD_SIZE) -> str:
     """A valuation size in words, for the BENCHMARKS section."""
     kv = dict(item.split("=", 1) for item in size)
+    lr = f" at {float(kv['federation.server_lr']):.2f} × the silos' lr" if "federation.server_lr" in kv else ""
     return (f"a {kv['model.n_layers']}-layer d={kv['model.d_model']} model, {kv['federation.strategy'].strip(chr(34))} "
             f"{kv['federation.rounds']} rounds × {kv['federation.local_steps']} local steps of {kv['train.batch_size']} "
-            f"× {kv['train.seq_len']} tokens, each silo scoring {int(kv['value.eval_tokens']):,} validation tokens")
+            f"× {kv['train.seq_len']} tokens{lr}, each silo scoring {int(kv['value.eval_tokens']):,} validation tokens")
 
 
-def _config(ws: Path, seed: int, value: str, size: list[str] = VALUE_SIZE) -> Any:
+def _config(ws: Path, seed: int, value: str, size: list[str] = METHOD_SIZE) -> Any:
     from fedlm.config import load_config
 
     return load_config(None, [f"data.workspace={json.dumps(str(ws))}", *size, f"train.seed={seed}",
@@ -70,7 +72,7 @@ def _cpu() -> float:
     return use.ru_utime + use.ru_stime
 
 
-def _timed_run(ws: Path, out: Path, seed: int, value: str, size: list[str] = VALUE_SIZE) -> tuple[float, float]:
+def _timed_run(ws: Path, out: Path, seed: int, value: str, size: list[str] = METHOD_SIZE) -> tuple[float, float]:
     """(wall, CPU) seconds of one federated run."""
     from fedlm.federation.runner import run_federated
 
@@ -80,7 +82,7 @@ def _timed_run(ws: Path, out: Path, seed: int, value: str, size: list[str] = VAL
     return time.perf_counter() - t0, _cpu() - c0
 
 
-def _local_models(ws: Path, out: Path, seed: int, size: list[str] = VALUE_SIZE) -> dict[str, Path]:
+def _local_models(ws: Path, out: Path, seed: int, size: list[str] = METHOD_SIZE) -> dict[str, Path]:
     """Each silo's local-only model at the run's per-silo budget (what `fedlm value` trains for gains)."""
     from fedlm.resolve import resolve_config, resolve_silos
     from fedlm.train import train
@@ -180,7 +182,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             walls[value].append(wall)
             cpus[value].append(cpu)
         load = [os.getloadavg()[0]]
-        per_seed = {seed: _one_seed(ws, root / f"seed-{seed}", seed, VALUE_SIZE) for seed in seeds}
+        per_seed = {seed: _one_seed(ws, root / f"seed-{seed}", seed, METHOD_SIZE) for seed in seeds}
         for seed in seeds:
             load.append(per_seed[seed].pop("load"))
         silos = sorted(per_seed[seeds[0]]["exact"])
@@ -189,16 +191,16 @@ def run(quick: bool = False) -> dict[str, Any]:
                      for s in silos}
         overhead = statistics.median(walls["rounds"]) / statistics.median(walls["none"]) - 1
         overhead_cpu = statistics.median(cpus["rounds"]) / statistics.median(cpus["none"]) - 1
-        long_seeds = LONG_SEEDS[:1] if quick else LONG_SEEDS
-        long = {seed: _one_seed(ws, root / f"long-{seed}", seed, LONG_SIZE) for seed in long_seeds}
-        return {"seeds": list(seeds), "size": VALUE_SIZE, "size_text": size_text(), "silos": silos, "per_seed": per_seed,
+        demo_seeds = DEMO_SEEDS[:1] if quick else DEMO_SEEDS
+        demo = {seed: _one_seed(ws, root / f"demo-{seed}", seed, VALUE_SIZE) for seed in demo_seeds}
+        return {"seeds": list(seeds), "size": METHOD_SIZE, "size_text": size_text(), "silos": silos, "per_seed": per_seed,
                 "stability": stability, "exact_vs_exact": _exact_vs_exact(per_seed),
                 "run_wall_s": walls, "run_cpu_s": cpus, "rounds_overhead": overhead,
                 "rounds_overhead_cpu": overhead_cpu, "overhead_ok": overhead <= TARGET_OVERHEAD,
                 "exact_seconds_max": max(per_seed[k]["exact_seconds"] for k in seeds),
                 "exact_cpu_seconds_max": max(per_seed[k]["exact_cpu_seconds"] for k in seeds), "load_1min": load,
-                "long": {"seeds": list(long_seeds), "size": LONG_SIZE, "size_text": size_text(LONG_SIZE),
-                         "per_seed": long, "exact_vs_exact": _exact_vs_exact(long)}}
+                "demo": {"seeds": list(demo_seeds), "size": VALUE_SIZE, "size_text": size_text(VALUE_SIZE),
+                         "per_seed": demo, "exact_vs_exact": _exact_vs_exact(demo)}}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

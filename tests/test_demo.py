@@ -35,7 +35,10 @@ def test_quick_demo_writes_the_summary(quick_demo: tuple[Path, subprocess.Comple
     assert sum(v["shapley"] for v in value["silos"].values()) == pytest.approx(
         value["grand_utility"] - value["baseline_utility"], abs=1e-9)
     assert all(math.isfinite(v["gain"]) for v in value["silos"].values())
-    assert "value of each silo" in r.stdout + r.stderr and "a separate small FedAvg run" in r.stdout + r.stderr
+    # the valuation run follows the demo's recipe (fedsgd): joining costs the silos little on average, where a FedAvg
+    # valuation run of the same steps left every silo worse off than training alone (mean gain -0.48 bits/byte)
+    assert sum(v["gain"] for v in value["silos"].values()) / len(SILOS) > -0.1, value["silos"]
+    assert "value of each silo" in r.stdout + r.stderr and "a separate small fedsgd run" in r.stdout + r.stderr
 
 
 @pytest.mark.slow
