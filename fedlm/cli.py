@@ -712,6 +712,9 @@ def value(
         help="sampled: cut an order short once within this × the grand utility's gain of it.")] = 0.0,
     seeds: Annotated[int, typer.Option(
         help="exact, sampled: retrain the coalitions under this many training seeds; values are their mean ± stderr.")] = 1,
+    pay_by: Annotated[str, typer.Option(
+        help="shapley | others: share the budget by Shapley value, or by each silo's value to the other silos "
+             "(its own scores then cannot raise its pay).")] = "shapley",
     json_: Annotated[bool, typer.Option("--json", help="Print value.json instead of the table.")] = False,
 ) -> None:
     """What each silo contributed (Shapley), gained, and is paid -> RUN/value.json."""
@@ -720,7 +723,7 @@ def value(
     with status("value") as say:
         body = value_run(run, method=method, budget=budget, rounds=rounds, local_steps=local_steps,
                          permutations=permutations, tolerance=tolerance, truncation=truncation, seeds=seeds,
-                         progress=say)
+                         pay_by=pay_by, progress=say)
     if json_:
         _out(json.dumps(body))
         return

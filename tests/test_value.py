@@ -330,6 +330,14 @@ def test_duplicates_get_equal_values_and_noise_is_flagged(value_ws: Path, tmp_pa
     assert any("`seeds[1].sampled_estimate`" in n for n in body["notes"]) and "sampled_estimate" in body["seeds"][1]
     with pytest.raises(UserError, match="--seeds 2: .*only with --method exact or sampled"):
         value_run(run, method="rounds", seeds=2)
+    # paid by value to the other silos: shares follow value_to_others (each legal silo's is its value to the other)
+    body = value_run(run, method="rounds", budget=1000.0, pay_by="others")
+    others = {s: v["value_to_others"] for s, v in body["silos"].items()}
+    assert body["pay_by"] == "others" and body["silos"]["noise"]["payout"] == 0.0 and others["noise"] <= 0
+    assert body["silos"]["legal"]["share"] == pytest.approx(others["legal"] / (others["legal"] + others["legal_copy"]))
+    assert sum(Decimal(str(v["payout"])) for v in body["silos"].values()) == Decimal("1000")
+    with pytest.raises(UserError, match="--pay-by 'own': use one of shapley, others"):
+        value_run(run, pay_by="own")
     assert not list(run.glob(".value-*")) and validated == []
     assert exact_retrains(3, reduced=False) == 6 and exact_retrains(3, reduced=True) == 7  # what progress counts
 
@@ -626,3 +634,32 @@ def test_a_chat_silo_scores_the_answers_of_its_held_out_conversations(tmp_path: 
     assert two.tokens == sum(int(mask[1:].sum()) for _, mask, _ in convs[:2])
     assert one.tokens == int(convs[0][1][1:].sum())  # a cap below one conversation still scores one
     assert len(set(whole.bits_per_byte)) == 2
+
+
+def test_paying_by_value_to_others_is_not_moved_by_a_silos_own_scores() -> None:
+    """A silo that inflates its own scores of every model trained with its data (+1 bit/byte gained) raises its
+    Shapley share, but not its share when paid by value to the other silos: that share, and everyone's, is
+    the honest game's. Payouts still sum to the budget."""
+    from fedlm.value.compute import Game, contributions, flag_silos, pay_basis, payouts
+
+    players = ["a", "b", "c"]
+    effect = {"a": {"a": 0.5, "b": 0.2, "c": 0.1}, "b": {"a": 0.1, "b": 0.3, "c": 0.2}, "c": {"a": 0.2, "b": 0.1, "c": 0.4}}
+
+    def game(inflate: bool) -> Game:
+        def score(c: frozenset[str]) -> dict[str, float]:
+            return {j: 4.0 - sum(effect[i][j] for i in c) - (1.0 if inflate and j == "a" and "a" in c else 0.0)
+                    for j in players}
+        return Game(list(players), list(players), dict.fromkeys(players, 1000), dict.fromkeys(players, 4.0), score)
+
+    shares = {}
+    for inflate in (False, True):
+        g = game(inflate)
+        body = contributions(g, method="exact")
+        flags = flag_silos(g, body)
+        for pay_by in ("shapley", "others"):
+            share, pay = payouts(pay_basis(g, body, pay_by), flags, budget=100.0)
+            shares[inflate, pay_by] = share
+            assert sum(Decimal(str(x)) for x in pay.values()) == Decimal("100")  # type: ignore[arg-type]
+    assert shares[True, "shapley"]["a"] > shares[False, "shapley"]["a"] + 0.1
+    for s in players:
+        assert shares[True, "others"][s] == pytest.approx(shares[False, "others"][s], abs=1e-12)

@@ -3,8 +3,8 @@
     game = Game(silos, beneficiaries, tokens={"a": 4096, ...}, start={"a": 2.31, ...}, score=score)
     body = contributions(game, method="exact")                 # shapley, leave_one_out, matrix
     body = contributions(game, method="sampled", permutations=1000, seed=0, truncation=0.01, tolerance=0.01)
-    flags = flag_silos(body, singletons_moved={...}, sent_updates={...})
-    pay = payouts(body, flags, budget=1000.0)
+    flags = flag_silos(game, body, update_norms={"a": [0.4, 0.3], ...})
+    pay = payouts(pay_basis(game, body, "shapley"), flags, budget=1000.0)
 
 The value of a model M to silo j is bits/byte of the starting model on j's validation split
 minus that of M (what j measures itself); the consortium's utility is their token-weighted mean
@@ -156,15 +156,28 @@ def flag_silos(game: Game, body: dict[str, Any], *, update_norms: dict[str, list
     return out
 
 
-def payouts(shapley: dict[str, float], flags: dict[str, dict[str, Any]], *, budget: float | None
+PAY_BY = ("shapley", "others")
+"""What a silo is paid in proportion to: its Shapley value, or its value to the other silos (a
+silo's own scores then do not move its own pay: it cannot raise it by misreporting them)."""
+
+
+def pay_basis(game: Game, body: dict[str, Any], pay_by: str) -> dict[str, float]:
+    """Each silo's payout weight before clipping at 0: its Shapley value, or its value to the other
+    beneficiaries (`value_to_others`, which needs at least two beneficiaries)."""
+    if pay_by == "shapley":
+        return dict(body["shapley"])
+    return {s: value_to_others(game, body["matrix"], s) or 0.0 for s in game.silos}
+
+
+def payouts(basis: dict[str, float], flags: dict[str, dict[str, Any]], *, budget: float | None
             ) -> tuple[dict[str, float], dict[str, float | None]]:
-    """(share, payout) per silo: share ∝ max(Shapley, 0) over the unflagged silos; payouts in cents
-    by largest remainder, summing to `budget` exactly (None without a budget)."""
-    weights = {s: 0.0 if s in flags else max(v, 0.0) for s, v in shapley.items()}
+    """(share, payout) per silo: share ∝ max(basis, 0) over the unflagged silos (`pay_basis`); payouts
+    in cents by largest remainder, summing to `budget` exactly (None without a budget)."""
+    weights = {s: 0.0 if s in flags else max(v, 0.0) for s, v in basis.items()}
     mass = sum(weights.values())
     share = {s: (w / mass if mass > 0 else 0.0) for s, w in weights.items()}
     if budget is None:
-        return share, dict.fromkeys(shapley, None)
+        return share, dict.fromkeys(basis, None)
     return share, dict(largest_remainder(weights, budget=budget))
 
 
@@ -173,4 +186,5 @@ def rank_order(values: dict[str, float]) -> Sequence[str]:
     return sorted(values, key=lambda s: (-values[s], s))
 
 
-__all__ = ["Game", "contributions", "flag_silos", "over_seeds", "payouts", "rank_order", "value_to_others"]
+__all__ = ["PAY_BY", "Game", "contributions", "flag_silos", "over_seeds", "pay_basis", "payouts", "rank_order",
+           "value_to_others"]

@@ -54,7 +54,17 @@ from fedlm.fileio import write_json
 from fedlm.pretrained import load_model
 from fedlm.resolve import resolve_config, resolve_silos
 from fedlm.train import build_model, train
-from fedlm.value.compute import Coalition, Game, contributions, flag_silos, over_seeds, payouts
+from fedlm.value.compute import (
+    PAY_BY,
+    Coalition,
+    Game,
+    contributions,
+    flag_silos,
+    over_seeds,
+    pay_basis,
+    payouts,
+    value_to_others,
+)
 
 METHODS = ("exact", "sampled", "rounds")
 PERMUTATIONS = 2000  # sampled's cap on random orders (each costs only the coalitions it meets for the first time)
@@ -272,7 +282,7 @@ def _rounds_game(run_dir: Path, silos: list[str]) -> tuple[Game, dict[str, Any]]
 def value_run(run_dir: Path, *, method: str | None = None, budget: float | None = None, rounds: int = 0,
               local_steps: int = 0, permutations: int = PERMUTATIONS, tolerance: float = TOLERANCE,
               truncation: float = 0.0, seed: int = 0, seeds: int = 1, local_models: dict[str, Path] | None = None,
-              progress: Progress | None = None) -> dict[str, Any]:
+              pay_by: str = "shapley", progress: Progress | None = None) -> dict[str, Any]:
     """Value the silos of the finished federated run `run_dir`; writes RUN/value.json and returns it.
 
     `method` None: "rounds" when the run valued itself, else "exact". `rounds`/`local_steps` > 0
@@ -280,6 +290,7 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
     until every silo's stderr is <= `tolerance` × the grand utility's gain (0: exactly
     `permutations`, otherwise the cap), each cut short within `truncation` × that gain of it.
     `local_models` gives each silo's local-only model (run dirs) instead of training them here.
+    `pay_by` "others": shares in proportion to each silo's value to the other beneficiaries, not its Shapley value.
     `seeds` > 1 (exact, sampled): every coalition, the grand one included, is retrained under train.seed, +1,
     ... (sampled: the coalitions each seed's own orders visit), and the values are the mean over those seeds,
     with the standard error of that mean as `stderr`."""
@@ -287,7 +298,12 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
     cents = check_budget(budget)
     if method is not None and method not in METHODS:
         raise UserError(f"--method {method!r}: use one of {', '.join(METHODS)}")
+    if pay_by not in PAY_BY:
+        raise UserError(f"--pay-by {pay_by!r}: use one of {', '.join(PAY_BY)}")
     cfg, silos = load_run(run_dir, method=method)
+    if pay_by == "others" and len(cfg.value.beneficiaries or silos) < 2:
+        raise UserError(f"--pay-by others needs at least 2 beneficiaries (value.beneficiaries = "
+                        f"{cfg.value.beneficiaries}): a silo's value to the others is measured on their splits")
     fed = cfg.federation
     method = method or ("rounds" if (run_dir / "value_rounds.json").exists() else "exact")
     if method != "rounds" and (rounds < 0 or local_steps < 0):
@@ -323,8 +339,11 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
     finally:
         scorer.close()
         shutil.rmtree(work, ignore_errors=True)
+    if pay_by == "others":
+        notes.append("paid by value to the other silos: each silo's share follows how much its data helped the other "
+                     "beneficiaries, by their scores; its own scores do not move its own pay")
     out = _value_json(method, game, body, flags, gained, notes, budget=cents, trained=trained,
-                      seconds=time.perf_counter() - t0)
+                      seconds=time.perf_counter() - t0, pay_by=pay_by)
     if any(math.isnan(v) for v in body["shapley"].values()):
         raise UserError(f"{run_dir}: a silo's value is not a number (a model diverged); nothing was written")
     write_json(run_dir / "value.json", out)
@@ -378,21 +397,23 @@ def _retrained(cfg: Config, run_dir: Path, work: Path, scorer: Scorer, beneficia
 
 def _value_json(method: str, game: Game, body: dict[str, Any], flags: dict[str, dict[str, Any]],
                 gained: dict[str, dict[str, float | None]], notes: list[str], *, budget: Decimal | None, trained: int,
-                seconds: float) -> dict[str, Any]:
+                seconds: float, pay_by: str = "shapley") -> dict[str, Any]:
     """RUN/value.json's body (issue 17's keys, plus the scores it was computed from)."""
-    share, pay = payouts(body["shapley"], flags, budget=float(budget) if budget is not None else None)
+    share, pay = payouts(pay_basis(game, body, pay_by), flags, budget=float(budget) if budget is not None else None)
     return {
         "method": method, "utility": UTILITY, "beneficiaries": list(game.beneficiaries),
         "eval_tokens": dict(game.tokens), "baseline_utility": body["baseline_utility"],
         "grand_utility": body["grand_utility"],
         "silos": {s: {"shapley": body["shapley"][s], "stderr": body["stderr"][s],
-                      "leave_one_out": body["leave_one_out"][s], **gained[s], "share": share[s], "payout": pay[s],
+                      "leave_one_out": body["leave_one_out"][s],
+                      "value_to_others": value_to_others(game, body["matrix"], s), **gained[s], "share": share[s],
+                      "payout": pay[s],
                       "flag": flags[s]["flag"] if s in flags else None,
                       "why": flags[s]["why"] if s in flags else None} for s in game.silos},
         "matrix": body["matrix"], "coalitions_trained": trained, "coalitions_scored": body["coalitions_scored"],
         "start_bits_per_byte": dict(game.start),
         "coalition_bits_per_byte": _scores(game),
-        "budget": float(budget) if budget is not None else None, "notes": notes,
+        "budget": float(budget) if budget is not None else None, "pay_by": pay_by, "notes": notes,
         "permutations": body.get("permutations"), "seconds": seconds,
         **_estimate(body),
         **({"seeds": body["seeds"]} if "seeds" in body else {}),
