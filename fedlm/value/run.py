@@ -301,20 +301,10 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
     if pay_by not in PAY_BY:
         raise UserError(f"--pay-by {pay_by!r}: use one of {', '.join(PAY_BY)}")
     cfg, silos = load_run(run_dir, method=method)
-    if pay_by == "others" and len(cfg.value.beneficiaries or silos) < 2:
-        raise UserError(f"--pay-by others needs at least 2 beneficiaries (value.beneficiaries = "
-                        f"{cfg.value.beneficiaries}): a silo's value to the others is measured on their splits")
     fed = cfg.federation
     method = method or ("rounds" if (run_dir / "value_rounds.json").exists() else "exact")
-    if method != "rounds" and (rounds < 0 or local_steps < 0):
-        raise UserError("--rounds and --local-steps must be >= 0 (0: the run's own)")
-    if method == "sampled" and permutations < 2:
-        raise UserError("--permutations must be >= 2 (a standard error needs two)")
-    if method == "sampled" and not (0 <= tolerance < 1 and 0 <= truncation < 1):
-        raise UserError("--tolerance and --truncation are fractions of the grand utility's gain: give 0 <= x < 1")
-    if seeds < 1 or (seeds > 1 and method == "rounds"):
-        raise UserError(f"--seeds {seeds}: give a count >= 1, and more than 1 only with --method exact or sampled "
-                        "(rounds retrains nothing: its values are of the run's one seed)")
+    _check_options(cfg, silos, method, rounds=rounds, local_steps=local_steps, permutations=permutations,
+                   tolerance=tolerance, truncation=truncation, seeds=seeds, pay_by=pay_by)
     say = progress or (lambda _: None)
     rounds, local_steps = rounds or fed.rounds, local_steps or fed.local_steps
     beneficiaries = cfg.value.beneficiaries or silos
@@ -348,6 +338,23 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
         raise UserError(f"{run_dir}: a silo's value is not a number (a model diverged); nothing was written")
     write_json(run_dir / "value.json", out)
     return out
+
+
+def _check_options(cfg: Config, silos: list[str], method: str, *, rounds: int, local_steps: int, permutations: int,
+                   tolerance: float, truncation: float, seeds: int, pay_by: str) -> None:
+    """UserError for options that do not fit `method` or the run, before anything is trained."""
+    if pay_by == "others" and len(cfg.value.beneficiaries or silos) < 2:
+        raise UserError(f"--pay-by others needs at least 2 beneficiaries (value.beneficiaries = "
+                        f"{cfg.value.beneficiaries}): a silo's value to the others is measured on their splits")
+    if method != "rounds" and (rounds < 0 or local_steps < 0):
+        raise UserError("--rounds and --local-steps must be >= 0 (0: the run's own)")
+    if method == "sampled" and permutations < 2:
+        raise UserError("--permutations must be >= 2 (a standard error needs two)")
+    if method == "sampled" and not (0 <= tolerance < 1 and 0 <= truncation < 1):
+        raise UserError("--tolerance and --truncation are fractions of the grand utility's gain: give 0 <= x < 1")
+    if seeds < 1 or (seeds > 1 and method == "rounds"):
+        raise UserError(f"--seeds {seeds}: give a count >= 1, and more than 1 only with --method exact or sampled "
+                        "(rounds retrains nothing: its values are of the run's one seed)")
 
 
 def _retrained(cfg: Config, run_dir: Path, work: Path, scorer: Scorer, beneficiaries: list[str], *, rounds: int,
