@@ -276,7 +276,7 @@ def test_duplicates_get_equal_values_and_noise_is_flagged(value_ws: Path, tmp_pa
     from fedlm.errors import UserError
     from fedlm.federation import rounds
     from fedlm.federation.runner import run_federated
-    from fedlm.value.run import exact_retrains, value_run
+    from fedlm.value.run import exact_retrains, value_run, value_table
 
     run = tmp_path / "run"
     run_federated(_cfg(value_ws, 'federation.value="rounds"', 'value.beneficiaries=["legal", "legal_copy"]'), run)
@@ -336,6 +336,7 @@ def test_duplicates_get_equal_values_and_noise_is_flagged(value_ws: Path, tmp_pa
     assert body["pay_by"] == "others" and body["silos"]["noise"]["payout"] == 0.0 and others["noise"] <= 0
     assert body["silos"]["legal"]["share"] == pytest.approx(others["legal"] / (others["legal"] + others["legal_copy"]))
     assert sum(Decimal(str(v["payout"])) for v in body["silos"].values()) == Decimal("1000")
+    assert "to others" in [c.header for c in value_table(body).columns]  # the numbers the shares follow
     with pytest.raises(UserError, match="--pay-by 'own': use one of shapley, others"):
         value_run(run, pay_by="own")
     assert not list(run.glob(".value-*")) and validated == []

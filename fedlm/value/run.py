@@ -463,14 +463,17 @@ def _size(item: tuple[Coalition, dict[str, float]]) -> tuple[int, str]:
 def value_table(body: dict[str, Any]) -> Table:
     """The contribution and gain table of a value.json body (bits/byte; higher is better)."""
     table = Table(title=f"value of each silo ({body['method']}; bits/byte gained, higher is better)")
-    for col in ("silo", "shapley", "± stderr", "leave-one-out", "gain (vs local-only)", "share", "payout", "flag"):
+    others = body.get("pay_by") == "others"  # then the shares follow the value to the others: show it
+    for col in ("silo", "shapley", "± stderr", "leave-one-out", *(["to others"] if others else []),
+                "gain (vs local-only)", "share", "payout", "flag"):
         table.add_column(col, justify="left" if col in ("silo", "flag") else "right")
 
     def f(x: float | None, spec: str = "+.4f") -> str:
         return "–" if x is None else format(x, spec)
 
     for silo, v in body["silos"].items():
-        table.add_row(silo, f(v["shapley"]), f(v["stderr"], ".4f"), f(v["leave_one_out"]), f(v["gain"]),
+        table.add_row(silo, f(v["shapley"]), f(v["stderr"], ".4f"), f(v["leave_one_out"]),
+                      *([f(v["value_to_others"])] if others else []), f(v["gain"]),
                       f(v["share"], ".1%"), f(v["payout"], ",.2f"), v["flag"] or "")
     return table
 
