@@ -273,6 +273,7 @@ def test_duplicates_get_equal_values_and_noise_is_flagged(value_ws: Path, tmp_pa
     other. Both: the random-letter silo's value to the others is <= 0 and it is flagged harmful;
     the values sum to grand - baseline; payouts sum to the budget exactly, 0 to the flagged silo.
     The retrained coalitions skip the run's own closing validation (their models are scored anyway)."""
+    from fedlm.config import load_config, save_config
     from fedlm.errors import UserError
     from fedlm.federation import rounds
     from fedlm.federation.runner import run_federated
@@ -339,6 +340,15 @@ def test_duplicates_get_equal_values_and_noise_is_flagged(value_ws: Path, tmp_pa
     assert "to others" in [c.header for c in value_table(body).columns]  # the numbers the shares follow
     with pytest.raises(UserError, match="--pay-by 'own': use one of shapley, others"):
         value_run(run, pay_by="own")
+    solo = tmp_path / "solo"  # the same run, with one beneficiary: nobody else's scores to pay by
+    shutil.copytree(run, solo)
+    (solo / "value.json").unlink()
+    cfg = load_config(solo / "config.toml")
+    save_config(dataclasses.replace(cfg, value=dataclasses.replace(cfg.value, beneficiaries=["legal"])),
+                solo / "config.toml")
+    with pytest.raises(UserError, match="--pay-by others needs at least 2 beneficiaries"):
+        value_run(solo, pay_by="others")
+    assert not (solo / "value.json").exists()
     assert not list(run.glob(".value-*")) and validated == []
     assert exact_retrains(3, reduced=False) == 6 and exact_retrains(3, reduced=True) == 7  # what progress counts
 
