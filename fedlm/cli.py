@@ -700,7 +700,7 @@ def value(
     run: Annotated[Path, typer.Argument(help="A finished federated run directory.")],
     method: Annotated[str | None, typer.Option(
         help="exact | sampled | rounds (default: rounds when the run valued itself, else exact).")] = None,
-    budget: Annotated[float | None, typer.Option(help="Split this amount by Shapley value, in cents.")] = None,
+    budget: Annotated[float | None, typer.Option(help="Split this amount among the silos, in cents (by --pay-by).")] = None,
     rounds: Annotated[int, typer.Option(help="Retrain coalitions for this many rounds (reduced budget; 0: the run's).")] = 0,
     local_steps: Annotated[int, typer.Option(
         "--steps", "--local-steps", help="Retrain coalitions with this many local steps a round (0: the run's).")] = 0,
@@ -713,12 +713,13 @@ def value(
     seeds: Annotated[int, typer.Option(
         help="exact, sampled: retrain the coalitions under this many training seeds; values are their mean ± stderr.")] = 1,
     pay_by: Annotated[str, typer.Option(
-        help="shapley | others: share the budget by Shapley value, or by each silo's value to the other silos "
-             "(its own scores then cannot raise its pay).")] = "shapley",
+        help="shapley | others: share the budget by Shapley value, or by the other silos' scores alone: each "
+             "beneficiary splits an equal part among the silos whose data helped it (no silo's reports move its own pay).")
+    ] = "shapley",
     json_: Annotated[bool, typer.Option("--json", help="Print value.json instead of the table.")] = False,
 ) -> None:
     """What each silo contributed (Shapley), gained, and is paid -> RUN/value.json."""
-    from fedlm.value.run import summary_lines, value_run, value_table
+    from fedlm.value.run import parts_table, summary_lines, value_run, value_table
 
     with status("value") as say:
         body = value_run(run, method=method, budget=budget, rounds=rounds, local_steps=local_steps,
@@ -728,6 +729,8 @@ def value(
         _out(json.dumps(body))
         return
     console.print(value_table(body))
+    if (parts := parts_table(body)) is not None:
+        console.print(parts)
     for line in summary_lines(body):
         console.print(escape(line), highlight=False, soft_wrap=True)
     _out(f"-> {run / 'value.json'}")

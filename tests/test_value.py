@@ -9,13 +9,17 @@ import json
 import math
 import random
 import shutil
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import Context, Message
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedlm.value.shapley import (
     all_coalitions,
@@ -277,7 +281,7 @@ def test_duplicates_get_equal_values_and_noise_is_flagged(value_ws: Path, tmp_pa
     from fedlm.errors import UserError
     from fedlm.federation import rounds
     from fedlm.federation.runner import run_federated
-    from fedlm.value.run import exact_retrains, value_run, value_table
+    from fedlm.value.run import exact_retrains, parts_table, value_run
 
     run = tmp_path / "run"
     run_federated(_cfg(value_ws, 'federation.value="rounds"', 'value.beneficiaries=["legal", "legal_copy"]'), run)
@@ -331,13 +335,21 @@ def test_duplicates_get_equal_values_and_noise_is_flagged(value_ws: Path, tmp_pa
     assert any("`seeds[1].sampled_estimate`" in n for n in body["notes"]) and "sampled_estimate" in body["seeds"][1]
     with pytest.raises(UserError, match="--seeds 2: .*only with --method exact or sampled"):
         value_run(run, method="rounds", seeds=2)
-    # paid by value to the other silos: shares follow value_to_others (each legal silo's is its value to the other)
+    assert parts_table(body) is None  # paid by Shapley value
+    # paid by the others: each legal silo hands half the budget to the other two silos by its own view of them
     body = value_run(run, method="rounds", budget=1000.0, pay_by="others")
-    others = {s: v["value_to_others"] for s, v in body["silos"].items()}
-    assert body["pay_by"] == "others" and body["silos"]["noise"]["payout"] == 0.0 and others["noise"] <= 0
-    assert body["silos"]["legal"]["share"] == pytest.approx(others["legal"] / (others["legal"] + others["legal_copy"]))
+    m, silos = body["matrix"], list(body["silos"])
+    hand = {j: {i: max(m[i][j], 0.0) for i in silos if i != j} for j in ("legal", "legal_copy")}
+    assert all(sum(h.values()) > 0 for h in hand.values()), m
+    expect = {i: sum(h.get(i, 0.0) / sum(h.values()) / 2 for h in hand.values()) for i in silos}
+    assert body["pay_by"] == "others" and body["silos"]["noise"]["value_to_others"] <= 0
+    assert {s: v["share"] for s, v in body["silos"].items()} == pytest.approx(expect, abs=1e-12)
+    assert body["silos"]["noise"]["share"] < min(body["silos"]["legal"]["share"], body["silos"]["legal_copy"]["share"])
     assert sum(Decimal(str(v["payout"])) for v in body["silos"].values()) == Decimal("1000")
-    assert "to others" in [c.header for c in value_table(body).columns]  # the numbers the shares follow
+    for j, h in hand.items():  # the fractions each beneficiary handed out, as value.json keeps them
+        assert body["parts"][j] == pytest.approx({i: x / sum(h.values()) for i, x in h.items()}, abs=1e-12)
+    table = parts_table(body)  # and prints them under the value table
+    assert table is not None and [c.header for c in table.columns] == ["silo", "from legal", "from legal_copy", "share"]
     with pytest.raises(UserError, match="--pay-by 'own': use one of shapley, others"):
         value_run(run, pay_by="own")
     solo = tmp_path / "solo"  # the same run, with one beneficiary: nobody else's scores to pay by
@@ -647,30 +659,76 @@ def test_a_chat_silo_scores_the_answers_of_its_held_out_conversations(tmp_path: 
     assert len(set(whole.bits_per_byte)) == 2
 
 
-def test_paying_by_value_to_others_is_not_moved_by_a_silos_own_scores() -> None:
-    """A silo that inflates its own scores of every model trained with its data (+1 bit/byte gained) raises its
-    Shapley share, but not its share when paid by value to the other silos: that share, and everyone's, is
-    the honest game's. Payouts still sum to the budget."""
-    from fedlm.value.compute import Game, contributions, flag_silos, pay_basis, payouts
+def _lying_game(effect: dict[str, dict[str, float]], lie: Callable[[frozenset[str], dict[str, float]], None] | None
+                ) -> Any:
+    """A game where silo i lowers beneficiary j's bits/byte by effect[i][j] when in the coalition; `lie` edits the
+    honest reports of each coalition in place (a silo misreporting its own scores)."""
+    from fedlm.value.compute import Game
 
-    players = ["a", "b", "c"]
+    players = sorted(effect)
+
+    def score(c: frozenset[str]) -> dict[str, float]:
+        out = {j: 4.0 - sum(effect[i][j] for i in c) for j in players}
+        if lie is not None:
+            lie(c, out)
+        return out
+    return Game(list(players), list(players), dict.fromkeys(players, 1000), dict.fromkeys(players, 4.0), score)
+
+
+def _pay(game: Any, pay_by: str) -> tuple[dict[str, float], dict[str, float | None], list[str]]:
+    from fedlm.value.compute import contributions, flag_silos, pay_weights, payouts
+
+    body = contributions(game, method="exact")
+    flags = flag_silos(game, body)
+    share, pay = payouts(pay_weights(game, body, flags, pay_by), budget=100.0)
+    assert sum(Decimal(str(x)) for x in pay.values()) == Decimal("100")  # type: ignore[arg-type]
+    return share, pay, sorted(flags)
+
+
+def test_paying_by_the_others_is_not_moved_by_a_silos_own_scores() -> None:
+    """Silo a misreports its own scores three ways. Inflating its split's gain from every model trained with its
+    data raises its Shapley share. Paid by the others, none of the lies moves its share: not reporting that the
+    others' data helped it (which, with shares in proportion to the value to the others, moved its pay from 33.34
+    to 50.00), nor blaming b for harming its split (which got b flagged and paid 0, and a paid 50.00)."""
     effect = {"a": {"a": 0.5, "b": 0.2, "c": 0.1}, "b": {"a": 0.1, "b": 0.3, "c": 0.2}, "c": {"a": 0.2, "b": 0.1, "c": 0.4}}
 
-    def game(inflate: bool) -> Game:
-        def score(c: frozenset[str]) -> dict[str, float]:
-            return {j: 4.0 - sum(effect[i][j] for i in c) - (1.0 if inflate and j == "a" and "a" in c else 0.0)
-                    for j in players}
-        return Game(list(players), list(players), dict.fromkeys(players, 1000), dict.fromkeys(players, 4.0), score)
+    def inflate(c: frozenset[str], out: dict[str, float]) -> None:
+        out["a"] -= 1.0 if "a" in c else 0.0
 
-    shares = {}
-    for inflate in (False, True):
-        g = game(inflate)
-        body = contributions(g, method="exact")
-        flags = flag_silos(g, body)
-        for pay_by in ("shapley", "others"):
-            share, pay = payouts(pay_basis(g, body, pay_by), flags, budget=100.0)
-            shares[inflate, pay_by] = share
-            assert sum(Decimal(str(x)) for x in pay.values()) == Decimal("100")  # type: ignore[arg-type]
-    assert shares[True, "shapley"]["a"] > shares[False, "shapley"]["a"] + 0.1
-    for s in players:
-        assert shares[True, "others"][s] == pytest.approx(shares[False, "others"][s], abs=1e-12)
+    def flat(c: frozenset[str], out: dict[str, float]) -> None:
+        out["a"] = 4.0 - (0.5 if "a" in c else 0.0)
+
+    def blame_b(c: frozenset[str], out: dict[str, float]) -> None:
+        out["a"] += 0.5 if "b" in c else 0.0
+
+    honest = {pay_by: _pay(_lying_game(effect, None), pay_by) for pay_by in ("shapley", "others")}
+    assert honest["others"][0] == pytest.approx(dict.fromkeys("abc", 1 / 3))  # a symmetric game: equal thirds
+    assert _pay(_lying_game(effect, inflate), "shapley")[0]["a"] > honest["shapley"][0]["a"] + 0.1
+    for lie in (inflate, flat, blame_b):
+        share, pay, flags = _pay(_lying_game(effect, lie), "others")
+        assert share["a"] == pytest.approx(honest["others"][0]["a"], abs=1e-12), lie.__name__
+        assert pay["a"] == pytest.approx(33.33, abs=0.011), lie.__name__  # the cent a remainder may move
+    share, pay, flags = _pay(_lying_game(effect, blame_b), "others")
+    assert flags == ["b"] and pay["b"] == pytest.approx(200 / 9, abs=0.01)  # flagged, and still paid by c
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-0.5, 1.0), min_size=16, max_size=16), st.sampled_from("abcd"),
+       st.lists(st.floats(0.0, 8.0), min_size=16, max_size=16))
+def test_no_report_moves_the_reporters_own_share_when_paid_by_the_others(
+        effects: list[float], liar: str, reports: list[float]) -> None:
+    """Whatever bits/byte a silo reports for each coalition's model (16 arbitrary numbers), its share paid by the
+    others is the one its honest reports would have given; the shares sum to 1."""
+    players = "abcd"
+    effect = {i: {j: effects[4 * k + m] for m, j in enumerate(players)} for k, i in enumerate(players)}
+    coalitions = sorted((frozenset(c) for n in range(5) for c in itertools.combinations(players, n)), key=sorted)
+
+    def lie(c: frozenset[str], out: dict[str, float]) -> None:
+        out[liar] = reports[coalitions.index(c)]
+
+    honest, _, _ = _pay(_lying_game(effect, None), "others")
+    lied, _, _ = _pay(_lying_game(effect, lie), "others")
+    assert lied[liar] == pytest.approx(honest[liar], abs=1e-12)
+    assert sum(lied.values()) == pytest.approx(1.0)
+
+

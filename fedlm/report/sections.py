@@ -280,6 +280,7 @@ def plan_section(d: RunData) -> str | None:
                    note + table(["quantity", "predicted", "measured", "measured / predicted"], rows))
 
 
+OTHERS_PAY = "the other silos' scores (each beneficiary splits an equal part among the silos that helped it)"
 VALUE_KEYS = ("shapley", "stderr", "leave_one_out", "value_to_others", "gain", "share", "payout")
 
 
@@ -320,7 +321,7 @@ def value_section(d: RunData) -> str | None:
     head = (f"<p>method <b>{esc(v.get('method'))}</b>; utility: {esc(v.get('utility', 'bits/byte gained'))}; "
             f"baseline {fmt(v.get('baseline_utility'))}, all silos {fmt(v.get('grand_utility'))}; "
             f"{esc(v.get('coalitions_trained', '—'))} coalitions trained; shares by "
-            f"{'value to the other silos' if v.get('pay_by') == 'others' else 'Shapley value'}.</p>")
+            f"{OTHERS_PAY if v.get('pay_by') == 'others' else 'Shapley value'}.</p>")
     return section("value", "Contributions, gains and payouts",
                    head + svg(fig, "value", "Each silo's contribution to the consortium (with its standard "
                                             "error) and what it gained by joining (drops in bits/byte).")

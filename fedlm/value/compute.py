@@ -4,7 +4,7 @@
     body = contributions(game, method="exact")                 # shapley, leave_one_out, matrix
     body = contributions(game, method="sampled", permutations=1000, seed=0, truncation=0.01, tolerance=0.01)
     flags = flag_silos(game, body, update_norms={"a": [0.4, 0.3], ...})
-    pay = payouts(pay_basis(game, body, "shapley"), flags, budget=1000.0)
+    share, pay = payouts(pay_weights(game, body, flags, "shapley"), budget=1000.0)
 
 The value of a model M to silo j is bits/byte of the starting model on j's validation split
 minus that of M (what j measures itself); the consortium's utility is their token-weighted mean
@@ -157,27 +157,46 @@ def flag_silos(game: Game, body: dict[str, Any], *, update_norms: dict[str, list
 
 
 PAY_BY = ("shapley", "others")
-"""What a silo is paid in proportion to: its Shapley value, or its value to the other silos (a
-silo's own scores then do not move its own pay: it cannot raise it by misreporting them)."""
+"""What a silo is paid by: its Shapley value, or the other beneficiaries' scores alone (`peer_parts`:
+then nothing a silo reports can move its own pay)."""
 
 
-def pay_basis(game: Game, body: dict[str, Any], pay_by: str) -> dict[str, float]:
-    """Each silo's payout weight before clipping at 0: its Shapley value, or its value to the other
-    beneficiaries (`value_to_others`, which needs at least two beneficiaries)."""
+def peer_parts(game: Game, matrix: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """{beneficiary j: {silo i: fraction}}: how j splits its equal part of the budget among the *other*
+    silos, in proportion to what each added to j's own split (max(matrix[i][j], 0); equally when none
+    added anything). A silo's share is the mean over the beneficiaries of what they hand it, so it
+    depends on the other beneficiaries' scores only: whatever i reports, about any model, its own
+    share stays the same (impartial division: de Clippel, Moulin & Tideman 2008). Shares in
+    proportion to the value to the others (`value_to_others`) are not impartial: i could shrink the
+    others' values by under-reporting how much their data helped it, and grow its share of the rest.
+    The parts are equal, not token-weighted, for the same reason: each silo reports its own token count."""
+    parts = {}
+    for j in game.beneficiaries:
+        added = {i: max(matrix[i][j], 0.0) for i in game.silos if i != j}
+        mass = sum(added.values())
+        parts[j] = {i: (a / mass if mass > 0 else 1.0 / len(added)) for i, a in added.items()}
+    return parts
+
+
+def pay_weights(game: Game, body: dict[str, Any], flags: dict[str, dict[str, Any]], pay_by: str
+                ) -> dict[str, float]:
+    """Each silo's payout weight: max(Shapley value, 0), 0 for a flagged silo; or the mean of the
+    fractions the beneficiaries hand it (`peer_parts`).
+    Paid by the others, a flagged silo keeps what the beneficiaries its data helped hand it: zeroing it
+    would hand its part to the rest, so a silo could raise its own pay by reporting another as harmful."""
     if pay_by == "shapley":
-        return dict(body["shapley"])
-    return {s: value_to_others(game, body["matrix"], s) or 0.0 for s in game.silos}
+        return {s: 0.0 if s in flags else max(v, 0.0) for s, v in body["shapley"].items()}
+    parts = peer_parts(game, body["matrix"]).values()
+    return {i: sum(p.get(i, 0.0) for p in parts) / len(parts) for i in game.silos}
 
 
-def payouts(basis: dict[str, float], flags: dict[str, dict[str, Any]], *, budget: float | None
-            ) -> tuple[dict[str, float], dict[str, float | None]]:
-    """(share, payout) per silo: share ∝ max(basis, 0) over the unflagged silos (`pay_basis`); payouts
-    in cents by largest remainder, summing to `budget` exactly (None without a budget)."""
-    weights = {s: 0.0 if s in flags else max(v, 0.0) for s, v in basis.items()}
+def payouts(weights: dict[str, float], *, budget: float | None) -> tuple[dict[str, float], dict[str, float | None]]:
+    """(share, payout) per silo: share ∝ weight (`pay_weights`); payouts in cents by largest remainder,
+    summing to `budget` exactly (None without a budget)."""
     mass = sum(weights.values())
     share = {s: (w / mass if mass > 0 else 0.0) for s, w in weights.items()}
     if budget is None:
-        return share, dict.fromkeys(basis, None)
+        return share, dict.fromkeys(weights, None)
     return share, dict(largest_remainder(weights, budget=budget))
 
 
@@ -186,5 +205,5 @@ def rank_order(values: dict[str, float]) -> Sequence[str]:
     return sorted(values, key=lambda s: (-values[s], s))
 
 
-__all__ = ["PAY_BY", "Game", "contributions", "flag_silos", "over_seeds", "pay_basis", "payouts", "rank_order",
-           "value_to_others"]
+__all__ = ["PAY_BY", "Game", "contributions", "flag_silos", "over_seeds", "pay_weights", "payouts", "peer_parts",
+           "rank_order", "value_to_others"]

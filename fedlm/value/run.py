@@ -1,7 +1,7 @@
 """`fedlm value RUN`: what each silo of a finished federated run contributed and gained -> RUN/value.json.
 
     body = value_run(Path("runs/fed"), method="exact", budget=1000.0)   # writes runs/fed/value.json
-    console.print(value_table(body))
+    console.print(value_table(body))          # and parts_table(body) when paid by the others
 
 Every model is scored where the data is: each beneficiary silo loads it and returns one
 bits-per-byte number on its own validation split (`fedlm.federation.valuation`), through the
@@ -61,8 +61,9 @@ from fedlm.value.compute import (
     contributions,
     flag_silos,
     over_seeds,
-    pay_basis,
+    pay_weights,
     payouts,
+    peer_parts,
     value_to_others,
 )
 
@@ -290,7 +291,7 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
     until every silo's stderr is <= `tolerance` × the grand utility's gain (0: exactly
     `permutations`, otherwise the cap), each cut short within `truncation` × that gain of it.
     `local_models` gives each silo's local-only model (run dirs) instead of training them here.
-    `pay_by` "others": shares in proportion to each silo's value to the other beneficiaries, not its Shapley value.
+    `pay_by` "others": shares from the other beneficiaries' scores alone (`compute.peer_parts`), not Shapley values.
     `seeds` > 1 (exact, sampled): every coalition, the grand one included, is retrained under train.seed, +1,
     ... (sampled: the coalitions each seed's own orders visit), and the values are the mean over those seeds,
     with the standard error of that mean as `stderr`."""
@@ -330,8 +331,9 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
         scorer.close()
         shutil.rmtree(work, ignore_errors=True)
     if pay_by == "others":
-        notes.append("paid by value to the other silos: each silo's share follows how much its data helped the other "
-                     "beneficiaries, by their scores; its own scores do not move its own pay")
+        notes.append("paid by the other silos: each beneficiary hands an equal part of the budget to the other silos, "
+                     "in proportion to how much each one's data helped its own split by its own scores, so nothing a "
+                     "silo reports moves its own pay; a flagged silo keeps what the beneficiaries it helped hand it")
     out = _value_json(method, game, body, flags, gained, notes, budget=cents, trained=trained,
                       seconds=time.perf_counter() - t0, pay_by=pay_by)
     if any(math.isnan(v) for v in body["shapley"].values()):
@@ -406,7 +408,7 @@ def _value_json(method: str, game: Game, body: dict[str, Any], flags: dict[str, 
                 gained: dict[str, dict[str, float | None]], notes: list[str], *, budget: Decimal | None, trained: int,
                 seconds: float, pay_by: str = "shapley") -> dict[str, Any]:
     """RUN/value.json's body (issue 17's keys, plus the scores it was computed from)."""
-    share, pay = payouts(pay_basis(game, body, pay_by), flags, budget=float(budget) if budget is not None else None)
+    share, pay = payouts(pay_weights(game, body, flags, pay_by), budget=float(budget) if budget is not None else None)
     return {
         "method": method, "utility": UTILITY, "beneficiaries": list(game.beneficiaries),
         "eval_tokens": dict(game.tokens), "baseline_utility": body["baseline_utility"],
@@ -421,6 +423,7 @@ def _value_json(method: str, game: Game, body: dict[str, Any], flags: dict[str, 
         "start_bits_per_byte": dict(game.start),
         "coalition_bits_per_byte": _scores(game),
         "budget": float(budget) if budget is not None else None, "pay_by": pay_by, "notes": notes,
+        **({"parts": peer_parts(game, body["matrix"])} if pay_by == "others" else {}),
         "permutations": body.get("permutations"), "seconds": seconds,
         **_estimate(body),
         **({"seeds": body["seeds"]} if "seeds" in body else {}),
@@ -463,18 +466,30 @@ def _size(item: tuple[Coalition, dict[str, float]]) -> tuple[int, str]:
 def value_table(body: dict[str, Any]) -> Table:
     """The contribution and gain table of a value.json body (bits/byte; higher is better)."""
     table = Table(title=f"value of each silo ({body['method']}; bits/byte gained, higher is better)")
-    others = body.get("pay_by") == "others"  # then the shares follow the value to the others: show it
-    for col in ("silo", "shapley", "± stderr", "leave-one-out", *(["to others"] if others else []),
-                "gain (vs local-only)", "share", "payout", "flag"):
+    for col in ("silo", "shapley", "± stderr", "leave-one-out", "gain (vs local-only)", "share", "payout", "flag"):
         table.add_column(col, justify="left" if col in ("silo", "flag") else "right")
 
     def f(x: float | None, spec: str = "+.4f") -> str:
         return "–" if x is None else format(x, spec)
 
     for silo, v in body["silos"].items():
-        table.add_row(silo, f(v["shapley"]), f(v["stderr"], ".4f"), f(v["leave_one_out"]),
-                      *([f(v["value_to_others"])] if others else []), f(v["gain"]),
+        table.add_row(silo, f(v["shapley"]), f(v["stderr"], ".4f"), f(v["leave_one_out"]), f(v["gain"]),
                       f(v["share"], ".1%"), f(v["payout"], ",.2f"), v["flag"] or "")
+    return table
+
+
+def parts_table(body: dict[str, Any]) -> Table | None:
+    """Paid by the others (`--pay-by others`): the fraction of its part each beneficiary hands each other
+    silo, by its own scores, and the share that makes; None otherwise."""
+    parts = body.get("parts")
+    if not parts:
+        return None
+    table = Table(title="how each beneficiary split its equal part of the budget (by its own scores)")
+    for col in ("silo", *(f"from {j}" for j in parts), "share"):
+        table.add_column(col, justify="left" if col == "silo" else "right")
+    for silo, v in body["silos"].items():
+        table.add_row(silo, *(format(p[silo], ".1%") if silo in p else "–" for p in parts.values()),
+                      format(v["share"], ".1%"))
     return table
 
 
@@ -482,10 +497,18 @@ def summary_lines(body: dict[str, Any]) -> list[str]:
     """The lines printed under the table: utilities, notes and why each flagged silo is not paid."""
     lines = [f"grand utility {body['grand_utility']:+.4f} bits/byte over the starting model "
              f"(baseline {body['baseline_utility']:+.4f}); the Shapley values sum to the difference"]
-    lines += [f"silo {s}: {v['flag']}: {v['why']}" + ("; paid 0" if body["budget"] else "")
-              for s, v in body["silos"].items() if v["flag"]]
+    lines += [f"silo {s}: {v['flag']}: {v['why']}" + _flag_pay(body, v) for s, v in body["silos"].items() if v["flag"]]
     lines += [f"note: {n}" for n in body["notes"]]
     return lines
 
 
-__all__ = ["METHODS", "summary_lines", "value_run", "value_table"]
+def _flag_pay(body: dict[str, Any], v: dict[str, Any]) -> str:
+    """What a flagged silo is paid, after its flag's reason."""
+    if not body["budget"]:
+        return ""
+    if body.get("pay_by") != "others" or not v["payout"]:
+        return "; paid 0"
+    return f"; paid {v['payout']:,.2f} by the beneficiaries its data helped (--pay-by others does not zero flags)"
+
+
+__all__ = ["METHODS", "parts_table", "summary_lines", "value_run", "value_table"]
