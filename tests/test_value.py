@@ -279,7 +279,7 @@ def test_duplicates_get_equal_values_and_noise_is_flagged(value_ws: Path, tmp_pa
     The retrained coalitions skip the run's own closing validation (their models are scored anyway)."""
     from fedlm.config import load_config, save_config
     from fedlm.errors import UserError
-    from fedlm.federation import rounds
+    from fedlm.federation import client_app, rounds
     from fedlm.federation.runner import run_federated
     from fedlm.value.run import exact_retrains, parts_table, value_run
 
@@ -350,6 +350,25 @@ def test_duplicates_get_equal_values_and_noise_is_flagged(value_ws: Path, tmp_pa
         assert body["parts"][j] == pytest.approx({i: x / sum(h.values()) for i, x in h.items()}, abs=1e-12)
     table = parts_table(body)  # and prints them under the value table
     assert table is not None and [c.header for c in table.columns] == ["silo", "from legal", "from legal_copy", "share"]
+    # a lying silo, in the real scoring path: legal_copy's ClientApp reports every model (the start model's too) at
+    # the same bits/byte over a billion tokens, "nothing helped me"; its own share stays what honest reports gave it
+    honest = value_run(run, method="exact", pay_by="others")["silos"]
+    real_reply = client_app.score_reply
+
+    def lying_reply(msg: Message, path: Path) -> Message:
+        reply = real_reply(msg, path)
+        if path.name == "legal_copy":
+            metrics = reply.content.metric_records["metrics"]
+            for key in metrics:
+                metrics[key] = 1e9 if key == "tokens" else 5.0
+        return reply
+
+    monkeypatch.setattr(client_app, "score_reply", lying_reply)
+    lied = value_run(run, method="exact", pay_by="others")
+    monkeypatch.setattr(client_app, "score_reply", real_reply)
+    assert lied["silos"]["legal_copy"]["share"] == pytest.approx(honest["legal_copy"]["share"], abs=1e-12)
+    assert lied["parts"]["legal_copy"] == {"legal": 0.5, "noise": 0.5}  # it handed its part out equally instead
+    assert lied["silos"]["legal"]["share"] != pytest.approx(honest["legal"]["share"])
     with pytest.raises(UserError, match="--pay-by 'own': use one of shapley, others"):
         value_run(run, pay_by="own")
     solo = tmp_path / "solo"  # the same run, with one beneficiary: nobody else's scores to pay by
