@@ -269,8 +269,8 @@ def test_cli_json_and_limits(tmp_path: Path) -> None:
     assert "memory" in str(res.exception)
 
 
-def test_calibration_times_one_and_three_layers_with_the_silos_together(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A 30-layer SmolLM2 LoRA plan times only models cut to 1 and 3 layers, with as many silos
+def test_calibration_times_one_and_seven_layers_with_the_silos_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 30-layer SmolLM2 LoRA plan times only models cut to 1 and 7 layers, with as many silos
     stepping at once as the round trains (threads, as the in-process engine runs them), and
     extrapolates the step linearly."""
     import fedlm.plan as plan_mod
@@ -287,7 +287,7 @@ def test_calibration_times_one_and_three_layers_with_the_silos_together(monkeypa
                              "lora.rank=8", "train.seq_len=128", "train.batch_size=4", "train.grad_accum=2",
                              "federation.local_steps=3", "train.device=cpu"])
     plan = plan_run(cfg)
-    assert sorted(timed) == [(1, 3), (3, 3)]
+    assert sorted(timed) == [(1, 3), (7, 3)]
     assert plan.seconds_per_step == pytest.approx(2 * (1.0 + 0.5 * 30))  # grad_accum micro-batches
     up, down = plan.bytes_up_per_round["a"], plan.bytes_down_per_round["a"]
     # the bytes, and the arrays (A and B of 4 targets in 30 layers) of the 3 silos and the server
