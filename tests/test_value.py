@@ -352,6 +352,7 @@ def test_duplicates_get_equal_values_and_noise_is_flagged(value_ws: Path, tmp_pa
     assert table is not None and [c.header for c in table.columns] == ["silo", "from legal", "from legal_copy", "share"]
     # a lying silo, in the real scoring path: legal_copy's ClientApp reports every model (the start model's too) at
     # the same bits/byte over a billion tokens, "nothing helped me"; its own share stays what honest reports gave it
+    shutil.rmtree(run / "checkpoint")  # as `fedlm demo --assistant` leaves its runs: finished, with no checkpoint
     honest = value_run(run, method="exact", pay_by="others")["silos"]
     real_reply = client_app.score_reply
 
@@ -459,7 +460,8 @@ def _run_dir(tmp_path: Path, ws: Path, *extra: str) -> Path:
     ("rounds_secagg", "secure aggregation"),
     ("budget_zero", "must be an amount > 0"),
     ("budget_fraction", "2 decimals"),
-    ("not_finished", "not finished"),
+    ("not_finished", "not finished (0 of 4 rounds); it has no checkpoint/ to resume from"),
+    ("not_finished_resumable", "not finished (1 of 4 rounds); finish it with `fedlm train"),
 ])
 def test_bad_input_is_one_line_and_exit_2(value_ws: Path, tmp_path: Path, case: str, expect: str) -> None:
     """Each bad input gets one line naming what and where, exit 2, and no value.json or work folder."""
@@ -488,6 +490,9 @@ def test_bad_input_is_one_line_and_exit_2(value_ws: Path, tmp_path: Path, case: 
         args["budget"] = 0.0 if case == "budget_zero" else 10.005
     else:
         run = _run_dir(tmp_path, ws)
+    if case == "not_finished_resumable":  # one round logged and checkpointed
+        (run / "checkpoint").mkdir()
+        (run / "rounds.jsonl").write_text(json.dumps({"round": 1, "completed": True}) + "\n")
     with pytest.raises(UserError) as err:
         value_run(run, **args)  # type: ignore[arg-type]
     assert expect in str(err.value) and "\n" not in str(err.value)

@@ -26,7 +26,6 @@ temporary folder inside RUN, removed at the end; value.json is written once, ato
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import shutil
 import tempfile
@@ -46,11 +45,13 @@ from fedlm.errors import UserError
 from fedlm.federation import secagg
 from fedlm.federation.client_app import app as client_app
 from fedlm.federation.grid import InProcessGrid
+from fedlm.federation.rundir import read_rounds
 from fedlm.federation.runner import run_federated
 from fedlm.federation.strategies import num_sampled
 from fedlm.federation.task import check_silo, federated_train_config, wire_names
 from fedlm.federation.valuation import State, coalition_key, read_rounds_value, score_on_silos
 from fedlm.fileio import write_json
+from fedlm.modelio import ADAPTERS, WEIGHTS
 from fedlm.pretrained import load_model
 from fedlm.resolve import resolve_config, resolve_silos
 from fedlm.train import build_model, train
@@ -115,11 +116,12 @@ def load_run(run_dir: Path, *, method: str | None = None) -> tuple[Config, list[
     if unknown:
         raise UserError(f"{path}: value.beneficiaries names {', '.join(unknown)}, not silos of the run "
                         f"({', '.join(silos)})")
-    state = run_dir / "checkpoint" / "state.json"
-    done = json.loads(state.read_text()).get("round", 0) if state.is_file() else 0
+    # the rounds log, not the checkpoint: `fedlm demo --assistant` deletes its runs' checkpoints when they finish
+    done = max((int(r.get("round", 0)) for r in read_rounds(run_dir)), default=0)
     if done < cfg.federation.rounds or not (run_dir / "model").is_dir():
-        raise UserError(f"{run_dir}: the run is not finished ({done} of {cfg.federation.rounds} rounds); "
-                        f"finish it with `fedlm train {path} --resume` first")
+        then = (f"finish it with `fedlm train {path} --resume` first" if (run_dir / "checkpoint").is_dir()
+                else "it has no checkpoint/ to resume from, so train it again")
+        raise UserError(f"{run_dir}: the run is not finished ({done} of {cfg.federation.rounds} rounds); {then}")
     return cfg, silos
 
 
@@ -168,7 +170,10 @@ def coalition_config(cfg: Config, coalition: Coalition, *, rounds: int, local_st
 
 
 def _global(run_dir: Path) -> State:
-    return dict(load_file(str(run_dir / "checkpoint" / "global.safetensors")))
+    """A finished run's global arrays as they travel: its model/ holds them (a LoRA run's adapters, else
+    every array), as its checkpoint/ did, which `fedlm demo --assistant` deletes."""
+    model = run_dir / "model"
+    return dict(load_file(str(model / ADAPTERS if (model / ADAPTERS).is_file() else model / WEIGHTS)))
 
 
 def _start(cfg: Config) -> State:
