@@ -52,7 +52,6 @@ from fedlm.federation.task import check_silo, federated_train_config, wire_names
 from fedlm.federation.valuation import State, coalition_key, read_rounds_value, score_on_silos
 from fedlm.fileio import write_json
 from fedlm.modelio import ADAPTERS, WEIGHTS
-from fedlm.pretrained import load_model
 from fedlm.resolve import resolve_config, resolve_silos
 from fedlm.train import build_model, train
 from fedlm.value.compute import (
@@ -135,10 +134,10 @@ class Scorer:
         self.grid = InProcessGrid(client_app, {i + 1: {"workspace": str(ws), "silo": s} for i, s in enumerate(silos)})
         self.sha = tokenizer_hash(ws / "tokenizer.json")
 
-    def __call__(self, models: dict[str, list[State]], *, cfg: Config | None = None) -> dict[str, list[float]]:
+    def __call__(self, models: dict[str, list[State]]) -> dict[str, list[float]]:
         threads = torch.get_num_threads()
         try:
-            got = score_on_silos(self.grid, self.node_of, models, config_text=config_to_toml(cfg or self.cfg),
+            got = score_on_silos(self.grid, self.node_of, models, config_text=config_to_toml(self.cfg),
                                  tokenizer_sha256=self.sha, max_tokens=self.cfg.value.eval_tokens,
                                  timeout=self.cfg.federation.round_timeout)
         finally:
@@ -246,15 +245,19 @@ def local_config(cfg: Config, silo: str) -> Config:
 
 def gains(cfg: Config, run_dir: Path, silos: list[str], scorer: Scorer, work: Path, progress: Progress,
           local_models: dict[str, Path] | None) -> dict[str, dict[str, float | None]]:
-    """Each silo's own bits/byte: local-only minus federated (and minus personalised), scored by itself."""
-    plain = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, rank=0))  # saved models are merged
+    """Each silo's own bits/byte: local-only minus federated (and minus personalised), scored by itself.
+    The models travel as the coalitions' do, under the run's config: a LoRA run's as adapters (a few MB;
+    merged, each SmolLM2 model is 0.5 GB, and three silos' scoring messages took 20 GB)."""
+    federated = _global(run_dir)
+    shapes = {n: t.shape for n, t in federated.items()}
 
-    def weights(path: Path) -> State:
-        model, _ = load_model(path)
-        state = model.state_dict()
-        return {n: state[n] for n in wire_names(model)}
+    def arrays(path: Path) -> State:
+        got = _global(path)
+        if {n: t.shape for n, t in got.items()} != shapes:
+            raise UserError(f"{path / 'model'}: its arrays are not those of the run's own model ({run_dir / 'model'}); "
+                            "give models trained with the run's config (the same model and LoRA settings)")
+        return got
 
-    federated = weights(run_dir)
     jobs: dict[str, list[State]] = {}
     for silo in silos:
         local = (local_models or {}).get(silo)
@@ -262,11 +265,11 @@ def gains(cfg: Config, run_dir: Path, silos: list[str], scorer: Scorer, work: Pa
             progress(f"training silo {silo} alone (local-only baseline)")
             local = work / f"local-{silo}"
             train(local_config(cfg, silo), local)
-        jobs[silo] = [weights(local), federated]
+        jobs[silo] = [arrays(local), federated]
         personal = run_dir / f"personalised-{silo}"
         if cfg.federation.personalise_steps and (personal / "model").is_dir():
-            jobs[silo].append(weights(personal))
-    scores = scorer(jobs, cfg=plain)
+            jobs[silo].append(arrays(personal))
+    scores = scorer(jobs)
     out: dict[str, dict[str, float | None]] = {}
     for silo, bpb in scores.items():
         out[silo] = {"local_only_bpb": bpb[0], "federated_bpb": bpb[1], "gain": bpb[0] - bpb[1],
