@@ -452,6 +452,45 @@ def _run_dir(tmp_path: Path, ws: Path, *extra: str) -> Path:
     return run
 
 
+def test_a_lora_run_is_valued_with_adapters_on_the_wire(value_ws: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LoRA run over a frozen base, its checkpoint deleted as `fedlm demo --assistant` leaves it: every
+    model the silos score (coalitions, local-only, federated, personalised) travels as adapters, and the
+    values sum to grand - baseline, with gains beside them."""
+    from fedlm.config import ModelConfig
+    from fedlm.data.tokenizer import load_tokenizer
+    from fedlm.federation.runner import run_federated
+    from fedlm.model import Transformer
+    from fedlm.modelio import save_model
+    from fedlm.train import personalise
+    from fedlm.value import run as value_mod
+
+    base = tmp_path / "base"
+    torch.manual_seed(3)
+    save_model(Transformer(ModelConfig(preset="tiny", max_seq_len=64,
+                                       vocab_size=load_tokenizer(value_ws / "tokenizer.json").get_vocab_size())),
+               base, tokenizer_path=value_ws / "tokenizer.json")
+    cfg = _cfg(value_ws, f"train.init_from={json.dumps(str(base))}", "lora.rank=2", "federation.rounds=2",
+               "federation.local_steps=2", "federation.personalise_steps=1", "model.preset=tiny", "model.max_seq_len=64")
+    run = tmp_path / "run"
+    run_federated(cfg, run)
+    personalise(cfg, run)
+    shutil.rmtree(run / "checkpoint")
+    sent: list[set[str]] = []
+    real = value_mod.score_on_silos
+
+    def tap(grid: Any, node_of: Any, models: dict[str, list[dict[str, torch.Tensor]]], **kw: Any) -> Any:
+        sent.extend(set(state) for states in models.values() for state in states)
+        return real(grid, node_of, models, **kw)
+
+    monkeypatch.setattr(value_mod, "score_on_silos", tap)
+    body = value_mod.value_run(run, method="exact", budget=10.0)
+    assert sent and all(names and all(".lora_" in n for n in names) for names in sent)
+    assert sum(v["shapley"] for v in body["silos"].values()) == pytest.approx(
+        body["grand_utility"] - body["baseline_utility"], abs=1e-9)
+    assert all(v["gain"] is not None and v["gain_personalised"] is not None for v in body["silos"].values())
+
+
 @pytest.mark.parametrize(("case", "expect"), [
     ("no_config", "not a run directory"),
     ("centralised", "not a federated run"),
