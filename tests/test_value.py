@@ -454,12 +454,13 @@ def _run_dir(tmp_path: Path, ws: Path, *extra: str) -> Path:
 
 def test_a_lora_run_is_valued_with_adapters_on_the_wire(value_ws: Path, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A LoRA run over a frozen base, its checkpoint deleted as `fedlm demo --assistant` leaves it: every
-    model the silos score (coalitions, local-only, federated, personalised) travels as adapters, and the
-    values sum to grand - baseline, with gains beside them."""
+    """A bf16 LoRA run over a frozen base, its checkpoint deleted as `fedlm demo --assistant` leaves it:
+    every model the silos score (coalitions, local-only, federated, personalised) travels as adapters, and
+    the values sum to grand - baseline, with gains beside them."""
     from fedlm.config import ModelConfig
     from fedlm.data.tokenizer import load_tokenizer
     from fedlm.federation.runner import run_federated
+    from fedlm.federation.valuation import SCORE_BF16
     from fedlm.model import Transformer
     from fedlm.modelio import save_model
     from fedlm.train import personalise
@@ -471,7 +472,8 @@ def test_a_lora_run_is_valued_with_adapters_on_the_wire(value_ws: Path, tmp_path
                                        vocab_size=load_tokenizer(value_ws / "tokenizer.json").get_vocab_size())),
                base, tokenizer_path=value_ws / "tokenizer.json")
     cfg = _cfg(value_ws, f"train.init_from={json.dumps(str(base))}", "lora.rank=2", "federation.rounds=2",
-               "federation.local_steps=2", "federation.personalise_steps=1", "model.preset=tiny", "model.max_seq_len=64")
+               "federation.local_steps=2", "federation.personalise_steps=1", "model.preset=tiny", "model.max_seq_len=64",
+               'train.precision="bf16"')
     run = tmp_path / "run"
     run_federated(cfg, run)
     personalise(cfg, run)
@@ -489,6 +491,7 @@ def test_a_lora_run_is_valued_with_adapters_on_the_wire(value_ws: Path, tmp_path
     assert sum(v["shapley"] for v in body["silos"].values()) == pytest.approx(
         body["grand_utility"] - body["baseline_utility"], abs=1e-9)
     assert all(v["gain"] is not None and v["gain_personalised"] is not None for v in body["silos"].values())
+    assert SCORE_BF16 in body["notes"]  # scored in the run's precision where the CPU has bf16 units, and said so
 
 
 @pytest.mark.parametrize(("case", "expect"), [

@@ -49,7 +49,13 @@ from fedlm.federation.rundir import read_rounds
 from fedlm.federation.runner import run_federated
 from fedlm.federation.strategies import num_sampled
 from fedlm.federation.task import check_silo, federated_train_config, wire_names
-from fedlm.federation.valuation import State, coalition_key, read_rounds_value, score_on_silos
+from fedlm.federation.valuation import (
+    SCORE_BF16,
+    State,
+    coalition_key,
+    read_rounds_value,
+    score_on_silos,
+)
 from fedlm.fileio import write_json
 from fedlm.modelio import ADAPTERS, WEIGHTS
 from fedlm.resolve import resolve_config, resolve_silos
@@ -338,6 +344,8 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
     finally:
         scorer.close()
         shutil.rmtree(work, ignore_errors=True)
+    if cfg.train.precision == "bf16":
+        notes.append(SCORE_BF16)
     if pay_by == "others":
         notes.append("paid by the other silos: each beneficiary hands an equal part of the budget to the other silos, "
                      "in proportion to how much each one's data helped its own split by its own scores, so nothing a "
