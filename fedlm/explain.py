@@ -36,6 +36,7 @@ import functools
 import html
 import io
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -221,7 +222,9 @@ def attributions(net: Transformer, ids: list[int], target_id: int, *, blank_id: 
     on twice the intervals (`method` "trapezoid"), which reuses every gradient already taken:
     the trapezoid rule on n intervals averaged with the midpoint rule on the same n intervals
     is the trapezoid rule on 2n. So n midpoints, then n + 1 ends, then 2n midpoints, ...,
-    until `max_steps` points. `steps` in the result counts the points the scores come from.
+    until `max_steps` points. Where even that misses, f turns too sharply for an even rule, and
+    the path is cut where f changes (`_segmented`, `method` "segmented", SEGMENTED_POINTS ×
+    `max_steps` points). `steps` in the result counts the points the scores come from.
     """
     from captum.attr import LayerIntegratedGradients  # imports matplotlib: only when explaining
 
@@ -253,6 +256,11 @@ def attributions(net: Transformer, ids: list[int], target_id: int, *, blank_id: 
         scores, method, points, n = (ends + scores) / 2, "trapezoid", 2 * n + 1, 2 * n
         while error(scores) > tolerance and 2 * n + 1 <= max_steps:
             scores, points, n = (scores + rule("riemann_middle", n)) / 2, 2 * n + 1, 2 * n
+    if error(scores) > tolerance and max_steps >= IG_SEGMENTS * 2:
+        budget = SEGMENTED_POINTS * max_steps // IG_SEGMENTS * IG_SEGMENTS
+        cut = _segmented(net, idx, base, f, points=budget, per_pass=per_pass)
+        if error(cut) < error(scores):
+            scores, method, points = cut, "segmented", budget
     return {
         "target_id": int(target_id),
         "scores": scores.tolist(),
@@ -263,6 +271,57 @@ def attributions(net: Transformer, ids: list[int], target_id: int, *, blank_id: 
         "method": method,
         "baseline_id": blank_id,
     }
+
+
+IG_SEGMENTS = 32
+"""Segments of the path when no even rule met the tolerance (`_segmented`)."""
+IG_PROBES = 1025
+"""Points where `_segmented` reads f along the path (forward passes only) to place its segments."""
+SEGMENTED_POINTS = 4
+"""`_segmented` takes this many times max_steps gradient points. On the model in its docstring, 32
+segments of 16 points missed the gap by 1.0%, of 64 points by 0.07%, of 128 (64 segments) by 0.02%."""
+
+
+def _segmented(net: Transformer, idx: Tensor, base: Tensor, f: Callable[[Tensor], Tensor], *, points: int,
+               per_pass: int) -> Tensor:
+    """Integrated gradients with the path cut into IG_SEGMENTS pieces of equal change in f, each integrated
+    by captum on points // IG_SEGMENTS midpoints; their attributions add up to the whole path's.
+
+    For when f turns too sharply for an even rule of `points`: on one quick demo's model, f rose 3.5 of
+    its 5.2 bits over 0.2% of the path, between the 513 points' spacing, and their scores missed
+    f(x) - f(baseline) by 47% (these segments: 0.07%). f is read at IG_PROBES even points (forward passes, no gradients); the
+    cuts go where its change, plus an even share of the gap, crosses each k / IG_SEGMENTS of the total."""
+    from captum.attr import IntegratedGradients
+
+    with torch.no_grad():
+        ex, eb = net.tok_emb(idx), net.tok_emb(base)
+    held: dict[str, Tensor] = {}
+    hook = net.tok_emb.register_forward_hook(lambda _m, _i, _o: held["e"])
+
+    def g(emb: Tensor) -> Tensor:  # f with the token embeddings given
+        held["e"] = emb
+        return f(idx.expand(emb.shape[0], -1))
+
+    try:
+        probes = torch.linspace(0, 1, IG_PROBES, dtype=torch.float64)
+        with torch.no_grad():
+            fs = torch.cat([g(eb + a.float()[:, None, None] * (ex - eb)) for a in probes.split(per_pass)]).double()
+        change = (fs.diff().abs() + (fs[-1] - fs[0]).abs() / (IG_PROBES - 1)).clamp(min=1e-12)
+        cum = torch.cat([torch.zeros(1, dtype=torch.float64), change.cumsum(0)]) / change.sum()
+        marks = torch.linspace(0, 1, IG_SEGMENTS + 1, dtype=torch.float64)[1:-1]
+        at = torch.searchsorted(cum, marks).clamp(1, IG_PROBES - 1)  # cum[at - 1] < mark <= cum[at]
+        frac = (marks - cum[at - 1]) / (cum[at] - cum[at - 1])
+        cuts = [0.0, *((probes[at - 1] + frac * (probes[at] - probes[at - 1])).tolist()), 1.0]
+        ig = IntegratedGradients(g)
+        total = torch.zeros(idx.shape[1], dtype=torch.float64)
+        for lo, hi in zip(cuts, cuts[1:], strict=False):
+            if hi > lo:
+                attr = ig.attribute(eb + hi * (ex - eb), baselines=eb + lo * (ex - eb), n_steps=points // IG_SEGMENTS,
+                                    method="riemann_middle", internal_batch_size=per_pass)
+                total += attr[0].sum(-1).detach().double()
+        return total
+    finally:
+        hook.remove()
 
 
 def text_bits_per_byte(net: Transformer, tok_path: Path, text: str) -> float:

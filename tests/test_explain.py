@@ -318,3 +318,37 @@ def test_cli_json_and_html_as_a_user_runs_them(dirs: dict[str, Path], text: str,
             "logit_lens"} <= set(out)
     assert {"target", "scores", "completeness_error", "f_x", "f_baseline", "steps"} <= set(out["attributions"])
     assert page.read_text().startswith("<!doctype html>")
+
+
+class _Steep(torch.nn.Module):
+    """f that turns over 0.5% of the path from baseline to text: log2 p(token 0) drops by ~8.7 bits where the
+    mean embedding's projection crosses 37% of the way (a sharper turn than 513 even points resolve)."""
+
+    def __init__(self, ids: list[int], blank: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tok_emb = torch.nn.Embedding(8, 4)
+        self.w = torch.randn(4)
+        with torch.no_grad():
+            s_x, s_b = (float(self.tok_emb(torch.tensor([x])).mean(1)[0] @ self.w)
+                        for x in (ids, ids[:1] + [blank] * (len(ids) - 1)))
+        self.mid, self.scale = s_b + 0.37 * (s_x - s_b), 400.0 / abs(s_x - s_b)
+
+    def forward(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        z = torch.tanh(self.scale * (self.tok_emb(x).mean(1) @ self.w - self.mid))
+        return torch.stack([6 * z, torch.zeros_like(z)], -1)[:, None, :]  # (B, 1, 2) logits
+
+
+def test_attributions_cut_the_path_where_f_turns_too_sharply_for_an_even_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On f that jumps over 0.5% of the path, the even rules up to 513 points miss f(x) - f(baseline) by more
+    than 1%; the result then comes from the segmented rule, complete to 0.1%."""
+    import fedlm.explain as explain_mod
+
+    ids, blank = [0, 3, 5, 6, 2, 7], 1
+    net = _Steep(ids, blank)
+    cut = attributions(net, ids, 0, blank_id=blank)
+    monkeypatch.setattr(explain_mod, "IG_SEGMENTS", 10**6)  # more segments than points: no cutting
+    even = attributions(net, ids, 0, blank_id=blank)
+    assert even["method"] == "trapezoid" and even["steps"] == 513 and even["completeness_error"] > 0.01, even
+    assert cut["method"] == "segmented" and cut["steps"] == 2048 and cut["completeness_error"] < 0.001, cut
+    assert abs(cut["f_x"] - cut["f_baseline"]) > 8
