@@ -222,9 +222,8 @@ def attributions(net: Transformer, ids: list[int], target_id: int, *, blank_id: 
     on twice the intervals (`method` "trapezoid"), which reuses every gradient already taken:
     the trapezoid rule on n intervals averaged with the midpoint rule on the same n intervals
     is the trapezoid rule on 2n. So n midpoints, then n + 1 ends, then 2n midpoints, ...,
-    until `max_steps` points. Where even that misses, f turns too sharply for an even rule, and
-    the path is cut where f changes (`_segmented`, `method` "segmented", SEGMENTED_POINTS ×
-    `max_steps` points). `steps` in the result counts the points the scores come from.
+    until `max_steps` points; where that still misses, the path is cut where f changes (`_segmented`).
+    `steps` in the result counts the points the scores come from.
     """
     from captum.attr import LayerIntegratedGradients  # imports matplotlib: only when explaining
 
@@ -257,10 +256,9 @@ def attributions(net: Transformer, ids: list[int], target_id: int, *, blank_id: 
         while error(scores) > tolerance and 2 * n + 1 <= max_steps:
             scores, points, n = (scores + rule("riemann_middle", n)) / 2, 2 * n + 1, 2 * n
     if error(scores) > tolerance and max_steps >= IG_SEGMENTS * 2:
-        budget = SEGMENTED_POINTS * max_steps // IG_SEGMENTS * IG_SEGMENTS
-        cut = _segmented(net, idx, base, f, points=budget, per_pass=per_pass)
+        cut, cut_points = _segmented(net, idx, base, f, max_steps=max_steps, per_pass=per_pass)
         if error(cut) < error(scores):
-            scores, method, points = cut, "segmented", budget
+            scores, method, points = cut, "segmented", cut_points
     return {
         "target_id": int(target_id),
         "scores": scores.tolist(),
@@ -282,10 +280,11 @@ SEGMENTED_POINTS = 4
 segments of 16 points missed the gap by 1.0%, of 64 points by 0.07%, of 128 (64 segments) by 0.02%."""
 
 
-def _segmented(net: Transformer, idx: Tensor, base: Tensor, f: Callable[[Tensor], Tensor], *, points: int,
-               per_pass: int) -> Tensor:
-    """Integrated gradients with the path cut into IG_SEGMENTS pieces of equal change in f, each integrated
-    by captum on points // IG_SEGMENTS midpoints; their attributions add up to the whole path's.
+def _segmented(net: Transformer, idx: Tensor, base: Tensor, f: Callable[[Tensor], Tensor], *, max_steps: int,
+               per_pass: int) -> tuple[Tensor, int]:
+    """(scores, points): integrated gradients with the path cut into IG_SEGMENTS pieces of equal change in f,
+    each integrated by captum on SEGMENTED_POINTS × max_steps // IG_SEGMENTS midpoints; the pieces'
+    attributions add up to the whole path's.
 
     For when f turns too sharply for an even rule of `points`: on one quick demo's model, f rose 3.5 of
     its 5.2 bits over 0.2% of the path, between the 513 points' spacing, and their scores missed
@@ -312,14 +311,14 @@ def _segmented(net: Transformer, idx: Tensor, base: Tensor, f: Callable[[Tensor]
         at = torch.searchsorted(cum, marks).clamp(1, IG_PROBES - 1)  # cum[at - 1] < mark <= cum[at]
         frac = (marks - cum[at - 1]) / (cum[at] - cum[at - 1])
         cuts = [0.0, *((probes[at - 1] + frac * (probes[at] - probes[at - 1])).tolist()), 1.0]
-        ig = IntegratedGradients(g)
+        ig, per_segment = IntegratedGradients(g), SEGMENTED_POINTS * max_steps // IG_SEGMENTS
         total = torch.zeros(idx.shape[1], dtype=torch.float64)
         for lo, hi in zip(cuts, cuts[1:], strict=False):
             if hi > lo:
-                attr = ig.attribute(eb + hi * (ex - eb), baselines=eb + lo * (ex - eb), n_steps=points // IG_SEGMENTS,
+                attr = ig.attribute(eb + hi * (ex - eb), baselines=eb + lo * (ex - eb), n_steps=per_segment,
                                     method="riemann_middle", internal_batch_size=per_pass)
                 total += attr[0].sum(-1).detach().double()
-        return total
+        return total, per_segment * IG_SEGMENTS
     finally:
         hook.remove()
 
