@@ -21,7 +21,7 @@ The result's keys:
   `target`, `target_id`, `scores` (T, one per input token, bits), `f_x`, `f_baseline`,
   `completeness_error` = |Σ scores − (f_x − f_baseline)| / |f_x − f_baseline|, `steps` (the
   path points: `IG_STEPS` midpoints, refined while that error is over 1%) and `method`
-  ("riemann_middle", or "trapezoid" once refined);
+  ("riemann_middle", or "trapezoid" once refined, or "segmented" where that missed);
 - `logit_lens`: per layer {"layer", "tokens", "ids", "probs"}, the top prediction at each
   position read through the final norm and head after that layer (the last is the output);
 - `provenance` (silo → bits/byte of TEXT) and `provenance_models` ("personalised" or
@@ -419,7 +419,7 @@ def _surprisal_html(r: dict[str, Any]) -> str:
             f"<table><tr><th>token</th><th>bits</th><th>top {TOP_K}</th></tr>{rows}</table></div></details>")
 
 
-_RULES = {"riemann_middle": "midpoint", "trapezoid": "trapezoid"}
+_RULES = {"riemann_middle": "midpoint", "trapezoid": "trapezoid", "segmented": "segmented midpoint"}
 
 
 def _attributions_html(r: dict[str, Any]) -> str:

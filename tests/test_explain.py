@@ -352,3 +352,5 @@ def test_attributions_cut_the_path_where_f_turns_too_sharply_for_an_even_rule(mo
     assert even["method"] == "trapezoid" and even["steps"] == 513 and even["completeness_error"] > 0.01, even
     assert cut["method"] == "segmented" and cut["steps"] == 2048 and cut["completeness_error"] < 0.001, cut
     assert abs(cut["f_x"] - cut["f_baseline"]) > 8
+    page = explain_mod._attributions_html({"attributions": {**cut, "target": "x"}, "tokens": [str(i) for i in ids]})
+    assert "2048 points along the path, segmented midpoint rule" in page  # the HTML page names the rule
