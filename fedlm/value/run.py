@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 from rich.table import Table
-from safetensors.torch import load_file
 
 from fedlm.config import Config, config_to_toml, load_config
 from fedlm.data.tokenizer import tokenizer_hash
@@ -57,7 +56,7 @@ from fedlm.federation.valuation import (
     score_on_silos,
 )
 from fedlm.fileio import write_json
-from fedlm.modelio import ADAPTERS, WEIGHTS
+from fedlm.modelio import ADAPTERS, WEIGHTS, read_safetensors
 from fedlm.resolve import resolve_config, resolve_silos
 from fedlm.train import build_model, train
 from fedlm.value.compute import (
@@ -178,7 +177,7 @@ def _global(run_dir: Path) -> State:
     """A finished run's global arrays as they travel: its model/ holds them (a LoRA run's adapters, else
     every array), as its checkpoint/ did, which `fedlm demo --assistant` deletes."""
     model = run_dir / "model"
-    return dict(load_file(str(model / ADAPTERS if (model / ADAPTERS).is_file() else model / WEIGHTS)))
+    return read_safetensors(model / ADAPTERS if (model / ADAPTERS).is_file() else model / WEIGHTS)
 
 
 def _start(cfg: Config) -> State:
