@@ -37,8 +37,10 @@ chromium:
 		{ apt-get update -qq && apt-get install -y -qq chromium; } || \
 		{ echo "install chromium (Debian/Ubuntu: sudo apt-get install chromium); tests/test_report.py skips without it" >&2; }
 
+# The main path: a pretrained chat model (SmolLM2) tuned with federated LoRA on the six silos' QA.
+# `fedlm demo` (no --assistant) is the from-scratch one.
 demo: setup
-	$(VENV)/bin/fedlm demo $(ARGS)
+	$(VENV)/bin/fedlm demo --assistant $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check fedlm tests bench

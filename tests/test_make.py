@@ -36,6 +36,8 @@ def test_readme_make_commands_are_makefile_targets() -> None:
     for line in lines:
         r = _make("-n", *line.split()[1:])
         assert r.returncode == 0, (line, r.stderr)
+    demo = _make("-n", "demo").stdout
+    assert "fedlm demo --assistant" in demo, demo  # the main path: a pretrained chat model, tuned together
     check = _make("-n", "check").stdout
     assert "ruff check" in check and "mypy fedlm" in check and '-m "not slow" tests' in check, check
     full = _make("-n", "test").stdout
