@@ -84,9 +84,9 @@ def _timed_run(ws: Path, out: Path, seed: int, value: str, size: list[str] = MET
 
 def _local_models(ws: Path, out: Path, seed: int, size: list[str] = METHOD_SIZE) -> dict[str, Path]:
     """Each silo's local-only model at the run's per-silo budget (what `fedlm value` trains for gains)."""
+    from fedlm.federation.valuation import local_config
     from fedlm.resolve import resolve_config, resolve_silos
     from fedlm.train import train
-    from fedlm.value.run import local_config
 
     cfg = resolve_config(_config(ws, seed, "none", size))
     runs = {}

@@ -717,14 +717,28 @@ def value(
              "beneficiary splits an equal part among the silos whose data helped it (no silo's reports move its own pay).")
     ] = "shapley",
     json_: Annotated[bool, typer.Option("--json", help="Print value.json instead of the table.")] = False,
+    superlink: Annotated[str | None, typer.Option(
+        help="127.0.0.1:PORT of `fedlm superlink --control-port PORT`: retrain and score on the silos' SuperNodes "
+             "(a run trained across machines; run it on the coordinator).")] = None,
+    root_certificates: Annotated[Path | None, typer.Option(help="CA certificate of --superlink's TLS.")] = None,
+    insecure: Annotated[bool, typer.Option(help="Talk to --superlink without TLS (tests on loopback).")] = False,
 ) -> None:
     """What each silo contributed (Shapley), gained, and is paid -> RUN/value.json."""
     from fedlm.value.run import parts_table, summary_lines, value_run, value_table
 
+    if (root_certificates or insecure) and not superlink:
+        raise UserError("--root-certificates/--insecure need --superlink HOST:PORT (without it the silos' data "
+                        "must be on this machine)")
+    options = {"method": method, "budget": budget, "rounds": rounds, "local_steps": local_steps,
+               "permutations": permutations, "tolerance": tolerance, "truncation": truncation, "seeds": seeds,
+               "pay_by": pay_by}
     with status("value") as say:
-        body = value_run(run, method=method, budget=budget, rounds=rounds, local_steps=local_steps,
-                         permutations=permutations, tolerance=tolerance, truncation=truncation, seeds=seeds,
-                         pay_by=pay_by, progress=say)
+        if superlink:
+            from fedlm.value.deployed import value_on_flower
+            body = value_on_flower(run, options, superlink=superlink, root_certificates=root_certificates,
+                                   insecure=insecure, progress=say)
+        else:
+            body = value_run(run, **options, progress=say)  # type: ignore[arg-type]
     if json_:
         _out(json.dumps(body))
         return

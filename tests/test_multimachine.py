@@ -10,6 +10,7 @@ The fast tests check the counts pair against the one-machine tokenizer and the b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from fedlm.corpus import extract
 from fedlm.data.tokenizer import tokenizer_hash
 from fedlm.federation.deploy import free_port
 from fedlm.federation.runner import FLOWER_ENV, run_federated
+from fedlm.value.run import value_run
 from tests.test_federation import make_ws
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -471,8 +473,8 @@ def test_readme_run_across_machines(tmp_path: Path, capfd: pytest.CaptureFixture
     blocks = readme_blocks()
     sh = [body for lang, body in blocks if lang == "sh"]
     toml = [body for lang, body in blocks if lang == "toml"]
-    assert len(sh) == 6 and len(toml) == 1, [b[:40] for _, b in blocks]
-    certs, counts, link, node, train, evaluate = sh
+    assert len(sh) == 7 and len(toml) == 1, [b[:40] for _, b in blocks]
+    certs, counts, link, node, train, evaluate, value = sh
     assert sh[0].startswith("# on the coordinator") and "openssl" in certs
     machines = Machines(tmp_path / "m", free_port(), free_port(), _texts(tmp_path))
     coord = machines.dir("coordinator")
@@ -542,6 +544,15 @@ def test_readme_run_across_machines(tmp_path: Path, capfd: pytest.CaptureFixture
         for out in on_silos(evaluate):
             result = json.loads(out.strip().splitlines()[-1])
             assert result["tokens"] > 0 and math.isfinite(result["bits_per_byte"])
+
+        # valued on the silos' machines: the coordinator holds no silo's data, and in process it says so
+        with contextlib.chdir(coord):
+            r = fedlm_here(capfd, "value", "runs/fed", "--budget", "100")
+        _one_line_error(r, "not found in", "--superlink HOST:PORT")
+        machines.run_block(value, "coordinator")
+        valued = json.loads((run / "value.json").read_text())
+        assert valued["coalitions_trained"] == 2 and not list(run.glob(".value*"))
+        assert not (coord / "ws/silos").exists()  # nothing of a silo's came to the coordinator to value it
     finally:
         machines.stop_all()
 
@@ -556,3 +567,9 @@ def test_readme_run_across_machines(tmp_path: Path, capfd: pytest.CaptureFixture
     a = load_file(str(tmp_path / "inprocess/checkpoint/global.safetensors"))
     b = load_file(str(run / "checkpoint/global.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # ...and valued in process on those shards: the same values, gains and payouts as on the silos' machines
+    pooled_value = value_run(tmp_path / "inprocess", budget=100)
+    for silo in SILOS:
+        for key in ("shapley", "leave_one_out", "gain", "local_only_bpb", "federated_bpb"):
+            assert pooled_value["silos"][silo][key] == pytest.approx(valued["silos"][silo][key], rel=1e-5, abs=1e-7)
+        assert pooled_value["silos"][silo]["payout"] == valued["silos"][silo]["payout"]

@@ -464,30 +464,41 @@ def stop_run(superlink: str, run_id: int, *, flwr_home: Path) -> None:
 
 def follow_run(run_dir: Path, *, timeout: float, on_round: RoundCallback | None = None,
                procs: Sequence[subprocess.Popen[bytes]] = (), rounds: int = 0) -> dict[str, Any]:
-    """Wait (bounded) for the ServerApp's summary.json or error.json; replay new rounds to `on_round`.
+    """Wait (bounded) for the ServerApp's summary.json or error.json; replay new rounds to `on_round`."""
+    def row(r: dict[str, Any]) -> None:
+        if on_round is not None:
+            on_round(int(r["round"]), rounds, r)
+
+    return follow(run_dir, timeout=timeout, log="rounds.jsonl", on_row=row, done="summary.json", error="error.json",
+                  procs=procs, what=lambda seen: f"the ServerApp of this run ended without a summary after {seen} "
+                                                 f"rounds (crashed or stopped); see the logs beside {run_dir}, then --resume")
+
+
+def follow(run_dir: Path, *, timeout: float, log: str, on_row: Callable[[dict[str, Any]], None], done: str,
+           error: str, procs: Sequence[subprocess.Popen[bytes]] = (), what: Callable[[int], str]) -> dict[str, Any]:
+    """Wait (bounded) for a ServerApp job's RUN/`done` (returned) or RUN/`error` (its one line raised as
+    UserError); replay the new lines of RUN/`log` to `on_row` meanwhile.
 
     The ServerApp holds the run folder's lock (`fedlm.runlock`) while it runs; when it lets go
     with neither file written, it died (a crash, the kernel's OOM killer, Flower ending the run),
-    and waiting on would only end at `timeout`."""
+    and waiting on would only end at `timeout`: UserError `what(lines seen)`."""
     deadline = time.monotonic() + timeout
     seen = 0
-    rounds_path = run_dir / "rounds.jsonl"
+    log_path = run_dir / log
     held, gone = False, None  # the ServerApp took the lock; when it was seen let go
     while True:
-        if rounds_path.exists():
-            lines = rounds_path.read_text().splitlines()
-            for line in lines[seen:]:
+        if log_path.exists():
+            for line in log_path.read_text().splitlines()[seen:]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     break  # a line being written: read it next time
                 seen += 1
-                if on_round is not None:
-                    on_round(int(row["round"]), rounds, row)
-        if (run_dir / "error.json").exists():
-            raise UserError(json.loads((run_dir / "error.json").read_text())["error"])
-        if (run_dir / "summary.json").exists():
-            return dict(json.loads((run_dir / "summary.json").read_text()))
+                on_row(row)
+        if (run_dir / error).exists():
+            raise UserError(json.loads((run_dir / error).read_text())["error"])
+        if (run_dir / done).exists():
+            return dict(json.loads((run_dir / done).read_text()))
         for p in procs:
             if p.poll() is not None:
                 raise UserError(f"a Flower process ({_name(p)}) exited with code {p.returncode} mid-run")
@@ -495,11 +506,10 @@ def follow_run(run_dir: Path, *, timeout: float, on_round: RoundCallback | None 
             held, gone = True, None
         elif held:
             gone = gone or time.monotonic()
-            if time.monotonic() - gone > SERVERAPP_GRACE_S:  # error.json is written after the lock is let go
-                raise UserError(f"the ServerApp of this run ended without a summary after {seen} rounds "
-                                f"(crashed or stopped); see the logs beside {run_dir}, then --resume")
+            if time.monotonic() - gone > SERVERAPP_GRACE_S:  # the error file is written after the lock is let go
+                raise UserError(what(seen))
         if time.monotonic() > deadline:
-            raise UserError(f"the federated run did not finish within {timeout:.0f} s; see the logs beside {run_dir}")
+            raise UserError(f"the ServerApp did not finish within {timeout:.0f} s; see the logs beside {run_dir}")
         time.sleep(0.5)
 
 

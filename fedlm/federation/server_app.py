@@ -8,18 +8,22 @@ written by `run_federated`; the ServerApp writes rounds.jsonl, checkpoint/, mode
 summary.json there, or error.json with the one-line message when the run fails on bad
 input (a silo with no shards, a tokenizer mismatch, too few SuperNodes), so the process
 that submitted the run can report it.
+
+`serve(job)` makes a ServerApp of the same frame around another job on a run directory, over
+the same silos: valuation's (`fedlm.value.app`) retrains and scores a finished run there.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedlm.config import load_config
+from fedlm.config import Config, load_config
 from fedlm.errors import UserError
 from fedlm.federation.polls import shorten_object_pull_retries
 from fedlm.federation.replies import deployed
@@ -28,25 +32,39 @@ from fedlm.fileio import write_json
 from fedlm.privacy.randomness import refuse_across_organisations
 from fedlm.runlock import exit_with_parent, hold
 
-app = ServerApp()
+Job = Callable[[Grid, Config, Path, Context], None]
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
+def serve(job: Job, *, error_file: str = "error.json") -> ServerApp:
+    """A ServerApp that runs `job(grid, config, run_dir, context)` on the run directory its run config
+    names (`run-dir`, holding config.toml), over the deployment engine's grid, holding the run
+    folder's lock; on bad input it writes the one-line message to RUN/`error_file` for the submitter."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        logging.basicConfig(level=logging.INFO)
+        shorten_object_pull_retries()  # replies are handed out before their objects have all arrived
+        torch.set_num_threads(1)  # as in process: the server's arithmetic is the same bit for bit
+        run_dir = Path(str(context.run_config["run-dir"]))
+        # the coordinator's record of the run (nodes given no work, dropped silos) beside its rounds
+        logging.getLogger("fedlm").addHandler(logging.FileHandler(run_dir / "server.log"))
+        try:
+            cfg = load_config(run_dir / "config.toml")
+            refuse_across_organisations(cfg.privacy.insecure_reproducible_noise, where="the deployed Flower engine")
+            exit_with_parent()  # the lock must not outlive the SuperLink that runs this
+            with hold(run_dir, engine="flower", run_id=context.run_id):
+                job(deployed(grid), cfg, run_dir, context)
+        except UserError as e:
+            write_json(run_dir / error_file, {"error": str(e)})
+            raise
+
+    return app
+
+
+def _rounds(grid: Grid, cfg: Config, run_dir: Path, context: Context) -> None:
     """Run the federated rounds the run directory's config.toml describes."""
-    logging.basicConfig(level=logging.INFO)
-    shorten_object_pull_retries()  # replies are handed out before their objects have all arrived
-    torch.set_num_threads(1)  # as in process: the server's arithmetic is the same bit for bit
-    run_dir = Path(str(context.run_config["run-dir"]))
-    # the coordinator's record of the run (nodes given no work, dropped silos) beside its rounds
-    logging.getLogger("fedlm").addHandler(logging.FileHandler(run_dir / "server.log"))
-    resume = bool(context.run_config.get("resume", False))
-    try:
-        cfg = load_config(run_dir / "config.toml")
-        refuse_across_organisations(cfg.privacy.insecure_reproducible_noise, where="the deployed Flower engine")
-        exit_with_parent()  # the lock must not outlive the SuperLink that runs this
-        with hold(run_dir, engine="flower", run_id=context.run_id):
-            run_rounds(deployed(grid), cfg, run_dir, resume=resume)
-    except UserError as e:
-        write_json(run_dir / "error.json", {"error": str(e)})
-        raise
+    run_rounds(grid, cfg, run_dir, resume=bool(context.run_config.get("resume", False)))
+
+
+app = serve(_rounds)

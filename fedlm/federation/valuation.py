@@ -11,7 +11,9 @@ Scoring (message `evaluate.value`): the server sends models in wire names; the s
 into the run's model, scores it on the start of its own validation split (never trained on; on
 a chat silo, the answers of its held-out conversations) and replies with one bits-per-byte
 number per model and how many tokens it scored. No text,
-no token ids, no per-token losses leave the silo.
+no token ids, no per-token losses leave the silo. Asked for its local-only baseline (the gain of
+joining), the silo first trains the run's config on its own data alone (`local_config`) and
+scores that model too: the model never leaves it, only its number does.
 
 In-run valuation (`CoalitionModels`): the server keeps every coalition's model, stepped each
 round on that round's updates of its members; the empty coalition's model is the global model
@@ -29,6 +31,8 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -55,7 +59,8 @@ from fedlm.federation.strategies import ServerAdamW, ServerOptimizer, make_serve
 from fedlm.federation.task import check_silo, expand_state, federated_train_config
 from fedlm.fileio import write_json
 from fedlm.model import Transformer
-from fedlm.train import build_model
+from fedlm.modelio import ADAPTERS, WEIGHTS, read_safetensors
+from fedlm.train import build_model, train
 
 if TYPE_CHECKING:
     from fedlm.federation.exchanges import RoundResult
@@ -140,19 +145,46 @@ def _split(path: Path, config_text: str, sha: str, max_tokens: int) -> _Split:
     return got
 
 
+def local_config(cfg: Config, silo: str) -> Config:
+    """Silo `silo` alone with the run's per-silo budget: the federated schedule's steps, its batch."""
+    tc = federated_train_config(cfg)
+    tc = dataclasses.replace(tc, mode="centralised", checkpoint_every=tc.steps, log_every=max(1, tc.steps // 10))
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, silos=[silo]), train=tc,
+                               federation=dataclasses.replace(cfg.federation, value="none"))
+
+
+def _local_arrays(path: Path, config_text: str) -> State:
+    """Train silo `path`'s local-only model here, on its own shards (the run's config, this workspace),
+    and return its arrays as they travel; the run folder is removed after."""
+    cfg = parse_config(config_text)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, workspace=str(path.parent.parent)))
+    out = Path(tempfile.mkdtemp(prefix=f"fedlm-local-{path.name}-"))
+    try:
+        train(local_config(cfg, path.name), out / "run")
+        model = out / "run" / "model"
+        return read_safetensors(model / ADAPTERS if (model / ADAPTERS).is_file() else model / WEIGHTS)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def score_reply(msg: Message, path: Path) -> Message:
     """Score the models of an `evaluate.value` message on silo `path`'s validation split (as
-    `evaluate_silo` does, with the split and tokenizer read once, not once per model)."""
+    `evaluate_silo` does, with the split and tokenizer read once, not once per model); asked for
+    ("local-baseline"), its local-only model first, trained here (metric "bpb-local")."""
     record = msg.content.config_records["config"]
-    split = _split(path, str(record["fedlm-config"]), str(record["tokenizer-sha256"]),
-                   int(record["max-tokens"]))  # type: ignore[arg-type]
+    text = str(record["fedlm-config"])
+    models: list[State] = [dict(msg.content.array_records[f"model-{i}"].to_torch_state_dict())
+                           for i in range(int(record["models"]))]  # type: ignore[arg-type]
+    names = [f"bpb-{i}" for i in range(len(models))]
+    if int(record.get("local-baseline", 0)):  # type: ignore[arg-type]
+        models, names = [_local_arrays(path, text), *models], ["bpb-local", *names]
+    split = _split(path, text, str(record["tokenizer-sha256"]), int(record["max-tokens"]))  # type: ignore[arg-type]
     torch.set_num_threads(1)
     metrics: dict[str, float] = {}
     tokens = 0
-    for i in range(int(record["models"])):  # type: ignore[arg-type]
-        arrays = msg.content.array_records[f"model-{i}"].to_torch_state_dict()
+    for name, arrays in zip(names, models, strict=True):
         split.model.load_state_dict(expand_state(split.model, arrays))
-        metrics[f"bpb-{i}"], tokens = split.score()
+        metrics[name], tokens = split.score()
     metrics["tokens"] = float(tokens)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)  # type: ignore[arg-type]
 
@@ -161,48 +193,55 @@ def score_reply(msg: Message, path: Path) -> Message:
 # scoring: the server side
 
 
-def _request(node: int, models: list[ArrayRecord], *, config_text: str, tokenizer_sha256: str, max_tokens: int
-             ) -> Message:
+def _request(node: int, models: list[ArrayRecord], *, config_text: str, tokenizer_sha256: str, max_tokens: int,
+             local_baseline: bool = False) -> Message:
     content = RecordDict({"config": ConfigRecord({"fedlm-config": config_text, "tokenizer-sha256": tokenizer_sha256,
-                                                  "max-tokens": max_tokens, "models": len(models)})})
+                                                  "max-tokens": max_tokens, "models": len(models),
+                                                  "local-baseline": int(local_baseline)})})
     for i, record in enumerate(models):
         content[f"model-{i}"] = record
     return Message(content, node, "evaluate.value", group_id="value")
 
 
-def _read(reply: Message, count: int, silo: str) -> tuple[list[float], int]:
+def _read(reply: Message, count: int, silo: str, *, local_baseline: bool = False) -> tuple[list[float], int]:
+    """A silo's scores: one per model sent, after its local-only model's when asked for."""
     if reply.has_error():
         raise UserError(f"silo {silo!r} could not score the valuation's models: {error_reason(reply)}")
     m = reply.content.metric_records.get("metrics")
-    keys = {f"bpb-{i}" for i in range(count)} | {"tokens"}
-    if m is None or set(m.keys()) != keys:
+    names = [*(["bpb-local"] if local_baseline else []), *(f"bpb-{i}" for i in range(count))]
+    if m is None or set(m.keys()) != {*names, "tokens"}:
         raise UserError(f"silo {silo!r} sent a malformed valuation reply")
-    values = [float(m[f"bpb-{i}"]) for i in range(count)]  # type: ignore[arg-type]
+    values = [float(m[name]) for name in names]  # type: ignore[arg-type]
     if not all(math.isfinite(v) and v >= 0 for v in values):
         raise UserError(f"silo {silo!r} sent a bits-per-byte that is not a finite number >= 0")
     return values, int(m["tokens"])  # type: ignore[arg-type]
 
 
 def score_on_silos(grid: Grid, node_of: Mapping[str, int], models: Mapping[str, list[State]], *,
-                   config_text: str, tokenizer_sha256: str, max_tokens: int, timeout: float) -> dict[str, Scores]:
+                   config_text: str, tokenizer_sha256: str, max_tokens: int, timeout: float,
+                   local_baseline: bool = False) -> dict[str, Scores]:
     """Each silo of `models` scores its list of models on its own validation split (all silos at
-    once, CHUNK models per message); UserError naming a silo that fails or does not answer."""
+    once, CHUNK models per message); UserError naming a silo that fails or does not answer.
+    `local_baseline`: each silo first trains and scores its local-only model, whose score comes
+    first in its list (give `timeout` room for that training)."""
     out = {silo: Scores([], 0) for silo in models}
     longest = max((len(m) for m in models.values()), default=0)
     for start in range(0, longest, CHUNK):
         batch = {s: m[start:start + CHUNK] for s, m in models.items() if m[start:start + CHUNK]}
+        local = local_baseline and start == 0
         records: dict[int, ArrayRecord] = {}  # one record per model: the silos' messages share it (hashed once)
         for state in (st for ms in batch.values() for st in ms):
             if id(state) not in records:
                 records[id(state)] = ArrayRecord({k: v.contiguous() for k, v in state.items()})
         msgs = {s: _request(node_of[s], [records[id(st)] for st in ms], config_text=config_text,
-                            tokenizer_sha256=tokenizer_sha256, max_tokens=max_tokens) for s, ms in batch.items()}
+                            tokenizer_sha256=tokenizer_sha256, max_tokens=max_tokens, local_baseline=local)
+                for s, ms in batch.items()}
         replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(list(msgs.values()), timeout=timeout)}
         for silo, ms in batch.items():
             reply = replies.get(node_of[silo])
             if reply is None:
                 raise UserError(f"silo {silo!r} did not score the valuation's models within {timeout:g} s")
-            values, out[silo].tokens = _read(reply, len(ms), silo)
+            values, out[silo].tokens = _read(reply, len(ms), silo, local_baseline=local)
             out[silo].bits_per_byte += values
     return out
 

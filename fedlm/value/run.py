@@ -16,11 +16,14 @@ same ClientApp as the run. The methods:
 - rounds: the coalition models the run rebuilt from its per-round updates (federation.value =
   "rounds"), no retraining.
 
-Retrained coalitions run on this machine, in process, under the run's secure aggregation and DP
-settings (secure aggregation needs 3 silos a round: smaller coalitions run without it, and the
-output says so). Gain: each silo's own bits/byte with its local-only model (the run's per-silo
-budget, trained alone) minus with the federated (and personalised) model. Work goes to a
-temporary folder inside RUN, removed at the end; value.json is written once, atomically.
+Retrained coalitions run under the run's secure aggregation and DP settings (secure aggregation
+needs 3 silos a round: smaller coalitions run without it, and the output says so): in process
+when the silos' data is on this machine, or, with `grid` (`fedlm value --superlink`: the
+ServerApp of a Flower run, `fedlm.federation.server_app`), on the silos' own SuperNodes, as the
+run itself trained. Gain: each silo's own bits/byte with its local-only model (the run's
+per-silo budget, trained by the silo alone, which keeps it) minus with the federated (and
+personalised) model. Work goes to a temporary folder inside RUN, removed at the end;
+value.json is written once, atomically.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import time
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from rich.table import Table
@@ -44,10 +47,11 @@ from fedlm.errors import UserError
 from fedlm.federation import secagg
 from fedlm.federation.client_app import app as client_app
 from fedlm.federation.grid import InProcessGrid
-from fedlm.federation.rundir import read_rounds
+from fedlm.federation.rounds import connect_silos, run_rounds
+from fedlm.federation.rundir import prepare_run_dir, read_rounds
 from fedlm.federation.runner import run_federated
 from fedlm.federation.strategies import num_sampled
-from fedlm.federation.task import check_silo, federated_train_config, wire_names
+from fedlm.federation.task import check_silo, wire_names
 from fedlm.federation.valuation import (
     SCORE_BF16,
     State,
@@ -58,7 +62,7 @@ from fedlm.federation.valuation import (
 from fedlm.fileio import write_json
 from fedlm.modelio import ADAPTERS, WEIGHTS, read_safetensors
 from fedlm.resolve import resolve_config, resolve_silos
-from fedlm.train import build_model, train
+from fedlm.train import build_model
 from fedlm.value.compute import (
     PAY_BY,
     Coalition,
@@ -71,6 +75,9 @@ from fedlm.value.compute import (
     peer_parts,
     value_to_others,
 )
+
+if TYPE_CHECKING:
+    from flwr.serverapp import Grid
 
 METHODS = ("exact", "sampled", "rounds")
 PERMUTATIONS = 2000  # sampled's cap on random orders (each costs only the coalitions it meets for the first time)
@@ -95,8 +102,9 @@ def check_budget(budget: float | None) -> Decimal | None:
     return cents
 
 
-def load_run(run_dir: Path, *, method: str | None = None) -> tuple[Config, list[str]]:
-    """The finished federated run's resolved config and silos, or UserError saying what RUN is instead."""
+def load_run(run_dir: Path, *, method: str | None = None, local: bool = True) -> tuple[Config, list[str]]:
+    """The finished federated run's resolved config and silos, or UserError saying what RUN is instead.
+    `local`: the silos' shards are on this machine (else they are the SuperNodes' of `--superlink`)."""
     path = run_dir / "config.toml"
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
@@ -110,12 +118,17 @@ def load_run(run_dir: Path, *, method: str | None = None) -> tuple[Config, list[
         raise UserError(f"{run_dir}: --method rounds needs each silo's update, which the run's secure aggregation "
                         "hid; use --method exact or sampled (they retrain under the same secure aggregation)")
     cfg = resolve_config(cfg)
-    silos = resolve_silos(Path(cfg.data.workspace), cfg.data.silos)
+    ws = Path(cfg.data.workspace)
+    try:
+        silos = resolve_silos(ws, cfg.data.silos, local=local)
+    except UserError as e:
+        raise UserError(f"{e}; the run's silos are not on this machine? value it on their SuperNodes, as it "
+                        "trained: `fedlm value RUN --superlink HOST:PORT --root-certificates CA`") from None
     if len(silos) < 2:
         raise UserError(f"{path}: the run has {len(silos)} silo; values need at least 2 silos")
-    sha = tokenizer_hash(Path(cfg.data.workspace) / "tokenizer.json")
-    for silo in silos:  # the shards every method scores on (and retrains on)
-        check_silo(Path(cfg.data.workspace) / "silos" / silo, tokenizer_sha256=sha)
+    sha = tokenizer_hash(ws / "tokenizer.json")
+    for silo in silos if local else ():  # the shards every method scores on (and retrains on)
+        check_silo(ws / "silos" / silo, tokenizer_sha256=sha)
     unknown = [b for b in cfg.value.beneficiaries if b not in silos]
     if unknown:
         raise UserError(f"{path}: value.beneficiaries names {', '.join(unknown)}, not silos of the run "
@@ -130,33 +143,53 @@ def load_run(run_dir: Path, *, method: str | None = None) -> tuple[Config, list[
 
 
 class Scorer:
-    """Sends models to the silos (one in-process node each, the run's ClientApp) for scoring."""
+    """The run's silos as valuation reaches them: it sends them models to score and coalitions to train.
+    In process (one node each, the run's ClientApp) when `grid` is None; else over `grid`, the
+    deployment engine's, to the silos' own SuperNodes."""
 
-    def __init__(self, cfg: Config, silos: list[str]) -> None:
-        self.cfg, self.silos = cfg, silos
+    def __init__(self, cfg: Config, silos: list[str], grid: Grid | None = None) -> None:
+        self.cfg, self.silos, self.deployed = cfg, silos, grid is not None
         ws = Path(cfg.data.workspace)
-        self.node_of = {s: i + 1 for i, s in enumerate(silos)}
-        self.grid = InProcessGrid(client_app, {i + 1: {"workspace": str(ws), "silo": s} for i, s in enumerate(silos)})
         self.sha = tokenizer_hash(ws / "tokenizer.json")
+        if grid is None:
+            self.node_of = {s: i + 1 for i, s in enumerate(silos)}
+            grid = InProcessGrid(client_app, {i + 1: {"workspace": str(ws), "silo": s} for i, s in enumerate(silos)})
+        else:
+            self.node_of = connect_silos(grid, silos, tokenizer_sha256=self.sha, timeout=cfg.federation.round_timeout)
+        self.grid = grid
 
-    def __call__(self, models: dict[str, list[State]]) -> dict[str, list[float]]:
+    def __call__(self, models: dict[str, list[State]], *, local_baseline: bool = False) -> dict[str, list[float]]:
+        """Each silo's bits/byte of its models (`local_baseline`: its local-only model's first, trained
+        there: given the run's rounds' worth of time)."""
+        fed = self.cfg.federation
         threads = torch.get_num_threads()
         try:
             got = score_on_silos(self.grid, self.node_of, models, config_text=config_to_toml(self.cfg),
                                  tokenizer_sha256=self.sha, max_tokens=self.cfg.value.eval_tokens,
-                                 timeout=self.cfg.federation.round_timeout)
+                                 timeout=fed.round_timeout * (fed.rounds + 1 if local_baseline else 1),
+                                 local_baseline=local_baseline)
         finally:
             torch.set_num_threads(threads)
         self.tokens = {s: sc.tokens for s, sc in got.items()}
         return {s: sc.bits_per_byte for s, sc in got.items()}
 
+    def retrain(self, cfg: Config, out: Path) -> None:
+        """Train `cfg` (a coalition's run) into `out` on the silos it names."""
+        if not self.deployed:
+            run_federated(cfg, out, validate=False)
+            return
+        prepare_run_dir(cfg, out, resume=False)
+        run_rounds(self.grid, cfg, out, validate=False)
+
     def close(self) -> None:
-        self.grid.close()
+        if not self.deployed:  # the deployment engine's grid is the ServerApp's
+            self.grid.close()  # type: ignore[attr-defined]
 
 
-def coalition_config(cfg: Config, coalition: Coalition, *, rounds: int, local_steps: int) -> tuple[Config, str | None]:
-    """The run's config on `coalition` alone (in process, no valuation); a note when secure aggregation
-    cannot run on so few silos."""
+def coalition_config(cfg: Config, coalition: Coalition, *, rounds: int, local_steps: int,
+                     engine: Literal["inprocess", "flower"] = "inprocess") -> tuple[Config, str | None]:
+    """The run's config on `coalition` alone (no valuation; in process unless `engine`); a note when secure
+    aggregation cannot run on so few silos."""
     fed = cfg.federation
     secure, note = fed.secure_aggregation, None
     if secure:
@@ -165,7 +198,7 @@ def coalition_config(cfg: Config, coalition: Coalition, *, rounds: int, local_st
         except UserError:
             secure, note = False, "coalitions with fewer than 3 silos a round were retrained without secure aggregation"
     try:
-        fed = dataclasses.replace(fed, engine="inprocess", value="none", rounds=rounds, local_steps=local_steps,
+        fed = dataclasses.replace(fed, engine=engine, value="none", rounds=rounds, local_steps=local_steps,
                                   min_silos=min(fed.min_silos, len(coalition)), secure_aggregation=secure,
                                   personalise_steps=0)
     except ValueError as e:  # e.g. --steps with fedsgd
@@ -219,7 +252,8 @@ class Retrainer:
         elif coalition == frozenset(self.scorer.silos) and not self.retrains_grand:
             state = _global(self.run_dir)  # the run itself: the grand coalition at the run's budget
         else:
-            cfg, note = coalition_config(self.cfg, coalition, rounds=self.rounds, local_steps=self.local_steps)
+            cfg, note = coalition_config(self.cfg, coalition, rounds=self.rounds, local_steps=self.local_steps,
+                                         engine=self.cfg.federation.engine if self.scorer.deployed else "inprocess")
             if note:
                 self.notes.add(note)
             out = self.work / f"coalition-{coalition_key(coalition)}"
@@ -227,7 +261,7 @@ class Retrainer:
             self.progress(f"retraining coalition {coalition_key(coalition)} ({self.trained + 1}{of}{self.label})")
             # the beneficiaries score the model next: the run's own validation (every member scoring the
             # start and final weights) would be thrown away, and on SmolLM2 it cost 260 of 311 s of retraining
-            run_federated(cfg, out, validate=False)
+            self.scorer.retrain(cfg, out)
             state = _global(out)
             shutil.rmtree(out, ignore_errors=True)
             self.trained += 1
@@ -240,19 +274,13 @@ def exact_retrains(silos: int, *, reduced: bool) -> int:
     return 2 ** silos - 1 - (not reduced)
 
 
-def local_config(cfg: Config, silo: str) -> Config:
-    """Silo `silo` alone with the run's per-silo budget: the federated schedule's steps, its batch."""
-    tc = federated_train_config(cfg)
-    tc = dataclasses.replace(tc, mode="centralised", checkpoint_every=tc.steps, log_every=max(1, tc.steps // 10))
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, silos=[silo]), train=tc,
-                               federation=dataclasses.replace(cfg.federation, value="none"))
-
-
 def gains(cfg: Config, run_dir: Path, silos: list[str], scorer: Scorer, work: Path, progress: Progress,
           local_models: dict[str, Path] | None) -> dict[str, dict[str, float | None]]:
     """Each silo's own bits/byte: local-only minus federated (and minus personalised), scored by itself.
-    The models travel as the coalitions' do, under the run's config: a LoRA run's as adapters (a few MB;
-    merged, each SmolLM2 model is 0.5 GB, and three silos' scoring messages took 20 GB)."""
+    Each silo trains its local-only model itself, which never leaves it (`local_models`: run dirs of
+    ones trained already, sent to be scored). The models travel as the coalitions' do, under the run's
+    config: a LoRA run's as adapters (a few MB; merged, each SmolLM2 model is 0.5 GB, and three silos'
+    scoring messages took 20 GB)."""
     federated = _global(run_dir)
     shapes = {n: t.shape for n, t in federated.items()}
 
@@ -265,16 +293,14 @@ def gains(cfg: Config, run_dir: Path, silos: list[str], scorer: Scorer, work: Pa
 
     jobs: dict[str, list[State]] = {}
     for silo in silos:
-        local = (local_models or {}).get(silo)
-        if local is None:
-            progress(f"training silo {silo} alone (local-only baseline)")
-            local = work / f"local-{silo}"
-            train(local_config(cfg, silo), local)
-        jobs[silo] = [arrays(local), federated]
+        jobs[silo] = [arrays(local_models[silo])] if local_models else []
+        jobs[silo].append(federated)
         personal = run_dir / f"personalised-{silo}"
         if cfg.federation.personalise_steps and (personal / "model").is_dir():
             jobs[silo].append(arrays(personal))
-    scores = scorer(jobs)
+    if not local_models:
+        progress(f"each silo trains its local-only baseline ({', '.join(silos)}) and scores it")
+    scores = scorer(jobs, local_baseline=not local_models)
     out: dict[str, dict[str, float | None]] = {}
     for silo, bpb in scores.items():
         out[silo] = {"local_only_bpb": bpb[0], "federated_bpb": bpb[1], "gain": bpb[0] - bpb[1],
@@ -296,14 +322,16 @@ def _rounds_game(run_dir: Path, silos: list[str]) -> tuple[Game, dict[str, Any]]
 def value_run(run_dir: Path, *, method: str | None = None, budget: float | None = None, rounds: int = 0,
               local_steps: int = 0, permutations: int = PERMUTATIONS, tolerance: float = TOLERANCE,
               truncation: float = 0.0, seed: int = 0, seeds: int = 1, local_models: dict[str, Path] | None = None,
-              pay_by: str = "shapley", progress: Progress | None = None) -> dict[str, Any]:
+              pay_by: str = "shapley", progress: Progress | None = None, grid: Grid | None = None) -> dict[str, Any]:
     """Value the silos of the finished federated run `run_dir`; writes RUN/value.json and returns it.
 
     `method` None: "rounds" when the run valued itself, else "exact". `rounds`/`local_steps` > 0
     retrain the coalitions with that reduced budget (exact and sampled). sampled: random orders
     until every silo's stderr is <= `tolerance` × the grand utility's gain (0: exactly
     `permutations`, otherwise the cap), each cut short within `truncation` × that gain of it.
-    `local_models` gives each silo's local-only model (run dirs) instead of training them here.
+    `local_models` gives each silo's local-only model (run dirs) instead of each silo training its own.
+    `grid`: the silos are the SuperNodes of this deployment engine's grid (the ServerApp of
+    `fedlm value --superlink`), not this machine's workspace.
     `pay_by` "others": shares from the other beneficiaries' scores alone (`compute.peer_parts`), not Shapley values.
     `seeds` > 1 (exact, sampled): every coalition, the grand one included, is retrained under train.seed, +1,
     ... (sampled: the coalitions each seed's own orders visit), and the values are the mean over those seeds,
@@ -314,7 +342,7 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
         raise UserError(f"--method {method!r}: use one of {', '.join(METHODS)}")
     if pay_by not in PAY_BY:
         raise UserError(f"--pay-by {pay_by!r}: use one of {', '.join(PAY_BY)}")
-    cfg, silos = load_run(run_dir, method=method)
+    cfg, silos = load_run(run_dir, method=method, local=grid is None)
     fed = cfg.federation
     method = method or ("rounds" if (run_dir / "value_rounds.json").exists() else "exact")
     _check_options(cfg, silos, method, rounds=rounds, local_steps=local_steps, permutations=permutations,
@@ -323,7 +351,7 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
     rounds, local_steps = rounds or fed.rounds, local_steps or fed.local_steps
     beneficiaries = cfg.value.beneficiaries or silos
     work = Path(tempfile.mkdtemp(prefix=".value-", dir=run_dir))
-    scorer = Scorer(cfg, silos)
+    scorer = Scorer(cfg, silos, grid)
     notes: list[str] = []
     try:
         if method == "rounds":
