@@ -222,7 +222,8 @@ def attributions(net: Transformer, ids: list[int], target_id: int, *, blank_id: 
     on twice the intervals (`method` "trapezoid"), which reuses every gradient already taken:
     the trapezoid rule on n intervals averaged with the midpoint rule on the same n intervals
     is the trapezoid rule on 2n. So n midpoints, then n + 1 ends, then 2n midpoints, ...,
-    until `max_steps` points; where that still misses, the path is cut where f changes (`_segmented`).
+    until `max_steps` points (`_refine`; it stops early once even first-order convergence would still
+    miss there); where that misses, the path is cut where f changes (`_segmented`).
     `steps` in the result counts the points the scores come from.
     """
     from captum.attr import LayerIntegratedGradients  # imports matplotlib: only when explaining
@@ -247,16 +248,11 @@ def attributions(net: Transformer, ids: list[int], target_id: int, *, blank_id: 
     def error(s: Tensor) -> float:
         return abs(float(s.sum()) - (f_x - f_b)) / gap
 
-    scores, method, points, n = rule("riemann_middle", steps), "riemann_middle", steps, steps
-    if error(scores) > tolerance and 2 * n + 1 <= max_steps:
-        # captum's riemann_trapezoid weighs its n + 1 points 1/(n + 1) (the ends half that), which
-        # sums to n/(n + 1): the trapezoid rule proper (weights 1/n) is (n + 1)/n times it
-        ends = rule("riemann_trapezoid", n + 1) * ((n + 1) / n)
-        scores, method, points, n = (ends + scores) / 2, "trapezoid", 2 * n + 1, 2 * n
-        while error(scores) > tolerance and 2 * n + 1 <= max_steps:
-            scores, points, n = (scores + rule("riemann_middle", n)) / 2, 2 * n + 1, 2 * n
-    if error(scores) > tolerance and max_steps >= IG_SEGMENTS * 2:
-        cut, cut_points = _segmented(net, idx, base, f, max_steps=max_steps, per_pass=per_pass)
+    can_cut = max_steps >= IG_SEGMENTS * 2
+    scores, method, points = _refine(rule, error, steps, max_steps, tolerance, hopeless=can_cut)
+    if error(scores) > tolerance and can_cut:
+        cut, cut_points = _segmented(net, idx, base, f, error, max_steps=max_steps, per_pass=per_pass,
+                                     tolerance=tolerance)
         if error(cut) < error(scores):
             scores, method, points = cut, "segmented", cut_points
     return {
@@ -271,20 +267,44 @@ def attributions(net: Transformer, ids: list[int], target_id: int, *, blank_id: 
     }
 
 
+def _refine(rule: Callable[[str, int], Tensor], error: Callable[[Tensor], float], n: int, max_points: int,
+            tolerance: float, *, hopeless: bool = False) -> tuple[Tensor, str, int]:
+    """(scores, method, points): `rule`'s midpoints on n intervals, then, while they miss by more than
+    `tolerance`, the trapezoid rule on twice the intervals, reusing every gradient taken (n midpoints,
+    n + 1 ends, 2n midpoints, ...) while its points fit `max_points`. `hopeless`: stop early once even
+    first-order convergence from here would still miss at `max_points` (f turns too sharply for these
+    rules: the caller then cuts the path)."""
+    scores, method, points = rule("riemann_middle", n), "riemann_middle", n
+    if error(scores) > tolerance and 2 * n + 1 <= max_points:
+        # captum's riemann_trapezoid weighs its n + 1 points 1/(n + 1) (the ends half that), which
+        # sums to n/(n + 1): the trapezoid rule proper (weights 1/n) is (n + 1)/n times it
+        ends = rule("riemann_trapezoid", n + 1) * ((n + 1) / n)
+        scores, method, points, n = (ends + scores) / 2, "trapezoid", 2 * n + 1, 2 * n
+        while error(scores) > tolerance and 2 * n + 1 <= max_points:
+            if hopeless and error(scores) * points / max_points > tolerance:
+                break
+            scores, points, n = (scores + rule("riemann_middle", n)) / 2, 2 * n + 1, 2 * n
+    return scores, method, points
+
+
 IG_SEGMENTS = 32
 """Segments of the path when no even rule met the tolerance (`_segmented`)."""
 IG_PROBES = 1025
 """Points where `_segmented` reads f along the path (forward passes only) to place its segments."""
 SEGMENTED_POINTS = 4
-"""`_segmented` takes this many times max_steps gradient points. On the model in its docstring, 32
-segments of 16 points missed the gap by 1.0%, of 64 points by 0.07%; 64 segments of 64 points by 0.02%."""
+"""`_segmented` refines up to this many times max_steps gradient points. On the model in its docstring,
+32 segments of 16 midpoints missed the gap by 1.0%, of 64 by 0.07%; 64 segments of 64 by 0.02%."""
+SEGMENT_STEPS = 8
+"""Midpoints per segment that `_segmented` starts from (then the trapezoid rule on 16, 32, ... intervals)."""
 
 
-def _segmented(net: Transformer, idx: Tensor, base: Tensor, f: Callable[[Tensor], Tensor], *, max_steps: int,
-               per_pass: int) -> tuple[Tensor, int]:
+def _segmented(net: Transformer, idx: Tensor, base: Tensor, f: Callable[[Tensor], Tensor],
+               error: Callable[[Tensor], float], *, max_steps: int, per_pass: int, tolerance: float
+               ) -> tuple[Tensor, int]:
     """(scores, points): integrated gradients with the path cut into IG_SEGMENTS pieces of equal change in f,
-    each integrated by captum on SEGMENTED_POINTS × max_steps // IG_SEGMENTS midpoints; the pieces'
-    attributions add up to the whole path's.
+    each integrated by captum, all refined together (`_refine`: SEGMENT_STEPS midpoints each, then the
+    trapezoid rule on twice as many intervals, ...) until the scores add up within `tolerance`, or up to
+    SEGMENTED_POINTS × max_steps points; the pieces' attributions add up to the whole path's.
 
     For when f turns too sharply for an even rule of `points`: on one quick demo's model, f rose 3.5 of
     its 5.2 bits over 0.2% of the path, between the 513 points' spacing, and their scores missed
@@ -311,14 +331,20 @@ def _segmented(net: Transformer, idx: Tensor, base: Tensor, f: Callable[[Tensor]
         at = torch.searchsorted(cum, marks).clamp(1, IG_PROBES - 1)  # cum[at - 1] < mark <= cum[at]
         frac = (marks - cum[at - 1]) / (cum[at] - cum[at - 1])
         cuts = [0.0, *((probes[at - 1] + frac * (probes[at] - probes[at - 1])).tolist()), 1.0]
-        ig, per_segment = IntegratedGradients(g), SEGMENTED_POINTS * max_steps // IG_SEGMENTS
-        total = torch.zeros(idx.shape[1], dtype=torch.float64)
-        for lo, hi in zip(cuts, cuts[1:], strict=False):
-            if hi > lo:
-                attr = ig.attribute(eb + hi * (ex - eb), baselines=eb + lo * (ex - eb), n_steps=per_segment,
-                                    method="riemann_middle", internal_batch_size=per_pass)
+        pieces = [(lo, hi) for lo, hi in zip(cuts, cuts[1:], strict=False) if hi > lo]
+        ig = IntegratedGradients(g)
+
+        def rule(method: str, n: int) -> Tensor:  # one rule on every piece, summed
+            total = torch.zeros(idx.shape[1], dtype=torch.float64)
+            for lo, hi in pieces:
+                attr = ig.attribute(eb + hi * (ex - eb), baselines=eb + lo * (ex - eb), n_steps=n, method=method,
+                                    internal_batch_size=per_pass)
                 total += attr[0].sum(-1).detach().double()
-        return total, per_segment * IG_SEGMENTS
+            return total
+
+        most = SEGMENTED_POINTS * max_steps // IG_SEGMENTS + 1
+        scores, _, points = _refine(rule, error, SEGMENT_STEPS, most, tolerance)
+        return scores, points * len(pieces)
     finally:
         hook.remove()
 
@@ -419,7 +445,7 @@ def _surprisal_html(r: dict[str, Any]) -> str:
             f"<table><tr><th>token</th><th>bits</th><th>top {TOP_K}</th></tr>{rows}</table></div></details>")
 
 
-_RULES = {"riemann_middle": "midpoint", "trapezoid": "trapezoid", "segmented": "segmented midpoint"}
+_RULES = {"riemann_middle": "midpoint", "trapezoid": "trapezoid", "segmented": "segmented"}
 
 
 def _attributions_html(r: dict[str, Any]) -> str:

@@ -122,8 +122,8 @@ def load_run(run_dir: Path, *, method: str | None = None, local: bool = True) ->
     try:
         silos = resolve_silos(ws, cfg.data.silos, local=local)
     except UserError as e:
-        raise UserError(f"{e}; the run's silos are not on this machine? value it on their SuperNodes, as it "
-                        "trained: `fedlm value RUN --superlink HOST:PORT --root-certificates CA`") from None
+        raise UserError(f"{e}; a run whose silos are other machines is valued on their SuperNodes, as it trained: "
+                        f"`fedlm value {run_dir} --superlink HOST:PORT --root-certificates CA`") from None
     if len(silos) < 2:
         raise UserError(f"{path}: the run has {len(silos)} silo; values need at least 2 silos")
     sha = tokenizer_hash(ws / "tokenizer.json")
@@ -163,6 +163,7 @@ class Scorer:
         there: given the run's rounds' worth of time)."""
         fed = self.cfg.federation
         threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # in process, one thread per silo, as a federated run's silos (local baselines train)
         try:
             got = score_on_silos(self.grid, self.node_of, models, config_text=config_to_toml(self.cfg),
                                  tokenizer_sha256=self.sha, max_tokens=self.cfg.value.eval_tokens,
