@@ -9,8 +9,8 @@ summary.json there, or error.json with the one-line message when the run fails o
 input (a silo with no shards, a tokenizer mismatch, too few SuperNodes), so the process
 that submitted the run can report it.
 
-`serve(job)` makes a ServerApp of the same frame around another job on a run directory, over
-the same silos: valuation's (`fedlm.value.app`) retrains and scores a finished run there.
+`serve(job)` makes a ServerApp of the same frame (`run_job`) around another job on a run directory,
+over the same silos: valuation's (`fedlm.value.app`) retrains and scores a finished run there.
 """
 
 from __future__ import annotations
@@ -35,36 +35,46 @@ from fedlm.runlock import exit_with_parent, hold
 Job = Callable[[Grid, Config, Path, Context], None]
 
 
+def run_job(grid: Grid, context: Context, job: Job, *, error_file: str = "error.json") -> None:
+    """Run `job(grid, config, run_dir, context)` on the run directory the run config names (`run-dir`,
+    holding config.toml), over the deployment engine's grid, holding the run folder's lock; on bad
+    input write the one-line message to RUN/`error_file` for the submitter."""
+    logging.basicConfig(level=logging.INFO)
+    shorten_object_pull_retries()  # replies are handed out before their objects have all arrived
+    torch.set_num_threads(1)  # as in process: the server's arithmetic is the same bit for bit
+    run_dir = Path(str(context.run_config["run-dir"]))
+    # the coordinator's record of the run (nodes given no work, dropped silos) beside its rounds
+    logging.getLogger("fedlm").addHandler(logging.FileHandler(run_dir / "server.log"))
+    try:
+        cfg = load_config(run_dir / "config.toml")
+        refuse_across_organisations(cfg.privacy.insecure_reproducible_noise, where="the deployed Flower engine")
+        exit_with_parent()  # the lock must not outlive the SuperLink that runs this
+        with hold(run_dir, engine="flower", run_id=context.run_id):
+            job(deployed(grid), cfg, run_dir, context)
+    except UserError as e:
+        write_json(run_dir / error_file, {"error": str(e)})
+        raise
+
+
 def serve(job: Job, *, error_file: str = "error.json") -> ServerApp:
-    """A ServerApp that runs `job(grid, config, run_dir, context)` on the run directory its run config
-    names (`run-dir`, holding config.toml), over the deployment engine's grid, holding the run
-    folder's lock; on bad input it writes the one-line message to RUN/`error_file` for the submitter."""
-    app = ServerApp()
+    """A ServerApp whose main is `run_job(grid, context, job, error_file=error_file)`."""
+    other = ServerApp()
 
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        logging.basicConfig(level=logging.INFO)
-        shorten_object_pull_retries()  # replies are handed out before their objects have all arrived
-        torch.set_num_threads(1)  # as in process: the server's arithmetic is the same bit for bit
-        run_dir = Path(str(context.run_config["run-dir"]))
-        # the coordinator's record of the run (nodes given no work, dropped silos) beside its rounds
-        logging.getLogger("fedlm").addHandler(logging.FileHandler(run_dir / "server.log"))
-        try:
-            cfg = load_config(run_dir / "config.toml")
-            refuse_across_organisations(cfg.privacy.insecure_reproducible_noise, where="the deployed Flower engine")
-            exit_with_parent()  # the lock must not outlive the SuperLink that runs this
-            with hold(run_dir, engine="flower", run_id=context.run_id):
-                job(deployed(grid), cfg, run_dir, context)
-        except UserError as e:
-            write_json(run_dir / error_file, {"error": str(e)})
-            raise
+    @other.main()
+    def job_main(grid: Grid, context: Context) -> None:
+        run_job(grid, context, job, error_file=error_file)
 
-    return app
+    return other
 
 
 def _rounds(grid: Grid, cfg: Config, run_dir: Path, context: Context) -> None:
-    """Run the federated rounds the run directory's config.toml describes."""
     run_rounds(grid, cfg, run_dir, resume=bool(context.run_config.get("resume", False)))
 
 
-app = serve(_rounds)
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federated rounds the run directory's config.toml describes."""
+    run_job(grid, context, _rounds)
