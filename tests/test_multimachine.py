@@ -552,6 +552,12 @@ def test_readme_run_across_machines(tmp_path: Path, capfd: pytest.CaptureFixture
         machines.run_block(value, "coordinator")
         valued = json.loads((run / "value.json").read_text())
         assert valued["coalitions_trained"] == 2 and not list(run.glob(".value*"))
+        # bad input found by the valuation's ServerApp comes back as one line, and value.json is kept
+        with contextlib.chdir(coord):
+            r = fedlm_here(capfd, "value", "runs/fed", "--method", "rounds", "--superlink", "127.0.0.1:"
+                           f"{machines.control_port}", "--root-certificates", "certs/ca.pem")
+        _one_line_error(r, "no in-run valuation", "--method exact or sampled")
+        assert json.loads((run / "value.json").read_text()) == valued and not list(run.glob(".value*"))
         assert not (coord / "ws/silos").exists()  # nothing of a silo's came to the coordinator to value it
     finally:
         machines.stop_all()
