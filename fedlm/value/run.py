@@ -19,8 +19,8 @@ same ClientApp as the run. The methods:
 Retrained coalitions run under the run's secure aggregation and DP settings (secure aggregation
 needs 3 silos a round: smaller coalitions run without it, and the output says so): in process
 when the silos' data is on this machine, or, with `grid` (`fedlm value --superlink`: the
-ServerApp of a Flower run, `fedlm.federation.server_app`), on the silos' own SuperNodes, as the
-run itself trained. Gain: each silo's own bits/byte with its local-only model (the run's
+ServerApp of a Flower run, `fedlm.value.app`), on the silos' own SuperNodes, as the run itself
+trained. Gain: each silo's own bits/byte with its local-only model (the run's
 per-silo budget, trained by the silo alone, which keeps it) minus with the federated (and
 personalised) model. Work goes to a temporary folder inside RUN, removed at the end;
 value.json is written once, atomically.
