@@ -4,15 +4,17 @@
                            root_certificates=Path("certs/ca.pem"))     # on the coordinator; writes runs/fed/value.json
 
 A run trained across machines cannot be valued in process: the coordinator holds no silo's data.
-So valuation runs where the run's rounds ran, as a Flower run of fedlm's valuation app (APP_DIR,
-the same ClientApp): its ServerApp (`fedlm.value.app`, `serve_job`) calls `value_run` with the deployment engine's grid,
-so every coalition is retrained on the silos' own SuperNodes under the run's secure aggregation
-and DP settings, each beneficiary scores every model on its own validation split, and each silo
-trains its local-only baseline itself. What leaves a silo is what the run's rounds let leave it
-and one bits-per-byte number per model. The request (the options) goes to RUN/.value-request.json,
-the ServerApp's progress lines to RUN/.value-progress.jsonl and its outcome to RUN/.value-result.json
-(or its one-line error to RUN/.value-error.json)
-(the run directory is on the coordinator, where both processes run); value.json as in process.
+So valuation runs where the run's rounds ran, as a Flower run of fedlm's valuation app (APP_DIR;
+the same ClientApp as training). Its ServerApp (`fedlm.value.app`: `serve_job`) calls `value_run`
+with the deployment engine's grid, so every coalition is retrained on the silos' own SuperNodes
+under the run's secure aggregation and DP settings, each beneficiary scores every model on its
+own validation split, and each silo trains its local-only baseline itself. What leaves a silo is
+what the run's rounds let leave it, and one bits-per-byte number per model.
+
+Both sides run on the coordinator, around the run directory: the options go to
+RUN/.value-request.json, the ServerApp's progress lines to RUN/.value-progress.jsonl, and its
+outcome to RUN/.value-result.json (or its one-line error to RUN/.value-error.json); value.json is
+written as in process.
 """
 
 from __future__ import annotations
