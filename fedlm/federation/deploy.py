@@ -513,6 +513,14 @@ def follow(run_dir: Path, *, timeout: float, log: str, on_row: Callable[[dict[st
         time.sleep(0.5)
 
 
+def run_budget(cfg: Config) -> float:
+    """Seconds a deployed run of `cfg` may take before it counts as hung: each exchange waits at most
+    round_timeout (connect, the rounds, validation, valuation's scoring), plus per round the
+    server's own work and the ServerApp's start."""
+    fed = cfg.federation
+    return fed.round_timeout * (fed.rounds + 3) + 60.0 * (fed.rounds + 2)
+
+
 def run_on_flower(cfg: Config, out_dir: Path, *, resume: bool = False, on_round: RoundCallback | None = None,
                   superlink: str | None = None, root_certificates: Path | None = None,
                   insecure: bool = False, logs_dir: Path | None = None,
@@ -544,12 +552,9 @@ def run_on_flower(cfg: Config, out_dir: Path, *, resume: bool = False, on_round:
             run_id = submit_run(superlink, {"run-dir": str(out_dir), "resume": resume}, flwr_home=home / "cli",
                                 root_certificates=root_certificates, insecure=insecure)
             write_json(out_dir / FLOWER_RUN, {"run_id": run_id, "superlink": superlink})
-            fed = cfg.federation
-            # Each exchange waits at most round_timeout: connect, the rounds, validation, valuation's
-            # scoring; plus per round the server's own work and the ServerApp's start.
-            budget = fed.round_timeout * (fed.rounds + 3) + 60.0 * (fed.rounds + 2)
             try:
-                summary = follow_run(out_dir, timeout=budget, on_round=on_round, procs=procs, rounds=fed.rounds)
+                summary = follow_run(out_dir, timeout=run_budget(cfg), on_round=on_round, procs=procs,
+                                     rounds=cfg.federation.rounds)
             except BaseException:
                 stop_run(superlink, run_id, flwr_home=home / "cli")
                 raise

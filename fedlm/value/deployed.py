@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedlm.federation.deploy import follow, submit_run, wait_superlink
+from fedlm.federation.deploy import follow, run_budget, submit_run, wait_superlink
 from fedlm.federation.deploy import stop_run as stop_flower_run
 from fedlm.fileio import append_jsonl, write_json
 from fedlm.runlock import refuse_if_live
@@ -66,11 +66,9 @@ def value_on_flower(run_dir: Path, options: dict[str, Any], *, superlink: str, r
     home = run_dir / ".flower-value"
     shutil.rmtree(home, ignore_errors=True)
     say = progress or (lambda _: None)
-    fed = cfg.federation
     # an upper bound, for a job that hangs: every coalition retrained (under each seed), as the run's own
     # budget each, plus the local-only baselines and the scoring
-    per_run = fed.round_timeout * (fed.rounds + 3) + 60.0 * (fed.rounds + 2)
-    budget = per_run * (2 ** len(silos) * int(options.get("seeds", 1)) + 2)
+    budget = run_budget(cfg) * (2 ** len(silos) * int(options.get("seeds", 1)) + 2)
     try:
         run_id = submit_run(superlink, {"run-dir": str(run_dir), "resume": False}, flwr_home=home / "cli",
                             root_certificates=root_certificates, insecure=insecure, app_dir=APP_DIR)

@@ -275,7 +275,7 @@ def exact_retrains(silos: int, *, reduced: bool) -> int:
     return 2 ** silos - 1 - (not reduced)
 
 
-def gains(cfg: Config, run_dir: Path, silos: list[str], scorer: Scorer, work: Path, progress: Progress,
+def gains(cfg: Config, run_dir: Path, silos: list[str], scorer: Scorer, progress: Progress,
           local_models: dict[str, Path] | None) -> dict[str, dict[str, float | None]]:
     """Each silo's own bits/byte: local-only minus federated (and minus personalised), scored by itself.
     Each silo trains its local-only model itself, which never leaves it (`local_models`: run dirs of
@@ -368,7 +368,7 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
                 say=say, method=method, permutations=permutations, seed=seed, truncation=truncation,
                 tolerance=tolerance)
         flags = flag_silos(game, body, update_norms=norms)
-        gained = gains(cfg, run_dir, silos, scorer, work, say, local_models)
+        gained = gains(cfg, run_dir, silos, scorer, say, local_models)
     finally:
         scorer.close()
         shutil.rmtree(work, ignore_errors=True)
