@@ -347,6 +347,73 @@ client = ClientApp()
 }
 
 
+COORDINATOR_APP = {
+    "pyproject.toml": EVIL_APP["pyproject.toml"].replace('name = "evil"', 'name = "coordinators"').replace(
+        '"evil_app:server"', '"evil_server:server"').replace('"evil_app:client"', '"evil_client:client"'),
+    "evil_server.py": """import json
+from pathlib import Path
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import ServerApp
+
+server = ServerApp()
+
+
+@server.main()
+def main(grid, context):
+    nodes = sorted(grid.get_node_ids())
+    replies = grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type="query") for n in nodes],
+                                    timeout=90)
+    out = [r.error.reason if r.has_error() else "content" for r in replies]
+    Path({replies_file!r}).write_text(json.dumps({"nodes": nodes, "replies": out}))
+""",
+    "evil_client.py": """from pathlib import Path
+
+Path({marker!r}).write_text("ran")  # imported only where the ClientApp is loaded: on a silo
+
+from flwr.clientapp import ClientApp
+
+client = ClientApp()
+
+
+@client.query()
+def steal(msg, context):
+    raise SystemExit("this silo ran the coordinator's code")
+""",
+}
+
+
+def coordinator_attack(machines: Machines, root: Path) -> dict[str, object]:
+    """The coordinator, which may start runs (from 127.0.0.1), runs an app of its own instead of fedlm's:
+    its ClientApp would run on every silo and could read its text. Every silo must refuse it before
+    installing it: the ClientApp module is imported nowhere, and each node's reply is the refusal."""
+    coord = machines.dir("coordinator")
+    root.mkdir(parents=True)
+    marker, replies = root / "COORDINATOR-APP-RAN-ON-A-SILO", root / "replies.json"
+    app = root / "coordinators"
+    app.mkdir()
+    for name, text in COORDINATOR_APP.items():
+        (app / name).write_text(text.replace("{marker!r}", repr(str(marker))).replace(
+            "{replies_file!r}", repr(str(replies))))
+    home = root / "flwr"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "c"\n\n[superlink.c]\naddress = "127.0.0.1:'
+                                      f'{machines.control_port}"\nroot-certificates = "{coord / "certs/ca.pem"}"\n')
+    r = subprocess.run([str(BIN / "flwr"), "run", app.name, "c", "--format", "json"], env={**ENV, "FLWR_HOME": str(home)},
+                       capture_output=True, text=True, timeout=120, cwd=root)
+    assert r.returncode == 0 and '"success": true' in r.stdout, (r.stdout, r.stderr)  # the coordinator may start it
+    deadline = time.monotonic() + 180
+    while not replies.exists():
+        assert time.monotonic() < deadline, "the coordinator's app got no replies"
+        time.sleep(1)
+    got = json.loads(replies.read_text())
+    assert len(got["nodes"]) == 3 and len(got["replies"]) == 3, got  # legal, medical, spare
+    for reason in got["replies"]:
+        assert "runs only fedlm's own apps" in reason, got
+    assert not marker.exists()
+    return {"the coordinator's own app on the silos": "refused by every silo before installing it"}
+
+
 def _http_status(address: str, ca: Path, method: str, path: str) -> int:
     """The status of one raw HTTPS request (the path sent as is, not normalised by a client library)."""
     import http.client
@@ -559,6 +626,7 @@ def test_readme_run_across_machines(tmp_path: Path, capfd: pytest.CaptureFixture
         _one_line_error(r, "no in-run valuation", "--method exact or sampled")
         assert json.loads((run / "value.json").read_text()) == valued and not list(run.glob(".value*"))
         assert not (coord / "ws/silos").exists()  # nothing of a silo's came to the coordinator to value it
+        print("coordinator's attack:", coordinator_attack(machines, tmp_path / "coordinator-attack"))
     finally:
         machines.stop_all()
 

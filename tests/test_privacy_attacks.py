@@ -244,3 +244,46 @@ def test_a_silo_enforces_its_own_mode_and_budget(ws: Path, tmp_path: Path) -> No
             rules(cfg, r).noise_share(update, share_std=3.0, threshold=2, num_silos=3)
             spent += 1
     assert 1 < spent < 100
+
+
+def test_a_silo_that_requires_secure_aggregation_never_sends_an_update_in_clear(ws: Path, tmp_path: Path) -> None:
+    """Attack 9: the coordinator chooses the run's config, so it could turn secure aggregation off,
+    or ask for a plain update under a config that says it is on, or retrain a coalition too small
+    for it (`fedlm value`), and read one silo's update. A silo whose privacy.toml says
+    `secure_aggregation = true` refuses each before training; under secure aggregation the run
+    goes on as before."""
+    own = tmp_path / "ws"
+    shutil.copytree(ws, own, ignore=shutil.ignore_patterns(".secrets"))
+    (own / "silos" / "a" / "privacy.toml").write_text('[privacy]\nmode = "none"\nsecure_aggregation = true\n')
+
+    with pytest.raises(UserError, match=r"silo 'a': its privacy.toml lets its updates leave it only inside a secure "
+                                        r"sum .* asks for them in clear .*refused"):
+        run_federated(tiny_cfg(own, rounds=1, local_steps=1), tmp_path / "clear")
+    assert not (tmp_path / "clear" / "rounds.jsonl").exists()  # refused at the query, before round 1
+
+    secure = tiny_cfg(own, rounds=1, local_steps=1, secure_aggregation=True)
+    run_federated(secure, tmp_path / "secure")
+    assert rounds(tmp_path / "secure")[0]["completed"]
+
+    # a plain train message whose config claims secure aggregation: refused before training
+    from flwr.app import ArrayRecord
+
+    from fedlm.config import save_config
+    from fedlm.federation.messages import round_config, train_request
+
+    save_config(secure, tmp_path / "secure.toml")
+    text = (tmp_path / "secure.toml").read_text()
+    msg = train_request(ArrayRecord(weights(tmp_path / "secure")), round_config(
+        round_no=2, config_text=text, tokenizer_sha256="-", weight_ref=1.0, run_id="x"), 1, round_no=2)
+    context = Context(run_id=1, node_id=1, node_config={"workspace": str(own), "silo": "b"}, state=RecordDict(),
+                      run_config={})
+    with pytest.raises(UserError, match="silo 'b': an update in clear was asked for a run with "
+                                        "federation.secure_aggregation = true; refused"):
+        ca.train(msg, context)
+
+    # valuing the secure run: its coalitions of 1 and 2 silos cannot be trained under secure aggregation
+    from fedlm.value.run import value_run
+
+    with pytest.raises(UserError, match="silo 'a': its privacy.toml lets its updates leave it only inside"):
+        value_run(tmp_path / "secure")
+    assert not (tmp_path / "secure" / "value.json").exists()

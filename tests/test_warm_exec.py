@@ -8,6 +8,7 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,48 @@ def test_launcher_exits_when_its_supernode_is_killed() -> None:
         if parent.poll() is None:
             parent.kill()
         httpd.server_close()
+
+
+def _fab(files: dict[str, bytes]) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_a_silo_runs_only_fedlms_own_apps(tmp_path: Path) -> None:
+    """The launcher's child installs a task's bundle only when its files are exactly those of an app
+    this fedlm ships, as `flwr run` builds it; any other bundle is refused before Flower installs
+    (and would import) it: the coordinator cannot run its own code on a silo."""
+    from flwr.cli.build import build_fab_from_disk
+
+    allowed = warm_exec.own_apps()
+    assert len(allowed) == 2  # training and valuation
+    installed: list[bytes] = []
+    install = warm_exec.only_own_apps(lambda fab, **kw: installed.append(fab) or tmp_path, allowed)
+    ours = build_fab_from_disk(Path(warm_exec.__file__).parent / "flwr_app")
+    assert install(ours, skip_prompt=True) == tmp_path and installed == [ours]
+    # recompressed by another zlib: the same files, so the same app
+    assert install(_fab(warm_exec.fab_files(ours)), skip_prompt=True) == tmp_path
+
+    evil = dict(warm_exec.fab_files(ours))
+    pyproject = evil["pyproject.toml"].decode()
+    tampered = {
+        "an extra module": {**evil, "fedlm/__init__.py": b"import os; os.system('cat ws/silos/*/*')"},
+        "another component": {**evil, "pyproject.toml": pyproject.replace(
+            "fedlm.federation.client_app:app", "evil:app").encode()},
+        "a file left out": {k: v for k, v in evil.items() if k != ".info/CONTENT"},
+    }
+    for what, files in tampered.items():
+        with pytest.raises(warm_exec.RefusedApp, match="runs only fedlm's own apps"):
+            install(_fab(files), skip_prompt=True)
+        assert len(installed) == 2, what
+    with pytest.raises(warm_exec.RefusedApp, match="unpack to more than"):
+        install(_fab({"pyproject.toml": b" " * (warm_exec.MAX_APP_BYTES + 1)}))
+    with pytest.raises(warm_exec.RefusedApp, match="not a readable bundle"):
+        install(b"not a zip")
+    assert len(installed) == 2

@@ -37,6 +37,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
 from fedlm.data.shards import open_split
+from fedlm.errors import UserError
 from fedlm.federation import codecs, secagg, trust
 from fedlm.federation.hops import mark
 from fedlm.federation.messages import (
@@ -52,7 +53,12 @@ from fedlm.federation.messages import (
 )
 from fedlm.federation.packing import packed_replies
 from fedlm.federation.robust import check_update
-from fedlm.federation.silo_privacy import SiloPrivacy, expected_clip_range
+from fedlm.federation.silo_privacy import (
+    SiloPrivacy,
+    expected_clip_range,
+    own_privacy,
+    requires_secure_aggregation,
+)
 from fedlm.federation.task import (
     check_silo,
     encode_update,
@@ -72,6 +78,8 @@ def query(msg: Message, context: Context) -> Message:
     path = silo_dir(context.node_config)
     sha, cfg = query_config(msg)
     counts = check_silo(path, tokenizer_sha256=sha)
+    if cfg is not None:
+        own_privacy(cfg, path)  # a run this silo's privacy.toml refuses is refused before round 1
     if cfg is not None and cfg.privacy.mode == "record":  # refuse a DP budget that cannot fit
         plan = silo_record_plan(cfg, path, open_split(path, "train", expect_tokenizer_sha256=sha))
         counts.update(dp_noise_multiplier=plan.noise_multiplier, dp_sample_rate=plan.sample_rate)
@@ -92,6 +100,9 @@ def train(msg: Message, context: Context) -> Message:
     the AdamW state for the next silo)."""
     mark("client", "handler start")
     req = read_train_request(msg)
+    if req.cfg.federation.secure_aggregation:  # its updates go only into the secure sum (`secagg_input`)
+        raise UserError(f"silo {silo_dir(context.node_config).name!r}: an update in clear was asked for a run "
+                        "with federation.secure_aggregation = true; refused")
     update, metrics = _train(req, context)
     payload = encode_update(update, cfg=req.cfg, path=silo_dir(context.node_config), run_id=req.run_id,
                             round_idx=req.round_idx)
@@ -108,7 +119,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     before, after = validate_silo([start, req.arrays], cfg=req.cfg, config_text=req.config_text,
                                   path=silo_dir(context.node_config), tokenizer_sha256=req.tokenizer_sha256,
                                   node_id=context.node_id)
-    return evaluate_reply(msg, start=before, final=after, verdict_only=req.cfg.federation.secure_aggregation)
+    secure = req.cfg.federation.secure_aggregation or requires_secure_aggregation(silo_dir(context.node_config))
+    return evaluate_reply(msg, start=before, final=after, verdict_only=secure)
 
 
 def _secagg_state(context: Context) -> secagg.Msg:

@@ -149,7 +149,7 @@ def connect(grid: Grid, run: ServerRun) -> Link:
     """Connect the run's silos (`connect_silos`) and fix how rounds reach and judge them."""
     fed = run.cfg.federation
     node_of = connect_silos(grid, run.silos, tokenizer_sha256=run.tokenizer_sha256, timeout=fed.round_timeout,
-                            config_text=run.config_text if run.dp is not None else "")
+                            config_text=run.config_text)
     return Link(grid, node_of, {n: tuple(t.shape) for n, t in run.global_state.items()}, timeout=fed.round_timeout,
                 min_silos=fed.min_silos, max_update_norm=fed.max_update_norm, codec=fed.compression)
 
@@ -158,7 +158,8 @@ def connect_silos(grid: Grid, silos: list[str], *, tokenizer_sha256: str, timeou
                   config_text: str = "") -> dict[str, int]:
     """Wait (bounded) for the silos' nodes, ask each to check its shards; {silo: node_id} or UserError.
 
-    `config_text` lets each silo check its own privacy budget against its data before round 1.
+    `config_text` lets each silo check the run against its own privacy policy (and its DP budget
+    against its data) before round 1.
     Across organisations a node's silo is the one the coordinator registered its key for
     (`trust.registered_nodes`), not the name it claims; a node serving no configured silo gets
     no work and is logged, and does not stop the run."""

@@ -16,6 +16,10 @@ so a silo trusts nothing in the server's message that its privacy depends on:
   (`[privacy] mode = "client"`, `target_epsilon = 4`, `delta = 1e-5`), overrides the run's: a
   run that asks for another mode, or a larger ε or δ, is refused; without the file the silo
   follows the run config it is sent (and says so in the log).
+- Whether its updates may leave it in clear: with `secure_aggregation = true` in the same
+  file, a run without secure aggregation is refused (at its query, before round 1, and at
+  every round), so neither a coordinator that turns it off nor a valuation that retrains a
+  coalition too small for it gets this silo's update alone.
 - Its ledger (WS/silos/NAME/.secrets/ledger.json) charges every distinct release with the
   noise the silo itself adds and the fewest survivors it allows (so against a peer, the
   worst case), and refuses a release that would pass its target. With privacy.toml the
@@ -61,18 +65,42 @@ def weights_digest(arrays: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def own_privacy(cfg: Config, silo_dir: Path) -> tuple[PrivacyConfig, bool]:
-    """The silo's privacy settings: its privacy.toml checked against the run's (or the run's alone)."""
+def _policy(silo_dir: Path) -> tuple[str, float, float, bool] | None:
+    """The silo's privacy.toml: (mode, target ε, δ, secure aggregation required), or None without one."""
     path = silo_dir / POLICY_FILE
-    run = cfg.privacy
     if not path.exists():
-        return run, False
+        return None
     try:
         local = tomllib.loads(path.read_text()).get("privacy", {})
-        mode, target, delta = str(local["mode"]), float(local["target_epsilon"]), float(local["delta"])
+        mode = str(local["mode"])
+        target, delta = (float(local["target_epsilon"]), float(local["delta"])) if mode != "none" else (0.0, 0.0)
+        secure = local.get("secure_aggregation", False)
+        if not isinstance(secure, bool):
+            raise TypeError(f"secure_aggregation = {secure!r} is not true or false")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path}: needs [privacy] mode, target_epsilon and delta ({e})") from None
+        raise UserError(f"{path}: needs [privacy] mode (and target_epsilon and delta unless mode = \"none\"), and "
+                        f"optionally secure_aggregation = true or false ({e})") from None
+    return mode, target, delta, secure
+
+
+def requires_secure_aggregation(silo_dir: Path) -> bool:
+    """Whether the silo's privacy.toml lets its updates leave it only inside a secure sum."""
+    policy = _policy(silo_dir)
+    return policy is not None and policy[3]
+
+
+def own_privacy(cfg: Config, silo_dir: Path) -> tuple[PrivacyConfig, bool]:
+    """The silo's privacy settings: its privacy.toml checked against the run's (or the run's alone)."""
+    policy = _policy(silo_dir)
+    run = cfg.privacy
+    if policy is None:
+        return run, False
+    mode, target, delta, secure = policy
     name = silo_dir.name
+    if secure and not cfg.federation.secure_aggregation:
+        raise UserError(f"silo {name!r}: its {POLICY_FILE} lets its updates leave it only inside a secure sum "
+                        f"(secure_aggregation = true); the run asks for them in clear "
+                        f"(federation.secure_aggregation = false); refused")
     if run.mode != mode:
         raise UserError(f"silo {name!r}: its {POLICY_FILE} says privacy.mode = {mode!r}, the run asks for "
                         f"{run.mode!r}; refused")
@@ -81,7 +109,7 @@ def own_privacy(cfg: Config, silo_dir: Path) -> tuple[PrivacyConfig, bool]:
                         f"{POLICY_FILE} allows at most ε = {target:g}, δ = {delta:g}; refused")
     from dataclasses import replace
 
-    return replace(run, target_epsilon=target, delta=delta), True
+    return (run if mode == "none" else replace(run, target_epsilon=target, delta=delta)), True
 
 
 class SiloPrivacy:

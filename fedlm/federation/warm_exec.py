@@ -12,6 +12,14 @@ runs Flower's own `run_clientapp` with the task's token. Each message still runs
 of its own (nothing survives between messages, as under Flower's launcher); only the imports
 are shared, copied at the fork. The parent never runs torch, so no thread pool is forked.
 
+It runs only fedlm's own Flower apps. Whoever starts a run on the SuperLink chooses its app
+bundle (FAB), and Flower would install and import whatever code the bundle holds, on every silo,
+where it could read the silo's text. So before Flower installs a task's bundle, the child
+compares it, file by file, with the apps this silo's installed fedlm ships, as Flower's own
+`flwr run` builds them (`own_apps`), and refuses anything else with an error reply: the
+coordinator's choices end at fedlm's app and its run config. (Flower's `--trusted-entities`
+verifies bundles signed through Flower Hub, which a consortium offline cannot use.)
+
 It exits when the SuperNode (`--parent-pid`) is gone, and stops its children on SIGTERM.
 """
 
@@ -19,10 +27,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import os
 import signal
 import sys
 import time
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 from fedlm.federation.hops import mark
@@ -55,14 +66,57 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _run_task(address: str, token: str, insecure: bool, certificates: bytes | None, node_pid: int) -> None:
-    """In the forked child: Flower's ClientApp process body for one task, then exit."""
+MAX_APP_BYTES = 1 << 20
+"""A bundle whose files unpack to more than this is refused unread (fedlm's are a few KB)."""
+
+
+class RefusedApp(Exception):
+    """The run's app bundle is not one of fedlm's own."""
+
+
+def fab_files(fab: bytes) -> dict[str, bytes]:
+    """A Flower app bundle's files and their bytes (compression aside, what Flower installs)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(fab)) as z:
+            if sum(i.file_size for i in z.infolist()) > MAX_APP_BYTES:
+                raise RefusedApp(f"its files unpack to more than {MAX_APP_BYTES} bytes")
+            return {name: z.read(name) for name in z.namelist()}
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise RefusedApp(f"not a readable bundle ({e})") from None
+
+
+def own_apps() -> list[dict[str, bytes]]:
+    """The files of every Flower app this fedlm ships (`fedlm/*/flwr_app`), built as `flwr run` builds them."""
+    from flwr.cli.build import build_fab_from_disk
+
+    package = Path(__file__).resolve().parents[1]
+    return [fab_files(build_fab_from_disk(p.parent)) for p in sorted(package.glob("*/flwr_app/pyproject.toml"))]
+
+
+def only_own_apps(install: Callable[..., Path], allowed: list[dict[str, bytes]]) -> Callable[..., Path]:
+    """Flower's `install_from_fab`, refusing a bundle whose files are not exactly one of `allowed`."""
+
+    def checked(fab_file: bytes, *args: object, **kwargs: object) -> Path:
+        files = fab_files(fab_file)
+        if files not in allowed:
+            raise RefusedApp("this silo runs only fedlm's own apps, as its installed fedlm builds them; the run's "
+                             f"app bundle ({', '.join(sorted(files))}) is another (a different fedlm version, or "
+                             "not fedlm's app): refused before installing it")
+        return install(fab_file, *args, **kwargs)
+
+    return checked
+
+
+def _run_task(address: str, token: str, insecure: bool, certificates: bytes | None, node_pid: int,
+              allowed: list[dict[str, bytes]]) -> None:
+    """In the forked child: Flower's ClientApp process body for one task (only for fedlm's own apps), then exit."""
     code = 1
     mark("client", "start", node_pid=node_pid)
     try:
-        from flwr.supernode.runtime.run_clientapp import run_clientapp
+        from flwr.supernode.runtime import run_clientapp as flower
 
-        run_clientapp(runtime_api_address=address, token=token, insecure=insecure, certificates=certificates,
+        flower.install_from_fab = only_own_apps(flower.install_from_fab, allowed)
+        flower.run_clientapp(runtime_api_address=address, token=token, insecure=insecure, certificates=certificates,
                       parent_pid=None, runtime_dependency_install=False)
         code = 0
     except SystemExit as e:  # Flower's exit path: flwr_exit raises SystemExit with its code
@@ -74,9 +128,10 @@ def _run_task(address: str, token: str, insecure: bool, certificates: bytes | No
         os._exit(code)
 
 
-def _preload() -> None:
+def _preload() -> list[dict[str, bytes]]:
     """Import what every ClientApp message needs, so each child starts with it: fedlm's client, and
-    torch._dynamo, which torch imports lazily on the first optimizer built (seconds here)."""
+    torch._dynamo, which torch imports lazily on the first optimizer built (seconds here). Returns
+    the apps the children may run (`own_apps`)."""
     import threading
 
     import torch
@@ -85,7 +140,9 @@ def _preload() -> None:
 
     torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
     shorten_object_pull_retries()  # the child pulls the message from its SuperNode, which may still be fetching it
+    allowed = own_apps()
     assert threading.active_count() == 1, "a thread started before fork: the children would not get it"
+    return allowed
 
 
 def serve(address: str, *, parent_pid: int, insecure: bool, root_certificates: Path | None,
@@ -96,7 +153,7 @@ def serve(address: str, *, parent_pid: int, insecure: bool, root_certificates: P
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
     from flwr.supercore.runtime import RuntimeHttpClient
 
-    _preload()
+    allowed = _preload()
 
     certificates = None if root_certificates is None else root_certificates.read_bytes()
     # No retry invoker: Flower's retries a closed port for ever, and a SuperNode closes its Runtime API
@@ -133,7 +190,7 @@ def serve(address: str, *, parent_pid: int, insecure: bool, root_certificates: P
             mark("launcher", "fork", node_pid=parent_pid)
             pid = os.fork()
             if pid == 0:
-                _run_task(address, res.token, insecure, certificates, parent_pid)
+                _run_task(address, res.token, insecure, certificates, parent_pid, allowed)
             children.add(pid)
             backoff.reset()
             continue  # a round sends one message per node, but ask again at once

@@ -262,7 +262,11 @@ class Retrainer:
             self.progress(f"retraining coalition {coalition_key(coalition)} ({self.trained + 1}{of}{self.label})")
             # the beneficiaries score the model next: the run's own validation (every member scoring the
             # start and final weights) would be thrown away, and on SmolLM2 it cost 260 of 311 s of retraining
-            self.scorer.retrain(cfg, out)
+            try:
+                self.scorer.retrain(cfg, out)
+            except UserError as e:  # e.g. a silo refusing a coalition too small for secure aggregation
+                raise UserError(f"retraining coalition {coalition_key(coalition)}"
+                                f"{' (without secure aggregation: too few silos)' if note else ''}: {e}") from None
             state = _global(out)
             shutil.rmtree(out, ignore_errors=True)
             self.trained += 1
