@@ -192,16 +192,16 @@ def connect_silos(grid: Grid, silos: list[str], *, tokenizer_sha256: str, timeou
             raise UserError(f"silo {name!r} is served by two SuperNodes; stop one of them")
         else:
             node_of[name] = node
-    for name, why in failed.items():
-        if name not in silos:
-            log.warning("%s gets no work: %s", name, why)
     missing = [s for s in silos if s not in node_of]
-    if missing:
+    if missing:  # one reason, once: a node that failed without naming its silo may well be the missing one
         unnamed = [why for name, why in failed.items() if registry is None and name not in silos]
         raise UserError(failed.get(missing[0]) or next(iter(unnamed), None) or
             f"silo {missing[0]!r} did not answer within {timeout:.0f} s (answered: {', '.join(sorted(node_of)) or 'none'}); "
             f"check its SuperNode (`fedlm node ... --silo {missing[0]}`) and its shards"
         )
+    for name, why in failed.items():
+        if name not in silos:
+            log.warning("%s gets no work: %s", name, why)
     return {s: node_of[s] for s in silos}
 
 
