@@ -100,7 +100,8 @@ def own_privacy(cfg: Config, silo_dir: Path) -> tuple[PrivacyConfig, bool]:
     if secure and not cfg.federation.secure_aggregation:
         raise UserError(f"silo {name!r}: its {POLICY_FILE} lets its updates leave it only inside a secure sum "
                         f"(secure_aggregation = true); the run asks for them in clear "
-                        f"(federation.secure_aggregation = false); refused")
+                        f"(federation.secure_aggregation = false); refused: set federation.secure_aggregation = "
+                        f"true (3 or more silos a round) to train with this silo")
     if run.mode != mode:
         raise UserError(f"silo {name!r}: its {POLICY_FILE} says privacy.mode = {mode!r}, the run asks for "
                         f"{run.mode!r}; refused")
