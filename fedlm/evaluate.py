@@ -147,6 +147,14 @@ def _silo_tokenizer(silo_dir: Path, model_tokenizer: Path | None) -> Path:
 # answers: a chat silo's held-out questions
 
 
+MATCH_SLACK = 8
+"""A greedy answer stops once its normalised text is this many characters longer than the
+reference's: no continuation can match then. Appending text never shortens a normalised answer
+(NFKC composes an appended mark into the character before it, one for two; punctuation and
+whitespace are only dropped where they are), except that a character whose UTF-8 bytes are
+split across tokens decodes as up to 3 replacement characters until its last byte comes."""
+
+
 def normalise_answer(text: str) -> str:
     """An answer as exact match compares it: NFKC, case-folded, punctuation dropped, whitespace
     runs made one space."""
@@ -200,10 +208,10 @@ def answer_nll(model: Transformer, convs: list[tuple[np.ndarray, np.ndarray, np.
 
 @torch.no_grad()
 def greedy_answers(model: Transformer, prompts: list[np.ndarray], *, max_new_tokens: int,
-                   stop_ids: set[int], batch_size: int = 8) -> list[list[int]]:
-    """Greedy continuation of each prompt until a stop id (not included) or max_new_tokens,
-    batched: prompts left-padded, one prefill, then one forward per new token, all through
-    the model's forward and KV cache (rows decode as each would alone)."""
+                   stop_ids: set[int], batch_size: int = 8, give_up: GiveUp | None = None) -> list[list[int]]:
+    """Greedy continuation of each prompt until a stop id (not included), max_new_tokens or
+    `give_up`, batched: prompts left-padded, one prefill, then one forward per new token, all
+    through the model's forward and KV cache (rows decode as each would alone)."""
     device = model.tok_emb.weight.device
     out: list[list[int]] = []
     for i in range(0, len(prompts), batch_size):
@@ -216,14 +224,19 @@ def greedy_answers(model: Transformer, prompts: list[np.ndarray], *, max_new_tok
             real[r, T - p.size:] = True
         cache = KVCache.for_model(model, batch_size=len(group), max_len=T + max_new_tokens)
         logits = model(idx, cache=cache, pad_mask=real, last_only=True)[:, -1]  # (B, V)
-        out += _decode(model, cache, logits, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+        out += _decode(model, cache, logits, max_new_tokens=max_new_tokens, stop_ids=stop_ids, give_up=give_up,
+                       first_row=i)
     return out
 
 
+GiveUp = Callable[[int, list[int]], bool]
+"""give_up(row, tokens so far): whether row `row` (of all prompts) may stop before a stop id."""
+
+
 def _decode(model: Transformer, cache: KVCache, logits: torch.Tensor, *, max_new_tokens: int,
-            stop_ids: set[int]) -> list[list[int]]:
+            stop_ids: set[int], give_up: GiveUp | None = None, first_row: int = 0) -> list[list[int]]:
     """Greedy tokens of each row of `cache`, the first chosen from `logits` (B, V), until a stop id
-    (not included) or max_new_tokens."""
+    (not included), max_new_tokens, or `give_up(first_row + r, tokens)`."""
     answers: list[list[int]] = [[] for _ in range(logits.shape[0])]
     done = [False] * logits.shape[0]
     for step in range(max_new_tokens):
@@ -234,6 +247,7 @@ def _decode(model: Transformer, cache: KVCache, logits: torch.Tensor, *, max_new
                     done[r] = True
                 else:
                     answers[r].append(t)
+                    done[r] = give_up is not None and give_up(first_row + r, answers[r])
         if all(done) or step + 1 == max_new_tokens:
             break
         logits = model(nxt[:, None], cache=cache)[:, -1]
@@ -243,7 +257,7 @@ def _decode(model: Transformer, cache: KVCache, logits: torch.Tensor, *, max_new
 @torch.no_grad()
 def score_answers(model: Transformer, convs: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
                   token_bytes: np.ndarray, *, max_new_tokens: int, stop_ids: set[int], batch_size: int = 8,
-                  ) -> tuple[float, int, list[list[int]]]:
+                  give_up: GiveUp | None = None) -> tuple[float, int, list[list[int]]]:
     """`answer_nll` and `greedy_answers` of the last answers' prompts in one prefill per batch:
     each conversation is read whole (right-padded, into a KV cache), its assistant tokens scored
     from those logits; then each row's cache is cut back to its prompt, and the greedy answer
@@ -254,7 +268,7 @@ def score_answers(model: Transformer, convs: list[tuple[np.ndarray, np.ndarray, 
         nll, n_bytes = answer_nll(model, convs, token_bytes, batch_size=batch_size)
         prompts = [ids[:ids.size - ans.size][-(ctx - max_new_tokens):] for ids, _, ans in convs]
         return nll, n_bytes, greedy_answers(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                                            batch_size=batch_size)
+                                            batch_size=batch_size, give_up=give_up)
     device = model.tok_emb.weight.device
     nll, n_bytes, out = 0.0, 0, []
     for i in range(0, len(convs), batch_size):
@@ -276,7 +290,8 @@ def score_answers(model: Transformer, convs: list[tuple[np.ndarray, np.ndarray, 
         first = logits[torch.arange(len(group), device=device), prompt_len - 1]  # (B, V): the answer's first token
         cache.valid &= torch.arange(cache.max_len, device=device)[None, :] < prompt_len[:, None]  # back to the prompts
         cache.pos.copy_(prompt_len)
-        out += _decode(model, cache, first, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+        out += _decode(model, cache, first, max_new_tokens=max_new_tokens, stop_ids=stop_ids, give_up=give_up,
+                       first_row=i)
     return nll, n_bytes, out
 
 
@@ -314,16 +329,23 @@ def answer_metrics(
     model.eval()
     special = set(tok.get_added_tokens_decoder())
     stop = {0} | {int(ans[-1]) for _, _, ans in convs if int(ans[-1]) in special}  # EOS, end of turn
+    references = [tok.decode(ans.tolist(), skip_special_tokens=True) for _, _, ans in convs]
+    longest = [len(normalise_answer(r)) + MATCH_SLACK for r in references]
+
+    def cannot_match(row: int, tokens: list[int]) -> bool:
+        return len(normalise_answer(tok.decode(tokens, skip_special_tokens=True))) > longest[row]
+
     nll, n_bytes, got = score_answers(model, convs, token_bytes, max_new_tokens=max_new_tokens, stop_ids=stop,
-                                      batch_size=batch_size)
+                                      batch_size=batch_size, give_up=cannot_match)
     ctx = int(model.cfg.max_seq_len)
     prompts = [ids[:ids.size - ans.size][-(ctx - max_new_tokens):] for ids, _, ans in convs]
     model.train(was_training)
     rows: list[dict[str, Any]] = []
-    for g, prompt, (_, _, ans) in zip(got, prompts, convs, strict=True):
-        answer, reference = tok.decode(g, skip_special_tokens=True), tok.decode(ans.tolist(), skip_special_tokens=True)
+    for row, (g, prompt, reference) in enumerate(zip(got, prompts, references, strict=True)):
+        answer = tok.decode(g, skip_special_tokens=True)
         rows.append({"prompt": tok.decode(prompt.tolist(), skip_special_tokens=False), "reference": reference,
-                     "answer": answer, "match": normalise_answer(answer) == normalise_answer(reference)})
+                     "answer": answer + (" …" if cannot_match(row, g) else ""),  # stopped: it could not match
+                     "match": normalise_answer(answer) == normalise_answer(reference)})
     out: dict[str, Any] = {"answer_bits_per_byte": nll / math.log(2) / max(n_bytes, 1),
                            "exact_match": sum(bool(r["match"]) for r in rows) / len(rows), "n": len(rows),
                            "answer_bytes": n_bytes}

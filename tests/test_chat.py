@@ -413,6 +413,42 @@ def test_answer_metrics_match_the_single_row_generator(ws: Path) -> None:
     assert abs(got["answer_bits_per_byte"] - nll / np.log(2) / n_bytes) < 1e-4
 
 
+def test_greedy_answers_stop_once_no_continuation_can_match(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A greedy answer stops once its normalised text is MATCH_SLACK characters longer than the
+    reference's: the matches and answer bits/byte are those of answers run to max_new_tokens, the
+    stopped answers are those answers' beginnings (marked " …"); and the rule's premise holds on
+    random token sequences: appending tokens never shortens a normalised decode by more than 3."""
+    from fedlm import evaluate as ev
+
+    tok = load_tokenizer(ws / "tokenizer.json")
+    model = tiny_model(ws, seed=11).eval()
+    head = torch.nn.Linear(model.cfg.d_model, tok.get_vocab_size())  # a model that rambles on in letters
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()[tok.token_to_id("e")] = 4.0
+    model.lm_head = head
+    silo = ws / "silos" / "qa"
+    early = ev.answer_metrics(model, silo, max_new_tokens=40, batch_size=3, details=True)
+    monkeypatch.setattr(ev, "MATCH_SLACK", 10**6)
+    whole = ev.answer_metrics(model, silo, max_new_tokens=40, batch_size=3, details=True)
+    assert [r["match"] for r in early["answers"]] == [r["match"] for r in whole["answers"]]
+    assert early["answer_bits_per_byte"] == whole["answer_bits_per_byte"]
+    stopped = [(a["answer"], b["answer"]) for a, b in zip(early["answers"], whole["answers"], strict=True)
+               if a["answer"].endswith(" …")]
+    assert stopped, "the untrained model should ramble past its references"
+    for short, full in stopped:
+        assert full.startswith(short[:-2].rstrip("\ufffd")) and len(full) > len(short) - 2
+
+    texts = ["Café e\u0301 ß İ", "《刑法》第二百三十二条。", "naïve—“quoted”… ﬁne ①", "한국어 가 😀 x"]
+    rng = np.random.default_rng(0)
+    seqs = [tok.encode(t).ids for t in texts] + [rng.integers(0, tok.get_vocab_size(), 30).tolist()
+                                                 for _ in range(200)]
+    for ids in seqs:
+        lengths = [len(ev.normalise_answer(tok.decode(ids[:k], skip_special_tokens=True)))
+                   for k in range(len(ids) + 1)]
+        assert all(later >= max(lengths[:k + 1]) - 3 for k, later in enumerate(lengths)), (ids, lengths)
+
+
 def test_eval_cli_reports_answers_on_a_chat_silo(ws: Path, tmp_path: Path) -> None:
     from fedlm.modelio import save_model
 
