@@ -167,3 +167,40 @@ def test_flower_engine_bitwise_equal_to_in_process(tmp_path: Path, strategy: str
     for row in rounds(tmp_path / "flower"):
         assert row["completed"] and not row["dropped"]
         assert all(s["bytes_up"] > 0 and s["bytes_down"] > 0 for s in row["silos"].values())
+
+
+@pytest.mark.slow
+def test_deployed_valuation_under_secure_aggregation(tmp_path: Path) -> None:
+    """`fedlm value --superlink` of a secure-aggregation run on three real SuperNodes: the pairs and
+    single silos (too few for a secure sum) retrain in clear, as in process, and the output says so;
+    the values equal in-process valuation of the same run bit for bit. Then silo "a" requires
+    secure aggregation in its privacy.toml: the valuation stops at the first coalition it would
+    have to train in clear, with one line naming it, and the earlier value.json is kept."""
+    from fedlm.federation.deploy import _local_federation, stop
+    from fedlm.value.deployed import value_on_flower
+    from fedlm.value.run import value_run
+
+    ws = make_ws(tmp_path / "ws")
+    cfg = tiny_cfg(ws, rounds=1, local_steps=1, engine="flower", secure_aggregation=True)
+    superlink, procs = _local_federation(cfg, tmp_path / "home", tmp_path / "logs")
+    try:
+        run = tmp_path / "run"
+        run_federated(cfg, run, superlink=superlink, insecure=True)
+        assert rounds(run)[0]["completed"]
+        deployed = value_on_flower(run, {"method": "exact"}, superlink=superlink, root_certificates=None,
+                                   insecure=True)
+        assert deployed["coalitions_trained"] == 6
+        assert any("without secure aggregation" in note for note in deployed["notes"])
+        (ws / "silos" / "a" / "privacy.toml").write_text('[privacy]\nmode = "none"\nsecure_aggregation = true\n')
+        kept = (run / "value.json").read_text()
+        with pytest.raises(UserError, match=r"retraining coalition a\S* \(without secure aggregation: too few silos\): "
+                                            r"silo 'a': its privacy.toml lets its updates leave it only inside"):
+            value_on_flower(run, {"method": "exact"}, superlink=superlink, root_certificates=None, insecure=True)
+        assert (run / "value.json").read_text() == kept and not list(run.glob(".value*"))
+    finally:
+        stop(procs)
+    (ws / "silos" / "a" / "privacy.toml").unlink()
+    in_process = value_run(run)
+    for silo in ("a", "b", "c"):
+        for key in ("shapley", "leave_one_out", "gain"):
+            assert in_process["silos"][silo][key] == deployed["silos"][silo][key], (silo, key)
