@@ -287,3 +287,46 @@ def test_a_silo_that_requires_secure_aggregation_never_sends_an_update_in_clear(
     with pytest.raises(UserError, match="silo 'a': its privacy.toml lets its updates leave it only inside"):
         value_run(tmp_path / "secure")
     assert not (tmp_path / "secure" / "value.json").exists()
+
+
+def test_a_silo_caps_how_many_models_it_scores(ws: Path, tmp_path: Path) -> None:
+    """Attack 10: scoring is an oracle on a silo's validation split: the coordinator chooses the
+    weights, the silo answers one bits-per-byte number for each, outside secure aggregation and
+    DP. A silo whose privacy.toml sets max_scored_models scores at most that many models over
+    all runs (the run's own final validation counts too) and refuses a request that would pass it,
+    counting nothing for it; valuation then stops with that line."""
+    from flwr.app import ArrayRecord
+
+    from fedlm.data.tokenizer import tokenizer_hash
+    from fedlm.federation.valuation import _request, score_reply
+    from fedlm.value.run import value_run
+
+    own = tmp_path / "ws"
+    shutil.copytree(ws, own, ignore=shutil.ignore_patterns(".secrets"))
+    silo = own / "silos" / "a"
+    (silo / "privacy.toml").write_text('[privacy]\nmode = "none"\nmax_scored_models = 10\n')
+    run = tmp_path / "run"
+    run_federated(tiny_cfg(own, rounds=1, local_steps=1), run)
+
+    def scored(name: str) -> object:
+        path = own / "silos" / name / ".secrets" / "scored.json"
+        return json.loads(path.read_text())["scored"] if path.exists() else None
+
+    assert scored("a") == 2 and scored("b") is None  # the run's start and final weights; b has no cap
+    state = ArrayRecord(weights(run))
+
+    def ask(count: int) -> Message:
+        msg = _request(1, [state] * count, config_text=(run / "config.toml").read_text(),
+                       tokenizer_sha256=tokenizer_hash(own / "tokenizer.json"), max_tokens=256)
+        return score_reply(msg, silo)
+
+    with pytest.raises(UserError, match=r"silo 'a': scoring 9 more models would pass max_scored_models = 10 of "
+                                        r"its privacy.toml \(2 scored so far\); refused"):
+        ask(9)
+    assert scored("a") == 2
+    reply = ask(8)
+    assert len([k for k in reply.content.metric_records["metrics"] if k.startswith("bpb-")]) == 8
+    assert scored("a") == 10
+    with pytest.raises(UserError, match="scoring 1 more models would pass max_scored_models = 10"):
+        value_run(run)
+    assert not (run / "value.json").exists()

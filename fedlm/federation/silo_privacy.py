@@ -20,6 +20,11 @@ so a silo trusts nothing in the server's message that its privacy depends on:
   file, a run without secure aggregation is refused (at its query, before round 1, and at
   every round), so neither a coordinator that turns it off nor a valuation that retrains a
   coalition too small for it gets this silo's update alone.
+- How many models it scores for others: with `max_scored_models = N` in the same file, the silo
+  scores at most N models over all runs (`charge_scores`, counted in
+  WS/silos/NAME/.secrets/scored.json). A score is one number about its validation split for weights
+  the coordinator chose, so unbounded scoring is an oracle on that split, outside secure
+  aggregation and DP.
 - Its ledger (WS/silos/NAME/.secrets/ledger.json) charges every distinct release with the
   noise the silo itself adds and the fewest survivors it allows (so against a peer, the
   worst case), and refuses a release that would pass its target. With privacy.toml the
@@ -33,6 +38,7 @@ import json
 import logging
 import math
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,6 +59,7 @@ log = logging.getLogger("fedlm.federation")
 
 POLICY_FILE = "privacy.toml"
 LEDGER_FILE = Path(".secrets") / "ledger.json"
+SCORED_FILE = Path(".secrets") / "scored.json"
 
 
 def weights_digest(arrays: dict[str, torch.Tensor]) -> str:
@@ -65,8 +72,19 @@ def weights_digest(arrays: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _policy(silo_dir: Path) -> tuple[str, float, float, bool] | None:
-    """The silo's privacy.toml: (mode, target ε, δ, secure aggregation required), or None without one."""
+@dataclass(frozen=True)
+class SiloPolicy:
+    """A silo's privacy.toml."""
+
+    mode: str
+    target_epsilon: float  # 0 with mode "none"
+    delta: float
+    secure_aggregation: bool  # its updates leave it only inside a secure sum
+    max_scored_models: int | None  # None: no cap
+
+
+def _policy(silo_dir: Path) -> SiloPolicy | None:
+    """The silo's privacy.toml, or None without one."""
     path = silo_dir / POLICY_FILE
     if not path.exists():
         return None
@@ -74,19 +92,40 @@ def _policy(silo_dir: Path) -> tuple[str, float, float, bool] | None:
         local = tomllib.loads(path.read_text()).get("privacy", {})
         mode = str(local["mode"])
         target, delta = (float(local["target_epsilon"]), float(local["delta"])) if mode != "none" else (0.0, 0.0)
-        secure = local.get("secure_aggregation", False)
+        secure, cap = local.get("secure_aggregation", False), local.get("max_scored_models")
         if not isinstance(secure, bool):
             raise TypeError(f"secure_aggregation = {secure!r} is not true or false")
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
+            raise TypeError(f"max_scored_models = {cap!r} is not a whole number ≥ 0")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: needs [privacy] mode (and target_epsilon and delta unless mode = \"none\"), and "
-                        f"optionally secure_aggregation = true or false ({e})") from None
-    return mode, target, delta, secure
+                        f"optionally secure_aggregation = true or false and max_scored_models = N ({e})") from None
+    return SiloPolicy(mode, target, delta, secure, cap)
 
 
 def requires_secure_aggregation(silo_dir: Path) -> bool:
     """Whether the silo's privacy.toml lets its updates leave it only inside a secure sum."""
     policy = _policy(silo_dir)
-    return policy is not None and policy[3]
+    return policy is not None and policy.secure_aggregation
+
+
+def charge_scores(silo_dir: Path, count: int) -> None:
+    """Count `count` models about to be scored for the coordinator against the silo's
+    max_scored_models (over all runs), or refuse them all; nothing without a cap."""
+    policy = _policy(silo_dir)
+    if policy is None or policy.max_scored_models is None:
+        return
+    path = silo_dir / SCORED_FILE
+    try:
+        done = int(json.loads(path.read_text())["scored"]) if path.exists() else 0
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is corrupt ({e}); this silo cannot tell how many models it has scored") from None
+    if done + count > policy.max_scored_models:
+        raise UserError(f"silo {silo_dir.name!r}: scoring {count} more models would pass max_scored_models = "
+                        f"{policy.max_scored_models} of its {POLICY_FILE} ({done} scored so far); refused: each score "
+                        f"is a number about its validation split for weights the coordinator chose")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_json(path, {"scored": done + count})
 
 
 def own_privacy(cfg: Config, silo_dir: Path) -> tuple[PrivacyConfig, bool]:
@@ -95,9 +134,9 @@ def own_privacy(cfg: Config, silo_dir: Path) -> tuple[PrivacyConfig, bool]:
     run = cfg.privacy
     if policy is None:
         return run, False
-    mode, target, delta, secure = policy
+    mode, target, delta = policy.mode, policy.target_epsilon, policy.delta
     name = silo_dir.name
-    if secure and not cfg.federation.secure_aggregation:
+    if policy.secure_aggregation and not cfg.federation.secure_aggregation:
         raise UserError(f"silo {name!r}: its {POLICY_FILE} lets its updates leave it only inside a secure sum "
                         f"(secure_aggregation = true); the run asks for them in clear "
                         f"(federation.secure_aggregation = false); refused: set federation.secure_aggregation = "

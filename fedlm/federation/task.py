@@ -30,7 +30,7 @@ from fedlm.data.shards import open_chat, open_split
 from fedlm.device import resolve_device
 from fedlm.errors import UserError
 from fedlm.federation import codecs
-from fedlm.federation.silo_privacy import SiloPrivacy
+from fedlm.federation.silo_privacy import SiloPrivacy, charge_scores
 from fedlm.model import Transformer
 from fedlm.privacy.client_dp import clip_update
 from fedlm.privacy.dpsgd import RecordPlan, num_records, plan_record_dp
@@ -183,6 +183,7 @@ def validate_silo(weights: list[dict[str, torch.Tensor]], *, cfg: Config, config
 
     Every set is scored on the same windows (`val_loss`, seeded), so the values compare; nan when
     the split is shorter than one window. Only these numbers leave the silo."""
+    charge_scores(path, len(weights))
     torch.set_num_threads(1)
     tokens = open_split(path, "val", expect_tokenizer_sha256=tokenizer_sha256)
     chat = open_chat(path, "val")  # a chat silo is judged on its answers, as it is trained

@@ -55,6 +55,7 @@ from fedlm.errors import UserError
 from fedlm.evaluate import answer_nll, eval_windows, evaluate_tokens, held_out_questions
 from fedlm.federation.messages import error_reason, parse_config
 from fedlm.federation.robust import update_norm
+from fedlm.federation.silo_privacy import charge_scores
 from fedlm.federation.strategies import ServerAdamW, ServerOptimizer, make_server_optimizer
 from fedlm.federation.task import check_silo, expand_state, federated_train_config
 from fedlm.fileio import write_json
@@ -176,6 +177,7 @@ def score_reply(msg: Message, path: Path) -> Message:
     models: list[State] = [dict(msg.content.array_records[f"model-{i}"].to_torch_state_dict())
                            for i in range(int(record["models"]))]  # type: ignore[arg-type]
     names = [f"bpb-{i}" for i in range(len(models))]
+    charge_scores(path, len(models))  # the coordinator's models; its own local-only model is not counted
     if int(record.get("local-baseline", 0)):  # type: ignore[arg-type]
         models, names = [_local_arrays(path, text), *models], ["bpb-local", *names]
     split = _split(path, text, str(record["tokenizer-sha256"]), int(record["max-tokens"]))  # type: ignore[arg-type]
