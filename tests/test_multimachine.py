@@ -131,7 +131,13 @@ def test_superlink_flags_need_the_flower_engine(tmp_path: Path, capfd: pytest.Ca
             "--root-certificates", str(cfg), "--key", str(tmp_path / "legal.key")]
     _one_line_error(fedlm_here(capfd, *node), "silo 'legal'", "fedlm data")
     (tmp_path / "silos/legal").mkdir(parents=True)
-    _one_line_error(fedlm_here(capfd, *node), "legal.key: no such file", "fedlm silo key")
+    (tmp_path / "silos/legal/privacy.toml").write_text('[privacy]\nmode = "none"\nmax_scored_models = -1\n')
+    _one_line_error(fedlm_here(capfd, *node), "privacy.toml: needs [privacy] mode", "max_scored_models = -1")
+    (tmp_path / "silos/legal/privacy.toml").write_text('[privacy]\nmode = "none"\nsecure_aggregation = true\n')
+    r = fedlm_here(capfd, *node)
+    _one_line_error(r, "legal.key: no such file", "fedlm silo key")
+    assert r.stdout.splitlines()[-1] == ("silo legal: its privacy.toml holds every run to: privacy.mode = 'none' (no DP); "
+                                "updates only inside a secure sum; no cap on models scored")
 
 
 @pytest.mark.slow

@@ -56,6 +56,7 @@ from fedlm.errors import UserError
 from fedlm.federation import trust, warm_exec
 from fedlm.federation.outcome import amend_summary
 from fedlm.federation.rundir import FLOWER_ENV, RoundCallback
+from fedlm.federation.silo_privacy import describe_policy
 from fedlm.fileio import write_json
 from fedlm.resolve import resolve_silos
 from fedlm.runlock import FLOWER_RUN, live_run
@@ -376,8 +377,10 @@ def start_supernode(superlink: str, workspace: Path, silo: str, *, port: int, lo
 
 def run_node(superlink: str, workspace: Path, silo: str, *, root_certificates: Path, key: Path,
              peers: Path | None = None, port: int | None = None, ready_timeout: float = 30.0) -> int:
-    """`fedlm node`: check the SuperLink, the silo and its key, then run its SuperNode until it exits or Ctrl-C."""
+    """`fedlm node`: check the SuperLink, the silo, its policy and its key, then run its SuperNode until it
+    exits or Ctrl-C."""
     _check_silo_dir(workspace, silo)
+    print(describe_policy(Path(workspace) / "silos" / silo), flush=True)  # a malformed privacy.toml stops it here
     if not Path(key).is_file():
         raise UserError(f"--key {key}: no such file; make it with `fedlm silo key {key}` and have the "
                         f"coordinator register {key}.pub for silo {silo!r}")

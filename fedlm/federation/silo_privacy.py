@@ -103,6 +103,21 @@ def _policy(silo_dir: Path) -> SiloPolicy | None:
     return SiloPolicy(mode, target, delta, secure, cap)
 
 
+def describe_policy(silo_dir: Path) -> str:
+    """One line saying what the silo holds runs to (UserError when its privacy.toml is malformed)."""
+    policy = _policy(silo_dir)
+    if policy is None:
+        return (f"silo {silo_dir.name}: no {POLICY_FILE}: it follows each run's config (DP, secure aggregation) "
+                f"as the coordinator sets it")
+    dp = "no DP" if policy.mode == "none" else (f"DP {policy.mode}-level, ε ≤ {policy.target_epsilon:g} over all runs, "
+                                                f"δ ≤ {policy.delta:g}")
+    rules = [f"privacy.mode = {policy.mode!r} ({dp})",
+             "updates only inside a secure sum" if policy.secure_aggregation else "updates in clear allowed",
+             "no cap on models scored" if policy.max_scored_models is None else
+             f"at most {policy.max_scored_models} models scored over all runs"]
+    return f"silo {silo_dir.name}: its {POLICY_FILE} holds every run to: {'; '.join(rules)}"
+
+
 def requires_secure_aggregation(silo_dir: Path) -> bool:
     """Whether the silo's privacy.toml lets its updates leave it only inside a secure sum."""
     policy = _policy(silo_dir)
