@@ -56,7 +56,7 @@ from fedlm.errors import UserError
 from fedlm.federation import trust, warm_exec
 from fedlm.federation.outcome import amend_summary
 from fedlm.federation.rundir import FLOWER_ENV, RoundCallback
-from fedlm.federation.silo_privacy import describe_policy
+from fedlm.federation.silo_privacy import describe_policy, requires_secure_aggregation
 from fedlm.fileio import write_json
 from fedlm.resolve import resolve_silos
 from fedlm.runlock import FLOWER_RUN, live_run
@@ -381,6 +381,10 @@ def run_node(superlink: str, workspace: Path, silo: str, *, root_certificates: P
     exits or Ctrl-C."""
     _check_silo_dir(workspace, silo)
     print(describe_policy(Path(workspace) / "silos" / silo), flush=True)  # a malformed privacy.toml stops it here
+    if peers is None and requires_secure_aggregation(Path(workspace) / "silos" / silo):
+        raise UserError(f"silo {silo!r}: its privacy.toml requires secure aggregation, which across machines needs "
+                        "the silo's own copy of the silo registry to check its peers' round keys: add "
+                        "--peers silos.json (from the coordinator; compare the key fingerprints with the other silos)")
     if not Path(key).is_file():
         raise UserError(f"--key {key}: no such file; make it with `fedlm silo key {key}` and have the "
                         f"coordinator register {key}.pub for silo {silo!r}")
