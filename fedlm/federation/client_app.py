@@ -6,13 +6,15 @@ The silo is named by the node: `--node-config 'workspace="WS" silo="NAME"'` on a
 or the node config the in-process Grid gives each virtual node. The handlers (message types
 in `fedlm.federation.messages`):
 
-- `query`: before round 1, open the silo's shards against the run's tokenizer hash (and,
-  under record-level DP, plan its DP-SGD, refusing a budget that cannot fit); reply with the
-  silo's name and token counts, or an error saying why.
+- `query`: before round 1, open the silo's shards against the run's tokenizer hash, check the
+  run against the silo's own privacy.toml (`silo_privacy`) and, under record-level DP, plan
+  its DP-SGD, refusing a budget that cannot fit; reply with the silo's name and token counts,
+  or an error saying why.
 - `train`: train `federation.local_steps` steps from the message's global weights; reply
   with the update (local − global, in wire names, under federation.compression) and numeric
   metrics (loss, num_tokens, train_seconds). Nothing else leaves the silo: no text, no
-  token ids, no file names.
+  token ids, no file names. Refused for a run with secure aggregation, whose updates leave only
+  through `secagg_input`.
 - `evaluate`: after the last round, score the run's starting and final global weights on the
   silo's own validation split; reply with the two losses only (under SecAgg only which is
   larger), so the server can say which silos the run left worse off.
