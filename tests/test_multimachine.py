@@ -132,7 +132,7 @@ def test_superlink_flags_need_the_flower_engine(tmp_path: Path, capfd: pytest.Ca
     _one_line_error(fedlm_here(capfd, *node), "silo 'legal'", "fedlm data")
     (tmp_path / "silos/legal").mkdir(parents=True)
     (tmp_path / "silos/legal/privacy.toml").write_text('[privacy]\nmode = "none"\nmax_scored_models = -1\n')
-    _one_line_error(fedlm_here(capfd, *node), "privacy.toml: needs [privacy] mode", "max_scored_models = -1")
+    _one_line_error(fedlm_here(capfd, *node), "privacy.toml: [privacy] takes mode", "max_scored_models = -1")
     (tmp_path / "silos/legal/privacy.toml").write_text('[privacy]\nmode = "none"\nsecure_aggregation = true\n')
     _one_line_error(fedlm_here(capfd, *node), "requires secure aggregation", "--peers silos.json")
     r = fedlm_here(capfd, *node, "--peers", str(tmp_path / "silos.json"))

@@ -254,7 +254,7 @@ def test_a_silo_that_requires_secure_aggregation_never_sends_an_update_in_clear(
     goes on as before."""
     own = tmp_path / "ws"
     shutil.copytree(ws, own, ignore=shutil.ignore_patterns(".secrets"))
-    (own / "silos" / "a" / "privacy.toml").write_text('[privacy]\nmode = "none"\nsecure_aggregation = true\n')
+    (own / "silos" / "a" / "privacy.toml").write_text("[privacy]\nsecure_aggregation = true\n")
 
     with pytest.raises(UserError, match=r"silo 'a': its privacy.toml lets its updates leave it only inside a secure "
                                         r"sum .* asks for them in clear .*refused"):
@@ -304,7 +304,7 @@ def test_a_silo_caps_how_many_models_it_scores(ws: Path, tmp_path: Path) -> None
     own = tmp_path / "ws"
     shutil.copytree(ws, own, ignore=shutil.ignore_patterns(".secrets"))
     silo = own / "silos" / "a"
-    (silo / "privacy.toml").write_text('[privacy]\nmode = "none"\nmax_scored_models = 10\n')
+    (silo / "privacy.toml").write_text("[privacy]\nmax_scored_models = 10\n")
     run = tmp_path / "run"
     run_federated(tiny_cfg(own, rounds=1, local_steps=1), run)
 

@@ -76,8 +76,8 @@ def weights_digest(arrays: dict[str, torch.Tensor]) -> str:
 class SiloPolicy:
     """A silo's privacy.toml."""
 
-    mode: str
-    target_epsilon: float  # 0 with mode "none"
+    mode: str | None  # None: the run's DP settings, whatever they are
+    target_epsilon: float  # 0 without a DP mode
     delta: float
     secure_aggregation: bool  # its updates leave it only inside a secure sum
     max_scored_models: int | None  # None: no cap
@@ -90,16 +90,17 @@ def _policy(silo_dir: Path) -> SiloPolicy | None:
         return None
     try:
         local = tomllib.loads(path.read_text()).get("privacy", {})
-        mode = str(local["mode"])
-        target, delta = (float(local["target_epsilon"]), float(local["delta"])) if mode != "none" else (0.0, 0.0)
+        mode = str(local["mode"]) if "mode" in local else None
+        dp = mode not in (None, "none")
+        target, delta = (float(local["target_epsilon"]), float(local["delta"])) if dp else (0.0, 0.0)
         secure, cap = local.get("secure_aggregation", False), local.get("max_scored_models")
         if not isinstance(secure, bool):
             raise TypeError(f"secure_aggregation = {secure!r} is not true or false")
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
             raise TypeError(f"max_scored_models = {cap!r} is not a whole number ≥ 0")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path}: needs [privacy] mode (and target_epsilon and delta unless mode = \"none\"), and "
-                        f"optionally secure_aggregation = true or false and max_scored_models = N ({e})") from None
+        raise UserError(f"{path}: [privacy] takes mode (with target_epsilon and delta unless it is \"none\"), "
+                        f"secure_aggregation = true or false, and max_scored_models = N ({e})") from None
     return SiloPolicy(mode, target, delta, secure, cap)
 
 
@@ -109,9 +110,9 @@ def describe_policy(silo_dir: Path) -> str:
     if policy is None:
         return (f"silo {silo_dir.name}: no {POLICY_FILE}: it follows each run's config (DP, secure aggregation) "
                 f"as the coordinator sets it")
-    dp = "no DP" if policy.mode == "none" else (f"DP {policy.mode}-level, ε ≤ {policy.target_epsilon:g} over all runs, "
-                                                f"δ ≤ {policy.delta:g}")
-    rules = [f"privacy.mode = {policy.mode!r} ({dp})",
+    dp = ("the run's DP settings" if policy.mode is None else "privacy.mode = 'none' (no DP)" if policy.mode == "none"
+          else f"privacy.mode = {policy.mode!r}, ε ≤ {policy.target_epsilon:g} over all runs, δ ≤ {policy.delta:g}")
+    rules = [dp,
              "updates only inside a secure sum" if policy.secure_aggregation else "updates in clear allowed",
              "no cap on models scored" if policy.max_scored_models is None else
              f"at most {policy.max_scored_models} models scored over all runs"]
@@ -156,6 +157,8 @@ def own_privacy(cfg: Config, silo_dir: Path) -> tuple[PrivacyConfig, bool]:
                         f"(secure_aggregation = true); the run asks for them in clear "
                         f"(federation.secure_aggregation = false); refused: set federation.secure_aggregation = "
                         f"true (3 or more silos a round) to train with this silo")
+    if mode is None:  # no DP policy: the run's settings, and a ledger per run config
+        return run, False
     if run.mode != mode:
         raise UserError(f"silo {name!r}: its {POLICY_FILE} says privacy.mode = {mode!r}, the run asks for "
                         f"{run.mode!r}; refused")
