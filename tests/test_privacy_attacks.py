@@ -330,3 +330,36 @@ def test_a_silo_caps_how_many_models_it_scores(ws: Path, tmp_path: Path) -> None
     with pytest.raises(UserError, match="scoring 1 more models would pass max_scored_models = 10"):
         value_run(run)
     assert not (run / "value.json").exists()
+
+
+def test_a_round_replayed_with_other_silos_is_not_unmasked_twice(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack 11: a silo's update is a function of the run config, the round, the weights and its
+    data, so a coordinator that runs the same round twice, the second time without silo d, gets two
+    secure sums whose difference is d's update (so the README once claimed no single update was
+    revealed). Each silo now unmasks a round's input inside one set of survivors only: the replay
+    is refused at unmasking by every silo in it, and the first sum stands."""
+    from fedlm.federation import rounds as rounds_mod
+
+    ws = make_ws(tmp_path / "ws", docs=20)
+    shutil.copytree(ws / "silos" / "c", ws / "silos" / "d")  # a fourth silo (its own name, so its own batches)
+    real = rounds_mod.secagg_round
+    sums = []
+
+    def replaying(link, round_no, sampled, arrays, config, **kw):  # type: ignore[no-untyped-def]
+        first = real(link, round_no, sampled, arrays, config, **kw)
+        again = real(link, round_no, sampled, arrays, config, **kw)  # the same silos again: the same sum, allowed
+        without_d = real(link, round_no, [s for s in sampled if s != "d"], arrays, config, **kw)
+        sums.append((first, again, without_d))
+        return first
+
+    monkeypatch.setattr(rounds_mod, "secagg_round", replaying)
+    run_federated(tiny_cfg(ws, rounds=1, local_steps=1, secure_aggregation=True), tmp_path / "run")
+    (first, again, without_d), = sums
+    assert first.update is not None and again.update is not None
+    assert all(torch.allclose(first.update[k], again.update[k]) for k in first.update)
+    assert without_d.update is None
+    assert sorted(without_d.dropped) == ["a", "b", "c"]
+    for why in without_d.dropped.values():
+        assert "already unmasked in a sum of a, b, c, d" in why and "refused" in why, why
+    assert rounds(tmp_path / "run")[0]["completed"]

@@ -18,7 +18,8 @@ in `fedlm.federation.messages`):
 - `evaluate`: after the last round, score the run's starting and final global weights on the
   silo's own validation split; reply with the two losses only (under SecAgg only which is
   larger), so the server can say which silos the run left worse off.
-- `train.secagg_setup|keys|input|unmask`: secure aggregation (`fedlm.federation.secagg`).
+- `train.secagg_setup|keys|input|unmask`: secure aggregation (`fedlm.federation.secagg`); a
+  round's input is unmasked inside one set of survivors only (`silo_privacy.pin_secure_sum`).
   `secagg_input` trains as `train` does, checks the update itself (the server cannot), and
   replies with it masked and quantised instead. The silo's secrets between stages live in
   `Context.state` (the only state that survives between messages on the deployment engine).
@@ -59,6 +60,8 @@ from fedlm.federation.silo_privacy import (
     SiloPrivacy,
     expected_clip_range,
     own_privacy,
+    pin_secure_sum,
+    release_id,
     requires_secure_aggregation,
 )
 from fedlm.federation.task import (
@@ -197,6 +200,7 @@ def secagg_input(msg: Message, context: Context) -> Message:
     vector = secagg.with_metrics(secagg.flatten(update), metrics, clip_range=float(state["clip_range"]))
     state, reply = secagg.client_masked_input(state, from_records(msg.content), vector,
                                               expect_clip_range=expected_clip_range(cfg, req.dp_share_std or 0.0))
+    state["release"] = release_id(req.config_text, req.round_idx, req.arrays, silo_dir(context.node_config))
     context.state["secagg"] = ConfigRecord(state)
     content = to_records(reply)
     content["metrics"] = MetricRecord(secagg.clear_metrics(metrics))  # type: ignore[arg-type]
@@ -208,5 +212,8 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
     """Stage 3: shares of the survivors' self-mask seeds and of the dropped silos' mask keys."""
     state = _secagg_state(context)
     del context.state["secagg"]  # the round's secrets are not needed again, nor a second answer
-    reply = secagg.client_unmask(state, from_records(msg.content))
+    request = from_records(msg.content)
+    reply = secagg.client_unmask(state, request)
+    if "release" in state:  # the same input never in two different sums (a replayed round)
+        pin_secure_sum(silo_dir(context.node_config), str(state["release"]), list(request["survivors"]))
     return Message(to_records(reply), reply_to=msg)

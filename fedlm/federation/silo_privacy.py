@@ -60,6 +60,38 @@ log = logging.getLogger("fedlm.federation")
 POLICY_FILE = "privacy.toml"
 LEDGER_FILE = Path(".secrets") / "ledger.json"
 SCORED_FILE = Path(".secrets") / "scored.json"
+SUMS_FILE = Path(".secrets") / "secure_sums.json"
+
+
+def release_id(config_text: str, round_idx: int, arrays: dict[str, torch.Tensor], silo_dir: Path) -> str:
+    """What a silo's contribution to a round is a function of: the run config, the round, the global
+    weights received and its shards (new shards under the same request give another release)."""
+    data = silo_dir / "train.bin"  # the data too: new shards under the same request get fresh noise
+    data_id = f"{data.stat().st_size}.{data.stat().st_mtime_ns}" if data.exists() else "-"
+    run = hashlib.sha256(config_text.encode()).hexdigest()[:16]
+    return f"{run}/{round_idx}/{weights_digest(arrays)}/{data_id}"
+
+
+def pin_secure_sum(silo_dir: Path, release: str, survivors: list[str]) -> None:
+    """Let this silo's masked input for `release` be unmasked inside one secure sum only: the first
+    set of survivors it unmasked for is kept (WS/silos/NAME/.secrets/secure_sums.json), and another
+    set is refused. The same request gives the same input, so two sums of different silos that
+    both hold it differ by the other silos' inputs alone: a coordinator replaying a round with a
+    silo left out, or claimed dropped, would read that silo's update from the difference."""
+    path = silo_dir / SUMS_FILE
+    try:
+        book = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is corrupt ({e}); this silo cannot tell which sums it took part in") from None
+    want, got = sorted(survivors), book.get(release)
+    if got is not None and got != want:
+        raise UserError(f"silo {silo_dir.name!r}: this round's update (the same run config, round and weights) was "
+                        f"already unmasked in a sum of {', '.join(got)}; unmasking it in a sum of {', '.join(want)} "
+                        f"would let the coordinator take one from the other; refused")
+    if got is None:
+        book[release] = want
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_json(path, book)
 
 
 def weights_digest(arrays: dict[str, torch.Tensor]) -> str:
@@ -178,10 +210,7 @@ class SiloPrivacy:
         self.cfg, self.dir, self.round = cfg, silo_dir, round_idx
         self.privacy, self.lifetime = own_privacy(cfg, silo_dir)
         self.run = hashlib.sha256(config_text.encode()).hexdigest()[:16]
-        data = silo_dir / "train.bin"  # the data too: new shards under the same request get fresh noise
-        data_id = f"{data.stat().st_size}.{data.stat().st_mtime_ns}" if data.exists() else "-"
-        self.release = (f"{self.run}/{round_idx}/{weights_digest(arrays)}/{data_id}"
-                        if cfg.privacy.mode != "none" else "")
+        self.release = release_id(config_text, round_idx, arrays, silo_dir) if cfg.privacy.mode != "none" else ""
 
     def _key(self) -> NoiseKey:
         return party_key(insecure=self.cfg.privacy.insecure_reproducible_noise, seed=self.cfg.train.seed,
