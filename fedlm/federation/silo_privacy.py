@@ -14,8 +14,8 @@ so a silo trusts nothing in the server's message that its privacy depends on:
   independent noise.
 - Its mode and budget: WS/silos/NAME/privacy.toml, when the silo writes one
   (`[privacy] mode = "client"`, `target_epsilon = 4`, `delta = 1e-5`), overrides the run's: a
-  run that asks for another mode, or a larger ε or δ, is refused; without the file the silo
-  follows the run config it is sent (and says so in the log).
+  run that asks for another mode, or a larger ε or δ, is refused; without the file (or
+  without `mode` in it) the silo follows the run config it is sent (and says so in the log).
 - Whether its updates may leave it in clear: with `secure_aggregation = true` in the same
   file, a run without secure aggregation is refused (at its query, before round 1, and at
   every round), so neither a coordinator that turns it off nor a valuation that retrains a
@@ -27,8 +27,12 @@ so a silo trusts nothing in the server's message that its privacy depends on:
   aggregation and DP.
 - Its ledger (WS/silos/NAME/.secrets/ledger.json) charges every distinct release with the
   noise the silo itself adds and the fewest survivors it allows (so against a peer, the
-  worst case), and refuses a release that would pass its target. With privacy.toml the
-  ledger spans all runs on this silo's data; without it, one run config.
+  worst case), and refuses a release that would pass its target. With a DP mode in
+  privacy.toml the ledger spans all runs on this silo's data; without one, one run config.
+- Which secure sum holds its input: a release is unmasked inside one set of survivors only
+  (`pin_secure_sum`, WS/silos/NAME/.secrets/secure_sums.json), so replaying a round with other
+  silos does not give the coordinator two sums to subtract; with or without DP, for every
+  secure round.
 """
 
 from __future__ import annotations
