@@ -190,6 +190,7 @@ def secagg_input(msg: Message, context: Context) -> Message:
         logging.getLogger("fedlm.federation").warning("update rejected before masking: %s", why)
         raise ValueError("update rejected before masking: it breaks federation.max_update_norm or is not finite")
     state = _secagg_state(context)
+    rules = None
     if cfg.privacy.mode == "client":  # plus this silo's secret share of the noise
         if req.dp_share_std is None:
             raise ValueError("a client-level DP round without this silo's noise share (dp-share-std)")
@@ -200,7 +201,8 @@ def secagg_input(msg: Message, context: Context) -> Message:
     vector = secagg.with_metrics(secagg.flatten(update), metrics, clip_range=float(state["clip_range"]))
     state, reply = secagg.client_masked_input(state, from_records(msg.content), vector,
                                               expect_clip_range=expected_clip_range(cfg, req.dp_share_std or 0.0))
-    state["release"] = release_id(req.config_text, req.round_idx, req.arrays, silo_dir(context.node_config))
+    state["release"] = rules.release if rules is not None else release_id(  # the weights hashed once a round
+        req.config_text, req.round_idx, req.arrays, silo_dir(context.node_config))
     context.state["secagg"] = ConfigRecord(state)
     content = to_records(reply)
     content["metrics"] = MetricRecord(secagg.clear_metrics(metrics))  # type: ignore[arg-type]

@@ -42,8 +42,9 @@ import json
 import logging
 import math
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -67,6 +68,20 @@ SCORED_FILE = Path(".secrets") / "scored.json"
 SUMS_FILE = Path(".secrets") / "secure_sums.json"
 
 
+def _read_book(path: Path, what: str) -> dict[str, Any]:
+    """One of the silo's own records in .secrets/ (empty when there is none yet); UserError when corrupt."""
+    try:
+        return dict(json.loads(path.read_text())) if path.exists() else {}
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"{path} is corrupt ({e}); this silo cannot tell {what}") from None
+
+
+def _write_book(path: Path, book: dict[str, Any]) -> None:
+    """Keep one of the silo's own records, owner-only, atomically."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_json(path, book)
+
+
 def release_id(config_text: str, round_idx: int, arrays: dict[str, torch.Tensor], silo_dir: Path) -> str:
     """What a silo's contribution to a round is a function of: the run config, the round, the global
     weights received and its shards (new shards under the same request give another release)."""
@@ -83,10 +98,7 @@ def pin_secure_sum(silo_dir: Path, release: str, survivors: list[str]) -> None:
     both hold it differ by the other silos' inputs alone: a coordinator replaying a round with a
     silo left out, or claimed dropped, would read that silo's update from the difference."""
     path = silo_dir / SUMS_FILE
-    try:
-        book = json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is corrupt ({e}); this silo cannot tell which sums it took part in") from None
+    book = _read_book(path, "which sums it took part in")
     want, got = sorted(survivors), book.get(release)
     if got is not None and got != want:
         raise UserError(f"silo {silo_dir.name!r}: this round's update (the same run config, round and weights) was "
@@ -94,8 +106,7 @@ def pin_secure_sum(silo_dir: Path, release: str, survivors: list[str]) -> None:
                         f"would let the coordinator take one from the other; refused")
     if got is None:
         book[release] = want
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_json(path, book)
+        _write_book(path, book)
 
 
 def weights_digest(arrays: dict[str, torch.Tensor]) -> str:
@@ -168,16 +179,15 @@ def charge_scores(silo_dir: Path, count: int) -> None:
     if policy is None or policy.max_scored_models is None:
         return
     path = silo_dir / SCORED_FILE
-    try:
-        done = int(json.loads(path.read_text())["scored"]) if path.exists() else 0
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is corrupt ({e}); this silo cannot tell how many models it has scored") from None
+    book = _read_book(path, "how many models it has scored")
+    done = book.get("scored", 0)
+    if not isinstance(done, int):
+        raise UserError(f"{path} is corrupt (scored = {done!r}); this silo cannot tell how many models it has scored")
     if done + count > policy.max_scored_models:
         raise UserError(f"silo {silo_dir.name!r}: scoring {count} more models would pass max_scored_models = "
                         f"{policy.max_scored_models} of its {POLICY_FILE} ({done} scored so far); refused: each score "
                         f"is a number about its validation split for weights the coordinator chose")
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    write_json(path, {"scored": done + count})
+    _write_book(path, {"scored": done + count})
 
 
 def own_privacy(cfg: Config, silo_dir: Path) -> tuple[PrivacyConfig, bool]:
@@ -201,8 +211,6 @@ def own_privacy(cfg: Config, silo_dir: Path) -> tuple[PrivacyConfig, bool]:
     if mode != "none" and (run.target_epsilon > target or run.delta > delta):
         raise UserError(f"silo {name!r}: the run asks for ε = {run.target_epsilon:g}, δ = {run.delta:g}; its "
                         f"{POLICY_FILE} allows at most ε = {target:g}, δ = {delta:g}; refused")
-    from dataclasses import replace
-
     return (run if mode == "none" else replace(run, target_epsilon=target, delta=delta)), True
 
 
@@ -245,10 +253,7 @@ class SiloPrivacy:
         """Record this release on the silo's own ledger, or refuse it past the silo's own target."""
         pc = self.privacy
         path = self.dir / LEDGER_FILE
-        try:
-            book = json.loads(path.read_text()) if path.exists() else {}
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path} is corrupt ({e}); this silo cannot tell what it has spent") from None
+        book = _read_book(path, "what it has spent")
         key = "lifetime" if self.lifetime else self.run
         mine = book.get(key, {"releases": {}})
         if self.release in mine["releases"]:
@@ -262,8 +267,7 @@ class SiloPrivacy:
                             f"{pc.target_epsilon:g}; it stops contributing")
         mine["releases"][self.release] = list(entry)
         book[key] = mine
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_json(path, book)
+        _write_book(path, book)
         if not self.lifetime and len(mine["releases"]) == 1:
             log.info("silo %s follows the run's privacy settings (no %s in its directory)", self.dir.name,
                      POLICY_FILE)
