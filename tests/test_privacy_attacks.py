@@ -332,13 +332,15 @@ def test_a_silo_caps_how_many_models_it_scores(ws: Path, tmp_path: Path) -> None
     assert not (run / "value.json").exists()
 
 
-def test_a_round_replayed_with_other_silos_is_not_unmasked_twice(tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("mode", ["none", "client"])
+def test_a_round_replayed_with_other_silos_is_not_unmasked_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   mode: str) -> None:
     """Attack 11: a silo's update is a function of the run config, the round, the weights and its
     data, so a coordinator that runs the same round twice, the second time without silo d, gets two
     secure sums whose difference is d's update (so the README once claimed no single update was
-    revealed). Each silo now unmasks a round's input inside one set of survivors only: the replay
-    is refused at unmasking by every silo in it, and the first sum stands."""
+    revealed; under client-level DP the same request gives the same noise share too). Each silo now
+    unmasks a round's input inside one set of survivors only: the replay is refused at unmasking by
+    every silo in it, and the first sum stands."""
     from fedlm.federation import rounds as rounds_mod
 
     ws = make_ws(tmp_path / "ws", docs=20)
@@ -354,7 +356,10 @@ def test_a_round_replayed_with_other_silos_is_not_unmasked_twice(tmp_path: Path,
         return first
 
     monkeypatch.setattr(rounds_mod, "secagg_round", replaying)
-    run_federated(tiny_cfg(ws, rounds=1, local_steps=1, secure_aggregation=True), tmp_path / "run")
+    cfg = tiny_cfg(ws, rounds=1, local_steps=1, secure_aggregation=True)
+    if mode == "client":
+        cfg.privacy = PrivacyConfig(mode="client", target_epsilon=8.0, delta=0.01)
+    run_federated(cfg, tmp_path / "run")
     (first, again, without_d), = sums
     assert first.update is not None and again.update is not None
     assert all(torch.allclose(first.update[k], again.update[k]) for k in first.update)
