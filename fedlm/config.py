@@ -150,6 +150,10 @@ class TrainConfig:
     wire from the CPU. A federated run's silos each resolve it on their own machine."""
     init_from: str = ""
     """Start from this model (run or model directory) instead of fresh weights: fine-tuning."""
+    init_sha256: str = ""
+    """sha256 of the model init_from names (`fedlm.pretrained.model_digest`): filled in when a run
+    starts (`resolve_config`), or set to pin a model. A federated run's silos start only from a
+    model with this digest, so the coordinator cannot point them at another file of theirs."""
     mode: Literal["centralised", "federated", "local-only"] = "centralised"
     """centralised: the silos pooled in one run; federated: across silos (see [federation]);
     local-only: each silo trains alone (a baseline)."""

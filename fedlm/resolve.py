@@ -5,7 +5,7 @@
 
 One place for both, used by training, the federated runner and `fedlm plan`, so that the
 three agree on what will be trained. No weights are loaded: `train.init_from` is read for
-its config.json or GGUF header. Resolving a resolved config changes nothing, so a run's
+its config.json or GGUF header, and its files' bytes for the digest that pins it. Resolving a resolved config changes nothing, so a run's
 saved config.toml (which is resolved) repeats and resumes the run as it is.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedlm.config import Config, ModelConfig
+from fedlm.config import Config, ModelConfig, TrainConfig
 from fedlm.data.shards import list_silos
 from fedlm.data.tokenizer import load_tokenizer
 from fedlm.errors import UserError
@@ -42,12 +42,30 @@ def resolve_model(cfg: Config) -> ModelConfig:
 
 
 def resolve_config(cfg: Config) -> Config:
-    """`cfg` with its model resolved (`resolve_model`) and every cross-field check run again
-    (`Config.validate`: its fields may have been changed since it was built); `cfg` is left as it was."""
+    """`cfg` with its model resolved (`resolve_model`), its base model pinned (`pin_base`) and every
+    cross-field check run again (`Config.validate`: its fields may have been changed since it was
+    built); `cfg` is left as it was."""
     try:
-        return dataclasses.replace(cfg, model=resolve_model(cfg))
+        return dataclasses.replace(cfg, model=resolve_model(cfg), train=pin_base(cfg))
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def pin_base(cfg: Config) -> TrainConfig:
+    """cfg.train with `init_sha256` the digest of the model `train.init_from` names (its bytes are
+    read, not loaded), the pin every silo of a federated run checks its own copy against; a pin
+    already set must be that model's."""
+    tc = cfg.train
+    if not tc.init_from:
+        return tc
+    from fedlm.pretrained import model_digest, resolve
+
+    digest = model_digest(resolve(tc.init_from))
+    if tc.init_sha256 and tc.init_sha256 != digest:
+        raise UserError(f"train.init_sha256 = {tc.init_sha256!r} pins another model than train.init_from = "
+                        f"{tc.init_from!r} names (its sha256 is {digest}); point init_from at the pinned model, "
+                        "or drop init_sha256 to pin this one")
+    return dataclasses.replace(tc, init_sha256=digest)
 
 
 def resolve_silos(workspace: Path, silos: Sequence[str], *, local: bool = True) -> list[str]:

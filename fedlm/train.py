@@ -397,7 +397,7 @@ def checkpoint_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    step: int, generator: torch.Generator, extra: dict[str, Any] | None = None) -> None:
+                    step: int, generator: torch.Generator) -> None:
     """Write model, optimizer, RNG and data position; replaces the old checkpoint atomically."""
     opt_state = optimizer.state_dict()
     opt_tensors: dict[str, torch.Tensor] = {}
@@ -412,11 +412,7 @@ def save_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.
             {"torch_rng": torch.get_rng_state(), "data_rng": generator.get_state()},
             str(tmp / "rng.safetensors"),
         )
-        write_json(tmp / "state.json", {
-            "step": step,
-            "param_groups": opt_state["param_groups"],
-            **(extra or {}),
-        })
+        write_json(tmp / "state.json", {"step": step, "param_groups": opt_state["param_groups"]})
 
 
 def load_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -515,16 +511,12 @@ def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCall
 
     ckpt_dir = out_dir / "checkpoint"
     metrics_path = out_dir / "metrics.jsonl"
-    base_sha256 = base_reference(cfg.train.init_from)["sha256"] if has_lora(model) and cfg.train.init_from else None
     start = 0
     if resume:
         if not recover_dir(ckpt_dir):  # a swap cut by a kill: the previous checkpoint
             raise UserError(f"{out_dir}: no checkpoint to resume from; run without --resume")
         check_resume_config(cfg, out_dir / "config.toml")
         restored = load_checkpoint(ckpt_dir, model=model, optimizer=optimizer, generator=data.generator)
-        if restored.get("base_sha256") != base_sha256:  # a LoRA checkpoint holds adapters only
-            raise UserError(f"{ckpt_dir}: train.init_from = {cfg.train.init_from!r} is not the base model this "
-                            "checkpoint's adapters were trained on (its sha256 differs); restore it, or start afresh")
         start = int(restored["step"])
         truncate_jsonl(metrics_path, key="step", upto=start)
         if start >= tc.steps and (out_dir / "summary.json").exists() and (out_dir / "model").exists():
@@ -539,8 +531,7 @@ def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCall
     stream = ""  # a DP-SGD run's public stream name (its key stays in the workspace)
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(ckpt_dir, model=model, optimizer=optimizer, step=step, generator=data.generator,
-                        extra={"base_sha256": base_sha256} if base_sha256 else None)
+        save_checkpoint(ckpt_dir, model=model, optimizer=optimizer, step=step, generator=data.generator)
         if dp_plan is not None:
             write_json(out_dir / "privacy.json", privacy_record(dp_plan, steps_done=step,
                                                                silos=[d.name for d in silo_dirs],
@@ -657,7 +648,7 @@ def personalise(cfg: Config, run_dir: Path, *, on_step: StepCallback | None = No
     for d in (workspace / "silos" / s for s in resolve_silos(workspace, cfg.data.silos)):
         tc = dataclasses.replace(cfg.train, steps=steps, warmup_steps=warmup, checkpoint_every=steps,
                                  log_every=min(cfg.train.log_every, steps), mode="centralised",
-                                 init_from=str(run_dir / "model"))
+                                 init_from=str(run_dir / "model"), init_sha256="")  # pinned afresh
         one = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, silos=[d.name]), train=tc)
         out[d.name] = run_dir / f"personalised-{d.name}"
         train(one, out[d.name], on_step=on_step)

@@ -271,7 +271,7 @@ def test_a_changed_or_missing_base_is_named(workspace: Path, tmp_path: Path) -> 
                                        max_seq_len=64)), base, tokenizer_path=workspace / "tokenizer.json")
     with pytest.raises(UserError, match="not the one these adapters were trained on"):
         load_model(tmp_path / "ref")
-    with pytest.raises(UserError, match="not the base model this checkpoint's adapters"):
+    with pytest.raises(UserError, match="train.init_sha256 = .* pins another model than train.init_from"):
         train(load_config(tmp_path / "run" / "config.toml"), tmp_path / "run", resume=True)
     import shutil
 
@@ -315,10 +315,12 @@ def test_federated_resume_over_a_changed_base_is_refused(workspace: Path, tmp_pa
                              "federation.local_steps=1", "train.batch_size=2", "train.seq_len=32",
                              "model.max_seq_len=64", "lora.rank=2"])
     run_federated(cfg, tmp_path / "run")
-    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
-    assert state["base_sha256"] == base_reference(str(base))["sha256"]
+    saved = load_config(tmp_path / "run" / "config.toml")
+    assert saved.train.init_sha256 == base_reference(str(base))["sha256"]  # the run pins its base
     torch.manual_seed(5)  # another base at the same place, the same shape
     save_model(Transformer(ModelConfig(preset="tiny", vocab_size=load_model(base)[0].cfg.vocab_size,
                                        max_seq_len=64)), base, tokenizer_path=workspace / "tokenizer.json")
-    with pytest.raises(UserError, match="not the base model this checkpoint's adapters"):
+    with pytest.raises(UserError, match="the config given to --resume changes train.init_sha256"):
         run_federated(cfg, tmp_path / "run", resume=True)
+    with pytest.raises(UserError, match="train.init_sha256 = .* pins another model than train.init_from"):
+        run_federated(saved, tmp_path / "run", resume=True)

@@ -368,3 +368,64 @@ def test_a_round_replayed_with_other_silos_is_not_unmasked_twice(tmp_path: Path,
     for why in without_d.dropped.values():
         assert "already unmasked in a sum of a, b, c, d" in why and "refused" in why, why
     assert rounds(tmp_path / "run")[0]["completed"]
+
+
+
+def test_a_silo_starts_only_from_the_base_model_the_run_pins(ws: Path, tmp_path: Path) -> None:
+    """Attack 12: the coordinator writes the run's config, so its train.init_from could name any path on
+    a silo's machine: a model the silo tuned on its own data, for the run's updates and scores to
+    describe; or files, to learn from the replies what is there. A run pins its base by digest
+    (train.init_sha256, from the coordinator's own copy); a silo starts from nothing else, and its
+    refusal reads the same whatever the path holds."""
+    from flwr.app import ArrayRecord
+
+    from fedlm.config import load_config, save_config
+    from fedlm.data.tokenizer import tokenizer_hash
+    from fedlm.federation.messages import query_request, round_config, train_request
+    from fedlm.modelio import save_model
+    from fedlm.pretrained import model_digest
+    from tests.test_federation import vocab
+    from tests.test_lora import _base_model
+
+    base = _base_model(ws, tmp_path / "base")  # the consortium's base: the coordinator has it too
+    cfg = tiny_cfg(ws, rounds=1, local_steps=1)
+    cfg.train.init_from, cfg.lora.rank, cfg.model.max_seq_len = str(base), 2, 64
+    run_federated(cfg, tmp_path / "run")  # the pinned base: the run goes as before
+    assert rounds(tmp_path / "run")[0]["completed"]
+    pinned = load_config(tmp_path / "run" / "config.toml")
+    assert pinned.train.init_sha256 == model_digest(base)
+
+    private = tmp_path / "silo-a" / "tuned"  # on silo a's machine only: a model tuned on its own text
+    torch.manual_seed(11)
+    save_model(Transformer(ModelConfig(preset="tiny", vocab_size=vocab(ws), max_seq_len=64)), private,
+               tokenizer_path=ws / "tokenizer.json")
+    (tmp_path / "silo-a" / "notes.txt").write_text("a file of the silo's\n")
+    sha = tokenizer_hash(ws / "tokenizer.json")
+    context = Context(run_id=1, node_id=1, node_config={"workspace": str(ws), "silo": "a"}, state=RecordDict(),
+                      run_config={})
+
+    def config_text(init_from: str, init_sha256: str) -> str:
+        forged = load_config(tmp_path / "run" / "config.toml")
+        forged.train.init_from, forged.train.init_sha256 = init_from, init_sha256
+        save_config(forged, tmp_path / "forged.toml")
+        return (tmp_path / "forged.toml").read_text()
+
+    def refusal(init_from: str, init_sha256: str = pinned.train.init_sha256) -> str:
+        text = config_text(init_from, init_sha256)
+        with pytest.raises(UserError) as query:
+            ca.query(query_request(1, tokenizer_sha256=sha, config_text=text), context)
+        msg = train_request(ArrayRecord(weights(tmp_path / "run")), round_config(
+            round_no=2, config_text=text, tokenizer_sha256=sha, weight_ref=1.0, run_id="x"), 1, round_no=2)
+        with pytest.raises(UserError) as train:
+            ca.train(msg, context)
+        assert str(query.value) == str(train.value)
+        return str(query.value).replace(repr(init_from), "PATH")
+
+    # the silo's own model under the public base's pin, a file, a folder, nothing: one reply, no update
+    replies = {refusal(str(p)) for p in [private, tmp_path / "silo-a" / "notes.txt", tmp_path / "silo-a",
+                                         tmp_path / "silo-a" / "none"]}
+    assert replies == {f"silo 'a': it has no model at train.init_from = PATH with the run's pinned sha256 "
+                       f"{pinned.train.init_sha256[:12]}…; refused: install the coordinator's copy of the model "
+                       "there (the same bytes; the silo's log says what it found)"}
+    # the coordinator cannot pin the silo's model: it does not have it; and an unpinned base is refused
+    assert "without pinning it (train.init_sha256" in refusal(str(private), init_sha256="")

@@ -47,9 +47,7 @@ from fedlm.federation.task import expand_state, federated_train_config, planned_
 from fedlm.federation.validation import validate_silos
 from fedlm.federation.valuation import CoalitionModels
 from fedlm.fileio import append_jsonl, truncate_jsonl
-from fedlm.lora import has_lora
 from fedlm.model import Transformer
-from fedlm.pretrained import base_reference
 from fedlm.resolve import resolve_config, resolve_silos
 from fedlm.train import build_model, save_run_model
 
@@ -74,7 +72,6 @@ class ServerRun:
     link: Link | None = None  # set once the silos are connected
     rounds_done: int = 0
     value: CoalitionModels | None = None  # federation.value = "rounds"
-    base_sha256: str | None = None  # a LoRA run's frozen base (the checkpoint holds adapters only)
 
 
 def run_rounds(grid: Grid, cfg: Config, run_dir: Path, *, resume: bool = False,
@@ -121,13 +118,10 @@ def start_run(cfg: Config, run_dir: Path, *, resume: bool) -> ServerRun:
     run = ServerRun(cfg=cfg, run_dir=run_dir, silos=silos, model=model, global_state=global_state,
                     start_state=dict(global_state), optimizer=optimizer, config_text=text,
                     tokenizer_sha256=tokenizer_hash(Path(cfg.data.workspace) / "tokenizer.json"),
-                    run_id=run_id, dp=None,
-                    base_sha256=base_reference(cfg.train.init_from)["sha256"]
-                    if has_lora(model) and cfg.train.init_from else None)
+                    run_id=run_id, dp=None)
     rounds_path = run_dir / "rounds.jsonl"
     if resume:
-        run.global_state, run.rounds_done = load_round(run_dir / "checkpoint", optimizer=optimizer,
-                                                        base_sha256=run.base_sha256, init_from=cfg.train.init_from)
+        run.global_state, run.rounds_done = load_round(run_dir / "checkpoint", optimizer=optimizer)
         truncate_jsonl(rounds_path, key="round", upto=run.rounds_done)
     else:
         rounds_path.unlink(missing_ok=True)
@@ -227,7 +221,7 @@ def one_round(run: ServerRun, round_no: int) -> dict[str, Any]:
     if run.value is not None:
         run.value.observe(result, cfg)
     save_round(run.run_dir / "checkpoint", global_state=run.global_state, optimizer=run.optimizer,
-               rounds_done=round_no, base_sha256=run.base_sha256)
+               rounds_done=round_no)
     run.rounds_done = round_no
     return round_row(run, round_no, sampled, result, seconds=time.perf_counter() - t0)
 

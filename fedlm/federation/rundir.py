@@ -52,29 +52,24 @@ def prepare_run_dir(cfg: Config, out_dir: Path, *, resume: bool) -> None:
 
 
 def save_round(ckpt_dir: Path, *, global_state: dict[str, torch.Tensor], optimizer: ServerOptimizer | ServerAdamW,
-               rounds_done: int, base_sha256: str | None = None) -> None:
-    """Global weights, server optimiser state and the number of rounds done, replaced atomically;
-    a LoRA run's checkpoint also names the sha256 of the base its adapters train on."""
+               rounds_done: int) -> None:
+    """Global weights, server optimiser state and the number of rounds done, replaced atomically (a
+    LoRA run's base is pinned in its config.toml: train.init_sha256)."""
     with atomic_dir(ckpt_dir) as tmp:
         save_file({k: v.contiguous() for k, v in global_state.items()}, str(tmp / "global.safetensors"))
         save_file({k: v.contiguous() for k, v in optimizer.state_dict().items()},
                   str(tmp / "server_optimizer.safetensors"))
-        write_json(tmp / "state.json", {"round": rounds_done, "base_sha256": base_sha256})
+        write_json(tmp / "state.json", {"round": rounds_done})
 
 
-def load_round(ckpt_dir: Path, *, optimizer: ServerOptimizer | ServerAdamW, base_sha256: str | None = None,
-               init_from: str = "") -> tuple[dict[str, torch.Tensor], int]:
-    """Restore what save_round wrote; returns (global weights, rounds done). UserError when a LoRA
-    checkpoint's base is not `base_sha256` (train.init_from changed under its adapters)."""
+def load_round(ckpt_dir: Path, *, optimizer: ServerOptimizer | ServerAdamW) -> tuple[dict[str, torch.Tensor], int]:
+    """Restore what save_round wrote; returns (global weights, rounds done)."""
     try:
         state = json.loads((ckpt_dir / "state.json").read_text())
         weights = load_file(str(ckpt_dir / "global.safetensors"))
         optimizer.load_state_dict(load_file(str(ckpt_dir / "server_optimizer.safetensors")))
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         raise UserError(f"{ckpt_dir}: round checkpoint is missing or corrupt ({e}); start without --resume") from None
-    if state.get("base_sha256") != base_sha256:
-        raise UserError(f"{ckpt_dir}: train.init_from = {init_from!r} is not the base model this checkpoint's "
-                        "adapters were trained on (its sha256 differs); restore it, or start without --resume")
     return weights, int(state["round"])
 
 

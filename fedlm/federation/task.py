@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,10 +33,12 @@ from fedlm.errors import UserError
 from fedlm.federation import codecs
 from fedlm.federation.silo_privacy import SiloPrivacy, charge_scores
 from fedlm.model import Transformer
+from fedlm.pretrained import model_digest, resolve
 from fedlm.privacy.client_dp import clip_update
 from fedlm.privacy.dpsgd import RecordPlan, num_records, plan_record_dp
 from fedlm.train import SiloBatches, build_model, load_global, local_update, silo_gradient, val_loss
 
+log = logging.getLogger(__name__)
 _MODELS: dict[tuple[int, str], Transformer] = {}  # (node, config) -> model, reused in one process
 _MODELS_LOCK = threading.Lock()
 _PLANS: dict[tuple[str, str, int], RecordPlan] = {}  # the noise search is slow: once per run and silo
@@ -131,13 +134,40 @@ def silo_record_plan(cfg: Config, path: Path, tokens: np.ndarray) -> RecordPlan:
     return _PLANS[key]
 
 
-def _model(node_id: int, config_text: str, cfg: Config) -> Transformer:
+def check_base(cfg: Config, silo: str) -> None:
+    """Refuse to start from any model but the one the run pins (train.init_sha256), before loading it.
+
+    The coordinator writes the run's config, so train.init_from could name any path on the silo's
+    machine: a model the silo tuned on its own data, say, for the run's updates and scores to
+    describe. A silo loads only a model whose bytes the coordinator already has (it pinned their
+    digest). Its reply is the same whatever is at that path (nothing, a file, another model), so it
+    cannot be used to look around the silo's disk; the reason is logged here, for the silo's admin."""
+    spec, pin = cfg.train.init_from, cfg.train.init_sha256
+    if not spec:
+        return
+    if not pin:
+        raise UserError(f"silo {silo!r}: the run starts from train.init_from = {spec!r} without pinning it "
+                        "(train.init_sha256, which a fedlm coordinator fills in); refused")
+    try:
+        path = resolve(spec)
+        found = "a file, not a model" if path.is_file() and path.suffix != ".gguf" else model_digest(path)
+    except (UserError, OSError) as e:
+        found = str(e)
+    if found != pin:
+        log.warning("silo %s: train.init_from = %r is not the pinned model %s: %s", silo, spec, pin, found)
+        raise UserError(f"silo {silo!r}: it has no model at train.init_from = {spec!r} with the run's pinned "
+                        f"sha256 {pin[:12]}…; refused: install the coordinator's copy of the model there "
+                        "(the same bytes; the silo's log says what it found)")
+
+
+def _model(node_id: int, config_text: str, cfg: Config, silo: str) -> Transformer:
     """The run's model for this node (seeded weights, from a generator of its own), built once."""
     with _MODELS_LOCK:
         model = _MODELS.get((node_id, config_text))
         if model is None:
             if len(_MODELS) > 64:
                 _MODELS.clear()
+            check_base(cfg, silo)
             model = build_model(cfg, device=resolve_device(cfg.train.device))  # this silo's own device
             _MODELS[(node_id, config_text)] = model
         return model
@@ -152,7 +182,7 @@ def train_silo(
     `cfg` is the run's resolved config (`config_text` its TOML). `carry`: the optimizer state
     passed on by the previous silo (cyclic), updated in place."""
     torch.set_num_threads(1)  # one thread per silo: bitwise-equal results on either engine
-    model = _model(node_id, config_text, cfg)
+    model = _model(node_id, config_text, cfg, path.name)
     names = wire_names(model)
     data = SiloBatches.open([path], seed=0, tokenizer_sha256=tokenizer_sha256)
     data.generator.manual_seed(round_seed(cfg.train.seed, path.name, round_idx))
@@ -187,7 +217,7 @@ def validate_silo(weights: list[dict[str, torch.Tensor]], *, cfg: Config, config
     torch.set_num_threads(1)
     tokens = open_split(path, "val", expect_tokenizer_sha256=tokenizer_sha256)
     chat = open_chat(path, "val")  # a chat silo is judged on its answers, as it is trained
-    model = _model(node_id, config_text, cfg)
+    model = _model(node_id, config_text, cfg, path.name)
     tc = cfg.train
     out = []
     for arrays in weights:  # a node handles one message at a time, as for training
