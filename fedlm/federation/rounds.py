@@ -167,8 +167,9 @@ def connect_silos(grid: Grid, silos: list[str], *, tokenizer_sha256: str, timeou
             )
         time.sleep(0.5)
     nodes, idle = trust.working_nodes(grid.get_node_ids(), silos, registry)
-    for node, why in idle.items():
-        log.warning("SuperNode %d gets no work: %s", node, why)
+    for node, why in idle.items():  # a registered silo outside this run (a coalition's, say) is no news
+        log.log(logging.INFO if registry and node in registry else logging.WARNING,
+                "SuperNode %d gets no work: %s", node, why)
     msgs = [query_request(node, tokenizer_sha256=tokenizer_sha256, config_text=config_text) for node in nodes]
     replies = list(grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())))
     node_of: dict[str, int] = {}
