@@ -429,3 +429,27 @@ def test_a_silo_starts_only_from_the_base_model_the_run_pins(ws: Path, tmp_path:
                        "there (the same bytes; the silo's log says what it found)"}
     # the coordinator cannot pin the silo's model: it does not have it; and an unpinned base is refused
     assert "without pinning it (train.init_sha256" in refusal(str(private), init_sha256="")
+
+
+def test_a_silos_error_reply_cannot_rewrite_the_coordinators_terminal(ws: Path, tmp_path: Path) -> None:
+    """Attack 13: a silo writes its own error replies, and the coordinator prints them (the run's
+    error, server.log, a dropped silo's reason). Raw, terminal escapes in one could rewrite the
+    coordinator's screen, fake a line or set its clipboard, and a megabyte of text could flood it.
+    The coordinator shows a silo's reason as one printable line, cut at MAX_FOREIGN_CHARS."""
+    from fedlm.errors import MAX_FOREIGN_CHARS
+
+    evil = "\x1b]52;c;ZXZpbA==\x07\x1b[2K\rround 1 completed\u202e" + "x" * 10_000
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        if context.node_config["silo"] == "b":
+            raise UserError(evil)
+        return ca.app(msg, context)
+
+    with pytest.raises(UserError) as e:
+        run_federated(tiny_cfg(ws, rounds=1, local_steps=1), tmp_path / "run", client_app=app)
+    shown = str(e.value)
+    assert shown.isprintable() and len(shown) < MAX_FOREIGN_CHARS + 100
+    assert shown.startswith(r"\x1b]52;c;ZXZpbA==\x07\x1b[2K\rround 1 completed\u202exxx")
+    assert shown.endswith(f"… ({len(evil) - MAX_FOREIGN_CHARS} more characters)")

@@ -27,6 +27,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedlm.config import Config, build_config
+from fedlm.errors import foreign_text
 from fedlm.federation import codecs, secagg
 from fedlm.federation.robust import check_update
 
@@ -34,11 +35,12 @@ Shapes = dict[str, tuple[int, ...]]
 
 
 def error_reason(msg: Message) -> str:
-    """The exception text from a Flower error reply ("<class 'X'>:<'text'>" -> text)."""
+    """The exception text from a Flower error reply ("<class 'X'>:<'text'>" -> text), as a silo may
+    have written it to mislead: one printable line (`foreign_text`)."""
     reason = str(msg.error.reason)
     if ":<'" in reason and reason.endswith("'>"):
-        return reason.split(":<'", 1)[1][:-2]
-    return reason
+        reason = reason.split(":<'", 1)[1][:-2]
+    return foreign_text(reason)
 
 
 # ---------------------------------------------------------------------------------------
