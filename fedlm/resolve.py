@@ -64,7 +64,7 @@ def pin_base(cfg: Config) -> TrainConfig:
     if tc.init_sha256 and tc.init_sha256 != digest:
         raise UserError(f"train.init_sha256 = {tc.init_sha256!r} pins another model than train.init_from = "
                         f"{tc.init_from!r} names (its sha256 is {digest}); point init_from at the pinned model, "
-                        "or drop init_sha256 to pin this one")
+                        "or set train.init_sha256 = \"\" to pin this one")
     return dataclasses.replace(tc, init_sha256=digest)
 
 
