@@ -626,33 +626,39 @@ TITLES = {
 # the file
 
 
+def cpu() -> str:
+    """CPU model, cores and the vector units the figures depend on."""
+    name = platform.processor() or "unknown CPU"
+    flags = ""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                    name)
+        flags = ", ".join(f for f in ("avx512f", "avx512_bf16", "amx_bf16") if re.search(rf"\b{f}\b", info))
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores ({flags})"
+
+
+def _load() -> str:
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
 def machine() -> str:
     """CPU model, cores, load, versions and date, as Markdown lines."""
     import flwr
     import torch
     import transformers
 
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags = ""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        flags = ", ".join(f for f in ("avx512f", "avx512_bf16", "amx_bf16") if re.search(rf"\b{f}\b", info))
-    except OSError:
-        pass
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return "\n".join([
-        f"- CPU: {cpu}, {os.cpu_count()} cores ({flags})",
+        f"- CPU: {cpu()}",
         f"- Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"flwr {flwr.__version__}",
-        f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; load average at the end "
-        f"of the run: {load}",
+        f"- Date: {_now()}; load average at the end of the run: {_load()}",
     ])
 
 
@@ -660,7 +666,8 @@ def _section_block(name: str, text: str, raw: dict[str, Any], seconds: float, qu
     mode = " (--quick)" if quick else ""
     return (
         f"<!-- section:{name} -->\n## {TITLES[name]}\n\n{text}\n\n"
-        f"<details><summary>raw numbers{mode}, {seconds:.0f} s</summary>\n\n```json\n"
+        f"<details><summary>raw numbers{mode}, {seconds:.0f} s; measured {_now()} on {cpu()}, load average "
+        f"after it {_load()}</summary>\n\n```json\n"
         f"{json.dumps(raw, indent=1, default=str)}\n```\n</details>\n<!-- /section:{name} -->\n"
     )
 
@@ -677,7 +684,8 @@ def render(blocks: dict[str, str]) -> str:
     head = (
         "# fedlm benchmarks\n\n"
         "Written by `make bench` (`python -m bench.run`); every comparison is between runs made in the same "
-        "process and call, on this machine:\n\n"
+        "process and call. The last call ran on this machine (a section rerun alone with `--only` says under "
+        "it, in its raw numbers' line, when and where it was measured):\n\n"
         + machine()
         + "\n\n**These figures are from a shared 2-core machine**: other engineers' jobs ran beside the "
         "benchmark (see the load average above), so wall times stretch by up to 2–4×. Where wall time is meaningless the "
