@@ -72,6 +72,17 @@ class ModelConfig:
     """Longest context, in tokens."""
     rope_theta: float = 10000.0
     """Rotary embedding base."""
+    rope_scaling: Literal["none", "llama3"] = "none"
+    """"llama3": Llama 3.1/3.2's RoPE frequency scaling for a context longer than the one trained on
+    (its Hugging Face config's rope_type "llama3", with the four rope_* settings below)."""
+    rope_factor: float = 8.0
+    """llama3: how much longer the context is than `rope_original_max_seq_len`."""
+    rope_low_freq_factor: float = 1.0
+    """llama3: wavelengths longer than original_max_seq_len / this are slowed by `rope_factor`."""
+    rope_high_freq_factor: float = 4.0
+    """llama3: wavelengths shorter than original_max_seq_len / this are kept; those between, blended."""
+    rope_original_max_seq_len: int = 8192
+    """llama3: the context the model was first trained at."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     tie_embeddings: bool = True
@@ -86,6 +97,13 @@ class ModelConfig:
                     setattr(self, key, value)
         if self.n_kv_heads == 0:
             self.n_kv_heads = self.n_heads
+        if self.rope_scaling not in ("none", "llama3"):
+            raise ValueError(f"model.rope_scaling must be \"none\" or \"llama3\", not {self.rope_scaling!r}")
+        if self.rope_scaling == "llama3" and not (
+                self.rope_factor > 0 and self.rope_original_max_seq_len > 0
+                and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+            raise ValueError("model.rope_scaling = \"llama3\" needs rope_factor > 0, rope_original_max_seq_len > 0 "
+                             "and 0 < rope_low_freq_factor < rope_high_freq_factor")
         for key in ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"model.{key} must be > 0 (set it, or pick a model.preset)")

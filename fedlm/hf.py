@@ -102,6 +102,15 @@ def _token_id(tokenizer_path: Path | None, token: str) -> int | None:
         raise UserError(f"{tokenizer_path}: not a readable tokenizer.json ({e})") from None
 
 
+def _rope_scaling(cfg: ModelConfig) -> dict[str, Any]:
+    """The rope scaling keys of a Hugging Face config (none for plain RoPE)."""
+    if cfg.rope_scaling != "llama3":
+        return {}
+    return {"rope_type": "llama3", "factor": cfg.rope_factor, "low_freq_factor": cfg.rope_low_freq_factor,
+            "high_freq_factor": cfg.rope_high_freq_factor,
+            "original_max_position_embeddings": cfg.rope_original_max_seq_len}
+
+
 def hf_config(cfg: ModelConfig, *, eos_id: int | None) -> dict[str, Any]:
     """A LlamaConfig as JSON (read by transformers 4.x and 5.x alike)."""
     return {
@@ -115,8 +124,8 @@ def hf_config(cfg: ModelConfig, *, eos_id: int | None) -> dict[str, Any]:
         "head_dim": cfg.head_dim,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **_rope_scaling(cfg)},
+        "rope_scaling": _rope_scaling(cfg) or None,
         "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.max_seq_len,
         "tie_word_embeddings": cfg.tie_embeddings,
@@ -191,12 +200,23 @@ def config_from_hf(hf: dict[str, Any], where: Path) -> ModelConfig:
             "fedlm needs head_dim = hidden_size / num_attention_heads"
         )
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
         raise UserError(
-            f"{where}: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported "
-            "(fedlm implements plain RoPE)"
+            f"{where}: rope scaling {rope_type!r} is not supported (fedlm implements plain RoPE and Llama 3's)"
         )
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling: dict[str, Any] = {}
+    if rope_type == "llama3":
+        def rope_key(key: str) -> Any:
+            if key not in rope:
+                raise UserError(f"{where}: rope scaling 'llama3' without {key!r}")
+            return rope[key]
+
+        scaling = {"rope_scaling": "llama3", "rope_factor": float(rope_key("factor")),
+                   "rope_low_freq_factor": float(rope_key("low_freq_factor")),
+                   "rope_high_freq_factor": float(rope_key("high_freq_factor")),
+                   "rope_original_max_seq_len": int(rope_key("original_max_position_embeddings"))}
     try:
         return ModelConfig(
             preset="custom",
@@ -210,6 +230,7 @@ def config_from_hf(hf: dict[str, Any], where: Path) -> ModelConfig:
             rope_theta=float(theta),
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            **scaling,
         )
     except (ValueError, TypeError) as e:
         raise UserError(f"{where}: {e}") from None
@@ -279,6 +300,7 @@ def load_gguf(gguf_path: Path) -> tuple[Transformer, tokenizers.Tokenizer]:
         raise UserError(
             f"loading GGUF needs transformers: pip install 'fedlm[hf]' ({SMOLLM2_INSTALL})"
         ) from None
+    check_gguf_rope(gguf_path, read_gguf_header(gguf_path)[1])
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -301,3 +323,68 @@ def load_gguf(gguf_path: Path) -> tuple[Transformer, tokenizers.Tokenizer]:
     model = Transformer.empty(cfg)
     assign_weights(model, state, where=str(gguf_path))
     return model.eval(), hf_tok.backend_tokenizer
+
+
+def check_gguf_rope(path: Path, tensor_names: list[str]) -> None:
+    """Refuse a GGUF file that carries Llama 3's RoPE frequency scaling (its rope_freqs tensor):
+    dequantised through transformers it would load as plain RoPE, a subtly different model."""
+    if "rope_freqs.weight" in tensor_names:
+        raise UserError(f"{path}: a Llama 3 GGUF file with scaled RoPE frequencies (rope_freqs), which fedlm "
+                        "reads only from a Hugging Face model directory (rope_type \"llama3\"); give that instead")
+
+
+# GGUF's value types (ggml's gguf.h): scalar struct formats; 8 is a string, 9 an array.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def read_gguf_header(path: Path) -> tuple[dict[str, Any], list[str]]:
+    """A GGUF file's metadata ({key: scalar or string; an array: its length}) and tensor names.
+
+    Written here rather than with `gguf.GGUFReader`, which maps every element of every array as
+    a numpy view up front: seconds for a 49 k-token vocabulary, when a plan needs ten numbers,
+    one array's length and the tensor names. The format: "GGUF", version (>= 2), tensor count,
+    key count, the keys, then per tensor its name, dims, type and offset (little-endian).
+    """
+    import struct
+
+    with open(path, "rb") as f:
+        def take(fmt: str) -> Any:
+            size = struct.calcsize("<" + fmt)
+            raw = f.read(size)
+            if len(raw) != size:
+                raise UserError(f"{path}: the GGUF header is truncated")
+            return struct.unpack("<" + fmt, raw)[0]
+
+        def string() -> str:
+            return f.read(take("Q")).decode("utf-8", errors="replace")
+
+        def value(kind: int) -> Any:
+            if kind in _GGUF_SCALARS:
+                return take(_GGUF_SCALARS[kind])
+            if kind == 8:
+                return string()
+            if kind == 9:  # an array: its length is kept, its items skipped
+                item, count = take("I"), take("Q")
+                if item in _GGUF_SCALARS:
+                    f.seek(count * struct.calcsize("<" + _GGUF_SCALARS[item]), 1)
+                else:
+                    for _ in range(count):
+                        value(item)
+                return count
+            raise UserError(f"{path}: unknown GGUF value type {kind}; the file is corrupt or newer than fedlm")
+
+        if f.read(4) != b"GGUF":
+            raise UserError(f"{path}: not a GGUF file (no GGUF magic)")
+        version = take("I")
+        if version < 2:
+            raise UserError(f"{path}: GGUF version {version} is too old (2 or later is read)")
+        n_tensors, n_fields = take("Q"), take("Q")
+        fields = {}
+        for _ in range(n_fields):
+            key = string()
+            fields[key] = value(take("I"))
+        names = []
+        for _ in range(n_tensors):
+            names.append(string())
+            f.seek(8 * take("I") + 4 + 8, 1)  # dims, type, offset
+    return fields, names

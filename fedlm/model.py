@@ -199,15 +199,29 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos, sin tables (max_len, head_dim) for rotary embeddings, computed as transformers does.
+def rope_tables(cfg: ModelConfig) -> tuple[Tensor, Tensor]:
+    """cos, sin tables (max_seq_len, head_dim) for rotary embeddings, computed as transformers does.
 
     Always on the CPU (a model moves them with itself): under Transformer.empty's meta device
     these ops would import torch._dynamo for their meta kernels."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim))
-    freqs = torch.arange(max_len, dtype=torch.float, device="cpu")[:, None] * inv_freq  # (L, D/2)
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float, device="cpu") / d))
+    if cfg.rope_scaling == "llama3":
+        inv_freq = llama3_frequencies(inv_freq, cfg)
+    freqs = torch.arange(cfg.max_seq_len, dtype=torch.float, device="cpu")[:, None] * inv_freq  # (L, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (L, D): the same angle for both halves
     return emb.cos(), emb.sin()
+
+
+def llama3_frequencies(inv_freq: Tensor, cfg: ModelConfig) -> Tensor:
+    """Llama 3.1's rescaled rotary frequencies: a rotation whose wavelength is longer than the original
+    context / low_freq_factor turns `rope_factor` times slower, one shorter than the original context /
+    high_freq_factor is kept, and those between are blended linearly in context / wavelength."""
+    wavelength = 2 * math.pi / inv_freq
+    ratio = cfg.rope_original_max_seq_len / wavelength  # how many turns the original context holds
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    keep = ((ratio - low) / (high - low)).clamp(0.0, 1.0)  # 1: kept, 0: slowed, between: blended
+    return keep * inv_freq + (1 - keep) * inv_freq / cfg.rope_factor
 
 
 def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
@@ -365,7 +379,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg)
         # Derived from the config, so not saved with the weights.
         self.rope_cos = nn.Buffer(cos, persistent=False)  # (max_seq_len, D)
         self.rope_sin = nn.Buffer(sin, persistent=False)

@@ -111,6 +111,8 @@ def _gguf_shape(path: Path, size: int, mtime_ns: int) -> ModelConfig:
     version (size, mtime)."""
     if not path.is_file():
         raise UserError(f"train.init_from: {path}: no such GGUF file")
+    from fedlm.hf import check_gguf_rope, read_gguf_header
+
     fields, tensor_names = read_gguf_header(path)
 
     def get(key: str, default: Any = None) -> Any:
@@ -123,6 +125,7 @@ def _gguf_shape(path: Path, size: int, mtime_ns: int) -> ModelConfig:
     arch = get("general.architecture")
     if arch != "llama":
         raise UserError(f"{path}: architecture {arch!r} is not a Llama-family model")
+    check_gguf_rope(path, tensor_names)
     return ModelConfig(
         preset="custom", d_model=int(get("llama.embedding_length")), n_layers=int(get("llama.block_count")),
         n_heads=int(get("llama.attention.head_count")),
@@ -133,60 +136,3 @@ def _gguf_shape(path: Path, size: int, mtime_ns: int) -> ModelConfig:
         norm_eps=float(get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
         tie_embeddings="output.weight" not in tensor_names,
     )
-
-
-# GGUF's value types (ggml's gguf.h): scalar struct formats; 8 is a string, 9 an array.
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
-def read_gguf_header(path: Path) -> tuple[dict[str, Any], list[str]]:
-    """A GGUF file's metadata ({key: scalar or string; an array: its length}) and tensor names.
-
-    Written here rather than with `gguf.GGUFReader`, which maps every element of every array as
-    a numpy view up front: seconds for a 49 k-token vocabulary, when a plan needs ten numbers,
-    one array's length and the tensor names. The format: "GGUF", version (>= 2), tensor count,
-    key count, the keys, then per tensor its name, dims, type and offset (little-endian).
-    """
-    import struct
-
-    with open(path, "rb") as f:
-        def take(fmt: str) -> Any:
-            size = struct.calcsize("<" + fmt)
-            raw = f.read(size)
-            if len(raw) != size:
-                raise UserError(f"{path}: the GGUF header is truncated")
-            return struct.unpack("<" + fmt, raw)[0]
-
-        def string() -> str:
-            return f.read(take("Q")).decode("utf-8", errors="replace")
-
-        def value(kind: int) -> Any:
-            if kind in _GGUF_SCALARS:
-                return take(_GGUF_SCALARS[kind])
-            if kind == 8:
-                return string()
-            if kind == 9:  # an array: its length is kept, its items skipped
-                item, count = take("I"), take("Q")
-                if item in _GGUF_SCALARS:
-                    f.seek(count * struct.calcsize("<" + _GGUF_SCALARS[item]), 1)
-                else:
-                    for _ in range(count):
-                        value(item)
-                return count
-            raise UserError(f"{path}: unknown GGUF value type {kind}; the file is corrupt or newer than fedlm")
-
-        if f.read(4) != b"GGUF":
-            raise UserError(f"{path}: not a GGUF file (no GGUF magic)")
-        version = take("I")
-        if version < 2:
-            raise UserError(f"{path}: GGUF version {version} is too old (2 or later is read)")
-        n_tensors, n_fields = take("Q"), take("Q")
-        fields = {}
-        for _ in range(n_fields):
-            key = string()
-            fields[key] = value(take("I"))
-        names = []
-        for _ in range(n_tensors):
-            names.append(string())
-            f.seek(8 * take("I") + 4 + 8, 1)  # dims, type, offset
-    return fields, names

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -108,6 +109,36 @@ def test_transformers_llama_loads_into_fedlm_with_equal_logits(
     assert (ours - theirs).abs().max().item() < 1e-4
 
 
+def test_llama3_rope_scaling_loads_and_exports_with_equal_logits(tmp_path: Path) -> None:
+    """Llama 3.1/3.2's rope_type "llama3" (Llama-3.2-1B-Instruct's config): a random LlamaForCausalLM
+    loads with the same logits over positions far beyond the original context, and fedlm's export of it
+    loads back into transformers with them too."""
+    rope = {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    hf_cfg = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        vocab_size=150, max_position_embeddings=256, rope_theta=500.0, rope_scaling=rope, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    spread_(list(hf.parameters()), seed=5)
+    hf.save_pretrained(tmp_path / "hf")
+    model, _ = load_model(tmp_path / "hf")
+    assert (model.cfg.rope_scaling, model.cfg.rope_factor, model.cfg.rope_original_max_seq_len) == ("llama3", 8.0, 32)
+    idx = torch.randint(0, 150, (2, 256))
+    with torch.no_grad():
+        ours, theirs = model(idx), hf(idx).logits
+    plain = Transformer(dataclasses.replace(model.cfg, rope_scaling="none"))
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert (plain.eval()(idx) - theirs).abs().max().item() > 1e-2  # the scaling matters here
+    assert (ours - theirs).abs().max().item() < 1e-4
+    export_hf(model, tmp_path / "out", tokenizer_path=None)
+    back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert (back(idx).logits - theirs).abs().max().item() < 1e-4
+
+
 def test_sharded_checkpoint_loads(tmp_path: Path) -> None:
     hf_cfg = transformers.LlamaConfig(
         hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
@@ -131,7 +162,8 @@ def test_non_llama_and_unsupported_configs_are_user_errors(tmp_path: Path) -> No
         "num_attention_heads": 4, "num_hidden_layers": 1, "vocab_size": 10,
     }  # fmt: skip
     for extra, pattern in [
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope scaling 'llama3'"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling 'yarn' is not supported"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope scaling 'llama3' without 'low_freq_factor'"),
         ({"attention_bias": True}, "attention_bias"),
         ({"head_dim": 32}, "head_dim"),
     ]:
@@ -175,3 +207,29 @@ def test_smollm2_gguf_matches_transformers() -> None:
         ours, theirs = model(torch.tensor([ids])), hf(torch.tensor([ids])).logits
     assert (ours - theirs).abs().max().item() < 1e-4
     assert tokenizer.decode([int(ours[0, -1].argmax())]).strip() == "Paris"
+
+
+def test_a_llama3_gguf_with_scaled_rope_is_refused_not_loaded_as_plain_rope(tmp_path: Path) -> None:
+    """A Llama 3.x GGUF file carries its rope scaling as a rope_freqs tensor, which transformers' GGUF
+    loader drops: loaded, it would be another model. It is refused where a shape is read (plan, train)
+    and where weights are, naming the file and the way that works."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from fedlm.pretrained import load_pretrained
+    from fedlm.resolve import init_from_shape
+
+    path = tmp_path / "llama3.gguf"
+    w = GGUFWriter(str(path), "llama")
+    w.add_uint32("llama.block_count", 1)
+    w.add_array("tokenizer.ggml.tokens", ["a", "b"])
+    w.add_tensor("token_embd.weight", np.zeros((2, 4), dtype=np.float32))
+    w.add_tensor("rope_freqs.weight", np.ones(2, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    for load in (lambda: init_from_shape(str(path)), lambda: load_pretrained(str(path))):
+        with pytest.raises(UserError, match=r"llama3\.gguf: a Llama 3 GGUF file with scaled RoPE frequencies "
+                                            r"\(rope_freqs\), which fedlm reads only from a Hugging Face"):
+            load()

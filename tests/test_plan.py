@@ -315,8 +315,8 @@ def test_gguf_header_reader_equals_the_gguf_library(tmp_path: Path) -> None:
     import numpy as np
     from gguf import GGUFReader, GGUFWriter
 
-    from fedlm.hf import smollm2_gguf_path
-    from fedlm.resolve import init_from_shape, read_gguf_header
+    from fedlm.hf import read_gguf_header, smollm2_gguf_path
+    from fedlm.resolve import init_from_shape
 
     path = tmp_path / "m.gguf"
     w = GGUFWriter(str(path), "llama")
