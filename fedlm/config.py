@@ -87,6 +87,8 @@ class ModelConfig:
     """RMSNorm epsilon."""
     tie_embeddings: bool = True
     """Share the input embedding and the output head."""
+    qkv_bias: bool = False
+    """Biases on the query, key and value projections (Qwen2's attention; Llama has none)."""
 
     def __post_init__(self) -> None:
         if self.preset != "custom":

@@ -51,6 +51,9 @@ def to_hf_state(model: Transformer) -> dict[str, Tensor]:
         p = _hf_layer(i)
         q, k, v = block.attn.wqkv.weight.split(block.attn.split, dim=0)
         gate, up = block.mlp.w13.weight.chunk(2, dim=0)
+        if cfg.qkv_bias:
+            out |= dict(zip((p + f"self_attn.{n}_proj.bias" for n in "qkv"),
+                            block.attn.wqkv.bias.split(block.attn.split, dim=0), strict=True))
         out |= {
             p + "self_attn.q_proj.weight": q,
             p + "self_attn.k_proj.weight": k,
@@ -78,6 +81,8 @@ def from_hf_state(cfg: ModelConfig, get: Callable[[str], Tensor]) -> dict[str, T
         out[f + "attn.wqkv.weight"] = torch.cat(
             [get(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")], dim=0
         )
+        if cfg.qkv_bias:
+            out[f + "attn.wqkv.bias"] = torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"], dim=0)
         out[f + "attn.wo.weight"] = get(p + "self_attn.o_proj.weight")
         out[f + "mlp.w13.weight"] = torch.cat(
             [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], dim=0
@@ -112,10 +117,12 @@ def _rope_scaling(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def hf_config(cfg: ModelConfig, *, eos_id: int | None) -> dict[str, Any]:
-    """A LlamaConfig as JSON (read by transformers 4.x and 5.x alike)."""
+    """A LlamaConfig (a Qwen2Config for a model with q, k and v biases) as JSON, read by transformers
+    4.x and 5.x alike."""
+    family = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False} \
+        if cfg.qkv_bias else {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        **family,
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.d_ff,
         "num_attention_heads": cfg.n_heads,
@@ -172,10 +179,12 @@ def export_hf(model: Transformer, out_dir: Path, *, tokenizer_path: Path | None)
 
 
 def config_from_hf(hf: dict[str, Any], where: Path) -> ModelConfig:
-    """fedlm's ModelConfig for a Llama config.json; unsupported variants are UserErrors."""
+    """fedlm's ModelConfig for a Llama or Qwen2 config.json; unsupported variants are UserErrors."""
     model_type = hf.get("model_type")
-    if model_type != "llama":
-        raise UserError(f"{where}: model_type {model_type!r} is not a Llama-family model")
+    if model_type not in ("llama", "qwen2"):
+        raise UserError(f"{where}: model_type {model_type!r} is not a Llama-family model (llama or qwen2)")
+    if model_type == "qwen2" and hf.get("use_sliding_window"):
+        raise UserError(f"{where}: use_sliding_window = true is not supported by fedlm (full attention only)")
 
     def need(key: str) -> Any:
         if key not in hf:
@@ -230,6 +239,7 @@ def config_from_hf(hf: dict[str, Any], where: Path) -> ModelConfig:
             rope_theta=float(theta),
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2",  # Qwen2: biases on q, k and v, none on o (Llama's attention_bias has both)
             **scaling,
         )
     except (ValueError, TypeError) as e:
@@ -254,7 +264,7 @@ def _hf_tensor_files(hf_dir: Path) -> dict[str, Path]:
 
 
 def load_hf(hf_dir: Path, *, dtype: torch.dtype = torch.float32) -> Transformer:
-    """A Hugging Face Llama directory (safetensors, possibly sharded) as a fedlm model (eval mode)."""
+    """A Hugging Face Llama or Qwen2 directory (safetensors, possibly sharded) as a fedlm model (eval mode)."""
     hf_dir = Path(hf_dir)
     cfg = config_from_hf(read_json_object(hf_dir / "config.json"), hf_dir / "config.json")
     files = _hf_tensor_files(hf_dir)

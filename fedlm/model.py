@@ -9,7 +9,8 @@
 Llama's architecture, weight for weight: pre-norm RMSNorm (computed in fp32, as Hugging Face
 does, so bf16 autocast stays faithful), rotary position embeddings in the `rotate_half`
 convention (first half / second half of each head), grouped-query attention through
-`scaled_dot_product_attention`, a SwiGLU MLP, no biases, tied or untied embeddings.
+`scaled_dot_product_attention`, a SwiGLU MLP, no biases (but Qwen2's on q, k and v), tied or untied
+embeddings.
 Two fusions for speed: q/k/v are one Linear (`wqkv`) and gate/up are one Linear (`w13`);
 `fedlm.hf` splits and merges them when it exports or imports Hugging Face weights.
 
@@ -280,7 +281,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.split = (q_dim, kv_dim, kv_dim)
-        self.wqkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=False)
+        self.wqkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(q_dim, cfg.d_model, bias=False)
 
     def forward(self, x: Tensor, at: Positions, cache: KVCache | None = None, layer: int = 0,

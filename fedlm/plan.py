@@ -95,6 +95,8 @@ def array_sizes(mc: ModelConfig) -> dict[str, int]:
             sizes[f"{name}.weight"] = i * o
     for i in range(mc.n_layers):
         sizes[f"layers.{i}.attn_norm.weight"] = sizes[f"layers.{i}.mlp_norm.weight"] = mc.d_model
+        if mc.qkv_bias:
+            sizes[f"layers.{i}.attn.wqkv.bias"] = (mc.n_heads + 2 * mc.n_kv_heads) * mc.head_dim
     sizes["norm.weight"] = mc.d_model
     if not mc.tie_embeddings:
         sizes["lm_head.weight"] = mc.vocab_size * mc.d_model

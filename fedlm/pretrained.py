@@ -163,7 +163,7 @@ def load_any(spec: str | Path, *, device: torch.device | str = "cpu") -> tuple[T
     path = resolve(text, key="MODEL")
     if path.is_file() and path.suffix != ".gguf":
         raise UserError(f"MODEL = {text!r}: a file, but not .gguf; give a run or model directory, "
-                        f"a Hugging Face Llama directory, a .gguf file or {SMOLLM2!r}")
+                        f"a Hugging Face Llama or Qwen2 directory, a .gguf file or {SMOLLM2!r}")
     if path.is_dir():
         model, tok_path = load_model(path)
         return model.to(device), tok_path
@@ -198,7 +198,7 @@ def resolve(spec: str, *, key: str = "train.init_from") -> Path:
     if not path.exists():
         raise UserError(
             f"{key} = {spec!r}: no such file or directory "
-            f"(give a run or model directory, a Hugging Face Llama directory, a .gguf file, or {SMOLLM2!r})"
+            f"(give a run or model directory, a Hugging Face Llama or Qwen2 directory, a .gguf file, or {SMOLLM2!r})"
         )
     return path
 

@@ -139,6 +139,43 @@ def test_llama3_rope_scaling_loads_and_exports_with_equal_logits(tmp_path: Path)
         assert (back(idx).logits - theirs).abs().max().item() < 1e-4
 
 
+def test_qwen2_loads_tunes_and_exports_with_equal_logits(tmp_path: Path) -> None:
+    """Qwen2 (Qwen2.5-*-Instruct's family): Llama's blocks with biases on q, k and v. A random
+    Qwen2ForCausalLM loads with its logits; the biases stay frozen under LoRA and a tuned model
+    exports as a Qwen2 that transformers reads back with fedlm's logits."""
+    from fedlm.lora import apply_lora, merge_lora
+
+    hf_cfg = transformers.Qwen2Config(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        vocab_size=150, max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        use_sliding_window=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(hf_cfg).eval()
+    spread_(list(hf.parameters()), seed=7)  # the biases too: not left at zero
+    hf.save_pretrained(tmp_path / "hf")
+    model, _ = load_model(tmp_path / "hf")
+    assert model.cfg.qkv_bias and model.layers[0].attn.wqkv.bias.abs().max() > 0
+    idx = torch.randint(0, 150, (2, 64))
+    with torch.no_grad():
+        assert (model(idx) - hf(idx).logits).abs().max().item() < 1e-4
+    bias = model.layers[0].attn.wqkv.bias.detach().clone()
+    apply_lora(model, rank=2, alpha=4.0, dropout=0.0, targets=["wqkv", "wo"], seed=0)
+    assert not model.layers[0].attn.wqkv.base_layer.bias.requires_grad
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.05)  # a tuned adapter
+        tuned = model.eval()(idx)
+    plain = merge_lora(model)
+    assert torch.equal(plain.layers[0].attn.wqkv.bias, bias)
+    export_hf(plain, tmp_path / "out", tokenizer_path=None)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(back).__name__ == "Qwen2ForCausalLM"
+    with torch.no_grad():
+        assert (back(idx).logits - tuned).abs().max().item() < 1e-4
+
+
 def test_sharded_checkpoint_loads(tmp_path: Path) -> None:
     hf_cfg = transformers.LlamaConfig(
         hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,

@@ -36,6 +36,7 @@ SHAPES = [
     {},  # tiny, tied
     {"tie_embeddings": False},
     {"n_kv_heads": 2, "d_ff": 200},  # grouped-query attention
+    {"n_kv_heads": 2, "qkv_bias": True},  # Qwen2's attention
 ]
 
 
