@@ -208,24 +208,7 @@ def config_from_hf(hf: dict[str, Any], where: Path) -> ModelConfig:
             f"{where}: head_dim {head_dim} x num_attention_heads {n_heads} != hidden_size {d_model}; "
             "fedlm needs head_dim = hidden_size / num_attention_heads"
         )
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise UserError(
-            f"{where}: rope scaling {rope_type!r} is not supported (fedlm implements plain RoPE and Llama 3's)"
-        )
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    scaling: dict[str, Any] = {}
-    if rope_type == "llama3":
-        def rope_key(key: str) -> Any:
-            if key not in rope:
-                raise UserError(f"{where}: rope scaling 'llama3' without {key!r}")
-            return rope[key]
-
-        scaling = {"rope_scaling": "llama3", "rope_factor": float(rope_key("factor")),
-                   "rope_low_freq_factor": float(rope_key("low_freq_factor")),
-                   "rope_high_freq_factor": float(rope_key("high_freq_factor")),
-                   "rope_original_max_seq_len": int(rope_key("original_max_position_embeddings"))}
+    rope = _rope_settings(hf, where)
     try:
         return ModelConfig(
             preset="custom",
@@ -236,14 +219,35 @@ def config_from_hf(hf: dict[str, Any], where: Path) -> ModelConfig:
             d_ff=int(need("intermediate_size")),
             vocab_size=int(need("vocab_size")),
             max_seq_len=int(hf.get("max_position_embeddings", 2048)),
-            rope_theta=float(theta),
+            rope_theta=float(rope.pop("rope_theta")),
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2",  # Qwen2: biases on q, k and v, none on o (Llama's attention_bias has both)
-            **scaling,
+            **rope,
         )
     except (ValueError, TypeError) as e:
         raise UserError(f"{where}: {e}") from None
+
+
+def _rope_settings(hf: dict[str, Any], where: Path) -> dict[str, Any]:
+    """ModelConfig's rope_* settings from a Hugging Face config: plain RoPE or Llama 3's scaling."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise UserError(
+            f"{where}: rope scaling {rope_type!r} is not supported (fedlm implements plain RoPE and Llama 3's)"
+        )
+    out = {"rope_theta": rope.get("rope_theta", hf.get("rope_theta", 10000.0))}
+    if rope_type == "llama3":
+        missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                   if k not in rope]
+        if missing:
+            raise UserError(f"{where}: rope scaling 'llama3' without {missing[0]!r}")
+        out |= {"rope_scaling": "llama3", "rope_factor": float(rope["factor"]),
+                "rope_low_freq_factor": float(rope["low_freq_factor"]),
+                "rope_high_freq_factor": float(rope["high_freq_factor"]),
+                "rope_original_max_seq_len": int(rope["original_max_position_embeddings"])}
+    return out
 
 
 def _hf_tensor_files(hf_dir: Path) -> dict[str, Path]:
