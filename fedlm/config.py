@@ -285,6 +285,10 @@ class PrivacyConfig:
     refused when the configured steps/rounds would spend more than target_epsilon."""
     sample_rate: float = 0.0
     """Record DP: Poisson sampling rate of training windows per step; 0 means train.batch_size / N."""
+    dishonest_silos: int = 0
+    """Client-level DP under secure aggregation: how many silos may leave out their noise shares.
+    Each share is sized so that the other survivors' shares carry the planned noise even without
+    theirs (0: every silo is trusted to add its share)."""
     insecure_reproducible_noise: bool = False
     """Derive the DP noise and sampling from train.seed instead of each party's secret key, so
     runs repeat bit for bit. Anyone holding the config can then remove the noise: for tests
@@ -293,6 +297,8 @@ class PrivacyConfig:
     def __post_init__(self) -> None:
         if self.noise_multiplier < 0 or not 0 <= self.sample_rate <= 1:
             raise ValueError("privacy.noise_multiplier must be >= 0 and privacy.sample_rate in [0, 1]")
+        if self.dishonest_silos < 0:
+            raise ValueError("privacy.dishonest_silos must be >= 0")
         if self.mode != "none":
             if not self.target_epsilon > 0:
                 raise ValueError(f"privacy.target_epsilon must be > 0 when privacy.mode = {self.mode!r}")

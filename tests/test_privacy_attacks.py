@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import re
 import shutil
@@ -453,3 +454,60 @@ def test_a_silos_error_reply_cannot_rewrite_the_coordinators_terminal(ws: Path, 
     assert shown.isprintable() and len(shown) < MAX_FOREIGN_CHARS + 100
     assert shown.startswith(r"\x1b]52;c;ZXZpbA==\x07\x1b[2K\rround 1 completed\u202exxx")
     assert shown.endswith(f"… ({len(evil) - MAX_FOREIGN_CHARS} more characters)")
+
+
+def test_silos_that_leave_out_their_noise_shares_are_planned_for(tmp_path: Path) -> None:
+    """Attack 14: under secure aggregation with client-level DP the noise on the sum is the silos'
+    own shares, and no one can check that a silo added its share. Silos that leave theirs out
+    (alone, or colluding with whoever reads the sum) lower the noise every other silo's ε counts on.
+    With privacy.dishonest_silos = d the shares are sized so that the honest others' shares alone
+    carry the planned noise; the run's ledger charges that; a silo can hold a run to its own d, and
+    a d that would leave an update with no honest share is refused before round 1."""
+    from fedlm.federation.secagg import min_survivors
+    from fedlm.privacy.accounting import client_epsilon
+    from fedlm.privacy.client_dp import plan_client_dp
+
+    def plan(d: int, per_round: int = 5):  # type: ignore[no-untyped-def]
+        pc = PrivacyConfig(mode="client", target_epsilon=4.0, delta=1e-3, clip=0.5, dishonest_silos=d)
+        return plan_client_dp(num_silos=per_round, participations={"a": 6}, per_round=per_round, distributed=True,
+                              privacy=pc, min_survivors=min_survivors(per_round))
+
+    trusting, wary = plan(0), plan(1)
+    m = wary.min_survivors
+    assert m == 3 and wary.noise_multiplier == trusting.noise_multiplier
+    # what a peer really faces at the fewest survivors when one of the others adds no share
+    honest = m - 1 - 1
+    faced = {name: p.share_std * math.sqrt(honest) / p.clip for name, p in (("trusting", trusting), ("wary", wary))}
+    assert faced["wary"] == pytest.approx(wary.noise_multiplier)  # as planned
+    assert client_epsilon([faced["wary"]] * 6, delta=1e-3) <= 4.0 * (1 + 1e-9)
+    assert client_epsilon([faced["trusting"]] * 6, delta=1e-3) > 4.0 * 1.5  # the attack on the plan without d
+    assert wary.against_peer(m) == pytest.approx(wary.noise_multiplier)
+    with pytest.raises(UserError, match=r"privacy.dishonest_silos = 2: a round may end with 3 survivors"):
+        plan(2, per_round=4)
+
+    # a silo that assumes one dishonest peer charges the trusting run's share at what it is worth to it
+    ws = make_ws(tmp_path / "ws", docs=12)
+    for extra in ("d", "e"):  # five silos (their own names, so their own batches)
+        shutil.copytree(ws / "silos" / "c", ws / "silos" / extra)
+    silo = ws / "silos" / "a"
+    (silo / "privacy.toml").write_text("[privacy]\ndishonest_silos = 1\n")
+    cfg = tiny_cfg(ws, rounds=6, local_steps=1, secure_aggregation=True)
+    cfg.privacy = PrivacyConfig(mode="client", target_epsilon=4.0, delta=1e-3, clip=0.5)
+    update = {"w": torch.zeros(3)}
+
+    def share(c: Config, std: float, r: int = 0) -> None:
+        SiloPrivacy(c, silo, config_text=repr(c), round_idx=r, arrays=update).noise_share(
+            update, share_std=std, threshold=3, num_silos=5)
+
+    with pytest.raises(UserError, match="its own ε"):  # six rounds at half the variance do not fit in 4
+        for r in range(6):
+            share(cfg, trusting.share_std, r)
+    cfg.privacy.dishonest_silos = 1
+    for r in range(6):  # the wary plan's shares fit the silo's own reading
+        share(cfg, wary.share_std, 100 + r)
+
+    # and a run of it: the plan and privacy.json say what was assumed, ε within the target
+    run_federated(cfg, tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "privacy.json").read_text())
+    assert record["dishonest_silos"] == 1 and "1 other silos' shares left out" in record["epsilon_is_against"]
+    assert all(row["completed"] for row in rounds(tmp_path / "run"))

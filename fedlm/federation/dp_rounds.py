@@ -201,7 +201,9 @@ class RoundPrivacy:
                      "planned_epsilon": self.plan.planned_epsilon,
                      "planned_rounds_per_silo": self.plan.max_participations,
                      "min_survivors": self.plan.min_survivors,
-                     "epsilon_is_against": "a peer (a silo that knows its own noise share)",
+                     "dishonest_silos": self.plan.dishonest,
+                     "epsilon_is_against": "a peer (a silo that knows its own noise share)"
+                     + (f", with {self.plan.dishonest} other silos' shares left out" if self.plan.dishonest else ""),
                      "against_server": against_server}
         else:
             extra = {"sampling": "poisson (records = training windows, per silo)",

@@ -128,6 +128,7 @@ class SiloPolicy:
     delta: float
     secure_aggregation: bool  # its updates leave it only inside a secure sum
     max_scored_models: int | None  # None: no cap
+    dishonest_silos: int = 0  # its noise share is charged as if this many others left theirs out
 
 
 def _policy(silo_dir: Path) -> SiloPolicy | None:
@@ -143,12 +144,15 @@ def _policy(silo_dir: Path) -> SiloPolicy | None:
         secure, cap = local.get("secure_aggregation", False), local.get("max_scored_models")
         if not isinstance(secure, bool):
             raise TypeError(f"secure_aggregation = {secure!r} is not true or false")
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
-            raise TypeError(f"max_scored_models = {cap!r} is not a whole number ≥ 0")
+        dishonest = local.get("dishonest_silos", 0)
+        for key, n in (("max_scored_models", cap), ("dishonest_silos", dishonest)):
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+                raise TypeError(f"{key} = {n!r} is not a whole number ≥ 0")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: [privacy] takes mode (with target_epsilon and delta unless it is \"none\"), "
-                        f"secure_aggregation = true or false, and max_scored_models = N ({e})") from None
-    return SiloPolicy(mode, target, delta, secure, cap)
+                        f"secure_aggregation = true or false, max_scored_models = N and dishonest_silos = N ({e})"
+                        ) from None
+    return SiloPolicy(mode, target, delta, secure, cap, dishonest)
 
 
 def describe_policy(silo_dir: Path) -> str:
@@ -163,6 +167,8 @@ def describe_policy(silo_dir: Path) -> str:
              "updates only inside a secure sum" if policy.secure_aggregation else "updates in clear allowed",
              "no cap on models scored" if policy.max_scored_models is None else
              f"at most {policy.max_scored_models} models scored over all runs"]
+    if policy.dishonest_silos:
+        rules.append(f"its noise share counted as if {policy.dishonest_silos} other silos left theirs out")
     return f"silo {silo_dir.name}: its {POLICY_FILE} holds every run to: {'; '.join(rules)}"
 
 
@@ -203,6 +209,8 @@ def own_privacy(cfg: Config, silo_dir: Path) -> tuple[PrivacyConfig, bool]:
                         f"(secure_aggregation = true); the run asks for them in clear "
                         f"(federation.secure_aggregation = false); refused: set federation.secure_aggregation = "
                         f"true (3 or more silos a round) to train with this silo")
+    if policy.dishonest_silos > run.dishonest_silos:  # it assumes more silos may leave out their shares
+        run = replace(run, dishonest_silos=policy.dishonest_silos)
     if mode is None:  # no DP policy: the run's settings, and a ledger per run config
         return run, False
     if run.mode != mode:
@@ -240,9 +248,14 @@ class SiloPrivacy:
 
     def noise_share(self, update: dict[str, torch.Tensor], *, share_std: float, threshold: int,
                     num_silos: int) -> dict[str, torch.Tensor]:
-        """Client DP under SecAgg: update + N(0, share_std²), charged for a peer at the fewest survivors."""
+        """Client DP under SecAgg: update + N(0, share_std²), charged for a peer at the fewest survivors,
+        `privacy.dishonest_silos` of whom (the run's, or more by the silo's own policy) added no share."""
         fewest = max(threshold, MIN_SURVIVORS, num_silos // 2 + 1)
-        z_peer = share_std * math.sqrt(fewest - 1) / self.privacy.clip
+        honest = fewest - 1 - self.privacy.dishonest_silos
+        if honest < 1:
+            raise UserError(f"silo {self.dir.name!r}: with dishonest_silos = {self.privacy.dishonest_silos} a round of "
+                            f"{fewest} survivors could leave its update with no honest noise share; refused")
+        z_peer = share_std * math.sqrt(honest) / self.privacy.clip
         if not (math.isfinite(z_peer) and z_peer > 0):
             raise UserError(f"silo {self.dir.name!r}: the server asked for a noise share std {share_std}; refused")
         self.charge((z_peer, 1.0, 1))

@@ -21,11 +21,14 @@ Who adds the noise, and ε against whom:
   fewer than 3). Every party then faces at least N(0, (z·C)²) on what it can learn: the
   server sees the sum of m >= m_min shares, and a peer, who knows its own share and update
   and can take them off the next global model, still faces the other m − 1 >= m_min − 1.
+  With `privacy.dishonest_silos = d`, the shares are N(0, (z·C)²/(m_min − 1 − d)), so the
+  honest others' shares carry the planned noise even when d silos leave theirs out (or collude
+  with whoever reads the sum), and the ledger charges what the honest shares alone give.
   So the planned z bounds ε against a peer (the binding case) and, with more noise, against
   the server; a dropout cannot lower either below plan, because a round with fewer than
   m_min survivors is never applied. The ledger charges each round with the noise really
-  present against each party (`against_server`, `against_peer`). Assumption: the silos
-  follow the protocol (colluding silos that omit their shares lower the noise).
+  present against each party (`against_server`, `against_peer`). Assumption: at most d silos
+  leave out their shares (d = 0 by default: every silo follows the protocol).
   The masked values are clipped coordinate-wise to ±(C + 8·share std) by the quantiser: with
   probability < 1e-14 per coordinate a noise value is cut there.
 - `federation.secure_aggregation = false` (central noise): silos send clipped updates and
@@ -66,6 +69,12 @@ def noise_like(update: Update, *, std: float, generator: torch.Generator) -> Upd
     return {k: torch.randn(t.shape, generator=generator, dtype=torch.float32) * std for k, t in update.items()}
 
 
+def share_std(sum_std: float, min_survivors: int, dishonest: int) -> float:
+    """Std of one silo's noise share such that the shares of the m_min − 1 − d honest others carry
+    N(0, sum_std²) on their own: what a peer faces at the fewest survivors, d of whom added none."""
+    return sum_std / math.sqrt(max(1, min_survivors - 1 - dishonest))
+
+
 @dataclass(frozen=True)
 class ClientPlan:
     """Client-level DP parameters of a run (what RUN/privacy.json records)."""
@@ -78,9 +87,11 @@ class ClientPlan:
     """Silos sampled per round (k)."""
     distributed: bool
     min_survivors: int
-    """Distributed: the fewest survivors that complete a round (m_min); shares are sized for m_min − 1."""
+    """Distributed: the fewest survivors that complete a round (m_min); shares are sized for m_min − 1 − d."""
     max_participations: int
     planned_epsilon: float
+    dishonest: int = 0
+    """Distributed: silos (d) that may leave out their shares; the others' shares carry the noise alone."""
 
     @property
     def sum_std(self) -> float:
@@ -89,20 +100,22 @@ class ClientPlan:
 
     @property
     def share_std(self) -> float:
-        """Std of one silo's noise share (distributed noise): m_min − 1 shares carry N(0, (z·C)²)."""
-        return self.sum_std / math.sqrt(max(1, self.min_survivors - 1))
+        """Std of one silo's noise share (distributed noise): m_min − 1 − d shares carry N(0, (z·C)²)."""
+        return share_std(self.sum_std, self.min_survivors, self.dishonest)
 
     def against_server(self, contributors: int) -> float | None:
-        """The noise multiplier the server faces in a round of `contributors` (None: central, trusted)."""
+        """The noise multiplier the server faces in a round of `contributors`, whose d dishonest silos
+        may have left out their shares (None: central noise, from the trusted server)."""
         if not self.distributed:
             return None
-        return self.share_std * math.sqrt(contributors) / self.clip
+        return self.share_std * math.sqrt(max(0, contributors - self.dishonest)) / self.clip
 
     def against_peer(self, contributors: int) -> float:
-        """The noise multiplier a peer faces, knowing its own share (central: the whole noise)."""
+        """The noise multiplier a peer faces, knowing its own share, with the d dishonest silos' shares
+        left out too (central: the whole noise)."""
         if not self.distributed:
             return self.noise_multiplier
-        return self.share_std * math.sqrt(max(0, contributors - 1)) / self.clip
+        return self.share_std * math.sqrt(max(0, contributors - 1 - self.dishonest)) / self.clip
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,6 +129,11 @@ def plan_client_dp(*, num_silos: int, participations: dict[str, int], per_round:
                         f"{num_silos} silos (client-level DP protects whole silos); lower it")
     if distributed and min_survivors < 2:
         raise ValueError("distributed noise needs min_survivors >= 2 (the fewest survivors of a round)")
+    dishonest = privacy.dishonest_silos if distributed else 0
+    if distributed and min_survivors - 1 - dishonest < 1:
+        raise UserError(f"privacy.dishonest_silos = {dishonest}: a round may end with {min_survivors} survivors, so a "
+                        f"silo's update could be left with no honest noise share beside its own; lower it, or sample "
+                        f"more silos a round (federation.fraction, federation.min_silos)")
     most = max(participations.values(), default=0)
     if most == 0:
         raise UserError("privacy.mode = 'client': no silo takes part in any round")
@@ -134,4 +152,5 @@ def plan_client_dp(*, num_silos: int, participations: dict[str, int], per_round:
         eps = client_epsilon([z] * most, delta=privacy.delta)
     return ClientPlan(noise_multiplier=z, clip=privacy.clip, delta=privacy.delta,
                       target_epsilon=privacy.target_epsilon, per_round=per_round, distributed=distributed,
-                      min_survivors=min_survivors, max_participations=most, planned_epsilon=eps)
+                      min_survivors=min_survivors, max_participations=most, planned_epsilon=eps,
+                      dishonest=dishonest)
