@@ -384,7 +384,7 @@ def generate(
     """Continue PROMPT, streaming tokens as they come."""
     from tokenizers import Tokenizer
 
-    from fedlm.data.tokenizer import EOS
+    from fedlm.data.tokenizer import end_token_id
     from fedlm.device import resolve_device
     from fedlm.generate import generate as gen
     from fedlm.pretrained import load_any
@@ -399,7 +399,7 @@ def generate(
         raise UserError(f"{model}: no tokenizer.json beside the model")
     tok = Tokenizer.from_file(str(tok_path))
     ids: list[int] = tok.encode(prompt).ids
-    eos = tok.token_to_id(EOS)
+    eos = end_token_id(tok)
     sys.stdout.write(prompt)
     text = TextDecoder(tok)  # holds back a token that ends inside a multi-byte character
     for token in gen(net, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,

@@ -31,7 +31,7 @@ from fedlm.config import Config, load_config
 from fedlm.corpus import SILOS, extract
 from fedlm.data.prepare import prepare_silo
 from fedlm.data.shards import shard_silo
-from fedlm.data.tokenizer import EOS, agree_tokenizer, load_tokenizer
+from fedlm.data.tokenizer import agree_tokenizer, end_token_id, load_tokenizer
 from fedlm.evaluate import evaluate_silo
 from fedlm.federation.runner import run_federated
 from fedlm.fileio import write_json
@@ -268,7 +268,7 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 1337) -> dict[str, A
         tok = load_tokenizer(tok_path)
         prompt = "The patient"
         ids = list(generate(model, tok.encode(prompt).ids, max_new_tokens=40, temperature=0.8, top_k=50,
-                            eos_id=tok.token_to_id(EOS), seed=0))
+                            eos_id=end_token_id(tok), seed=0))
         console.print(f"[bold]sample (federated):[/] {prompt}{tok.decode(ids)}", highlight=False)
     console.print(f"demo finished in {summary['seconds']:.0f} s -> {out / 'summary.json'}")
     console.print(f"report: {write_report(out)} (open it in a browser)", highlight=False, soft_wrap=True)

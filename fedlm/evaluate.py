@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from fedlm.data.chatshards import ChatIndex
 from fedlm.data.shards import iter_eval_windows, open_chat, open_split
-from fedlm.data.tokenizer import load_tokenizer, token_byte_lengths, tokenizer_hash
+from fedlm.data.tokenizer import eos_id, load_tokenizer, token_byte_lengths, tokenizer_hash
 from fedlm.device import module_device
 from fedlm.errors import UserError
 from fedlm.model import KVCache, Transformer
@@ -328,7 +328,7 @@ def answer_metrics(
     was_training = model.training
     model.eval()
     special = set(tok.get_added_tokens_decoder())
-    stop = {0} | {int(ans[-1]) for _, _, ans in convs if int(ans[-1]) in special}  # EOS, end of turn
+    stop = {eos_id(tok)} | {int(ans[-1]) for _, _, ans in convs if int(ans[-1]) in special}  # end of text, of turn
     references = [tok.decode(ans.tolist(), skip_special_tokens=True) for _, _, ans in convs]
     longest = [len(normalise_answer(r)) + MATCH_SLACK for r in references]
 

@@ -44,7 +44,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedlm.data.tokenizer import CHAR_TO_BYTE, EOS, load_tokenizer, token_byte_lengths
+from fedlm.data.tokenizer import (
+    CHAR_TO_BYTE,
+    END_TOKENS,
+    eos_id,
+    load_tokenizer,
+    token_byte_lengths,
+)
 from fedlm.errors import UserError
 from fedlm.model import Transformer
 from fedlm.modelio import find_model_dir
@@ -117,9 +123,9 @@ def _encode(tok: Any, text: str, *, context: int) -> list[int]:
     """[EOS] + TEXT's ids; UserError for an empty text or one longer than the model's context."""
     if not text.strip():
         raise UserError("TEXT is empty; give the text to explain, e.g. fedlm explain RUN \"The patient was\"")
-    ids = [tok.token_to_id(EOS), *tok.encode(text, add_special_tokens=False).ids]
+    ids = [eos_id(tok), *tok.encode(text, add_special_tokens=False).ids]
     if len(ids) > context:
-        raise UserError(f"TEXT is {len(ids) - 1} tokens, and with the leading {EOS} that is more than the "
+        raise UserError(f"TEXT is {len(ids) - 1} tokens, and with the leading end-of-text token that is more than the "
                         f"model's context of {context} tokens; shorten it to at most {context - 1} tokens")
     return ids
 
@@ -146,7 +152,7 @@ def _target_id(tok: Any, target: str) -> int:
 def _token_text(tok: Any, idx: int) -> str:
     """A token as the text it stands for; one that is part of a character as its bytes, ⟨e4 b8⟩."""
     piece = tok.id_to_token(idx)
-    if piece is None or any(c not in CHAR_TO_BYTE for c in piece) or piece == EOS:
+    if piece is None or any(c not in CHAR_TO_BYTE for c in piece) or piece in END_TOKENS:
         return str(piece)  # a special token, or a tokenizer that is not byte-level
     raw = bytes(CHAR_TO_BYTE[c] for c in piece)
     try:
@@ -418,7 +424,7 @@ def _esc(s: str) -> str:
 
 def _shown(token: str) -> str:
     """A token as it reads inside running text; the end-of-text marker as a small sign."""
-    return '<span class="eot">⟨eot⟩</span>' if token == EOS else _esc(token)
+    return '<span class="eot">⟨eot⟩</span>' if token in END_TOKENS else _esc(token)
 
 
 def _heat(value: float, scale: float, *, hue: int) -> str:

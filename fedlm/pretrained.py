@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from fedlm.data.chat import TEMPLATE_FILE
-from fedlm.data.tokenizer import EOS, load_tokenizer, token_byte_lengths
+from fedlm.data.tokenizer import END_TOKENS, end_token_id, load_tokenizer, token_byte_lengths
 from fedlm.errors import UserError
 from fedlm.fileio import write_text
 from fedlm.hf import load_gguf, load_hf, smollm2_gguf_path
@@ -277,8 +277,8 @@ def load_pretrained(spec: str, *, share_frozen: bool = False,
 def write_model_tokenizer(workspace: Path, spec: str) -> Path:
     """Install the tokenizer of the model `spec` names as WS/tokenizer.json; returns the path.
 
-    Refuses (UserError) a tokenizer that shards cannot use: one without "<|endoftext|>" at id 0
-    or not byte-level (bits per byte needs each token's byte length).
+    Refuses (UserError) a tokenizer that shards cannot use: one without an end-of-text token
+    (`END_TOKENS`) or not byte-level (bits per byte needs each token's byte length).
     """
     _, text = load_pretrained(spec, share_frozen=True)
     if text is None:
@@ -286,10 +286,10 @@ def write_model_tokenizer(workspace: Path, spec: str) -> Path:
     import tokenizers
 
     tok = tokenizers.Tokenizer.from_str(text)
-    if tok.token_to_id(EOS) != 0:
+    if end_token_id(tok) is None:
         raise UserError(
-            f"{spec}: its tokenizer has no {EOS} at id 0 (fedlm's shards end documents with id 0); "
-            "use a model whose end-of-text token is id 0, or agree a new tokenizer and train from scratch"
+            f"{spec}: its tokenizer has no end-of-text token ({' or '.join(END_TOKENS)}) for fedlm's shards to end "
+            "documents with; use another model, or agree a new tokenizer and train from scratch"
         )
     token_byte_lengths(tok)  # UserError unless every token is byte-level
     out = Path(workspace) / "tokenizer.json"

@@ -480,8 +480,9 @@ def _pretrained(cfg: Config, device: torch.device) -> Transformer:
             f"shard the workspace with the model's tokenizer (`fedlm data tokenizer --workspace "
             f"{cfg.data.workspace} --from-model {cfg.train.init_from}`, then `fedlm data shard`)"
         )
-    if ws_tok.exists() and model.cfg.vocab_size != (vocab := load_tokenizer(ws_tok).get_vocab_size()):
-        raise UserError(f"the model has {model.cfg.vocab_size} tokens, the workspace tokenizer {vocab}")
+    # a model may have more rows than its tokenizer has tokens (Qwen2.5 pads its embedding to a multiple of 128)
+    if ws_tok.exists() and model.cfg.vocab_size < (vocab := load_tokenizer(ws_tok).get_vocab_size()):
+        raise UserError(f"the model has {model.cfg.vocab_size} tokens, fewer than the workspace tokenizer's {vocab}")
     return model.train()
 
 

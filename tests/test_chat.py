@@ -613,3 +613,50 @@ def test_training_on_the_answers_makes_greedy_answers_exact(tmp_path: Path) -> N
     after = answer_metrics(model, silo, split="train", max_new_tokens=6, details=True)
     assert before["exact_match"] == 0.0 and after["exact_match"] >= 0.8, (before, after["answers"])
     assert after["answer_bits_per_byte"] < before["answer_bits_per_byte"] / 4
+
+
+def test_a_model_whose_end_of_text_is_not_id_0_shards_tunes_and_answers(tmp_path: Path) -> None:
+    """Llama 3's tokenizer ends a document with "<|end_of_text|>" (not at id 0) and Qwen2's with
+    "<|endoftext|>" at a high id (and Qwen2.5 has more embedding rows than tokens). A model with such a
+    tokenizer is installed, its chat silo sharded
+    with documents ended by that id (meta's eos_id), a LoRA run tunes from it, and its greedy
+    answers are scored, stopping at the end of the turn or of the text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from fedlm.config import load_config
+    from fedlm.evaluate import answer_metrics
+    from fedlm.modelio import save_model
+    from fedlm.pretrained import load_model, write_model_tokenizer
+    from fedlm.train import train
+
+    ws = tmp_path / "ws"
+    prepare_silo([write_jsonl(tmp_path / "qa.jsonl", qa_records())], silo="qa", workspace=ws)
+    texts = [json.loads(line)["text"] for line in (ws / "silos" / "qa" / "docs.jsonl").open()]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts + ["system user assistant"], trainers.BpeTrainer(
+        vocab_size=420, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"]))
+    assert tok.token_to_id("<|end_of_text|>") == 1 and tok.token_to_id("<|endoftext|>") is None
+    tok.save(str(tmp_path / "tokenizer.json"))
+    base = tmp_path / "base"
+    padded = tok.get_vocab_size() + 28  # more embedding rows than tokens, as Qwen2.5 has
+    save_model(Transformer(ModelConfig(preset="custom", d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64,
+                                       vocab_size=padded, max_seq_len=128), seed=0),
+               base, tokenizer_path=tmp_path / "tokenizer.json")
+    (base / "chat_template.jinja").write_text(CHATML)
+
+    write_model_tokenizer(ws, str(base))  # refused before: "no <|endoftext|> at id 0"
+    meta = shard_silo(ws, "qa", val_fraction=0.2)
+    assert meta["eos_id"] == 1 and meta["layout"] == "each document followed by <|end_of_text|>"
+    ids = np.fromfile(ws / "silos" / "qa" / "train.bin", dtype=meta["dtype"])
+    assert (ids == 1).sum() == meta["documents"]["train"] and ids[-1] == 1 and not (ids == 0).any()
+
+    cfg = load_config(None, [f"data.workspace={json.dumps(str(ws))}", f"train.init_from={json.dumps(str(base))}",
+                             "lora.rank=4", "train.steps=3", "train.batch_size=2", "train.seq_len=64",
+                             "train.threads=1", "train.eval_batches=1", "train.checkpoint_every=3"])
+    train(cfg, tmp_path / "run")
+    model, _ = load_model(tmp_path / "run")
+    got = answer_metrics(model, ws / "silos" / "qa", max_new_tokens=8)
+    assert got["n"] > 0 and 0.0 <= got["exact_match"] <= 1.0 and got["answer_bits_per_byte"] > 0

@@ -62,7 +62,7 @@ def _read_records(docs_path: Path, on_bytes: Callable[[int], None]) -> Iterator[
 
 
 def write_chat_splits(docs_path: Path, silo_dir: Path, *, template: ChatTemplate, hf: Encoder,
-                       dtype: np.dtype, seed: int, val_fraction: float,
+                       dtype: np.dtype, eos: int, seed: int, val_fraction: float,
                        on_bytes: Callable[[int], None]) -> tuple[dict, dict]:
     """Encode a chat silo into SPLIT.bin / .mask / .idx; returns (counts, meta's "chat" entry).
 
@@ -71,7 +71,7 @@ def write_chat_splits(docs_path: Path, silo_dir: Path, *, template: ChatTemplate
     (a special token written as text) is skipped and reported by line."""
     docs: list[tuple[float, np.ndarray, np.ndarray, int, bool]] = []  # hash, ids, mask, bytes, chat
     skipped: dict[str, list[int]] = {}
-    eos = np.zeros(1, dtype=np.int64)
+    end = np.full(1, eos, dtype=np.int64)  # after each document, as in `shards._assign_sides`
     for lineno, text, messages in _read_records(docs_path, on_bytes):
         if messages is None:
             ids = hf([text])[0]
@@ -84,7 +84,7 @@ def write_chat_splits(docs_path: Path, silo_dir: Path, *, template: ChatTemplate
                 continue
             mask = np.append(mask, np.uint8(0))  # the EOS after a conversation is not its answer
         n_bytes = len(text) if text.isascii() else len(text.encode("utf-8"))
-        docs.append((split_hash(text, seed), np.concatenate([ids, eos]), mask, n_bytes, messages is not None))
+        docs.append((split_hash(text, seed), np.concatenate([ids, end]), mask, n_bytes, messages is not None))
     if not docs:
         raise UserError(f"{docs_path} has no usable conversation or document "
                         f"({_skip_summary(skipped) or 'empty'}): re-run `fedlm data prepare` with more data")

@@ -5,8 +5,9 @@
     x, y = sample_batch(tokens, batch_size=8, seq_len=256, generator=g)   # (B, T) int64 each
 
 Layout: `train.bin` / `val.bin` are raw little-endian uint16 (vocab <= 65535) or uint32 ids,
-each document followed by EOS (id 0), so decoding a split gives its documents joined and
-ended by EOS. A literal "<|endoftext|>" inside a text is encoded as ordinary bytes, so id 0
+each document followed by the tokenizer's end-of-text token (`eos_id`: id 0 in fedlm's own
+tokenizers and SmolLM2's; meta.json's "eos_id"), so decoding a split gives its documents joined
+and ended by it. A literal "<|endoftext|>" inside a text is encoded as ordinary bytes, so that id
 only ever marks a document boundary.
 
 The validation split is by document: a document goes to val when a hash of (seed, text) falls
@@ -50,9 +51,9 @@ from fedlm.data.chatshards import (
 )
 from fedlm.data.splits import Split, forced_sides, split_hash
 from fedlm.data.tokenizer import (
-    EOS,
     GPT2_PATTERN,
     bpe_ranks,
+    eos_id,
     load_tokenizer,
     read_texts,
     silo_docs_paths,
@@ -172,6 +173,7 @@ def _write_splits(
     val_fraction: float,
     fast: Encoder | None,
     hf: Encoder,
+    eos: int,
     on_bytes: Callable[[int], None],
 ) -> tuple[dict, str]:
     """One pass: encode every document into train.bin / val.bin, a document to val when its
@@ -193,7 +195,7 @@ def _write_splits(
                     heads = [t[:_CHECK_CHARS] for t in batch[:_CHECK_DOCS]]
                     if not _engines_agree(encode, hf, heads):
                         encode, encoder_name, ids = hf, "tokenizers", hf(batch)
-                parts = _assign_sides(batch, ids, seed=seed, val_fraction=val_fraction,
+                parts = _assign_sides(batch, ids, seed=seed, val_fraction=val_fraction, eos=eos,
                                       counts=counts, hashes=hashes, place=place)
                 for split, arrays in parts.items():
                     if arrays:
@@ -205,19 +207,19 @@ def _write_splits(
     return counts, encoder_name
 
 
-def _assign_sides(batch: list[str], ids: list[np.ndarray], *, seed: int, val_fraction: float,
+def _assign_sides(batch: list[str], ids: list[np.ndarray], *, seed: int, val_fraction: float, eos: int,
                   counts: dict[str, dict[str, int]], hashes: array[float],
                   place: array[int]) -> dict[str, list[np.ndarray]]:
     """Send each document of a batch to val or train by its split hash; return each side's
-    token arrays (a document's tokens then EOS), in order. Counts each document on its side
+    token arrays (a document's tokens then `eos`), in order. Counts each document on its side
     and records its hash and place (`hashes`, `place`) for `_rebalance`."""
-    eos = np.zeros(1, dtype=np.int64)
+    end = np.full(1, eos, dtype=np.int64)
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     for text, doc_ids in zip(batch, ids, strict=True):
         h = split_hash(text, seed)
         split = "val" if h < val_fraction else "train"
         hashes.append(h)
-        parts[split] += [doc_ids, eos]
+        parts[split] += [doc_ids, end]
         c = counts[split]
         n_bytes = len(text) if text.isascii() else len(text.encode("utf-8"))
         place.extend((c["tokens"], doc_ids.size + 1, n_bytes))
@@ -307,6 +309,7 @@ def shard_silo(
     tok, tok_sha256, hf, fast = _loaded(tok_path, engine != "tokenizers")
     vocab_size = tok.get_vocab_size()
     dtype = dtype_for_vocab(vocab_size)
+    eos = eos_id(tok)
     if engine == "tiktoken" and fast is None:
         raise UserError("engine 'tiktoken' asked but tiktoken is not installed: pip install tiktoken")
     (silo_dir / "meta.json").unlink(missing_ok=True)
@@ -325,21 +328,21 @@ def shard_silo(
     chat: dict | None = None
     if holds_conversations(silo_dir):
         template = ChatTemplate.load(workspace, what=f"silo {silo!r} (it holds conversations)")
-        counts, chat = write_chat_splits(docs_path, silo_dir, template=template, hf=hf, dtype=dtype,
+        counts, chat = write_chat_splits(docs_path, silo_dir, template=template, hf=hf, dtype=dtype, eos=eos,
                                           seed=seed, val_fraction=val_fraction, on_bytes=advance)
         encoder_name = "tokenizers"
     else:
         counts, encoder_name = _write_splits(
             docs_path, silo_dir, dtype=dtype, seed=seed, val_fraction=val_fraction, fast=fast,
-            hf=hf, on_bytes=advance)
+            hf=hf, eos=eos, on_bytes=advance)
     meta = {
         "silo": silo,
         "tokens": {s: counts[s]["tokens"] for s in counts},
         "documents": {s: counts[s]["documents"] for s in counts},
         "bytes": {s: counts[s]["bytes"] for s in counts},
         "dtype": dtype.name,
-        "eos_id": 0,
-        "layout": f"each document followed by {EOS}",
+        "eos_id": eos,
+        "layout": f"each document followed by {tok.id_to_token(eos)}",
         "tokenizer_sha256": tok_sha256,
         "vocab_size": vocab_size,
         "val_fraction": val_fraction,

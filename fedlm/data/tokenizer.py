@@ -48,7 +48,11 @@ from fedlm.privacy.mechanisms import release_sparse_histogram
 from fedlm.privacy.randomness import NoiseKey
 
 EOS = "<|endoftext|>"
-"""End of text: id 0, the only special token; separates documents in shards."""
+"""End of text: id 0 and the only special token of fedlm's own tokenizers; separates documents in shards."""
+
+END_TOKENS = (EOS, "<|end_of_text|>")
+"""What ends a document in shards, by name: fedlm's, SmolLM2's and Qwen2's `EOS` (at id 0 only in
+fedlm's and SmolLM2's), or Llama 3's "<|end_of_text|>"."""
 
 DEFAULT_MAX_PRETOKENS_PER_DOC = 256
 """Contribution bound k for DP counts: a document counts towards at most k distinct pre-tokens."""
@@ -293,7 +297,7 @@ def agree_tokenizer(
 
 
 def load_tokenizer(path: Path) -> tokenizers.Tokenizer:
-    """Load a fedlm tokenizer.json (UserError if missing, corrupt, or without EOS = id 0)."""
+    """Load a workspace's tokenizer.json (UserError if missing, corrupt, or without an end-of-text token)."""
     path = Path(path)
     fix = "run `fedlm data tokenizer --workspace WS --vocab-size N`"
     if not path.is_file():
@@ -302,9 +306,21 @@ def load_tokenizer(path: Path) -> tokenizers.Tokenizer:
         tok = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
         raise UserError(f"{path} is not a valid tokenizer.json ({e}); {fix} again") from e
-    if tok.token_to_id(EOS) != 0:
-        raise UserError(f"{path} has no {EOS} token with id 0, so it is not a fedlm tokenizer; {fix}")
+    if end_token_id(tok) is None:
+        raise UserError(f"{path} has no end-of-text token ({' or '.join(END_TOKENS)}) to end documents with; {fix}")
     return tok
+
+
+def end_token_id(tok: tokenizers.Tokenizer) -> int | None:
+    """The id of the first of `END_TOKENS` this tokenizer has (None without one)."""
+    return next((int(i) for name in END_TOKENS if (i := tok.token_to_id(name)) is not None), None)
+
+
+def eos_id(tok: tokenizers.Tokenizer) -> int:
+    """The id that ends a document in this tokenizer's shards (`end_token_id`; UserError without one)."""
+    if (idx := end_token_id(tok)) is None:
+        raise UserError(f"the tokenizer has no end-of-text token ({' or '.join(END_TOKENS)}) to end documents with")
+    return idx
 
 
 def tokenizer_hash(path: Path) -> str:

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from fedlm.data.shards import open_split, read_meta, split_hash
-from fedlm.data.tokenizer import load_tokenizer
+from fedlm.data.tokenizer import eos_id, load_tokenizer
 from fedlm.errors import UserError
 from fedlm.fileio import atomic_path, write_json
 
@@ -145,14 +145,16 @@ def plant_canaries(silo_dir: Path, *, repeats: Sequence[int] = (1, 10), per_repe
 
 
 @torch.no_grad()
-def sequence_nll(model: torch.nn.Module, seqs: list[list[int]], *, batch_size: int = 256) -> np.ndarray:
-    """Total NLL (nats) of each token sequence given a leading EOS (id 0): its log-perplexity."""
+def sequence_nll(model: torch.nn.Module, seqs: list[list[int]], *, eos: int = 0,
+                 batch_size: int = 256) -> np.ndarray:
+    """Total NLL (nats) of each token sequence given a leading end-of-text token (`eos`, as a document
+    starts in the shards): its log-perplexity."""
     model.eval()
     out = np.zeros(len(seqs))
     for start in range(0, len(seqs), batch_size):
         chunk = seqs[start : start + batch_size]
         width = max(len(s) for s in chunk)
-        x = torch.zeros((len(chunk), width), dtype=torch.int64)
+        x = torch.full((len(chunk), width), eos, dtype=torch.int64)
         y = torch.full((len(chunk), width), -100, dtype=torch.int64)
         for i, s in enumerate(chunk):
             ids = torch.tensor(s, dtype=torch.int64)
@@ -165,8 +167,9 @@ def sequence_nll(model: torch.nn.Module, seqs: list[list[int]], *, batch_size: i
 
 
 def canary_exposure(model: torch.nn.Module, tokenizer: tokenizers.Tokenizer, canaries: list[dict[str, Any]], *,
-                    candidates: int = 5000, seed: int = 0) -> list[dict[str, Any]]:
-    """Exposure of each canary against `candidates` random secrets of the same format.
+                    candidates: int = 5000, seed: int = 0, eos: int = 0) -> list[dict[str, Any]]:
+    """Exposure of each canary against `candidates` random secrets of the same format, each scored
+    after the tokenizer's end-of-text id `eos`, as a document starts in the shards.
 
     Canaries of the same format (prefix, digits) are ranked against one shared pool of
     candidates, scored once: the candidates are independent of the canaries, so sharing
@@ -185,9 +188,9 @@ def canary_exposure(model: torch.nn.Module, tokenizer: tokenizers.Tokenizer, can
         key = (str(c["prefix"]), digits)
         if key not in pools:
             pool = {random_secret(rng, digits) for _ in range(candidates)} - planted
-            pools[key] = sequence_nll(model, [encode(canary_text(s, c["prefix"])) for s in sorted(pool)])
+            pools[key] = sequence_nll(model, [encode(canary_text(s, c["prefix"])) for s in sorted(pool)], eos=eos)
         cand = pools[key]
-        x = float(sequence_nll(model, [encode(c["text"])])[0])
+        x = float(sequence_nll(model, [encode(c["text"])], eos=eos)[0])
         rank = 1 + int((cand < x).sum())
         mu, sd = float(cand.mean()), float(cand.std()) or 1e-12
         p = NormalDist(mu, sd).cdf(x)
@@ -257,7 +260,7 @@ def audit(model: torch.nn.Module, workspace: Path, *, silos: Sequence[str], refe
         entry: dict[str, Any] = {}
         if (d / CANARIES_FILE).exists():
             entry["canaries"] = canary_exposure(model, tokenizer, json.loads((d / CANARIES_FILE).read_text()),
-                                                candidates=candidates)
+                                                candidates=candidates, eos=eos_id(tokenizer))
         entry["membership"] = membership_inference(model, d, seq_len=seq_len, reference=reference,
                                                    max_samples=max_samples)
         report["silos"][silo] = entry

@@ -33,7 +33,7 @@ def samples(run_dir: Path, prompts: tuple[str, ...], *, max_new_tokens: int = 40
             ) -> tuple[list[tuple[str, str]], str]:
     """(prompt, continuation) from the run's global model, seeded: the same page for the same model;
     and the first sample cut to what the explain panel can take (the context, after one EOS)."""
-    from fedlm.data.tokenizer import EOS, load_tokenizer
+    from fedlm.data.tokenizer import end_token_id, load_tokenizer
     from fedlm.generate import generate
     from fedlm.pretrained import load_model
 
@@ -46,7 +46,7 @@ def samples(run_dir: Path, prompts: tuple[str, ...], *, max_new_tokens: int = 40
     for prompt in prompts:
         ids = tok.encode(prompt).ids[: room // 2]
         new = list(generate(model, ids, max_new_tokens=min(max_new_tokens, room - len(ids)), temperature=0.8,
-                            top_k=50, eos_id=tok.token_to_id(EOS), seed=0))
+                            top_k=50, eos_id=end_token_id(tok), seed=0))
         out.append((prompt, tok.decode(new)))
     text = "".join(out[0]) if out else ""
     ids = tok.encode(text).ids

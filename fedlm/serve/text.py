@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 
 ChatTemplate = Literal["fedlm", "chatml"]
 
-EOS_TOKENS = ("<|endoftext|>", "<|im_end|>", "</s>")
+EOS_TOKENS = ("<|endoftext|>", "<|im_end|>", "</s>", "<|end_of_text|>", "<|eot_id|>")
 """Special tokens that end a reply, where the tokenizer has them."""
 
 FEDLM_STOPS = ("<|user|>", "<|system|>")
