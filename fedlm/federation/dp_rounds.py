@@ -203,7 +203,8 @@ class RoundPrivacy:
                      "min_survivors": self.plan.min_survivors,
                      "dishonest_silos": self.plan.dishonest,
                      "epsilon_is_against": "a peer (a silo that knows its own noise share)"
-                     + (f", with {self.plan.dishonest} other silos' shares left out" if self.plan.dishonest else ""),
+                     + (", with the shares of " + (f"{self.plan.dishonest} other silos" if self.plan.dishonest > 1
+                                                     else "one other silo") + " left out" if self.plan.dishonest else ""),
                      "against_server": against_server}
         else:
             extra = {"sampling": "poisson (records = training windows, per silo)",
