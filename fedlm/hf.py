@@ -314,7 +314,6 @@ def load_gguf(gguf_path: Path) -> tuple[Transformer, tokenizers.Tokenizer]:
         raise UserError(
             f"loading GGUF needs transformers: pip install 'fedlm[hf]' ({SMOLLM2_INSTALL})"
         ) from None
-    check_gguf_rope(gguf_path, read_gguf_header(gguf_path)[1])
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)

@@ -45,7 +45,7 @@ from fedlm.data.chat import TEMPLATE_FILE
 from fedlm.data.tokenizer import END_TOKENS, end_token_id, load_tokenizer, token_byte_lengths
 from fedlm.errors import UserError
 from fedlm.fileio import write_text
-from fedlm.hf import load_gguf, load_hf, smollm2_gguf_path
+from fedlm.hf import check_gguf_rope, load_gguf, load_hf, read_gguf_header, smollm2_gguf_path
 from fedlm.lora import load_adapters
 from fedlm.model import Transformer
 from fedlm.modelio import (
@@ -215,7 +215,9 @@ def _gguf_cache_dir(path: Path, st: os.stat_result) -> Path:
 
 
 def _gguf_cached(path: Path) -> tuple[Transformer, str]:
-    """The GGUF model, from the cache directory when a previous load left it there."""
+    """The GGUF model, from the cache directory when a previous load left it there (a Llama 3 file with
+    scaled RoPE is refused either way: a cache made before fedlm refused it would hold another model)."""
+    check_gguf_rope(path, read_gguf_header(path)[1])
     cached = _gguf_cache_dir(path, path.stat())
     if (cached / "model.safetensors").is_file() and (cached / "tokenizer.json").is_file():
         model, tok_path = load_model(cached)

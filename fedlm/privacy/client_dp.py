@@ -69,12 +69,6 @@ def noise_like(update: Update, *, std: float, generator: torch.Generator) -> Upd
     return {k: torch.randn(t.shape, generator=generator, dtype=torch.float32) * std for k, t in update.items()}
 
 
-def share_std(sum_std: float, min_survivors: int, dishonest: int) -> float:
-    """Std of one silo's noise share such that the shares of the m_min − 1 − d honest others carry
-    N(0, sum_std²) on their own: what a peer faces at the fewest survivors, d of whom added none."""
-    return sum_std / math.sqrt(max(1, min_survivors - 1 - dishonest))
-
-
 @dataclass(frozen=True)
 class ClientPlan:
     """Client-level DP parameters of a run (what RUN/privacy.json records)."""
@@ -101,7 +95,7 @@ class ClientPlan:
     @property
     def share_std(self) -> float:
         """Std of one silo's noise share (distributed noise): m_min − 1 − d shares carry N(0, (z·C)²)."""
-        return share_std(self.sum_std, self.min_survivors, self.dishonest)
+        return self.sum_std / math.sqrt(max(1, self.min_survivors - 1 - self.dishonest))
 
     def against_server(self, contributors: int) -> float | None:
         """The noise multiplier the server faces in a round of `contributors`, whose d dishonest silos
