@@ -42,11 +42,11 @@ from fedlm.device import native_bf16
 from fedlm.evaluate import answer_metrics, greedy_answers, held_out_questions, paired_exact_test
 from fedlm.fileio import write_json
 from fedlm.model import Transformer
-from fedlm.plan import array_sizes
 from fedlm.presets import preset_sets
 from fedlm.pretrained import SMOLLM2, load_model, load_pretrained, resolve, write_model_tokenizer
 from fedlm.progress import console, progress_bar
 from fedlm.resolve import init_from_shape
+from fedlm.shapes import array_sizes
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import pytest
 LAYERS: dict[str, int] = {
     # the bottom: config, model, data and the privacy mechanisms (and plain helpers)
     "fedlm": 0, "fedlm.threadsafe": 0, "fedlm.errors": 0, "fedlm.fileio": 0, "fedlm.runlock": 0, "fedlm.progress": 0, "fedlm.config": 0,
-    "fedlm.model": 0, "fedlm.data": 0, "fedlm.corpus": 0, "fedlm.privacy": 0, "fedlm.device": 0,
+    "fedlm.model": 0, "fedlm.shapes": 0, "fedlm.data": 0, "fedlm.corpus": 0, "fedlm.privacy": 0, "fedlm.device": 0,
     "fedlm.value.shapley": 0, "fedlm.value.compute": 0,  # the game arithmetic: plain numbers
     # model I/O on top of the model: fedlm's format, Hugging Face's, LoRA, any directory, and the
     # resolution of a run's model config and silos from them and the workspace

@@ -22,7 +22,6 @@ from fedlm.plan import (
     ADAMW_BYTES,
     ROUND_OVERHEAD_BYTES_PER_S,
     ROUND_OVERHEAD_S_PER_ARRAY,
-    count_params,
     fit_limits,
     flops_per_token,
     layer_activation_bytes,
@@ -31,6 +30,7 @@ from fedlm.plan import (
     round_overhead_seconds,
     update_bytes,
 )
+from fedlm.shapes import count_params
 
 SHAPES = [
     {},  # tiny, tied

@@ -511,3 +511,85 @@ def test_silos_that_leave_out_their_noise_shares_are_planned_for(tmp_path: Path)
     record = json.loads((tmp_path / "run" / "privacy.json").read_text())
     assert record["dishonest_silos"] == 1 and record["epsilon_is_against"].endswith("with the shares of one other silo left out")
     assert all(row["completed"] for row in rounds(tmp_path / "run"))
+
+
+def test_a_silo_bounds_the_work_a_run_may_ask_of_it(ws: Path, tmp_path: Path) -> None:
+    """Attack 15: the coordinator writes the run config, so it chooses how long a silo's machine trains
+    (local steps, batch, sequence length, a DP batch of the whole split), how long it scores (validation
+    batches drawn with replacement, so without end) and how large a from-scratch model it builds. A silo
+    whose privacy.toml has a [work] table refuses a run that asks more, at its query and at every
+    request, before it builds, trains or scores anything; a run within the limits goes as before."""
+    from flwr.app import ArrayRecord
+
+    from fedlm.config import load_config, save_config
+    from fedlm.data.tokenizer import tokenizer_hash
+    from fedlm.federation import task
+    from fedlm.federation.messages import query_request, round_config, train_request
+    from fedlm.federation.silo_privacy import describe_policy
+    from fedlm.federation.valuation import _request, score_reply
+    from fedlm.resolve import resolve_config
+
+    own = tmp_path / "ws"
+    shutil.copytree(ws, own, ignore=shutil.ignore_patterns(".secrets"))
+    silo = own / "silos" / "a"
+    cfg = tiny_cfg(own, rounds=1, local_steps=2)
+    asked = task.work_asked(resolve_config(cfg), silo)  # as the silo receives it
+    assert asked["max_round_tokens"] == 2 * 4 * 16 and asked["max_eval_tokens"] == 20 * 4 * 16
+    (silo / "privacy.toml").write_text("[privacy]\nmax_scored_models = 100\n[work]\n" + "".join(
+        f"{key} = {n}\n" for key, n in asked.items()))  # exactly what the run asks
+    assert "max_round_tokens = 128; max_eval_tokens = 1,280" in describe_policy(silo)
+    run_federated(cfg, tmp_path / "run")
+    assert rounds(tmp_path / "run")[0]["completed"]
+
+    sha = tokenizer_hash(own / "tokenizer.json")
+    context = Context(run_id=1, node_id=1, node_config={"workspace": str(own), "silo": "a"}, state=RecordDict(),
+                      run_config={})
+
+    def forged(**changes: dict[str, object]) -> str:
+        c = load_config(tmp_path / "run" / "config.toml")
+        for section, values in changes.items():
+            for key, value in values.items():
+                setattr(getattr(c, section), key, value)
+        save_config(c, tmp_path / "forged.toml")
+        return (tmp_path / "forged.toml").read_text()
+
+    def refusal(text: str) -> str:
+        with pytest.raises(UserError) as query:
+            ca.query(query_request(1, tokenizer_sha256=sha, config_text=text), context)
+        msg = train_request(ArrayRecord(weights(tmp_path / "run")), round_config(
+            round_no=2, config_text=text, tokenizer_sha256=sha, weight_ref=1.0, run_id="x"), 1, round_no=2)
+        with pytest.raises(UserError) as train:
+            ca.train(msg, context)
+        assert str(query.value) == str(train.value)
+        assert not any(text in key for key in task._MODELS)  # refused before a model was built
+        return str(query.value)
+
+    assert refusal(forged(federation={"local_steps": 10**6})) == (
+        "silo 'a': the run asks 64,000,000 tokens a training round trains on (federation.local_steps × "
+        "train.grad_accum × train.batch_size × train.seq_len; under record-level DP the expected batch); its "
+        "privacy.toml allows max_round_tokens = 128; refused: ask for less, or have the silo raise its limit")
+    assert "asks 12,800,000 tokens one validation of a model scores" in refusal(forged(train={"eval_batches": 200_000}))
+    assert "parameters in the model it builds (adapters included); its privacy.toml allows max_parameters" in refusal(
+        forged(model={"d_model": 64, "d_ff": 128}))
+    dp = PrivacyConfig(mode="record", target_epsilon=8.0, delta=1e-3, sample_rate=1.0)  # every record, each step
+    assert "allows max_round_tokens = 128" in refusal(forged(privacy={k: getattr(dp, k) for k in
+                                                                      ("mode", "target_epsilon", "delta", "sample_rate")}))
+
+    # scoring for a valuation: refused before its local-only model is trained or a score is counted
+    text = forged(federation={"local_steps": 10**6})
+    msg = _request(1, [ArrayRecord(weights(tmp_path / "run"))], config_text=text, tokenizer_sha256=sha,
+                   max_tokens=256, local_baseline=True)
+    scored = json.loads((silo / ".secrets" / "scored.json").read_text())
+    with pytest.raises(UserError, match="max_round_tokens = 128"):
+        score_reply(msg, silo)
+    assert json.loads((silo / ".secrets" / "scored.json").read_text()) == scored
+
+    # a misspelt limit would leave the silo unbounded without a word: the policy is refused instead
+    (silo / "privacy.toml").write_text("[work]\nmax_round_token = 128\n")
+    with pytest.raises(UserError, match=r"privacy.toml: .*\[work\] takes max_round_tokens = N, max_eval_tokens = N, "
+                                        r"max_parameters = N \(unknown key in \[work\]: 'max_round_token'\)"):
+        describe_policy(silo)
+    (silo / "privacy.toml").write_text("[wrok]\nmax_round_tokens = 128\n")
+    with pytest.raises(UserError, match=r"unknown table 'wrok'"):
+        describe_policy(silo)
+

@@ -65,7 +65,7 @@ from fedlm.federation.silo_privacy import (
     requires_secure_aggregation,
 )
 from fedlm.federation.task import (
-    check_base,
+    check_run,
     check_silo,
     encode_update,
     silo_dir,
@@ -86,7 +86,7 @@ def query(msg: Message, context: Context) -> Message:
     counts = check_silo(path, tokenizer_sha256=sha)
     if cfg is not None:
         own_privacy(cfg, path)  # a run this silo's privacy.toml refuses is refused before round 1
-        check_base(cfg, path.name)  # and one whose base model it has no copy of
+        check_run(cfg, path)  # and one whose base model it has no copy of, or that asks more work than it allows
     if cfg is not None and cfg.privacy.mode == "record":  # refuse a DP budget that cannot fit
         plan = silo_record_plan(cfg, path, open_split(path, "train", expect_tokenizer_sha256=sha))
         counts.update(dp_noise_multiplier=plan.noise_multiplier, dp_sample_rate=plan.sample_rate)

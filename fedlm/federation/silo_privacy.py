@@ -25,6 +25,11 @@ so a silo trusts nothing in the server's message that its privacy depends on:
   WS/silos/NAME/.secrets/scored.json). A score is one number about its validation split for weights
   the coordinator chose, so unbounded scoring is an oracle on that split, outside secure
   aggregation and DP.
+- How much work a run may ask of it: `[work]` in the same file caps the tokens a training
+  round trains on (`max_round_tokens`), the tokens one validation scores (`max_eval_tokens`) and
+  the model's size (`max_parameters`); a run that asks more is refused before any of it is done
+  (`fedlm.federation.task.check_work`). The coordinator writes the config, so without them it
+  chooses how long the silo's machine works for it.
 - Its ledger (WS/silos/NAME/.secrets/ledger.json) charges every distinct release with the
   noise the silo itself adds and the fewest survivors it allows (so against a peer, the
   worst case), and refuses a release that would pass its target. With a DP mode in
@@ -42,7 +47,7 @@ import json
 import logging
 import math
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +134,37 @@ class SiloPolicy:
     secure_aggregation: bool  # its updates leave it only inside a secure sum
     max_scored_models: int | None  # None: no cap
     dishonest_silos: int = 0  # its noise share is charged as if this many others left theirs out
+    work: dict[str, int] = field(default_factory=dict)  # [work]: the WORK_LIMITS it sets
+
+
+WORK_LIMITS = {
+    "max_round_tokens": ("tokens a training round trains on", "federation.local_steps × train.grad_accum × "
+                         "train.batch_size × train.seq_len; under record-level DP the expected batch"),
+    "max_eval_tokens": ("tokens one validation of a model scores", "train.eval_batches × train.batch_size × "
+                        "train.seq_len"),
+    "max_parameters": ("parameters in the model it builds", "adapters included"),
+}
+"""What a silo's `[work]` table may cap, each a whole number ≥ 1: (what is counted, how a config sets it)."""
+
+_PRIVACY_KEYS = ("mode", "target_epsilon", "delta", "secure_aggregation", "max_scored_models", "dishonest_silos")
+
+
+def _known(table: dict[str, Any], keys: Any, where: str) -> None:
+    """A misspelt key would leave the silo unprotected without a word: refuse any key not in `keys`."""
+    unknown = sorted(set(table) - set(keys))
+    if unknown:
+        raise ValueError(f"unknown {where} {', '.join(map(repr, unknown))}")
+
+
+def _work(table: Any) -> dict[str, int]:
+    """The [work] table's limits."""
+    if not isinstance(table, dict):
+        raise TypeError("[work] is not a table")
+    _known(table, WORK_LIMITS, "key in [work]:")
+    for key, n in table.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise TypeError(f"{key} = {n!r} is not a whole number ≥ 1")
+    return dict(table)
 
 
 def _policy(silo_dir: Path) -> SiloPolicy | None:
@@ -137,7 +173,10 @@ def _policy(silo_dir: Path) -> SiloPolicy | None:
     if not path.exists():
         return None
     try:
-        local = tomllib.loads(path.read_text()).get("privacy", {})
+        doc = tomllib.loads(path.read_text())
+        _known(doc, ("privacy", "work"), "table")
+        local = doc.get("privacy", {})
+        _known(local, _PRIVACY_KEYS, "key in [privacy]:")
         mode = str(local["mode"]) if "mode" in local else None
         dp = mode not in (None, "none")
         target, delta = (float(local["target_epsilon"]), float(local["delta"])) if dp else (0.0, 0.0)
@@ -148,11 +187,12 @@ def _policy(silo_dir: Path) -> SiloPolicy | None:
         for key, n in (("max_scored_models", cap), ("dishonest_silos", dishonest)):
             if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
                 raise TypeError(f"{key} = {n!r} is not a whole number ≥ 0")
+        work = _work(doc.get("work", {}))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: [privacy] takes mode (with target_epsilon and delta unless it is \"none\"), "
-                        f"secure_aggregation = true or false, max_scored_models = N and dishonest_silos = N ({e})"
-                        ) from None
-    return SiloPolicy(mode, target, delta, secure, cap, dishonest)
+                        f"secure_aggregation = true or false, max_scored_models = N and dishonest_silos = N; "
+                        f"[work] takes {', '.join(f'{k} = N' for k in WORK_LIMITS)} ({e})") from None
+    return SiloPolicy(mode, target, delta, secure, cap, dishonest, work)
 
 
 def describe_policy(silo_dir: Path) -> str:
@@ -169,6 +209,7 @@ def describe_policy(silo_dir: Path) -> str:
              f"at most {policy.max_scored_models} models scored over all runs"]
     if policy.dishonest_silos:
         rules.append(f"its noise share counted as if {policy.dishonest_silos} other silos left theirs out")
+    rules += [f"{key} = {n:,}" for key, n in policy.work.items()]
     return f"silo {silo_dir.name}: its {POLICY_FILE} holds every run to: {'; '.join(rules)}"
 
 
@@ -176,6 +217,12 @@ def requires_secure_aggregation(silo_dir: Path) -> bool:
     """Whether the silo's privacy.toml lets its updates leave it only inside a secure sum."""
     policy = _policy(silo_dir)
     return policy is not None and policy.secure_aggregation
+
+
+def work_limits(silo_dir: Path) -> dict[str, int]:
+    """The caps the silo's privacy.toml `[work]` sets on what one request may ask of it (WORK_LIMITS)."""
+    policy = _policy(silo_dir)
+    return policy.work if policy is not None else {}
 
 
 def charge_scores(silo_dir: Path, count: int) -> None:

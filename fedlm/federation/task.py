@@ -31,11 +31,19 @@ from fedlm.data.shards import open_chat, open_split
 from fedlm.device import resolve_device
 from fedlm.errors import UserError
 from fedlm.federation import codecs
-from fedlm.federation.silo_privacy import SiloPrivacy, charge_scores
+from fedlm.federation.silo_privacy import (
+    POLICY_FILE,
+    WORK_LIMITS,
+    SiloPrivacy,
+    charge_scores,
+    work_limits,
+)
 from fedlm.model import Transformer
 from fedlm.pretrained import model_digest, resolve
 from fedlm.privacy.client_dp import clip_update
 from fedlm.privacy.dpsgd import RecordPlan, num_records, plan_record_dp
+from fedlm.resolve import init_from_shape
+from fedlm.shapes import count_params
 from fedlm.train import SiloBatches, build_model, load_global, local_update, silo_gradient, val_loss
 
 log = logging.getLogger(__name__)
@@ -160,14 +168,47 @@ def check_base(cfg: Config, silo: str) -> None:
                         "(the same bytes; the silo's log says what it found)")
 
 
-def _model(node_id: int, config_text: str, cfg: Config, silo: str) -> Transformer:
+def work_asked(cfg: Config, path: Path) -> dict[str, int]:
+    """What one request of the run `cfg` asks of silo `path`, in the terms of its [work] limits."""
+    tc = cfg.train
+    round_tokens = planned_tokens(cfg)
+    if cfg.privacy.mode == "record":  # Poisson batches: the expected batch, not train.batch_size
+        plan = silo_record_plan(cfg, path, open_split(path, "train"))
+        round_tokens = cfg.federation.local_steps * plan.expected_batch_size * tc.seq_len
+    shape = init_from_shape(tc.init_from) if tc.init_from else cfg.model  # the silo's own copy (check_base)
+    return {"max_round_tokens": round_tokens, "max_eval_tokens": tc.eval_batches * tc.batch_size * tc.seq_len,
+            "max_parameters": count_params(shape, cfg).total}
+
+
+def check_work(cfg: Config, path: Path) -> None:
+    """Refuse, before any of it is done, a run that asks more of this silo than its privacy.toml's [work]
+    allows: the coordinator writes the config, so it would otherwise choose how long the silo's machine
+    trains and scores for it, and how large a model it builds."""
+    limits = work_limits(path)
+    if not limits:
+        return
+    for key, ask in work_asked(cfg, path).items():
+        if key in limits and ask > limits[key]:
+            what, how = WORK_LIMITS[key]
+            raise UserError(f"silo {path.name!r}: the run asks {ask:,} {what} ({how}); its {POLICY_FILE} allows "
+                            f"{key} = {limits[key]:,}; refused: ask for less, or have the silo raise its limit")
+
+
+def check_run(cfg: Config, path: Path) -> None:
+    """What a silo checks of every run config it is sent, before loading anything: its base (`check_base`)
+    and the work it asks (`check_work`)."""
+    check_base(cfg, path.name)
+    check_work(cfg, path)
+
+
+def _model(node_id: int, config_text: str, cfg: Config, path: Path) -> Transformer:
     """The run's model for this node (seeded weights, from a generator of its own), built once."""
     with _MODELS_LOCK:
         model = _MODELS.get((node_id, config_text))
         if model is None:
             if len(_MODELS) > 64:
                 _MODELS.clear()
-            check_base(cfg, silo)
+            check_run(cfg, path)
             model = build_model(cfg, device=resolve_device(cfg.train.device))  # this silo's own device
             _MODELS[(node_id, config_text)] = model
         return model
@@ -182,7 +223,7 @@ def train_silo(
     `cfg` is the run's resolved config (`config_text` its TOML). `carry`: the optimizer state
     passed on by the previous silo (cyclic), updated in place."""
     torch.set_num_threads(1)  # one thread per silo: bitwise-equal results on either engine
-    model = _model(node_id, config_text, cfg, path.name)
+    model = _model(node_id, config_text, cfg, path)
     names = wire_names(model)
     data = SiloBatches.open([path], seed=0, tokenizer_sha256=tokenizer_sha256)
     data.generator.manual_seed(round_seed(cfg.train.seed, path.name, round_idx))
@@ -217,7 +258,7 @@ def validate_silo(weights: list[dict[str, torch.Tensor]], *, cfg: Config, config
     torch.set_num_threads(1)
     tokens = open_split(path, "val", expect_tokenizer_sha256=tokenizer_sha256)
     chat = open_chat(path, "val")  # a chat silo is judged on its answers, as it is trained
-    model = _model(node_id, config_text, cfg, path.name)
+    model = _model(node_id, config_text, cfg, path)
     tc = cfg.train
     out = []
     for arrays in weights:  # a node handles one message at a time, as for training

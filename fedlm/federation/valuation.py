@@ -57,7 +57,7 @@ from fedlm.federation.messages import error_reason, parse_config
 from fedlm.federation.robust import update_norm
 from fedlm.federation.silo_privacy import charge_scores
 from fedlm.federation.strategies import ServerAdamW, ServerOptimizer, make_server_optimizer
-from fedlm.federation.task import check_base, check_silo, expand_state, federated_train_config
+from fedlm.federation.task import check_run, check_silo, expand_state, federated_train_config
 from fedlm.fileio import write_json
 from fedlm.model import Transformer
 from fedlm.modelio import ADAPTERS, WEIGHTS, read_safetensors
@@ -128,7 +128,6 @@ def _split(path: Path, config_text: str, sha: str, max_tokens: int) -> _Split:
             if len(_SPLITS) > 64:
                 _SPLITS.clear()
             cfg = parse_config(config_text)
-            check_base(cfg, path.name)
             model = build_model(cfg)
             if cfg.train.precision == "bf16" and native_bf16(torch.device("cpu")):  # SCORE_BF16
                 # a copy: a LoRA model's frozen base IS the pretrained cache's, which casting in place would
@@ -178,6 +177,7 @@ def score_reply(msg: Message, path: Path) -> Message:
     models: list[State] = [dict(msg.content.array_records[f"model-{i}"].to_torch_state_dict())
                            for i in range(int(record["models"]))]  # type: ignore[arg-type]
     names = [f"bpb-{i}" for i in range(len(models))]
+    check_run(parse_config(text), path)  # before anything is loaded, trained or counted
     charge_scores(path, len(models))  # the coordinator's models; its own local-only model is not counted
     if int(record.get("local-baseline", 0)):  # type: ignore[arg-type]
         models, names = [_local_arrays(path, text), *models], ["bpb-local", *names]
