@@ -199,17 +199,17 @@ def findings(models: dict[str, dict[str, Any]], comm: dict[str, float]) -> dict[
 
 def print_table(models: dict[str, dict[str, Any]], found: dict[str, Any], comm: dict[str, float]) -> None:
     """Per silo: exact match and answer bits per byte of each kind of model on its held-out questions."""
-    table = Table(title="held-out questions: exact match / answer bits per byte (higher / lower is better)")
+    table = Table(title="held-out questions: exact match/answer bits per byte (higher/lower is better)")
     kinds = ("base", "local", "centralised", "federated", "personalised")
-    table.add_column("silo")
-    for kind in kinds:
-        table.add_column(kind, justify="right")
+    table.add_column("silo", no_wrap=True)
+    for kind in kinds:  # cells without spaces: the table fits 80 columns (a log file's width) unwrapped
+        table.add_column(kind, justify="right", no_wrap=True)
 
     def cell(name: str, silo: str) -> str:
         m = models.get(name)
         if m is None or silo not in m["exact_match"]:
             return "—"
-        return f"{m['exact_match'][silo]:.2f} / {m['bits_per_byte'][silo]:.2f}"
+        return f"{m['exact_match'][silo]:.2f}/{m['bits_per_byte'][silo]:.2f}"
 
     for silo in SILOS:
         table.add_row(silo, *(cell(f"{k}:{silo}" if k in ("local", "personalised") else k, silo) for k in kinds))
@@ -219,7 +219,7 @@ def print_table(models: dict[str, dict[str, Any]], found: dict[str, Any], comm: 
         own = [(models[f"{kind}:{s}"], s) for s in SILOS if f"{kind}:{s}" in models]
         if not own:
             return "—"
-        return (f"{np.mean([m['exact_match'][s] for m, s in own]):.2f} / "
+        return (f"{np.mean([m['exact_match'][s] for m, s in own]):.2f}/"
                 f"{np.mean([m['bits_per_byte'][s] for m, s in own]):.2f}")
 
     row = [mean_cell(k) for k in kinds]

@@ -4,6 +4,8 @@ written to a log says how far it is and short ones stay quiet."""
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,7 +22,10 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-console = Console(stderr=True)
+LOG_WIDTH = 160
+"""Columns of output written to a log file or pipe (Rich's default there is 80, which wrapped every
+long line and folded the tables' cells and headers); a terminal's own width, or COLUMNS, rules elsewhere."""
+console = Console(stderr=True, width=None if sys.stderr.isatty() or "COLUMNS" in os.environ else LOG_WIDTH)
 LINE_EVERY = 30.0
 """Seconds between progress lines when stderr is not a terminal (and before the first)."""
 

@@ -70,11 +70,17 @@ def test_findings_and_table(monkeypatch: pytest.MonkeyPatch) -> None:
     clear = findings(_models(fed=0.0, local=1.0), comm)
     assert clear["local_beats_federated_em_significant"] == list(SILOS)
     assert clear["federated_vs_local_em_test"]["legal"]["p"] == pytest.approx(2 / 2**10)
-    with console.capture() as captured:
-        print_table(_models(fed=0.4, local=0.3), found, comm)
+    width = console.width
+    console.width = 80  # a log file's: every cell on one line, every header whole
+    try:
+        with console.capture() as captured:
+            print_table(_models(fed=0.4, local=0.3), found, comm)
+    finally:
+        console.width = width
     out = captured.get()
-    assert "0.40 / 0.80" in out and "0.30 / 0.85" in out and "0.37%" in out
-    assert "p < 0.05): federated better on 0, local-only on 0 of 6 silos" in out
+    assert "0.40/0.80" in out and "0.30/0.85" in out and "0.37%" in out and "personalised" in out
+    assert "…" not in out and all(len(line) <= 80 for line in out.splitlines())
+    assert "p < 0.05): federated better on 0, local-only on 0 of 6 silos" in " ".join(out.split())
 
 
 def test_paired_exact_test_is_mcnemars_exact_test() -> None:
