@@ -133,12 +133,13 @@ def test_superlink_flags_need_the_flower_engine(tmp_path: Path, capfd: pytest.Ca
     (tmp_path / "silos/legal").mkdir(parents=True)
     (tmp_path / "silos/legal/privacy.toml").write_text('[privacy]\nmode = "none"\nmax_scored_models = -1\n')
     _one_line_error(fedlm_here(capfd, *node), "privacy.toml: [privacy] takes mode", "max_scored_models = -1")
-    (tmp_path / "silos/legal/privacy.toml").write_text('[privacy]\nmode = "none"\nsecure_aggregation = true\n')
+    (tmp_path / "silos/legal/privacy.toml").write_text('[privacy]\nmode = "none"\nsecure_aggregation = true\n'
+                                                      '[work]\nmax_round_tokens = 4096\n')
     _one_line_error(fedlm_here(capfd, *node), "requires secure aggregation", "--peers silos.json")
     r = fedlm_here(capfd, *node, "--peers", str(tmp_path / "silos.json"))
     _one_line_error(r, "legal.key: no such file", "fedlm silo key")
     assert r.stdout.splitlines()[-1] == ("silo legal: its privacy.toml holds every run to: privacy.mode = 'none' (no DP); "
-                                "updates only inside a secure sum; no cap on models scored")
+                                "updates only inside a secure sum; no cap on models scored; max_round_tokens = 4,096")
 
 
 @pytest.mark.slow
