@@ -197,8 +197,15 @@ def test_deployed_valuation_under_secure_aggregation(tmp_path: Path) -> None:
                                             r"silo 'a': its privacy.toml lets its updates leave it only inside"):
             value_on_flower(run, {"method": "exact"}, superlink=superlink, root_certificates=None, insecure=True)
         assert (run / "value.json").read_text() == kept and not list(run.glob(".value*"))
+        # attack 15 across real processes: a silo refuses a run that asks more work than its [work] allows
+        (ws / "silos" / "b" / "privacy.toml").write_text("[work]\nmax_round_tokens = 63\n")
+        with pytest.raises(UserError, match=r"silo 'b': the run asks 64 tokens a training round trains on .*allows "
+                                            r"max_round_tokens = 63; refused"):
+            run_federated(cfg, tmp_path / "run-busy", superlink=superlink, insecure=True)
+        assert not (tmp_path / "run-busy" / "rounds.jsonl").exists()
     finally:
         stop(procs)
+    (ws / "silos" / "b" / "privacy.toml").unlink()
     (ws / "silos" / "a" / "privacy.toml").unlink()
     in_process = value_run(run)
     for silo in ("a", "b", "c"):
