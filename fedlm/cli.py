@@ -462,6 +462,9 @@ def serve(
     body_timeout: Annotated[float, typer.Option(
         help="Seconds a client has to send its request body; then 408.")] = 10.0,
     device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = "auto",
+    model_name: Annotated[str | None, typer.Option(
+        help="The model name clients ask for (default: the run folder's, the file's stem, or MODEL as given "
+             "when it is a name such as smollm2).")] = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (completions, chat, streaming)."""
     from fedlm.serve.app import serve_forever
@@ -471,7 +474,8 @@ def serve(
     serve_forever(model, host=host, port=port, api_key_file=api_key_file,
                   quantize="int8" if quantize == "int8" else "none", max_batch=max_batch,
                   max_concurrent=max_concurrent, max_prompt_tokens=max_prompt_tokens,
-                  max_tokens=max_tokens, threads=threads, body_timeout=body_timeout, device=device)
+                  max_tokens=max_tokens, threads=threads, body_timeout=body_timeout, device=device,
+                  model_name=model_name)
 
 
 @app.command()

@@ -369,3 +369,52 @@ def test_chatml_template_for_smollm2_style_tokenizers(tmp_path: Path) -> None:
     want = tok.encode("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n").ids
     assert resp.json()["usage"]["prompt_tokens"] == len(want)
     assert tok.token_to_id("<|im_start|>") in want  # parsed as the special token
+
+
+def test_a_model_is_served_in_its_own_chat_template(tmp_path: Path) -> None:
+    """A model directory whose tokenizer_config.json carries a chat template (a Hugging Face model:
+    Llama 3's, Qwen2's) is served in that template, not fedlm's guess from the tokenizer (ChatML):
+    the same lookup `fedlm data tokenizer --from-model` installs for chat silos (`chat_template_of`)."""
+    run = tiny_model_dir(tmp_path, chatml=True)
+    own = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + ' says: ' + m['content'] + '<|im_end|>' }}"
+           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant says: ' }}{% endif %}")
+    (run / "model" / "tokenizer_config.json").write_text(json.dumps({"chat_template": own}))
+    tok = Tokenizer.from_file(str(run / "model" / "tokenizer.json"))
+    with TestClient(create_app(run)) as http:
+        deadline = time.monotonic() + 20
+        while http.get("/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        resp = http.post("/v1/chat/completions", json={
+            "model": "run", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+    assert resp.status_code == 200
+    want = tok.encode("<|im_start|>user says: Hi<|im_end|><|im_start|>assistant says: ").ids
+    assert resp.json()["usage"]["prompt_tokens"] == len(want)
+    assert len(want) != len(tok.encode("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n").ids)
+
+
+@pytest.mark.slow
+def test_smollm2_is_served_by_its_name_in_its_own_template(tmp_path: Path) -> None:
+    """`fedlm serve smollm2`, as a new user starts it, answers the openai client that asks for model
+    "smollm2" (it was served as the GGUF file's stem, and the name typed got 404), with the prompt in
+    SmolLM2's own template from the GGUF header (its default system turn included), not plain ChatML."""
+    from fedlm.data.chat import ChatTemplate
+    from fedlm.pretrained import chat_template_of, load_pretrained
+
+    _, tokenizer_text = load_pretrained("smollm2", share_frozen=True)
+    assert tokenizer_text is not None
+    tok = Tokenizer.from_str(tokenizer_text)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    with live_server(create_app("smollm2", threads=1), timeout=120) as base:
+        client = OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["smollm2"]
+        reply = client.chat.completions.create(model="smollm2", messages=messages,  # type: ignore[arg-type]
+                                               max_tokens=8, temperature=0)
+    assert reply.choices[0].message.content
+    template = chat_template_of("smollm2")
+    assert template is not None and "You are a helpful AI assistant named SmolLM" in template
+    tok_file = tmp_path / "tokenizer.json"
+    tok_file.write_text(tokenizer_text)
+    own = ChatTemplate.from_text(template, tok_file).render(messages, add_generation_prompt=True)
+    assert reply.usage is not None and reply.usage.prompt_tokens == len(tok.encode(own).ids)
+    assert "named SmolLM" in own and own.endswith("<|im_start|>assistant\n")

@@ -19,10 +19,11 @@ def test_fedlm_serve_subprocess(tmp_path: Path, quantize: str) -> None:
     run = tiny_model_dir(tmp_path)
     key_file = tmp_path / "key.txt"
     key_file.write_text("sk-cli\n")
+    name = ["--model-name", "tuned"] if quantize == "int8" else []  # the run folder's name, or the one given
     with serve_process(run, "--api-key-file", str(key_file), "--quantize", quantize,
-                       "--threads", "1") as (base, _):
+                       "--threads", "1", *name) as (base, _):
         client = OpenAI(base_url=f"{base}/v1", api_key="sk-cli", max_retries=0)
-        resp = client.completions.create(model="run", prompt="The silos", max_tokens=5)
+        resp = client.completions.create(model=name[1] if name else "run", prompt="The silos", max_tokens=5)
         assert resp.usage is not None and resp.usage.completion_tokens <= 5
         with pytest.raises(openai.AuthenticationError):
             OpenAI(base_url=f"{base}/v1", api_key="nope", max_retries=0).models.list()

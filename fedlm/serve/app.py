@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 from tokenizers import Tokenizer
 
-from fedlm.data.chat import TEMPLATE_FILE, ChatTemplate
+from fedlm.data.chat import ChatTemplate
 from fedlm.errors import UserError
 from fedlm.serve.engine import Engine, Event, SamplingParams, Sequence, quantize_int8
 from fedlm.serve.guard import Guard, OffLoopRoute, Slots, off_loop
@@ -110,7 +110,7 @@ def _load(state: ServerState, model_dir: Path, *, quantize: Quantize, threads: i
           device: torch.device) -> None:
     """Load the model and start its engine (runs on a background thread)."""
     try:
-        from fedlm.pretrained import load_any
+        from fedlm.pretrained import chat_template_of, load_any
 
         if threads:
             torch.set_num_threads(threads)
@@ -118,9 +118,9 @@ def _load(state: ServerState, model_dir: Path, *, quantize: Quantize, threads: i
         if tokenizer_path is None:
             raise UserError(f"{model_dir}: no tokenizer.json beside the weights; serving needs it")
         tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        template_file = model_dir / TEMPLATE_FILE
-        if template_file.is_file():  # a model tuned on chat silos: answer in the template it learnt
-            state.chat_template = ChatTemplate.from_text(template_file.read_text(encoding="utf-8"), tokenizer_path)
+        template = chat_template_of(str(model_dir))
+        if template is not None:  # the model's own: the one it was tuned in, or its makers' (GGUF, Hugging Face)
+            state.chat_template = ChatTemplate.from_text(template, tokenizer_path)
         served: Any = quantize_int8(model) if quantize == "int8" else model
         engine = Engine(served, tokenizer, max_batch=state.limits.max_batch,
                         max_len=min(model.cfg.max_seq_len, state.limits.max_prompt_tokens
@@ -159,6 +159,8 @@ def create_app(
     # a wrong path is a UserError now, not a 503 later
     found = resolve(str(model_path), key="MODEL")
     model_dir = find_model_dir(found) if found.is_dir() else found
+    if model_name is None and not Path(str(model_path)).exists():  # a name (`smollm2`): served by that name
+        model_name = str(model_path)
     if model_name is None:
         resolved = model_dir.resolve()
         model_name = resolved.parent.name if resolved.name == "model" else (

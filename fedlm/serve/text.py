@@ -1,6 +1,6 @@
 """Text in and out of the tokenizer for serving: chat templates and streamed detokenization.
 
-    template = chat_template(tokenizer)            # "chatml" for SmolLM2, else "fedlm"
+    template = chat_template(tokenizer)            # a model without a template of its own: "chatml" or "fedlm"
     prompt = render_chat(messages, template)       # ends where the assistant's reply starts
     decoder = TextDecoder(tokenizer, stop=["\\n\\n"])
     delta, stopped = decoder.push(token_id)        # text that is safe to send now
