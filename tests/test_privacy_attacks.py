@@ -535,9 +535,10 @@ def test_a_silo_bounds_the_work_a_run_may_ask_of_it(ws: Path, tmp_path: Path) ->
     cfg = tiny_cfg(own, rounds=1, local_steps=2)
     asked = task.work_asked(resolve_config(cfg), silo)  # as the silo receives it
     assert asked["max_round_tokens"] == 2 * 4 * 16 and asked["max_eval_tokens"] == 20 * 4 * 16
+    assert asked["max_run_tokens"] == 1 * 2 * 4 * 16
     (silo / "privacy.toml").write_text("[privacy]\nmax_scored_models = 100\n[work]\n" + "".join(
         f"{key} = {n}\n" for key, n in asked.items()))  # exactly what the run asks
-    assert "max_round_tokens = 128; max_eval_tokens = 1,280" in describe_policy(silo)
+    assert "max_round_tokens = 128; max_run_tokens = 128; max_eval_tokens = 1,280" in describe_policy(silo)
     run_federated(cfg, tmp_path / "run")
     assert rounds(tmp_path / "run")[0]["completed"]
 
@@ -569,25 +570,27 @@ def test_a_silo_bounds_the_work_a_run_may_ask_of_it(ws: Path, tmp_path: Path) ->
         "train.grad_accum × train.batch_size × train.seq_len; under record-level DP the expected batch); its "
         "privacy.toml allows max_round_tokens = 128; refused: ask for less, or have the silo raise its limit")
     assert "asks 12,800,000 tokens one validation of a model scores" in refusal(forged(train={"eval_batches": 200_000}))
+    assert "asks 128,000,000 tokens a whole run trains on" in refusal(forged(federation={"rounds": 10**6}))
     assert "parameters in the model it builds (adapters included); its privacy.toml allows max_parameters" in refusal(
         forged(model={"d_model": 64, "d_ff": 128}))
     dp = PrivacyConfig(mode="record", target_epsilon=8.0, delta=1e-3, sample_rate=1.0)  # every record, each step
     assert "allows max_round_tokens = 128" in refusal(forged(privacy={k: getattr(dp, k) for k in
                                                                       ("mode", "target_epsilon", "delta", "sample_rate")}))
 
-    # scoring for a valuation: refused before its local-only model is trained or a score is counted
-    text = forged(federation={"local_steps": 10**6})
+    # scoring for a valuation: refused before its local-only model (every round's steps at once) is
+    # trained or a score is counted
+    text = forged(federation={"rounds": 10**6})
     msg = _request(1, [ArrayRecord(weights(tmp_path / "run"))], config_text=text, tokenizer_sha256=sha,
                    max_tokens=256, local_baseline=True)
     scored = json.loads((silo / ".secrets" / "scored.json").read_text())
-    with pytest.raises(UserError, match="max_round_tokens = 128"):
+    with pytest.raises(UserError, match="max_run_tokens = 128"):
         score_reply(msg, silo)
     assert json.loads((silo / ".secrets" / "scored.json").read_text()) == scored
 
     # a misspelt limit would leave the silo unbounded without a word: the policy is refused instead
     (silo / "privacy.toml").write_text("[work]\nmax_round_token = 128\n")
-    with pytest.raises(UserError, match=r"privacy.toml: .*\[work\] takes max_round_tokens = N, max_eval_tokens = N, "
-                                        r"max_parameters = N \(unknown key in \[work\]: 'max_round_token'\)"):
+    with pytest.raises(UserError, match=r"privacy.toml: .*\[work\] takes max_round_tokens = N, max_run_tokens = N, "
+                                        r"max_eval_tokens = N, max_parameters = N \(unknown key in \[work\]: 'max_round_token'\)"):
         describe_policy(silo)
     (silo / "privacy.toml").write_text("[wrok]\nmax_round_tokens = 128\n")
     with pytest.raises(UserError, match=r"unknown table 'wrok'"):

@@ -26,8 +26,8 @@ so a silo trusts nothing in the server's message that its privacy depends on:
   the coordinator chose, so unbounded scoring is an oracle on that split, outside secure
   aggregation and DP.
 - How much work a run may ask of it: `[work]` in the same file caps the tokens a training
-  round trains on (`max_round_tokens`), the tokens one validation scores (`max_eval_tokens`) and
-  the model's size (`max_parameters`); a run that asks more is refused before any of it is done
+  round trains on (`max_round_tokens`) and a whole run (`max_run_tokens`), the tokens one
+  validation scores (`max_eval_tokens`) and the model's size (`max_parameters`); a run that asks more is refused before any of it is done
   (`fedlm.federation.task.check_work`). The coordinator writes the config, so without them it
   chooses how long the silo's machine works for it.
 - Its ledger (WS/silos/NAME/.secrets/ledger.json) charges every distinct release with the
@@ -140,6 +140,8 @@ class SiloPolicy:
 WORK_LIMITS = {
     "max_round_tokens": ("tokens a training round trains on", "federation.local_steps × train.grad_accum × "
                          "train.batch_size × train.seq_len; under record-level DP the expected batch"),
+    "max_run_tokens": ("tokens a whole run trains on", "federation.rounds × the round's tokens; a valuation's "
+                       "local-only baseline trains them in one request"),
     "max_eval_tokens": ("tokens one validation of a model scores", "train.eval_batches × train.batch_size × "
                         "train.seq_len"),
     "max_parameters": ("parameters in the model it builds", "adapters included"),

@@ -176,7 +176,8 @@ def work_asked(cfg: Config, path: Path) -> dict[str, int]:
         plan = silo_record_plan(cfg, path, open_split(path, "train"))
         round_tokens = cfg.federation.local_steps * plan.expected_batch_size * tc.seq_len
     shape = init_from_shape(tc.init_from) if tc.init_from else cfg.model  # the silo's own copy (check_base)
-    return {"max_round_tokens": round_tokens, "max_eval_tokens": tc.eval_batches * tc.batch_size * tc.seq_len,
+    return {"max_round_tokens": round_tokens, "max_run_tokens": cfg.federation.rounds * round_tokens,
+            "max_eval_tokens": tc.eval_batches * tc.batch_size * tc.seq_len,
             "max_parameters": count_params(shape, cfg).total}
 
 
