@@ -296,12 +296,12 @@ def train(
         _out(f"report: fedlm report {out}")
         if _federated_outcome(summary, out):
             sys.exit(1)
-        if cfg.federation.personalise_steps:
-            from fedlm.train import personalise
-
-            with progress_bar("personalise", unit="steps") as update:
-                done = personalise(cfg, out, on_step=lambda s, t, row: update(s, t))
-            _out(f"personalised {len(done)} silos: {', '.join(str(p) for p in done.values())}")
+        if cfg.federation.personalise_steps and superlink:  # the silos' data is on their machines, not here
+            _out(f"personalise on each silo's machine (federation.personalise_steps = "
+                 f"{cfg.federation.personalise_steps}): send it {out / 'config.toml'} and {out / 'model'} (into "
+                 f"{out}), then: fedlm personalise {out} --workspace WS --silo NAME")
+        elif cfg.federation.personalise_steps:
+            _personalise(cfg, out)
         return
     with progress_bar("train", unit="steps") as update:
         def on_step(step: int, total: int, row: dict[str, float]) -> None:
@@ -330,6 +330,41 @@ def _federated_outcome(summary: dict[str, Any], out: Path) -> bool:
     console.print(f"[red]error:[/] {summary['rounds'] - summary['rounds_completed']} of {summary['rounds']} "
                   f"rounds did not complete (see {out / 'rounds.jsonl'})", highlight=False, soft_wrap=True)
     return True
+
+
+def _personalise(cfg: Any, run: Path) -> None:
+    from fedlm.train import personalise
+
+    with progress_bar("personalise", unit="steps") as update:
+        done = personalise(cfg, run, on_step=lambda s, t, row: update(s, t))
+    _out(f"personalised {len(done)} silo{'' if len(done) == 1 else 's'}: {', '.join(str(p) for p in done.values())}")
+
+
+@app.command("personalise")
+def personalise_(
+    run: Annotated[Path, typer.Argument(help="A federated run's folder: its config.toml and model/ (on a silo's "
+                                             "machine, copied from the coordinator).")],
+    workspace: Annotated[Path, typer.Option(help="This machine's workspace (its sharded WS/silos/NAME).")],
+    silo: Annotated[str, typer.Option(help="The silo whose data tunes the model.")],
+    steps: Annotated[int | None, typer.Option(
+        help="Training steps (default: the run's federation.personalise_steps).")] = None,
+) -> None:
+    """Tune a federated run's model further on one silo's own data alone (RUN/personalised-SILO):
+    on a silo's machine after a run across machines, whose silos' data the coordinator never holds."""
+    from fedlm.config import load_config
+
+    _check_silo_name(silo)
+    for need in (run / "config.toml", run / "model"):
+        if not need.exists():
+            raise UserError(f"{need}: not found; RUN is a federated run's folder with its config.toml and "
+                            "model/ (copy both from the coordinator's run folder)")
+    sets = [f"data.workspace={json.dumps(str(workspace))}", f"data.silos={json.dumps([silo])}"]
+    if steps is not None:
+        sets.append(f"federation.personalise_steps={steps}")
+    cfg = load_config(run / "config.toml", sets)
+    if cfg.federation.personalise_steps < 1:
+        raise UserError(f"{run / 'config.toml'}: federation.personalise_steps = 0; give --steps N")
+    _personalise(cfg, run)
 
 
 @app.command("eval")

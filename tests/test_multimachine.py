@@ -548,8 +548,8 @@ def test_readme_run_across_machines(tmp_path: Path, capfd: pytest.CaptureFixture
     blocks = readme_blocks()
     sh = [body for lang, body in blocks if lang == "sh"]
     toml = [body for lang, body in blocks if lang == "toml"]
-    assert len(sh) == 7 and len(toml) == 1, [b[:40] for _, b in blocks]
-    certs, counts, link, node, train, evaluate, value = sh
+    assert len(sh) == 8 and len(toml) == 1, [b[:40] for _, b in blocks]
+    certs, counts, link, node, train, evaluate, personalise, value = sh
     assert sh[0].startswith("# on the coordinator") and "openssl" in certs
     machines = Machines(tmp_path / "m", free_port(), free_port(), _texts(tmp_path))
     coord = machines.dir("coordinator")
@@ -600,7 +600,8 @@ def test_readme_run_across_machines(tmp_path: Path, capfd: pytest.CaptureFixture
 
         (coord / "fed.toml").write_text(toml[0])
         t0 = time.monotonic()
-        machines.run_block(train, "coordinator", extra={"train": [a for kv in TINY for a in ("--set", kv)]})
+        trained = machines.run_block(train, "coordinator", extra={"train": [
+            a for kv in [*TINY, "federation.personalise_steps=3"] for a in ("--set", kv)]})
         seconds = time.monotonic() - t0
         run = coord / "runs/fed"
         rows = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
@@ -619,6 +620,16 @@ def test_readme_run_across_machines(tmp_path: Path, capfd: pytest.CaptureFixture
         for out in on_silos(evaluate):
             result = json.loads(out.strip().splitlines()[-1])
             assert result["tokens"] > 0 and math.isfinite(result["bits_per_byte"])
+        # personalised where the data is: the coordinator, which has none, says how instead of failing
+        assert "personalise on each silo's machine (federation.personalise_steps = 3)" in " ".join(trained.split())
+        assert not list(run.glob("personalised-*"))
+        for silo in SILOS:
+            (machines.dir(silo) / "runs/fed").mkdir(parents=True)
+            shutil.copy(run / "config.toml", machines.dir(silo) / "runs/fed")
+            shutil.copytree(run / "model", machines.dir(silo) / "runs/fed/model")
+        on_silos(personalise)
+        for silo in SILOS:
+            assert (machines.dir(silo) / f"runs/fed/personalised-{silo}/model").is_dir()
 
         # valued on the silos' machines: the coordinator holds no silo's data, and in process it says so
         with contextlib.chdir(coord):
