@@ -364,6 +364,9 @@ def personalise_(
     cfg = load_config(run / "config.toml", sets)
     if cfg.federation.personalise_steps < 1:
         raise UserError(f"{run / 'config.toml'}: federation.personalise_steps = 0; give --steps N")
+    if (run / f"personalised-{silo}").exists():  # train's own refusal would name flags this command lacks
+        raise UserError(f"{run / f'personalised-{silo}'}: already holds a personalised model of silo {silo!r}; move "
+                        "or remove it to personalise again")
     _personalise(cfg, run)
 
 

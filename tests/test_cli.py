@@ -28,7 +28,7 @@ def fedlm(*args: str, cwd: Path | None = None, timeout: float = 300) -> subproce
     "args",
     [[], ["data"], ["data", "prepare"], ["data", "tokenizer"], ["data", "shard"], ["train"], ["eval"],
      ["generate"], ["export"], ["demo"], ["data", "counts"], ["data", "canaries"], ["node"], ["superlink"], ["serve"], ["plan"],
-     ["audit"], ["report"], ["explain"]],
+     ["audit"], ["report"], ["explain"], ["personalise"]],
 )
 def test_every_command_has_help(args: list[str]) -> None:
     """In this process (typer's runner; the subprocess path is test_bad_input_is_one_line_exit_2's)."""
@@ -54,6 +54,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
     bad.write_text("[train]\nstepz = 3\n")
     _assert_one_line_error(fedlm("train", str(bad)), "train.stepz")
     _assert_one_line_error(fedlm("train", str(tmp_path / "none.toml")), "none.toml")
+    _assert_one_line_error(fedlm("personalise", str(tmp_path / "none"), "--workspace", str(tmp_path), "--silo", "a"),
+                           "none/config.toml: not found")
     _assert_one_line_error(fedlm("eval", str(tmp_path / "nomodel"), "--data", str(tmp_path)), "nomodel")
     _assert_one_line_error(fedlm("data", "shard", "--workspace", str(tmp_path / "empty")), "empty")
     r = fedlm("--debug", "train", str(bad))
