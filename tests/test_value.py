@@ -798,3 +798,39 @@ def test_no_report_moves_the_reporters_own_share_when_paid_by_the_others(
     assert sum(lied.values()) == pytest.approx(1.0)
 
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["record", "client"])
+def test_a_dp_runs_valuation_states_the_privacy_it_spent(value_ws: Path, tmp_path: Path, mode: str) -> None:
+    """Under DP every model a valuation trains on a silo's data is another release of it: each retrained
+    coalition that holds the silo, and (record-level) its local-only baseline. value.json composes them
+    with the run's by the same accountant (RDP; the reference here is Opacus's own accountant over the
+    same steps) and the output says so. Under client-level DP the local-only baseline trains without
+    noise (client DP protects a silo inside a federation), where it used to stop the valuation."""
+    from fedlm.federation.runner import run_federated
+    from fedlm.privacy.accounting import client_epsilon, record_epsilon
+    from fedlm.value.run import value_run
+
+    dp = ([f"privacy.mode=\"{mode}\"", "privacy.target_epsilon=8", "privacy.delta=1e-4"] if mode == "record" else
+          [f"privacy.mode=\"{mode}\"", "privacy.target_epsilon=8", "privacy.delta=0.1"])
+    cfg = _cfg(value_ws, "federation.rounds=1", "federation.local_steps=1", *dp)
+    run = tmp_path / "run"
+    run_federated(cfg, run)
+    ran = json.loads((run / "privacy.json").read_text())["silos"]
+    body = value_run(run)
+    spent = body["privacy"]
+    assert spent["mode"] == mode and spent["target_epsilon"] == 8.0
+    for silo, got in spent["silos"].items():
+        z, q, n = ran[silo]["history"][0]
+        # the run, and the coalitions {silo}, {silo, x}, {silo, y} retrained; record: the local baseline too
+        releases = 5 if mode == "record" else 4
+        assert got["releases"] == releases and got["epsilon_run"] == pytest.approx(ran[silo]["epsilon"])
+        if mode == "record":  # every release is the silo's one DP-SGD step with the same plan
+            want = record_epsilon(noise_multiplier=z, sample_rate=q, steps=releases * n, delta=1e-4)
+        else:  # one Gaussian release per run, each calibrated to the run's target over its one round
+            want = client_epsilon([z] * releases, delta=0.1)
+        assert got["epsilon_with_valuation"] == pytest.approx(want, rel=1e-6)
+        assert got["epsilon_with_valuation"] > got["epsilon_run"]
+    assert any(note.startswith("DP: every model this valuation trained") for note in body["notes"])
+    assert (mode == "client") == any("local-only baseline trained without DP noise" in n for n in body["notes"])

@@ -147,10 +147,12 @@ def _split(path: Path, config_text: str, sha: str, max_tokens: int) -> _Split:
 
 
 def local_config(cfg: Config, silo: str) -> Config:
-    """Silo `silo` alone with the run's per-silo budget: the federated schedule's steps, its batch."""
+    """Silo `silo` alone with the run's per-silo budget: the federated schedule's steps, its batch; under
+    client-level DP without noise (it protects a silo inside a federation; alone, from nobody)."""
     tc = federated_train_config(cfg)
     tc = dataclasses.replace(tc, mode="centralised", checkpoint_every=tc.steps, log_every=max(1, tc.steps // 10))
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, silos=[silo]), train=tc,
+    privacy = dataclasses.replace(cfg.privacy, mode="none") if cfg.privacy.mode == "client" else cfg.privacy
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, silos=[silo]), train=tc, privacy=privacy,
                                federation=dataclasses.replace(cfg.federation, value="none"))
 
 

@@ -29,6 +29,7 @@ value.json is written once, atomically.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shutil
 import tempfile
@@ -61,6 +62,7 @@ from fedlm.federation.valuation import (
 )
 from fedlm.fileio import write_json
 from fedlm.modelio import ADAPTERS, WEIGHTS, read_safetensors
+from fedlm.privacy.accounting import PrivacyLedger
 from fedlm.resolve import resolve_config, resolve_silos
 from fedlm.train import build_model
 from fedlm.value.compute import (
@@ -221,6 +223,62 @@ def _start(cfg: Config) -> State:
 
 
 @dataclasses.dataclass
+class PrivacySpent:
+    """Under DP, every model valuation trains on a silo's data is another release of it: each retrained
+    coalition's run (its RUN/privacy.json) and, under record-level DP, each silo's local-only baseline
+    (the same DP-SGD plan as its part of the run). Their histories are composed with the run's by its
+    own accountant (RDP composes across releases), so value.json says what each silo's ε now is."""
+
+    ledger: PrivacyLedger | None  # the run's, growing; None: the run had no DP
+    run: dict[str, float]  # each silo's ε by the run alone
+    releases: dict[str, int]
+
+    @classmethod
+    def of_run(cls, run_dir: Path, cfg: Config) -> PrivacySpent:
+        path = run_dir / "privacy.json"  # without DP it holds at most what in-run valuation disclosed
+        if cfg.privacy.mode == "none" or not path.exists():
+            return cls(None, {}, {})
+        ledger = PrivacyLedger.from_json(json.loads(path.read_text()))
+        return cls(ledger, ledger.spent(), dict.fromkeys(ledger.history, 1))
+
+    def add_run(self, run_dir: Path) -> None:
+        """A retrained coalition's releases (from its RUN/privacy.json)."""
+        path = run_dir / "privacy.json"  # none when no round of it completed: nothing released
+        if self.ledger is not None and path.exists():
+            for silo, events in PrivacyLedger.from_json(json.loads(path.read_text())).history.items():
+                self.ledger.history.setdefault(silo, []).extend(events)
+                self.releases[silo] = self.releases.get(silo, 0) + 1
+
+    def add_local_baselines(self, cfg: Config) -> None:
+        """Under record-level DP each silo's local-only baseline is DP-SGD on its own data at the run's per-silo
+        budget: the noise multiplier and sampling rate of its plan in the run, for every step of the schedule."""
+        if self.ledger is None or self.ledger.mode != "record":
+            return
+        steps = cfg.federation.rounds * cfg.federation.local_steps
+        for silo, events in list(self.ledger.history.items()):
+            if silo in self.run:
+                z, q, _ = events[0]
+                events.append((z, q, steps))
+                self.releases[silo] += 1
+
+    def to_json(self) -> dict[str, Any] | None:
+        if self.ledger is None:
+            return None
+        return {"mode": self.ledger.mode, "delta": self.ledger.delta, "target_epsilon": self.ledger.target_epsilon,
+                "silos": {s: {"epsilon_run": self.run.get(s), "epsilon_with_valuation": self.ledger.epsilon(s),
+                              "releases": self.releases.get(s, 0)} for s in sorted(self.ledger.history)}}
+
+    def note(self) -> str | None:
+        if self.ledger is None:
+            return None
+        now = ", ".join(f"{s} {self.ledger.epsilon(s):.2f} ({self.releases.get(s, 0)} releases)"
+                        for s in sorted(self.ledger.history))
+        return (f"DP: every model this valuation trained on a silo's data is another release of it, composed with "
+                f"the run's ({self.ledger.mode}-level, δ = {self.ledger.delta:g}; the run's target "
+                f"ε = {self.ledger.target_epsilon:g}): each silo's ε is now {now} (value.json `privacy`)")
+
+
+@dataclasses.dataclass
 class Retrainer:
     """Retrains the run's config on a coalition and has the beneficiaries score the result."""
 
@@ -237,6 +295,7 @@ class Retrainer:
     total: int | None = None  # coalitions to retrain, where known (exact)
     reseeded: bool = False  # retraining under another seed than the run's (`--seeds`): the grand one too
     label: str = ""  # added to each progress line (which seed, under `--seeds`)
+    spent: PrivacySpent | None = None  # under DP: each retrained run's releases
 
     @property
     def reduced(self) -> bool:
@@ -268,6 +327,8 @@ class Retrainer:
                 raise UserError(f"retraining coalition {coalition_key(coalition)}"
                                 f"{' (without secure aggregation: too few silos)' if note else ''}: {e}") from None
             state = _global(out)
+            if self.spent is not None:
+                self.spent.add_run(out)
             shutil.rmtree(out, ignore_errors=True)
             self.trained += 1
         scores = self.scorer(dict.fromkeys(self.beneficiaries, [state]))
@@ -358,6 +419,7 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
     work = Path(tempfile.mkdtemp(prefix=".value-", dir=run_dir))
     scorer = Scorer(cfg, silos, grid)
     notes: list[str] = []
+    spent = PrivacySpent.of_run(run_dir, cfg)
     try:
         if method == "rounds":
             game, saved = _rounds_game(run_dir, silos)
@@ -370,20 +432,17 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
             game, body, trained, notes = _retrained(
                 cfg, run_dir, work, scorer, beneficiaries, rounds=rounds, local_steps=local_steps, seeds=seeds,
                 say=say, method=method, permutations=permutations, seed=seed, truncation=truncation,
-                tolerance=tolerance)
+                tolerance=tolerance, spent=spent)
         flags = flag_silos(game, body, update_norms=norms)
         gained = gains(cfg, run_dir, silos, scorer, say, local_models)
+        if not local_models:  # each silo trained its local-only baseline
+            spent.add_local_baselines(cfg)
     finally:
         scorer.close()
         shutil.rmtree(work, ignore_errors=True)
-    if cfg.train.precision == "bf16":
-        notes.append(SCORE_BF16)
-    if pay_by == "others":
-        notes.append("paid by the other silos: each beneficiary hands an equal part of the budget to the other silos, "
-                     "in proportion to how much each one's data helped its own split by its own scores, so nothing a "
-                     "silo reports moves its own pay; a flagged silo keeps what the beneficiaries it helped hand it")
+    notes += _closing_notes(cfg, spent, local_trained=not local_models, pay_by=pay_by)
     out = _value_json(method, game, body, flags, gained, notes, budget=cents, trained=trained,
-                      seconds=time.perf_counter() - t0, pay_by=pay_by)
+                      seconds=time.perf_counter() - t0, pay_by=pay_by, privacy=spent.to_json())
     if any(math.isnan(v) for v in body["shapley"].values()):
         raise UserError(f"{run_dir}: a silo's value is not a number (a model diverged); nothing was written")
     write_json(run_dir / "value.json", out)
@@ -408,7 +467,7 @@ def _check_options(cfg: Config, silos: list[str], method: str, *, rounds: int, l
 
 
 def _retrained(cfg: Config, run_dir: Path, work: Path, scorer: Scorer, beneficiaries: list[str], *, rounds: int,
-               local_steps: int, seeds: int, say: Progress, method: str, **sampling: Any
+               local_steps: int, seeds: int, say: Progress, method: str, spent: PrivacySpent, **sampling: Any
                ) -> tuple[Game, dict[str, Any], int, list[str]]:
     """exact or sampled: each seed's coalitions retrained and valued (`contributions`, with `sampling`'s
     keywords); the first seed's game, the body (over the seeds: their mean), the coalitions trained, notes."""
@@ -419,7 +478,7 @@ def _retrained(cfg: Config, run_dir: Path, work: Path, scorer: Scorer, beneficia
     for k in range(seeds):  # each seed's game is the run's config under train.seed + k
         cfg_k = cfg if k == 0 else dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + k))
         retrain = Retrainer(cfg_k, run_dir, work, scorer, beneficiaries, rounds, local_steps, say,
-                            reseeded=k > 0, label=f", seed {k + 1} of {seeds}" if seeds > 1 else "")
+                            reseeded=k > 0, label=f", seed {k + 1} of {seeds}" if seeds > 1 else "", spent=spent)
         retrain.total = exact_retrains(len(silos), reduced=retrain.retrains_grand) if method == "exact" else None
         start = scorer({j: [_start(cfg_k)] for j in beneficiaries})
         game = Game(silos, list(beneficiaries), dict(scorer.tokens), {j: v[0] for j, v in start.items()}, retrain)
@@ -454,7 +513,7 @@ def _retrained(cfg: Config, run_dir: Path, work: Path, scorer: Scorer, beneficia
 
 def _value_json(method: str, game: Game, body: dict[str, Any], flags: dict[str, dict[str, Any]],
                 gained: dict[str, dict[str, float | None]], notes: list[str], *, budget: Decimal | None, trained: int,
-                seconds: float, pay_by: str = "shapley") -> dict[str, Any]:
+                seconds: float, pay_by: str = "shapley", privacy: dict[str, Any] | None = None) -> dict[str, Any]:
     """RUN/value.json's body (issue 17's keys, plus the scores it was computed from)."""
     share, pay = payouts(pay_weights(game, body, flags, pay_by), budget=float(budget) if budget is not None else None)
     return {
@@ -472,7 +531,7 @@ def _value_json(method: str, game: Game, body: dict[str, Any], flags: dict[str, 
         "coalition_bits_per_byte": _scores(game),
         "budget": float(budget) if budget is not None else None, "pay_by": pay_by, "notes": notes,
         **({"parts": peer_parts(game, body["matrix"])} if pay_by == "others" else {}),
-        "permutations": body.get("permutations"), "seconds": seconds,
+        "permutations": body.get("permutations"), "seconds": seconds, "privacy": privacy,
         **_estimate(body),
         **({"seeds": body["seeds"]} if "seeds" in body else {}),
     }
@@ -484,6 +543,22 @@ def _estimate(body: dict[str, Any]) -> dict[str, Any]:
         return {}
     return {"sampled_estimate": {s: {"shapley": v, "stderr": body["sampled_stderr"][s]}
                                  for s, v in body["sampled_shapley"].items()}}
+
+
+def _closing_notes(cfg: Config, spent: PrivacySpent, *, local_trained: bool, pay_by: str) -> list[str]:
+    """The notes on what the valuation spent and how it scored and paid."""
+    notes = [n for n in (spent.note(),) if n]
+    if local_trained and cfg.privacy.mode == "client":
+        notes.append("each silo's local-only baseline trained without DP noise: client-level DP protects a silo inside "
+                     "the federation, not from itself; the model stays with the silo, and its one score left it "
+                     "outside DP")
+    if cfg.train.precision == "bf16":
+        notes.append(SCORE_BF16)
+    if pay_by == "others":
+        notes.append("paid by the other silos: each beneficiary hands an equal part of the budget to the other silos, "
+                     "in proportion to how much each one's data helped its own split by its own scores, so nothing a "
+                     "silo reports moves its own pay; a flagged silo keeps what the beneficiaries it helped hand it")
+    return notes
 
 
 def _sampling_note(body: dict[str, Any], *, tolerance: float, truncation: float,
