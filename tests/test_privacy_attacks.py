@@ -372,17 +372,32 @@ def test_a_round_replayed_with_other_silos_is_not_unmasked_twice(tmp_path: Path,
 
 
 
+def _refused(config_text: str, context: Context, *, run: Path, sha: str) -> str:
+    """A forged run config sent to a silo's real `query` and `train` handlers: both refuse it, with the same
+    line, which is returned."""
+    from flwr.app import ArrayRecord
+
+    from fedlm.federation.messages import query_request, round_config, train_request
+
+    with pytest.raises(UserError) as query:
+        ca.query(query_request(1, tokenizer_sha256=sha, config_text=config_text), context)
+    msg = train_request(ArrayRecord(weights(run)), round_config(
+        round_no=2, config_text=config_text, tokenizer_sha256=sha, weight_ref=1.0, run_id="x"), 1, round_no=2)
+    with pytest.raises(UserError) as train:
+        ca.train(msg, context)
+    assert str(query.value) == str(train.value)
+    return str(query.value)
+
+
 def test_a_silo_starts_only_from_the_base_model_the_run_pins(ws: Path, tmp_path: Path) -> None:
     """Attack 12: the coordinator writes the run's config, so its train.init_from could name any path on
     a silo's machine: a model the silo tuned on its own data, for the run's updates and scores to
     describe; or files, to learn from the replies what is there. A run pins its base by digest
     (train.init_sha256, from the coordinator's own copy); a silo starts from nothing else, and its
     refusal reads the same whatever the path holds."""
-    from flwr.app import ArrayRecord
 
     from fedlm.config import load_config, save_config
     from fedlm.data.tokenizer import tokenizer_hash
-    from fedlm.federation.messages import query_request, round_config, train_request
     from fedlm.modelio import save_model
     from fedlm.pretrained import model_digest
     from tests.test_federation import vocab
@@ -413,14 +428,7 @@ def test_a_silo_starts_only_from_the_base_model_the_run_pins(ws: Path, tmp_path:
 
     def refusal(init_from: str, init_sha256: str = pinned.train.init_sha256) -> str:
         text = config_text(init_from, init_sha256)
-        with pytest.raises(UserError) as query:
-            ca.query(query_request(1, tokenizer_sha256=sha, config_text=text), context)
-        msg = train_request(ArrayRecord(weights(tmp_path / "run")), round_config(
-            round_no=2, config_text=text, tokenizer_sha256=sha, weight_ref=1.0, run_id="x"), 1, round_no=2)
-        with pytest.raises(UserError) as train:
-            ca.train(msg, context)
-        assert str(query.value) == str(train.value)
-        return str(query.value).replace(repr(init_from), "PATH")
+        return _refused(text, context, run=tmp_path / "run", sha=sha).replace(repr(init_from), "PATH")
 
     # the silo's own model under the public base's pin, a file, a folder, nothing: one reply, no update
     replies = {refusal(str(p)) for p in [private, tmp_path / "silo-a" / "notes.txt", tmp_path / "silo-a",
@@ -524,7 +532,6 @@ def test_a_silo_bounds_the_work_a_run_may_ask_of_it(ws: Path, tmp_path: Path) ->
     from fedlm.config import load_config, save_config
     from fedlm.data.tokenizer import tokenizer_hash
     from fedlm.federation import task
-    from fedlm.federation.messages import query_request, round_config, train_request
     from fedlm.federation.silo_privacy import describe_policy
     from fedlm.federation.valuation import _request, score_reply
     from fedlm.resolve import resolve_config
@@ -555,15 +562,9 @@ def test_a_silo_bounds_the_work_a_run_may_ask_of_it(ws: Path, tmp_path: Path) ->
         return (tmp_path / "forged.toml").read_text()
 
     def refusal(text: str) -> str:
-        with pytest.raises(UserError) as query:
-            ca.query(query_request(1, tokenizer_sha256=sha, config_text=text), context)
-        msg = train_request(ArrayRecord(weights(tmp_path / "run")), round_config(
-            round_no=2, config_text=text, tokenizer_sha256=sha, weight_ref=1.0, run_id="x"), 1, round_no=2)
-        with pytest.raises(UserError) as train:
-            ca.train(msg, context)
-        assert str(query.value) == str(train.value)
+        why = _refused(text, context, run=tmp_path / "run", sha=sha)
         assert not any(text in key for key in task._MODELS)  # refused before a model was built
-        return str(query.value)
+        return why
 
     assert refusal(forged(federation={"local_steps": 10**6})) == (
         "silo 'a': the run asks 64,000,000 tokens a training round trains on (federation.local_steps × "

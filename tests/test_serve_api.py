@@ -353,12 +353,9 @@ def test_a_client_that_leaves_is_counted_499_not_500(run_dir: Path,
     assert not [key for key in counts if key[1].startswith("5")], counts
 
 
-def test_chatml_template_for_smollm2_style_tokenizers(tmp_path: Path) -> None:
-    """With <|im_start|> in the tokenizer, chat prompts are rendered in ChatML."""
-    run = tiny_model_dir(tmp_path, chatml=True)
-    tok = Tokenizer.from_file(str(run / "model" / "tokenizer.json"))
-    app = create_app(run)
-    with TestClient(app) as http:
+def _chat_prompt_tokens(run: Path) -> int:
+    """The prompt tokens of a chat completion of "Hi" from the model at `run`, served in process."""
+    with TestClient(create_app(run)) as http:
         deadline = time.monotonic() + 20
         while http.get("/health").status_code != 200:
             assert time.monotonic() < deadline
@@ -366,8 +363,15 @@ def test_chatml_template_for_smollm2_style_tokenizers(tmp_path: Path) -> None:
         resp = http.post("/v1/chat/completions", json={
             "model": "run", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
     assert resp.status_code == 200
+    return int(resp.json()["usage"]["prompt_tokens"])
+
+
+def test_chatml_template_for_smollm2_style_tokenizers(tmp_path: Path) -> None:
+    """With <|im_start|> in the tokenizer, chat prompts are rendered in ChatML."""
+    run = tiny_model_dir(tmp_path, chatml=True)
+    tok = Tokenizer.from_file(str(run / "model" / "tokenizer.json"))
     want = tok.encode("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n").ids
-    assert resp.json()["usage"]["prompt_tokens"] == len(want)
+    assert _chat_prompt_tokens(run) == len(want)
     assert tok.token_to_id("<|im_start|>") in want  # parsed as the special token
 
 
@@ -380,16 +384,8 @@ def test_a_model_is_served_in_its_own_chat_template(tmp_path: Path) -> None:
            "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant says: ' }}{% endif %}")
     (run / "model" / "tokenizer_config.json").write_text(json.dumps({"chat_template": own}))
     tok = Tokenizer.from_file(str(run / "model" / "tokenizer.json"))
-    with TestClient(create_app(run)) as http:
-        deadline = time.monotonic() + 20
-        while http.get("/health").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        resp = http.post("/v1/chat/completions", json={
-            "model": "run", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
-    assert resp.status_code == 200
     want = tok.encode("<|im_start|>user says: Hi<|im_end|><|im_start|>assistant says: ").ids
-    assert resp.json()["usage"]["prompt_tokens"] == len(want)
+    assert _chat_prompt_tokens(run) == len(want)
     assert len(want) != len(tok.encode("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n").ids)
 
 
