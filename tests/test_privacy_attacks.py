@@ -13,6 +13,7 @@ import random
 import re
 import shutil
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -89,6 +90,23 @@ def test_record_noise_needs_the_silos_own_key(ws: Path, tmp_path: Path) -> None:
         shutil.copytree(tmp_path / "keys-of-r1" / silo / ".secrets", ws / "silos" / silo / ".secrets")
     run_federated(_dp(ws, "record", rounds=1), tmp_path / "r3")
     assert not _differ(tmp_path / "r1", tmp_path / "r3")
+
+
+def test_a_key_made_by_many_threads_at_once_is_one_key(tmp_path: Path) -> None:
+    """In one process several silos' threads may make a workspace's key at once (a valuation's local-only
+    baselines under record-level DP did, and one failed renaming a temporary file another had taken):
+    every thread gets the same key, and no temporary file is left."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    barrier = threading.Barrier(8)
+
+    def make(_: int) -> bytes:
+        barrier.wait()
+        return NoiseKey.local(tmp_path).words(1, "probe").tobytes()
+
+    with ThreadPoolExecutor(8) as pool:
+        got = set(pool.map(make, range(8)))
+    assert len(got) == 1 and sorted(p.name for p in (tmp_path / ".secrets").iterdir()) == ["noise.key"]
 
 
 def test_dpsgd_replay_cannot_tell_neighbouring_datasets_apart() -> None:

@@ -32,6 +32,7 @@ import hashlib
 import hmac
 import logging
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -104,14 +105,15 @@ class NoiseKey:
             key = path.read_bytes()
         except FileNotFoundError:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            # the writer's own temporary name: in one process several silos' threads may make it at once
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 os.write(fd, os.urandom(32))
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            try:  # two processes of one silo may race: the first key written wins
+            try:  # two processes or threads may race: the first key written wins
                 os.link(tmp, path)
             except FileExistsError:
                 pass
