@@ -193,6 +193,8 @@ class RoundPrivacy:
         if self.plan is not None:
             against_server: Any = ("not protected: the trusted server adds the noise and sees each clipped update"
                                    if self.server_ledger is None else self.server_ledger.to_json()["silos"])
+            d = self.plan.dishonest
+            others = "one other silo" if d == 1 else f"{d} other silos"
             extra = {"noise_multiplier": self.plan.noise_multiplier, "sampling": "fixed public schedule "
                      "(federation.fraction, seeded): no amplification claimed",
                      "silos_per_round": self.plan.per_round,
@@ -201,10 +203,9 @@ class RoundPrivacy:
                      "planned_epsilon": self.plan.planned_epsilon,
                      "planned_rounds_per_silo": self.plan.max_participations,
                      "min_survivors": self.plan.min_survivors,
-                     "dishonest_silos": self.plan.dishonest,
+                     "dishonest_silos": d,
                      "epsilon_is_against": "a peer (a silo that knows its own noise share)"
-                     + (", with the shares of " + (f"{self.plan.dishonest} other silos" if self.plan.dishonest > 1
-                                                     else "one other silo") + " left out" if self.plan.dishonest else ""),
+                     + (f", with the shares of {others} left out" if d else ""),
                      "against_server": against_server}
         else:
             extra = {"sampling": "poisson (records = training windows, per silo)",
