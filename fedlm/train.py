@@ -486,8 +486,11 @@ def _pretrained(cfg: Config, device: torch.device) -> Transformer:
     return model.train()
 
 
-def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCallback | None = None) -> dict[str, Any]:
-    """Train one model on the config's silos (pooled); returns a summary. Ctrl-C checkpoints first."""
+def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCallback | None = None,
+          noise_stream: str | None = None) -> dict[str, Any]:
+    """Train one model on the config's silos (pooled); returns a summary. Ctrl-C checkpoints first.
+    `noise_stream`: a DP-SGD run's stream name under the data holder's key (default: a fresh random one);
+    the same name trains the same model, so a request repeated is the same release."""
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -542,7 +545,7 @@ def train(cfg: Config, out_dir: Path, *, resume: bool = False, on_step: StepCall
     if dp_plan is not None:  # secret sampling and noise: the data holder's key, one stream per step
         noise_key = party_key(insecure=cfg.privacy.insecure_reproducible_noise, seed=tc.seed, who="train",
                               owner_dir=workspace)
-        stream = stream_name(out_dir, resume=resume)
+        stream = noise_stream or stream_name(out_dir, resume=resume)
         records = PoissonRecords(data.splits, seq_len=tc.seq_len, sample_rate=dp_plan.sample_rate,
                                  generator=torch.Generator(), masks=data.masks)
         dp = DPSGD(model, optimizer, plan=dp_plan, generator=records.generator)

@@ -312,8 +312,8 @@ def test_a_silo_caps_how_many_models_it_scores(ws: Path, tmp_path: Path) -> None
     """Attack 10: scoring is an oracle on a silo's validation split: the coordinator chooses the
     weights, the silo answers one bits-per-byte number for each, outside secure aggregation and
     DP. A silo whose privacy.toml sets max_scored_models scores at most that many models over
-    all runs (the run's own final validation counts too) and refuses a request that would pass it,
-    counting nothing for it; valuation then stops with that line."""
+    all runs (the run's own final validation and its local-only baseline's score count too) and refuses
+    a request that would pass it, counting nothing for it; valuation then stops with that line."""
     from flwr.app import ArrayRecord
 
     from fedlm.data.tokenizer import tokenizer_hash
@@ -334,14 +334,17 @@ def test_a_silo_caps_how_many_models_it_scores(ws: Path, tmp_path: Path) -> None
     assert scored("a") == 2 and scored("b") is None  # the run's start and final weights; b has no cap
     state = ArrayRecord(weights(run))
 
-    def ask(count: int) -> Message:
+    def ask(count: int, *, local_baseline: bool = False) -> Message:
         msg = _request(1, [state] * count, config_text=(run / "config.toml").read_text(),
-                       tokenizer_sha256=tokenizer_hash(own / "tokenizer.json"), max_tokens=256)
+                       tokenizer_sha256=tokenizer_hash(own / "tokenizer.json"), max_tokens=256,
+                       local_baseline=local_baseline)
         return score_reply(msg, silo)
 
     with pytest.raises(UserError, match=r"silo 'a': scoring 9 more models would pass max_scored_models = 10 of "
                                         r"its privacy.toml \(2 scored so far\); refused"):
         ask(9)
+    with pytest.raises(UserError, match="scoring 9 more models"):  # its own local-only model's score counts too
+        ask(8, local_baseline=True)
     assert scored("a") == 2
     reply = ask(8)
     assert len([k for k in reply.content.metric_records["metrics"] if k.startswith("bpb-")]) == 8

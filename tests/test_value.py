@@ -834,3 +834,56 @@ def test_a_dp_runs_valuation_states_the_privacy_it_spent(value_ws: Path, tmp_pat
         assert got["epsilon_with_valuation"] > got["epsilon_run"]
     assert any(note.startswith("DP: every model this valuation trained") for note in body["notes"])
     assert (mode == "client") == any("local-only baseline trained without DP noise" in n for n in body["notes"])
+
+
+@pytest.mark.slow
+def test_a_silos_own_ledger_charges_its_local_only_baseline(value_ws: Path, tmp_path: Path) -> None:
+    """Under record-level DP a silo's local-only baseline (the gain of joining) is DP-SGD on its data, and its
+    score leaves the silo: another release, which the silo's own ledger used not to charge. Now a silo whose
+    lifetime target fits the run and its three retrained coalitions, but not a fifth release, refuses the
+    baseline: the valuation still writes every value, with no gain for that silo and its reason. A silo
+    without a policy charges its baseline on that baseline config's ledger, and the same request again
+    trains the same model and charges nothing new."""
+    import hashlib
+
+    from fedlm.config import config_to_toml, load_config
+    from fedlm.data.shards import open_split
+    from fedlm.federation.runner import run_federated
+    from fedlm.federation.task import silo_record_plan
+    from fedlm.federation.valuation import _local_arrays, local_config
+    from fedlm.privacy.accounting import record_epsilon
+    from fedlm.value.run import value_run
+
+    ws = tmp_path / "ws"
+    shutil.copytree(value_ws, ws, ignore=shutil.ignore_patterns(".secrets"))
+    cfg = _cfg(ws, "federation.rounds=1", "federation.local_steps=1", 'privacy.mode="record"',
+               "privacy.target_epsilon=8", "privacy.delta=1e-4")
+    silos = ws / "silos"
+    plan = silo_record_plan(cfg, silos / "noise", open_split(silos / "noise", "train"))
+    z, q, n = plan.noise_multiplier, plan.sample_rate, plan.steps
+    four, five = (record_epsilon(noise_multiplier=z, sample_rate=q, steps=k * n, delta=1e-4) for k in (4, 5))
+    (silos / "noise" / "privacy.toml").write_text(
+        f'[privacy]\nmode = "record"\ntarget_epsilon = {(four + five) / 2}\ndelta = 1e-4\n')
+    run = tmp_path / "run"
+    run_federated(cfg, run)
+    body = value_run(run)
+
+    got = body["silos"]
+    assert got["noise"]["gain"] is None and got["noise"]["local_only_bpb"] is None
+    assert all(isinstance(got[s]["gain"], float) for s in ("legal", "legal_copy"))
+    assert [s for s in got if got[s]["shapley"] is None] == []
+    assert any(note.startswith("no gain for silo noise: silo 'noise': its local-only baseline would take its own ε to")
+               for note in body["notes"]), body["notes"]
+    releases = {s: v["releases"] for s, v in body["privacy"]["silos"].items()}
+    assert releases == {"legal": 5, "legal_copy": 5, "noise": 4}  # the run, 3 coalitions; the baselines trained
+    assert json.loads((run / "value.json").read_text())["silos"]["noise"]["gain"] is None
+
+    ran = load_config(run / "config.toml")
+    key = hashlib.sha256(config_to_toml(local_config(ran, "legal")).encode()).hexdigest()[:16]
+    ledger = silos / "legal" / ".secrets" / "ledger.json"
+    book = json.loads(ledger.read_text())
+    entries = list(book[key]["releases"].values())
+    assert len(entries) == 1 and entries[0][2] == n  # one release: its plan's every step
+    first, again = (_local_arrays(silos / "legal", config_to_toml(ran)) for _ in range(2))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert json.loads(ledger.read_text()) == book  # the same release: nothing new charged

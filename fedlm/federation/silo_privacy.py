@@ -30,7 +30,8 @@ so a silo trusts nothing in the server's message that its privacy depends on:
   validation scores (`max_eval_tokens`) and the model's size (`max_parameters`); a run that asks more is refused before any of it is done
   (`fedlm.federation.task.check_work`). The coordinator writes the config, so without them it
   chooses how long the silo's machine works for it.
-- Its ledger (WS/silos/NAME/.secrets/ledger.json) charges every distinct release with the
+- Its ledger (WS/silos/NAME/.secrets/ledger.json) charges every distinct release (a round's
+  update; under record-level DP, a valuation's local-only baseline, whose score leaves) with the
   noise the silo itself adds and the fewest survivors it allows (so against a peer, the
   worst case), and refuses a release that would pass its target. With a DP mode in
   privacy.toml the ledger spans all runs on this silo's data; without one, one run config.
@@ -66,6 +67,9 @@ MIN_SURVIVORS = 3
 (or the next global model) and read the other's."""
 
 log = logging.getLogger("fedlm.federation")
+
+LOCAL_BASELINE_ROUND = -1
+"""The round of a silo's local-only baseline (valuation's gain) in its release ids and ledger: no round of a run."""
 
 POLICY_FILE = "privacy.toml"
 LEDGER_FILE = Path(".secrets") / "ledger.json"
@@ -271,8 +275,12 @@ def own_privacy(cfg: Config, silo_dir: Path) -> tuple[PrivacyConfig, bool]:
     return (run if mode == "none" else replace(run, target_epsilon=target, delta=delta)), True
 
 
+class BudgetSpent(UserError):
+    """A release the silo's own ledger refuses: it would pass its target ε."""
+
+
 class SiloPrivacy:
-    """One silo's privacy for one round request (see the module doc)."""
+    """One silo's privacy for one release: a round's update, or its local-only baseline (see the module doc)."""
 
     def __init__(self, cfg: Config, silo_dir: Path, *, config_text: str, round_idx: int,
                  arrays: dict[str, torch.Tensor]) -> None:
@@ -325,8 +333,9 @@ class SiloPrivacy:
         ledger.history["me"] = [(float(z), float(q), int(n)) for z, q, n in mine["releases"].values()]
         exceed, eps = ledger.would_exceed("me", entry)
         if exceed:
-            raise UserError(f"silo {self.dir.name!r}: this round would take its own ε to {eps:.3f} > "
-                            f"{pc.target_epsilon:g}; it stops contributing")
+            what = "its local-only baseline" if self.round == LOCAL_BASELINE_ROUND else "this round"
+            raise BudgetSpent(f"silo {self.dir.name!r}: {what} would take its own ε to {eps:.3f} > "
+                              f"{pc.target_epsilon:g}; it stops contributing")
         mine["releases"][self.release] = list(entry)
         book[key] = mine
         _write_book(path, book)

@@ -13,7 +13,8 @@ a chat silo, the answers of its held-out conversations) and replies with one bit
 number per model and how many tokens it scored. No text,
 no token ids, no per-token losses leave the silo. Asked for its local-only baseline (the gain of
 joining), the silo first trains the run's config on its own data alone (`local_config`) and
-scores that model too: the model never leaves it, only its number does.
+scores that model too: the model never leaves it, only its number does, which its scoring cap
+counts and (record-level DP) its own ledger charges, or refuses alone (the reply says why).
 
 In-run valuation (`CoalitionModels`): the server keeps every coalition's model, stepped each
 round on that round's updates of its members; the empty coalition's model is the global model
@@ -47,17 +48,17 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedlm.config import Config
+from fedlm.config import Config, config_to_toml
 from fedlm.data.shards import open_chat, open_split
 from fedlm.data.tokenizer import load_tokenizer, token_byte_lengths
 from fedlm.device import native_bf16
-from fedlm.errors import UserError
+from fedlm.errors import UserError, foreign_text
 from fedlm.evaluate import answer_nll, eval_windows, evaluate_tokens, held_out_questions
 from fedlm.federation.messages import error_reason, parse_config
 from fedlm.federation.robust import update_norm
-from fedlm.federation.silo_privacy import charge_scores
+from fedlm.federation.silo_privacy import LOCAL_BASELINE_ROUND, BudgetSpent, SiloPrivacy, charge_scores
 from fedlm.federation.strategies import ServerAdamW, ServerOptimizer, make_server_optimizer
-from fedlm.federation.task import check_run, check_silo, expand_state, federated_train_config
+from fedlm.federation.task import check_run, check_silo, expand_state, federated_train_config, silo_record_plan
 from fedlm.fileio import write_json
 from fedlm.model import Transformer
 from fedlm.modelio import ADAPTERS, WEIGHTS, read_safetensors
@@ -82,10 +83,12 @@ ROUNDS_FILE = "value_rounds.json"
 
 @dataclass
 class Scores:
-    """One silo's answer: bits per byte of each model sent, over `tokens` validation tokens."""
+    """One silo's answer: bits per byte of each model sent, over `tokens` validation tokens; asked for its
+    local-only baseline, that score first, or NaN and the silo's reason in `refused`."""
 
     bits_per_byte: list[float]
     tokens: int
+    refused: str = ""
 
 
 @dataclass
@@ -158,12 +161,25 @@ def local_config(cfg: Config, silo: str) -> Config:
 
 def _local_arrays(path: Path, config_text: str) -> State:
     """Train silo `path`'s local-only model here, on its own shards (the run's config, this workspace),
-    and return its arrays as they travel; the run folder is removed after."""
-    cfg = parse_config(config_text)
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, workspace=str(path.parent.parent)))
+    and return its arrays as they travel; the run folder is removed after.
+
+    Under record-level DP it is DP-SGD on the silo's data, so its score is another release of that
+    data: the silo's own ledger charges it (`SiloPrivacy.charge`: the lifetime ledger under a DP
+    policy in its privacy.toml, else the baseline config's own) before any step, with the plan of the
+    silo's part of the run, and refuses it past the target (UserError). Its noise stream is named by
+    that release, so the same request again trains the same model and releases nothing new."""
+    run_cfg = parse_config(config_text)
+    local = local_config(run_cfg, path.name)
+    stream = None
+    if run_cfg.privacy.mode == "record":
+        rules = SiloPrivacy(run_cfg, path, config_text=config_to_toml(local), round_idx=LOCAL_BASELINE_ROUND, arrays={})
+        plan = silo_record_plan(run_cfg, path, open_split(path, "train"))
+        rules.charge((plan.noise_multiplier, plan.sample_rate, local.train.steps))
+        stream = rules.release
+    local = dataclasses.replace(local, data=dataclasses.replace(local.data, workspace=str(path.parent.parent)))
     out = Path(tempfile.mkdtemp(prefix=f"fedlm-local-{path.name}-"))
     try:
-        train(local_config(cfg, path.name), out / "run")
+        train(local, out / "run", noise_stream=stream)
         model = out / "run" / "model"
         return read_safetensors(model / ADAPTERS if (model / ADAPTERS).is_file() else model / WEIGHTS)
     finally:
@@ -173,16 +189,22 @@ def _local_arrays(path: Path, config_text: str) -> State:
 def score_reply(msg: Message, path: Path) -> Message:
     """Score the models of an `evaluate.value` message on silo `path`'s validation split (as
     `evaluate_silo` does, with the split and tokenizer read once, not once per model); asked for
-    ("local-baseline"), its local-only model first, trained here (metric "bpb-local")."""
+    ("local-baseline"), its local-only model first, trained here (metric "bpb-local"), or, where the
+    silo's own ledger refuses that release, why not (config record "refused") beside the other scores."""
     record = msg.content.config_records["config"]
     text = str(record["fedlm-config"])
     models: list[State] = [dict(msg.content.array_records[f"model-{i}"].to_torch_state_dict())
                            for i in range(int(record["models"]))]  # type: ignore[arg-type]
     names = [f"bpb-{i}" for i in range(len(models))]
+    local = bool(int(record.get("local-baseline", 0)))  # type: ignore[arg-type]
     check_run(parse_config(text), path)  # before anything is loaded, trained or counted
-    charge_scores(path, len(models))  # the coordinator's models; its own local-only model is not counted
-    if int(record.get("local-baseline", 0)):  # type: ignore[arg-type]
-        models, names = [_local_arrays(path, text), *models], ["bpb-local", *names]
+    charge_scores(path, len(models) + local)  # its local-only model's score is a number about its data too
+    refused: dict[str, str] = {}
+    if local:
+        try:
+            models, names = [_local_arrays(path, text), *models], ["bpb-local", *names]
+        except BudgetSpent as e:
+            refused["local-baseline"] = str(e)
     split = _split(path, text, str(record["tokenizer-sha256"]), int(record["max-tokens"]))  # type: ignore[arg-type]
     torch.set_num_threads(1)
     metrics: dict[str, float] = {}
@@ -191,7 +213,10 @@ def score_reply(msg: Message, path: Path) -> Message:
         split.model.load_state_dict(expand_state(split.model, arrays))
         metrics[name], tokens = split.score()
     metrics["tokens"] = float(tokens)
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)  # type: ignore[arg-type]
+    content = RecordDict({"metrics": MetricRecord(metrics)})  # type: ignore[arg-type]
+    if refused:
+        content["refused"] = ConfigRecord(refused)  # type: ignore[arg-type]
+    return Message(content, reply_to=msg)
 
 
 # ---------------------------------------------------------------------------------------
@@ -208,18 +233,21 @@ def _request(node: int, models: list[ArrayRecord], *, config_text: str, tokenize
     return Message(content, node, "evaluate.value", group_id="value")
 
 
-def _read(reply: Message, count: int, silo: str, *, local_baseline: bool = False) -> tuple[list[float], int]:
-    """A silo's scores: one per model sent, after its local-only model's when asked for."""
+def _read(reply: Message, count: int, silo: str, *, local_baseline: bool = False) -> tuple[list[float], int, str]:
+    """A silo's scores: one per model sent, after its local-only model's when asked for (NaN where the silo
+    refused to train it, and its reason)."""
     if reply.has_error():
         raise UserError(f"silo {silo!r} could not score the valuation's models: {error_reason(reply)}")
     m = reply.content.metric_records.get("metrics")
-    names = [*(["bpb-local"] if local_baseline else []), *(f"bpb-{i}" for i in range(count))]
+    why = reply.content.config_records.get("refused")
+    refused = foreign_text(str(why.get("local-baseline", ""))) if why is not None and local_baseline else ""
+    names = [*(["bpb-local"] if local_baseline and not refused else []), *(f"bpb-{i}" for i in range(count))]
     if m is None or set(m.keys()) != {*names, "tokens"}:
         raise UserError(f"silo {silo!r} sent a malformed valuation reply")
     values = [float(m[name]) for name in names]  # type: ignore[arg-type]
     if not all(math.isfinite(v) and v >= 0 for v in values):
         raise UserError(f"silo {silo!r} sent a bits-per-byte that is not a finite number >= 0")
-    return values, int(m["tokens"])  # type: ignore[arg-type]
+    return ([math.nan] if refused else []) + values, int(m["tokens"]), refused  # type: ignore[arg-type]
 
 
 def score_on_silos(grid: Grid, node_of: Mapping[str, int], models: Mapping[str, list[State]], *,
@@ -246,8 +274,9 @@ def score_on_silos(grid: Grid, node_of: Mapping[str, int], models: Mapping[str, 
             reply = replies.get(node_of[silo])
             if reply is None:
                 raise UserError(f"silo {silo!r} did not score the valuation's models within {timeout:g} s")
-            values, out[silo].tokens = _read(reply, len(ms), silo, local_baseline=local)
+            values, out[silo].tokens, refused = _read(reply, len(ms), silo, local_baseline=local)
             out[silo].bits_per_byte += values
+            out[silo].refused = out[silo].refused or refused
     return out
 
 

@@ -151,6 +151,7 @@ class Scorer:
 
     def __init__(self, cfg: Config, silos: list[str], grid: Grid | None = None) -> None:
         self.cfg, self.silos, self.deployed = cfg, silos, grid is not None
+        self.refused: dict[str, str] = {}  # silo -> why its own ledger refused its local-only baseline
         ws = Path(cfg.data.workspace)
         self.sha = tokenizer_hash(ws / "tokenizer.json")
         if grid is None:
@@ -174,6 +175,7 @@ class Scorer:
         finally:
             torch.set_num_threads(threads)
         self.tokens = {s: sc.tokens for s, sc in got.items()}
+        self.refused = {s: sc.refused for s, sc in got.items() if sc.refused}
         return {s: sc.bits_per_byte for s, sc in got.items()}
 
     def retrain(self, cfg: Config, out: Path) -> None:
@@ -249,14 +251,14 @@ class PrivacySpent:
                 self.ledger.history.setdefault(silo, []).extend(events)
                 self.releases[silo] = self.releases.get(silo, 0) + 1
 
-    def add_local_baselines(self, cfg: Config) -> None:
-        """Under record-level DP each silo's local-only baseline is DP-SGD on its own data at the run's per-silo
+    def add_local_baselines(self, cfg: Config, silos: list[str]) -> None:
+        """Under record-level DP each of `silos`' local-only baseline is DP-SGD on its own data at the run's per-silo
         budget: the noise multiplier and sampling rate of its plan in the run, for every step of the schedule."""
         if self.ledger is None or self.ledger.mode != "record":
             return
         steps = cfg.federation.rounds * cfg.federation.local_steps
         for silo, events in list(self.ledger.history.items()):
-            if silo in self.run:
+            if silo in self.run and silo in silos:
                 z, q, _ = events[0]
                 events.append((z, q, steps))
                 self.releases[silo] += 1
@@ -369,8 +371,10 @@ def gains(cfg: Config, run_dir: Path, silos: list[str], scorer: Scorer, progress
     scores = scorer(jobs, local_baseline=not local_models)
     out: dict[str, dict[str, float | None]] = {}
     for silo, bpb in scores.items():
-        out[silo] = {"local_only_bpb": bpb[0], "federated_bpb": bpb[1], "gain": bpb[0] - bpb[1],
-                     "gain_personalised": bpb[0] - bpb[2] if len(bpb) > 2 else None}
+        local = None if math.isnan(bpb[0]) else bpb[0]  # NaN: the silo's own ledger refused to train it
+        out[silo] = {"local_only_bpb": local, "federated_bpb": bpb[1],
+                     "gain": None if local is None else local - bpb[1],
+                     "gain_personalised": local - bpb[2] if local is not None and len(bpb) > 2 else None}
     return out
 
 
@@ -435,8 +439,9 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
                 tolerance=tolerance, spent=spent)
         flags = flag_silos(game, body, update_norms=norms)
         gained = gains(cfg, run_dir, silos, scorer, say, local_models)
-        if not local_models:  # each silo trained its local-only baseline
-            spent.add_local_baselines(cfg)
+        if not local_models:  # each silo trained its local-only baseline, or its own ledger refused it
+            spent.add_local_baselines(cfg, [s for s in silos if s not in scorer.refused])
+            notes += [f"no gain for silo {s}: {why}" for s, why in sorted(scorer.refused.items())]
     finally:
         scorer.close()
         shutil.rmtree(work, ignore_errors=True)
