@@ -836,6 +836,46 @@ def test_a_dp_runs_valuation_states_the_privacy_it_spent(value_ws: Path, tmp_pat
     assert (mode == "client") == any("local-only baseline trained without DP noise" in n for n in body["notes"])
 
 
+def _noise_fits(value_ws: Path, tmp_path: Path, *, releases: int) -> tuple[Path, Any, int]:
+    """A copy of the workspace whose silo 'noise' has a lifetime record-level DP policy that fits `releases`
+    of its plan in a 1-round run at ε = 8 (δ = 1e-4), not one more; (workspace, the run's config, its steps)."""
+    from fedlm.data.shards import open_split
+    from fedlm.federation.task import silo_record_plan
+    from fedlm.privacy.accounting import record_epsilon
+
+    ws = tmp_path / "ws"
+    shutil.copytree(value_ws, ws, ignore=shutil.ignore_patterns(".secrets"))
+    cfg = _cfg(ws, "federation.rounds=1", "federation.local_steps=1", 'privacy.mode="record"',
+               "privacy.target_epsilon=8", "privacy.delta=1e-4")
+    noise = ws / "silos" / "noise"
+    plan = silo_record_plan(cfg, noise, open_split(noise, "train"))
+    fits, passes = (record_epsilon(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+                                   steps=k * plan.steps, delta=1e-4) for k in (releases, releases + 1))
+    (noise / "privacy.toml").write_text(f'[privacy]\nmode = "record"\ntarget_epsilon = {(fits + passes) / 2}\n'
+                                        'delta = 1e-4\n')
+    return ws, cfg, plan.steps
+
+
+@pytest.mark.slow
+def test_a_coalition_retrained_without_a_member_values_nothing(value_ws: Path, tmp_path: Path) -> None:
+    """A silo that drops out of a round of a retrained coalition (here: its own lifetime ε, which fits the run
+    and the first coalition retrained with it, not a third release) leaves a model of another coalition. It used
+    to be valued as that coalition's, in silence; now the valuation stops naming the coalition, the silo,
+    the rounds and its reason, and writes nothing."""
+    from fedlm.errors import UserError
+    from fedlm.federation.runner import run_federated
+    from fedlm.value.run import value_run
+
+    _, cfg, _ = _noise_fits(value_ws, tmp_path, releases=2)
+    run = tmp_path / "run"
+    run_federated(cfg, run)
+    with pytest.raises(UserError, match=r"^retraining coalition \S*noise: silo noise dropped out of round 1 "
+                                        r"\(round 1: .*silo 'noise': this round would take its own ε to .*; its model "
+                                        r"is not that coalition's, so no values were written"):
+        value_run(run)
+    assert not (run / "value.json").exists()
+
+
 @pytest.mark.slow
 def test_a_silos_own_ledger_charges_its_local_only_baseline(value_ws: Path, tmp_path: Path) -> None:
     """Under record-level DP a silo's local-only baseline (the gain of joining) is DP-SGD on its data, and its
@@ -847,23 +887,12 @@ def test_a_silos_own_ledger_charges_its_local_only_baseline(value_ws: Path, tmp_
     import hashlib
 
     from fedlm.config import config_to_toml, load_config
-    from fedlm.data.shards import open_split
     from fedlm.federation.runner import run_federated
-    from fedlm.federation.task import silo_record_plan
     from fedlm.federation.valuation import _local_arrays, local_config
-    from fedlm.privacy.accounting import record_epsilon
     from fedlm.value.run import value_run
 
-    ws = tmp_path / "ws"
-    shutil.copytree(value_ws, ws, ignore=shutil.ignore_patterns(".secrets"))
-    cfg = _cfg(ws, "federation.rounds=1", "federation.local_steps=1", 'privacy.mode="record"',
-               "privacy.target_epsilon=8", "privacy.delta=1e-4")
+    ws, cfg, n = _noise_fits(value_ws, tmp_path, releases=4)
     silos = ws / "silos"
-    plan = silo_record_plan(cfg, silos / "noise", open_split(silos / "noise", "train"))
-    z, q, n = plan.noise_multiplier, plan.sample_rate, plan.steps
-    four, five = (record_epsilon(noise_multiplier=z, sample_rate=q, steps=k * n, delta=1e-4) for k in (4, 5))
-    (silos / "noise" / "privacy.toml").write_text(
-        f'[privacy]\nmode = "record"\ntarget_epsilon = {(four + five) / 2}\ndelta = 1e-4\n')
     run = tmp_path / "run"
     run_federated(cfg, run)
     body = value_run(run)

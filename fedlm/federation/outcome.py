@@ -70,6 +70,15 @@ def amend_summary(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def dropouts(run_dir: Path) -> dict[str, dict[int, str]]:
+    """{silo: {round: why}}: each round a silo was sampled for and sent nothing that counted."""
+    out: dict[str, dict[int, str]] = {}
+    for row in _rows(run_dir):
+        for silo, why in (row.get("dropped") or {}).items():
+            out.setdefault(silo, {})[int(row["round"])] = str(why)
+    return dict(sorted(out.items()))
+
+
 def outcome_lines(summary: dict[str, Any]) -> list[str]:
     """Console lines for what went wrong (none when every round completed and no silo got worse)."""
     lines = []

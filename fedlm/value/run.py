@@ -48,6 +48,7 @@ from fedlm.errors import UserError
 from fedlm.federation import secagg
 from fedlm.federation.client_app import app as client_app
 from fedlm.federation.grid import InProcessGrid
+from fedlm.federation.outcome import dropouts
 from fedlm.federation.rounds import connect_silos, run_rounds
 from fedlm.federation.rundir import prepare_run_dir, read_rounds
 from fedlm.federation.runner import run_federated
@@ -328,13 +329,25 @@ class Retrainer:
             except UserError as e:  # e.g. a silo refusing a coalition too small for secure aggregation
                 raise UserError(f"retraining coalition {coalition_key(coalition)}"
                                 f"{' (without secure aggregation: too few silos)' if note else ''}: {e}") from None
-            state = _global(out)
-            if self.spent is not None:
+            if self.spent is not None:  # what it released, before anything can stop the valuation
                 self.spent.add_run(out)
+            _check_members(out, coalition)
+            state = _global(out)
             shutil.rmtree(out, ignore_errors=True)
             self.trained += 1
         scores = self.scorer(dict.fromkeys(self.beneficiaries, [state]))
         return {j: v[0] for j, v in scores.items()}
+
+
+def _check_members(out: Path, coalition: Coalition) -> None:
+    """UserError when a member of `coalition` dropped out of a round of its retrained run `out`: the model
+    is then another coalition's, and values computed from it would pay the wrong silos."""
+    for silo, rounds in dropouts(out).items():
+        first, why = next(iter(rounds.items()))
+        raise UserError(f"retraining coalition {coalition_key(coalition)}: silo {silo} dropped out of round"
+                        f"{'s' if len(rounds) > 1 else ''} {', '.join(map(str, rounds))} (round {first}: {why}); its "
+                        "model is not that coalition's, so no values were written: value the run once every silo "
+                        "can train every round (one at its own privacy target cannot be retrained on)")
 
 
 def exact_retrains(silos: int, *, reduced: bool) -> int:
