@@ -603,6 +603,44 @@ def silo_remove(
     _out(f"silo {name} removed from {registry}; restart `fedlm superlink` for it to take effect")
 
 
+def _releases(n: int) -> str:
+    return f"{n:,} release{'' if n == 1 else 's'}"
+
+
+@silo_app.command("spent")
+def silo_spent(
+    workspace: Annotated[Path, typer.Option(help="This silo's workspace (WS/silos/NAME).")],
+    silo: Annotated[str, typer.Option(help="The silo whose records to read.")],
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """On a silo: what runs have taken from its data, by its own records: DP spent (each ledger and all
+    together), models scored for coordinators, secure sums."""
+    from fedlm.federation.silo_privacy import spent
+
+    path = workspace / "silos" / silo
+    if not path.is_dir():
+        raise UserError(f"{path}: no such silo; give the workspace and silo `fedlm node` serves")
+    got = spent(path)
+    if json_:
+        _out(json.dumps(got))
+        return
+    _out(got["policy"])
+    for key, row in got["ledgers"].items():
+        name = "its lifetime ledger (the DP policy of its privacy.toml)" if key == "lifetime" else f"run config {key}"
+        eps = ("ε unknown (kept by an older fedlm)" if row["epsilon"] is None else
+               f"{row['mode']}-level ε = {row['epsilon']:.3f} (δ = {row['delta']:g}; target {row['target_epsilon']:g})")
+        _out(f"{name}: {_releases(row['releases'])}, {eps}")
+    for mode, row in got["total"].items():
+        _out(f"all runs on its data together: {mode}-level ε = {row['epsilon']:.3f} at δ = {row['delta']:g} "
+             f"({_releases(row['releases'])}: each round's update, each local-only baseline of a valuation)")
+    if not got["ledgers"]:
+        _out("no DP release of its data recorded")
+    cap = got["max_scored_models"]
+    _out(f"models scored for coordinators: {got['scored']:,}" + (f" of at most {cap:,}" if cap is not None else
+                                                                 " (no cap: max_scored_models in its privacy.toml)"))
+    _out(f"secure sums its updates were unmasked in: {got['secure_sums']:,}")
+
+
 @app.command()
 def plan(
     config: Annotated[Path, typer.Argument(help="TOML config of the run to plan.")],

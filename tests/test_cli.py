@@ -132,6 +132,13 @@ def test_readme_step_by_step_commands_run(tmp_path: Path, capfd: pytest.CaptureF
     assert len(rounds) == 10 and all(json.loads(x)["completed"] for x in rounds)
     privacy = json.loads((tmp_path / "runs" / "fed-dp" / "privacy.json").read_text())
     assert privacy["mode"] == "record"
+    # what the runs took from a silo, by its own records: the DP run's ε, as the run states it
+    (spent,) = [shlex.split(x)[1:] for x in _readme_block("What runs have taken from a silo", "sh").splitlines()
+                 if x.strip()]
+    r = fedlm_here(capfd, *spent)
+    assert r.returncode == 0 and "silo clinic: no privacy.toml" in r.stdout, r.stdout
+    assert (f"all runs on its data together: record-level ε = {privacy['silos']['clinic']['epsilon']:.3f} at δ = "
+            f"{privacy['delta']:g}") in r.stdout, r.stdout
     # `fedlm report runs/fed-dp` (after the audit, which keeps its results in the run): ε per silo and the audit
     page = (tmp_path / "runs" / "fed-dp" / "report.html").read_text()
     assert '<section id="privacy">' in page and "<h3>Audit</h3>" in page

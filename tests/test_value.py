@@ -883,9 +883,13 @@ def test_a_silos_own_ledger_charges_its_local_only_baseline(value_ws: Path, tmp_
     lifetime target fits the run and its three retrained coalitions, but not a fifth release, refuses the
     baseline: the valuation still writes every value, with no gain for that silo and its reason. A silo
     without a policy charges its baseline on that baseline config's ledger, and the same request again
-    trains the same model and charges nothing new."""
+    trains the same model and charges nothing new. Each silo's own account of it all (`fedlm silo spent`)
+    is the ε the coordinator's value.json states."""
     import hashlib
 
+    from typer.testing import CliRunner
+
+    from fedlm.cli import app
     from fedlm.config import config_to_toml, load_config
     from fedlm.federation.runner import run_federated
     from fedlm.federation.valuation import _local_arrays, local_config
@@ -913,6 +917,16 @@ def test_a_silos_own_ledger_charges_its_local_only_baseline(value_ws: Path, tmp_
     book = json.loads(ledger.read_text())
     entries = list(book[key]["releases"].values())
     assert len(entries) == 1 and entries[0][2] == n  # one release: its plan's every step
+    # the silo's own account (`fedlm silo spent`) is the coordinator's: the run, coalitions and baseline composed
+    for silo in ("legal", "noise"):
+        r = CliRunner().invoke(app, ["silo", "spent", "--workspace", str(ws), "--silo", silo, "--json"])
+        own = json.loads(r.output)
+        assert r.exit_code == 0 and list(own["ledgers"]) == (["lifetime"] if silo == "noise" else sorted(own["ledgers"]))
+        assert own["total"]["record"]["epsilon"] == pytest.approx(
+            body["privacy"]["silos"][silo]["epsilon_with_valuation"], rel=1e-6)
+        # counted without a cap too: the run's validation (2), 2^3 coalitions' models (the start's for the empty
+        # one), federated, and the baseline but where it was refused
+        assert own["scored"] == 2 + 2 ** 3 + 1 + (silo == "legal") and own["max_scored_models"] is None
     first, again = (_local_arrays(silos / "legal", config_to_toml(ran)) for _ in range(2))
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert json.loads(ledger.read_text()) == book  # the same release: nothing new charged

@@ -20,9 +20,9 @@ so a silo trusts nothing in the server's message that its privacy depends on:
   file, a run without secure aggregation is refused (at its query, before round 1, and at
   every round), so neither a coordinator that turns it off nor a valuation that retrains a
   coalition too small for it gets this silo's update alone.
-- How many models it scores for others: with `max_scored_models = N` in the same file, the silo
-  scores at most N models over all runs (`charge_scores`, counted in
-  WS/silos/NAME/.secrets/scored.json). A score is one number about its validation split for weights
+- How many models it scores for others: it counts them over all runs (`charge_scores`,
+  WS/silos/NAME/.secrets/scored.json), and with `max_scored_models = N` in the same file it
+  scores at most N. A score is one number about its validation split for weights
   the coordinator chose, so unbounded scoring is an oracle on that split, outside secure
   aggregation and DP.
 - How much work a run may ask of it: `[work]` in the same file caps the tokens a training
@@ -35,6 +35,8 @@ so a silo trusts nothing in the server's message that its privacy depends on:
   noise the silo itself adds and the fewest survivors it allows (so against a peer, the
   worst case), and refuses a release that would pass its target. With a DP mode in
   privacy.toml the ledger spans all runs on this silo's data; without one, one run config.
+- What all of it came to: `spent` (the `fedlm silo spent` command) reads these records back for
+  the silo's admin, with every ledger's ε and all of them composed.
 - Which secure sum holds its input: a release is unmasked inside one set of survivors only
   (`pin_secure_sum`, WS/silos/NAME/.secrets/secure_sums.json), so replaying a round with other
   silos does not give the coordinator two sums to subtract; with or without DP, for every
@@ -232,21 +234,56 @@ def work_limits(silo_dir: Path) -> dict[str, int]:
 
 
 def charge_scores(silo_dir: Path, count: int) -> None:
-    """Count `count` models about to be scored for the coordinator against the silo's
-    max_scored_models (over all runs), or refuse them all; nothing without a cap."""
+    """Count `count` models about to be scored for the coordinator (WS/silos/NAME/.secrets/scored.json, over all
+    runs), or refuse them all, counting nothing, where that would pass the silo's max_scored_models (a
+    negative count gives back models counted but not scored)."""
     policy = _policy(silo_dir)
-    if policy is None or policy.max_scored_models is None:
-        return
+    cap = None if policy is None else policy.max_scored_models
     path = silo_dir / SCORED_FILE
     book = _read_book(path, "how many models it has scored")
     done = book.get("scored", 0)
     if not isinstance(done, int):
         raise UserError(f"{path} is corrupt (scored = {done!r}); this silo cannot tell how many models it has scored")
-    if done + count > policy.max_scored_models:
+    if cap is not None and done + count > cap:
         raise UserError(f"silo {silo_dir.name!r}: scoring {count} more models would pass max_scored_models = "
-                        f"{policy.max_scored_models} of its {POLICY_FILE} ({done} scored so far); refused: each score "
+                        f"{cap} of its {POLICY_FILE} ({done} scored so far); refused: each score "
                         f"is a number about its validation split for weights the coordinator chose")
     _write_book(path, {"scored": done + count})
+
+
+def spent(silo_dir: Path) -> dict[str, Any]:
+    """What runs have taken from this silo, from its own records (`fedlm silo spent`): each ledger's DP
+    releases and ε (`lifetime` under a DP policy, else one per run config, by the config's hash), all of
+    them composed per DP mode (`total`: what every run on this data spent together, at the largest δ
+    any of them used), the models it has scored for coordinators, and the secure sums it took part in."""
+    book = _read_book(silo_dir / LEDGER_FILE, "what it has spent")
+    policy = _policy(silo_dir)
+    if "lifetime" in book and "mode" not in book["lifetime"] and policy is not None and policy.mode not in (None, "none"):
+        book["lifetime"].update(mode=policy.mode, delta=policy.delta, target_epsilon=policy.target_epsilon)  # an older
+        # fedlm's: its lifetime ledger is the policy's
+    ledgers: dict[str, dict[str, Any]] = {}
+    pooled: dict[str, PrivacyLedger] = {}
+    for key, mine in sorted(book.items()):
+        events = [(float(z), float(q), int(n)) for z, q, n in mine["releases"].values()]
+        row: dict[str, Any] = {"releases": len(events), "mode": mine.get("mode"), "delta": mine.get("delta"),
+                               "target_epsilon": mine.get("target_epsilon"), "epsilon": None}
+        if row["mode"] in ("record", "client"):  # ledgers written before fedlm kept these cannot be accounted
+            own = PrivacyLedger(mode=row["mode"], target_epsilon=row["target_epsilon"], delta=row["delta"],
+                                accountant=mine.get("accountant", "rdp"), clip=1.0, history={"me": events})
+            row["epsilon"] = own.epsilon("me")
+            total = pooled.setdefault(row["mode"], PrivacyLedger(mode=row["mode"], target_epsilon=math.inf, delta=0.0,
+                                                                 accountant="rdp", clip=1.0))
+            total.delta = max(total.delta, row["delta"])
+            total.history.setdefault("me", []).extend(events)
+        ledgers[key] = row
+    return {
+        "silo": silo_dir.name, "policy": describe_policy(silo_dir), "ledgers": ledgers,
+        "total": {mode: {"epsilon": led.epsilon("me"), "delta": led.delta, "releases": len(led.history["me"])}
+                  for mode, led in sorted(pooled.items())},
+        "scored": int(_read_book(silo_dir / SCORED_FILE, "how many models it has scored").get("scored", 0)),
+        "max_scored_models": None if policy is None else policy.max_scored_models,
+        "secure_sums": len(_read_book(silo_dir / SUMS_FILE, "which sums it took part in")),
+    }
 
 
 def own_privacy(cfg: Config, silo_dir: Path) -> tuple[PrivacyConfig, bool]:
@@ -337,6 +374,7 @@ class SiloPrivacy:
             raise BudgetSpent(f"silo {self.dir.name!r}: {what} would take its own ε to {eps:.3f} > "
                               f"{pc.target_epsilon:g}; it stops contributing")
         mine["releases"][self.release] = list(entry)
+        mine.update(mode=ledger.mode, delta=pc.delta, target_epsilon=pc.target_epsilon, accountant=pc.accountant)
         book[key] = mine
         _write_book(path, book)
         if not self.lifetime and len(mine["releases"]) == 1:

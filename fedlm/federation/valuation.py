@@ -205,6 +205,7 @@ def score_reply(msg: Message, path: Path) -> Message:
             models, names = [_local_arrays(path, text), *models], ["bpb-local", *names]
         except BudgetSpent as e:
             refused["local-baseline"] = str(e)
+            charge_scores(path, -1)  # not scored after all
     split = _split(path, text, str(record["tokenizer-sha256"]), int(record["max-tokens"]))  # type: ignore[arg-type]
     torch.set_num_threads(1)
     metrics: dict[str, float] = {}

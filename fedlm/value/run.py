@@ -310,9 +310,7 @@ class Retrainer:
         return self.reduced or self.reseeded
 
     def __call__(self, coalition: Coalition) -> dict[str, float]:
-        if not coalition:
-            state = _start(self.cfg)
-        elif coalition == frozenset(self.scorer.silos) and not self.retrains_grand:
+        if coalition == frozenset(self.scorer.silos) and not self.retrains_grand:
             state = _global(self.run_dir)  # the run itself: the grand coalition at the run's budget
         else:
             cfg, note = coalition_config(self.cfg, coalition, rounds=self.rounds, local_steps=self.local_steps,
@@ -500,6 +498,7 @@ def _retrained(cfg: Config, run_dir: Path, work: Path, scorer: Scorer, beneficia
         retrain.total = exact_retrains(len(silos), reduced=retrain.retrains_grand) if method == "exact" else None
         start = scorer({j: [_start(cfg_k)] for j in beneficiaries})
         game = Game(silos, list(beneficiaries), dict(scorer.tokens), {j: v[0] for j, v in start.items()}, retrain)
+        game.seen[frozenset()] = dict(game.start)  # the empty coalition's model is the start: scored once
         games.append(game)
         bodies.append(contributions(game, method=method, **{**sampling, "seed": sampling["seed"] + k}))
         trained += retrain.trained
