@@ -56,9 +56,20 @@ from fedlm.errors import UserError, foreign_text
 from fedlm.evaluate import answer_nll, eval_windows, evaluate_tokens, held_out_questions
 from fedlm.federation.messages import error_reason, parse_config
 from fedlm.federation.robust import update_norm
-from fedlm.federation.silo_privacy import LOCAL_BASELINE_ROUND, BudgetSpent, SiloPrivacy, charge_scores
+from fedlm.federation.silo_privacy import (
+    LOCAL_BASELINE_ROUND,
+    BudgetSpent,
+    SiloPrivacy,
+    charge_scores,
+)
 from fedlm.federation.strategies import ServerAdamW, ServerOptimizer, make_server_optimizer
-from fedlm.federation.task import check_run, check_silo, expand_state, federated_train_config, silo_record_plan
+from fedlm.federation.task import (
+    check_run,
+    check_silo,
+    expand_state,
+    federated_train_config,
+    silo_record_plan,
+)
 from fedlm.fileio import write_json
 from fedlm.model import Transformer
 from fedlm.modelio import ADAPTERS, WEIGHTS, read_safetensors
