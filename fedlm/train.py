@@ -31,8 +31,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedlm.config import Config, TrainConfig, check_resume_config, save_config
-from fedlm.data.chatshards import ChatIndex, sample_chat_batch
-from fedlm.data.shards import open_chat, open_split, sample_batch
+from fedlm.data.chatshards import (
+    IGNORE,
+    ChatIndex,
+    chat_spans,
+    iter_chat_windows,
+    sample_chat_batch,
+)
+from fedlm.data.shards import iter_eval_windows, open_chat, open_split, sample_batch
 from fedlm.data.tokenizer import load_tokenizer, tokenizer_hash
 from fedlm.device import autocast, module_device, resolve_device, to_cpu
 from fedlm.errors import UserError
@@ -253,24 +259,39 @@ def accumulate_grad(
 def val_loss(model: torch.nn.Module, splits: Sequence[np.ndarray], *, batches: int, batch_size: int,
              seq_len: int, precision: str, seed: int = 0,
              chats: Sequence[ChatIndex | None] | None = None) -> float:
-    """Mean loss over a fixed (seeded) set of validation windows from each split; a chat split
-    (`chats[i]`, from `open_chat`) is scored as it is trained, on its answers' tokens only."""
+    """Mean over the splits of each one's loss; a chat split (`chats[i]`, from `open_chat`) is scored
+    as it is trained, on its answers' tokens only. A split whose windows number at most `batches` ×
+    `batch_size` is scored whole, each target once (exact, and cheaper than the sample); a larger
+    one on a fixed (seeded) sample of that many windows."""
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    losses = []
+    means = []
     for i, tokens in enumerate(splits):
         chat = chats[i] if chats else None
         if (len(tokens) <= seq_len and chat is None) or len(tokens) < 2:
             continue
+        whole = (len(chat_spans(chat, seq_len)) if chat is not None else -(-(len(tokens) - 1) // seq_len))
+        if whole <= batches * batch_size:
+            total = count = 0.0
+            windows = (iter_chat_windows(tokens, chat, seq_len=seq_len, batch_size=batch_size) if chat is not None
+                       else iter_eval_windows(tokens, seq_len=seq_len, batch_size=batch_size))
+            for x, y in windows:
+                if (k := int((y != IGNORE).sum())) > 0:
+                    total, count = total + float(lm_loss(model, x, y, precision)) * k, count + k
+            if count:
+                means.append(total / count)
+            continue
+        losses = []
         for _ in range(batches):
             if chat is not None:
                 x, y = sample_chat_batch(tokens, chat, batch_size=batch_size, seq_len=seq_len, generator=gen)
             else:
                 x, y = sample_batch(tokens, batch_size=batch_size, seq_len=seq_len, generator=gen)
             losses.append(float(lm_loss(model, x, y, precision)))
+        means.append(float(np.mean(losses)))
     model.train(was_training)
-    return float(np.mean(losses)) if losses else float("nan")
+    return float(np.mean(means)) if means else float("nan")
 
 
 def load_global(model: torch.nn.Module, global_state: dict[str, torch.Tensor]) -> set[str]:

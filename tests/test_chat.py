@@ -238,6 +238,36 @@ def test_chat_windows_start_at_a_conversation_and_target_answers_only(ws: Path) 
         assert (row_y[:len(want)][~trained] == -100).all()
 
 
+def test_a_small_chat_split_is_validated_whole_each_answer_token_once(ws: Path) -> None:
+    """Validation drew train.eval_batches × batch windows with replacement however small the split: a
+    silo of a few dozen held-out questions had each scored about 12 times over (45 s of a 2-round SmolLM2
+    run's 62 s). A split with no more windows than that is now scored whole: every answer token is a
+    target exactly once, from its own conversation's window, and the loss is their mean (full logits'
+    cross-entropy as the reference), whatever the seed."""
+    from fedlm.data.chatshards import IGNORE, chat_spans, iter_chat_windows
+    from fedlm.train import val_loss
+
+    tokens, chat = open_split(ws / "silos" / "qa", "val"), open_chat(ws / "silos" / "qa", "val")
+    assert chat is not None
+    seq_len, spans = 48, chat_spans(chat, 48)
+    targets: list[int] = []
+    model, total, count = tiny_model(ws).eval(), 0.0, 0
+    windows = list(iter_chat_windows(tokens, chat, seq_len=seq_len, batch_size=4))
+    for k, (x, y) in enumerate(windows):
+        for row, (first, end) in zip(y.numpy(), spans[4 * k:4 * k + 4], strict=True):
+            at = first + 1 + np.flatnonzero(row != IGNORE)
+            assert (at < end).all() and np.array_equal(row[row != IGNORE], np.asarray(tokens)[at])
+            targets += at.tolist()
+        with torch.no_grad():
+            total += float(F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), ignore_index=IGNORE,
+                                           reduction="sum"))
+        count += int((y != IGNORE).sum())
+    assert sorted(targets) == np.flatnonzero(np.asarray(chat.mask) == 1).tolist()  # each answer token once
+    got = [val_loss(model, [tokens], batches=len(spans), batch_size=1, seq_len=seq_len, precision="fp32",
+                    seed=seed, chats=[chat]) for seed in (0, 1)]
+    assert got[0] == got[1] and abs(got[0] - total / count) < 1e-5
+
+
 # ---------------------------------------------------------------------------------------------
 # the loss mask in training
 

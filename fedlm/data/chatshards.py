@@ -151,15 +151,48 @@ def sample_chat_batch(tokens: np.ndarray, chat: ChatIndex, *, batch_size: int, s
     """B windows of a chat split, each from a random document's first token: x (B, T) int64 and
     y, x shifted by one with IGNORE where the target is not an assistant's token. A window runs
     on into the next documents (packing); past the split's end it is EOS with IGNORE targets."""
-    n = len(tokens)
     docs = chat.starts.size - 1
-    if docs < 1 or n < 2:
+    if docs < 1 or len(tokens) < 2:
         raise UserError(f"{getattr(tokens, 'filename', 'the split')}: no conversation to train on; add data")
     pick = torch.randint(0, docs, (batch_size,), generator=generator).numpy()
-    idx = chat.starts[pick][:, None] + np.arange(seq_len + 1)  # (B, T + 1)
+    return _chat_windows(tokens, chat, chat.starts[pick], None, seq_len)
+
+
+def chat_spans(chat: ChatIndex, seq_len: int) -> list[tuple[int, int]]:
+    """Windows over every conversation once: (first token, end of its targets), each from a
+    conversation's first token over the whole conversations that fit a window of `seq_len`
+    targets (one longer than that alone, cut at the window's end as training cuts it)."""
+    starts, docs = chat.starts, chat.starts.size - 1
+    spans, i = [], 0
+    while i < docs:
+        j = i + 1
+        while j < docs and starts[j + 1] - starts[i] <= seq_len + 1:
+            j += 1
+        spans.append((int(starts[i]), int(starts[j])))
+        i = j
+    return spans
+
+
+def iter_chat_windows(tokens: np.ndarray, chat: ChatIndex, *, seq_len: int, batch_size: int
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of `chat_spans`' windows: every answer token of the split a target exactly once."""
+    spans = np.asarray(chat_spans(chat, seq_len), dtype=np.int64).reshape(-1, 2)
+    for k in range(0, len(spans), batch_size):
+        part = spans[k:k + batch_size]
+        yield _chat_windows(tokens, chat, part[:, 0], part[:, 1], seq_len)
+
+
+def _chat_windows(tokens: np.ndarray, chat: ChatIndex, first: np.ndarray, end: np.ndarray | None,
+                  seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of seq_len + 1 tokens from each of `first`; targets only an assistant's tokens, and
+    (`end`) only those before each window's end."""
+    n = len(tokens)
+    idx = first[:, None] + np.arange(seq_len + 1)  # (B, T + 1)
     inside = idx < n
     idx = np.minimum(idx, n - 1)
     chunk = np.where(inside, np.asarray(tokens[idx], dtype=np.int64), 0)
     trained = inside & (np.asarray(chat.mask[idx]) == 1)
+    if end is not None:
+        trained &= idx < end[:, None]
     y = np.where(trained[:, 1:], chunk[:, 1:], IGNORE)
     return torch.from_numpy(np.ascontiguousarray(chunk[:, :-1])), torch.from_numpy(np.ascontiguousarray(y))
