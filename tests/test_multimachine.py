@@ -138,8 +138,10 @@ def test_superlink_flags_need_the_flower_engine(tmp_path: Path, capfd: pytest.Ca
     _one_line_error(fedlm_here(capfd, *node), "requires secure aggregation", "--peers silos.json")
     r = fedlm_here(capfd, *node, "--peers", str(tmp_path / "silos.json"))
     _one_line_error(r, "legal.key: no such file", "fedlm silo key")
-    assert r.stdout.splitlines()[-1] == ("silo legal: its privacy.toml holds every run to: privacy.mode = 'none' (no DP); "
-                                "updates only inside a secure sum; no cap on models scored; max_round_tokens = 4,096")
+    assert r.stdout.splitlines()[-2:] == [
+        "silo legal: its privacy.toml holds every run to: privacy.mode = 'none' (no DP); updates only inside a secure "
+        "sum; no cap on models scored; max_round_tokens = 4,096",
+        "silo legal so far: no DP release recorded; 0 models scored; 0 secure sums (`fedlm silo spent` for each run)"]
 
 
 @pytest.mark.slow

@@ -56,7 +56,7 @@ from fedlm.errors import UserError
 from fedlm.federation import trust, warm_exec
 from fedlm.federation.outcome import amend_summary
 from fedlm.federation.rundir import FLOWER_ENV, RoundCallback
-from fedlm.federation.silo_privacy import describe_policy, requires_secure_aggregation
+from fedlm.federation.silo_privacy import describe_policy, requires_secure_aggregation, spent_line
 from fedlm.fileio import write_json
 from fedlm.resolve import resolve_silos
 from fedlm.runlock import FLOWER_RUN, live_run
@@ -381,6 +381,7 @@ def run_node(superlink: str, workspace: Path, silo: str, *, root_certificates: P
     exits or Ctrl-C."""
     _check_silo_dir(workspace, silo)
     print(describe_policy(Path(workspace) / "silos" / silo), flush=True)  # a malformed privacy.toml stops it here
+    print(spent_line(Path(workspace) / "silos" / silo), flush=True)
     if peers is None and requires_secure_aggregation(Path(workspace) / "silos" / silo):
         raise UserError(f"silo {silo!r}: its privacy.toml requires secure aggregation, which across machines needs "
                         "the silo's own copy of the silo registry to check its peers' round keys: add "

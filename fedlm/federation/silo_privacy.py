@@ -286,6 +286,15 @@ def spent(silo_dir: Path) -> dict[str, Any]:
     }
 
 
+def spent_line(silo_dir: Path) -> str:
+    """`spent` in one line, for `fedlm node` to print as it starts."""
+    got = spent(silo_dir)
+    dp = "; ".join(f"{mode}-level ε {row['epsilon']:.2f} at δ = {row['delta']:g} over all runs"
+                   for mode, row in got["total"].items()) or "no DP release recorded"
+    return (f"silo {got['silo']} so far: {dp}; {got['scored']:,} models scored; {got['secure_sums']:,} secure sums "
+            f"(`fedlm silo spent` for each run)")
+
+
 def own_privacy(cfg: Config, silo_dir: Path) -> tuple[PrivacyConfig, bool]:
     """The silo's privacy settings: its privacy.toml checked against the run's (or the run's alone)."""
     policy = _policy(silo_dir)
