@@ -54,6 +54,12 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
     bad.write_text("[train]\nstepz = 3\n")
     _assert_one_line_error(fedlm("train", str(bad)), "train.stepz")
     _assert_one_line_error(fedlm("train", str(tmp_path / "none.toml")), "none.toml")
+    ledger = tmp_path / "ws/silos/x/.secrets/ledger.json"
+    ledger.parent.mkdir(parents=True)
+    ledger.write_text('{"lifetime": {"releases": [1]}}')
+    _assert_one_line_error(fedlm("silo", "spent", "--workspace", str(tmp_path / "ws"), "--silo", "x"),
+                           "ledger.json is corrupt (ledger 'lifetime'")
+    _assert_one_line_error(fedlm("silo", "spent", "--workspace", str(tmp_path / "ws"), "--silo", "y"), "no such silo")
     _assert_one_line_error(fedlm("personalise", str(tmp_path / "none"), "--workspace", str(tmp_path), "--silo", "a"),
                            "none/config.toml: not found")
     _assert_one_line_error(fedlm("eval", str(tmp_path / "nomodel"), "--data", str(tmp_path)), "nomodel")

@@ -264,7 +264,11 @@ def spent(silo_dir: Path) -> dict[str, Any]:
     ledgers: dict[str, dict[str, Any]] = {}
     pooled: dict[str, PrivacyLedger] = {}
     for key, mine in sorted(book.items()):
-        events = [(float(z), float(q), int(n)) for z, q, n in mine["releases"].values()]
+        try:
+            events = [(float(z), float(q), int(n)) for z, q, n in mine["releases"].values()]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise UserError(f"{silo_dir / LEDGER_FILE} is corrupt (ledger {key!r}: {e!r}); this silo cannot tell "
+                            "what it has spent") from None
         row: dict[str, Any] = {"releases": len(events), "mode": mine.get("mode"), "delta": mine.get("delta"),
                                "target_epsilon": mine.get("target_epsilon"), "epsilon": None}
         if row["mode"] in ("record", "client"):  # ledgers written before fedlm kept these cannot be accounted
