@@ -185,8 +185,9 @@ def test_report_shows_drops_rejections_and_epsilon_of_a_real_run(tmp_path: Path)
              "silos": {s: {"shapley": x, "stderr": 0.0, "leave_one_out": x / 2, "gain": x / 3, "share": x / 0.25,
                            "payout": 1000 * x / 0.25, "flag": None} for s, x in (("a", 0.15), ("c", 0.1))},
              "matrix": {"a": {"a": 0.2, "c": 0.1}, "c": {"a": 0.05, "c": 0.15}}}
-    value["silos"]["b"] = {"shapley": 0.0, "stderr": 0.0, "leave_one_out": 0.0, "gain": 0.0, "share": 0.0,
+    value["silos"]["b"] = {"shapley": 0.0, "stderr": 0.0, "leave_one_out": 0.0, "gain": None, "share": 0.0,
                            "payout": 0.0, "flag": "free_rider"}
+    value["notes"] = ["no gain for silo b: silo 'b': its local-only baseline would take its own ε to 9.1 > 9 <x>"]
     (run / "value.json").write_text(json.dumps(value))
     page = write_report(run).read_text()
     rows = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
@@ -204,8 +205,9 @@ def test_report_shows_drops_rejections_and_epsilon_of_a_real_run(tmp_path: Path)
     assert shown[("b", "dropped")] == 3 and ("b", "loss_last") not in shown and 'id="fig-drops"' in page
     for silo, body in value["silos"].items():
         for key in ("shapley", "leave_one_out", "gain", "share", "payout"):
-            assert shown[(silo, f"value:{key}")] == body[key], (silo, key)
+            assert shown.get((silo, f"value:{key}")) == body[key], (silo, key)  # None: a dash, no number
     assert "free_rider" in page.split('<section id="value">')[1]
+    assert f"<li>{html.escape(value['notes'][0])}</li>" in page.split('<section id="value">')[1]  # what values rest on
     for sid in ("config", "loss", "comm", "time", "drops", "privacy", "plan", "value", "samples", "explain"):
         assert f'<section id="{sid}">' in page, sid
     assert 'id="bpb"' not in page  # no baselines outside a demo's output

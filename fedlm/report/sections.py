@@ -325,7 +325,16 @@ def value_section(d: RunData) -> str | None:
     return section("value", "Contributions, gains and payouts",
                    head + svg(fig, "value", "Each silo's contribution to the consortium (with its standard "
                                             "error) and what it gained by joining (drops in bits/byte).")
-                   + table(["silo", *(c for c, _, _ in cols), "flag"], rows) + matrix_table(v.get("matrix")))
+                   + table(["silo", *(c for c, _, _ in cols), "flag"], rows) + value_notes(v.get("notes"))
+                   + matrix_table(v.get("matrix")))
+
+
+def value_notes(notes: Any) -> str:
+    """value.json's notes: what the values rest on and what they cost (a reduced budget, one seed, the
+    privacy spent, a silo that refused its baseline), under the table they qualify."""
+    if not isinstance(notes, list) or not notes:
+        return ""
+    return '<ul class="notes">' + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>"
 
 
 def flag_text(body: dict[str, Any]) -> str:
