@@ -6,6 +6,7 @@ SuperNodes and checks the global weights are bitwise equal.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import http.server
 import itertools
@@ -26,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from safetensors.torch import load_file
 
+from fedlm.config import Config
 from fedlm.errors import UserError
 from fedlm.federation.deploy import free_port, supernode_command, wait_superlink
 from fedlm.federation.runner import run_federated
@@ -170,6 +172,32 @@ def test_flower_engine_bitwise_equal_to_in_process(tmp_path: Path, strategy: str
 
 
 @pytest.mark.slow
+def _baseline_refused_across_processes(cfg: Config, ws: Path, run: Path, superlink: str) -> None:
+    """Record-level DP; silo c's lifetime ε fits the run and the 3 coalitions it is retrained in, not its
+    local-only baseline: it refuses that alone, and its reason crosses Flower to the valuation's notes."""
+    from fedlm.config import PrivacyConfig
+    from fedlm.data.shards import open_split
+    from fedlm.federation.task import silo_record_plan
+    from fedlm.privacy.accounting import record_epsilon
+    from fedlm.value.deployed import value_on_flower
+
+    dp = dataclasses.replace(cfg, privacy=PrivacyConfig(mode="record", target_epsilon=8.0, delta=1e-3))
+    c = ws / "silos" / "c"
+    plan = silo_record_plan(dp, c, open_split(c, "train"))
+    fits, passes = (record_epsilon(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+                                   steps=k * plan.steps, delta=1e-3) for k in (4, 5))
+    (c / "privacy.toml").write_text(f'[privacy]\nmode = "record"\ntarget_epsilon = {(fits + passes) / 2}\n'
+                                    'delta = 1e-3\n')
+    try:
+        run_federated(dp, run, superlink=superlink, insecure=True)
+        valued = value_on_flower(run, {"method": "exact"}, superlink=superlink, root_certificates=None, insecure=True)
+    finally:
+        (c / "privacy.toml").unlink()
+    assert valued["silos"]["c"]["gain"] is None and all(isinstance(valued["silos"][s]["gain"], float) for s in "ab")
+    assert any(n.startswith("no gain for silo c: silo 'c': its local-only baseline would take its own ε to")
+               for n in valued["notes"]), valued["notes"]
+
+
 def test_deployed_valuation_under_secure_aggregation(tmp_path: Path) -> None:
     """`fedlm value --superlink` of a secure-aggregation run on three real SuperNodes: the pairs and
     single silos (too few for a secure sum) retrain in clear, as in process, and the output says so;
@@ -191,6 +219,7 @@ def test_deployed_valuation_under_secure_aggregation(tmp_path: Path) -> None:
                                    insecure=True)
         assert deployed["coalitions_trained"] == 6
         assert any("without secure aggregation" in note for note in deployed["notes"])
+        _baseline_refused_across_processes(cfg, ws, tmp_path / "run-dp", superlink)
         (ws / "silos" / "a" / "privacy.toml").write_text('[privacy]\nmode = "none"\nsecure_aggregation = true\n')
         kept = (run / "value.json").read_text()
         with pytest.raises(UserError, match=r"retraining coalition a\S* \(without secure aggregation: too few silos\): "
