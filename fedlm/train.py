@@ -20,7 +20,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,16 +271,13 @@ def val_loss(model: torch.nn.Module, splits: Sequence[np.ndarray], *, batches: i
         chat = chats[i] if chats else None
         if (len(tokens) <= seq_len and chat is None) or len(tokens) < 2:
             continue
-        whole = (len(chat_spans(chat, seq_len)) if chat is not None else -(-(len(tokens) - 1) // seq_len))
+        spans = chat_spans(chat, seq_len) if chat is not None else None
+        whole = len(spans) if spans is not None else -(-(len(tokens) - 1) // seq_len)
         if whole <= batches * batch_size:
-            total = count = 0.0
-            windows = (iter_chat_windows(tokens, chat, seq_len=seq_len, batch_size=batch_size) if chat is not None
-                       else iter_eval_windows(tokens, seq_len=seq_len, batch_size=batch_size))
-            for x, y in windows:
-                if (k := int((y != IGNORE).sum())) > 0:
-                    total, count = total + float(lm_loss(model, x, y, precision)) * k, count + k
-            if count:
-                means.append(total / count)
+            windows = (iter_chat_windows(tokens, chat, seq_len=seq_len, batch_size=batch_size, spans=spans)
+                       if chat is not None else iter_eval_windows(tokens, seq_len=seq_len, batch_size=batch_size))
+            exact = _exact_loss(model, windows, precision)
+            means += [] if exact is None else [exact]
             continue
         losses = []
         for _ in range(batches):
@@ -292,6 +289,18 @@ def val_loss(model: torch.nn.Module, splits: Sequence[np.ndarray], *, batches: i
         means.append(float(np.mean(losses)))
     model.train(was_training)
     return float(np.mean(means)) if means else float("nan")
+
+
+def _exact_loss(model: torch.nn.Module, windows: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                precision: str) -> float | None:
+    """The mean loss over every target of `windows` (None without one)."""
+    total, count = 0.0, 0
+    for x, y in windows:
+        k = int((y != IGNORE).sum())
+        if k:
+            total += float(lm_loss(model, x, y, precision)) * k
+            count += k
+    return total / count if count else None
 
 
 def load_global(model: torch.nn.Module, global_state: dict[str, torch.Tensor]) -> set[str]:

@@ -173,12 +173,13 @@ def chat_spans(chat: ChatIndex, seq_len: int) -> list[tuple[int, int]]:
     return spans
 
 
-def iter_chat_windows(tokens: np.ndarray, chat: ChatIndex, *, seq_len: int, batch_size: int
-                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of `chat_spans`' windows: every answer token of the split a target exactly once."""
-    spans = np.asarray(chat_spans(chat, seq_len), dtype=np.int64).reshape(-1, 2)
-    for k in range(0, len(spans), batch_size):
-        part = spans[k:k + batch_size]
+def iter_chat_windows(tokens: np.ndarray, chat: ChatIndex, *, seq_len: int, batch_size: int,
+                      spans: list[tuple[int, int]] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of `chat_spans`' windows (`spans`, when the caller has them): every answer token of the
+    split a target exactly once."""
+    rows = np.asarray(chat_spans(chat, seq_len) if spans is None else spans, dtype=np.int64).reshape(-1, 2)
+    for k in range(0, len(rows), batch_size):
+        part = rows[k:k + batch_size]
         yield _chat_windows(tokens, chat, part[:, 0], part[:, 1], seq_len)
 
 

@@ -340,7 +340,9 @@ class Retrainer:
 def _check_members(out: Path, coalition: Coalition) -> None:
     """UserError when a member of `coalition` dropped out of a round of its retrained run `out`: the model
     is then another coalition's, and values computed from it would pay the wrong silos."""
-    for silo, rounds in dropouts(out).items():
+    gone = dropouts(out)
+    if gone:
+        silo, rounds = next(iter(gone.items()))
         first, why = next(iter(rounds.items()))
         raise UserError(f"retraining coalition {coalition_key(coalition)}: silo {silo} dropped out of round"
                         f"{'s' if len(rounds) > 1 else ''} {', '.join(map(str, rounds))} (round {first}: {why}); its "
