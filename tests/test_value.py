@@ -930,3 +930,107 @@ def test_a_silos_own_ledger_charges_its_local_only_baseline(value_ws: Path, tmp_
     first, again = (_local_arrays(silos / "legal", config_to_toml(ran)) for _ in range(2))
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert json.loads(ledger.read_text()) == book  # the same release: nothing new charged
+
+
+# ---------------------------------------------------------------------------------------
+# a valuation that stops goes on where it stopped
+
+
+def test_kept_scores_belong_to_one_game(tmp_path: Path) -> None:
+    """A kept coalition is reused only under the same game: the same fingerprint, the same token counts, and
+    start scores within the last bits (another thread count) but not a changed split's."""
+    from fedlm.value.kept import Kept, fingerprint
+
+    cfg = _cfg(tmp_path)
+    fp = fingerprint(cfg, rounds=4, local_steps=3, beneficiaries=["a", "b"])
+    assert fp != fingerprint(cfg, rounds=2, local_steps=3, beneficiaries=["a", "b"])
+    assert fp != fingerprint(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=2)), rounds=4,
+                             local_steps=3, beneficiaries=["a", "b"])
+    start, tokens = {"a": 2.5, "b": 3.0}, {"a": 1024, "b": 1024}
+    kept = Kept.open(tmp_path)
+    kept.game(fp, start, tokens)
+    assert not kept.path.exists()  # nothing retrained, nothing written
+    kept.add(fp, "a", {"a": 2.0, "b": 2.9}, None, retrained=True)
+    again = Kept.open(tmp_path)
+    assert again.game(fp, {"a": 2.5 + 1e-8, "b": 3.0}, tokens) == {"a": {"bits_per_byte": {"a": 2.0, "b": 2.9},
+                                                                           "privacy": None, "retrained": True}}
+    for other_start, other_tokens in (({"a": 2.6, "b": 3.0}, tokens), (start, {"a": 1000, "b": 1024})):
+        assert Kept.open(tmp_path).game(fp, other_start, other_tokens) == {}
+    kept.path.write_text("{torn")
+    assert Kept.open(tmp_path).game(fp, start, tokens) == {}
+
+
+@pytest.mark.slow
+def test_a_stopped_valuation_goes_on_where_it_stopped(value_ws: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped (here: a crash) after two of its six retrained coalitions, `fedlm value` keeps their scores; the same call
+    again retrains the other four only and writes the values an uninterrupted call wrote, bit for bit
+    (in process, without DP, retraining is deterministic), then drops what it kept."""
+    from fedlm.federation.runner import run_federated
+    from fedlm.value.kept import NAME
+    from fedlm.value.run import Scorer, value_run
+
+    run = tmp_path / "run"
+    run_federated(_cfg(value_ws, "federation.rounds=2"), run)
+    reference = value_run(run)
+    (run / "value.json").unlink()
+    retrain, calls, stop_at = Scorer.retrain, [], [3]
+
+    def stop_at_third(self: Any, cfg: Any, out: Path) -> None:
+        calls.append(tuple(cfg.data.silos))
+        if len(calls) in stop_at:
+            raise ConnectionError("a node went away")
+        retrain(self, cfg, out)
+
+    monkeypatch.setattr(Scorer, "retrain", stop_at_third)
+    with pytest.raises(ConnectionError):
+        value_run(run)
+    assert not (run / "value.json").exists() and len(json.loads((run / NAME).read_text()).popitem()[1]["coalitions"]) == 2
+    calls.clear()
+    stop_at.clear()
+    body = value_run(run)
+    assert len(calls) == 4 and body["coalitions_trained"] == 6
+    assert body["coalition_bits_per_byte"] == reference["coalition_bits_per_byte"]
+    assert {s: v["shapley"] for s, v in body["silos"].items()} == {s: v["shapley"] for s, v in reference["silos"].items()}
+    assert "resumed: 2 of the 6 coalitions were retrained by an earlier call" in " ".join(body["notes"])
+    assert not (run / NAME).exists()
+    calls.clear()
+    value_run(run)  # a valuation that finished keeps nothing: the next one retrains all
+    assert len(calls) == 6
+
+
+@pytest.mark.slow
+def test_a_valuation_a_silos_budget_stopped_resumes_without_charging_again(value_ws: Path, tmp_path: Path) -> None:
+    """A silo's lifetime ε (fitting the run and two retrained coalitions) stops the valuation; its admin raises
+    the target and the same command goes on: the coalitions retrained before the stop are neither retrained
+    nor scored again (each score counts against a silo's `max_scored_models`), and the coordinator's
+    account in value.json, kept coalitions included, is each silo's own (`fedlm silo spent`)."""
+    from typer.testing import CliRunner
+
+    from fedlm.cli import app
+    from fedlm.errors import UserError
+    from fedlm.federation.runner import run_federated
+    from fedlm.value.run import value_run
+
+    ws, cfg, _ = _noise_fits(value_ws, tmp_path, releases=3)
+    run = tmp_path / "run"
+    run_federated(cfg, run)
+    with pytest.raises(UserError, match=r"silo noise dropped out of round 1 .*\(the \d coalitions retrained so far "
+                                        r"are kept in .*\.value-progress\.json: the same command again goes on") as e:
+        value_run(run)
+    assert len(str(e.value).split(":")[0].split("+")) == 2  # noise and another, who trained round 1 alone
+    policy = ws / "silos" / "noise" / "privacy.toml"
+    policy.write_text(policy.read_text().replace("target_epsilon", "target_epsilon = 1000\n#"))
+    body = value_run(run)
+    assert "resumed:" in " ".join(body["notes"])
+    # each: the run, its 3 coalitions, its baseline (the stopped run's round, asked again, was the same release)
+    assert {s: v["releases"] for s, v in body["privacy"]["silos"].items()} == dict.fromkeys(body["silos"], 5)
+    for silo in ("legal", "legal_copy", "noise"):
+        r = CliRunner().invoke(app, ["silo", "spent", "--workspace", str(ws), "--silo", silo, "--json"])
+        assert r.exit_code == 0, r.output
+        own = json.loads(r.output)
+        assert own["total"]["record"]["epsilon"] == pytest.approx(
+            body["privacy"]["silos"][silo]["epsilon_with_valuation"], rel=1e-6)
+        # scored: the run's validation (2), the start (twice: once a call), 6 coalitions' models and the grand
+        # one (once), federated and the baseline
+        assert own["scored"] == 2 + 2 + 6 + 1 + 1 + 1, own

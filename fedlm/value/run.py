@@ -23,18 +23,20 @@ ServerApp of a Flower run, `fedlm.value.app`), on the silos' own SuperNodes, as 
 trained. Gain: each silo's own bits/byte with its local-only model (the run's
 per-silo budget, trained by the silo alone, which keeps it) minus with the federated (and
 personalised) model. Work goes to a temporary folder inside RUN, removed at the end;
-value.json is written once, atomically.
+value.json is written once, atomically. Each retrained coalition's scores are kept as it finishes
+(`fedlm.value.kept`), so a call that stops goes on where it stopped when run again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -78,6 +80,7 @@ from fedlm.value.compute import (
     peer_parts,
     value_to_others,
 )
+from fedlm.value.kept import Kept, fingerprint
 
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
@@ -244,11 +247,10 @@ class PrivacySpent:
         ledger = PrivacyLedger.from_json(json.loads(path.read_text()))
         return cls(ledger, ledger.spent(), dict.fromkeys(ledger.history, 1))
 
-    def add_run(self, run_dir: Path) -> None:
-        """A retrained coalition's releases (from its RUN/privacy.json)."""
-        path = run_dir / "privacy.json"  # none when no round of it completed: nothing released
-        if self.ledger is not None and path.exists():
-            for silo, events in PrivacyLedger.from_json(json.loads(path.read_text())).history.items():
+    def add_run(self, privacy: dict[str, Any] | None) -> None:
+        """A retrained coalition's releases (its RUN/privacy.json; None: no round of it completed)."""
+        if self.ledger is not None and privacy is not None:
+            for silo, events in PrivacyLedger.from_json(privacy).history.items():
                 self.ledger.history.setdefault(silo, []).extend(events)
                 self.releases[silo] = self.releases.get(silo, 0) + 1
 
@@ -293,12 +295,16 @@ class Retrainer:
     rounds: int
     local_steps: int
     progress: Progress
+    kept: Kept  # RUN/.value-progress.json: what earlier, stopped calls retrained
     notes: set[str] = dataclasses.field(default_factory=set)
     trained: int = 0
     total: int | None = None  # coalitions to retrain, where known (exact)
     reseeded: bool = False  # retraining under another seed than the run's (`--seeds`): the grand one too
     label: str = ""  # added to each progress line (which seed, under `--seeds`)
     spent: PrivacySpent | None = None  # under DP: each retrained run's releases
+    game_id: str = ""  # `kept`'s key for this game (`fingerprint`)
+    kept_scores: dict[str, Any] = dataclasses.field(default_factory=dict)  # coalition key -> kept entry
+    retrained: set[str] = dataclasses.field(default_factory=set)  # coalitions this call retrained
 
     @property
     def reduced(self) -> bool:
@@ -310,31 +316,56 @@ class Retrainer:
         return self.reduced or self.reseeded
 
     def __call__(self, coalition: Coalition) -> dict[str, float]:
+        key = coalition_key(coalition)
+        if key in self.kept_scores:
+            return self._resume(key)
         if coalition == frozenset(self.scorer.silos) and not self.retrains_grand:
-            state = _global(self.run_dir)  # the run itself: the grand coalition at the run's budget
+            state, privacy = _global(self.run_dir), None  # the run itself: the grand coalition at the run's budget
         else:
-            cfg, note = coalition_config(self.cfg, coalition, rounds=self.rounds, local_steps=self.local_steps,
-                                         engine=self.cfg.federation.engine if self.scorer.deployed else "inprocess")
-            if note:
-                self.notes.add(note)
-            out = self.work / f"coalition-{coalition_key(coalition)}"
-            of = f" of {self.total}" if self.total else ""
-            self.progress(f"retraining coalition {coalition_key(coalition)} ({self.trained + 1}{of}{self.label})")
-            # the beneficiaries score the model next: the run's own validation (every member scoring the
-            # start and final weights) would be thrown away, and on SmolLM2 it cost 260 of 311 s of retraining
-            try:
-                self.scorer.retrain(cfg, out)
-            except UserError as e:  # e.g. a silo refusing a coalition too small for secure aggregation
-                raise UserError(f"retraining coalition {coalition_key(coalition)}"
-                                f"{' (without secure aggregation: too few silos)' if note else ''}: {e}") from None
-            if self.spent is not None:  # what it released, before anything can stop the valuation
-                self.spent.add_run(out)
-            _check_members(out, coalition)
-            state = _global(out)
-            shutil.rmtree(out, ignore_errors=True)
+            state, privacy = self._retrain(coalition)
+        scores = {j: v[0] for j, v in self.scorer(dict.fromkeys(self.beneficiaries, [state])).items()}
+        self.kept.add(self.game_id, key, scores, privacy, retrained=key in self.retrained)
+        return scores
+
+    def _resume(self, key: str) -> dict[str, float]:
+        """The scores of a coalition model an earlier call of this valuation had scored before it stopped: it is
+        neither retrained nor scored again, and its releases still count."""
+        entry = self.kept_scores[key]
+        if self.spent is not None:
+            self.spent.add_run(entry["privacy"])
+        if entry["retrained"]:
+            self.progress(f"coalition {key}: retrained by the stopped call, scores kept ({self.trained + 1}"
+                          f"{f' of {self.total}' if self.total else ''}{self.label})")
             self.trained += 1
-        scores = self.scorer(dict.fromkeys(self.beneficiaries, [state]))
-        return {j: v[0] for j, v in scores.items()}
+            self.kept.resumed += 1
+        return dict(entry["bits_per_byte"])
+
+    def _retrain(self, coalition: Coalition) -> tuple[State, dict[str, Any] | None]:
+        """`coalition`'s retrained global arrays, and its releases (privacy.json; None without DP)."""
+        cfg, note = coalition_config(self.cfg, coalition, rounds=self.rounds, local_steps=self.local_steps,
+                                     engine=self.cfg.federation.engine if self.scorer.deployed else "inprocess")
+        if note:
+            self.notes.add(note)
+        out = self.work / f"coalition-{coalition_key(coalition)}"
+        of = f" of {self.total}" if self.total else ""
+        self.progress(f"retraining coalition {coalition_key(coalition)} ({self.trained + 1}{of}{self.label})")
+        # the beneficiaries score the model next: the run's own validation (every member scoring the
+        # start and final weights) would be thrown away, and on SmolLM2 it cost 260 of 311 s of retraining
+        try:
+            self.scorer.retrain(cfg, out)
+        except UserError as e:  # e.g. a silo refusing a coalition too small for secure aggregation
+            raise UserError(f"retraining coalition {coalition_key(coalition)}"
+                            f"{' (without secure aggregation: too few silos)' if note else ''}: {e}") from None
+        path = out / "privacy.json"  # none when no round of it completed: nothing released
+        privacy = json.loads(path.read_text()) if path.exists() else None
+        if self.spent is not None:  # what it released, before anything can stop the valuation
+            self.spent.add_run(privacy)
+        _check_members(out, coalition)
+        state = _global(out)
+        shutil.rmtree(out, ignore_errors=True)
+        self.trained += 1
+        self.retrained.add(coalition_key(coalition))
+        return state, privacy
 
 
 def _check_members(out: Path, coalition: Coalition) -> None:
@@ -421,10 +452,7 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
     with the standard error of that mean as `stderr`."""
     t0 = time.perf_counter()
     cents = check_budget(budget)
-    if method is not None and method not in METHODS:
-        raise UserError(f"--method {method!r}: use one of {', '.join(METHODS)}")
-    if pay_by not in PAY_BY:
-        raise UserError(f"--pay-by {pay_by!r}: use one of {', '.join(PAY_BY)}")
+    _check_names(method, pay_by)
     cfg, silos = load_run(run_dir, method=method, local=grid is None)
     fed = cfg.federation
     method = method or ("rounds" if (run_dir / "value_rounds.json").exists() else "exact")
@@ -437,7 +465,8 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
     scorer = Scorer(cfg, silos, grid)
     notes: list[str] = []
     spent = PrivacySpent.of_run(run_dir, cfg)
-    try:
+    kept = Kept.open(run_dir)
+    with kept.said_on_stop(), _closing(scorer, work):
         if method == "rounds":
             game, saved = _rounds_game(run_dir, silos)
             norms, trained = saved.get("update_norms"), 0
@@ -449,22 +478,37 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
             game, body, trained, notes = _retrained(
                 cfg, run_dir, work, scorer, beneficiaries, rounds=rounds, local_steps=local_steps, seeds=seeds,
                 say=say, method=method, permutations=permutations, seed=seed, truncation=truncation,
-                tolerance=tolerance, spent=spent)
+                tolerance=tolerance, spent=spent, kept=kept)
         flags = flag_silos(game, body, update_norms=norms)
         gained = gains(cfg, run_dir, silos, scorer, say, local_models)
         if not local_models:  # each silo trained its local-only baseline, or its own ledger refused it
             spent.add_local_baselines(cfg, [s for s in silos if s not in scorer.refused])
             notes += [f"no gain for silo {s}: {why}" for s, why in sorted(scorer.refused.items())]
-    finally:
-        scorer.close()
-        shutil.rmtree(work, ignore_errors=True)
     notes += _closing_notes(cfg, spent, local_trained=not local_models, pay_by=pay_by)
     out = _value_json(method, game, body, flags, gained, notes, budget=cents, trained=trained,
                       seconds=time.perf_counter() - t0, pay_by=pay_by, privacy=spent.to_json())
     if any(math.isnan(v) for v in body["shapley"].values()):
         raise UserError(f"{run_dir}: a silo's value is not a number (a model diverged); nothing was written")
     write_json(run_dir / "value.json", out)
+    kept.remove()
     return out
+
+
+@contextlib.contextmanager
+def _closing(scorer: Scorer, work: Path) -> Iterator[None]:
+    """Close the silos' grid and remove the valuation's work folder, however it ends."""
+    try:
+        yield
+    finally:
+        scorer.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _check_names(method: str | None, pay_by: str) -> None:
+    if method is not None and method not in METHODS:
+        raise UserError(f"--method {method!r}: use one of {', '.join(METHODS)}")
+    if pay_by not in PAY_BY:
+        raise UserError(f"--pay-by {pay_by!r}: use one of {', '.join(PAY_BY)}")
 
 
 def _check_options(cfg: Config, silos: list[str], method: str, *, rounds: int, local_steps: int, permutations: int,
@@ -485,8 +529,8 @@ def _check_options(cfg: Config, silos: list[str], method: str, *, rounds: int, l
 
 
 def _retrained(cfg: Config, run_dir: Path, work: Path, scorer: Scorer, beneficiaries: list[str], *, rounds: int,
-               local_steps: int, seeds: int, say: Progress, method: str, spent: PrivacySpent, **sampling: Any
-               ) -> tuple[Game, dict[str, Any], int, list[str]]:
+               local_steps: int, seeds: int, say: Progress, method: str, spent: PrivacySpent, kept: Kept,
+               **sampling: Any) -> tuple[Game, dict[str, Any], int, list[str]]:
     """exact or sampled: each seed's coalitions retrained and valued (`contributions`, with `sampling`'s
     keywords); the first seed's game, the body (over the seeds: their mean), the coalitions trained, notes."""
     silos, fed = list(scorer.silos), cfg.federation
@@ -495,11 +539,13 @@ def _retrained(cfg: Config, run_dir: Path, work: Path, scorer: Scorer, beneficia
     bodies: list[dict[str, Any]] = []
     for k in range(seeds):  # each seed's game is the run's config under train.seed + k
         cfg_k = cfg if k == 0 else dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + k))
-        retrain = Retrainer(cfg_k, run_dir, work, scorer, beneficiaries, rounds, local_steps, say,
+        retrain = Retrainer(cfg_k, run_dir, work, scorer, beneficiaries, rounds, local_steps, say, kept,
                             reseeded=k > 0, label=f", seed {k + 1} of {seeds}" if seeds > 1 else "", spent=spent)
         retrain.total = exact_retrains(len(silos), reduced=retrain.retrains_grand) if method == "exact" else None
-        start = scorer({j: [_start(cfg_k)] for j in beneficiaries})
-        game = Game(silos, list(beneficiaries), dict(scorer.tokens), {j: v[0] for j, v in start.items()}, retrain)
+        start = {j: v[0] for j, v in scorer({j: [_start(cfg_k)] for j in beneficiaries}).items()}
+        retrain.game_id = fingerprint(cfg_k, rounds=rounds, local_steps=local_steps, beneficiaries=beneficiaries)
+        retrain.kept_scores = kept.game(retrain.game_id, start, dict(scorer.tokens))
+        game = Game(silos, list(beneficiaries), dict(scorer.tokens), start, retrain)
         game.seen[frozenset()] = dict(game.start)  # the empty coalition's model is the start: scored once
         games.append(game)
         bodies.append(contributions(game, method=method, **{**sampling, "seed": sampling["seed"] + k}))
@@ -511,6 +557,9 @@ def _retrained(cfg: Config, run_dir: Path, work: Path, scorer: Scorer, beneficia
                           **({"permutations": b["permutations"]} if "permutations" in b else {}), **_estimate(b),
                           "start_bits_per_byte": dict(g.start), "coalition_bits_per_byte": _scores(g)}
                          for k, (g, phi, b) in enumerate(zip(games, body["seeds"], bodies, strict=True))]
+    if kept.resumed:
+        notes.append(f"resumed: {kept.resumed} of the {trained} coalitions were retrained by an earlier call of "
+                     f"this valuation that stopped, and their scores kept ({kept.path.name} in the run)")
     if method == "sampled":
         for k, b in enumerate(bodies):
             note = _sampling_note(b, tolerance=sampling["tolerance"], truncation=sampling["truncation"],
