@@ -751,6 +751,30 @@ def _pay(game: Any, pay_by: str) -> tuple[dict[str, float], dict[str, float | No
     return share, pay, sorted(flags)
 
 
+def test_a_budget_no_silo_earned_is_said_unpaid() -> None:
+    """Silos whose data helps only their own split (each lowers the others' bits/byte, as three unlike
+    domains did on a from-scratch run) are all flagged harmful: paid by Shapley value nobody earns a cent, and
+    value.json says the budget is unpaid and why, where it used to print payouts of 0 that sum to nothing.
+    Paid by the others, the budget is paid out in full."""
+    from fedlm.value.compute import contributions, flag_silos
+    from fedlm.value.run import _value_json
+
+    effect = {"a": {"a": 0.5, "b": -0.1, "c": -0.1}, "b": {"a": -0.2, "b": 0.4, "c": -0.1},
+              "c": {"a": -0.1, "b": -0.1, "c": 0.6}}
+    game = _lying_game(effect, None)
+    body = contributions(game, method="exact")
+    flags = flag_silos(game, body)
+    assert sorted(flags) == ["a", "b", "c"]
+    gained: dict[str, dict[str, float | None]] = {s: {} for s in effect}
+    for pay_by, unpaid in (("shapley", 100.0), ("others", 0.0)):
+        out = _value_json("exact", game, body, flags, gained, [], budget=Decimal("100"), trained=0, seconds=0.0,
+                          pay_by=pay_by)
+        assert out["unpaid"] == unpaid
+        assert sum(Decimal(str(v["payout"])) for v in out["silos"].values()) + Decimal(str(unpaid)) == 100
+        assert any(n.startswith("none of the budget (100) is paid") for n in out["notes"]) == bool(unpaid)
+    assert _value_json("exact", game, body, flags, gained, [], budget=None, trained=0, seconds=0.0)["unpaid"] is None
+
+
 def test_paying_by_the_others_is_not_moved_by_a_silos_own_scores() -> None:
     """Silo a misreports its own scores three ways. Inflating its split's gain from every model trained with its
     data raises its Shapley share. Paid by the others, none of the lies moves its share: not reporting that the

@@ -584,6 +584,11 @@ def _value_json(method: str, game: Game, body: dict[str, Any], flags: dict[str, 
                 seconds: float, pay_by: str = "shapley", privacy: dict[str, Any] | None = None) -> dict[str, Any]:
     """RUN/value.json's body (issue 17's keys, plus the scores it was computed from)."""
     share, pay = payouts(pay_weights(game, body, flags, pay_by), budget=float(budget) if budget is not None else None)
+    unpaid = None if budget is None else float(budget - sum(Decimal(str(x)) for x in pay.values()))
+    if unpaid:  # only paid by Shapley: paid by the others, a beneficiary whose split no one helped splits equally
+        notes = [*notes, f"none of the budget ({budget}) is paid (`unpaid`): no silo has a Shapley value > 0 without "
+                 "being flagged, so no silo's data added to the others' splits, and there is no contribution to pay "
+                 "for; --pay-by others pays the budget out by what each silo's data added to each other silo's split"]
     return {
         "method": method, "utility": UTILITY, "beneficiaries": list(game.beneficiaries),
         "eval_tokens": dict(game.tokens), "baseline_utility": body["baseline_utility"],
@@ -597,7 +602,7 @@ def _value_json(method: str, game: Game, body: dict[str, Any], flags: dict[str, 
         "matrix": body["matrix"], "coalitions_trained": trained, "coalitions_scored": body["coalitions_scored"],
         "start_bits_per_byte": dict(game.start),
         "coalition_bits_per_byte": _scores(game),
-        "budget": float(budget) if budget is not None else None, "pay_by": pay_by, "notes": notes,
+        "budget": float(budget) if budget is not None else None, "unpaid": unpaid, "pay_by": pay_by, "notes": notes,
         **({"parts": peer_parts(game, body["matrix"])} if pay_by == "others" else {}),
         "permutations": body.get("permutations"), "seconds": seconds, "privacy": privacy,
         **_estimate(body),
