@@ -830,6 +830,18 @@ def value(
     _out(f"-> {run / 'value.json'}")
 
 
+def _interrupt(e: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C behind an exit, through the exceptions raised while handling it."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
     try:
@@ -839,9 +851,12 @@ def main() -> None:
             raise
         console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/]")
-        sys.exit(130)
+    except SystemExit as e:  # Typer turns Ctrl-C into exit 130 silently: say so, and what the work kept
+        stop = _interrupt(e)
+        if stop is not None:
+            console.print(f"[red]interrupted[/]{escape(f': {stop}') if str(stop) else ''}", highlight=False,
+                          soft_wrap=True)
+        raise
     except Exception as e:  # a bug, not bad input: say so, keep the traceback for --debug
         if debug:
             raise

@@ -554,6 +554,28 @@ def test_cli_value_bad_input_exits_2(tmp_path: Path) -> None:
     assert len((proc.stdout + proc.stderr).strip().splitlines()) == 1
 
 
+def test_cli_says_what_an_interrupted_valuation_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C during `fedlm value`: exit 130 with one line saying what was kept (Typer used to swallow the
+    interrupt's message, and the CLI's own "interrupted" line never showed)."""
+    import sys
+
+    from fedlm import cli
+    from fedlm.value import run
+
+    def interrupted(*a: Any, **kw: Any) -> None:
+        raise KeyboardInterrupt("the 2 coalitions retrained so far are kept in RUN/.value-progress.json")
+
+    monkeypatch.setattr(run, "value_run", interrupted)
+    monkeypatch.setattr(sys, "argv", ["fedlm", "value", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["interrupted: the 2 coalitions retrained so far are kept in "
+                                        "RUN/.value-progress.json"], err
+
+
 def test_rounds_with_secure_aggregation_is_refused_before_round_1(value_ws: Path, tmp_path: Path) -> None:
     """`fedlm train` with federation.value = "rounds" and secure aggregation: exit 2 before any round,
     saying why and pointing to exact/sampled."""
@@ -771,7 +793,7 @@ def test_a_budget_no_silo_earned_is_said_unpaid() -> None:
                           pay_by=pay_by)
         assert out["unpaid"] == unpaid
         assert sum(Decimal(str(v["payout"])) for v in out["silos"].values()) + Decimal(str(unpaid)) == 100
-        assert any(n.startswith("none of the budget (100) is paid") for n in out["notes"]) == bool(unpaid)
+        assert any(n.startswith("none of the budget (100.00) is paid") for n in out["notes"]) == bool(unpaid)
     assert _value_json("exact", game, body, flags, gained, [], budget=None, trained=0, seconds=0.0)["unpaid"] is None
 
 
@@ -987,7 +1009,7 @@ def test_kept_scores_belong_to_one_game(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_a_stopped_valuation_goes_on_where_it_stopped(value_ws: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """Stopped (here: a crash) after two of its six retrained coalitions, `fedlm value` keeps their scores; the same call
+    """Stopped (Ctrl-C) after two of its six retrained coalitions, `fedlm value` keeps their scores and says so; the same call
     again retrains the other four only and writes the values an uninterrupted call wrote, bit for bit
     (in process, without DP, retraining is deterministic), then drops what it kept."""
     from fedlm.federation.runner import run_federated
@@ -1003,11 +1025,12 @@ def test_a_stopped_valuation_goes_on_where_it_stopped(value_ws: Path, tmp_path: 
     def stop_at_third(self: Any, cfg: Any, out: Path) -> None:
         calls.append(tuple(cfg.data.silos))
         if len(calls) in stop_at:
-            raise ConnectionError("a node went away")
+            raise KeyboardInterrupt
         retrain(self, cfg, out)
 
     monkeypatch.setattr(Scorer, "retrain", stop_at_third)
-    with pytest.raises(ConnectionError):
+    with pytest.raises(KeyboardInterrupt, match=r"^the 2 coalitions retrained so far are kept in .*: the same command "
+                                                 "again goes on from there$"):
         value_run(run)
     assert not (run / "value.json").exists() and len(json.loads((run / NAME).read_text()).popitem()[1]["coalitions"]) == 2
     calls.clear()

@@ -89,14 +89,15 @@ class Kept:
 
     @contextlib.contextmanager
     def said_on_stop(self) -> Iterator[None]:
-        """A UserError that stops the valuation says what is kept and how to go on."""
+        """A UserError or Ctrl-C that stops the valuation says what is kept and how to go on."""
         try:
             yield
-        except UserError as e:
-            if self.coalitions:
-                raise UserError(f"{e} (the {self.coalitions} coalitions retrained so far are kept in {self.path}: "
-                                "the same command again goes on from there)") from None
-            raise
+        except (UserError, KeyboardInterrupt) as e:
+            if not self.coalitions:
+                raise
+            kept = (f"the {self.coalitions} coalitions retrained so far are kept in {self.path}: the same command "
+                    "again goes on from there")
+            raise type(e)(f"{e} ({kept})" if str(e) else kept) from None
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

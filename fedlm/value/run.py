@@ -586,7 +586,7 @@ def _value_json(method: str, game: Game, body: dict[str, Any], flags: dict[str, 
     share, pay = payouts(pay_weights(game, body, flags, pay_by), budget=float(budget) if budget is not None else None)
     unpaid = None if budget is None else float(budget - sum(Decimal(str(x)) for x in pay.values()))
     if unpaid:  # only paid by Shapley: paid by the others, a beneficiary whose split no one helped splits equally
-        notes = [*notes, f"none of the budget ({budget}) is paid (`unpaid`): no silo has a Shapley value > 0 without "
+        notes = [*notes, f"none of the budget ({budget:.2f}) is paid (`unpaid`): no silo has a Shapley value > 0 without "
                  "being flagged, so no silo's data added to the others' splits, and there is no contribution to pay "
                  "for; --pay-by others pays the budget out by what each silo's data added to each other silo's split"]
     return {
