@@ -641,10 +641,10 @@ def test_readme_run_across_machines(tmp_path: Path, capfd: pytest.CaptureFixture
         valued = json.loads((run / "value.json").read_text())
         assert valued["coalitions_trained"] == 2 and not list(run.glob(".value*"))
         for silo in SILOS:  # each silo's own count of what it scored: the run's validation, the start and every
-            # coalition's model, the federated one and its baseline's
+            # coalition's model (the grand one's, the run's own, once for its value and its gain) and its baseline's
             r = fedlm_here(capfd, "silo", "spent", "--workspace", str(machines.dir(silo) / "ws"), "--silo", silo, "--json")
             own = json.loads(r.stdout)
-            assert r.returncode == 0 and own["scored"] == 2 + 2 ** 2 + 2 and own["ledgers"] == {}, r.stdout
+            assert r.returncode == 0 and own["scored"] == 2 + 2 ** 2 + 1 and own["ledgers"] == {}, r.stdout
         # bad input found by the valuation's ServerApp comes back as one line, and value.json is kept
         with contextlib.chdir(coord):
             r = fedlm_here(capfd, "value", "runs/fed", "--method", "rounds", "--superlink", "127.0.0.1:"

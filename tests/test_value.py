@@ -971,8 +971,8 @@ def test_a_silos_own_ledger_charges_its_local_only_baseline(value_ws: Path, tmp_
         assert own["total"]["record"]["epsilon"] == pytest.approx(
             body["privacy"]["silos"][silo]["epsilon_with_valuation"], rel=1e-6)
         # counted without a cap too: the run's validation (2), 2^3 coalitions' models (the start's for the empty
-        # one), federated, and the baseline but where it was refused
-        assert own["scored"] == 2 + 2 ** 3 + 1 + (silo == "legal") and own["max_scored_models"] is None
+        # one; the grand one's, the run's own, once for its value and its gain), and the baseline but where refused
+        assert own["scored"] == 2 + 2 ** 3 + (silo == "legal") and own["max_scored_models"] is None
     first, again = (_local_arrays(silos / "legal", config_to_toml(ran)) for _ in range(2))
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert json.loads(ledger.read_text()) == book  # the same release: nothing new charged
@@ -1079,5 +1079,5 @@ def test_a_valuation_a_silos_budget_stopped_resumes_without_charging_again(value
         assert own["total"]["record"]["epsilon"] == pytest.approx(
             body["privacy"]["silos"][silo]["epsilon_with_valuation"], rel=1e-6)
         # scored: the run's validation (2), the start (twice: once a call), 6 coalitions' models and the grand
-        # one (once), federated and the baseline
-        assert own["scored"] == 2 + 2 + 6 + 1 + 1 + 1, own
+        # one (once, for its value and its gain), and the baseline
+        assert own["scored"] == 2 + 2 + 6 + 1 + 1, own

@@ -271,9 +271,9 @@ def score_on_silos(grid: Grid, node_of: Mapping[str, int], models: Mapping[str, 
     first in its list (give `timeout` room for that training)."""
     out = {silo: Scores([], 0) for silo in models}
     longest = max((len(m) for m in models.values()), default=0)
-    for start in range(0, longest, CHUNK):
-        batch = {s: m[start:start + CHUNK] for s, m in models.items() if m[start:start + CHUNK]}
-        local = local_baseline and start == 0
+    for start in range(0, max(longest, local_baseline), CHUNK):
+        local = local_baseline and start == 0  # then every silo has its baseline to train, even with no model sent
+        batch = {s: m[start:start + CHUNK] for s, m in models.items() if m[start:start + CHUNK] or local}
         records: dict[int, ArrayRecord] = {}  # one record per model: the silos' messages share it (hashed once)
         for state in (st for ms in batch.values() for st in ms):
             if id(state) not in records:

@@ -156,6 +156,7 @@ class Scorer:
     def __init__(self, cfg: Config, silos: list[str], grid: Grid | None = None) -> None:
         self.cfg, self.silos, self.deployed = cfg, silos, grid is not None
         self.refused: dict[str, str] = {}  # silo -> why its own ledger refused its local-only baseline
+        self.tokens: dict[str, int] = {}  # silo -> validation tokens it scores on (from its latest answer)
         ws = Path(cfg.data.workspace)
         self.sha = tokenizer_hash(ws / "tokenizer.json")
         if grid is None:
@@ -178,7 +179,8 @@ class Scorer:
                                  local_baseline=local_baseline)
         finally:
             torch.set_num_threads(threads)
-        self.tokens = {s: sc.tokens for s, sc in got.items()}
+        self.tokens.update({s: sc.tokens for s, sc in got.items() if sc.tokens})  # a silo sent only its baseline's
+        # training scores nothing when refused
         self.refused = {s: sc.refused for s, sc in got.items() if sc.refused}
         return {s: sc.bits_per_byte for s, sc in got.items()}
 
@@ -305,6 +307,7 @@ class Retrainer:
     game_id: str = ""  # `kept`'s key for this game (`fingerprint`)
     kept_scores: dict[str, Any] = dataclasses.field(default_factory=dict)  # coalition key -> kept entry
     retrained: set[str] = dataclasses.field(default_factory=set)  # coalitions this call retrained
+    run_scores: dict[str, float] | None = None  # the beneficiaries' scores of the run's own model, once scored
 
     @property
     def reduced(self) -> bool:
@@ -325,6 +328,8 @@ class Retrainer:
             state, privacy = self._retrain(coalition)
         scores = {j: v[0] for j, v in self.scorer(dict.fromkeys(self.beneficiaries, [state])).items()}
         self.kept.add(self.game_id, key, scores, privacy, retrained=key in self.retrained)
+        if key not in self.retrained:
+            self.run_scores = scores
         return scores
 
     def _resume(self, key: str) -> dict[str, float]:
@@ -333,7 +338,9 @@ class Retrainer:
         entry = self.kept_scores[key]
         if self.spent is not None:
             self.spent.add_run(entry["privacy"])
-        if entry["retrained"]:
+        if not entry["retrained"]:
+            self.run_scores = dict(entry["bits_per_byte"])
+        else:
             self.progress(f"coalition {key}: retrained by the stopped call, scores kept ({self.trained + 1}"
                           f"{f' of {self.total}' if self.total else ''}{self.label})")
             self.trained += 1
@@ -387,12 +394,16 @@ def exact_retrains(silos: int, *, reduced: bool) -> int:
 
 
 def gains(cfg: Config, run_dir: Path, silos: list[str], scorer: Scorer, progress: Progress,
-          local_models: dict[str, Path] | None) -> dict[str, dict[str, float | None]]:
+          local_models: dict[str, Path] | None, federated_bpb: dict[str, float] | None = None
+          ) -> dict[str, dict[str, float | None]]:
     """Each silo's own bits/byte: local-only minus federated (and minus personalised), scored by itself.
     Each silo trains its local-only model itself, which never leaves it (`local_models`: run dirs of
     ones trained already, sent to be scored). The models travel as the coalitions' do, under the run's
     config: a LoRA run's as adapters (a few MB; merged, each SmolLM2 model is 0.5 GB, and three silos'
-    scoring messages took 20 GB)."""
+    scoring messages took 20 GB). `federated_bpb`: silos that scored the run's model already (the grand
+    coalition's, in this valuation), which are not sent it again: each score counts against a silo's
+    max_scored_models."""
+    known = federated_bpb or {}
     federated = _global(run_dir)
     shapes = {n: t.shape for n, t in federated.items()}
 
@@ -406,7 +417,8 @@ def gains(cfg: Config, run_dir: Path, silos: list[str], scorer: Scorer, progress
     jobs: dict[str, list[State]] = {}
     for silo in silos:
         jobs[silo] = [arrays(local_models[silo])] if local_models else []
-        jobs[silo].append(federated)
+        if silo not in known:
+            jobs[silo].append(federated)
         personal = run_dir / f"personalised-{silo}"
         if cfg.federation.personalise_steps and (personal / "model").is_dir():
             jobs[silo].append(arrays(personal))
@@ -415,6 +427,8 @@ def gains(cfg: Config, run_dir: Path, silos: list[str], scorer: Scorer, progress
     scores = scorer(jobs, local_baseline=not local_models)
     out: dict[str, dict[str, float | None]] = {}
     for silo, bpb in scores.items():
+        if silo in known:
+            bpb.insert(1, known[silo])
         local = None if math.isnan(bpb[0]) else bpb[0]  # NaN: the silo's own ledger refused to train it
         out[silo] = {"local_only_bpb": local, "federated_bpb": bpb[1],
                      "gain": None if local is None else local - bpb[1],
@@ -475,12 +489,12 @@ def value_run(run_dir: Path, *, method: str | None = None, budget: float | None 
             body = contributions(game, method="exact")
         else:
             norms = None
-            game, body, trained, notes = _retrained(
+            game, body, trained, notes, run_bpb = _retrained(
                 cfg, run_dir, work, scorer, beneficiaries, rounds=rounds, local_steps=local_steps, seeds=seeds,
                 say=say, method=method, permutations=permutations, seed=seed, truncation=truncation,
                 tolerance=tolerance, spent=spent, kept=kept)
         flags = flag_silos(game, body, update_norms=norms)
-        gained = gains(cfg, run_dir, silos, scorer, say, local_models)
+        gained = gains(cfg, run_dir, silos, scorer, say, local_models, None if method == "rounds" else run_bpb)
         if not local_models:  # each silo trained its local-only baseline, or its own ledger refused it
             spent.add_local_baselines(cfg, [s for s in silos if s not in scorer.refused])
             notes += [f"no gain for silo {s}: {why}" for s, why in sorted(scorer.refused.items())]
@@ -530,11 +544,12 @@ def _check_options(cfg: Config, silos: list[str], method: str, *, rounds: int, l
 
 def _retrained(cfg: Config, run_dir: Path, work: Path, scorer: Scorer, beneficiaries: list[str], *, rounds: int,
                local_steps: int, seeds: int, say: Progress, method: str, spent: PrivacySpent, kept: Kept,
-               **sampling: Any) -> tuple[Game, dict[str, Any], int, list[str]]:
+               **sampling: Any) -> tuple[Game, dict[str, Any], int, list[str], dict[str, float] | None]:
     """exact or sampled: each seed's coalitions retrained and valued (`contributions`, with `sampling`'s
-    keywords); the first seed's game, the body (over the seeds: their mean), the coalitions trained, notes."""
+    keywords); the first seed's game, the body (over the seeds: their mean), the coalitions trained, notes,
+    and the beneficiaries' scores of the run's own model where a game scored it (as its grand coalition's)."""
     silos, fed = list(scorer.silos), cfg.federation
-    trained, notes = 0, list[str]()
+    trained, notes, run_bpb = 0, list[str](), None
     games: list[Game] = []
     bodies: list[dict[str, Any]] = []
     for k in range(seeds):  # each seed's game is the run's config under train.seed + k
@@ -550,6 +565,7 @@ def _retrained(cfg: Config, run_dir: Path, work: Path, scorer: Scorer, beneficia
         games.append(game)
         bodies.append(contributions(game, method=method, **{**sampling, "seed": sampling["seed"] + k}))
         trained += retrain.trained
+        run_bpb = run_bpb or retrain.run_scores
         notes += sorted(retrain.notes - set(notes))
     body = bodies[0] if seeds == 1 else over_seeds(bodies)
     if seeds > 1:  # over_seeds' values of each seed, with the scores they came from, for an audit
@@ -576,7 +592,7 @@ def _retrained(cfg: Config, run_dir: Path, work: Path, scorer: Scorer, beneficia
         notes.append(f"{seeds} seeds: {which} retrained under train.seed {cfg.train.seed} to "
                      f"{cfg.train.seed + seeds - 1}; the values are their mean and `stderr` its standard "
                      "error over the seeds (`seeds` holds each seed's values and the scores they came from)")
-    return games[0], body, trained, notes
+    return games[0], body, trained, notes, run_bpb
 
 
 def _value_json(method: str, game: Game, body: dict[str, Any], flags: dict[str, dict[str, Any]],
