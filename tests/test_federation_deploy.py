@@ -173,8 +173,10 @@ def test_flower_engine_bitwise_equal_to_in_process(tmp_path: Path, strategy: str
 
 @pytest.mark.slow
 def _baseline_refused_across_processes(cfg: Config, ws: Path, run: Path, superlink: str) -> None:
-    """Record-level DP; silo c's lifetime ε fits the run and the 3 coalitions it is retrained in, not its
-    local-only baseline: it refuses that alone, and its reason crosses Flower to the valuation's notes."""
+    """Record-level DP; silo c's lifetime ε first fits the run and one coalition: the valuation stops at c's
+    next coalition, keeping what it retrained, and c's admin raises the target to fit the run and the 3
+    coalitions c is retrained in, not its local-only baseline. The same valuation again goes on where it
+    stopped, and c refuses the baseline alone: its reason crosses Flower to the valuation's notes."""
     from fedlm.config import PrivacyConfig
     from fedlm.data.shards import open_split
     from fedlm.federation.task import silo_record_plan
@@ -184,15 +186,24 @@ def _baseline_refused_across_processes(cfg: Config, ws: Path, run: Path, superli
     dp = dataclasses.replace(cfg, privacy=PrivacyConfig(mode="record", target_epsilon=8.0, delta=1e-3))
     c = ws / "silos" / "c"
     plan = silo_record_plan(dp, c, open_split(c, "train"))
-    fits, passes = (record_epsilon(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-                                   steps=k * plan.steps, delta=1e-3) for k in (4, 5))
-    (c / "privacy.toml").write_text(f'[privacy]\nmode = "record"\ntarget_epsilon = {(fits + passes) / 2}\n'
-                                    'delta = 1e-3\n')
+    eps = [record_epsilon(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+                          steps=k * plan.steps, delta=1e-3) for k in range(6)]
+
+    def fits(releases: int) -> None:
+        target = (eps[releases] + eps[releases + 1]) / 2
+        (c / "privacy.toml").write_text(f'[privacy]\nmode = "record"\ntarget_epsilon = {target}\ndelta = 1e-3\n')
+
     try:
+        fits(2)
         run_federated(dp, run, superlink=superlink, insecure=True)
+        with pytest.raises(UserError, match=r"silo c dropped out of round 1 .* \(the [1-9] coalitions retrained so far "
+                                            r"are kept in .*: the same command again goes on from there\)"):
+            value_on_flower(run, {"method": "exact"}, superlink=superlink, root_certificates=None, insecure=True)
+        fits(4)
         valued = value_on_flower(run, {"method": "exact"}, superlink=superlink, root_certificates=None, insecure=True)
     finally:
         (c / "privacy.toml").unlink()
+    assert any(n.startswith("resumed: ") for n in valued["notes"]) and not list(run.glob(".value*"))
     assert valued["silos"]["c"]["gain"] is None and all(isinstance(valued["silos"][s]["gain"], float) for s in "ab")
     assert any(n.startswith("no gain for silo c: silo 'c': its local-only baseline would take its own ε to")
                for n in valued["notes"]), valued["notes"]

@@ -9,13 +9,13 @@
 A retrained coalition costs its members minutes to hours of compute, and each score of its model
 counts against every beneficiary's `max_scored_models`. A valuation stopped midway (a silo's budget,
 a lost node, Ctrl-C) used to throw all of it away, so the same command again retrained and had
-scored every coalition anew. Now the same command goes on where it stopped. (Its DP releases
-were never charged twice: a silo's noise is named by the request, so the same round asked again is
-the same release.) A coalition's scores are reused only
-under the same game: the same resolved config (seed included), budget and beneficiaries, and the same
-start-model scores and token counts from every beneficiary (a silo whose validation split changed
-scores the start model differently, which starts the game afresh). A kept coalition's releases
-(its privacy.json) are kept with it, so value.json's privacy still counts them.
+scored every coalition anew. Now the same command goes on where it stopped. (Its DP releases were
+never charged twice: a silo's noise is named by the request, so the same round asked again is the
+same release.) A coalition's scores are reused only under the same game: the same resolved config
+(seed included), budget and beneficiaries, and the same start-model scores and token counts from
+every beneficiary (a silo whose validation split changed scores the start model differently, which
+starts the game afresh). A kept coalition's releases (its privacy.json) are kept with it, so
+value.json's privacy still counts them.
 """
 
 from __future__ import annotations
@@ -61,9 +61,7 @@ class Kept:
         path = run_dir / NAME
         try:
             body = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            body = {}
-        except (OSError, ValueError):  # written atomically, so only a hand edit breaks it: start afresh
+        except (OSError, ValueError):  # none yet; or, written atomically, broken by hand: start afresh
             body = {}
         return cls(path, body if isinstance(body, dict) else {})
 

@@ -179,8 +179,8 @@ class Scorer:
                                  local_baseline=local_baseline)
         finally:
             torch.set_num_threads(threads)
-        self.tokens.update({s: sc.tokens for s, sc in got.items() if sc.tokens})  # a silo sent only its baseline's
-        # training scores nothing when refused
+        # a silo sent nothing but its baseline to train, which it refused, scored nothing: keep its last count
+        self.tokens.update({s: sc.tokens for s, sc in got.items() if sc.tokens})
         self.refused = {s: sc.refused for s, sc in got.items() if sc.refused}
         return {s: sc.bits_per_byte for s, sc in got.items()}
 
