@@ -306,7 +306,6 @@ class Retrainer:
     spent: PrivacySpent | None = None  # under DP: each retrained run's releases
     game_id: str = ""  # `kept`'s key for this game (`fingerprint`)
     kept_scores: dict[str, Any] = dataclasses.field(default_factory=dict)  # coalition key -> kept entry
-    retrained: set[str] = dataclasses.field(default_factory=set)  # coalitions this call retrained
     run_scores: dict[str, float] | None = None  # the beneficiaries' scores of the run's own model, once scored
 
     @property
@@ -322,13 +321,14 @@ class Retrainer:
         key = coalition_key(coalition)
         if key in self.kept_scores:
             return self._resume(key)
-        if coalition == frozenset(self.scorer.silos) and not self.retrains_grand:
+        run_own = coalition == frozenset(self.scorer.silos) and not self.retrains_grand
+        if run_own:
             state, privacy = _global(self.run_dir), None  # the run itself: the grand coalition at the run's budget
         else:
             state, privacy = self._retrain(coalition)
         scores = {j: v[0] for j, v in self.scorer(dict.fromkeys(self.beneficiaries, [state])).items()}
-        self.kept.add(self.game_id, key, scores, privacy, retrained=key in self.retrained)
-        if key not in self.retrained:
+        self.kept.add(self.game_id, key, scores, privacy, retrained=not run_own)
+        if run_own:
             self.run_scores = scores
         return scores
 
@@ -371,7 +371,6 @@ class Retrainer:
         state = _global(out)
         shutil.rmtree(out, ignore_errors=True)
         self.trained += 1
-        self.retrained.add(coalition_key(coalition))
         return state, privacy
 
 
